@@ -1,0 +1,1 @@
+"""The blindhub peer: hub connection, key agreement, aiortc call, media and CLI."""

@@ -1,0 +1,1 @@
+"""The blindhub signalling hub: a websocket relay of opaque payloads between peers."""
