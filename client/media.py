@@ -1,0 +1,240 @@
+"""Media sources and sinks for a call, as aiortc MediaStreamTracks.
+
+Sources: a sine tone, a moving test pattern that carries its frame number, a media file, and
+the platform's microphone and camera. Sinks: a recorder of what was received (``.wav``, or
+``.mkv`` / ``.mp4`` for audio and video) and a collector that keeps received audio samples and
+pattern frame numbers in memory for analysis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import platform
+import time
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+from aiortc import MediaStreamTrack
+from aiortc.contrib.media import MediaPlayer, MediaRecorder
+from aiortc.mediastreams import MediaStreamError
+
+from client.analysis import draw_pattern_code, left_channel, read_pattern_code
+
+SAMPLE_RATE = 48000
+AUDIO_FRAME_SAMPLES = 960  # 20 ms, one Opus frame
+TONE_AMPLITUDE = 0.3
+DEFAULT_TONE_HZ = 440.0
+
+VIDEO_CLOCK_RATE = 90000
+VIDEO_FPS = 30
+PATTERN_WIDTH = 320
+PATTERN_HEIGHT = 240
+PATTERN_CODE_HEIGHT = 192  # the rows above carry the frame number; the rest moves
+PATTERN_BAR_WIDTH = 32
+
+RECORDING_SUFFIXES = frozenset({".wav", ".mkv", ".mp4"})
+
+
+class MediaSourceError(ValueError):
+    """A ``--send`` spec names no usable source (unknown, missing file, no such device)."""
+
+
+class _PacedTrack(MediaStreamTrack):
+    """Paces frames in real time from a fixed clock, like aiortc's own test tracks."""
+
+    def __init__(self, clock_rate: int, ticks_per_frame: int) -> None:
+        super().__init__()
+        self._clock_rate = clock_rate
+        self._ticks_per_frame = ticks_per_frame
+        self._start: float | None = None
+        self._frames = 0
+
+    async def _next_frame_index(self) -> int:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            due = self._start + self._frames * self._ticks_per_frame / self._clock_rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+        index = self._frames
+        self._frames += 1
+        return index
+
+
+class ToneTrack(_PacedTrack):
+    """A 48 kHz mono sine tone in 20 ms frames."""
+
+    kind = "audio"
+
+    def __init__(self, frequency: float = DEFAULT_TONE_HZ) -> None:
+        super().__init__(SAMPLE_RATE, AUDIO_FRAME_SAMPLES)
+        if not 20 <= frequency <= SAMPLE_RATE / 2:
+            raise MediaSourceError(f"tone frequency must be 20 to 24000 Hz, not {frequency}")
+        self.frequency = frequency
+
+    async def recv(self) -> av.AudioFrame:
+        index = await self._next_frame_index()
+        first = index * AUDIO_FRAME_SAMPLES
+        omega = 2 * math.pi * self.frequency / SAMPLE_RATE
+        peak = TONE_AMPLITUDE * 32767
+        samples = array(
+            "h",
+            (int(peak * math.sin(omega * n)) for n in range(first, first + AUDIO_FRAME_SAMPLES)),
+        )
+        frame = av.AudioFrame(format="s16", layout="mono", samples=AUDIO_FRAME_SAMPLES)
+        frame.planes[0].update(samples.tobytes())
+        frame.pts = first
+        frame.sample_rate = SAMPLE_RATE
+        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+        return frame
+
+
+class PatternTrack(_PacedTrack):
+    """30 fps video: the frame number as big blocks on top, a sweeping bar below."""
+
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__(VIDEO_CLOCK_RATE, VIDEO_CLOCK_RATE // VIDEO_FPS)
+
+    async def recv(self) -> av.VideoFrame:
+        index = await self._next_frame_index()
+        bar_left = (index * 4) % (PATTERN_WIDTH - PATTERN_BAR_WIDTH)
+        bar_line = bytes(bar_left) + b"\xeb" * PATTERN_BAR_WIDTH
+        bar_line = bar_line.ljust(PATTERN_WIDTH, b"\x00")
+        luma = draw_pattern_code(index, PATTERN_WIDTH, PATTERN_CODE_HEIGHT) + bar_line * (
+            PATTERN_HEIGHT - PATTERN_CODE_HEIGHT
+        )
+        frame = av.VideoFrame(width=PATTERN_WIDTH, height=PATTERN_HEIGHT, format="yuv420p")
+        _fill_plane(frame.planes[0], luma, PATTERN_WIDTH)
+        for chroma in frame.planes[1:]:
+            chroma.update(b"\x80" * chroma.buffer_size)
+        frame.pts = index * self._ticks_per_frame
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+        return frame
+
+
+def _fill_plane(plane: av.video.plane.VideoPlane, rows: bytes, width: int) -> None:
+    stride = plane.line_size
+    if stride == width:
+        plane.update(rows)
+        return
+    padding = bytes(stride - width)
+    plane.update(b"".join(rows[y : y + width] + padding for y in range(0, len(rows), width)))
+
+
+def read_pattern_number(frame: av.VideoFrame) -> int | None:
+    """The frame number a ``PatternTrack`` frame carries, or None if it cannot be read."""
+    if frame.width != PATTERN_WIDTH or frame.height != PATTERN_HEIGHT:
+        return None
+    if frame.format.name != "yuv420p":
+        frame = frame.reformat(format="yuv420p")
+    luma = frame.planes[0]
+    return read_pattern_code(bytes(luma), PATTERN_WIDTH, PATTERN_CODE_HEIGHT, luma.line_size)
+
+
+def _device_player(kind: str) -> MediaPlayer:
+    system = platform.system()
+    if system == "Linux":
+        device, format_name = ("default", "pulse") if kind == "audio" else ("/dev/video0", "v4l2")
+    elif system == "Darwin":
+        device, format_name = ("none:default", "avfoundation")
+        if kind == "video":
+            device = "default:none"
+    elif system == "Windows":
+        device, format_name = (f"{kind}=default", "dshow")
+    else:
+        raise MediaSourceError(f"no {kind} device support on {system}")
+    try:
+        return MediaPlayer(device, format=format_name)
+    except (av.FFmpegError, OSError) as exc:
+        name = "microphone" if kind == "audio" else "camera"
+        raise MediaSourceError(f"cannot open the {name} ({format_name} {device}): {exc}") from None
+
+
+def open_sources(spec: str) -> list[MediaStreamTrack]:
+    """The tracks a ``--send`` spec names: ``tone[:HZ]``, ``pattern``, ``mic``, ``camera`` or a
+    media file path, several joined by commas. At most one audio and one video track."""
+    tracks: list[MediaStreamTrack] = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, argument = item.partition(":")
+        if name == "tone":
+            try:
+                frequency = float(argument) if argument else DEFAULT_TONE_HZ
+            except ValueError:
+                raise MediaSourceError(f"not a tone frequency: {argument!r}") from None
+            tracks.append(ToneTrack(frequency))
+        elif item == "pattern":
+            tracks.append(PatternTrack())
+        elif item in ("mic", "camera"):
+            player = _device_player("audio" if item == "mic" else "video")
+            track = player.audio if item == "mic" else player.video
+            if track is None:
+                raise MediaSourceError(f"the {item} device has no {item} stream")
+            tracks.append(track)
+        elif Path(item).is_file():
+            try:
+                player = MediaPlayer(item)
+            except (av.FFmpegError, OSError) as exc:
+                raise MediaSourceError(f"cannot open media file {item}: {exc}") from None
+            tracks.extend(track for track in (player.audio, player.video) if track is not None)
+        else:
+            raise MediaSourceError(
+                f"unknown source {item!r} (tone[:HZ], pattern, mic, camera, FILE)"
+            )
+    kinds = [track.kind for track in tracks]
+    if not tracks or len(set(kinds)) != len(kinds):
+        raise MediaSourceError(f"{spec!r} must name one audio and/or one video source")
+    return tracks
+
+
+def open_recorder(path: str) -> MediaRecorder:
+    """A recorder of received tracks: ``.wav`` takes audio; ``.mkv``/``.mp4`` audio and video."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in RECORDING_SUFFIXES:
+        raise MediaSourceError(f"recording must end in .wav, .mkv or .mp4, not {path!r}")
+    return MediaRecorder(path)
+
+
+def recordable(path: str, tracks: Sequence[MediaStreamTrack]) -> list[MediaStreamTrack]:
+    """The received tracks a recording at ``path`` can hold (a .wav holds no video)."""
+    if Path(path).suffix.lower() == ".wav":
+        return [track for track in tracks if track.kind == "audio"]
+    return list(tracks)
+
+
+@dataclass
+class ReceivedMedia:
+    """What a collector took from received tracks: mono samples and pattern frame numbers."""
+
+    samples: array[int] = field(default_factory=lambda: array("h"))
+    sample_rate: int = SAMPLE_RATE
+    audio_frames: int = 0
+    video_frames: int = 0
+    pattern_numbers: list[int] = field(default_factory=list)
+
+
+async def collect(track: MediaStreamTrack, into: ReceivedMedia) -> None:
+    """Read ``track`` until it ends, keeping its audio samples or pattern numbers in ``into``."""
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        if isinstance(frame, av.AudioFrame):
+            into.audio_frames += 1
+            into.sample_rate = frame.sample_rate
+            channels = len(frame.layout.channels)
+            interleaved = bytes(frame.planes[0])[: frame.samples * channels * 2]
+            into.samples.extend(left_channel(interleaved, channels))
+        elif isinstance(frame, av.VideoFrame):
+            into.video_frames += 1
+            number = read_pattern_number(frame)
+            if number is not None:
+                into.pattern_numbers.append(number)

@@ -1,0 +1,257 @@
+"""The aiortc internals client/frame_transform.py relies on, checked loudly.
+
+If aiortc moves one of these seams, the structural tests below say which one and what to
+re-read; the loopback tests then prove the adapter still sees exactly whole frames.
+"""
+
+import asyncio
+import inspect
+import struct
+from collections.abc import Callable
+
+import aiortc
+import pytest
+from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs import vpx
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.rtcrtpsender import RTCEncodedFrame
+
+from client import frame_transform
+from client.frame_transform import (
+    TransformAlreadyInstalledError,
+    install_receiver_transform,
+    install_sender_transform,
+    request_keyframe,
+)
+from client.media import PatternTrack, ToneTrack
+
+TESTED_VERSIONS = ("1.16.",)
+REREAD = "re-read aiortc's rtcrtpsender.py / rtcrtpreceiver.py and update client/frame_transform.py"
+
+
+def source_of(function) -> str:
+    return inspect.getsource(function)
+
+
+def test_aiortc_version_is_one_the_adapter_was_written_for():
+    assert aiortc.__version__.startswith(TESTED_VERSIONS), (
+        f"aiortc {aiortc.__version__} is untested: {REREAD}"
+    )
+
+
+def test_sender_fetches_every_frame_through_next_encoded_frame():
+    run_rtp = source_of(RTCRtpSender._run_rtp)
+    assert "await self._next_encoded_frame(codec)" in run_rtp, (
+        f"RTCRtpSender._run_rtp no longer calls self._next_encoded_frame: {REREAD}"
+    )
+    assert "enc_frame.payloads" in run_rtp and "enc_frame.timestamp" in run_rtp, (
+        f"RTCRtpSender._run_rtp no longer packetizes RTCEncodedFrame.payloads: {REREAD}"
+    )
+    assert list(inspect.signature(RTCEncodedFrame).parameters) == [
+        "payloads",
+        "timestamp",
+        "audio_level",
+    ], f"RTCEncodedFrame changed shape: {REREAD}"
+    next_frame = source_of(RTCRtpSender._next_encoded_frame)
+    assert ".encode" in next_frame and ".pack(data)" in next_frame, (
+        f"_next_encoded_frame no longer covers both encoder and av.Packet paths: {REREAD}"
+    )
+
+
+def test_retransmissions_resend_the_packets_built_from_transformed_frames():
+    run_rtp = source_of(RTCRtpSender._run_rtp)
+    retransmit = source_of(RTCRtpSender._retransmit)
+    assert "self.__rtp_history[" in run_rtp and "packet.payload = payload" in run_rtp, (
+        f"the RTP history is no longer filled from the encoded frame's payloads: {REREAD}"
+    )
+    assert "self.__rtp_history.get(" in retransmit and "encode" not in retransmit, (
+        f"_retransmit no longer resends only packets from the RTP history: {REREAD}"
+    )
+
+
+def test_receiver_decodes_only_what_the_jitter_buffer_returns():
+    handle = source_of(RTCRtpReceiver._handle_rtp_packet)
+    assert "self.__jitter_buffer.add(packet)" in handle, (
+        f"RTCRtpReceiver no longer reassembles frames with its jitter buffer: {REREAD}"
+    )
+    assert "self.__decoder_queue.put((codec, encoded_frame))" in handle, (
+        f"RTCRtpReceiver no longer queues the jitter buffer's frame for decoding: {REREAD}"
+    )
+    assert handle.count("__decoder_queue.put") == 1, (
+        f"RTCRtpReceiver queues frames for decoding from a second place: {REREAD}"
+    )
+    assert "self.__decoder_error.is_set()" in handle and "pli_flag = True" in handle, (
+        f"RTCRtpReceiver no longer turns its decoder-error flag into a PLI: {REREAD}"
+    )
+    assert list(inspect.signature(JitterBuffer.add).parameters) == ["self", "packet"]
+    assert list(inspect.signature(JitterFrame).parameters) == ["data", "timestamp"]
+
+
+def test_vp8_packetizer_and_depayloader_exist():
+    assert callable(vpx.vp8_depayload) and callable(vpx.Vp8Encoder._packetize), REREAD
+    payloads = vpx.Vp8Encoder._packetize(bytes(range(256)) * 20, 1234)
+    descriptor, _ = vpx.VpxPayloadDescriptor.parse(payloads[0])
+    assert descriptor.picture_id == 1234
+    assert b"".join(vpx.vp8_depayload(p) for p in payloads) == bytes(range(256)) * 20
+
+
+async def test_private_attributes_exist_on_live_instances(loopback):
+    def check(side):
+        receiver = side.receivers["video"]
+        jitter_buffer = getattr(receiver, frame_transform.RECEIVER_JITTER_BUFFER, None)
+        assert isinstance(jitter_buffer, JitterBuffer), (
+            f"{frame_transform.RECEIVER_JITTER_BUFFER} is gone: {REREAD}"
+        )
+        decoder_error = getattr(receiver, frame_transform.RECEIVER_DECODER_ERROR, None)
+        assert hasattr(decoder_error, "set"), (
+            f"{frame_transform.RECEIVER_DECODER_ERROR} is gone: {REREAD}"
+        )
+
+    await loopback.connect([PatternTrack()], [], prepare=check)
+
+
+MAGIC = b"XFRM"
+
+
+class Reversing:
+    """A reversible transform that makes frames undecodable until undone, and records them."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+        self.produced: list[bytes] = []
+
+    def protect(self, frame: bytes) -> bytes:
+        self.seen.append(frame)
+        out = MAGIC + struct.pack("!I", len(self.produced)) + frame[::-1]
+        self.produced.append(out)
+        return out
+
+    def unprotect(self, frame: bytes) -> bytes | None:
+        self.seen.append(frame)
+        if not frame.startswith(MAGIC):
+            return None
+        return frame[8:][::-1]
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "timed out waiting for media"
+        await asyncio.sleep(0.05)
+
+
+async def test_transforms_see_whole_frames_at_the_right_boundaries(loopback):
+    senders = {"audio": Reversing(), "video": Reversing()}
+    receivers = {"audio": Reversing(), "video": Reversing()}
+
+    def prepare(side):
+        if side.senders["audio"].track is not None:
+            for kind in ("audio", "video"):
+                install_sender_transform(side.senders[kind], senders[kind].protect)
+        else:
+            for kind in ("audio", "video"):
+                install_receiver_transform(side.receivers[kind], receivers[kind].unprotect)
+
+    _, answerer = await loopback.connect([ToneTrack(440), PatternTrack()], [], prepare=prepare)
+    await wait_for(lambda: len(answerer.received.pattern_numbers) >= 10)
+
+    # The sender saw whole VP8 frames: the first is a keyframe with the VP8 start code.
+    first_video = senders["video"].seen[0]
+    assert first_video[0] & 1 == 0 and first_video[3:6] == b"\x9d\x01\x2a"
+    # Every frame the receiver reassembled is exactly one frame a sender produced.
+    for kind in ("audio", "video"):
+        assert receivers[kind].seen, kind
+        assert set(receivers[kind].seen) <= set(senders[kind].produced), kind
+    # Undone at the right boundary, video decodes to increasing frame numbers.
+    numbers = answerer.received.pattern_numbers
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    # Every RTP payload carries the transformed bytes, never the encoder's own.
+    audio_payloads = [packet.payload for packet in answerer.wire["audio"]]
+    assert audio_payloads and all(p.startswith(MAGIC) for p in audio_payloads)
+    video_starts = [
+        vpx.vp8_depayload(packet.payload)
+        for packet in answerer.wire["video"]
+        if packet.payload_type == answerer.wire["video"][0].payload_type
+        and vpx.VpxPayloadDescriptor.parse(packet.payload)[0].partition_start
+    ]
+    assert video_starts and all(p.startswith(MAGIC) for p in video_starts)
+
+
+async def test_dropping_frames_sends_nothing_and_decodes_nothing(loopback):
+    def prepare(side):
+        for kind in ("audio", "video"):
+            if side.senders[kind].track is not None:
+                install_sender_transform(side.senders[kind], lambda frame: None)
+            install_receiver_transform(side.receivers[kind], lambda frame: None)
+
+    offerer, answerer = await loopback.connect(
+        [ToneTrack(440), PatternTrack()], [ToneTrack(660), PatternTrack()], prepare=prepare
+    )
+    await wait_for(lambda: offerer.pc.connectionState == "connected")
+    await asyncio.sleep(1.0)
+    for side in (offerer, answerer):
+        assert side.wire["audio"] == [] and side.wire["video"] == []
+        assert side.received.audio_frames == 0 and side.received.video_frames == 0
+
+
+async def test_receiver_drop_reaches_no_decoder_and_requests_keyframes(loopback):
+    keyframes_sent = 0
+    video_sender = Reversing()
+
+    def count_keyframes(frame: bytes) -> bytes:
+        nonlocal keyframes_sent
+        keyframes_sent += frame[0] & 1 == 0
+        return video_sender.protect(frame)
+
+    def prepare(side):
+        if side.senders["video"].track is not None:
+            install_sender_transform(side.senders["video"], count_keyframes)
+        else:
+            receiver = side.receivers["video"]
+
+            def refuse(frame: bytes) -> None:
+                request_keyframe(receiver)
+                return None
+
+            install_receiver_transform(receiver, refuse)
+
+    _, answerer = await loopback.connect([PatternTrack()], [], prepare=prepare)
+    await wait_for(lambda: keyframes_sent >= 3)
+    assert answerer.received.video_frames == 0
+
+
+async def test_a_second_transform_is_refused(loopback):
+    errors = []
+
+    def prepare(side):
+        for install, target in (
+            (install_sender_transform, side.senders["audio"]),
+            (install_receiver_transform, side.receivers["audio"]),
+        ):
+            install(target, bytes)
+            with pytest.raises(TransformAlreadyInstalledError) as info:
+                install(target, bytes)
+            errors.append(info.value)
+
+    await loopback.connect([ToneTrack()], [], prepare=prepare)
+    assert len(errors) == 4
+
+
+async def test_retransmissions_carry_transformed_payloads(loopback):
+    def prepare(side):
+        if side.senders["video"].track is not None:
+            install_sender_transform(side.senders["video"], Reversing().protect)
+
+    offerer, answerer = await loopback.connect([PatternTrack()], [], prepare=prepare)
+    await wait_for(lambda: len(answerer.wire["video"]) >= 5)
+    video = answerer.wire["video"]
+    original = next(
+        p for p in video if vpx.VpxPayloadDescriptor.parse(p.payload)[0].partition_start
+    )
+    # What a NACK from the receiver triggers (RTCRtpSender._handle_rtcp_packet).
+    await offerer.senders["video"]._retransmit(original.sequence_number)
+    await wait_for(lambda: any(p.payload_type != original.payload_type for p in video))
+    rtx = next(p for p in video if p.payload_type != original.payload_type)
+    assert rtx.payload[2:] == original.payload
+    assert vpx.vp8_depayload(rtx.payload[2:]).startswith(MAGIC)
