@@ -1,0 +1,841 @@
+"""SFrame, RFC 9605: end-to-end encryption of media frames.
+
+Sans-I/O and deterministic: frames go in, frames come out. The module follows
+the RFC's structure:
+
+- ``CipherSuite``: the five registered suites and their constants (section 4.5).
+- ``SFrameHeader``: the KID/CTR header (section 4.3).
+- The key schedule (section 4.4.2) and the AES-CTR + HMAC AEAD (section 4.5.1).
+- ``SendContext`` / ``ReceiveContext``: keys by KID, counter management, and a
+  per-KID anti-replay window (sections 7.4 and 9.3).
+- ``SenderKeyRatchet``, ``SenderKeySender``, ``SenderKeyReceiver``: the sender-key
+  scheme of section 5.1 (KID = key generation and low R bits of the ratchet step).
+
+Every failure raises a subclass of ``SFrameError``; faults of the peer are
+``RemoteError`` and misuse of the API is ``LocalError``. No key, salt or base key
+ever appears in a repr or an exception message.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+from crypto.errors import CryptoError, LocalError, RemoteError
+
+__all__ = [
+    "DEFAULT_REPLAY_WINDOW",
+    "MAX_COUNTER",
+    "MAX_KID",
+    "Aead",
+    "AuthenticationError",
+    "CipherSuite",
+    "CounterExhaustedError",
+    "MalformedHeaderError",
+    "ReceiveContext",
+    "ReplayError",
+    "SFrameError",
+    "SFrameHeader",
+    "SFrameUsageError",
+    "SendContext",
+    "SenderKeyRatchet",
+    "SenderKeyReceiver",
+    "SenderKeySender",
+    "UnknownKeyError",
+    "derive_key_salt",
+    "make_aead",
+    "ratchet_base_key",
+    "sender_key_kid",
+]
+
+MAX_KID = 2**64 - 1
+MAX_COUNTER = 2**64 - 1
+DEFAULT_REPLAY_WINDOW = 128
+MIN_BASE_KEY_LENGTH = 16
+
+# Key-schedule labels, RFC 9605 sections 4.4.2 and 5.1.
+_KEY_LABEL = b"SFrame 1.0 Secret key "
+_SALT_LABEL = b"SFrame 1.0 Secret salt "
+_RATCHET_LABEL = b"SFrame 1.0 Ratchet"
+
+
+# --- errors -----------------------------------------------------------------
+
+
+class SFrameError(CryptoError):
+    """Base class of every SFrame failure."""
+
+
+class MalformedHeaderError(SFrameError, RemoteError):
+    """The SFrame header is truncated or not in its canonical (minimal) encoding."""
+
+
+class UnknownKeyError(SFrameError, RemoteError):
+    """The header names a KID for which this receiver holds no key."""
+
+
+class AuthenticationError(SFrameError, RemoteError):
+    """The ciphertext, tag, header or metadata failed authentication."""
+
+
+class ReplayError(SFrameError, RemoteError):
+    """The (KID, CTR) was already accepted, or is older than the replay window."""
+
+
+class CounterExhaustedError(SFrameError, LocalError):
+    """The sender's CTR for this key reached 2**64 - 1; a new key is required."""
+
+
+class SFrameUsageError(SFrameError, LocalError):
+    """An argument is out of range or the call does not fit the context's state."""
+
+
+# --- cipher suites (section 4.5) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _SuiteConstants:
+    nh: int  # hash output size
+    nka: int  # AES key size
+    nk: int  # AEAD key size
+    nn: int  # nonce size
+    nt: int  # tag size
+    hash_factory: Callable[[], hashes.HashAlgorithm]
+    digest_name: str
+
+
+class CipherSuite(enum.IntEnum):
+    """The registered SFrame cipher suites, by their RFC 9605 numeric code."""
+
+    AES_128_CTR_HMAC_SHA256_80 = 1
+    AES_128_CTR_HMAC_SHA256_64 = 2
+    AES_128_CTR_HMAC_SHA256_32 = 3
+    AES_128_GCM_SHA256_128 = 4
+    AES_256_GCM_SHA512_128 = 5
+
+    @property
+    def nh(self) -> int:
+        """Output size in bytes of the suite's hash (HKDF and HMAC)."""
+        return _SUITES[self].nh
+
+    @property
+    def nka(self) -> int:
+        """Size in bytes of the AES key."""
+        return _SUITES[self].nka
+
+    @property
+    def nk(self) -> int:
+        """Size in bytes of the AEAD key (AES key plus HMAC key for the CTR suites)."""
+        return _SUITES[self].nk
+
+    @property
+    def nn(self) -> int:
+        """Size in bytes of the AEAD nonce."""
+        return _SUITES[self].nn
+
+    @property
+    def nt(self) -> int:
+        """Size in bytes of the authentication tag."""
+        return _SUITES[self].nt
+
+    @property
+    def is_gcm(self) -> bool:
+        return self in (CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_256_GCM_SHA512_128)
+
+    def hash_algorithm(self) -> hashes.HashAlgorithm:
+        return _SUITES[self].hash_factory()
+
+
+_SUITES: dict[CipherSuite, _SuiteConstants] = {
+    CipherSuite.AES_128_CTR_HMAC_SHA256_80: _SuiteConstants(
+        32, 16, 48, 12, 10, hashes.SHA256, "sha256"
+    ),
+    CipherSuite.AES_128_CTR_HMAC_SHA256_64: _SuiteConstants(
+        32, 16, 48, 12, 8, hashes.SHA256, "sha256"
+    ),
+    CipherSuite.AES_128_CTR_HMAC_SHA256_32: _SuiteConstants(
+        32, 16, 48, 12, 4, hashes.SHA256, "sha256"
+    ),
+    CipherSuite.AES_128_GCM_SHA256_128: _SuiteConstants(
+        32, 16, 16, 12, 16, hashes.SHA256, "sha256"
+    ),
+    CipherSuite.AES_256_GCM_SHA512_128: _SuiteConstants(
+        64, 32, 32, 12, 16, hashes.SHA512, "sha512"
+    ),
+}
+
+
+def _check_suite(suite: CipherSuite) -> CipherSuite:
+    try:
+        return CipherSuite(suite)
+    except ValueError:
+        raise SFrameUsageError("unknown SFrame cipher suite") from None
+
+
+# --- header (section 4.3) ----------------------------------------------------
+
+
+def _check_u64(name: str, value: int) -> None:
+    if not 0 <= value <= MAX_KID:
+        raise SFrameUsageError(f"{name} must be in 0..2**64-1")
+
+
+def _encode_field(value: int) -> tuple[int, bytes]:
+    """Return the 4 config bits (extended flag + K/C) and the trailing bytes."""
+    if value < 8:
+        return value, b""
+    length = (value.bit_length() + 7) >> 3
+    return 0x8 | (length - 1), value.to_bytes(length, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class SFrameHeader:
+    """The SFrame header: a key ID and a counter, each 0..2**64-1."""
+
+    kid: int
+    ctr: int
+
+    def __post_init__(self) -> None:
+        _check_u64("kid", self.kid)
+        _check_u64("ctr", self.ctr)
+
+    def __bytes__(self) -> bytes:
+        kid_bits, kid_bytes = _encode_field(self.kid)
+        ctr_bits, ctr_bytes = _encode_field(self.ctr)
+        return bytes(((kid_bits << 4) | ctr_bits,)) + kid_bytes + ctr_bytes
+
+    @classmethod
+    def parse(cls, data: bytes) -> tuple[SFrameHeader, int]:
+        """Parse the header at the start of ``data``; return it and its length in bytes.
+
+        Raises ``MalformedHeaderError`` if ``data`` is too short for the header its
+        config byte announces, or if a value is not in its minimal encoding (RFC 9605
+        section 4.3 requires it, so exactly one byte string encodes each header).
+        """
+        kid, ctr, length = _parse_header(data)
+        return cls(kid, ctr), length
+
+
+def _parse_header(data: bytes) -> tuple[int, int, int]:
+    """(KID, CTR, header length) of the header at the start of ``data``."""
+    if not data:
+        raise MalformedHeaderError("empty input: no SFrame header")
+    config = data[0]
+    offset = 1
+    kid = (config >> 4) & 0x7
+    if config & 0x80:
+        kid, offset = _parse_extended("KID", data, offset, kid + 1)
+    ctr = config & 0x7
+    if config & 0x08:
+        ctr, offset = _parse_extended("CTR", data, offset, ctr + 1)
+    return kid, ctr, offset
+
+
+def _parse_extended(name: str, data: bytes, offset: int, length: int) -> tuple[int, int]:
+    end = offset + length
+    if len(data) < end:
+        raise MalformedHeaderError(f"truncated SFrame header: {name} needs {length} bytes")
+    value = int.from_bytes(data[offset:end], "big")
+    if value < 8 or (length > 1 and data[offset] == 0):
+        raise MalformedHeaderError(f"SFrame header {name} is not minimally encoded")
+    return value, end
+
+
+# --- key schedule (sections 4.4.2 and 5.1) -----------------------------------
+
+
+def _hkdf_extract(suite: CipherSuite, ikm: bytes) -> bytes:
+    # HKDF-Extract with an empty salt is HMAC keyed with Nh zero bytes (RFC 5869 2.2).
+    return hmac.digest(bytes(suite.nh), ikm, _SUITES[suite].digest_name)
+
+
+def _hkdf_expand(suite: CipherSuite, prk: bytes, info: bytes, length: int) -> bytes:
+    return HKDFExpand(suite.hash_algorithm(), length, info).derive(prk)
+
+
+def _check_base_key(base_key: bytes) -> None:
+    if len(base_key) < MIN_BASE_KEY_LENGTH:
+        raise SFrameUsageError(f"base key must be at least {MIN_BASE_KEY_LENGTH} bytes")
+
+
+def derive_key_salt(suite: CipherSuite, kid: int, base_key: bytes) -> tuple[bytes, bytes]:
+    """RFC 9605 section 4.4.2: (sframe_key, sframe_salt) for ``base_key`` under ``kid``."""
+    _check_u64("kid", kid)
+    secret = _hkdf_extract(suite, base_key)
+    context = kid.to_bytes(8, "big") + int(suite).to_bytes(2, "big")
+    key = _hkdf_expand(suite, secret, _KEY_LABEL + context, suite.nk)
+    salt = _hkdf_expand(suite, secret, _SALT_LABEL + context, suite.nn)
+    return key, salt
+
+
+def ratchet_base_key(suite: CipherSuite, base_key: bytes) -> bytes:
+    """RFC 9605 section 5.1: the next base key of a sender-key ratchet (Nh bytes)."""
+    return _hkdf_expand(suite, _hkdf_extract(suite, base_key), _RATCHET_LABEL, suite.nh)
+
+
+def sender_key_kid(generation: int, step: int, ratchet_bits: int) -> int:
+    """RFC 9605 section 5.1: KID = (key_generation << R) + (ratchet_step % 2**R)."""
+    _check_ratchet_bits(ratchet_bits)
+    if not 0 <= generation < 1 << (64 - ratchet_bits):
+        raise SFrameUsageError(f"key generation must fit in {64 - ratchet_bits} bits")
+    if step < 0:
+        raise SFrameUsageError("ratchet step must be non-negative")
+    return (generation << ratchet_bits) + (step % (1 << ratchet_bits))
+
+
+def _check_ratchet_bits(ratchet_bits: int) -> None:
+    if not 1 <= ratchet_bits <= 63:
+        raise SFrameUsageError("ratchet_bits must be in 1..63")
+
+
+# --- per-key AEAD state ------------------------------------------------------
+
+
+class Aead(Protocol):
+    """An SFrame AEAD under one key: the tag is appended to the ciphertext (RFC 5116)."""
+
+    def encrypt(self, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, aad: bytes, ciphertext: bytes | memoryview) -> bytes: ...
+
+
+class _AesGcm:
+    __slots__ = ("_aesgcm",)
+
+    def __init__(self, key: bytes) -> None:
+        self._aesgcm = AESGCM(key)
+
+    def __repr__(self) -> str:
+        return "<SFrame AES-GCM>"
+
+    def encrypt(self, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        return self._aesgcm.encrypt(nonce, plaintext, aad)
+
+    def decrypt(self, nonce: bytes, aad: bytes, ciphertext: bytes | memoryview) -> bytes:
+        try:
+            return self._aesgcm.decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            raise AuthenticationError("SFrame authentication failed") from None
+
+
+class _AesCtrHmac:
+    """Section 4.5.1: AES-CTR then HMAC over lengths, nonce, AAD and ciphertext."""
+
+    __slots__ = ("_algorithm", "_hmac", "_nt", "_tag_len_field")
+
+    def __init__(self, suite: CipherSuite, key: bytes) -> None:
+        self._algorithm = algorithms.AES(key[: suite.nka])
+        # Keyed once; each frame copies this state instead of re-keying HMAC.
+        self._hmac = hmac.new(key[suite.nka :], digestmod=_SUITES[suite].digest_name)
+        self._nt = suite.nt
+        self._tag_len_field = suite.nt.to_bytes(8, "big")
+
+    def __repr__(self) -> str:
+        return f"<SFrame AES-CTR-HMAC Nt={self._nt}>"
+
+    def encrypt(self, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        ciphertext = self._ctr(nonce, plaintext)
+        return ciphertext + self._tag(nonce, aad, ciphertext)
+
+    def decrypt(self, nonce: bytes, aad: bytes, ciphertext: bytes | memoryview) -> bytes:
+        body_length = len(ciphertext) - self._nt
+        if body_length < 0:
+            raise AuthenticationError("SFrame ciphertext shorter than its tag")
+        view = memoryview(ciphertext)
+        body = view[:body_length]
+        if not hmac.compare_digest(self._tag(nonce, aad, body), view[body_length:]):
+            raise AuthenticationError("SFrame authentication failed")
+        return self._ctr(nonce, body)
+
+    def _ctr(self, nonce: bytes, data: bytes | memoryview) -> bytes:
+        # The initial counter block is the nonce followed by 32 zero bits.
+        encryptor = Cipher(self._algorithm, modes.CTR(nonce + b"\x00\x00\x00\x00")).encryptor()
+        return encryptor.update(data) + encryptor.finalize()
+
+    def _tag(self, nonce: bytes, aad: bytes, ciphertext: bytes | memoryview) -> bytes:
+        mac = self._hmac.copy()
+        mac.update(
+            len(aad).to_bytes(8, "big")
+            + len(ciphertext).to_bytes(8, "big")
+            + self._tag_len_field
+            + nonce
+            + aad
+        )
+        mac.update(ciphertext)
+        return mac.digest()[: self._nt]
+
+
+def make_aead(suite: CipherSuite, key: bytes) -> Aead:
+    """The suite's AEAD under ``key`` (``suite.nk`` bytes: for the CTR suites, the
+    AES key followed by the HMAC key)."""
+    suite = _check_suite(suite)
+    if len(key) != suite.nk:
+        raise SFrameUsageError(f"{suite.name} needs a {suite.nk}-byte AEAD key")
+    if suite.is_gcm:
+        return _AesGcm(key)
+    return _AesCtrHmac(suite, key)
+
+
+class _KeyState:
+    """One KID's derived key: the AEAD (prepared once), salt and counters.
+
+    Holds secrets; its repr names only the KID.
+    """
+
+    __slots__ = (
+        "aead",
+        "fingerprint",
+        "highest",
+        "kid",
+        "kid_bytes",
+        "kid_config",
+        "next_ctr",
+        "salt",
+        "seen",
+    )
+
+    def __init__(self, suite: CipherSuite, kid: int, base_key: bytes) -> None:
+        key, salt = derive_key_salt(suite, kid, base_key)
+        self.aead = make_aead(suite, key)
+        self.kid = kid
+        kid_bits, self.kid_bytes = _encode_field(kid)
+        self.kid_config = kid_bits << 4
+        self.salt = int.from_bytes(salt, "big")
+        # Identifies this exact key without revealing it, so a sender never
+        # restarts a counter it already used with the same key.
+        self.fingerprint = hashlib.sha256(key + salt).digest()
+        self.next_ctr = 0  # send side
+        self.highest = -1  # receive side: highest CTR accepted
+        self.seen = 0  # receive side: bit i set = CTR (highest - i) accepted
+
+    def __repr__(self) -> str:
+        return f"<SFrame key kid={self.kid}>"
+
+    def header(self, ctr: int) -> bytes:
+        if ctr < 8:
+            return bytes((self.kid_config | ctr,)) + self.kid_bytes
+        length = (ctr.bit_length() + 7) >> 3
+        return (
+            bytes((self.kid_config | 0x08 | (length - 1),))
+            + self.kid_bytes
+            + ctr.to_bytes(length, "big")
+        )
+
+    def nonce(self, ctr: int) -> bytes:
+        return (self.salt ^ ctr).to_bytes(12, "big")
+
+
+# --- contexts (section 4.4, appendix A) ----------------------------------------
+
+
+class SendContext:
+    """Encrypts frames under keys added by KID, managing each key's counter.
+
+    A (key, CTR) pair is never used twice: the counter only moves forward, a
+    key that is removed and added again resumes where it stopped, and when the
+    counter would pass 2**64 - 1 ``protect`` raises ``CounterExhaustedError``.
+    """
+
+    def __init__(self, suite: CipherSuite) -> None:
+        self._suite = _check_suite(suite)
+        self._keys: dict[int, _KeyState] = {}
+        self._retired: dict[bytes, int] = {}  # key fingerprint -> next unused CTR
+
+    @property
+    def suite(self) -> CipherSuite:
+        return self._suite
+
+    @property
+    def kids(self) -> frozenset[int]:
+        return frozenset(self._keys)
+
+    def __repr__(self) -> str:
+        return f"SendContext(suite={self._suite.name}, kids={sorted(self._keys)})"
+
+    def add_key(self, kid: int, base_key: bytes, *, next_counter: int = 0) -> None:
+        """Add ``base_key`` for sending under ``kid``.
+
+        ``next_counter`` is the first CTR to use. It exists to check vectors and to
+        resume a persisted context (RFC 9605 section 9.1); it can never move a
+        counter backwards for a key this context has already used.
+        """
+        _check_u64("kid", kid)
+        _check_base_key(base_key)
+        if not 0 <= next_counter <= MAX_COUNTER + 1:
+            raise SFrameUsageError("next_counter must be in 0..2**64")
+        if kid in self._keys:
+            raise SFrameUsageError(f"KID {kid} already has a sending key; remove it first")
+        state = _KeyState(self._suite, kid, base_key)
+        state.next_ctr = max(next_counter, self._retired.get(state.fingerprint, 0))
+        self._keys[kid] = state
+
+    def remove_key(self, kid: int) -> None:
+        state = self._keys.pop(kid, None)
+        if state is None:
+            raise SFrameUsageError(f"no sending key for KID {kid}")
+        self._retired[state.fingerprint] = state.next_ctr
+
+    def next_counter(self, kid: int) -> int:
+        """The CTR the next ``protect`` under ``kid`` will use."""
+        return self._state(kid).next_ctr
+
+    def protect(self, kid: int, plaintext: bytes, metadata: bytes = b"") -> bytes:
+        """Encrypt one frame; return the SFrame ciphertext (header included)."""
+        state = self._state(kid)
+        ctr = state.next_ctr
+        if ctr > MAX_COUNTER:
+            raise CounterExhaustedError(f"CTR for KID {kid} is exhausted; add a new key")
+        # Claim the counter before encrypting, so no failure can make it reusable.
+        state.next_ctr = ctr + 1
+        header = state.header(ctr)
+        aad = header + metadata if metadata else header
+        return header + state.aead.encrypt(state.nonce(ctr), aad, plaintext)
+
+    def _state(self, kid: int) -> _KeyState:
+        try:
+            return self._keys[kid]
+        except KeyError:
+            raise SFrameUsageError(f"no sending key for KID {kid}") from None
+
+
+class ReceiveContext:
+    """Decrypts SFrame ciphertexts with keys added by KID, rejecting replays.
+
+    Each KID has an anti-replay window (RFC 9605 section 9.3, after RFC 3711
+    section 3.3.2) of ``replay_window`` counters: a frame newer than any seen is
+    accepted, an older one inside the window is accepted once, anything older is
+    rejected. The window only advances on frames that authenticate, so forged
+    frames cannot push genuine ones out of it.
+    """
+
+    def __init__(self, suite: CipherSuite, replay_window: int = DEFAULT_REPLAY_WINDOW) -> None:
+        self._suite = _check_suite(suite)
+        if replay_window < 1:
+            raise SFrameUsageError("replay_window must be at least 1")
+        self._window = replay_window
+        self._window_mask = (1 << replay_window) - 1
+        self._keys: dict[int, _KeyState] = {}
+
+    @property
+    def suite(self) -> CipherSuite:
+        return self._suite
+
+    @property
+    def kids(self) -> frozenset[int]:
+        return frozenset(self._keys)
+
+    def __repr__(self) -> str:
+        return (
+            f"ReceiveContext(suite={self._suite.name}, replay_window={self._window}, "
+            f"kids={sorted(self._keys)})"
+        )
+
+    def add_key(self, kid: int, base_key: bytes) -> None:
+        _check_u64("kid", kid)
+        _check_base_key(base_key)
+        if kid in self._keys:
+            raise SFrameUsageError(f"KID {kid} already has a receiving key; remove it first")
+        self._keys[kid] = _KeyState(self._suite, kid, base_key)
+
+    def remove_key(self, kid: int) -> None:
+        if self._keys.pop(kid, None) is None:
+            raise SFrameUsageError(f"no receiving key for KID {kid}")
+
+    def unprotect(self, sframe_ciphertext: bytes, metadata: bytes = b"") -> bytes:
+        """Authenticate and decrypt one SFrame ciphertext; return the plaintext."""
+        kid, ctr, header_length = _parse_header(sframe_ciphertext)
+        state = self._keys.get(kid)
+        if state is None:
+            raise UnknownKeyError(f"no key for KID {kid}")
+        self._check_replay(state, ctr)
+        view = memoryview(sframe_ciphertext)
+        aad = bytes(view[:header_length])
+        if metadata:
+            aad += metadata
+        plaintext = state.aead.decrypt(state.nonce(ctr), aad, view[header_length:])
+        self._record(state, ctr)
+        return plaintext
+
+    def _check_replay(self, state: _KeyState, ctr: int) -> None:
+        age = state.highest - ctr
+        if age < 0:
+            return
+        if age >= self._window:
+            raise ReplayError(f"CTR {ctr} for KID {state.kid} is older than the replay window")
+        if (state.seen >> age) & 1:
+            raise ReplayError(f"CTR {ctr} for KID {state.kid} was already accepted")
+
+    def _record(self, state: _KeyState, ctr: int) -> None:
+        age = state.highest - ctr
+        if age < 0:
+            state.seen = ((state.seen << -age) | 1) & self._window_mask
+            state.highest = ctr
+        else:
+            state.seen |= 1 << age
+
+
+# --- sender keys (section 5.1) ---------------------------------------------------
+
+
+class SenderKeyRatchet:
+    """One sender's key in the sender-key scheme: its generation, step and base key.
+
+    The KID is ``(generation << R) + (step % 2**R)``. ``ratchet()`` moves to the
+    next step (forward secrecy: the previous base key is forgotten); ``rekey()``
+    starts a new generation from a freshly distributed base key.
+    """
+
+    def __init__(
+        self, suite: CipherSuite, base_key: bytes, *, ratchet_bits: int = 8, generation: int = 0
+    ) -> None:
+        self._suite = _check_suite(suite)
+        _check_ratchet_bits(ratchet_bits)
+        _check_base_key(base_key)
+        self._ratchet_bits = ratchet_bits
+        self._generation = generation
+        self._step = 0
+        self._base_key = base_key
+        sender_key_kid(generation, 0, ratchet_bits)  # validates the generation
+
+    @property
+    def suite(self) -> CipherSuite:
+        return self._suite
+
+    @property
+    def ratchet_bits(self) -> int:
+        return self._ratchet_bits
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def kid(self) -> int:
+        return sender_key_kid(self._generation, self._step, self._ratchet_bits)
+
+    def export_base_key(self) -> bytes:
+        """The current base key, to hand to a joining receiver over an E2E channel."""
+        return self._base_key
+
+    def ratchet(self) -> None:
+        self._base_key = ratchet_base_key(self._suite, self._base_key)
+        self._step += 1
+
+    def rekey(self, base_key: bytes) -> None:
+        _check_base_key(base_key)
+        sender_key_kid(self._generation + 1, 0, self._ratchet_bits)
+        self._generation += 1
+        self._step = 0
+        self._base_key = base_key
+
+    def __repr__(self) -> str:
+        return (
+            f"SenderKeyRatchet(suite={self._suite.name}, generation={self._generation}, "
+            f"step={self._step}, kid={self.kid})"
+        )
+
+
+class SenderKeySender:
+    """Sends under a ``SenderKeyRatchet``: protect, ratchet forward, or rekey.
+
+    After ``ratchet()`` or ``rekey()`` the previous key is removed at once; the
+    sender never needs it again.
+    """
+
+    def __init__(
+        self, suite: CipherSuite, base_key: bytes, *, ratchet_bits: int = 8, generation: int = 0
+    ) -> None:
+        self._ratchet = SenderKeyRatchet(
+            suite, base_key, ratchet_bits=ratchet_bits, generation=generation
+        )
+        self._context = SendContext(suite)
+        self._kid = self._ratchet.kid
+        self._context.add_key(self._kid, base_key)
+
+    @property
+    def kid(self) -> int:
+        return self._kid
+
+    @property
+    def generation(self) -> int:
+        return self._ratchet.generation
+
+    @property
+    def step(self) -> int:
+        return self._ratchet.step
+
+    def export_base_key(self) -> bytes:
+        """The current base key, to hand to a joining receiver over an E2E channel."""
+        return self._ratchet.export_base_key()
+
+    def protect(self, plaintext: bytes, metadata: bytes = b"") -> bytes:
+        return self._context.protect(self._kid, plaintext, metadata)
+
+    def ratchet(self) -> None:
+        self._ratchet.ratchet()
+        self._switch()
+
+    def rekey(self, base_key: bytes) -> None:
+        self._ratchet.rekey(base_key)
+        self._switch()
+
+    def _switch(self) -> None:
+        self._context.remove_key(self._kid)
+        self._kid = self._ratchet.kid
+        self._context.add_key(self._kid, self._ratchet.export_base_key())
+
+    def __repr__(self) -> str:
+        return f"SenderKeySender({self._ratchet!r})"
+
+
+class _Chain:
+    """A receiver's view of one key generation: the newest step it has derived."""
+
+    __slots__ = ("base_key", "step")
+
+    def __init__(self, step: int, base_key: bytes) -> None:
+        self.step = step
+        self.base_key = base_key
+
+    def __repr__(self) -> str:
+        return f"<sender-key chain step={self.step}>"
+
+
+class SenderKeyReceiver:
+    """Receives from one sender in the sender-key scheme, following its ratchet.
+
+    A frame whose KID shows a later ratchet step of a known generation (at most
+    ``max_ratchet_skip`` steps ahead; by default 16, or half of the 2**R step
+    values if that is less) is trial-decrypted under the ratcheted key;
+    only if it authenticates does the receiver adopt that key. Older keys are
+    then kept, for frames delivered out of order, until ``old_key_grace_frames``
+    frames have been accepted under newer keys, and deleted. New generations arrive by
+    ``add_generation`` (the key was distributed over an E2E channel).
+    """
+
+    def __init__(
+        self,
+        suite: CipherSuite,
+        base_key: bytes,
+        *,
+        ratchet_bits: int = 8,
+        generation: int = 0,
+        step: int = 0,
+        replay_window: int = DEFAULT_REPLAY_WINDOW,
+        max_ratchet_skip: int | None = None,
+        old_key_grace_frames: int = 64,
+    ) -> None:
+        _check_ratchet_bits(ratchet_bits)
+        if max_ratchet_skip is None:
+            # Half the step space: a KID behind the newest step is never read as ahead.
+            max_ratchet_skip = min(16, 1 << (ratchet_bits - 1))
+        if not 1 <= max_ratchet_skip < 1 << ratchet_bits:
+            raise SFrameUsageError("max_ratchet_skip must be in 1..2**ratchet_bits - 1")
+        if old_key_grace_frames < 0:
+            raise SFrameUsageError("old_key_grace_frames must be non-negative")
+        self._context = ReceiveContext(suite, replay_window)
+        self._suite = self._context.suite
+        self._ratchet_bits = ratchet_bits
+        self._step_mask = (1 << ratchet_bits) - 1
+        self._max_skip = max_ratchet_skip
+        self._grace = old_key_grace_frames
+        self._chains: dict[int, _Chain] = {}
+        self._newest: tuple[int, int] = (generation, step)
+        self._newest_kid = sender_key_kid(generation, step, ratchet_bits)
+        self._position: dict[int, tuple[int, int]] = {}  # KID -> (generation, step)
+        self._grace_left: dict[int, int] = {}  # KID of a superseded key -> frames left
+        self.add_generation(generation, base_key, step=step)
+
+    @property
+    def kid(self) -> int:
+        """The KID of the newest key that has authenticated a frame (or was given)."""
+        return self._newest_kid
+
+    @property
+    def kids(self) -> frozenset[int]:
+        return self._context.kids
+
+    def add_generation(self, generation: int, base_key: bytes, *, step: int = 0) -> None:
+        """Accept a new base key for ``generation`` (starting at ratchet ``step``)."""
+        kid = sender_key_kid(generation, step, self._ratchet_bits)
+        if generation in self._chains:
+            raise SFrameUsageError(f"key generation {generation} is already known")
+        self._context.add_key(kid, base_key)
+        self._chains[generation] = _Chain(step, base_key)
+        self._position[kid] = (generation, step)
+
+    def unprotect(self, sframe_ciphertext: bytes, metadata: bytes = b"") -> bytes:
+        kid, _, _ = _parse_header(sframe_ciphertext)
+        if kid not in self._position:
+            return self._unprotect_ahead(kid, sframe_ciphertext, metadata)
+        plaintext = self._context.unprotect(sframe_ciphertext, metadata)
+        self._accepted(kid)
+        return plaintext
+
+    def _unprotect_ahead(self, kid: int, sframe_ciphertext: bytes, metadata: bytes) -> bytes:
+        generation = kid >> self._ratchet_bits
+        chain = self._chains.get(generation)
+        if chain is None:
+            raise UnknownKeyError(f"no key for KID {kid}")
+        skip = ((kid & self._step_mask) - chain.step) & self._step_mask
+        if not 0 < skip <= self._max_skip:
+            raise UnknownKeyError(f"no key for KID {kid}")
+        base_key = chain.base_key
+        for _ in range(skip):
+            base_key = ratchet_base_key(self._suite, base_key)
+        self._context.add_key(kid, base_key)
+        try:
+            plaintext = self._context.unprotect(sframe_ciphertext, metadata)
+        except SFrameError:
+            self._context.remove_key(kid)
+            raise
+        # Forward secrecy: the chain keeps only its newest base key.
+        chain.step += skip
+        chain.base_key = base_key
+        self._position[kid] = (generation, chain.step)
+        self._accepted(kid)
+        return plaintext
+
+    def _accepted(self, kid: int) -> None:
+        position = self._position[kid]
+        if position > self._newest:
+            self._newest = position
+            self._newest_kid = kid
+            for other in self._position:
+                if other != kid:
+                    self._grace_left.setdefault(other, self._grace)
+            # Older generations can never ratchet again once a newer one is in use.
+            for generation in [g for g in self._chains if g < position[0]]:
+                del self._chains[generation]
+        elif kid != self._newest_kid:
+            return
+        for other in list(self._grace_left):
+            self._grace_left[other] -= 1
+            if self._grace_left[other] <= 0:
+                self._forget(other)
+
+    def _forget(self, kid: int) -> None:
+        del self._grace_left[kid]
+        del self._position[kid]
+        self._context.remove_key(kid)
+
+    def __repr__(self) -> str:
+        generation, step = self._newest
+        return (
+            f"SenderKeyReceiver(suite={self._suite.name}, generation={generation}, "
+            f"step={step}, kids={sorted(self._position)})"
+        )
