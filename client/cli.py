@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 # name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "hub": ("signaling.command", "run the signalling hub (a websocket relay of opaque payloads)"),
+}
 
 
 class CommandModule(Protocol):

@@ -1,0 +1,93 @@
+"""``blindhub hub``: run the signalling hub until SIGINT or SIGTERM."""
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+from dataclasses import fields
+
+from signaling.hub import Hub, Limits
+from signaling.server import HubServer, JsonLinesFormatter, MetadataRecorder
+
+_LIMIT_HELP = {
+    "max_message_bytes": "largest frame accepted; larger closes with 1009",
+    "max_peers_per_room": "peers per room; one more gets room-full",
+    "max_rooms": "rooms at once; a new room beyond gets too-many-rooms",
+    "max_connections": "connections at once; one more is closed with 1013",
+    "rate_per_second": "messages per second per connection (token bucket refill)",
+    "rate_burst": "messages a connection may send at once (token bucket size)",
+    "max_buffered_bytes": "unsent bytes to one client before it is closed with 1008",
+    "ping_interval": "seconds between websocket pings",
+    "ping_timeout": "seconds to wait for a pong before closing with 1011",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve wss")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--record-metadata",
+        metavar="FILE",
+        help="append one JSON line per routed message (metadata and payload as it passed)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no connection log on stderr")
+    defaults = Limits()
+    for limit in fields(Limits):
+        default = getattr(defaults, limit.name)
+        parser.add_argument(
+            "--" + limit.name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{_LIMIT_HELP[limit.name]} (default {default})",
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("blindhub hub: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    try:
+        limits = Limits(**{limit.name: getattr(args, limit.name) for limit in fields(Limits)})
+    except ValueError as error:
+        print(f"blindhub hub: {error}", file=sys.stderr)
+        return 2
+    ssl_context = None
+    if args.tls_cert is not None:
+        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    _configure_logging(quiet=args.quiet)
+    with contextlib.ExitStack() as stack:
+        metadata = None
+        if args.record_metadata is not None:
+            sink = stack.enter_context(open(args.record_metadata, "a", buffering=1))
+            metadata = MetadataRecorder(sink)
+        server = HubServer(
+            Hub(limits), host=args.host, port=args.port, ssl_context=ssl_context, metadata=metadata
+        )
+        asyncio.run(_serve_until_signalled(server))
+    return 0
+
+
+async def _serve_until_signalled(server: HubServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stop.set)
+    async with server:
+        print(f"listening on {server.url}", flush=True)
+        await stop.wait()
+
+
+def _configure_logging(*, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLinesFormatter())
+    hub_logger = logging.getLogger("blindhub.hub")
+    hub_logger.addHandler(handler)
+    hub_logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    # websockets' own lines (handshake failures, "server listening") are not structured.
+    logging.getLogger("blindhub.hub.websockets").setLevel(logging.WARNING)

@@ -1,0 +1,332 @@
+"""The hub wire format: JSON text frames, one object per frame, with a ``type`` field.
+
+Parsing is strict and total: every text either becomes one message dataclass or
+raises ``MalformedMessage`` with a machine-readable ``ErrorCode``. Relay payloads
+are never interpreted: the parser only checks that they are well-formed JSON and
+keeps their exact text, so the hub forwards them byte for byte (no re-encoding,
+hence no size amplification and no silent change of numbers or duplicate keys).
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar, Final, NewType
+
+PeerId = NewType("PeerId", str)
+JsonText = NewType("JsonText", str)
+"""The exact text of one well-formed JSON value."""
+
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""Rooms and peer ids: 1 to 64 letters, digits, ``-`` and ``_``."""
+
+_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` of an ``error`` message (and the reason of some hub closes)."""
+
+    INVALID_JSON = "invalid-json"
+    NOT_AN_OBJECT = "not-an-object"
+    UNKNOWN_TYPE = "unknown-type"
+    INVALID_FIELD = "invalid-field"
+    INVALID_ROOM = "invalid-room"
+    NOT_JOINED = "not-joined"
+    ALREADY_JOINED = "already-joined"
+    ROOM_FULL = "room-full"
+    TOO_MANY_ROOMS = "too-many-rooms"
+    UNKNOWN_PEER = "unknown-peer"
+    RATE_LIMITED = "rate-limited"
+    HUB_FULL = "hub-full"
+
+
+class SignalingError(ValueError):
+    """Base class of every error of the signalling layer, hub and client side."""
+
+
+class CodedError(SignalingError):
+    """An error that carries a documented machine-readable ``code``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class MalformedMessage(CodedError):
+    """A frame that is not a well-formed message of the wire format."""
+
+
+class Refused(CodedError):
+    """A well-formed request that the hub will not carry out."""
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+# NaN and Infinity are accepted by Python's json by default but are not JSON.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, strict=True)
+
+
+def _scan_value(text: str, index: int) -> tuple[object, int]:
+    """Decode one JSON value starting exactly at ``index``; return it and its end."""
+    try:
+        return _DECODER.raw_decode(text, index)
+    except RecursionError:
+        raise MalformedMessage(ErrorCode.INVALID_JSON, "nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, over-long integers, NaN
+        raise MalformedMessage(ErrorCode.INVALID_JSON, str(error)) from None
+
+
+def _skip_whitespace(text: str, index: int) -> int:
+    match = _WHITESPACE.match(text, index)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
+def _expect(text: str, index: int, token: str) -> int:
+    if text.startswith(token, index):
+        return index + len(token)
+    raise MalformedMessage(ErrorCode.INVALID_JSON, f"expected {token!r} at offset {index}")
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One member of a message object: its decoded value and its exact text."""
+
+    value: object
+    text: JsonText
+
+
+def split_object(text: str) -> dict[str, Field]:
+    """Split a JSON object into its members, keeping each value's exact text.
+
+    Raises ``MalformedMessage``: ``invalid-json`` for anything that is not one JSON
+    value, ``not-an-object`` for a valid non-object, ``invalid-field`` for a
+    duplicated member name (which one would count is ambiguous, so neither does).
+    """
+    index = _skip_whitespace(text, 0)
+    if not text.startswith("{", index):
+        json_value_end = _skip_whitespace(text, _scan_value(text, index)[1])
+        if json_value_end != len(text):
+            raise MalformedMessage(ErrorCode.INVALID_JSON, "extra data after the JSON value")
+        raise MalformedMessage(ErrorCode.NOT_AN_OBJECT, "a message must be a JSON object")
+    fields: dict[str, Field] = {}
+    index = _skip_whitespace(text, index + 1)
+    if text.startswith("}", index):
+        index += 1
+    else:
+        while True:
+            if not text.startswith('"', index):
+                raise MalformedMessage(ErrorCode.INVALID_JSON, f"expected a name at offset {index}")
+            name, index = _scan_value(text, index)
+            assert isinstance(name, str)
+            index = _skip_whitespace(text, _expect(text, _skip_whitespace(text, index), ":"))
+            start = index
+            value, index = _scan_value(text, index)
+            if name in fields:
+                raise MalformedMessage(ErrorCode.INVALID_FIELD, f"duplicate field {name!r}")
+            fields[name] = Field(value, JsonText(text[start:index]))
+            index = _skip_whitespace(text, index)
+            if text.startswith(",", index):
+                index = _skip_whitespace(text, index + 1)
+                continue
+            index = _expect(text, index, "}")
+            break
+    if _skip_whitespace(text, index) != len(text):
+        raise MalformedMessage(ErrorCode.INVALID_JSON, "extra data after the JSON object")
+    return fields
+
+
+def _check_members(fields: dict[str, Field], message_type: str, expected: frozenset[str]) -> None:
+    missing = sorted(expected - fields.keys())
+    if missing:
+        raise MalformedMessage(
+            ErrorCode.INVALID_FIELD, f"{message_type}: missing field {missing[0]!r}"
+        )
+    unexpected = sorted(fields.keys() - expected)
+    if unexpected:
+        raise MalformedMessage(
+            ErrorCode.INVALID_FIELD, f"{message_type}: unexpected field {unexpected[0]!r}"
+        )
+
+
+def _string(fields: dict[str, Field], name: str) -> str:
+    value = fields[name].value
+    if not isinstance(value, str):
+        raise MalformedMessage(ErrorCode.INVALID_FIELD, f"field {name!r} must be a string")
+    return value
+
+
+def _room(fields: dict[str, Field]) -> str:
+    room = _string(fields, "room")
+    if NAME_PATTERN.fullmatch(room) is None:
+        raise MalformedMessage(
+            ErrorCode.INVALID_ROOM, "a room is 1 to 64 letters, digits, '-' and '_'"
+        )
+    return room
+
+
+def _peer_id(value: object, what: str) -> PeerId:
+    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
+        raise MalformedMessage(ErrorCode.INVALID_FIELD, f"{what} must be a peer id")
+    return PeerId(value)
+
+
+def _message_type(fields: dict[str, Field]) -> str:
+    if "type" not in fields:
+        raise MalformedMessage(ErrorCode.INVALID_FIELD, "missing field 'type'")
+    return _string(fields, "type")
+
+
+# Client to hub.
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    room: str
+
+    def encode(self) -> str:
+        return json.dumps({"type": "join", "room": self.room}, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTo:
+    to: str
+    payload: JsonText
+
+    def encode(self) -> str:
+        return f'{{"type":"relay","to":{json.dumps(self.to)},"payload":{self.payload}}}'
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    def encode(self) -> str:
+        return '{"type":"leave"}'
+
+
+ClientMessage = Join | RelayTo | Leave
+
+_JOIN_FIELDS: Final = frozenset({"type", "room"})
+_RELAY_TO_FIELDS: Final = frozenset({"type", "to", "payload"})
+_LEAVE_FIELDS: Final = frozenset({"type"})
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Parse a frame a client sent to the hub, or raise ``MalformedMessage``."""
+    fields = split_object(text)
+    message_type = _message_type(fields)
+    if message_type == "join":
+        _check_members(fields, message_type, _JOIN_FIELDS)
+        return Join(_room(fields))
+    if message_type == "relay":
+        _check_members(fields, message_type, _RELAY_TO_FIELDS)
+        # Any string: a name that is not a peer here is answered with unknown-peer.
+        return RelayTo(_string(fields, "to"), fields["payload"].text)
+    if message_type == "leave":
+        _check_members(fields, message_type, _LEAVE_FIELDS)
+        return Leave()
+    raise MalformedMessage(ErrorCode.UNKNOWN_TYPE, "type must be join, relay or leave")
+
+
+# Hub to client.
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    TYPE: ClassVar[str] = "welcome"
+    peer_id: PeerId
+    room: str
+    peers: tuple[PeerId, ...]
+
+    def encode(self) -> str:
+        message = {"type": "welcome", "peer_id": self.peer_id, "room": self.room}
+        return json.dumps({**message, "peers": list(self.peers)}, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerJoined:
+    TYPE: ClassVar[str] = "peer-joined"
+    peer_id: PeerId
+
+    def encode(self) -> str:
+        return json.dumps({"type": "peer-joined", "peer_id": self.peer_id}, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLeft:
+    TYPE: ClassVar[str] = "peer-left"
+    peer_id: PeerId
+
+    def encode(self) -> str:
+        return json.dumps({"type": "peer-left", "peer_id": self.peer_id}, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class RelayFrom:
+    TYPE: ClassVar[str] = "relay"
+    sender: PeerId
+    payload: JsonText
+
+    def encode(self) -> str:
+        return f'{{"type":"relay","from":{json.dumps(self.sender)},"payload":{self.payload}}}'
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage:
+    TYPE: ClassVar[str] = "error"
+    code: ErrorCode
+    message: str
+
+    def encode(self) -> str:
+        return json.dumps(
+            {"type": "error", "code": self.code, "message": self.message}, separators=(",", ":")
+        )
+
+
+HubMessage = Welcome | PeerJoined | PeerLeft | RelayFrom | ErrorMessage
+
+_WELCOME_FIELDS: Final = frozenset({"type", "peer_id", "room", "peers"})
+_PEER_FIELDS: Final = frozenset({"type", "peer_id"})
+_RELAY_FROM_FIELDS: Final = frozenset({"type", "from", "payload"})
+_ERROR_FIELDS: Final = frozenset({"type", "code", "message"})
+
+
+def _welcome(fields: dict[str, Field]) -> Welcome:
+    peers = fields["peers"].value
+    if not isinstance(peers, list):
+        raise MalformedMessage(ErrorCode.INVALID_FIELD, "field 'peers' must be a list")
+    return Welcome(
+        _peer_id(fields["peer_id"].value, "peer_id"),
+        _room(fields),
+        tuple(_peer_id(peer, "every entry of peers") for peer in peers),
+    )
+
+
+def _error(fields: dict[str, Field]) -> ErrorMessage:
+    try:
+        code = ErrorCode(_string(fields, "code"))
+    except ValueError:
+        raise MalformedMessage(ErrorCode.INVALID_FIELD, "unknown error code") from None
+    return ErrorMessage(code, _string(fields, "message"))
+
+
+def parse_hub_message(text: str) -> HubMessage:
+    """Parse a frame the hub sent to a client, or raise ``MalformedMessage``."""
+    fields = split_object(text)
+    message_type = _message_type(fields)
+    if message_type == "welcome":
+        _check_members(fields, message_type, _WELCOME_FIELDS)
+        return _welcome(fields)
+    if message_type in ("peer-joined", "peer-left"):
+        _check_members(fields, message_type, _PEER_FIELDS)
+        peer = _peer_id(fields["peer_id"].value, "peer_id")
+        return PeerJoined(peer) if message_type == "peer-joined" else PeerLeft(peer)
+    if message_type == "relay":
+        _check_members(fields, message_type, _RELAY_FROM_FIELDS)
+        return RelayFrom(_peer_id(fields["from"].value, "from"), fields["payload"].text)
+    if message_type == "error":
+        _check_members(fields, message_type, _ERROR_FIELDS)
+        return _error(fields)
+    raise MalformedMessage(ErrorCode.UNKNOWN_TYPE, "unknown hub message type")

@@ -1,0 +1,239 @@
+"""The asyncio websockets server around the routing core.
+
+The layer is thin: it admits connections, feeds each text frame to
+``Hub.handle`` and writes the resulting deliveries. Writes never wait: a
+recipient whose unsent bytes would exceed ``Limits.max_buffered_bytes`` is
+closed (1008, ``slow-reader``) instead, so one client that stops reading can
+neither grow the hub's memory nor stall the peer that sends to it.
+"""
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from types import TracebackType
+from typing import Final, Self, TextIO
+
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
+from signaling.hub import Delivery, Hub
+from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
+
+CLOSE_SLOW_READER: Final = "slow-reader"
+CLOSE_BINARY_FRAME: Final = "binary-frame"
+# Seconds a closing handshake may take before the TCP connection is aborted.
+CLOSE_TIMEOUT: Final = 5.0
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per log line: time, event and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        return json.dumps(
+            {"time": round(record.created, 6), "event": record.getMessage(), **fields}
+        )
+
+
+class MetadataRecorder:
+    """Writes one JSON line per delivery: what a hub operator could keep.
+
+    The payload is embedded as its exact JSON text, so the log shows it byte for
+    byte as it passed through the hub.
+    """
+
+    def __init__(self, sink: TextIO, clock: Callable[[], float] = time.time) -> None:
+        self._sink = sink
+        self._clock = clock
+
+    def record(self, delivery: Delivery, frame: str) -> None:
+        message = delivery.message
+        header = {
+            "time": round(self._clock(), 6),
+            "room": delivery.room,
+            "from": message.sender if isinstance(message, RelayFrom) else None,
+            "to": delivery.recipient,
+            "type": message.TYPE,
+            "size": len(frame.encode()),
+        }
+        line = json.dumps(header, separators=(",", ":"))
+        if isinstance(message, RelayFrom):
+            line = f'{line[:-1]},"payload":{message.payload}}}'
+        self._sink.write(line + "\n")
+
+
+def render_metrics(hub: Hub) -> str:
+    """The hub's gauges and counters in the Prometheus text format."""
+    metrics = hub.metrics
+    lines = [
+        "# HELP blindhub_connections Open websocket connections.",
+        "# TYPE blindhub_connections gauge",
+        f"blindhub_connections {hub.connection_count}",
+        "# HELP blindhub_rooms Rooms with at least one peer.",
+        "# TYPE blindhub_rooms gauge",
+        f"blindhub_rooms {hub.room_count}",
+        "# HELP blindhub_connections_total Connections admitted.",
+        "# TYPE blindhub_connections_total counter",
+        f"blindhub_connections_total {metrics.connections_total}",
+        "# HELP blindhub_messages_relayed_total Relay requests accepted.",
+        "# TYPE blindhub_messages_relayed_total counter",
+        f"blindhub_messages_relayed_total {metrics.messages_relayed_total}",
+        "# HELP blindhub_errors_total Error messages sent, by code.",
+        "# TYPE blindhub_errors_total counter",
+        *(
+            f'blindhub_errors_total{{code="{code}"}} {metrics.errors_total[code]}'
+            for code in ErrorCode
+        ),
+        "# HELP blindhub_closes_total Closed connections, by the close code the hub sent.",
+        "# TYPE blindhub_closes_total counter",
+        *(
+            f'blindhub_closes_total{{code="{code}"}} {count}'
+            for code, count in sorted(metrics.closes_total.items())
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class HubServer:
+    """A running hub: ``async with HubServer(hub) as server: ... server.url``."""
+
+    def __init__(
+        self,
+        hub: Hub | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        metadata: MetadataRecorder | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.hub = hub or Hub()
+        self._host = host
+        self._port = port
+        self._ssl_context = ssl_context
+        self._metadata = metadata
+        self._logger = logger or logging.getLogger("blindhub.hub")
+        self._connections: dict[PeerId, ServerConnection] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._server: Server | None = None
+
+    @property
+    def server(self) -> Server:
+        """The underlying websockets server (once started)."""
+        if self._server is None:
+            raise RuntimeError("the hub is not started")
+        return self._server
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.sockets[0].getsockname()[:2]
+        scheme = "wss" if self._ssl_context else "ws"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+    def buffered_bytes(self, peer: PeerId) -> int:
+        """Bytes written to ``peer`` that the kernel has not accepted yet."""
+        return self._connections[peer].transport.get_write_buffer_size()
+
+    async def start(self) -> None:
+        limits = self.hub.limits
+        self._server = await serve(
+            self._handle_connection,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            compression=None,
+            process_request=self._process_request,
+            max_size=limits.max_message_bytes,
+            ping_interval=limits.ping_interval,
+            ping_timeout=limits.ping_timeout,
+            close_timeout=CLOSE_TIMEOUT,
+            logger=self._logger.getChild("websockets"),
+        )
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection with 1001 and wait for them."""
+        self.server.close(code=CloseCode.GOING_AWAY)
+        await self.server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        """Write deliveries without waiting; close recipients that stopped reading."""
+        for delivery in deliveries:
+            connection = self._connections.get(delivery.recipient)
+            if connection is None:
+                continue  # it disconnected; its disconnect told the room
+            frame = delivery.message.encode()
+            buffered = connection.transport.get_write_buffer_size()
+            if buffered + len(frame) > self.hub.limits.max_buffered_bytes:
+                self._close_slow_reader(connection)
+                continue
+            if self._metadata is not None:
+                self._metadata.record(delivery, frame)
+            broadcast([connection], frame)
+
+    def _close_slow_reader(self, connection: ServerConnection) -> None:
+        if connection.protocol.close_sent is not None:
+            return
+        task = asyncio.create_task(connection.close(CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if request.path == "/metrics":
+            return connection.respond(HTTPStatus.OK, render_metrics(self.hub))
+        return None
+
+    async def _handle_connection(self, connection: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            peer = self.hub.connect(loop.time())
+        except Refused as refusal:
+            self.hub.metrics.closes_total[CloseCode.TRY_AGAIN_LATER] += 1
+            await connection.close(CloseCode.TRY_AGAIN_LATER, refusal.code)
+            return
+        self._connections[peer] = connection
+        self._log("connect", peer=peer, remote=_address(connection))
+        try:
+            while True:
+                try:
+                    frame = await connection.recv()
+                except ConnectionClosed:
+                    break
+                if isinstance(frame, bytes):
+                    await connection.close(CloseCode.UNSUPPORTED_DATA, CLOSE_BINARY_FRAME)
+                    break
+                self.deliver(self.hub.handle(peer, frame, loop.time()))
+        finally:
+            del self._connections[peer]
+            self.deliver(self.hub.disconnect(peer))
+            sent = connection.protocol.close_sent
+            code = CloseCode.ABNORMAL_CLOSURE if sent is None else sent.code
+            self.hub.metrics.closes_total[code] += 1
+            self._log("disconnect", peer=peer, code=int(code))
+
+    def _log(self, event: str, **fields: object) -> None:
+        self._logger.info(event, extra={"fields": fields})
+
+
+def _address(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return f"{address[0]}:{address[1]}" if address else "unknown"
