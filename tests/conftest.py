@@ -1,6 +1,7 @@
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiortc import (
@@ -14,6 +15,8 @@ from aiortc.rtp import RtpPacket
 
 from client.frame_transform import install_packet_observer
 from client.media import ReceivedMedia, collect
+from signaling.hub import Hub, Limits
+from signaling.server import HubServer
 
 
 @dataclass
@@ -95,3 +98,31 @@ async def loopback() -> AsyncIterator[LoopbackCalls]:
     calls = LoopbackCalls()
     yield calls
     await calls.close()
+
+
+StartHub = Callable[..., Awaitable[HubServer]]
+
+
+@pytest.fixture
+async def start_hub() -> AsyncIterator[StartHub]:
+    """Start real hubs on 127.0.0.1 (free ports) in the test's loop: ``await start_hub(limits)``.
+
+    Keyword arguments go to ``HubServer``; every hub is closed (1001) afterwards.
+    """
+    servers: list[HubServer] = []
+
+    async def start(limits: Limits | None = None, **options: Any) -> HubServer:
+        server = HubServer(Hub(limits), **options)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def hub(start_hub: StartHub) -> HubServer:
+    """A real hub with the default limits: ``hub.url`` (ws://127.0.0.1:PORT), ``hub.server``."""
+    return await start_hub()

@@ -1,0 +1,238 @@
+"""A peer's connection to the hub: join a room, relay payloads, receive typed events.
+
+The hub is the adversary, so nothing it sends is taken on trust: every frame
+is parsed strictly (``signaling.protocol``) and checked against what this
+connection asked for and what it has seen (a welcome only after a join, for
+the room asked for; events only about peers of that room; relays only from
+them). Anything else raises a typed error and changes no state. What the hub
+cannot be checked on (who really sent a payload) is the key agreement's job.
+"""
+
+import json
+import ssl
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from signaling.hub import Limits
+from signaling.protocol import (
+    ErrorCode,
+    ErrorMessage,
+    HubMessage,
+    Join,
+    JsonText,
+    Leave,
+    MalformedMessage,
+    PeerId,
+    PeerJoined,
+    PeerLeft,
+    Refused,
+    RelayTo,
+    SignalingError,
+    Welcome,
+    parse_hub_message,
+)
+
+DEFAULT_MAX_MESSAGE_BYTES: Final = Limits().max_message_bytes
+# A relayed frame is at most a few bytes longer than the frame its sender sent.
+_RELAY_OVERHEAD: Final = 1024
+
+
+class UnexpectedMessage(SignalingError):
+    """A well-formed hub message that contradicts this connection's state."""
+
+
+class HubClosed(SignalingError):
+    """The hub closed the connection; ``code`` is its close code (1006: no close frame)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"the hub connection closed ({code}) {reason}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+class PayloadTooLarge(SignalingError):
+    """This process tried to relay a payload larger than the hub accepts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """A payload another peer of the room sent us, decoded as strict JSON."""
+
+    sender: PeerId
+    payload: Any
+
+
+HubEvent = PeerJoined | PeerLeft | Relayed
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate name in a JSON object")
+    return result
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_STRICT_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+)
+
+
+def decode_payload(text: JsonText) -> Any:
+    """Decode a relayed payload; ambiguous JSON (duplicate names, NaN) is rejected."""
+    try:
+        return _STRICT_DECODER.decode(text)
+    except RecursionError:
+        raise MalformedMessage(ErrorCode.INVALID_JSON, "payload nested too deeply") from None
+    except ValueError as error:
+        raise MalformedMessage(ErrorCode.INVALID_JSON, f"payload: {error}") from None
+
+
+def encode_payload(payload: Any) -> JsonText:
+    """Encode a payload as compact JSON; NaN and infinities are refused (not JSON)."""
+    return JsonText(json.dumps(payload, separators=(",", ":"), allow_nan=False))
+
+
+class HubConnection:
+    """``async with await HubConnection.connect(url) as hub: await hub.join(room)``."""
+
+    def __init__(self, websocket: ClientConnection, max_message_bytes: int) -> None:
+        self._websocket = websocket
+        self._max_message_bytes = max_message_bytes
+        self.peer_id: PeerId | None = None
+        self.room: str | None = None
+        self.peers: set[PeerId] = set()
+        self._joining: str | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        open_timeout: float = 10.0,
+    ) -> Self:
+        """Open a websocket to the hub at ``url`` (ws:// or wss://)."""
+        websocket = await connect(
+            url,
+            ssl=ssl_context,
+            compression=None,
+            max_size=max_message_bytes + _RELAY_OVERHEAD,
+            open_timeout=open_timeout,
+        )
+        return cls(websocket, max_message_bytes)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._websocket.close()
+
+    async def join(self, room: str) -> Welcome:
+        """Join ``room``; return the welcome, or raise ``Refused`` with the hub's code.
+
+        Events that arrive before the answer cannot concern this room yet and are
+        rejected like any other message that contradicts the state.
+        """
+        if self.room is not None or self._joining is not None:
+            raise UnexpectedMessage("join called twice")
+        self._joining = room
+        try:
+            await self._send(Join(room).encode())
+            message = await self._receive()
+            if isinstance(message, ErrorMessage):
+                raise Refused(message.code, message.message)
+            if not isinstance(message, Welcome):
+                raise UnexpectedMessage(f"expected welcome, got {message.TYPE}")
+            if message.room != room:
+                raise UnexpectedMessage("welcome names another room")
+            if message.peer_id in message.peers or len(set(message.peers)) != len(message.peers):
+                raise UnexpectedMessage("welcome lists this peer or one peer twice")
+        finally:
+            self._joining = None
+        self.peer_id, self.room, self.peers = message.peer_id, room, set(message.peers)
+        return message
+
+    async def relay(self, to: PeerId, payload: Any) -> None:
+        """Send ``payload`` (any JSON value) to peer ``to`` of our room."""
+        text = RelayTo(to, encode_payload(payload)).encode()
+        if len(text.encode()) > self._max_message_bytes:
+            raise PayloadTooLarge(f"a relay frame may be {self._max_message_bytes} bytes at most")
+        await self._send(text)
+
+    async def leave(self) -> None:
+        """Leave the room (the hub does not answer); join may be called again."""
+        await self._send(Leave().encode())
+        self.room, self.peers = None, set()
+
+    async def next_event(self) -> HubEvent:
+        """The next event; an ``error`` from the hub is raised as ``Refused``."""
+        message = await self._receive()
+        if isinstance(message, ErrorMessage):
+            raise Refused(message.code, message.message)
+        if isinstance(message, Welcome):
+            raise UnexpectedMessage("welcome without a join")
+        if self.room is None:
+            raise UnexpectedMessage(f"{message.TYPE} outside a room")
+        if isinstance(message, PeerJoined):
+            if message.peer_id == self.peer_id or message.peer_id in self.peers:
+                raise UnexpectedMessage("peer-joined for a peer already here")
+            self.peers.add(message.peer_id)
+            return message
+        if isinstance(message, PeerLeft):
+            if message.peer_id not in self.peers:
+                raise UnexpectedMessage("peer-left for a peer not here")
+            self.peers.discard(message.peer_id)
+            return message
+        if message.sender not in self.peers:
+            raise UnexpectedMessage("relay from a peer not in this room")
+        return Relayed(message.sender, decode_payload(message.payload))
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> HubEvent:
+        try:
+            return await self.next_event()
+        except HubClosed as closed:
+            if closed.code in (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY):
+                raise StopAsyncIteration from None
+            raise
+
+    async def _send(self, text: str) -> None:
+        try:
+            await self._websocket.send(text)
+        except ConnectionClosed as closed:
+            raise self._closed(closed) from None
+
+    async def _receive(self) -> HubMessage:
+        try:
+            frame = await self._websocket.recv()
+        except ConnectionClosed as closed:
+            raise self._closed(closed) from None
+        if isinstance(frame, bytes):
+            raise MalformedMessage(ErrorCode.INVALID_JSON, "the hub sent a binary frame")
+        return parse_hub_message(frame)
+
+    @staticmethod
+    def _closed(closed: ConnectionClosed) -> HubClosed:
+        if closed.rcvd is None:
+            return HubClosed(CloseCode.ABNORMAL_CLOSURE, "")
+        return HubClosed(closed.rcvd.code, closed.rcvd.reason)

@@ -1,0 +1,307 @@
+"""The wire format and the routing core, without sockets: frames in, deliveries out."""
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from signaling.hub import Delivery, Hub, Limits
+from signaling.protocol import (
+    ErrorCode,
+    ErrorMessage,
+    Join,
+    JsonText,
+    Leave,
+    MalformedMessage,
+    PeerId,
+    PeerJoined,
+    PeerLeft,
+    Refused,
+    RelayFrom,
+    RelayTo,
+    Welcome,
+    parse_client_message,
+    parse_hub_message,
+)
+
+
+def counter_ids():
+    numbers = itertools.count(1)
+    return lambda: PeerId(f"peer{next(numbers)}")
+
+
+def make_hub(**limits) -> Hub:
+    return Hub(Limits(**limits), new_peer_id=counter_ids())
+
+
+def joined(hub: Hub, room: str, count: int) -> list[PeerId]:
+    peers = [hub.connect(now=0.0) for _ in range(count)]
+    for peer in peers:
+        hub.handle(peer, json.dumps({"type": "join", "room": room}), now=0.0)
+    return peers
+
+
+def error_code(deliveries: list[Delivery]) -> ErrorCode:
+    [delivery] = deliveries
+    assert isinstance(delivery.message, ErrorMessage)
+    return delivery.message.code
+
+
+def test_join_welcomes_with_the_peers_already_there_and_announces_the_newcomer():
+    hub = make_hub()
+    first, second = hub.connect(0.0), hub.connect(0.0)
+    assert hub.handle(first, '{"type":"join","room":"r"}', 0.0) == [
+        Delivery(first, Welcome(first, "r", ()), "r")
+    ]
+    assert hub.handle(second, '{"type":"join","room":"r"}', 0.0) == [
+        Delivery(second, Welcome(second, "r", (first,)), "r"),
+        Delivery(first, PeerJoined(second), "r"),
+    ]
+    assert (hub.room_count, hub.connection_count) == (1, 2)
+
+
+def test_relay_forwards_the_exact_payload_text_both_ways():
+    hub = make_hub()
+    alice, bob = joined(hub, "r", 2)
+    # Whitespace, an out-of-range float, a huge exponent and escapes survive byte for byte.
+    payload = '{"sdp": "v=0\\r\\n",  "n": 1e999, "big": 12345678901234567890, "u": "\\u00e9"}'
+    frame = f'{{"type": "relay", "to": "{bob}", "payload": {payload}}}'
+    assert hub.handle(alice, frame, 0.0) == [
+        Delivery(bob, RelayFrom(alice, JsonText(payload)), "r")
+    ]
+    assert hub.handle(bob, f'{{"type":"relay","to":"{alice}","payload":null}}', 0.0) == [
+        Delivery(alice, RelayFrom(bob, JsonText("null")), "r")
+    ]
+    assert hub.metrics.messages_relayed_total == 2
+
+
+def test_third_peer_gets_room_full_and_nothing_changes():
+    hub = make_hub()
+    alice, bob = joined(hub, "r", 2)
+    carol = hub.connect(0.0)
+    assert error_code(hub.handle(carol, '{"type":"join","room":"r"}', 0.0)) is ErrorCode.ROOM_FULL
+    assert hub.room_of(carol) is None
+    assert hub.handle(alice, f'{{"type":"relay","to":"{carol}","payload":1}}', 0.0)[0].message == (
+        ErrorMessage(ErrorCode.UNKNOWN_PEER, "no such peer in this room")
+    )
+    assert hub.handle(alice, f'{{"type":"relay","to":"{bob}","payload":1}}', 0.0) == [
+        Delivery(bob, RelayFrom(alice, JsonText("1")), "r")
+    ]
+
+
+def test_rooms_are_isolated():
+    hub = make_hub()
+    alice, _ = joined(hub, "one", 2)
+    carol, _ = joined(hub, "two", 2)
+    frame = f'{{"type":"relay","to":"{carol}","payload":1}}'
+    assert error_code(hub.handle(alice, frame, 0.0)) is ErrorCode.UNKNOWN_PEER
+
+
+@pytest.mark.parametrize("how", ["leave", "disconnect"])
+def test_peer_left_on_leave_and_on_disconnect(how):
+    hub = make_hub()
+    alice, bob = joined(hub, "r", 2)
+    leave = '{"type":"leave"}'
+    deliveries = hub.handle(bob, leave, 0.0) if how == "leave" else hub.disconnect(bob)
+    assert deliveries == [Delivery(alice, PeerLeft(bob), "r")]
+    assert hub.handle(alice, '{"type":"leave"}', 0.0) == []
+    assert hub.room_count == 0
+
+
+def test_a_peer_that_left_can_join_again():
+    hub = make_hub()
+    [alice] = joined(hub, "r", 1)
+    hub.handle(alice, '{"type":"leave"}', 0.0)
+    assert hub.handle(alice, '{"type":"join","room":"s"}', 0.0)[0].message == (
+        Welcome(alice, "s", ())
+    )
+
+
+BAD_FRAMES = [
+    ("{", ErrorCode.INVALID_JSON),
+    ("", ErrorCode.INVALID_JSON),
+    ('{"type":"join","room":"r"} {}', ErrorCode.INVALID_JSON),
+    ('{"type":"relay","to":"x","payload":NaN}', ErrorCode.INVALID_JSON),
+    (
+        '{"type":"relay","to":"x","payload":' + "[" * 100_000 + "]" * 100_000 + "}",
+        ErrorCode.INVALID_JSON,
+    ),
+    ('{"type":"relay","to":"x","payload":' + "9" * 5000 + "}", ErrorCode.INVALID_JSON),
+    ("[]", ErrorCode.NOT_AN_OBJECT),
+    ('"join"', ErrorCode.NOT_AN_OBJECT),
+    ("null", ErrorCode.NOT_AN_OBJECT),
+    ('{"type":"dance"}', ErrorCode.UNKNOWN_TYPE),
+    ("{}", ErrorCode.INVALID_FIELD),
+    ('{"type":7}', ErrorCode.INVALID_FIELD),
+    ('{"type":"join"}', ErrorCode.INVALID_FIELD),
+    ('{"type":"join","room":5}', ErrorCode.INVALID_FIELD),
+    ('{"type":"join","room":"r","extra":1}', ErrorCode.INVALID_FIELD),
+    ('{"type":"join","room":"r","room":"s"}', ErrorCode.INVALID_FIELD),
+    ('{"type":"relay","to":"x"}', ErrorCode.INVALID_FIELD),
+    ('{"type":"relay","to":["x"],"payload":1}', ErrorCode.INVALID_FIELD),
+    ('{"type":"join","room":""}', ErrorCode.INVALID_ROOM),
+    ('{"type":"join","room":"a b"}', ErrorCode.INVALID_ROOM),
+    ('{"type":"join","room":"r\\n"}', ErrorCode.INVALID_ROOM),
+    ('{"type":"join","room":"' + "r" * 65 + '"}', ErrorCode.INVALID_ROOM),
+    ('{"type":"join","room":"caf\\u00e9"}', ErrorCode.INVALID_ROOM),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES, ids=[code for _, code in BAD_FRAMES])
+def test_each_malformed_frame_has_its_code_and_changes_nothing(frame, code):
+    hub = make_hub()
+    alice, bob = joined(hub, "r", 2)
+    [stranger] = joined(hub, "s", 1)
+    assert error_code(hub.handle(stranger, frame, 0.0)) is code
+    assert hub.metrics.errors_total == {code: 1}
+    assert hub.room_of(stranger) == "s"
+    assert hub.handle(alice, f'{{"type":"relay","to":"{bob}","payload":1}}', 0.0) == [
+        Delivery(bob, RelayFrom(alice, JsonText("1")), "r")
+    ]
+
+
+def test_requests_out_of_order_are_refused_with_their_codes():
+    hub = make_hub()
+    lonely = hub.connect(0.0)
+    assert error_code(hub.handle(lonely, '{"type":"relay","to":"x","payload":1}', 0.0)) is (
+        ErrorCode.NOT_JOINED
+    )
+    assert error_code(hub.handle(lonely, '{"type":"leave"}', 0.0)) is ErrorCode.NOT_JOINED
+    [alice] = joined(hub, "r", 1)
+    assert error_code(hub.handle(alice, '{"type":"join","room":"s"}', 0.0)) is (
+        ErrorCode.ALREADY_JOINED
+    )
+    assert error_code(hub.handle(alice, f'{{"type":"relay","to":"{alice}","payload":1}}', 0.0)) is (
+        ErrorCode.UNKNOWN_PEER
+    )
+    assert hub.room_of(alice) == "r"
+
+
+def test_room_and_connection_limits():
+    hub = make_hub(max_rooms=1, max_connections=3)
+    joined(hub, "r", 1)
+    late = hub.connect(0.0)
+    assert error_code(hub.handle(late, '{"type":"join","room":"s"}', 0.0)) is (
+        ErrorCode.TOO_MANY_ROOMS
+    )
+    hub.connect(0.0)
+    with pytest.raises(Refused) as refusal:
+        hub.connect(0.0)
+    assert refusal.value.code is ErrorCode.HUB_FULL
+    assert hub.connection_count == 3
+
+
+def test_token_bucket_refuses_a_burst_then_refills_with_time():
+    hub = make_hub(rate_per_second=10.0, rate_burst=5)
+    [alice] = joined(hub, "r", 1)  # the join spent one token at t=0
+    leave_rejoin = ['{"type":"leave"}', '{"type":"join","room":"r"}']
+    outcomes = [hub.handle(alice, leave_rejoin[i % 2], 0.0) for i in range(6)]
+    refused = [d for d in outcomes if d and isinstance(d[0].message, ErrorMessage)]
+    assert len(refused) == 2  # 4 tokens left of 5
+    assert hub.metrics.errors_total[ErrorCode.RATE_LIMITED] == 2
+    # 0.1 s later exactly one token is back.
+    assert hub.handle(alice, leave_rejoin[0], 0.1) == []
+    assert error_code(hub.handle(alice, leave_rejoin[1], 0.1)) is ErrorCode.RATE_LIMITED
+
+
+def test_a_flood_is_logged_once(caplog):
+    hub = make_hub(rate_per_second=1.0, rate_burst=1)
+    [alice] = joined(hub, "r", 1)
+    with caplog.at_level("INFO", logger="blindhub.hub"):
+        for _ in range(100):
+            hub.handle(alice, '{"type":"leave"}', 0.0)
+    assert [r.fields["code"] for r in caplog.records if r.getMessage() == "error"] == [
+        "rate-limited"
+    ]
+    assert hub.metrics.errors_total[ErrorCode.RATE_LIMITED] == 100
+
+
+def test_logs_never_contain_payloads(caplog):
+    hub = make_hub()
+    alice, bob = joined(hub, "r", 2)
+    with caplog.at_level("DEBUG"):
+        hub.handle(alice, f'{{"type":"relay","to":"{bob}","payload":"SECRET"}}', 0.0)
+        hub.handle(alice, '{"type":"relay","to":"nobody","payload":"SECRET"}', 0.0)
+        hub.handle(alice, '{"type":"relay","payload":"SECRET"', 0.0)
+    logged = " ".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    assert "error" in logged
+    assert "SECRET" not in logged
+
+
+def test_route_relay_is_the_one_place_a_hostile_hub_overrides():
+    class Dropping(Hub):
+        def route_relay(self, room, sender, recipient, payload):
+            return []
+
+    hub = Dropping(Limits(), new_peer_id=counter_ids())
+    alice, bob = joined(hub, "r", 2)
+    assert hub.handle(alice, f'{{"type":"relay","to":"{bob}","payload":1}}', 0.0) == []
+
+
+def test_limits_reject_nonsense():
+    with pytest.raises(ValueError, match="max_buffered_bytes"):
+        Limits(max_message_bytes=1000, max_buffered_bytes=1500)
+    with pytest.raises(ValueError, match="max_peers_per_room"):
+        Limits(max_peers_per_room=0)
+
+
+HUB_MESSAGES = [
+    Welcome(PeerId("a"), "r", (PeerId("b"), PeerId("c"))),
+    PeerJoined(PeerId("a-_9")),
+    PeerLeft(PeerId("a")),
+    RelayFrom(PeerId("a"), JsonText('{"x": [1, 2.5e3, "\\u0000"]}')),
+    ErrorMessage(ErrorCode.ROOM_FULL, "the room is full"),
+]
+
+
+@pytest.mark.parametrize("message", HUB_MESSAGES, ids=lambda m: m.TYPE)
+def test_hub_messages_round_trip(message):
+    assert parse_hub_message(message.encode()) == message
+
+
+@pytest.mark.parametrize(
+    "message", [Join("room_1"), RelayTo("p", JsonText("[]")), Leave()], ids=repr
+)
+def test_client_messages_round_trip(message):
+    assert parse_client_message(message.encode()) == message
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ('{"type":"welcome","peer_id":"a","room":"r","peers":"b"}', ErrorCode.INVALID_FIELD),
+        ('{"type":"welcome","peer_id":"a","room":"r","peers":["b c"]}', ErrorCode.INVALID_FIELD),
+        ('{"type":"peer-joined","peer_id":""}', ErrorCode.INVALID_FIELD),
+        ('{"type":"relay","to":"a","payload":1}', ErrorCode.INVALID_FIELD),
+        ('{"type":"error","code":"made-up","message":"m"}', ErrorCode.INVALID_FIELD),
+        ('{"type":"join","room":"r"}', ErrorCode.UNKNOWN_TYPE),
+    ],
+)
+def test_bad_hub_messages_have_their_codes(frame, code):
+    with pytest.raises(MalformedMessage) as error:
+        parse_hub_message(frame)
+    assert error.value.code is code
+
+
+@given(st.text(max_size=200))
+def test_any_text_parses_or_raises_a_coded_error(text):
+    try:
+        parse_client_message(text)
+    except MalformedMessage as error:
+        assert error.code in ErrorCode
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+
+
+@given(json_values, st.sampled_from(["", " ", "\n\t "]))
+def test_any_json_payload_is_relayed_as_the_same_text(value, space):
+    payload = json.dumps(value, indent=space or None)
+    frame = f'{{{space}"type":"relay",{space}"to":"p",{space}"payload":{space}{payload}{space}}}'
+    assert parse_client_message(frame) == RelayTo("p", JsonText(payload))
