@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -27,7 +28,7 @@ from signaling.protocol import (
 )
 
 
-def counter_ids():
+def counter_ids() -> Callable[[], PeerId]:
     numbers = itertools.count(1)
     return lambda: PeerId(f"peer{next(numbers)}")
 
