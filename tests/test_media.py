@@ -1,0 +1,126 @@
+import asyncio
+import os
+from array import array
+from pathlib import Path
+
+import av
+import pytest
+from aiortc import MediaStreamTrack
+from aiortc.codecs.vpx import Vp8Decoder, Vp8Encoder, vp8_depayload
+from aiortc.jitterbuffer import JitterFrame
+
+from client.analysis import dominant_frequency
+from client.media import (
+    AUDIO_FRAME_SAMPLES,
+    SAMPLE_RATE,
+    MediaSourceError,
+    PatternTrack,
+    ReceivedMedia,
+    ToneTrack,
+    collect,
+    open_recorder,
+    open_sources,
+    read_pattern_number,
+    recordable,
+)
+
+
+async def test_tone_track_is_a_paced_48khz_tone():
+    track = ToneTrack(660)
+    samples = array("h")
+    pts = []
+    for _ in range(20):
+        frame = await track.recv()
+        assert (frame.sample_rate, frame.samples, frame.layout.name) == (48000, 960, "mono")
+        pts.append(frame.pts)
+        samples.frombytes(bytes(frame.planes[0])[: AUDIO_FRAME_SAMPLES * 2])
+    assert pts == [n * AUDIO_FRAME_SAMPLES for n in range(20)]
+    assert abs(dominant_frequency(samples, SAMPLE_RATE) - 660) < 1
+
+
+async def test_pattern_frame_numbers_survive_vp8():
+    track = PatternTrack()
+    encoder, decoder = Vp8Encoder(), Vp8Decoder()
+    read = []
+    for index in range(15):
+        frame = await track.recv()
+        assert read_pattern_number(frame) == index
+        payloads, timestamp = encoder.encode(frame)
+        encoded = b"".join(vp8_depayload(p) for p in payloads)
+        for decoded in decoder.decode(JitterFrame(encoded, timestamp)):
+            assert isinstance(decoded, av.VideoFrame)
+            read.append(read_pattern_number(decoded))
+    assert read == list(range(15))
+
+
+def test_a_frame_of_another_size_carries_no_number():
+    assert read_pattern_number(av.VideoFrame(width=640, height=480, format="yuv420p")) is None
+
+
+def test_open_sources_parses_specs():
+    assert [t.kind for t in open_sources("tone:660,pattern")] == ["audio", "video"]
+    (tone,) = open_sources("tone")
+    assert isinstance(tone, ToneTrack) and tone.frequency == 440
+    assert isinstance(open_sources(" pattern ")[0], PatternTrack)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tone:abc", "not a tone frequency"),
+        ("tone:5", "20 to 24000"),
+        ("bogus", "unknown source"),
+        ("tone,tone:660", "one audio and/or one video"),
+        ("", "one audio and/or one video"),
+    ],
+)
+def test_open_sources_rejects_bad_specs(spec, message):
+    with pytest.raises(MediaSourceError, match=message):
+        open_sources(spec)
+
+
+@pytest.mark.skipif(os.path.exists("/dev/video0"), reason="this machine has a camera")
+def test_a_missing_camera_is_a_clear_error():
+    with pytest.raises(MediaSourceError, match="camera"):
+        open_sources("camera")
+
+
+def test_recordings_must_be_wav_mkv_or_mp4(tmp_path):
+    with pytest.raises(MediaSourceError, match=r"\.wav, \.mkv or \.mp4"):
+        open_recorder(str(tmp_path / "call.ogg"))
+    tracks = [ToneTrack(), PatternTrack()]
+    assert recordable("x.wav", tracks) == tracks[:1]
+    assert recordable("x.mkv", tracks) == tracks
+
+
+async def record(path: Path, tracks: list[MediaStreamTrack], seconds: float) -> None:
+    recorder = open_recorder(str(path))
+    for track in recordable(str(path), tracks):
+        recorder.addTrack(track)
+    await recorder.start()
+    await asyncio.sleep(seconds)
+    await recorder.stop()
+
+
+async def test_a_wav_recording_plays_back_as_a_file_source(tmp_path):
+    path = tmp_path / "tone.wav"
+    await record(path, [ToneTrack(550), PatternTrack()], 0.8)
+    (source,) = open_sources(str(path))
+    assert source.kind == "audio"
+    received = ReceivedMedia()
+    await asyncio.wait_for(collect(source, received), timeout=10)
+    assert abs(dominant_frequency(received.samples, received.sample_rate) - 550) < 2
+
+
+async def test_an_mkv_recording_holds_audio_and_video(tmp_path):
+    path = tmp_path / "call.mkv"
+    await record(path, [ToneTrack(770), PatternTrack()], 1.0)
+    received = ReceivedMedia()
+    sources = open_sources(str(path))
+    assert sorted(t.kind for t in sources) == ["audio", "video"]
+    await asyncio.wait_for(
+        asyncio.gather(*(collect(track, received) for track in sources)), timeout=10
+    )
+    assert abs(dominant_frequency(received.samples, received.sample_rate) - 770) < 2
+    numbers = received.pattern_numbers
+    assert len(numbers) >= 10 and numbers == sorted(numbers)
