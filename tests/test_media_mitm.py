@@ -1,0 +1,374 @@
+"""The dtls-mitm capability against real aiortc calls on loopback.
+
+Two plain aiortc peers exchange their offer and answer through a `MediaMitm`, as a hostile hub
+relaying SDP would. Against plain WebRTC the MITM must keep the call working and recover its
+audio and video (the experiment's control); against peers that SFrame-encrypt every frame the
+call must still work while the MITM recovers nothing but SFrame headers.
+"""
+
+import asyncio
+import logging
+import re
+import struct
+import wave
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import av
+import pytest
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+
+from client.analysis import dominant_frequency, tone_correlation
+from client.frame_crypto import SFrameReceiver, SFrameSender
+from client.frame_transform import install_receiver_transform, install_sender_transform
+from client.media import PatternTrack, ReceivedMedia, ToneTrack, collect, read_pattern_number
+from crypto.sframe import SFrameHeader
+from signaling.media_mitm import (
+    Direction,
+    InterceptionStateError,
+    MediaMitm,
+    SdpRejected,
+    decode_opus,
+    decode_vp8,
+    is_vp8_keyframe,
+    media_kinds,
+    png_bytes,
+)
+
+OFFERER_TONE = 440.0
+ANSWERER_TONE = 660.0
+SAMPLE_RATE = 48000
+# Enough received audio for a dominant-frequency estimate with margin, and some video.
+WANTED_SAMPLES = SAMPLE_RATE
+WANTED_VIDEO_FRAMES = 10
+CALL_TIMEOUT = 30.0  # generous: two shared cores, several engineers
+# How long the hub takes to pass the MITM's answer on. The answerer's media already reaches the
+# MITM meanwhile, so the leg toward the offerer must start from a keyframe requested late.
+ANSWER_DELAY = 0.5
+
+slow = pytest.mark.slow
+
+
+@dataclass
+class Peer:
+    pc: RTCPeerConnection
+    received: ReceivedMedia = field(default_factory=ReceivedMedia)
+
+
+# Runs on a peer once its transceivers exist and before media flows (to install transforms).
+Prepare = Callable[[str, RTCPeerConnection], None]
+
+
+@dataclass
+class MitmCall:
+    offerer: Peer
+    answerer: Peer
+    offer_sdp: str
+    mitm_offer_sdp: str
+    answer_sdp: str
+    mitm_answer_sdp: str
+
+
+class CallsThroughMitm:
+    def __init__(self) -> None:
+        self.mitm: MediaMitm | None = None
+        self._peers: list[Peer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _peer(self, tracks: Sequence[MediaStreamTrack]) -> Peer:
+        peer = Peer(RTCPeerConnection(RTCConfiguration(iceServers=[])))
+        self._peers.append(peer)
+        for track in tracks:
+            peer.pc.addTrack(track)
+        return peer
+
+    async def connect(self, prepare: Prepare | None = None) -> MitmCall:
+        self.mitm = MediaMitm()
+        offerer = self._peer([ToneTrack(OFFERER_TONE), PatternTrack()])
+        if prepare is not None:
+            prepare("offerer", offerer.pc)
+        await offerer.pc.setLocalDescription(await offerer.pc.createOffer())
+        offer_sdp = offerer.pc.localDescription.sdp
+        mitm_offer_sdp = await self.mitm.intercept_offer(offer_sdp)
+
+        answerer = self._peer([])
+        await answerer.pc.setRemoteDescription(RTCSessionDescription(mitm_offer_sdp, "offer"))
+        answerer.pc.addTrack(ToneTrack(ANSWERER_TONE))
+        answerer.pc.addTrack(PatternTrack())
+        if prepare is not None:
+            prepare("answerer", answerer.pc)
+        await answerer.pc.setLocalDescription(await answerer.pc.createAnswer())
+        answer_sdp = answerer.pc.localDescription.sdp
+        mitm_answer_sdp = await self.mitm.intercept_answer(answer_sdp)
+        await asyncio.sleep(ANSWER_DELAY)
+        await offerer.pc.setRemoteDescription(RTCSessionDescription(mitm_answer_sdp, "answer"))
+
+        for peer in (offerer, answerer):
+            for transceiver in peer.pc.getTransceivers():
+                track = transceiver.receiver.track
+                self._tasks.append(asyncio.create_task(collect(track, peer.received)))
+        return MitmCall(offerer, answerer, offer_sdp, mitm_offer_sdp, answer_sdp, mitm_answer_sdp)
+
+    async def run_until_both_received(self, call: MitmCall) -> None:
+        async def enough() -> None:
+            while not all(
+                len(peer.received.samples) >= WANTED_SAMPLES
+                and peer.received.video_frames >= WANTED_VIDEO_FRAMES
+                for peer in (call.offerer, call.answerer)
+            ):
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(enough(), CALL_TIMEOUT)
+
+    async def close(self) -> None:
+        if self.mitm is not None:
+            await self.mitm.close()
+        for peer in self._peers:
+            await peer.pc.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def calls() -> AsyncIterator[CallsThroughMitm]:
+    calls = CallsThroughMitm()
+    yield calls
+    await calls.close()
+
+
+def fingerprints(sdp: str) -> set[str]:
+    return set(re.findall(r"^a=fingerprint:(.+)$", sdp, re.MULTILINE))
+
+
+def steady(samples: Sequence[int]) -> list[int]:
+    """One second of the middle of a recording (past the codec's start-up)."""
+    start = max(0, len(samples) // 2 - SAMPLE_RATE // 2)
+    return list(samples[start : start + SAMPLE_RATE])
+
+
+@slow
+async def test_plain_call_through_mitm_works_and_the_mitm_recovers_it(calls, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="aiortc.rtcrtpreceiver")
+    call = await calls.connect()
+    mitm = calls.mitm
+    assert mitm is not None
+    await calls.run_until_both_received(call)
+
+    # Each peer ran DTLS with the MITM, not with the other peer.
+    assert fingerprints(call.mitm_offer_sdp).isdisjoint(fingerprints(call.offer_sdp))
+    assert fingerprints(call.mitm_answer_sdp).isdisjoint(fingerprints(call.answer_sdp))
+    assert mitm.connection_states == ("connected", "connected")
+
+    # The call works: each side hears the other's tone and decodes the other's pattern.
+    heard_by_answerer = dominant_frequency(call.answerer.received.samples, SAMPLE_RATE)
+    heard_by_offerer = dominant_frequency(call.offerer.received.samples, SAMPLE_RATE)
+    assert abs(heard_by_answerer - OFFERER_TONE) < 5
+    assert abs(heard_by_offerer - ANSWERER_TONE) < 5
+    for peer in (call.offerer, call.answerer):
+        numbers = peer.received.pattern_numbers
+        assert numbers and numbers == sorted(numbers)
+    # The answerer's first frames found no leg to go to; the offerer's decoder still started, from
+    # the keyframe the MITM requested when that leg came up.
+    assert call.offerer.received.pattern_numbers[0] > 0
+    assert not all(f.forwarded for f in mitm.frames if f.direction is Direction.ANSWERER_TO_OFFERER)
+    # ... and never saw a frame it could not decode: no trace of the MITM there.
+    assert not [r for r in caplog.records if "failed to decode" in r.getMessage()]
+
+    # The MITM recovers both directions' audio and video.
+    for direction, tone in (
+        (Direction.OFFERER_TO_ANSWERER, OFFERER_TONE),
+        (Direction.ANSWERER_TO_OFFERER, ANSWERER_TONE),
+    ):
+        audio = mitm.recovered_audio(direction)
+        assert audio.frames_failed == 0
+        assert audio.seconds >= 1
+        assert tone_correlation(steady(audio.samples), SAMPLE_RATE, tone) >= 0.9
+        assert abs(dominant_frequency(audio.samples, SAMPLE_RATE) - tone) < 5
+        video = mitm.recovered_video(direction)
+        assert video.frames_decoded >= WANTED_VIDEO_FRAMES
+        assert video.last_frame is not None
+        assert read_pattern_number(video.last_frame) is not None
+
+    # What it forwarded is what SRTP gave it: each Opus frame is one RTP payload, and only the
+    # last few payloads can still sit in the jitter buffer.
+    assert any(frame.forwarded for frame in mitm.frames)
+    for direction in Direction:
+        payloads = [
+            p.payload for p in mitm.packets if p.direction is direction and p.kind == "audio"
+        ]
+        frames = mitm.intercepted(direction, "audio")
+        assert set(frames) <= set(payloads)
+        assert 0 <= len(payloads) - len(frames) <= 8
+
+    wav_path, png_path = tmp_path / "offerer.wav", tmp_path / "offerer.png"
+    written = mitm.write_wav(wav_path, Direction.OFFERER_TO_ANSWERER)
+    with wave.open(str(wav_path)) as wav:
+        assert (wav.getnchannels(), wav.getframerate()) == (1, SAMPLE_RATE)
+        assert wav.getnframes() == len(written.samples)
+    assert mitm.write_png(png_path, Direction.OFFERER_TO_ANSWERER)
+    with av.open(str(png_path)) as container:
+        picture = next(container.decode(video=0))
+        assert (picture.width, picture.height) == (320, 240)
+
+
+# One KID per sender: the offerer sends audio under 1 and video under 2, the answerer 3 and 4.
+SFRAME_KIDS = {("offerer", "audio"): 1, ("offerer", "video"): 2}
+SFRAME_KIDS |= {("answerer", "audio"): 3, ("answerer", "video"): 4}
+SFRAME_BASE_KEYS = {kid: bytes([kid]) * 16 for kid in SFRAME_KIDS.values()}
+
+
+@dataclass
+class SFramePeers:
+    """A prepare hook giving both peers the client's SFrame transforms, and those transforms."""
+
+    receivers: dict[tuple[str, str], SFrameReceiver] = field(default_factory=dict)
+
+    def __call__(self, role: str, pc: RTCPeerConnection) -> None:
+        other = "answerer" if role == "offerer" else "offerer"
+        for transceiver in pc.getTransceivers():
+            kind = transceiver.kind
+            sender = SFrameSender()
+            sender.use_key(SFRAME_KIDS[(role, kind)], SFRAME_BASE_KEYS[SFRAME_KIDS[(role, kind)]])
+            receiver = self.receivers[(role, kind)] = SFrameReceiver()
+            receiver.add_key(
+                SFRAME_KIDS[(other, kind)], SFRAME_BASE_KEYS[SFRAME_KIDS[(other, kind)]]
+            )
+            install_sender_transform(transceiver.sender, sender)
+            install_receiver_transform(transceiver.receiver, receiver)
+
+
+@slow
+async def test_sframe_call_through_mitm_works_and_the_mitm_recovers_nothing(calls):
+    sframe = SFramePeers()
+    call = await calls.connect(prepare=sframe)
+    mitm = calls.mitm
+    assert mitm is not None
+    await calls.run_until_both_received(call)
+
+    heard_by_answerer = dominant_frequency(call.answerer.received.samples, SAMPLE_RATE)
+    heard_by_offerer = dominant_frequency(call.offerer.received.samples, SAMPLE_RATE)
+    assert abs(heard_by_answerer - OFFERER_TONE) < 5
+    assert abs(heard_by_offerer - ANSWERER_TONE) < 5
+    assert call.offerer.received.pattern_numbers and call.answerer.received.pattern_numbers
+    # Every frame the MITM relayed still authenticated at the peer.
+    assert all(receiver.counters.frames > 0 for receiver in sframe.receivers.values())
+    assert all(receiver.counters.failed == 0 for receiver in sframe.receivers.values())
+
+    for direction, tone, sender in (
+        (Direction.OFFERER_TO_ANSWERER, OFFERER_TONE, "offerer"),
+        (Direction.ANSWERER_TO_OFFERER, ANSWERER_TONE, "answerer"),
+    ):
+        # Its decoders get nothing usable from what SRTP gave it.
+        audio = mitm.recovered_audio(direction)
+        correlation = (
+            tone_correlation(steady(audio.samples), SAMPLE_RATE, tone) if audio.samples else 0
+        )
+        assert correlation < 0.1
+        assert mitm.recovered_video(direction).frames_decoded == 0
+
+        # What it can read: the SFrame headers, a KID per sender and counters that only grow.
+        for kind in ("audio", "video"):
+            frames = mitm.intercepted(direction, kind)
+            assert len(frames) >= WANTED_VIDEO_FRAMES
+            headers = [SFrameHeader.parse(frame) for frame in frames]
+            assert {header.kid for header, _ in headers} == {SFRAME_KIDS[(sender, kind)]}
+            counters = [header.ctr for header, _ in headers]
+            assert counters == sorted(set(counters))
+            # Every frame is header + ciphertext + the suite's 16-byte tag, nothing in clear.
+            assert all(
+                len(frame) > length + 16 for frame, (_, length) in zip(frames, headers, strict=True)
+            )
+
+
+def test_decoders_recover_nothing_from_random_bytes():
+    noise = [bytes((i * 37 + j * 11) % 256 for j in range(200)) for i in range(50)]
+    # A VP8 frame needs a keyframe start code; SFrame ciphertext never has one by chance.
+    assert decode_vp8(noise).frames_decoded == 0
+
+
+def test_decoders_recover_encoded_media():
+    encoder = av.CodecContext.create("libopus", "w")
+    encoder.sample_rate = SAMPLE_RATE
+    encoder.layout = "mono"
+    encoder.format = "s16"
+    packets = []
+    for index in range(25):
+        frame = av.AudioFrame(format="s16", layout="mono", samples=960)
+        frame.planes[0].update(struct.pack("<960h", *([1000, -1000] * 480)))
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = index * 960
+        packets += [bytes(packet) for packet in encoder.encode(frame)]
+    audio = decode_opus(packets)
+    assert audio.frames_decoded == len(packets) and audio.frames_failed == 0
+    assert len(audio.samples) == 960 * len(packets)
+
+
+def test_is_vp8_keyframe_tells_the_first_frame_from_the_next():
+    encoder = av.CodecContext.create("libvpx", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 64, "yuv420p"
+    encoded = []
+    for index in range(3):
+        frame = av.VideoFrame(width=64, height=64, format="yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes([100 + index]) * plane.buffer_size)
+        frame.pts = index
+        encoded += [bytes(packet) for packet in encoder.encode(frame)]
+    encoded += [bytes(packet) for packet in encoder.encode(None)]
+    assert [is_vp8_keyframe(frame) for frame in encoded] == [True] + [False] * (len(encoded) - 1)
+    assert not is_vp8_keyframe(encoded[0][:9])
+
+
+def test_png_bytes_round_trips_through_a_real_decoder(tmp_path):
+    rgb = bytes([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9])
+    path = tmp_path / "tiny.png"
+    path.write_bytes(png_bytes(2, 2, rgb))
+    with av.open(str(path)) as container:
+        picture = next(container.decode(video=0)).reformat(format="rgb24")
+    plane = picture.planes[0]
+    rows = bytes(plane)
+    assert rows[:6] + rows[plane.line_size : plane.line_size + 6] == rgb
+
+
+def test_png_bytes_rejects_a_wrong_buffer_size():
+    with pytest.raises(ValueError, match="width \\* height \\* 3"):
+        png_bytes(2, 2, b"\x00" * 11)
+
+
+def test_media_kinds_reads_sections_in_order_and_rejects_others():
+    sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=x\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+    assert media_kinds(sdp) == ["audio", "video"]
+    with pytest.raises(SdpRejected, match="'application'"):
+        media_kinds(sdp + "m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n")
+    with pytest.raises(SdpRejected, match="no media section"):
+        media_kinds("v=0\r\n")
+
+
+async def test_answer_before_offer_is_a_state_error():
+    mitm = MediaMitm()
+    try:
+        with pytest.raises(InterceptionStateError, match="when new"):
+            await mitm.intercept_answer("v=0\r\n")
+    finally:
+        await mitm.close()
+
+
+async def test_offer_without_a_relayable_codec_is_rejected():
+    peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    mitm = MediaMitm()
+    try:
+        transceiver = peer.addTransceiver("video")
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        transceiver.setCodecPreferences([c for c in codecs if c.mimeType == "video/H264"])
+        await peer.setLocalDescription(await peer.createOffer())
+        with pytest.raises(SdpRejected, match="offer rejected"):
+            await mitm.intercept_offer(peer.localDescription.sdp)
+    finally:
+        await mitm.close()
+        await peer.close()
