@@ -190,12 +190,28 @@ def _check_u64(name: str, value: int) -> None:
         raise SFrameUsageError(f"{name} must be in 0..2**64-1")
 
 
-def _encode_field(value: int) -> tuple[int, bytes]:
-    """Return the 4 config bits (extended flag + K/C) and the trailing bytes."""
-    if value < 8:
-        return value, b""
-    length = (value.bit_length() + 7) >> 3
-    return 0x8 | (length - 1), value.to_bytes(length, "big")
+def _kid_prefix(kid: int) -> tuple[int, int]:
+    """(prefix, KID length): the config byte's KID bits shifted over the KID
+    bytes, combined with the KID itself when it is extended."""
+    if kid < 8:
+        return kid << 4, 0
+    length = (kid.bit_length() + 7) >> 3
+    return ((0x8 | (length - 1)) << (4 + 8 * length)) | kid, length
+
+
+def _header_layout(kid_prefix: int, kid_length: int, ctr: int) -> tuple[int, int, int, int]:
+    """How to encode a header for CTRs of ``ctr``'s encoded length.
+
+    Read as one big-endian integer the header is config byte, KID bytes, CTR
+    bytes: it is ``base | ctr << shift`` in ``length`` bytes for every CTR below
+    ``limit``. Returns (base, shift, length, limit).
+    """
+    if ctr < 8:
+        return kid_prefix, 8 * kid_length, 1 + kid_length, 8
+    ctr_length = (ctr.bit_length() + 7) >> 3
+    config_ctr_bits = (0x08 | (ctr_length - 1)) << (8 * kid_length)
+    base = (kid_prefix | config_ctr_bits) << (8 * ctr_length)
+    return base, 0, 1 + kid_length + ctr_length, 1 << (8 * ctr_length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +226,8 @@ class SFrameHeader:
         _check_u64("ctr", self.ctr)
 
     def __bytes__(self) -> bytes:
-        kid_bits, kid_bytes = _encode_field(self.kid)
-        ctr_bits, ctr_bytes = _encode_field(self.ctr)
-        return bytes(((kid_bits << 4) | ctr_bits,)) + kid_bytes + ctr_bytes
+        base, shift, length, _ = _header_layout(*_kid_prefix(self.kid), self.ctr)
+        return (base | self.ctr << shift).to_bytes(length, "big")
 
     @classmethod
     def parse(cls, data: bytes) -> tuple[SFrameHeader, int]:
@@ -231,24 +246,31 @@ def _parse_header(data: bytes) -> tuple[int, int, int]:
     if not data:
         raise MalformedHeaderError("empty input: no SFrame header")
     config = data[0]
-    offset = 1
-    kid = (config >> 4) & 0x7
     if config & 0x80:
-        kid, offset = _parse_extended("KID", data, offset, kid + 1)
-    ctr = config & 0x7
+        end = 2 + ((config >> 4) & 0x7)
+        kid = _read_extended("KID", data, 1, end)
+    else:
+        end = 1
+        kid = (config >> 4) & 0x7
     if config & 0x08:
-        ctr, offset = _parse_extended("CTR", data, offset, ctr + 1)
-    return kid, ctr, offset
+        start, end = end, end + 1 + (config & 0x7)
+        ctr = _read_extended("CTR", data, start, end)
+    else:
+        ctr = config & 0x7
+    return kid, ctr, end
 
 
-def _parse_extended(name: str, data: bytes, offset: int, length: int) -> tuple[int, int]:
-    end = offset + length
+# The smallest value whose minimal encoding takes n bytes (n = 1 needs 8: 0-7 are inline).
+_SMALLEST_OF_LENGTH = (0, 8, *(1 << (8 * (n - 1)) for n in range(2, 9)))
+
+
+def _read_extended(name: str, data: bytes, start: int, end: int) -> int:
     if len(data) < end:
-        raise MalformedHeaderError(f"truncated SFrame header: {name} needs {length} bytes")
-    value = int.from_bytes(data[offset:end], "big")
-    if value < 8 or (length > 1 and data[offset] == 0):
+        raise MalformedHeaderError(f"truncated SFrame header: {name} needs {end - start} bytes")
+    value = int.from_bytes(data[start:end], "big")
+    if value < _SMALLEST_OF_LENGTH[end - start]:
         raise MalformedHeaderError(f"SFrame header {name} is not minimally encoded")
-    return value, end
+    return value
 
 
 # --- key schedule (sections 4.4.2 and 5.1) -----------------------------------
@@ -304,9 +326,11 @@ def _check_ratchet_bits(ratchet_bits: int) -> None:
 class Aead(Protocol):
     """An SFrame AEAD under one key: the tag is appended to the ciphertext (RFC 5116)."""
 
-    def encrypt(self, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes: ...
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes: ...
 
-    def decrypt(self, nonce: bytes, aad: bytes, ciphertext: bytes | memoryview) -> bytes: ...
+    def decrypt(self, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
+        """Raises ``AuthenticationError`` if the ciphertext does not authenticate."""
+        ...
 
 
 class _AesGcm:
@@ -318,10 +342,10 @@ class _AesGcm:
     def __repr__(self) -> str:
         return "<SFrame AES-GCM>"
 
-    def encrypt(self, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
         return self._aesgcm.encrypt(nonce, plaintext, aad)
 
-    def decrypt(self, nonce: bytes, aad: bytes, ciphertext: bytes | memoryview) -> bytes:
+    def decrypt(self, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
         try:
             return self._aesgcm.decrypt(nonce, ciphertext, aad)
         except InvalidTag:
@@ -343,11 +367,11 @@ class _AesCtrHmac:
     def __repr__(self) -> str:
         return f"<SFrame AES-CTR-HMAC Nt={self._nt}>"
 
-    def encrypt(self, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
         ciphertext = self._ctr(nonce, plaintext)
         return ciphertext + self._tag(nonce, aad, ciphertext)
 
-    def decrypt(self, nonce: bytes, aad: bytes, ciphertext: bytes | memoryview) -> bytes:
+    def decrypt(self, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
         body_length = len(ciphertext) - self._nt
         if body_length < 0:
             raise AuthenticationError("SFrame ciphertext shorter than its tag")
@@ -389,16 +413,23 @@ def make_aead(suite: CipherSuite, key: bytes) -> Aead:
 class _KeyState:
     """One KID's derived key: the AEAD (prepared once), salt and counters.
 
-    Holds secrets; its repr names only the KID.
+    Holds secrets; its repr names only the KID. For the GCM suites ``encrypt``
+    and ``decrypt`` are pyca's own methods (no wrapper on the per-frame path),
+    so ``decrypt`` may raise ``InvalidTag``; callers translate it.
     """
 
     __slots__ = (
-        "aead",
+        "decrypt",
+        "encrypt",
         "fingerprint",
+        "header_base",
+        "header_ctr_limit",
+        "header_ctr_shift",
+        "header_length",
         "highest",
         "kid",
-        "kid_bytes",
-        "kid_config",
+        "kid_length",
+        "kid_prefix",
         "next_ctr",
         "salt",
         "seen",
@@ -406,10 +437,13 @@ class _KeyState:
 
     def __init__(self, suite: CipherSuite, kid: int, base_key: bytes) -> None:
         key, salt = derive_key_salt(suite, kid, base_key)
-        self.aead = make_aead(suite, key)
+        aead: AESGCM | _AesCtrHmac = AESGCM(key) if suite.is_gcm else _AesCtrHmac(suite, key)
+        self.encrypt: Callable[[bytes, bytes, bytes], bytes] = aead.encrypt
+        self.decrypt: Callable[[bytes, bytes | memoryview, bytes], bytes] = aead.decrypt
         self.kid = kid
-        kid_bits, self.kid_bytes = _encode_field(kid)
-        self.kid_config = kid_bits << 4
+        self.kid_prefix, self.kid_length = _kid_prefix(kid)
+        self.header_ctr_limit = -1  # forces set_header_layout on first use
+        self.header_base = self.header_ctr_shift = self.header_length = 0
         self.salt = int.from_bytes(salt, "big")
         # Identifies this exact key without revealing it, so a sender never
         # restarts a counter it already used with the same key.
@@ -421,18 +455,15 @@ class _KeyState:
     def __repr__(self) -> str:
         return f"<SFrame key kid={self.kid}>"
 
-    def header(self, ctr: int) -> bytes:
-        if ctr < 8:
-            return bytes((self.kid_config | ctr,)) + self.kid_bytes
-        length = (ctr.bit_length() + 7) >> 3
-        return (
-            bytes((self.kid_config | 0x08 | (length - 1),))
-            + self.kid_bytes
-            + ctr.to_bytes(length, "big")
-        )
-
-    def nonce(self, ctr: int) -> bytes:
-        return (self.salt ^ ctr).to_bytes(12, "big")
+    def set_header_layout(self, ctr: int) -> None:
+        """Prepare the send header for CTRs of ``ctr``'s encoded length; the
+        per-frame path is then one OR and one ``to_bytes``."""
+        (
+            self.header_base,
+            self.header_ctr_shift,
+            self.header_length,
+            self.header_ctr_limit,
+        ) = _header_layout(self.kid_prefix, self.kid_length, ctr)
 
 
 # --- contexts (section 4.4, appendix A) ----------------------------------------
@@ -487,25 +518,28 @@ class SendContext:
 
     def next_counter(self, kid: int) -> int:
         """The CTR the next ``protect`` under ``kid`` will use."""
-        return self._state(kid).next_ctr
+        state = self._keys.get(kid)
+        if state is None:
+            raise SFrameUsageError(f"no sending key for KID {kid}")
+        return state.next_ctr
 
     def protect(self, kid: int, plaintext: bytes, metadata: bytes = b"") -> bytes:
         """Encrypt one frame; return the SFrame ciphertext (header included)."""
-        state = self._state(kid)
+        state = self._keys.get(kid)
+        if state is None:
+            raise SFrameUsageError(f"no sending key for KID {kid}")
         ctr = state.next_ctr
-        if ctr > MAX_COUNTER:
+        if ctr > MAX_COUNTER:  # header_ctr_limit would pass 2**64 only here
             raise CounterExhaustedError(f"CTR for KID {kid} is exhausted; add a new key")
         # Claim the counter before encrypting, so no failure can make it reusable.
         state.next_ctr = ctr + 1
-        header = state.header(ctr)
-        aad = header + metadata if metadata else header
-        return header + state.aead.encrypt(state.nonce(ctr), aad, plaintext)
-
-    def _state(self, kid: int) -> _KeyState:
-        try:
-            return self._keys[kid]
-        except KeyError:
-            raise SFrameUsageError(f"no sending key for KID {kid}") from None
+        if not ctr < state.header_ctr_limit:
+            state.set_header_layout(ctr)
+        header = (state.header_base | ctr << state.header_ctr_shift).to_bytes(
+            state.header_length, "big"
+        )
+        nonce = (state.salt ^ ctr).to_bytes(12, "big")
+        return header + state.encrypt(nonce, plaintext, header + metadata if metadata else header)
 
 
 class ReceiveContext:
@@ -557,31 +591,27 @@ class ReceiveContext:
         state = self._keys.get(kid)
         if state is None:
             raise UnknownKeyError(f"no key for KID {kid}")
-        self._check_replay(state, ctr)
-        view = memoryview(sframe_ciphertext)
-        aad = bytes(view[:header_length])
+        age = state.highest - ctr  # how far behind the newest accepted CTR
+        if age >= 0:
+            if age >= self._window:
+                raise ReplayError(f"CTR {ctr} for KID {kid} is older than the replay window")
+            if (state.seen >> age) & 1:
+                raise ReplayError(f"CTR {ctr} for KID {kid} was already accepted")
+        aad = bytes(sframe_ciphertext[:header_length])
         if metadata:
             aad += metadata
-        plaintext = state.aead.decrypt(state.nonce(ctr), aad, view[header_length:])
-        self._record(state, ctr)
-        return plaintext
-
-    def _check_replay(self, state: _KeyState, ctr: int) -> None:
-        age = state.highest - ctr
-        if age < 0:
-            return
-        if age >= self._window:
-            raise ReplayError(f"CTR {ctr} for KID {state.kid} is older than the replay window")
-        if (state.seen >> age) & 1:
-            raise ReplayError(f"CTR {ctr} for KID {state.kid} was already accepted")
-
-    def _record(self, state: _KeyState, ctr: int) -> None:
-        age = state.highest - ctr
+        nonce = (state.salt ^ ctr).to_bytes(12, "big")
+        try:
+            plaintext = state.decrypt(nonce, memoryview(sframe_ciphertext)[header_length:], aad)
+        except InvalidTag:
+            raise AuthenticationError("SFrame authentication failed") from None
+        # Only an authenticated frame moves the window.
         if age < 0:
             state.seen = ((state.seen << -age) | 1) & self._window_mask
             state.highest = ctr
         else:
             state.seen |= 1 << age
+        return plaintext
 
 
 # --- sender keys (section 5.1) ---------------------------------------------------

@@ -67,8 +67,8 @@ def test_aes_ctr_hmac_vectors(case):
     suite = CipherSuite(case["cipher_suite"])
     assert h(case["key"]) == h(case["enc_key"]) + h(case["auth_key"])
     aead = make_aead(suite, h(case["key"]))
-    assert aead.encrypt(h(case["nonce"]), h(case["aad"]), h(case["pt"])) == h(case["ct"])
-    assert aead.decrypt(h(case["nonce"]), h(case["aad"]), h(case["ct"])) == h(case["pt"])
+    assert aead.encrypt(h(case["nonce"]), h(case["pt"]), h(case["aad"])) == h(case["ct"])
+    assert aead.decrypt(h(case["nonce"]), h(case["ct"]), h(case["aad"])) == h(case["pt"])
 
 
 @pytest.mark.parametrize("case", VECTORS["sframe"], ids=lambda c: str(c["cipher_suite"]))
@@ -124,6 +124,27 @@ def test_header_round_trip_and_every_truncation_rejected(kid, ctr):
     for cut in range(len(encoded)):
         with pytest.raises(MalformedHeaderError):
             SFrameHeader.parse(encoded[:cut])
+
+
+@pytest.mark.parametrize("suite", [CipherSuite.AES_128_GCM_SHA256_128])
+@given(kid=st.integers(0, 2**64 - 1), ctr=st.integers(0, 2**64 - 1))
+@settings(max_examples=200)
+def test_sent_header_is_the_canonical_header(suite, kid, ctr):
+    sender = SendContext(suite)
+    sender.add_key(kid, KEY, next_counter=ctr)
+    for offset in range(min(3, 2**64 - ctr)):  # also across a CTR length boundary
+        ciphertext = sender.protect(kid, b"frame")
+        expected = bytes(SFrameHeader(kid, ctr + offset))
+        assert ciphertext[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("boundary", [7, 255, 2**16 - 1, 2**56 - 1])
+def test_sent_header_grows_at_ctr_length_boundaries(boundary):
+    sender = SendContext(CipherSuite.AES_128_GCM_SHA256_128)
+    sender.add_key(9, KEY, next_counter=boundary)
+    before, after = sender.protect(9, b""), sender.protect(9, b"")
+    assert SFrameHeader.parse(before)[0] == SFrameHeader(9, boundary)
+    assert SFrameHeader.parse(after) == (SFrameHeader(9, boundary + 1), len(before) - 16 + 1)
 
 
 @pytest.mark.parametrize(
