@@ -1,0 +1,459 @@
+"""The authenticated call key agreement: two sans-I/O state machines.
+
+Four JSON messages, relayed by the (untrusted) hub::
+
+    Initiator                                            Responder
+    commit   {call_id, suites, nonce_i, H(e_i, id_i)}  -->
+         <--  accept  {call_id, suite, nonce_r, e_r, id_r}
+    reveal   {call_id, e_i, id_i, sig_i(transcript)}   -->
+         <--  confirm {call_id, sig_r(transcript)}
+
+- ZRTP-style hash commitment (RFC 6189 section 4.4.1.1): the initiator reveals its
+  ephemeral last, so it commits to it first; a man in the middle must fix both of its
+  ephemerals before learning the honest parties' ones, and gets one SAS guess per call.
+- SIGMA-style authentication (Krawczyk 2003, as in TLS 1.3 and IKEv2): each side signs
+  the transcript hash (version, offered and chosen suites, call id, both nonces, both
+  ephemerals, both identity keys) with its Ed25519 identity key under a role label, and
+  verifies the peer's signature, then the caller's pin check, before deriving any key.
+- HKDF (RFC 5869, SHA-256): Extract(salt=transcript hash, X25519 secret), then Expand
+  with distinct labels into the SAS and epoch 0's secret, from which crypto/sealed.py
+  derives both directions' SFrame base keys, KIDs and sealing keys.
+
+The machines are table-driven: ``_EXPECTED`` maps each state to the one message type it
+accepts, ``_FIELDS`` each message type to its field parsers. Any error moves the machine
+to FAILED for good and no key is ever exposed. docs/protocol.md is the specification.
+"""
+
+import enum
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from crypto.errors import LocalError, RemoteError
+from crypto.identity import IdentityKey, IdentityPublicKey, b64encode
+from crypto.sealed import (
+    LABEL_PREFIX,
+    PROTOCOL_VERSION,
+    X25519_KEY_SIZE,
+    FieldParser,
+    MalformedMessage,
+    Role,
+    SealedChannel,
+    UnexpectedMessage,
+    WrongCall,
+    bytes_field,
+    call_id_field,
+    check_call_id,
+    hkdf_expand,
+    hkdf_extract,
+    length_prefixed,
+    message_type,
+    parse_fields,
+    x25519_public_bytes,
+    x25519_shared_secret,
+)
+from crypto.sframe import CipherSuite
+
+NONCE_SIZE = 32
+HASH_SIZE = 32
+SIGNATURE_SIZE = 64
+# 15 decimal digits: log2(10^15) = 49.8 bits, so one MITM attempt succeeds with p = 10^-15.
+SAS_DIGITS = 15
+SAS_GROUP = 5
+
+PeerCheck = Callable[[IdentityPublicKey], object]
+RandomBytes = Callable[[int], bytes]
+
+
+class CommitmentMismatch(RemoteError):
+    """The initiator's revealed ephemeral and identity do not match its commitment."""
+
+
+class NoCommonSuite(RemoteError):
+    """The initiator offered no SFrame cipher suite this responder supports."""
+
+
+class HandshakeState(enum.Enum):
+    START = "start"
+    AWAIT_COMMIT = "await-commit"
+    AWAIT_ACCEPT = "await-accept"
+    AWAIT_REVEAL = "await-reveal"
+    AWAIT_CONFIRM = "await-confirm"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def _suites_field(value: Any) -> tuple[CipherSuite, ...]:
+    if not isinstance(value, list) or not 0 < len(value) <= len(CipherSuite):
+        raise ValueError(f"is a list of 1 to {len(CipherSuite)} suite codes")
+    suites = tuple(_suite_field(code) for code in value)
+    if len(set(suites)) != len(suites):
+        raise ValueError("lists each suite once")
+    return suites
+
+
+def _suite_field(value: Any) -> CipherSuite:
+    if type(value) is not int or value not in CipherSuite._value2member_map_:
+        raise ValueError("is a registered SFrame cipher suite code")
+    return CipherSuite(value)
+
+
+def _identity_field(value: Any) -> IdentityPublicKey:
+    return IdentityPublicKey(bytes_field(32)(value))
+
+
+_FIELDS: dict[str, dict[str, FieldParser]] = {
+    "commit": {
+        "call_id": call_id_field,
+        "suites": _suites_field,
+        "nonce": bytes_field(NONCE_SIZE),
+        "commitment": bytes_field(HASH_SIZE),
+    },
+    "accept": {
+        "call_id": call_id_field,
+        "suite": _suite_field,
+        "nonce": bytes_field(NONCE_SIZE),
+        "ephemeral": bytes_field(X25519_KEY_SIZE),
+        "identity": _identity_field,
+    },
+    "reveal": {
+        "call_id": call_id_field,
+        "ephemeral": bytes_field(X25519_KEY_SIZE),
+        "identity": _identity_field,
+        "signature": bytes_field(SIGNATURE_SIZE),
+    },
+    "confirm": {"call_id": call_id_field, "signature": bytes_field(SIGNATURE_SIZE)},
+}
+
+_EXPECTED: dict[HandshakeState, str] = {
+    HandshakeState.AWAIT_COMMIT: "commit",
+    HandshakeState.AWAIT_ACCEPT: "accept",
+    HandshakeState.AWAIT_REVEAL: "reveal",
+    HandshakeState.AWAIT_CONFIRM: "confirm",
+}
+
+
+def commitment(call_id: str, nonce: bytes, ephemeral: bytes, identity: IdentityPublicKey) -> bytes:
+    """The initiator's hash commitment to its ephemeral (and identity) key."""
+    body = length_prefixed(call_id.encode("utf-8"), nonce, ephemeral, identity.raw)
+    return hashlib.sha256(LABEL_PREFIX + b"commit" + body).digest()
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """Everything both parties must agree on; its hash is what each side signs."""
+
+    offered: tuple[CipherSuite, ...]
+    chosen: CipherSuite
+    call_id: str
+    initiator_nonce: bytes
+    responder_nonce: bytes
+    initiator_ephemeral: bytes
+    responder_ephemeral: bytes
+    initiator_identity: IdentityPublicKey
+    responder_identity: IdentityPublicKey
+
+    def hash(self) -> bytes:
+        body = length_prefixed(
+            PROTOCOL_VERSION.to_bytes(2, "big"),
+            bytes(self.offered),
+            bytes([self.chosen]),
+            self.call_id.encode("utf-8"),
+            self.initiator_nonce,
+            self.responder_nonce,
+            self.initiator_ephemeral,
+            self.responder_ephemeral,
+            self.initiator_identity.raw,
+            self.responder_identity.raw,
+        )
+        return hashlib.sha256(LABEL_PREFIX + b"transcript" + body).digest()
+
+
+def signed_content(signer: Role, transcript_hash: bytes) -> bytes:
+    """What ``signer`` signs: a role label (so no signature can be reflected) and the hash."""
+    return LABEL_PREFIX + b"signature " + signer.value.encode("ascii") + transcript_hash
+
+
+def render_sas(sas_key: bytes) -> str:
+    """15 decimal digits in groups of five, from the SAS key (bias below 2^-200)."""
+    digits = f"{int.from_bytes(sas_key, 'big') % 10**SAS_DIGITS:0{SAS_DIGITS}d}"
+    return " ".join(digits[i : i + SAS_GROUP] for i in range(0, SAS_DIGITS, SAS_GROUP))
+
+
+@dataclass(frozen=True)
+class KeySchedule:
+    """The handshake's outputs before they are split into a result."""
+
+    sas: str
+    epoch_secret: bytes = field(repr=False)
+
+
+def key_schedule(shared_secret: bytes, transcript_hash: bytes) -> KeySchedule:
+    pseudorandom_key = hkdf_extract(transcript_hash, shared_secret)
+    return KeySchedule(
+        sas=render_sas(hkdf_expand(pseudorandom_key, "sas")),
+        epoch_secret=hkdf_expand(pseudorandom_key, "epoch", (0).to_bytes(4, "big")),
+    )
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    """The call's keys once the handshake succeeded. The repr hides every secret.
+
+    The client encrypts its frames with (``send_kid``, ``send_base_key``), decrypts the
+    peer's with (``recv_kid``, ``recv_base_key``), shows ``sas`` to the user and sends
+    every further signalling message through ``channel``.
+    """
+
+    role: Role
+    call_id: str
+    suite: CipherSuite
+    send_kid: int
+    send_base_key: bytes = field(repr=False)
+    recv_kid: int
+    recv_base_key: bytes = field(repr=False)
+    sas: str
+    peer_identity: IdentityPublicKey
+    transcript_hash: bytes
+    channel: SealedChannel
+
+
+class _Handshake:
+    role: Role
+
+    def __init__(
+        self,
+        identity: IdentityKey,
+        call_id: str,
+        random_bytes: RandomBytes,
+        peer_check: PeerCheck | None,
+    ) -> None:
+        try:
+            check_call_id(call_id)
+        except ValueError as error:
+            raise LocalError(str(error)) from error
+        self._identity = identity
+        self.call_id = call_id
+        self._random_bytes = random_bytes
+        self._peer_check = peer_check
+        self.state = HandshakeState.START
+        self._result: HandshakeResult | None = None
+        self._ephemeral_private: X25519PrivateKey | None = None
+        self._ephemeral_public = b""
+        self._nonce = b""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(call_id={self.call_id!r}, state={self.state.value})"
+
+    @property
+    def result(self) -> HandshakeResult:
+        if self._result is None:
+            raise LocalError(f"the handshake is not complete (state {self.state.value})")
+        return self._result
+
+    def receive(self, message: Any) -> list[dict[str, Any]]:
+        """Process one message from the peer; return the messages to send back, in order."""
+        if self.state is HandshakeState.FAILED:
+            raise LocalError("the handshake failed; start a new one")
+        try:
+            kind = message_type(message)
+            expected = _EXPECTED.get(self.state)
+            if kind != expected:
+                raise UnexpectedMessage(f"got {kind!r} in state {self.state.value}")
+            fields = parse_fields(message, _FIELDS[kind])
+            if fields["call_id"] != self.call_id:
+                raise WrongCall("message belongs to another call")
+            return getattr(self, f"_on_{kind}")(fields)  # type: ignore[no-any-return]
+        except BaseException:
+            self._fail()
+            raise
+
+    def _fail(self) -> None:
+        self.state = HandshakeState.FAILED
+        self._ephemeral_private = None
+
+    def _new_ephemeral(self) -> None:
+        private_bytes = self._random_bytes(X25519_KEY_SIZE)
+        self._ephemeral_private = X25519PrivateKey.from_private_bytes(private_bytes)
+        self._ephemeral_public = x25519_public_bytes(self._ephemeral_private)
+        self._nonce = self._random_bytes(NONCE_SIZE)
+
+    def _authenticate_peer(
+        self, peer: IdentityPublicKey, signature: bytes, transcript_hash: bytes
+    ) -> None:
+        peer.verify(signed_content(self.role.peer, transcript_hash), signature)
+        if self._peer_check is not None:
+            self._peer_check(peer)
+
+    def _finish(
+        self, transcript: Transcript, peer_ephemeral: bytes, peer: IdentityPublicKey
+    ) -> None:
+        assert self._ephemeral_private is not None
+        shared = x25519_shared_secret(self._ephemeral_private, peer_ephemeral)
+        transcript_hash = transcript.hash()
+        schedule = key_schedule(shared, transcript_hash)
+        channel = SealedChannel(self.role, self.call_id, schedule.epoch_secret, self._random_bytes)
+        keys = channel.keys
+        self._result = HandshakeResult(
+            role=self.role,
+            call_id=self.call_id,
+            suite=transcript.chosen,
+            send_kid=keys.send.kid,
+            send_base_key=keys.send.base_key,
+            recv_kid=keys.receive.kid,
+            recv_base_key=keys.receive.base_key,
+            sas=schedule.sas,
+            peer_identity=peer,
+            transcript_hash=transcript_hash,
+            channel=channel,
+        )
+        self._ephemeral_private = None
+        self.state = HandshakeState.DONE
+
+    def _envelope(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "type": kind, "call_id": self.call_id, **fields}
+
+
+class Initiator(_Handshake):
+    """The calling side: ``start()``, then ``receive()`` the accept and the confirm."""
+
+    role = Role.INITIATOR
+
+    def __init__(
+        self,
+        identity: IdentityKey,
+        call_id: str,
+        suites: Sequence[CipherSuite],
+        random_bytes: RandomBytes,
+        *,
+        peer_check: PeerCheck | None = None,
+    ) -> None:
+        """``suites``: offered in order of preference. ``peer_check``: called with the
+        peer's authenticated identity key before any key exists; it raises to abort
+        (e.g. ``lambda key: known_peers.check(name, key)``)."""
+        super().__init__(identity, call_id, random_bytes, peer_check)
+        if not suites or len(set(suites)) != len(suites):
+            raise LocalError("offer at least one suite, each once")
+        self.suites = tuple(CipherSuite(suite) for suite in suites)
+        self._transcript: Transcript | None = None
+
+    def start(self) -> dict[str, Any]:
+        """The first message, ``commit``."""
+        if self.state is not HandshakeState.START:
+            raise LocalError("start() is called once")
+        self._new_ephemeral()
+        self.state = HandshakeState.AWAIT_ACCEPT
+        return self._envelope(
+            "commit",
+            suites=[int(suite) for suite in self.suites],
+            nonce=b64encode(self._nonce),
+            commitment=b64encode(
+                commitment(
+                    self.call_id, self._nonce, self._ephemeral_public, self._identity.public_key
+                )
+            ),
+        )
+
+    def _on_accept(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
+        if fields["suite"] not in self.suites:
+            raise MalformedMessage("the responder chose a suite that was not offered")
+        self._transcript = Transcript(
+            offered=self.suites,
+            chosen=fields["suite"],
+            call_id=self.call_id,
+            initiator_nonce=self._nonce,
+            responder_nonce=fields["nonce"],
+            initiator_ephemeral=self._ephemeral_public,
+            responder_ephemeral=fields["ephemeral"],
+            initiator_identity=self._identity.public_key,
+            responder_identity=fields["identity"],
+        )
+        signature = self._identity.sign(signed_content(self.role, self._transcript.hash()))
+        self.state = HandshakeState.AWAIT_CONFIRM
+        return [
+            self._envelope(
+                "reveal",
+                ephemeral=b64encode(self._ephemeral_public),
+                identity=b64encode(self._identity.public_key.raw),
+                signature=b64encode(signature),
+            )
+        ]
+
+    def _on_confirm(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
+        transcript = self._transcript
+        assert transcript is not None
+        peer = transcript.responder_identity
+        self._authenticate_peer(peer, fields["signature"], transcript.hash())
+        self._finish(transcript, transcript.responder_ephemeral, peer)
+        return []
+
+
+class Responder(_Handshake):
+    """The called side: ``receive()`` the commit, then the reveal."""
+
+    role = Role.RESPONDER
+
+    def __init__(
+        self,
+        identity: IdentityKey,
+        call_id: str,
+        suites: Sequence[CipherSuite],
+        random_bytes: RandomBytes,
+        *,
+        peer_check: PeerCheck | None = None,
+    ) -> None:
+        """``suites``: the ones this side supports; the initiator's preference decides."""
+        super().__init__(identity, call_id, random_bytes, peer_check)
+        self.suites = frozenset(CipherSuite(suite) for suite in suites)
+        if not self.suites:
+            raise LocalError("support at least one suite")
+        self.state = HandshakeState.AWAIT_COMMIT
+        self._offered: tuple[CipherSuite, ...] = ()
+        self._chosen: CipherSuite | None = None
+        self._peer_nonce = b""
+        self._peer_commitment = b""
+
+    def _on_commit(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
+        offered: tuple[CipherSuite, ...] = fields["suites"]
+        chosen = next((suite for suite in offered if suite in self.suites), None)
+        if chosen is None:
+            raise NoCommonSuite("no offered SFrame cipher suite is supported here")
+        self._offered, self._chosen = offered, chosen
+        self._peer_nonce, self._peer_commitment = fields["nonce"], fields["commitment"]
+        self._new_ephemeral()
+        self.state = HandshakeState.AWAIT_REVEAL
+        return [
+            self._envelope(
+                "accept",
+                suite=int(chosen),
+                nonce=b64encode(self._nonce),
+                ephemeral=b64encode(self._ephemeral_public),
+                identity=b64encode(self._identity.public_key.raw),
+            )
+        ]
+
+    def _on_reveal(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
+        peer: IdentityPublicKey = fields["identity"]
+        expected = commitment(self.call_id, self._peer_nonce, fields["ephemeral"], peer)
+        if expected != self._peer_commitment:
+            raise CommitmentMismatch("the revealed ephemeral is not the one committed to")
+        assert self._chosen is not None
+        transcript = Transcript(
+            offered=self._offered,
+            chosen=self._chosen,
+            call_id=self.call_id,
+            initiator_nonce=self._peer_nonce,
+            responder_nonce=self._nonce,
+            initiator_ephemeral=fields["ephemeral"],
+            responder_ephemeral=self._ephemeral_public,
+            initiator_identity=peer,
+            responder_identity=self._identity.public_key,
+        )
+        transcript_hash = transcript.hash()
+        self._authenticate_peer(peer, fields["signature"], transcript_hash)
+        signature = self._identity.sign(signed_content(self.role, transcript_hash))
+        self._finish(transcript, fields["ephemeral"], peer)
+        return [self._envelope("confirm", signature=b64encode(signature))]

@@ -1,0 +1,442 @@
+import contextlib
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crypto.errors import CryptoError, LocalError, RemoteError
+from crypto.handshake import (
+    CommitmentMismatch,
+    HandshakeResult,
+    HandshakeState,
+    Initiator,
+    NoCommonSuite,
+    PeerCheck,
+    Responder,
+    Transcript,
+    key_schedule,
+    render_sas,
+    signed_content,
+)
+from crypto.identity import (
+    BadSignature,
+    IdentityKey,
+    KnownPeers,
+    PinnedIdentityMismatch,
+    b64decode,
+    b64encode,
+)
+from crypto.sealed import (
+    LABEL_PREFIX,
+    MalformedMessage,
+    Role,
+    UnexpectedMessage,
+    WrongCall,
+    decode_message,
+    encode_message,
+    length_prefixed,
+)
+from crypto.sframe import CipherSuite
+from tests.vectors.make_handshake_vectors import (
+    VECTORS_PATH,
+    build_vectors,
+    identity_seed,
+    render,
+    seeded_random,
+)
+
+GCM = CipherSuite.AES_128_GCM_SHA256_128
+CTR80 = CipherSuite.AES_128_CTR_HMAC_SHA256_80
+ALICE = IdentityKey(identity_seed("alice"))
+BOB = IdentityKey(identity_seed("bob"))
+MALLORY = IdentityKey(identity_seed("mallory"))
+
+
+def pair(
+    call_id: str = "call-1",
+    seed: str = "s",
+    alice: IdentityKey = ALICE,
+    bob: IdentityKey = BOB,
+    alice_check: PeerCheck | None = None,
+    bob_check: PeerCheck | None = None,
+) -> tuple[Initiator, Responder]:
+    initiator = Initiator(
+        alice, call_id, [GCM, CTR80], seeded_random(seed + "/i"), peer_check=alice_check
+    )
+    responder = Responder(
+        bob, call_id, [CTR80, GCM], seeded_random(seed + "/r"), peer_check=bob_check
+    )
+    return initiator, responder
+
+
+Tamper = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+def run(
+    initiator: Initiator, responder: Responder, tamper: Tamper | None = None
+) -> tuple[HandshakeResult, HandshakeResult]:
+    """Drive the four messages, passing each through ``tamper(name, message)`` if given."""
+
+    def relay(name: str, message: dict[str, Any]) -> dict[str, Any]:
+        # Every message crosses the hub as JSON text.
+        message = decode_message(encode_message(message))
+        return tamper(name, message) if tamper else message
+
+    [accept] = responder.receive(relay("commit", initiator.start()))
+    [reveal] = initiator.receive(relay("accept", accept))
+    [confirm] = responder.receive(relay("reveal", reveal))
+    assert initiator.receive(relay("confirm", confirm)) == []
+    return initiator.result, responder.result
+
+
+def test_full_handshake_gives_both_sides_the_same_keys_and_sas():
+    mine, theirs = run(*pair())
+    assert mine.sas == theirs.sas
+    assert mine.transcript_hash == theirs.transcript_hash
+    assert mine.suite == theirs.suite == GCM  # the initiator's preference wins
+    assert (mine.send_kid, mine.send_base_key) == (theirs.recv_kid, theirs.recv_base_key)
+    assert (mine.recv_kid, mine.recv_base_key) == (theirs.send_kid, theirs.send_base_key)
+    assert mine.send_kid != mine.recv_kid and {mine.send_kid, mine.recv_kid} == {0, 1}
+    assert len(mine.send_base_key) == 32 and mine.send_base_key != mine.recv_base_key
+    assert mine.peer_identity == BOB.public_key and theirs.peer_identity == ALICE.public_key
+    groups = mine.sas.split(" ")
+    assert len(groups) == 3 and all(len(g) == 5 and g.isdigit() for g in groups)
+
+
+def test_fresh_randomness_gives_a_fresh_sas_and_keys():
+    first, _ = run(*pair(seed="a"))
+    second, _ = run(*pair(seed="b"))
+    assert first.sas != second.sas and first.send_base_key != second.send_base_key
+
+
+def test_reprs_hide_every_secret():
+    mine, _ = run(*pair())
+    text = repr(mine) + repr(mine.channel) + repr(mine.channel.keys)
+    for secret in (mine.send_base_key, mine.recv_base_key, mine.channel.keys.seal_send):
+        assert secret.hex() not in text and b64encode(secret) not in text
+    assert mine.sas in text  # not secret: it is read aloud
+
+
+def test_mitm_with_its_own_keys_gets_two_different_sas():
+    # Mallory answers Alice as a responder and calls Bob as an initiator.
+    alice, mallory_responder = pair(alice=ALICE, bob=MALLORY, seed="am")
+    mallory_initiator, bob = pair(alice=MALLORY, bob=BOB, seed="mb")
+    alice_result, _mallory_a = run(alice, mallory_responder)
+    _mallory_b, bob_result = run(mallory_initiator, bob)
+    assert alice_result.sas != bob_result.sas
+    assert alice_result.peer_identity == MALLORY.public_key
+
+
+def test_mitm_is_stopped_before_any_key_by_a_pinned_peer():
+    alice_pins, bob_pins = KnownPeers(), KnownPeers()
+    alice_pins.check("bob", BOB.public_key)
+    bob_pins.check("alice", ALICE.public_key)
+    alice, mallory_responder = pair(
+        bob=MALLORY, seed="am", alice_check=lambda key: alice_pins.check("bob", key)
+    )
+    with pytest.raises(PinnedIdentityMismatch):
+        run(alice, mallory_responder)
+    assert alice.state is HandshakeState.FAILED
+    with pytest.raises(LocalError):
+        alice.result  # noqa: B018
+    mallory_initiator, bob = pair(
+        alice=MALLORY, seed="mb", bob_check=lambda key: bob_pins.check("alice", key)
+    )
+    with pytest.raises(PinnedIdentityMismatch):
+        run(mallory_initiator, bob)
+    assert bob.state is HandshakeState.FAILED
+
+
+def test_pin_on_first_sight_through_the_handshake():
+    pins = KnownPeers()
+    run(*pair(alice_check=lambda key: pins.check("bob", key)))
+    pin = pins.get("bob")
+    assert pin is not None and pin.public_key == BOB.public_key
+
+
+def test_mitm_changing_its_ephemeral_after_seeing_the_other_is_caught_by_the_commitment():
+    mallory, bob = pair(alice=MALLORY, seed="grind")
+    commit = mallory.start()
+    [accept] = bob.receive(commit)
+    [honest_reveal] = mallory.receive(accept)
+    # Mallory now knows Bob's ephemeral and picks another of her own (to steer the SAS),
+    # signing a transcript that is valid for it.
+    other = X25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().public_bytes_raw()
+    transcript = Transcript(
+        offered=(GCM, CTR80),
+        chosen=GCM,
+        call_id="call-1",
+        initiator_nonce=b64decode(commit["nonce"]),
+        responder_nonce=b64decode(accept["nonce"]),
+        initiator_ephemeral=other,
+        responder_ephemeral=b64decode(accept["ephemeral"]),
+        initiator_identity=MALLORY.public_key,
+        responder_identity=BOB.public_key,
+    )
+    forged = dict(honest_reveal)
+    forged["ephemeral"] = b64encode(other)
+    forged["signature"] = b64encode(MALLORY.sign(signed_content(Role.INITIATOR, transcript.hash())))
+    with pytest.raises(CommitmentMismatch):
+        bob.receive(forged)
+    assert bob.state is HandshakeState.FAILED
+
+
+def test_relaying_identities_but_swapping_ephemerals_breaks_the_signatures():
+    # A MITM that keeps the real identity keys cannot sign; its swap is a bad signature.
+    def swap(name, message):
+        if name == "accept":
+            message["ephemeral"] = b64encode(bytes(range(1, 33)))
+        return message
+
+    initiator, responder = pair()
+    with pytest.raises(BadSignature):
+        run(initiator, responder, swap)
+    assert responder.state is HandshakeState.FAILED
+
+
+def _flip(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            data = bytearray(b64decode(value))
+        except ValueError:
+            return value + "x"  # the call id
+        data[0] ^= 0x01
+        return b64encode(bytes(data))
+    if isinstance(value, list):
+        return list(reversed(value))
+    if value == 1:  # version
+        return 2
+    return int(CTR80) if value == int(GCM) else int(GCM)  # a suite
+
+
+# (message, field) -> (error, the party that raises it)
+FLIPS = {
+    ("commit", "suites"): (BadSignature, "responder"),
+    ("commit", "nonce"): (CommitmentMismatch, "responder"),
+    ("commit", "commitment"): (CommitmentMismatch, "responder"),
+    ("accept", "suite"): (BadSignature, "responder"),
+    ("accept", "nonce"): (BadSignature, "responder"),
+    ("accept", "ephemeral"): (BadSignature, "responder"),
+    ("accept", "identity"): (BadSignature, "responder"),
+    ("reveal", "ephemeral"): (CommitmentMismatch, "responder"),
+    ("reveal", "identity"): (CommitmentMismatch, "responder"),
+    ("reveal", "signature"): (BadSignature, "responder"),
+    ("confirm", "signature"): (BadSignature, "initiator"),
+}
+RECEIVER = {"commit": "responder", "accept": "initiator", "reveal": "responder"}
+RECEIVER["confirm"] = "initiator"
+for _name, _receiver in RECEIVER.items():
+    FLIPS[(_name, "v")] = (MalformedMessage, _receiver)
+    FLIPS[(_name, "type")] = (UnexpectedMessage, _receiver)
+    FLIPS[(_name, "call_id")] = (WrongCall, _receiver)
+
+
+@pytest.mark.parametrize(("name", "field"), sorted(FLIPS))
+def test_flipping_any_field_of_any_message_is_rejected(name, field):
+    error, raiser = FLIPS[(name, field)]
+
+    def tamper(message_name, message):
+        if message_name == name:
+            message[field] = (
+                {"commit": "accept"}.get(message["type"], "commit")
+                if field == "type"
+                else _flip(message[field])
+            )
+        return message
+
+    initiator, responder = pair()
+    with pytest.raises(error):
+        run(initiator, responder, tamper)
+    failed = initiator if raiser == "initiator" else responder
+    assert failed.state is HandshakeState.FAILED
+    with pytest.raises(LocalError):
+        failed.result  # noqa: B018
+    with pytest.raises(LocalError, match="failed"):
+        failed.receive({"v": 1})
+
+
+def test_every_field_of_every_message_is_covered():
+    messages = build_vectors()["messages"]
+    assert {(name, field) for name, message in messages.items() for field in message} == set(FLIPS)
+
+
+@pytest.mark.parametrize("name", ["commit", "accept", "reveal", "confirm"])
+def test_extra_or_missing_fields_are_malformed(name):
+    def add(message_name, message):
+        if message_name == name:
+            message["extra"] = 1
+        return message
+
+    def drop(message_name, message):
+        if message_name == name:
+            del message["call_id"]
+        return message
+
+    for tamper in (add, drop):
+        with pytest.raises(MalformedMessage):
+            run(*pair(), tamper)
+
+
+def test_a_message_from_another_call_is_rejected():
+    old_initiator, _old_responder = pair(call_id="call-old", seed="old")
+    old_commit = old_initiator.start()
+    _, responder = pair(call_id="call-new")
+    with pytest.raises(WrongCall):
+        responder.receive(old_commit)
+
+
+def test_replaying_a_recorded_handshake_under_the_same_call_id_fails():
+    # The hub replays Alice's commit and reveal from an earlier call with the same id.
+    recorded = {}
+
+    def record(name, message):
+        recorded[name] = copy.deepcopy(message)
+        return message
+
+    run(*pair(seed="earlier"), record)
+    _, bob = pair(seed="later")
+    bob.receive(recorded["commit"])  # the commit alone proves nothing
+    with pytest.raises(BadSignature):
+        bob.receive(recorded["reveal"])  # it signed the earlier call's nonces
+
+
+def test_no_common_suite():
+    initiator = Initiator(ALICE, "c", [GCM], seeded_random("x"))
+    responder = Responder(BOB, "c", [CTR80], seeded_random("y"))
+    with pytest.raises(NoCommonSuite):
+        responder.receive(initiator.start())
+
+
+def test_a_chosen_suite_that_was_not_offered_is_rejected():
+    def downgrade(name, message):
+        if name == "accept":
+            message["suite"] = int(CipherSuite.AES_128_CTR_HMAC_SHA256_32)
+        return message
+
+    with pytest.raises(MalformedMessage, match="not offered"):
+        run(*pair(), downgrade)
+
+
+def test_api_misuse_is_a_local_error():
+    initiator, _ = pair()
+    initiator.start()
+    with pytest.raises(LocalError):
+        initiator.start()
+    with pytest.raises(LocalError):
+        Initiator(ALICE, "", [GCM], seeded_random("x"))
+    with pytest.raises(LocalError):
+        Initiator(ALICE, "c", [], seeded_random("x"))
+    with pytest.raises(LocalError):
+        Responder(BOB, "c", [], seeded_random("x"))
+
+
+def test_messages_after_completion_are_unexpected():
+    initiator, responder = pair()
+    run(initiator, responder)
+    with pytest.raises(UnexpectedMessage):
+        responder.receive(initiator.result.channel.seal({"x": 1}))
+
+
+def test_render_sas():
+    assert render_sas(bytes(32)) == "00000 00000 00000"
+    assert render_sas((10**15 + 123).to_bytes(32, "big")) == "00000 00000 00123"
+
+
+# -- property tests: parsers raise only typed errors --------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_decode_message_raises_only_malformed(data):
+    with contextlib.suppress(MalformedMessage):
+        decode_message(data)
+
+
+@settings(max_examples=150, deadline=None)
+@given(JSON)
+def test_state_machines_raise_only_typed_errors_on_arbitrary_json(value):
+    initiator, responder = pair()
+    initiator.start()
+    for machine in (initiator, responder):
+        with pytest.raises(RemoteError):
+            machine.receive(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["commit", "accept", "reveal", "confirm"]),
+    st.sampled_from(["v", "type", "call_id", "suites", "suite", "nonce", "ephemeral", "x"]),
+    JSON,
+)
+def test_near_miss_messages_raise_only_typed_errors(name, field, value):
+    def tamper(message_name, message):
+        if message_name == name:
+            message[field] = value
+        return message
+
+    with contextlib.suppress(CryptoError):
+        run(*pair(), tamper)
+
+
+# -- published vectors --------------------------------------------------------------------
+
+
+def test_vectors_file_is_reproduced_byte_for_byte():
+    assert render(build_vectors()) == VECTORS_PATH.read_text(encoding="utf-8")
+
+
+def test_vectors_recomputed_from_first_principles():
+    # Recompute from the file's inputs with primitives only, not the state machines.
+    vectors = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
+    messages = vectors["messages"]
+    alice_random, bob_random = seeded_random("alice"), seeded_random("bob")
+    alice_ephemeral = X25519PrivateKey.from_private_bytes(alice_random(32))
+    bob_ephemeral = X25519PrivateKey.from_private_bytes(bob_random(32))
+    assert alice_random(32) == b64decode(messages["commit"]["nonce"])
+    assert bob_random(32) == b64decode(messages["accept"]["nonce"])
+    transcript = Transcript(
+        offered=(GCM, CTR80),
+        chosen=GCM,
+        call_id=vectors["inputs"]["call_id"],
+        initiator_nonce=b64decode(messages["commit"]["nonce"]),
+        responder_nonce=b64decode(messages["accept"]["nonce"]),
+        initiator_ephemeral=alice_ephemeral.public_key().public_bytes_raw(),
+        responder_ephemeral=bob_ephemeral.public_key().public_bytes_raw(),
+        initiator_identity=ALICE.public_key,
+        responder_identity=BOB.public_key,
+    )
+    assert transcript.hash().hex() == vectors["transcript_hash"]
+    shared = alice_ephemeral.exchange(bob_ephemeral.public_key())
+    assert key_schedule(shared, transcript.hash()).sas == vectors["sas"]
+    BOB.public_key.verify(
+        signed_content(Role.RESPONDER, transcript.hash()),
+        b64decode(messages["confirm"]["signature"]),
+    )
+    # The sealed message opens with the published key and the documented nonce and AAD.
+    sealed = vectors["sealed"]["message"]
+    associated = (
+        LABEL_PREFIX
+        + b"sealed"
+        + length_prefixed(b"call-4f1e2d")
+        + b"I"
+        + (0).to_bytes(4, "big")
+        + (0).to_bytes(8, "big")
+    )
+    plaintext = ChaCha20Poly1305(bytes.fromhex(vectors["epoch0"]["seal_initiator"])).decrypt(
+        bytes(12), b64decode(sealed["ciphertext"]), associated
+    )
+    assert json.loads(plaintext) == {"kind": "app", "content": vectors["sealed"]["content"]}

@@ -1,0 +1,132 @@
+"""Generate tests/vectors/handshake.json: one handshake, sealed message and rekey.
+
+Every random byte comes from ``seeded_random(label)`` (SHA-256 of the label and a
+32-bit counter, concatenated), so another implementation can replay the exact run:
+each party draws, in order, its X25519 ephemeral private key (32 bytes) then its nonce
+(32 bytes) during the handshake, then a 32-byte X25519 private key per rekey.
+
+Run from the repository root: ``python -m tests.vectors.make_handshake_vectors``.
+tests/test_handshake.py regenerates the file in memory and compares it byte for byte.
+"""
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from crypto.handshake import Initiator, Responder
+from crypto.identity import IdentityKey, b64encode
+from crypto.sealed import EpochKeys, MediaKey, SealedChannel
+from crypto.sframe import CipherSuite
+
+VECTORS_PATH = Path(__file__).with_name("handshake.json")
+CALL_ID = "call-4f1e2d"
+OFFERED = [CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_128_CTR_HMAC_SHA256_80]
+RESPONDER_SUPPORTS = [
+    CipherSuite.AES_128_CTR_HMAC_SHA256_80,
+    CipherSuite.AES_128_GCM_SHA256_128,
+    CipherSuite.AES_256_GCM_SHA512_128,
+]
+SEALED_CONTENT = {"type": "offer", "sdp": "v=0\r\no=- 0 0 IN IP4 0.0.0.0\r\n"}
+
+
+def seeded_random(label: str) -> Callable[[int], bytes]:
+    """Deterministic ``random_bytes``: SHA-256(label || counter) blocks, counter from 0."""
+    counter = 0
+
+    def random_bytes(size: int) -> bytes:
+        nonlocal counter
+        out = b""
+        while len(out) < size:
+            out += hashlib.sha256(label.encode() + counter.to_bytes(4, "big")).digest()
+            counter += 1
+        return out[:size]
+
+    return random_bytes
+
+
+def identity_seed(name: str) -> bytes:
+    return hashlib.sha256(f"blindhub vectors {name} identity".encode()).digest()
+
+
+def _media(key: MediaKey) -> dict[str, Any]:
+    return {"epoch": key.epoch, "kid": key.kid, "base_key": key.base_key.hex()}
+
+
+def _epoch(keys: EpochKeys) -> dict[str, Any]:
+    """An epoch's keys named by sender (the initiator's view, whose send is the I->R key)."""
+    return {
+        "sframe_initiator": _media(keys.send),
+        "sframe_responder": _media(keys.receive),
+        "seal_initiator": keys.seal_send.hex(),
+        "seal_responder": keys.seal_receive.hex(),
+    }
+
+
+def build_vectors() -> dict[str, Any]:
+    alice, bob = IdentityKey(identity_seed("alice")), IdentityKey(identity_seed("bob"))
+    initiator = Initiator(alice, CALL_ID, OFFERED, seeded_random("alice"))
+    responder = Responder(bob, CALL_ID, RESPONDER_SUPPORTS, seeded_random("bob"))
+    commit = initiator.start()
+    [accept] = responder.receive(commit)
+    [reveal] = initiator.receive(accept)
+    [confirm] = responder.receive(reveal)
+    assert initiator.receive(confirm) == []
+    mine, theirs = initiator.result, responder.result
+    assert (mine.sas, mine.transcript_hash) == (theirs.sas, theirs.transcript_hash)
+    epoch0 = mine.channel.keys
+
+    sealed = mine.channel.seal(SEALED_CONTENT)
+    assert theirs.channel.open(sealed).content == SEALED_CONTENT
+    rekey, ack, done = _rekey(mine.channel, theirs.channel)
+
+    return {
+        "description": (
+            "blindhub handshake v1: Ed25519 identities, X25519 ephemerals, SHA-256 HKDF; "
+            "random bytes from seeded_random(label) in tests/vectors/make_handshake_vectors.py"
+        ),
+        "inputs": {
+            "call_id": CALL_ID,
+            "initiator_identity_seed": identity_seed("alice").hex(),
+            "responder_identity_seed": identity_seed("bob").hex(),
+            "initiator_random_label": "alice",
+            "responder_random_label": "bob",
+            "offered_suites": [int(suite) for suite in OFFERED],
+            "responder_supported_suites": [int(suite) for suite in RESPONDER_SUPPORTS],
+        },
+        "identities": {
+            "initiator_public": b64encode(alice.public_key.raw),
+            "responder_public": b64encode(bob.public_key.raw),
+        },
+        "messages": {"commit": commit, "accept": accept, "reveal": reveal, "confirm": confirm},
+        "transcript_hash": mine.transcript_hash.hex(),
+        "sas": mine.sas,
+        "suite": int(mine.suite),
+        "epoch0": _epoch(epoch0),
+        "sealed": {"sender": "initiator", "content": SEALED_CONTENT, "message": sealed},
+        "rekey": {
+            "requester": "initiator",
+            "messages": {"rekey": rekey, "rekey-ack": ack, "rekey-done": done},
+            "epoch1": _epoch(mine.channel.keys),
+        },
+    }
+
+
+def _rekey(
+    requester: SealedChannel, accepter: SealedChannel
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    rekey = requester.start_rekey()
+    [ack] = accepter.open(rekey).replies
+    [done] = requester.open(ack).replies
+    accepter.open(done)
+    return rekey, ack, done
+
+
+def render(vectors: dict[str, Any]) -> str:
+    return json.dumps(vectors, indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    VECTORS_PATH.write_text(render(build_vectors()), encoding="utf-8")
+    print(f"wrote {VECTORS_PATH}")
