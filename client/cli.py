@@ -14,6 +14,7 @@ from typing import Protocol
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "hub": ("signaling.command", "run the signalling hub (a websocket relay of opaque payloads)"),
+    "sframe": ("client.sframe_command", "SFrame (RFC 9605) by hand: inspect, protect, unprotect"),
 }
 
 
