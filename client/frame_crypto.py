@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from crypto.sframe import CipherSuite, ReceiveContext, SendContext, SFrameError
 
 DEFAULT_SUITE = CipherSuite.AES_128_GCM_SHA256_128
+FrameTransform = Callable[[bytes], bytes | None]
+"""The same shape as client.frame_transform.FrameTransform (this module imports no aiortc)."""
 
 
 @dataclass
@@ -33,12 +35,18 @@ class FrameCounters:
 
 
 class SFrameSender:
-    """Encrypts every frame of one sender under its current KID; drops frames before a key."""
+    """Encrypts the frames of all of one peer's senders under its current KID.
+
+    One SendContext for audio and video alike: the key agreement gives a peer one KID and
+    base key per epoch, and only a shared context keeps their (key, CTR) pairs unique. The
+    media kind is bound as SFrame metadata (RFC 9605 section 4.4.3), so a frame moved from
+    one stream to the other fails to authenticate.
+    """
 
     def __init__(self, suite: CipherSuite = DEFAULT_SUITE) -> None:
         self._context = SendContext(suite)
         self._kid: int | None = None
-        self.counters = FrameCounters()
+        self.counters: dict[str, FrameCounters] = {}
 
     @property
     def kid(self) -> int | None:
@@ -51,31 +59,36 @@ class SFrameSender:
         if previous is not None:
             self._context.remove_key(previous)
 
-    def __call__(self, frame: bytes) -> bytes | None:
-        if self._kid is None:
-            self.counters.dropped_without_key += 1
-            return None
-        protected = self._context.protect(self._kid, frame)
-        self.counters.frames += 1
-        self.counters.plaintext_bytes += len(frame)
-        self.counters.ciphertext_bytes += len(protected)
-        return protected
+    def transform(self, kind: str) -> FrameTransform:
+        """The frame transform for this peer's ``kind`` sender."""
+        counters = self.counters.setdefault(kind, FrameCounters())
+        metadata = kind.encode()
+
+        def protect(frame: bytes) -> bytes | None:
+            if self._kid is None:
+                counters.dropped_without_key += 1
+                return None
+            protected = self._context.protect(self._kid, frame, metadata)
+            counters.frames += 1
+            counters.plaintext_bytes += len(frame)
+            counters.ciphertext_bytes += len(protected)
+            return protected
+
+        return protect
 
     def __repr__(self) -> str:
-        return f"SFrameSender(kid={self._kid}, frames={self.counters.frames})"
+        return f"SFrameSender(kid={self._kid})"
 
 
 class SFrameReceiver:
-    """Decrypts every frame of one receiver; counts and reports each frame it must drop."""
+    """Decrypts the frames of all of one remote peer's senders; counts each frame it drops.
 
-    def __init__(
-        self,
-        suite: CipherSuite = DEFAULT_SUITE,
-        on_failure: Callable[[SFrameError], None] | None = None,
-    ) -> None:
+    One ReceiveContext, so that the anti-replay window spans both streams of the peer.
+    """
+
+    def __init__(self, suite: CipherSuite = DEFAULT_SUITE) -> None:
         self._context = ReceiveContext(suite)
-        self._on_failure = on_failure
-        self.counters = FrameCounters()
+        self.counters: dict[str, FrameCounters] = {}
 
     @property
     def kids(self) -> frozenset[int]:
@@ -87,18 +100,27 @@ class SFrameReceiver:
     def remove_key(self, kid: int) -> None:
         self._context.remove_key(kid)
 
-    def __call__(self, frame: bytes) -> bytes | None:
-        try:
-            plaintext = self._context.unprotect(frame)
-        except SFrameError as error:
-            self.counters.failed += 1
-            if self._on_failure is not None:
-                self._on_failure(error)
-            return None
-        self.counters.frames += 1
-        self.counters.plaintext_bytes += len(plaintext)
-        self.counters.ciphertext_bytes += len(frame)
-        return plaintext
+    def transform(
+        self, kind: str, on_failure: Callable[[SFrameError], None] | None = None
+    ) -> FrameTransform:
+        """The frame transform for the ``kind`` receiver; ``on_failure`` hears of each drop."""
+        counters = self.counters.setdefault(kind, FrameCounters())
+        metadata = kind.encode()
+
+        def unprotect(frame: bytes) -> bytes | None:
+            try:
+                plaintext = self._context.unprotect(frame, metadata)
+            except SFrameError as error:
+                counters.failed += 1
+                if on_failure is not None:
+                    on_failure(error)
+                return None
+            counters.frames += 1
+            counters.plaintext_bytes += len(plaintext)
+            counters.ciphertext_bytes += len(frame)
+            return plaintext
+
+        return unprotect
 
     def __repr__(self) -> str:
-        return f"SFrameReceiver(kids={sorted(self.kids)}, frames={self.counters.frames})"
+        return f"SFrameReceiver(kids={sorted(self.kids)})"

@@ -34,8 +34,8 @@ pytestmark = pytest.mark.slow
 
 OFFERER_KEY = bytes(range(16))
 ANSWERER_KEY = bytes(range(100, 116))
-# KID per sender: one base key per peer, a distinct KID (hence key and salt) per kind.
-KIDS = {"offerer": {"audio": 0x10, "video": 0x11}, "answerer": {"audio": 0x20, "video": 0x21}}
+# One KID and base key per peer, as the key agreement gives them.
+KIDS = {"offerer": 0x10, "answerer": 0x21}
 TONES = {"offerer": 440.0, "answerer": 660.0}
 OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2)
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000)
@@ -43,19 +43,19 @@ VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000)
 
 @dataclass
 class Protection:
-    """One side's SFrame transforms, plus the encoded plaintext frames its senders saw."""
+    """One side's SFrame contexts, plus the encoded plaintext frames its senders saw."""
 
-    senders: dict[str, SFrameSender] = field(default_factory=dict)
-    receivers: dict[str, SFrameReceiver] = field(default_factory=dict)
+    sender: SFrameSender = field(default_factory=SFrameSender)
+    receiver: SFrameReceiver = field(default_factory=SFrameReceiver)
     plaintext: dict[str, list[bytes]] = field(default_factory=dict)
 
 
-def recording(sender: SFrameSender, plaintext: list[bytes]) -> Callable[[bytes], bytes | None]:
-    def transform(frame: bytes) -> bytes | None:
+def recording(transform: Callable[[bytes], bytes | None], plaintext: list[bytes]):
+    def record(frame: bytes) -> bytes | None:
         plaintext.append(frame)
-        return sender(frame)
+        return transform(frame)
 
-    return transform
+    return record
 
 
 def keyframe_requester(receiver: RTCRtpReceiver) -> Callable[[SFrameError], None]:
@@ -69,7 +69,7 @@ def protect(keys: dict[str, bytes | None], receive_keys: dict[str, bytes]):
     """A loopback ``prepare`` giving each side SFrame transforms with the given keys.
 
     ``keys[name]`` is that side's sending key (None: no key); ``receive_keys[name]`` is the key
-    that side's receivers use for the other side's KIDs.
+    that side's receiver uses for the other side's KID.
     """
     protections: dict[str, Protection] = {}
 
@@ -77,20 +77,20 @@ def protect(keys: dict[str, bytes | None], receive_keys: dict[str, bytes]):
         name = "offerer" if not protections else "answerer"
         peer = "answerer" if name == "offerer" else "offerer"
         protection = protections[name] = Protection()
+        sending_key = keys[name]
+        if sending_key is not None:
+            protection.sender.use_key(KIDS[name], sending_key)
+        protection.receiver.add_key(KIDS[peer], receive_keys[name])
         for kind in ("audio", "video"):
-            sender = protection.senders[kind] = SFrameSender()
-            sending_key = keys[name]
-            if sending_key is not None:
-                sender.use_key(KIDS[name][kind], sending_key)
+            plaintext = protection.plaintext.setdefault(kind, [])
             install_sender_transform(
-                side.senders[kind], recording(sender, protection.plaintext.setdefault(kind, []))
+                side.senders[kind], recording(protection.sender.transform(kind), plaintext)
             )
             rtp_receiver = side.receivers[kind]
-            receiver = protection.receivers[kind] = SFrameReceiver(
-                on_failure=keyframe_requester(rtp_receiver)
+            install_receiver_transform(
+                rtp_receiver,
+                protection.receiver.transform(kind, keyframe_requester(rtp_receiver)),
             )
-            receiver.add_key(KIDS[peer][kind], receive_keys[name])
-            install_receiver_transform(rtp_receiver, receiver)
 
     return prepare, protections
 
@@ -153,7 +153,7 @@ async def test_sframe_call_both_ways(loopback):
         assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers) >= 10
         # Every frame decrypted; none failed.
         for kind in ("audio", "video"):
-            counters = protections[name].receivers[kind].counters
+            counters = protections[name].receiver.counters[kind]
             assert counters.frames > 0 and counters.failed == 0, (name, kind)
 
         # On the wire: every encoded frame starts with an SFrame header under the sender's KID.
@@ -161,7 +161,7 @@ async def test_sframe_call_both_ways(loopback):
             frames = wire_frames(side.wire[kind], kind)
             assert len(frames) >= 10
             kids = {SFrameHeader.parse(frame)[0].kid for frame in frames}
-            assert kids == {KIDS[peer][kind]}, (name, kind)
+            assert kids == {KIDS[peer]}, (name, kind)
 
         # No 16-byte run of any encoded plaintext frame appears in any RTP payload.
         windows = {
@@ -234,7 +234,7 @@ async def test_a_wrong_key_drops_every_frame_and_counts_failures(loopback):
         {"offerer": OFFERER_KEY, "answerer": ANSWERER_KEY},
         {"offerer": ANSWERER_KEY, "answerer": wrong_key},
     )
-    counters = {kind: r.counters for kind, r in protections["answerer"].receivers.items()}
+    counters = protections["answerer"].receiver.counters
     await wait_for(lambda: counters["audio"].failed >= 25 and counters["video"].failed >= 10)
     # The other direction works, so the call itself is up.
     await wait_for(lambda: len(offerer.received.pattern_numbers) >= 5)
@@ -249,9 +249,9 @@ async def test_no_key_means_nothing_is_sent(loopback):
         {"offerer": None, "answerer": ANSWERER_KEY},
         {"offerer": ANSWERER_KEY, "answerer": OFFERER_KEY},
     )
-    senders = protections["offerer"].senders
+    counters = protections["offerer"].sender.counters
     await wait_for(lambda: len(offerer.received.pattern_numbers) >= 5)
-    await wait_for(lambda: senders["video"].counters.dropped_without_key >= 10)
-    assert senders["audio"].counters.dropped_without_key >= 10
+    await wait_for(lambda: counters["video"].dropped_without_key >= 10)
+    assert counters["audio"].dropped_without_key >= 10
     assert answerer.wire["audio"] == [] and answerer.wire["video"] == []
     assert answerer.received.audio_frames == 0 and answerer.received.video_frames == 0

@@ -1,0 +1,82 @@
+from client.frame_crypto import SFrameReceiver, SFrameSender
+from crypto.sframe import AuthenticationError, SFrameError, SFrameHeader, UnknownKeyError
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+
+
+def pair(kid: int = 4):
+    sender, receiver = SFrameSender(), SFrameReceiver()
+    sender.use_key(kid, KEY)
+    receiver.add_key(kid, KEY)
+    return sender, receiver
+
+
+def test_frames_round_trip_and_count_the_bytes_sframe_adds():
+    sender, receiver = pair()
+    protect, unprotect = sender.transform("audio"), receiver.transform("audio")
+    frame = b"opus frame" * 10
+    protected = protect(frame)
+    assert protected is not None and SFrameHeader.parse(protected)[0].kid == 4
+    assert unprotect(protected) == frame
+    added = len(protected) - len(frame)
+    assert sender.counters["audio"].as_dict() == {
+        "frames": 1,
+        "failed": 0,
+        "dropped_without_key": 0,
+        "plaintext_bytes": 100,
+        "ciphertext_bytes": 100 + added,
+        "bytes_added": added,
+    }
+    # One header byte (KID 4 and CTR 0 fit in its config byte) and the 16-byte GCM tag.
+    assert receiver.counters["audio"].bytes_added == added == 1 + 16
+
+
+def test_no_key_means_no_frame():
+    protect = SFrameSender().transform("video")
+    assert protect(b"frame") is None and protect(b"frame") is None
+
+
+def test_audio_and_video_share_one_counter_space():
+    sender, _ = pair()
+    audio, video = sender.transform("audio"), sender.transform("video")
+    counters = [SFrameHeader.parse(t(b"x") or b"")[0].ctr for t in (audio, video, audio)]
+    assert counters == [0, 1, 2]
+
+
+def test_a_frame_moved_to_the_other_stream_is_dropped_and_reported():
+    sender, receiver = pair()
+    failures: list[SFrameError] = []
+    protected = sender.transform("audio")(b"audio frame")
+    assert protected is not None
+    assert receiver.transform("video", failures.append)(protected) is None
+    assert [type(error) for error in failures] == [AuthenticationError]
+    assert receiver.counters["video"].failed == 1
+    assert receiver.transform("audio")(protected) == b"audio frame"
+
+
+def test_a_replayed_frame_is_dropped():
+    sender, receiver = pair()
+    protected = sender.transform("audio")(b"frame")
+    unprotect = receiver.transform("audio")
+    assert protected is not None and unprotect(protected) == b"frame"
+    assert unprotect(protected) is None
+    assert receiver.counters["audio"].failed == 1
+
+
+def test_a_new_key_replaces_the_old_one_and_old_frames_need_the_old_receive_key():
+    sender, receiver = pair(kid=0)
+    protect, unprotect = sender.transform("audio"), receiver.transform("audio")
+    old = protect(b"old")
+    sender.use_key(2, OTHER_KEY)
+    assert sender.kid == 2
+    new = protect(b"new")
+    assert new is not None and SFrameHeader.parse(new)[0].kid == 2
+    failures: list[SFrameError] = []
+    assert receiver.transform("audio", failures.append)(new) is None
+    assert isinstance(failures[0], UnknownKeyError)
+    receiver.add_key(2, OTHER_KEY)
+    assert unprotect(new) == b"new" and unprotect(old or b"") == b"old"
+    assert receiver.kids == {0, 2}
+    receiver.remove_key(0)
+    assert receiver.kids == {2}
