@@ -71,6 +71,23 @@ class InterceptionStateError(InterceptionError, RuntimeError):
     """The MITM was driven out of order (answer before offer, a second offer, use after close)."""
 
 
+# What aiortc raises for SDP it cannot apply. Its parser validates with `assert` and indexing,
+# so malformed text surfaces as AssertionError, IndexError or KeyError as well.
+SDP_ERRORS = (
+    AssertionError,
+    IndexError,
+    KeyError,
+    ValueError,
+    InternalError,
+    InvalidStateError,
+    OperationError,
+)
+
+
+def describe(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
 class Direction(enum.Enum):
     """Which way a frame travelled, named after the roles in the intercepted offer/answer."""
 
@@ -344,7 +361,7 @@ class MediaMitm:
         self._packets: list[InterceptedPacket] = []
         self._recorded_bytes = 0
         self._unrecorded = 0
-        self._phase: Literal["new", "offered", "answered", "closed"] = "new"
+        self._phase: Literal["new", "offered", "answered", "rejected", "closed"] = "new"
         for leg in (self._toward_offerer, self._toward_answerer):
             leg.on("connectionstatechange", self._keyframe_requester(leg))
 
@@ -396,17 +413,19 @@ class MediaMitm:
         """Accept the offerer's offer on one leg; return the MITM's own offer for the answerer."""
         if self._phase != "new":
             raise InterceptionStateError(f"intercept_offer called when {self._phase}")
+        kinds = media_kinds(offer_sdp)
         self._phase = "offered"
         # Transceivers are created before the offer is applied so that aiortc matches them to
         # its media sections in order and negotiates only the codecs the relay can forward.
-        for kind in media_kinds(offer_sdp):
+        for kind in kinds:
             self._add_section(kind)
         try:
             await self._toward_offerer.setRemoteDescription(
                 RTCSessionDescription(sdp=offer_sdp, type="offer")
             )
-        except (ValueError, InternalError, OperationError) as exc:
-            raise SdpRejected(f"offer rejected: {exc}") from None
+        except SDP_ERRORS as exc:
+            self._phase = "rejected"
+            raise SdpRejected(f"offer rejected: {describe(exc)}") from None
         await self._toward_answerer.setLocalDescription(await self._toward_answerer.createOffer())
         return str(self._toward_answerer.localDescription.sdp)
 
@@ -419,8 +438,9 @@ class MediaMitm:
             await self._toward_answerer.setRemoteDescription(
                 RTCSessionDescription(sdp=answer_sdp, type="answer")
             )
-        except (ValueError, InternalError, InvalidStateError, OperationError) as exc:
-            raise SdpRejected(f"answer rejected: {exc}") from None
+        except SDP_ERRORS as exc:
+            self._phase = "rejected"
+            raise SdpRejected(f"answer rejected: {describe(exc)}") from None
         await self._toward_offerer.setLocalDescription(await self._toward_offerer.createAnswer())
         return str(self._toward_offerer.localDescription.sdp)
 
