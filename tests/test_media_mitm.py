@@ -23,6 +23,8 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from client.analysis import dominant_frequency, tone_correlation
 from client.frame_crypto import SFrameReceiver, SFrameSender
@@ -218,30 +220,26 @@ async def test_plain_call_through_mitm_works_and_the_mitm_recovers_it(calls, tmp
         assert (picture.width, picture.height) == (320, 240)
 
 
-# One KID per sender: the offerer sends audio under 1 and video under 2, the answerer 3 and 4.
-SFRAME_KIDS = {("offerer", "audio"): 1, ("offerer", "video"): 2}
-SFRAME_KIDS |= {("answerer", "audio"): 3, ("answerer", "video"): 4}
-SFRAME_BASE_KEYS = {kid: bytes([kid]) * 16 for kid in SFRAME_KIDS.values()}
+# The key agreement gives each peer one sending KID and base key, for audio and video alike.
+SFRAME_KIDS = {"offerer": 1, "answerer": 2}
+SFRAME_BASE_KEYS = {1: bytes(range(16)), 2: bytes(range(100, 116))}
 
 
 @dataclass
 class SFramePeers:
     """A prepare hook giving both peers the client's SFrame transforms, and those transforms."""
 
-    receivers: dict[tuple[str, str], SFrameReceiver] = field(default_factory=dict)
+    receivers: dict[str, SFrameReceiver] = field(default_factory=dict)
 
     def __call__(self, role: str, pc: RTCPeerConnection) -> None:
         other = "answerer" if role == "offerer" else "offerer"
+        sender = SFrameSender()
+        sender.use_key(SFRAME_KIDS[role], SFRAME_BASE_KEYS[SFRAME_KIDS[role]])
+        receiver = self.receivers[role] = SFrameReceiver()
+        receiver.add_key(SFRAME_KIDS[other], SFRAME_BASE_KEYS[SFRAME_KIDS[other]])
         for transceiver in pc.getTransceivers():
-            kind = transceiver.kind
-            sender = SFrameSender()
-            sender.use_key(SFRAME_KIDS[(role, kind)], SFRAME_BASE_KEYS[SFRAME_KIDS[(role, kind)]])
-            receiver = self.receivers[(role, kind)] = SFrameReceiver()
-            receiver.add_key(
-                SFRAME_KIDS[(other, kind)], SFRAME_BASE_KEYS[SFRAME_KIDS[(other, kind)]]
-            )
-            install_sender_transform(transceiver.sender, sender)
-            install_receiver_transform(transceiver.receiver, receiver)
+            install_sender_transform(transceiver.sender, sender.transform(transceiver.kind))
+            install_receiver_transform(transceiver.receiver, receiver.transform(transceiver.kind))
 
 
 @slow
@@ -258,8 +256,8 @@ async def test_sframe_call_through_mitm_works_and_the_mitm_recovers_nothing(call
     assert abs(heard_by_offerer - ANSWERER_TONE) < 5
     assert call.offerer.received.pattern_numbers and call.answerer.received.pattern_numbers
     # Every frame the MITM relayed still authenticated at the peer.
-    assert all(receiver.counters.frames > 0 for receiver in sframe.receivers.values())
-    assert all(receiver.counters.failed == 0 for receiver in sframe.receivers.values())
+    for receiver in sframe.receivers.values():
+        assert [c.frames > 0 and c.failed == 0 for c in receiver.counters.values()] == [True] * 2
 
     for direction, tone, sender in (
         (Direction.OFFERER_TO_ANSWERER, OFFERER_TONE, "offerer"),
@@ -278,7 +276,7 @@ async def test_sframe_call_through_mitm_works_and_the_mitm_recovers_nothing(call
             frames = mitm.intercepted(direction, kind)
             assert len(frames) >= WANTED_VIDEO_FRAMES
             headers = [SFrameHeader.parse(frame) for frame in frames]
-            assert {header.kid for header, _ in headers} == {SFRAME_KIDS[(sender, kind)]}
+            assert {header.kid for header, _ in headers} == {SFRAME_KIDS[sender]}
             counters = [header.ctr for header, _ in headers]
             assert counters == sorted(set(counters))
             # Every frame is header + ciphertext + the suite's 16-byte tag, nothing in clear.
@@ -372,3 +370,30 @@ async def test_offer_without_a_relayable_codec_is_rejected():
     finally:
         await mitm.close()
         await peer.close()
+
+
+async def real_offer_lines() -> list[str]:
+    peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    peer.addTransceiver("audio")
+    peer.addTransceiver("video")
+    await peer.setLocalDescription(await peer.createOffer())
+    lines: list[str] = peer.localDescription.sdp.splitlines()
+    await peer.close()
+    return lines
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+async def test_any_mangled_offer_or_answer_is_accepted_or_rejected_with_sdp_rejected(data):
+    lines = await real_offer_lines()
+    mangled = data.draw(st.lists(st.sampled_from(lines) | st.text(max_size=40), max_size=30))
+    mitm = MediaMitm()
+    try:
+        await mitm.intercept_offer("\r\n".join(mangled) + "\r\n")
+        await mitm.intercept_answer("\r\n".join(data.draw(st.permutations(lines))) + "\r\n")
+    except SdpRejected:
+        pass
+    finally:
+        await mitm.close()
