@@ -1,0 +1,333 @@
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crypto.errors import LocalError, RemoteError
+from crypto.identity import b64decode, b64encode
+from crypto.sealed import (
+    MAX_SEALED_CONTENT_SIZE,
+    DecryptionFailed,
+    MalformedMessage,
+    Received,
+    Role,
+    SealedChannel,
+    SealedGap,
+    SealedReorder,
+    SealedReplay,
+    UnexpectedMessage,
+    decode_message,
+    derive_epoch_keys,
+    encode_message,
+    x25519_shared_secret,
+)
+from tests.vectors.make_handshake_vectors import seeded_random
+
+SECRET = bytes(range(32))
+
+
+def channels(call_id: str = "call-1", secret: bytes = SECRET) -> tuple[SealedChannel, ...]:
+    alice = SealedChannel(Role.INITIATOR, call_id, secret, seeded_random(call_id + "/a"))
+    bob = SealedChannel(Role.RESPONDER, call_id, secret, seeded_random(call_id + "/b"))
+    return alice, bob
+
+
+def relay(message: dict[str, Any]) -> dict[str, Any]:
+    return decode_message(encode_message(message))
+
+
+def rekey(requester: SealedChannel, accepter: SealedChannel) -> tuple[Received, ...]:
+    """Run one rekey; return each side's Received in order."""
+    start = relay(requester.start_rekey())
+    on_rekey = accepter.open(start)
+    [ack] = on_rekey.replies
+    on_ack = requester.open(relay(ack))
+    [done] = on_ack.replies
+    on_done = accepter.open(relay(done))
+    return on_rekey, on_ack, on_done
+
+
+def test_round_trip_both_directions():
+    alice, bob = channels()
+    for index in range(5):
+        content = {"type": "candidate", "index": index, "text": "héllo"}
+        assert bob.open(relay(alice.seal(content))).content == content
+        assert alice.open(relay(bob.seal(content))) == Received(content=content)
+
+
+def test_the_hub_sees_no_plaintext():
+    alice, _ = channels()
+    message = alice.seal({"sdp": "a=fingerprint:sha-256 AB:CD"})
+    assert "fingerprint" not in encode_message(message).decode()
+    assert set(message) == {"v", "type", "epoch", "seq", "ciphertext"}
+
+
+def test_replay_is_detected():
+    alice, bob = channels()
+    first = alice.seal({"n": 0})
+    bob.open(first)
+    with pytest.raises(SealedReplay):
+        bob.open(first)
+    assert bob.open(alice.seal({"n": 1})).content == {"n": 1}  # nothing else broke
+
+
+def test_drop_is_detected_as_a_gap():
+    alice, bob = channels()
+    alice.seal({"n": 0})  # the hub drops it
+    with pytest.raises(SealedGap, match="0 is missing"):
+        bob.open(alice.seal({"n": 1}))
+
+
+def test_reorder_is_detected():
+    alice, bob = channels()
+    first, second = alice.seal({"n": 0}), alice.seal({"n": 1})
+    with pytest.raises(SealedGap):
+        bob.open(second)
+    with pytest.raises(SealedReorder, match="after message 1"):
+        bob.open(first)
+
+
+@pytest.mark.parametrize("field", ["epoch", "seq", "ciphertext"])
+def test_tampering_any_field_fails_authentication(field):
+    alice, bob = channels()
+    genuine = alice.seal({"n": 0})
+    message = dict(genuine)
+    if field == "ciphertext":
+        data = bytearray(b64decode(message["ciphertext"]))
+        data[3] ^= 0x80
+        message["ciphertext"] = b64encode(bytes(data))
+    else:
+        message[field] += 1
+    with pytest.raises(DecryptionFailed):
+        bob.open(message)
+    assert bob.open(genuine).content == {"n": 0}  # the forgery changed nothing
+
+
+def test_a_forged_message_does_not_advance_the_channel():
+    alice, bob = channels()
+    genuine = alice.seal({"n": 0})
+    forged = dict(genuine, ciphertext=b64encode(bytes(40)))
+    with pytest.raises(DecryptionFailed):
+        bob.open(forged)
+    assert bob.open(genuine).content == {"n": 0}
+
+
+def test_messages_are_bound_to_their_direction_and_call():
+    alice, bob = channels()
+    with pytest.raises(DecryptionFailed):
+        alice.open(alice.seal({"reflected": True}))
+    other_alice, _ = channels(call_id="call-2")
+    with pytest.raises(DecryptionFailed):
+        bob.open(other_alice.seal({"from": "another call"}))
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"v": 1, "type": "commit"}, UnexpectedMessage),
+        ({"v": 2, "type": "sealed"}, MalformedMessage),
+        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0}, MalformedMessage),
+        ({"v": 1, "type": "sealed", "epoch": -1, "seq": 0, "ciphertext": ""}, MalformedMessage),
+        ({"v": 1, "type": "sealed", "epoch": 0, "seq": True, "ciphertext": ""}, MalformedMessage),
+        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "A="}, MalformedMessage),
+        ({"v": 1, "type": "sealed", "epoch": 7, "seq": 0, "ciphertext": ""}, DecryptionFailed),
+        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}, DecryptionFailed),
+        ([], MalformedMessage),
+    ],
+)
+def test_malformed_sealed_messages(message, error):
+    _, bob = channels()
+    with pytest.raises(error):
+        bob.open(message)
+
+
+def test_seal_rejects_what_is_not_a_small_json_object():
+    alice, _ = channels()
+    with pytest.raises(LocalError):
+        alice.seal(["not", "an", "object"])  # type: ignore[arg-type]
+    with pytest.raises(LocalError):
+        alice.seal({"bytes": b"\x00"})
+    with pytest.raises(LocalError):
+        alice.seal({"sdp": "x" * MAX_SEALED_CONTENT_SIZE})
+
+
+def test_rekey_gives_both_sides_matching_new_keys_in_a_safe_order():
+    alice, bob = channels()
+    epoch0 = alice.keys
+    on_rekey, on_ack, on_done = rekey(alice, bob)
+    # Bob installs Alice's new receive key first; only after that does Alice switch her
+    # frames; Bob switches his only after Alice's rekey-done shows she holds his key.
+    assert on_rekey.install_receive is not None and on_rekey.switch_send is None
+    assert on_ack.switch_send == on_rekey.install_receive
+    assert on_done.switch_send == on_ack.install_receive
+    assert on_done.replies == [] and on_done.content is None
+    assert alice.keys.send == bob.keys.receive and alice.keys.receive == bob.keys.send
+    assert (alice.keys.send.kid, alice.keys.receive.kid) == (2, 3)
+    assert alice.epoch == bob.epoch == 1
+    assert alice.keys.send.base_key != epoch0.send.base_key
+    assert not alice.rekey_in_progress and not bob.rekey_in_progress
+    for sender, receiver in ((alice, bob), (bob, alice)):
+        assert receiver.open(relay(sender.seal({"after": "rekey"}))).content == {"after": "rekey"}
+
+
+def test_repeated_rekeys_by_either_side():
+    alice, bob = channels()
+    for round_number in range(4):
+        requester, accepter = (alice, bob) if round_number % 2 == 0 else (bob, alice)
+        rekey(requester, accepter)
+    assert alice.epoch == bob.epoch == 4
+    assert alice.keys.send.kid == 8 and bob.keys.send.kid == 9
+    assert alice.keys.send == bob.keys.receive
+
+
+def test_signalling_continues_while_a_rekey_is_in_flight():
+    alice, bob = channels()
+    start = alice.start_rekey()
+    candidate_before_ack = alice.seal({"candidate": 1})  # still under epoch 0
+    [ack] = bob.open(start).replies
+    bob_message = bob.seal({"answer": "sdp"})  # under epoch 1: Alice reads it after the ack
+    assert bob.open(candidate_before_ack).content == {"candidate": 1}
+    [done] = alice.open(ack).replies
+    assert alice.open(bob_message).content == {"answer": "sdp"}
+    bob.open(done)
+    assert bob.open(alice.seal({"candidate": 2})).content == {"candidate": 2}
+
+
+def test_simultaneous_rekeys_resolve_to_the_initiators():
+    alice, bob = channels()
+    alice_start, bob_start = alice.start_rekey(), bob.start_rekey()
+    assert alice.open(bob_start) == Received()  # the initiator ignores the responder's
+    [ack] = bob.open(alice_start).replies  # the responder yields and answers
+    [done] = alice.open(ack).replies
+    bob.open(done)
+    assert alice.keys.send == bob.keys.receive and alice.epoch == bob.epoch == 1
+
+
+def test_a_second_rekey_while_one_is_pending_is_a_local_error():
+    alice, _ = channels()
+    alice.start_rekey()
+    with pytest.raises(LocalError, match="in progress"):
+        alice.start_rekey()
+
+
+def test_old_epoch_messages_are_refused_after_the_rekey():
+    alice, bob = channels()
+    old = alice.seal({"n": 0})
+    bob.open(old)
+    rekey(alice, bob)
+    with pytest.raises(SealedReplay, match="erased"):
+        bob.open(old)
+
+
+def test_a_passive_thief_of_epoch_keys_is_locked_out_by_a_rekey():
+    # The thief holds everything Bob held in epoch 0 and sees every message Bob sees.
+    alice, bob = channels()
+    thief = SealedChannel(Role.RESPONDER, "call-1", SECRET, seeded_random("thief"))
+    before = alice.seal({"secret": "before"})
+    assert bob.open(before).content == thief.open(before).content == {"secret": "before"}
+    start = alice.start_rekey()
+    thief.open(start)  # the thief can only answer with its own ephemeral, never sent
+    [ack] = bob.open(start).replies
+    [done] = alice.open(ack).replies
+    bob.open(done)
+    after = alice.seal({"secret": "after"})
+    assert bob.open(after).content == {"secret": "after"}
+    for message in (done, after):
+        with pytest.raises(DecryptionFailed):
+            thief.open(message)
+
+
+def test_epoch_keys_are_distinct_per_direction_and_role_symmetric():
+    initiator = derive_epoch_keys(SECRET, 0, Role.INITIATOR)
+    responder = derive_epoch_keys(SECRET, 0, Role.RESPONDER)
+    assert initiator.send == responder.receive and initiator.seal_send == responder.seal_receive
+    keys = {initiator.send.base_key, initiator.receive.base_key}
+    keys |= {initiator.seal_send, initiator.seal_receive}
+    assert len(keys) == 4
+
+
+# -- a misbehaving (authenticated) peer ----------------------------------------------------
+
+
+def _peer_sends(sender: SealedChannel, inner: dict[str, Any]) -> dict[str, Any]:
+    # Only the authenticated peer could produce these: the hub cannot seal.
+    return sender._seal_inner(inner)
+
+
+@pytest.mark.parametrize(
+    ("inner", "error"),
+    [
+        ({"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(32))}, UnexpectedMessage),
+        ({"kind": "rekey-done", "epoch": 1}, UnexpectedMessage),
+        (
+            {"kind": "rekey", "epoch": 5, "ephemeral": b64encode(bytes(range(32)))},
+            UnexpectedMessage,
+        ),
+        ({"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(32))}, MalformedMessage),
+        ({"kind": "rekey", "epoch": 1, "ephemeral": "AA"}, MalformedMessage),
+        ({"kind": "rekey", "epoch": "1", "ephemeral": "AA"}, MalformedMessage),
+        ({"kind": "hello"}, MalformedMessage),
+        ({"kind": "app", "content": [1]}, MalformedMessage),
+        ({"kind": "app", "content": {}, "extra": 1}, MalformedMessage),
+    ],
+)
+def test_misbehaving_peer_messages(inner, error):
+    alice, bob = channels()
+    with pytest.raises(error):
+        bob.open(_peer_sends(alice, inner))
+
+
+def test_the_first_message_of_a_new_epoch_must_be_rekey_done():
+    alice, bob = channels()
+    start = alice.start_rekey()
+    [ack] = bob.open(start).replies
+    alice.open(ack)  # Alice is now in epoch 1; she skips her rekey-done
+    alice._send_sequence -= 1
+    with pytest.raises(UnexpectedMessage, match="rekey-done"):
+        bob.open(alice.seal({"too": "early"}))
+
+
+def test_small_order_ephemeral_is_rejected():
+    private_key = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+    with pytest.raises(MalformedMessage, match="small-order"):
+        x25519_shared_secret(private_key, bytes(32))
+
+
+# -- property tests ------------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(JSON)
+def test_open_raises_only_typed_errors_on_arbitrary_json(value):
+    _, bob = channels()
+    with pytest.raises(RemoteError):
+        bob.open(value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(min_value=-2, max_value=2**49),
+    st.integers(min_value=-2, max_value=2**49),
+    st.binary(max_size=80),
+)
+def test_open_raises_only_typed_errors_on_sealed_shaped_messages(epoch, sequence, ciphertext):
+    _, bob = channels()
+    message = {
+        "v": 1,
+        "type": "sealed",
+        "epoch": epoch,
+        "seq": sequence,
+        "ciphertext": b64encode(ciphertext),
+    }
+    with pytest.raises((MalformedMessage, DecryptionFailed)):
+        bob.open(message)
