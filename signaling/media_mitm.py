@@ -71,12 +71,14 @@ class InterceptionStateError(InterceptionError, RuntimeError):
     """The MITM was driven out of order (answer before offer, a second offer, use after close)."""
 
 
-# What aiortc raises for SDP it cannot apply. Its parser validates with `assert` and indexing,
-# so malformed text surfaces as AssertionError, IndexError or KeyError as well.
+# What aiortc raises for SDP it cannot apply. Its parser validates with `assert`, indexing and
+# `next()`, so malformed text also surfaces as AssertionError, IndexError, KeyError, and as
+# RuntimeError (a StopIteration escaping a coroutine, PEP 479).
 SDP_ERRORS = (
     AssertionError,
     IndexError,
     KeyError,
+    RuntimeError,
     ValueError,
     InternalError,
     InvalidStateError,
