@@ -1,0 +1,111 @@
+"""Where a user's identity and known peers live on disk, and how they are written.
+
+The formats belong to crypto/identity.py; this module only chooses the directory
+(``--home DIR``, else ``$BLINDHUB_HOME``, else the platform's user config directory),
+creates files readable by their owner only (0600, directory 0700), writes atomically
+and refuses a private key file that others can read, as OpenSSH does.
+"""
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from crypto.errors import LocalError
+from crypto.identity import (
+    IdentityKey,
+    KnownPeers,
+    decode_identity_file,
+    encode_identity_file,
+)
+
+HOME_ENVIRONMENT_VARIABLE = "BLINDHUB_HOME"
+APP_DIRECTORY = "blindhub"
+IDENTITY_FILE = "identity.json"
+KNOWN_PEERS_FILE = "known_peers.json"
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+
+
+class UnsafePermissions(LocalError):
+    """The private key file can be read or written by users other than its owner."""
+
+
+def home_directory(
+    explicit: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] = os.environ,
+    platform: str = sys.platform,
+) -> Path:
+    """``explicit``, else ``$BLINDHUB_HOME``, else the platform's user config directory."""
+    if explicit is not None:
+        return Path(explicit)
+    if environ.get(HOME_ENVIRONMENT_VARIABLE):
+        return Path(environ[HOME_ENVIRONMENT_VARIABLE])
+    return user_config_directory(environ, platform) / APP_DIRECTORY
+
+
+def user_config_directory(environ: Mapping[str, str], platform: str) -> Path:
+    """The per-user configuration directory, by each platform's own convention."""
+    if platform == "win32" and environ.get("APPDATA"):
+        return Path(environ["APPDATA"])
+    if platform == "darwin":
+        return Path.home() / "Library" / "Application Support"
+    # XDG Base Directory: an unset, empty or relative $XDG_CONFIG_HOME means ~/.config.
+    xdg = environ.get("XDG_CONFIG_HOME", "")
+    return Path(xdg) if os.path.isabs(xdg) else Path.home() / ".config"
+
+
+def load_or_create_identity(
+    home: Path,
+    passphrase: bytes | None = None,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> IdentityKey:
+    """The identity stored in ``home``, creating it on first use.
+
+    An unreadable, corrupt or wrong-passphrase file raises (``CorruptKeyFile``,
+    ``WrongPassphrase``, ``UnsafePermissions``); it is never replaced by a new key.
+    """
+    path = home / IDENTITY_FILE
+    if path.exists():
+        return load_identity(home, passphrase)
+    identity = IdentityKey.generate(random_bytes)
+    _write_private(path, encode_identity_file(identity, passphrase, random_bytes), exclusive=True)
+    return identity
+
+
+def load_identity(home: Path, passphrase: bytes | None = None) -> IdentityKey:
+    path = home / IDENTITY_FILE
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        raise UnsafePermissions(f"{path} is accessible by other users; run: chmod 600 {path}")
+    return decode_identity_file(path.read_bytes(), passphrase)
+
+
+def load_known_peers(home: Path) -> KnownPeers:
+    """The pins stored in ``home``; none yet if the file does not exist."""
+    path = home / KNOWN_PEERS_FILE
+    if not path.exists():
+        return KnownPeers()
+    return KnownPeers.decode(path.read_bytes())
+
+
+def save_known_peers(home: Path, peers: KnownPeers) -> None:
+    _write_private(home / KNOWN_PEERS_FILE, peers.encode(), exclusive=False)
+
+
+def _write_private(path: Path, data: bytes, *, exclusive: bool) -> None:
+    """Write with mode 0600 from the first byte; atomically replace unless ``exclusive``."""
+    path.parent.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    target = path if exclusive else path.with_name(path.name + ".tmp")
+    if not exclusive:
+        target.unlink(missing_ok=True)  # a stale temporary file may have another mode
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    if not exclusive:
+        os.replace(target, path)
