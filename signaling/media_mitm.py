@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import struct
+import sys
 import wave
 import zlib
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -103,8 +105,8 @@ class InterceptedFrame:
 
     direction: Direction
     kind: Kind
-    arrival: float  # seconds since the offer was intercepted
-    forwarded: bool  # False when the other leg was not connected yet (the frame was dropped)
+    arrival: float  # seconds since the MITM was created
+    forwarded: bool  # False: dropped (other leg not up yet, held for a keyframe, or sender behind)
     data: bytes = field(repr=False)
 
 
@@ -114,7 +116,7 @@ class InterceptedPacket:
 
     direction: Direction
     kind: Kind
-    arrival: float  # seconds since the offer was intercepted
+    arrival: float  # seconds since the MITM was created
     ssrc: int
     payload_type: int
     sequence_number: int
@@ -127,7 +129,7 @@ class InterceptedPacket:
 class RecoveredAudio:
     """What a real Opus decoder made of intercepted frames: mono signed 16-bit samples."""
 
-    samples: list[int] = field(repr=False)
+    samples: array[int] = field(repr=False)
     sample_rate: int
     frames_decoded: int
     frames_failed: int
@@ -151,7 +153,7 @@ def decode_opus(frames: Iterable[bytes]) -> RecoveredAudio:
     decoder = av.CodecContext.create("libopus", "r")
     decoder.sample_rate = OPUS_CLOCK_RATE
     to_mono = av.AudioResampler(format="s16", layout="mono", rate=OPUS_CLOCK_RATE)
-    samples: list[int] = []
+    samples = array("h")
     decoded = failed = 0
     for data in frames:
         try:
@@ -162,8 +164,7 @@ def decode_opus(frames: Iterable[bytes]) -> RecoveredAudio:
         decoded += 1
         for frame in pictures:
             for mono in to_mono.resample(frame):
-                plane = bytes(mono.planes[0])[: mono.samples * 2]
-                samples.extend(struct.unpack(f"<{mono.samples}h", plane))
+                samples.frombytes(bytes(mono.planes[0])[: mono.samples * samples.itemsize])
     return RecoveredAudio(samples, OPUS_CLOCK_RATE, decoded, failed)
 
 
@@ -190,7 +191,10 @@ def write_wav(path: Path, audio: RecoveredAudio) -> None:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(audio.sample_rate)
-        wav.writeframes(struct.pack(f"<{len(audio.samples)}h", *audio.samples))
+        little_endian = array("h", audio.samples)
+        if sys.byteorder == "big":
+            little_endian.byteswap()
+        wav.writeframes(little_endian.tobytes())
 
 
 def png_bytes(width: int, height: int, rgb: bytes) -> bytes:

@@ -214,6 +214,9 @@ async def test_plain_call_through_mitm_works_and_the_mitm_recovers_it(calls, tmp
     with wave.open(str(wav_path)) as wav:
         assert (wav.getnchannels(), wav.getframerate()) == (1, SAMPLE_RATE)
         assert wav.getnframes() == len(written.samples)
+        assert struct.unpack(
+            f"<{len(written.samples)}h", wav.readframes(wav.getnframes())
+        ) == tuple(written.samples)
     assert mitm.write_png(png_path, Direction.OFFERER_TO_ANSWERER)
     with av.open(str(png_path)) as container:
         picture = next(container.decode(video=0))
