@@ -22,6 +22,7 @@ _LIMIT_HELP = {
     "max_buffered_bytes": "unsent bytes to one client before it is closed with 1008",
     "ping_interval": "seconds between websocket pings",
     "ping_timeout": "seconds to wait for a pong before closing with 1011",
+    "close_timeout": "seconds a closing handshake may take before the TCP connection is cut",
 }
 
 

@@ -50,6 +50,7 @@ class Limits:
     max_buffered_bytes: int = 256 * KIB
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+    close_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_peers_per_room", "max_rooms", "max_connections"):
@@ -57,8 +58,8 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1")
         if self.rate_per_second <= 0 or self.rate_burst < 1:
             raise ValueError("the message rate and burst must be positive")
-        if self.ping_interval <= 0 or self.ping_timeout <= 0:
-            raise ValueError("the ping interval and timeout must be positive")
+        if min(self.ping_interval, self.ping_timeout, self.close_timeout) <= 0:
+            raise ValueError("the ping interval, ping timeout and close timeout must be positive")
         # A relayed frame is at most a few bytes longer than the frame that carried it,
         # so this bound lets one full-size message through to a reader that keeps up.
         if self.max_buffered_bytes < 2 * self.max_message_bytes:

@@ -27,8 +27,6 @@ from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
 
 CLOSE_SLOW_READER: Final = "slow-reader"
 CLOSE_BINARY_FRAME: Final = "binary-frame"
-# Seconds a closing handshake may take before the TCP connection is aborted.
-CLOSE_TIMEOUT: Final = 5.0
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -68,7 +66,7 @@ class MetadataRecorder:
         self._sink.write(line + "\n")
 
 
-def render_metrics(hub: Hub) -> str:
+def render_metrics(hub: Hub, buffered_bytes: int) -> str:
     """The hub's gauges and counters in the Prometheus text format."""
     metrics = hub.metrics
     lines = [
@@ -78,6 +76,9 @@ def render_metrics(hub: Hub) -> str:
         "# HELP blindhub_rooms Rooms with at least one peer.",
         "# TYPE blindhub_rooms gauge",
         f"blindhub_rooms {hub.room_count}",
+        "# HELP blindhub_buffered_bytes Bytes written to clients and not yet sent.",
+        "# TYPE blindhub_buffered_bytes gauge",
+        f"blindhub_buffered_bytes {buffered_bytes}",
         "# HELP blindhub_connections_total Connections admitted.",
         "# TYPE blindhub_connections_total counter",
         f"blindhub_connections_total {metrics.connections_total}",
@@ -136,9 +137,9 @@ class HubServer:
         scheme = "wss" if self._ssl_context else "ws"
         return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
-    def buffered_bytes(self, peer: PeerId) -> int:
-        """Bytes written to ``peer`` that the kernel has not accepted yet."""
-        return self._connections[peer].transport.get_write_buffer_size()
+    def buffered_bytes(self) -> int:
+        """Bytes written to clients that the kernel has not accepted yet, in total."""
+        return sum(c.transport.get_write_buffer_size() for c in self._connections.values())
 
     async def start(self) -> None:
         limits = self.hub.limits
@@ -152,7 +153,7 @@ class HubServer:
             max_size=limits.max_message_bytes,
             ping_interval=limits.ping_interval,
             ping_timeout=limits.ping_timeout,
-            close_timeout=CLOSE_TIMEOUT,
+            close_timeout=limits.close_timeout,
             logger=self._logger.getChild("websockets"),
         )
 
@@ -191,15 +192,26 @@ class HubServer:
     def _close_slow_reader(self, connection: ServerConnection) -> None:
         if connection.protocol.close_sent is not None:
             return
-        task = asyncio.create_task(connection.close(CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER))
+        task = asyncio.create_task(self._close_or_abort(connection))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    async def _close_or_abort(self, connection: ServerConnection) -> None:
+        # Its write buffer is full, so close() would wait for a drain that may never
+        # come: give the closing handshake close_timeout, then cut the connection.
+        try:
+            async with asyncio.timeout(self.hub.limits.close_timeout):
+                await connection.close(CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
+        except TimeoutError:
+            connection.transport.abort()
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if request.path == "/metrics":
-            return connection.respond(HTTPStatus.OK, render_metrics(self.hub))
+            return connection.respond(
+                HTTPStatus.OK, render_metrics(self.hub, self.buffered_bytes())
+            )
         return None
 
     async def _handle_connection(self, connection: ServerConnection) -> None:
