@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import struct
 import sys
 import wave
-import zlib
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import RtpPacket
 
+from client.figure import encode_png
 from client.frame_transform import (
     install_packet_observer,
     install_receiver_transform,
@@ -88,7 +87,7 @@ SDP_ERRORS = (
 )
 
 
-def describe(error: Exception) -> str:
+def _describe(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
@@ -197,26 +196,6 @@ def write_wav(path: Path, audio: RecoveredAudio) -> None:
         wav.writeframes(little_endian.tobytes())
 
 
-def png_bytes(width: int, height: int, rgb: bytes) -> bytes:
-    """Encode packed 8-bit RGB rows (top to bottom, no padding) as a PNG image."""
-    if width <= 0 or height <= 0 or len(rgb) != width * height * 3:
-        raise ValueError("rgb must hold exactly width * height * 3 bytes")
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    stride = width * 3
-    # Filter type 0 (None) before every row, as PNG requires.
-    raw = b"".join(b"\x00" + rgb[row * stride : (row + 1) * stride] for row in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit truecolour
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
-
-
 def write_png(path: Path, frame: av.VideoFrame) -> None:
     """Write a decoded video frame as a PNG file."""
     rgb = frame.reformat(format="rgb24")
@@ -228,7 +207,7 @@ def write_png(path: Path, frame: av.VideoFrame) -> None:
         buffer[row * plane.line_size : row * plane.line_size + row_bytes]
         for row in range(rgb.height)
     )
-    path.write_bytes(png_bytes(rgb.width, rgb.height, rows))
+    path.write_bytes(encode_png(rgb.width, rgb.height, rows))
 
 
 def media_kinds(sdp: str) -> list[Kind]:
@@ -431,7 +410,7 @@ class MediaMitm:
             )
         except SDP_ERRORS as exc:
             self._phase = "rejected"
-            raise SdpRejected(f"offer rejected: {describe(exc)}") from None
+            raise SdpRejected(f"offer rejected: {_describe(exc)}") from None
         await self._toward_answerer.setLocalDescription(await self._toward_answerer.createOffer())
         return str(self._toward_answerer.localDescription.sdp)
 
@@ -446,7 +425,7 @@ class MediaMitm:
             )
         except SDP_ERRORS as exc:
             self._phase = "rejected"
-            raise SdpRejected(f"answer rejected: {describe(exc)}") from None
+            raise SdpRejected(f"answer rejected: {_describe(exc)}") from None
         await self._toward_offerer.setLocalDescription(await self._toward_offerer.createAnswer())
         return str(self._toward_offerer.localDescription.sdp)
 

@@ -40,7 +40,6 @@ from signaling.media_mitm import (
     decode_vp8,
     is_vp8_keyframe,
     media_kinds,
-    png_bytes,
 )
 
 OFFERER_TONE = 440.0
@@ -324,22 +323,6 @@ def test_is_vp8_keyframe_tells_the_first_frame_from_the_next():
     encoded += [bytes(packet) for packet in encoder.encode(None)]
     assert [is_vp8_keyframe(frame) for frame in encoded] == [True] + [False] * (len(encoded) - 1)
     assert not is_vp8_keyframe(encoded[0][:9])
-
-
-def test_png_bytes_round_trips_through_a_real_decoder(tmp_path):
-    rgb = bytes([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9])
-    path = tmp_path / "tiny.png"
-    path.write_bytes(png_bytes(2, 2, rgb))
-    with av.open(str(path)) as container:
-        picture = next(container.decode(video=0)).reformat(format="rgb24")
-    plane = picture.planes[0]
-    rows = bytes(plane)
-    assert rows[:6] + rows[plane.line_size : plane.line_size + 6] == rgb
-
-
-def test_png_bytes_rejects_a_wrong_buffer_size():
-    with pytest.raises(ValueError, match="width \\* height \\* 3"):
-        png_bytes(2, 2, b"\x00" * 11)
 
 
 def test_media_kinds_reads_sections_in_order_and_rejects_others():
