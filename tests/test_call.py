@@ -17,7 +17,6 @@ from client.call import (
 )
 from client.media import PatternTrack, ToneTrack
 from crypto.identity import IdentityKey, KnownPeers
-from crypto.sframe import SFrameHeader
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +63,101 @@ async def test_a_full_call_both_ways(hub):
     assert alice.stats.protection.sas == bob.stats.protection.sas
     # Both hung up at their duration or on the other's bye.
     assert {alice.stats.ended_by, bob.stats.ended_by} <= {"duration", "peer-bye", "peer-left"}
+
+
+async def test_a_changed_identity_for_a_pinned_name_refuses_before_media(hub):
+    pinned = KnownPeers()
+    pinned.check("alice", IdentityKey.generate(os.urandom).public_key)
+    alice, bob, (alice_result, bob_result) = await run_pair(
+        config(hub, "alice", 440), config(hub, "bob", 660, known_peers=pinned)
+    )
+    assert isinstance(bob_result, IdentityMismatch)
+    assert isinstance(alice_result, CallFailed)
+    for call in (alice, bob):
+        assert call.received.audio_frames == call.received.video_frames == 0
+        assert call.stats.protection is None  # refused before any key was used
+    assert bob.stats.audio.sent == 0
+
+
+async def test_verify_pinned_refuses_an_unknown_peer(hub):
+    _, bob, (alice_result, bob_result) = await run_pair(
+        config(hub, "alice", 440), config(hub, "bob", 660, verify=Verify.PINNED)
+    )
+    assert isinstance(bob_result, VerificationRefused)
+    assert isinstance(alice_result, CallFailed)
+    assert bob.received.audio_frames == 0
+
+
+async def test_verify_pinned_accepts_the_pinned_peer(hub):
+    alice_identity = IdentityKey.generate(os.urandom)
+    pinned = KnownPeers()
+    pinned.check("alice", alice_identity.public_key)
+    _, bob, results = await run_pair(
+        config(hub, "alice", 440, identity=alice_identity, duration=1.5),
+        config(hub, "bob", 660, verify=Verify.PINNED, known_peers=pinned, duration=1.5),
+    )
+    assert not any(isinstance(result, BaseException) for result in results), results
+    assert bob.stats.protection is not None and bob.stats.protection.pin == "pinned"
+
+
+async def test_a_rekey_mid_call_loses_no_frame(hub):
+    alice, bob, results = await run_pair(
+        config(hub, "alice", 440, rekey_after=1.0, duration=3.0), config(hub, "bob", 660)
+    )
+    assert not any(isinstance(result, BaseException) for result in results), results
+    for call in (alice, bob):
+        assert call.stats.rekeys == 1
+        # Epoch 1's KIDs: 2 for the initiator, 3 for the responder.
+        assert call._sframe_sender is not None and call._sframe_sender.kid in (2, 3)
+        for kind in (call.stats.audio, call.stats.video):
+            assert kind.failed == 0 and kind.decrypted > 0
+        numbers = call.received.pattern_numbers
+        assert numbers == sorted(numbers) and len(numbers) >= 30
+
+
+async def wait_for(condition, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_call_survives_the_hub_being_stopped_after_setup(start_hub):
+    hub = await start_hub()
+    alice, bob = Call(config(hub, "alice", 440, duration=3.5)), Call(config(hub, "bob", 660))
+    alice_task = asyncio.create_task(alice.run())
+    await asyncio.sleep(0.1)
+    bob_task = asyncio.create_task(bob.run())
+    await wait_for(lambda: alice.received.audio_frames > 10 and bob.received.audio_frames > 10)
+    await hub.close()
+    heard = alice.received.audio_frames, bob.received.audio_frames
+    await asyncio.sleep(1.0)
+    assert alice.received.audio_frames - heard[0] >= 20
+    assert bob.received.audio_frames - heard[1] >= 20
+    for stats in await asyncio.gather(alice_task, bob_task):
+        assert stats.hub_lost and stats.ended_by == "duration"
+
+
+@pytest.mark.parametrize(
+    ("layers", "encrypted"),
+    [
+        (ExperimentOnlyLayers.PLAIN, False),
+        (ExperimentOnlyLayers.SFRAME, True),
+        (ExperimentOnlyLayers.SEALED, True),
+    ],
+)
+async def test_experiment_only_layers(hub, layers, encrypted):
+    alice, bob, results = await run_pair(
+        config(hub, "alice", 440, duration=1.5, experiment_only_layers=layers),
+        config(hub, "bob", 660, duration=1.5, experiment_only_layers=layers),
+    )
+    assert not any(isinstance(result, BaseException) for result in results), results
+    for call, heard in ((alice, 660), (bob, 440)):
+        protection = call.stats.protection
+        assert protection is not None and protection.end_to_end_encrypted is encrypted
+        assert protection.sas is None and "verified" not in (protection.pin or "")
+        assert abs(dominant_frequency(call.received.samples, 48000) - heard) < 5
+        assert (call.stats.audio.sframe_bytes_added > 0) is encrypted
+    # Below SEALED nothing identifies the peer, so no pin is made.
+    assert len(bob.config.known_peers) == 0
