@@ -47,7 +47,7 @@ class UnexpectedMessage(SignalingError):
 
 
 class HubClosed(SignalingError):
-    """The hub closed the connection; ``code`` is its close code (1006: no close frame)."""
+    """The connection closed; ``code`` is its close code (1006: no close frame at all)."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(f"the hub connection closed ({code}) {reason}".rstrip())
@@ -233,6 +233,8 @@ class HubConnection:
 
     @staticmethod
     def _closed(closed: ConnectionClosed) -> HubClosed:
-        if closed.rcvd is None:
+        # The hub's close frame, else ours (we closed first, e.g. 1009 on a frame too big).
+        frame = closed.rcvd or closed.sent
+        if frame is None:
             return HubClosed(CloseCode.ABNORMAL_CLOSURE, "")
-        return HubClosed(closed.rcvd.code, closed.rcvd.reason)
+        return HubClosed(frame.code, frame.reason)

@@ -1,14 +1,25 @@
 """A real hub on loopback, real websockets clients: relays, every refusal and close, abuse."""
 
 import asyncio
+import datetime
 import io
+import ipaddress
 import json
+import pathlib
+import re
+import signal
 import socket
+import ssl
+import sys
 import urllib.request
 from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -304,3 +315,84 @@ async def _drain(websocket: ClientConnection):
             yield await asyncio.wait_for(websocket.recv(), 0.5)
         except (TimeoutError, ConnectionClosed):
             return
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+async def test_the_hub_command_prints_its_url_and_stops_cleanly_with_1001(tmp_path, stop_signal):
+    metadata = tmp_path / "metadata.jsonl"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client.cli", "hub", "--port", "0", "--quiet",
+        "--record-metadata", str(metadata),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), TIMEOUT)).decode()
+        match = re.fullmatch(r"listening on (ws://127\.0\.0\.1:(\d+))\n", line)
+        assert match and match[2] != "0"
+        async with await HubConnection.connect(match[1]) as client:
+            await client.join("cli")
+            process.send_signal(stop_signal)
+            with pytest.raises(HubClosed) as closed:
+                await asyncio.wait_for(client.next_event(), TIMEOUT)
+            assert closed.value.code == 1001
+        assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    [record] = [json.loads(line) for line in metadata.read_text().splitlines()]
+    assert (record["type"], record["room"]) == ("welcome", "cli")
+
+
+def self_signed(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_tls_relays_over_wss(start_hub, tmp_path):
+    cert_path, key_path = self_signed(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert_path, key_path)
+    hub = await start_hub(ssl_context=server_context)
+    assert hub.url.startswith("wss://127.0.0.1:")
+    client_context = ssl.create_default_context(cafile=str(cert_path))
+    async with AsyncExitStack() as stack:
+        alice = await stack.enter_async_context(
+            await HubConnection.connect(hub.url, ssl_context=client_context)
+        )
+        bob = await stack.enter_async_context(
+            await HubConnection.connect(hub.url, ssl_context=client_context)
+        )
+        alice_id = (await alice.join("tls")).peer_id
+        await bob.join("tls")
+        await bob.relay(alice_id, {"sealed": "AAAA"})
+        assert isinstance(await asyncio.wait_for(alice.next_event(), TIMEOUT), PeerJoined)
+        assert await asyncio.wait_for(alice.next_event(), TIMEOUT) == (
+            Relayed(bob.peer_id or PeerId(""), {"sealed": "AAAA"})
+        )
