@@ -221,6 +221,13 @@ class HandshakeResult:
     channel: SealedChannel
 
 
+def _local_suites(suites: Sequence[CipherSuite]) -> tuple[CipherSuite, ...]:
+    try:
+        return tuple(CipherSuite(suite) for suite in suites)
+    except ValueError as error:
+        raise LocalError("suites are RFC 9605 cipher suite codes") from error
+
+
 class _Handshake:
     role: Role
 
@@ -335,9 +342,9 @@ class Initiator(_Handshake):
         peer's authenticated identity key before any key exists; it raises to abort
         (e.g. ``lambda key: known_peers.check(name, key)``)."""
         super().__init__(identity, call_id, random_bytes, peer_check)
-        if not suites or len(set(suites)) != len(suites):
+        self.suites = _local_suites(suites)
+        if not suites or len(set(self.suites)) != len(self.suites):
             raise LocalError("offer at least one suite, each once")
-        self.suites = tuple(CipherSuite(suite) for suite in suites)
         self._transcript: Transcript | None = None
 
     def start(self) -> dict[str, Any]:
@@ -407,7 +414,7 @@ class Responder(_Handshake):
     ) -> None:
         """``suites``: the ones this side supports; the initiator's preference decides."""
         super().__init__(identity, call_id, random_bytes, peer_check)
-        self.suites = frozenset(CipherSuite(suite) for suite in suites)
+        self.suites = frozenset(_local_suites(suites))
         if not self.suites:
             raise LocalError("support at least one suite")
         self.state = HandshakeState.AWAIT_COMMIT

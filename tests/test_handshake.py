@@ -334,6 +334,8 @@ def test_api_misuse_is_a_local_error():
         Initiator(ALICE, "c", [], seeded_random("x"))
     with pytest.raises(LocalError):
         Responder(BOB, "c", [], seeded_random("x"))
+    with pytest.raises(LocalError):
+        Responder(BOB, "c", [9], seeded_random("x"))  # type: ignore[list-item]
 
 
 def test_messages_after_completion_are_unexpected():

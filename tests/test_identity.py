@@ -24,26 +24,12 @@ from crypto.identity import (
     is_passphrase_protected,
     safety_number,
 )
+from tests.vectors.make_handshake_vectors import seeded_random
 
 FAST_ARGON2 = {
     "opslimit": nacl.pwhash.argon2id.OPSLIMIT_MIN,
     "memlimit": nacl.pwhash.argon2id.MEMLIMIT_MIN,
 }
-
-
-def seeded(label: str):
-    """Deterministic random_bytes for tests: SHA-256 in counter mode over a label."""
-    counter = 0
-
-    def random_bytes(size: int) -> bytes:
-        nonlocal counter
-        out = b""
-        while len(out) < size:
-            out += hashlib.sha256(f"{label}/{counter}".encode()).digest()
-            counter += 1
-        return out[:size]
-
-    return random_bytes
 
 
 ALICE = IdentityKey(bytes(range(32)))
@@ -105,13 +91,13 @@ def test_safety_number_digits_are_uniform():
 
 
 def test_key_file_round_trip_plain():
-    data = encode_identity_file(ALICE, None, seeded("plain"))
+    data = encode_identity_file(ALICE, None, seeded_random("plain"))
     assert not is_passphrase_protected(data)
     assert decode_identity_file(data, None).public_key == ALICE.public_key
 
 
 def test_key_file_round_trip_with_passphrase():
-    data = encode_identity_file(ALICE, b"correct horse", seeded("pw"), **FAST_ARGON2)
+    data = encode_identity_file(ALICE, b"correct horse", seeded_random("pw"), **FAST_ARGON2)
     assert is_passphrase_protected(data)
     assert b64encode(ALICE.seed()) not in data.decode()
     assert decode_identity_file(data, b"correct horse").public_key == ALICE.public_key
@@ -122,14 +108,14 @@ def test_key_file_round_trip_with_passphrase():
 
 
 def test_key_file_with_swapped_public_key_is_corrupt():
-    document = json.loads(encode_identity_file(ALICE, None, seeded("x")))
+    document = json.loads(encode_identity_file(ALICE, None, seeded_random("x")))
     document["public_key"] = b64encode(BOB.public_key.raw)
     with pytest.raises(CorruptKeyFile, match="does not match"):
         decode_identity_file(json.dumps(document).encode(), None)
 
 
 def test_key_file_with_flipped_sealed_seed_is_rejected():
-    document = json.loads(encode_identity_file(ALICE, b"pw", seeded("y"), **FAST_ARGON2))
+    document = json.loads(encode_identity_file(ALICE, b"pw", seeded_random("y"), **FAST_ARGON2))
     sealed = bytearray(b64decode(document["sealed_seed"]))
     sealed[-1] ^= 1
     document["sealed_seed"] = b64encode(bytes(sealed))
@@ -138,7 +124,7 @@ def test_key_file_with_flipped_sealed_seed_is_rejected():
 
 
 def test_key_file_with_huge_argon2_cost_is_corrupt_not_slow():
-    document = json.loads(encode_identity_file(ALICE, b"pw", seeded("z"), **FAST_ARGON2))
+    document = json.loads(encode_identity_file(ALICE, b"pw", seeded_random("z"), **FAST_ARGON2))
     document["argon2id"]["memlimit"] = 1 << 40
     with pytest.raises(CorruptKeyFile, match="out of range"):
         decode_identity_file(json.dumps(document).encode(), b"pw")
