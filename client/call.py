@@ -30,7 +30,7 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
-from aiortc.contrib.media import MediaRecorder
+from aiortc.contrib.media import MediaRecorder, MediaRelay
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from client.frame_crypto import FrameCounters, SFrameReceiver, SFrameSender
@@ -482,12 +482,14 @@ class Call:
     def _start_receiving(self) -> None:
         assert self._pc is not None
         tracks = [t.receiver.track for t in self._pc.getTransceivers() if t.receiver.track]
+        # Each received track feeds the statistics and the recorder: each reads its own copy.
+        relay = MediaRelay()
         if self.config.record_path is not None:
             self._recorder = open_recorder(self.config.record_path)
             for track in recordable(self.config.record_path, tracks):
-                self._recorder.addTrack(track)
+                self._recorder.addTrack(relay.subscribe(track))
         for track in tracks:
-            self._tasks.append(asyncio.create_task(collect(track, self.received)))
+            self._tasks.append(asyncio.create_task(collect(relay.subscribe(track), self.received)))
 
     # -- in the call
 

@@ -1,8 +1,12 @@
 """Whole calls through a real hub on a free port, real aiortc on loopback."""
 
 import asyncio
+import json
 import os
+import sys
+from array import array
 
+import av
 import pytest
 
 from client.analysis import dominant_frequency
@@ -161,3 +165,63 @@ async def test_experiment_only_layers(hub, layers, encrypted):
         assert (call.stats.audio.sframe_bytes_added > 0) is encrypted
     # Below SEALED nothing identifies the peer, so no pin is made.
     assert len(bob.config.known_peers) == 0
+
+
+async def blindhub(*arguments: str):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "client.cli",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_the_call_command_completes_and_writes_stats(hub, tmp_path):
+    def command(name: str, send: str, *extra: str):
+        return blindhub(
+            "call", "room1", "--hub", hub.url, "--name", name, "--send", send,
+            "--verify", "tofu", "--duration", "2", "--home", str(tmp_path / name), *extra,
+        )  # fmt: skip
+
+    alice = asyncio.create_task(
+        command("alice", "tone:440,pattern", "--stats-json", str(tmp_path / "a.json"))
+    )
+    await asyncio.sleep(1.0)  # alice joins first
+    bob = await command("bob", "tone:660", "--record", str(tmp_path / "bob.wav"))
+    code, out, err = await alice
+    assert (code, bob[0]) == (0, 0), (err, bob[2])
+    assert "end-to-end encrypted" in out and "SAS to read aloud" in out
+    stats = json.loads((tmp_path / "a.json").read_text())
+    assert stats["audio"]["decrypted"] > 0 and stats["audio"]["failed"] == 0
+    assert stats["protection"]["layers"] == "verified"
+    # Bob recorded alice's tone, and both pinned each other.
+    samples = array("h")
+    with av.open(str(tmp_path / "bob.wav")) as recording:
+        stream = recording.streams.audio[0]
+        channels, rate = stream.channels, stream.rate
+        for frame in recording.decode(stream):
+            samples.frombytes(bytes(frame.planes[0])[: frame.samples * 2 * channels])
+    assert abs(dominant_frequency(samples[::channels], rate) - 440) < 5
+    code, out, _ = await blindhub("contacts", "--home", str(tmp_path / "bob"))
+    assert code == 0 and out.startswith("alice\tSHA256:") and out.rstrip().endswith("pinned")
+
+
+async def test_an_unreachable_hub_exits_3(tmp_path, unused_tcp_port):
+    code, _, err = await blindhub(
+        "call", "room1", "--hub", f"ws://127.0.0.1:{unused_tcp_port}", "--name", "alice",
+        "--home", str(tmp_path), "--duration", "1",
+    )  # fmt: skip
+    assert code == 3 and "cannot join" in err
+
+
+async def test_id_and_contacts_commands(tmp_path):
+    code, first, _ = await blindhub("id", "--home", str(tmp_path))
+    code_again, second, _ = await blindhub("id", "--home", str(tmp_path))
+    assert code == code_again == 0 and first == second and first.startswith("SHA256:")
+    assert await blindhub("contacts", "--home", str(tmp_path)) == (0, "", "")
+    code, _, err = await blindhub("contacts", "--home", str(tmp_path), "forget", "nobody")
+    assert code == 8 and "nobody" in err

@@ -1,0 +1,138 @@
+"""``blindhub call ROOM --hub URL --name NAME``: one end-to-end encrypted call.
+
+Exit codes (docs/client.md): 0 the call completed; 2 usage error; 3 hub unreachable or
+refused the join; 4 verification refused (SAS declined, or an unknown peer with
+``--verify pinned``); 5 identity mismatch (a pinned name presented another key); 6 the call
+failed (setup, key agreement or connection); 7 a local problem (bad ``--send``/``--record``,
+unreadable identity files).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+
+from client.call import (
+    Call,
+    CallConfig,
+    CallError,
+    CallStats,
+    ExperimentOnlyLayers,
+    ProtectionState,
+    Verify,
+)
+from client.identity_store import (
+    home_directory,
+    load_known_peers,
+    load_or_create_identity,
+    save_known_peers,
+)
+from client.media import MediaSourceError, open_recorder, open_sources
+from crypto.errors import CryptoError
+
+EXIT_LOCAL_PROBLEM = 7
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("room", help="the room to call in (both peers name the same room)")
+    parser.add_argument("--hub", required=True, help="the hub's URL, ws://HOST:PORT or wss://...")
+    parser.add_argument("--name", required=True, help="your name, shown to and pinned by the peer")
+    parser.add_argument(
+        "--send",
+        default="tone:440",
+        help="what to send: tone[:HZ], pattern, FILE, mic, camera; several joined by commas",
+    )
+    parser.add_argument("--record", help="record what is received: .wav, .mkv or .mp4")
+    parser.add_argument("--duration", type=float, help="hang up after this many seconds")
+    parser.add_argument(
+        "--verify",
+        choices=[v.value for v in Verify],
+        default=Verify.PROMPT.value,
+        help="prompt: confirm the SAS; tofu: pin new peers; pinned: only pinned peers",
+    )
+    parser.add_argument("--home", help="where your identity and pins live ($BLINDHUB_HOME)")
+    parser.add_argument("--stats-json", help="write the end-of-call statistics to this file")
+    parser.add_argument(
+        "--experiment-only-layers",
+        choices=[layer.value for layer in ExperimentOnlyLayers],
+        default=ExperimentOnlyLayers.VERIFIED.value,
+        help="EXPERIMENT ONLY, for the interception experiment's control runs: the protection "
+        "layers to apply; anything but 'verified' (the default) weakens the call on purpose",
+    )
+
+
+async def ask_to_confirm(state: ProtectionState) -> bool:
+    print(state.describe(), flush=True)
+    answer = await asyncio.to_thread(input, "Does the peer read the same SAS? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def show_protection(state: ProtectionState) -> None:
+    print(state.describe(), flush=True)
+
+
+def print_stats(stats: CallStats) -> None:
+    print(f"call ended ({stats.ended_by}) after {stats.duration_seconds:.1f} s")
+    for kind in ("audio", "video"):
+        s = getattr(stats, kind)
+        print(
+            f"  {kind}: sent {s.sent}, received {s.received}, decrypted {s.decrypted}, "
+            f"failed {s.failed}, SFrame bytes added {s.sframe_bytes_added}"
+        )
+    if stats.round_trip_seconds is not None:
+        print(f"  round-trip time {stats.round_trip_seconds * 1000:.1f} ms")
+    if stats.hub_lost:
+        print("  the hub went away during the call")
+
+
+async def run_call(call: Call) -> CallStats:
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
+        loop.add_signal_handler(signal.SIGINT, call.hangup, "ctrl-c")
+    return await call.run()
+
+
+def run(args: argparse.Namespace) -> int:
+    home = home_directory(args.home)
+    try:
+        identity = load_or_create_identity(home)
+        known_peers = load_known_peers(home)
+        tracks = open_sources(args.send)
+        if args.record:
+            open_recorder(args.record)  # checks the file type before the call starts
+    except (MediaSourceError, CryptoError, OSError) as error:
+        print(f"blindhub call: {error}", file=sys.stderr)
+        return EXIT_LOCAL_PROBLEM
+    verify = Verify(args.verify)
+    layers = ExperimentOnlyLayers(args.experiment_only_layers)
+    call = Call(
+        CallConfig(
+            room=args.room,
+            hub_url=args.hub,
+            name=args.name,
+            identity=identity,
+            known_peers=known_peers,
+            tracks=tracks,
+            verify=verify,
+            confirm_sas=ask_to_confirm,
+            record_path=args.record,
+            duration=args.duration,
+            experiment_only_layers=layers,
+            on_protection=None if verify is Verify.PROMPT else show_protection,
+        )
+    )
+    try:
+        stats = asyncio.run(run_call(call))
+    except CallError as error:
+        print(f"blindhub call: {error}", file=sys.stderr)
+        return error.exit_code
+    finally:
+        if layers is ExperimentOnlyLayers.VERIFIED:
+            save_known_peers(home, known_peers)
+    print_stats(stats)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+    return 0
