@@ -256,6 +256,10 @@ class Call:
             raise CallFailed(f"room {config.room!r} already has a call")
         # The peer that was in the room first initiates; both sides see the same order.
         initiator = not welcome.peers
+        offer_ready = None
+        if initiator:
+            offer_ready = asyncio.create_task(self._create_offer())
+            self._tasks.append(offer_ready)
         self._peer = welcome.peers[0] if welcome.peers else await self._await_peer()
         await self._relay({"type": "hello", "name": config.name})
         hello = await self._next_setup_message("hello")
@@ -281,7 +285,7 @@ class Call:
             self._sframe_receiver.add_key(result.recv_kid, result.recv_base_key)
             if config.experiment_only_layers.seals_signalling:
                 self._channel = result.channel
-        await self._negotiate(initiator)
+        await self._negotiate(offer_ready)
 
     async def _await_peer(self) -> PeerId:
         assert self._hub is not None
@@ -398,16 +402,28 @@ class Call:
             config.known_peers.mark_verified(name)
         return state
 
-    async def _negotiate(self, initiator: bool) -> None:
+    def _new_peer_connection(self) -> RTCPeerConnection:
+        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.config.ice_servers)))
+        return self._pc
+
+    async def _create_offer(self) -> None:
+        """The initiator's offer, made while the peer joins and keys are agreed: it needs no
+        key, and no sender or receiver can start before the answer is applied."""
+        pc = self._new_peer_connection()
+        tracks = {track.kind: track for track in self.config.tracks}
+        for kind in KINDS:
+            track = tracks.get(kind)
+            pc.addTransceiver(track or kind, direction="sendrecv" if track else "recvonly")
+        self._prefer_codecs()
+        await pc.setLocalDescription(await pc.createOffer())
+
+    async def _negotiate(self, offer_ready: asyncio.Task[None] | None) -> None:
         config = self.config
-        self._pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=list(config.ice_servers)))
-        tracks = {track.kind: track for track in config.tracks}
-        if initiator:
-            for kind in KINDS:
-                track = tracks.get(kind)
-                pc.addTransceiver(track or kind, direction="sendrecv" if track else "recvonly")
-            self._prepare_transceivers()
-            await pc.setLocalDescription(await pc.createOffer())
+        if offer_ready is not None:
+            await offer_ready
+            assert self._pc is not None
+            pc = self._pc
+            self._install_transforms()
             await self._relay(
                 {"type": "offer", "sdp": pc.localDescription.sdp, "name": config.name}
             )
@@ -417,10 +433,12 @@ class Call:
         else:
             offer = await self._next_setup_message("offer")
             self._check_sealed_name(offer)
+            pc = self._new_peer_connection()
             await pc.setRemoteDescription(RTCSessionDescription(self._sdp(offer), "offer"))
-            for track in tracks.values():
+            for track in config.tracks:
                 pc.addTrack(track)
-            self._prepare_transceivers()
+            self._prefer_codecs()
+            self._install_transforms()
             await pc.setLocalDescription(await pc.createAnswer())
             await self._relay(
                 {"type": "answer", "sdp": pc.localDescription.sdp, "name": config.name}
@@ -440,24 +458,27 @@ class Call:
         if self._channel is not None and message.get("name") != self.peer_name:
             raise CallFailed("the peer's name was altered in transit")
 
-    def _prepare_transceivers(self) -> None:
-        """Opus and VP8 only, and SFrame on every sender and receiver before media can flow."""
+    def _prefer_codecs(self) -> None:
+        """Opus and VP8 only: the codecs the frame transforms can frame."""
         assert self._pc is not None
         for transceiver in self._pc.getTransceivers():
             capabilities = RTCRtpSender.getCapabilities(transceiver.kind)
             transceiver.setCodecPreferences(
                 [c for c in capabilities.codecs if c.name in SUPPORTED_CODECS or c.name == "rtx"]
             )
-            if self._sframe_sender is not None and self._sframe_receiver is not None:
-                kind = transceiver.kind
-                install_sender_transform(transceiver.sender, self._sframe_sender.transform(kind))
-                install_receiver_transform(
-                    transceiver.receiver,
-                    self._first_audio_timer(
-                        kind,
-                        self._sframe_receiver.transform(kind, self._on_drop(transceiver.receiver)),
-                    ),
-                )
+
+    def _install_transforms(self) -> None:
+        """SFrame on every sender and receiver, keyed, before any of them can start."""
+        assert self._pc is not None
+        if self._sframe_sender is None or self._sframe_receiver is None:
+            return
+        for transceiver in self._pc.getTransceivers():
+            kind = transceiver.kind
+            install_sender_transform(transceiver.sender, self._sframe_sender.transform(kind))
+            unprotect = self._sframe_receiver.transform(kind, self._on_drop(transceiver.receiver))
+            install_receiver_transform(
+                transceiver.receiver, self._first_audio_timer(kind, unprotect)
+            )
 
     def _on_drop(self, receiver: RTCRtpReceiver) -> Callable[[SFrameError], None]:
         def on_failure(error: SFrameError) -> None:
