@@ -217,19 +217,32 @@ class Call:
         self._ended = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._join_time = 0.0
+        self._setup: asyncio.Future[None] | None = None
         self._media_started = 0.0
 
     def hangup(self, reason: str = "hangup") -> None:
-        if not self._ended.is_set():
+        """End the call; during setup, abandon it (``run`` raises ``CallFailed``)."""
+        if self._setup is not None and not self._setup.done():
+            self._setup.cancel(reason)
+        elif not self._ended.is_set():
             self.stats.ended_by = reason
             self._ended.set()
 
     async def run(self) -> CallStats:
+        self._setup = asyncio.ensure_future(
+            asyncio.wait_for(self._set_up(), self.config.setup_timeout)
+        )
         try:
-            await asyncio.wait_for(self._set_up(), self.config.setup_timeout)
+            await self._setup
         except TimeoutError:
             await self._close()
             raise CallFailed("the call was not set up in time") from None
+        except asyncio.CancelledError:
+            await self._close()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task itself is being cancelled, not just the setup
+            raise CallFailed("hung up before the call was set up") from None
         except BaseException:
             await self._close()
             raise

@@ -225,3 +225,12 @@ async def test_id_and_contacts_commands(tmp_path):
     assert await blindhub("contacts", "--home", str(tmp_path)) == (0, "", "")
     code, _, err = await blindhub("contacts", "--home", str(tmp_path), "forget", "nobody")
     assert code == 8 and "nobody" in err
+
+
+async def test_hanging_up_during_setup_abandons_the_call(hub):
+    alone = Call(config(hub, "alice", 440))
+    task = asyncio.create_task(alone.run())
+    await wait_for(lambda: alone._hub is not None and alone._hub.room is not None)
+    alone.hangup("ctrl-c")
+    with pytest.raises(CallFailed, match="before the call was set up"):
+        await task
