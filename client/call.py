@@ -218,6 +218,7 @@ class Call:
         self._tasks: list[asyncio.Task[None]] = []
         self._join_time = 0.0
         self._setup: asyncio.Future[None] | None = None
+        self._pinned_now = False
         self._media_started = 0.0
 
     def hangup(self, reason: str = "hangup") -> None:
@@ -387,6 +388,7 @@ class Call:
             if pin.public_key != key:
                 raise PinnedIdentityMismatch(name, pin.public_key, key)
             return
+        self._pinned_now = self.config.known_peers.get(name) is None
         self.config.known_peers.check(name, key)
 
     async def _protection(self, result: HandshakeResult | None) -> ProtectionState:
@@ -411,6 +413,9 @@ class Call:
         )
         if config.verify is Verify.PROMPT and not pin.verified:
             if config.confirm_sas is None or not await config.confirm_sas(state):
+                if self._pinned_now:
+                    # A SAS that does not match may mean a man in the middle: pin nothing.
+                    config.known_peers.remove(name)
                 raise VerificationRefused(f"the SAS with {name} was not confirmed")
             config.known_peers.mark_verified(name)
         return state

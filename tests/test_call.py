@@ -234,3 +234,27 @@ async def test_hanging_up_during_setup_abandons_the_call(hub):
     alone.hangup("ctrl-c")
     with pytest.raises(CallFailed, match="before the call was set up"):
         await task
+
+
+@pytest.mark.parametrize("confirmed", [True, False])
+async def test_verify_prompt_asks_to_confirm_the_sas(hub, confirmed):
+    shown = []
+
+    async def confirm(state):
+        shown.append(state)
+        return confirmed
+
+    bob_peers = KnownPeers()
+    _, bob, (_, bob_result) = await run_pair(
+        config(hub, "alice", 440, duration=1.0),
+        config(hub, "bob", 660, verify=Verify.PROMPT, confirm_sas=confirm, known_peers=bob_peers),
+    )
+    assert len(shown) == 1 and shown[0].sas and shown[0].peer_name == "alice"
+    if confirmed:
+        assert not isinstance(bob_result, BaseException), bob_result
+        pin = bob_peers.get("alice")
+        assert pin is not None and pin.verified
+    else:
+        assert isinstance(bob_result, VerificationRefused)
+        assert bob.received.audio_frames == 0
+        assert bob_peers.get("alice") is None  # a rejected SAS pins nothing
