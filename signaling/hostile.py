@@ -1,0 +1,409 @@
+"""The hostile hub: the normal hub with switchable attacker capabilities (the experiment, issue 6).
+
+`HostileHub` is `signaling.hub.Hub` with one method overridden, `route_relay`, the hook the hub
+keeps for exactly this: everything else (rooms, limits, the wire format, the websockets server) is
+the honest hub's. What it adds is what a hub operator could do to listen in:
+
+- ``record``: the ``--record-metadata`` log of everything it delivers, plus, wherever it sits in
+  the media path, every media packet it relays (`MediaMitm.packets` and `.frames`).
+- ``dtls-mitm``: rewrites the SDP it relays so that each peer runs DTLS-SRTP with the hub
+  (`signaling.media_mitm.MediaMitm`). When the SDP is sealed it cannot read it; it then does the
+  one thing left, alter the first sealed message each way (the offer and the answer), which the
+  peers detect.
+- ``keyswap``: runs the key agreement with each peer itself, with its own identity keys
+  (`Responder` toward the initiator, `Initiator` toward the responder). It then holds both legs'
+  SFrame keys and sealing keys: it unseals and reseals the signalling, rewrites the SDP as in
+  ``dtls-mitm``, and its `MediaMitm` opens each frame with one leg's key, records the plaintext
+  and seals it again for the other leg (`SFrameRelay`). Only the peers comparing their SAS, or
+  pinned identities, expose it.
+- ``tamper``: drops relayed messages of chosen types, and after every sealed message it forwards
+  injects a replayed copy and an altered copy.
+
+Relays that need the media path (``dtls-mitm``, ``keyswap``) are rewritten asynchronously, in
+order per sender and recipient, and delivered through the server's ``deliver``; the others stay
+synchronous, like the honest hub's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from client.frame_crypto import SFrameReceiver, SFrameSender
+from crypto.handshake import HandshakeResult, HandshakeState, Initiator, Responder
+from crypto.identity import IdentityKey, b64decode, b64encode
+from crypto.sealed import MediaKey, Received, SealedChannel
+from crypto.sframe import CipherSuite
+from signaling.hub import Delivery, Hub, Limits, random_peer_id
+from signaling.media_mitm import Direction, InterceptionError, Kind, MediaMitm
+from signaling.protocol import JsonText, PeerId, RelayFrom
+from signaling.server import HubServer, MetadataRecorder
+
+logger = logging.getLogger("blindhub.hostile")
+
+HANDSHAKE_TYPES = frozenset({"commit", "accept", "reveal", "confirm"})
+SDP_TYPES = frozenset({"offer", "answer"})
+
+
+class Capability(enum.StrEnum):
+    RECORD = "record"
+    DTLS_MITM = "dtls-mitm"
+    KEYSWAP = "keyswap"
+    TAMPER = "tamper"
+
+
+def parse_capabilities(text: str) -> frozenset[Capability]:
+    """``"record+tamper"`` -> {RECORD, TAMPER}; raises ValueError naming an unknown one."""
+    try:
+        return frozenset(Capability(name) for name in text.split("+") if name)
+    except ValueError:
+        known = ", ".join(c.value for c in Capability)
+        raise ValueError(f"unknown capability in {text!r} (known: {known})") from None
+
+
+@dataclass(frozen=True)
+class TamperPlan:
+    """What ``tamper`` does: inject a replay and/or an altered copy after each sealed message,
+    and drop every relayed message whose clear ``type`` is listed."""
+
+    replay: bool = True
+    alter: bool = True
+    drop_types: frozenset[str] = frozenset()
+
+
+@dataclass
+class TamperCounts:
+    dropped: int = 0
+    replayed: int = 0
+    altered: int = 0
+
+
+class SFrameRelay:
+    """The keyswap's `RelayTransform`: each leg's frames opened with the key the hub agreed with
+    that peer, and sealed again under the key it agreed with the other peer."""
+
+    def __init__(self, offerer_leg: HandshakeResult, answerer_leg: HandshakeResult) -> None:
+        legs = {
+            Direction.OFFERER_TO_ANSWERER: (offerer_leg, answerer_leg),
+            Direction.ANSWERER_TO_OFFERER: (answerer_leg, offerer_leg),
+        }
+        self._receivers: dict[Direction, SFrameReceiver] = {}
+        self._senders: dict[Direction, SFrameSender] = {}
+        for direction, (source, destination) in legs.items():
+            receiver = self._receivers[direction] = SFrameReceiver(source.suite)
+            receiver.add_key(source.recv_kid, source.recv_base_key)
+            sender = self._senders[direction] = SFrameSender(destination.suite)
+            sender.use_key(destination.send_kid, destination.send_base_key)
+        self._open = {
+            (direction, kind): receiver.transform(kind)
+            for direction, receiver in self._receivers.items()
+            for kind in ("audio", "video")
+        }
+        self._seal = {
+            (direction, kind): sender.transform(kind)
+            for direction, sender in self._senders.items()
+            for kind in ("audio", "video")
+        }
+
+    def open(self, direction: Direction, kind: Kind, frame: bytes) -> bytes | None:
+        return self._open[direction, kind](frame)
+
+    def seal(self, direction: Direction, kind: Kind, frame: bytes) -> bytes | None:
+        return self._seal[direction, kind](frame)
+
+    def rekeyed(self, direction: Direction, key: MediaKey, *, incoming: bool) -> None:
+        """A leg's rekey: frames from that peer arrive under a new key (``incoming``), or must
+        be sent to it under a new key."""
+        if incoming:
+            self._receivers[direction].add_key(key.kid, key.base_key)
+        else:
+            self._senders[direction].use_key(key.kid, key.base_key)
+
+
+@dataclass
+class _Leg:
+    """The hub's own key agreement with one peer (keyswap)."""
+
+    machine: Initiator | Responder
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def result(self) -> HandshakeResult:
+        return self.machine.result
+
+    @property
+    def channel(self) -> SealedChannel:
+        return self.machine.result.channel
+
+
+@dataclass
+class RoomAttack:
+    """What the hub did to one room's call and what it got out of it."""
+
+    mitm: MediaMitm | None = None
+    offerer: PeerId | None = None
+    legs: dict[PeerId, _Leg] = field(default_factory=dict)
+    relay: SFrameRelay | None = None
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def sas_by_peer(self) -> dict[PeerId, str]:
+        """The SAS each peer's key agreement with the hub produced (keyswap)."""
+        return {
+            peer: leg.result.sas
+            for peer, leg in self.legs.items()
+            if leg.machine.state is HandshakeState.DONE
+        }
+
+
+def _decode(payload: JsonText) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
+
+
+def _encode(message: Any) -> JsonText:
+    return JsonText(json.dumps(message, separators=(",", ":")))
+
+
+def _type(message: Any) -> str | None:
+    kind = message.get("type") if isinstance(message, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def altered(message: dict[str, Any]) -> dict[str, Any]:
+    """A sealed message with the last ciphertext bit flipped (its tag no longer matches)."""
+    ciphertext = bytearray(b64decode(message["ciphertext"]))
+    ciphertext[-1] ^= 1
+    return {**message, "ciphertext": b64encode(bytes(ciphertext))}
+
+
+def _sealed(message: Any) -> bool:
+    return _type(message) == "sealed" and isinstance(message.get("ciphertext"), str)
+
+
+class HostileHub(Hub):
+    """``HostileHub({Capability.DTLS_MITM})``; ``await hub.serve()`` runs it on a free port."""
+
+    def __init__(
+        self,
+        capabilities: Iterable[Capability],
+        limits: Limits | None = None,
+        *,
+        tamper: TamperPlan | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        new_peer_id: Callable[[], PeerId] = random_peer_id,
+    ) -> None:
+        super().__init__(limits, new_peer_id=new_peer_id)
+        self.capabilities = frozenset(capabilities)
+        self.tamper_plan = tamper or TamperPlan()
+        self.tampered = TamperCounts()
+        self.attacks: dict[str, RoomAttack] = {}
+        self.metadata_log = io.StringIO()
+        self._random_bytes = random_bytes
+        self._deliver: Callable[[list[Delivery]], None] | None = None
+        self._queues: dict[tuple[PeerId, PeerId], asyncio.Queue[tuple[str, JsonText]]] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._server: HubServer | None = None
+
+    @property
+    def in_media_path(self) -> bool:
+        return bool(self.capabilities & {Capability.DTLS_MITM, Capability.KEYSWAP})
+
+    def attack(self, room: str) -> RoomAttack:
+        return self.attacks.setdefault(room, RoomAttack())
+
+    def metadata(self) -> list[dict[str, Any]]:
+        """The ``record`` log, one parsed JSON line per delivery (empty without ``record``)."""
+        return [json.loads(line) for line in self.metadata_log.getvalue().splitlines()]
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> HubServer:
+        """Start the websockets server around this hub (``record`` keeps the metadata log)."""
+        recording = Capability.RECORD in self.capabilities
+        self._server = HubServer(
+            self,
+            host=host,
+            port=port,
+            metadata=MetadataRecorder(self.metadata_log) if recording else None,
+        )
+        self._deliver = self._server.deliver
+        await self._server.start()
+        return self._server
+
+    async def close(self) -> None:
+        """Stop the server, the rewriting workers and every media man in the middle."""
+        if self._server is not None:
+            await self._server.close()
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        for attack in self.attacks.values():
+            if attack.mitm is not None:
+                await attack.mitm.close()
+
+    # -- routing
+
+    def route_relay(
+        self, room: str, sender: PeerId, recipient: PeerId, payload: JsonText
+    ) -> list[Delivery]:
+        if not self.in_media_path:
+            return self._tampered([Delivery(recipient, RelayFrom(sender, payload), room)])
+        if self._deliver is None:
+            raise RuntimeError("a hub in the media path rewrites asynchronously: use serve()")
+        queue = self._queues.get((sender, recipient))
+        if queue is None:
+            queue = self._queues[sender, recipient] = asyncio.Queue()
+            self._workers.append(
+                asyncio.create_task(self._rewrite_in_order(sender, recipient, queue))
+            )
+        queue.put_nowait((room, payload))
+        return []
+
+    async def _rewrite_in_order(
+        self, sender: PeerId, recipient: PeerId, queue: asyncio.Queue[tuple[str, JsonText]]
+    ) -> None:
+        assert self._deliver is not None
+        while True:
+            room, payload = await queue.get()
+            try:
+                deliveries = await self._rewrite(room, sender, recipient, payload)
+            except (ValueError, InterceptionError) as error:
+                # The attack failed on this message (a peer refused the hub's keys, or sent what
+                # the hub cannot use): it is dropped, and the peers notice the rest.
+                self.attack(room).events.append(f"attack-failed: {type(error).__name__}")
+                logger.info("attack failed: %s", error)
+                continue
+            self._deliver(self._tampered(deliveries))
+
+    async def _rewrite(
+        self, room: str, sender: PeerId, recipient: PeerId, payload: JsonText
+    ) -> list[Delivery]:
+        attack = self.attack(room)
+        message = _decode(payload)
+        kind = _type(message)
+
+        def to(peer: PeerId, text: JsonText) -> Delivery:
+            # Anything the hub sends a peer claims to come from the other one.
+            return Delivery(peer, RelayFrom(recipient if peer == sender else sender, text), room)
+
+        if Capability.KEYSWAP in self.capabilities and kind in HANDSHAKE_TYPES:
+            return [
+                to(peer, _encode(m))
+                for peer, m in self._swap_keys(attack, sender, recipient, message)
+            ]
+        if attack.legs:
+            # Nothing passes a leg before the hub's own key agreement with that peer is done.
+            await asyncio.gather(*(leg.done.wait() for leg in attack.legs.values()))
+        if not _sealed(message):
+            rewritten = await self._rewrite_sdp(attack, sender, message)
+            return [to(recipient, payload if rewritten is message else _encode(rewritten))]
+        if not attack.legs:
+            if message.get("epoch") == 0 and message.get("seq") == 0:
+                # The first sealed message each way is the SDP, which the hub cannot read: all
+                # it can do is send something else in its place.
+                attack.events.append("sealed-sdp-altered")
+                return [to(recipient, _encode(altered(message)))]
+            return [to(recipient, payload)]
+        received = attack.legs[sender].channel.open(message)
+        deliveries = [to(sender, _encode(reply)) for reply in received.replies]
+        self._follow_rekey(attack, sender, received)
+        if received.content is not None:
+            content = await self._rewrite_sdp(attack, sender, received.content)
+            resealed = attack.legs[recipient].channel.seal(content)
+            deliveries.append(to(recipient, _encode(resealed)))
+        return deliveries
+
+    def _swap_keys(
+        self, attack: RoomAttack, sender: PeerId, recipient: PeerId, message: dict[str, Any]
+    ) -> list[tuple[PeerId, dict[str, Any]]]:
+        """Answer a key agreement message on the sender's leg; a commit opens both legs."""
+        if _type(message) == "commit" and sender not in attack.legs:
+            suites = [CipherSuite(code) for code in message.get("suites", [])]
+            call_id = str(message.get("call_id"))
+            toward_initiator = Responder(self._identity(), call_id, suites, self._random_bytes)
+            toward_responder = Initiator(self._identity(), call_id, suites, self._random_bytes)
+            attack.legs[sender] = _Leg(toward_initiator)
+            attack.legs[recipient] = _Leg(toward_responder)
+            attack.events.append("keyswap-started")
+            replies = [(sender, reply) for reply in toward_initiator.receive(message)]
+            return [*replies, (recipient, toward_responder.start())]
+        leg = attack.legs.get(sender)
+        if leg is None:
+            return [(recipient, message)]
+        replies = [(sender, reply) for reply in leg.machine.receive(message)]
+        if leg.machine.state is HandshakeState.DONE:
+            leg.done.set()
+            attack.events.append("keyswap-leg-done")
+        return replies
+
+    def _identity(self) -> IdentityKey:
+        return IdentityKey.generate(self._random_bytes)
+
+    def _follow_rekey(self, attack: RoomAttack, sender: PeerId, received: Received) -> None:
+        if attack.relay is None or attack.offerer is None:
+            return
+        from_offerer = sender == attack.offerer
+        incoming = Direction.OFFERER_TO_ANSWERER if from_offerer else Direction.ANSWERER_TO_OFFERER
+        outgoing = Direction.ANSWERER_TO_OFFERER if from_offerer else Direction.OFFERER_TO_ANSWERER
+        if received.install_receive is not None:
+            attack.relay.rekeyed(incoming, received.install_receive, incoming=True)
+        if received.switch_send is not None:
+            attack.relay.rekeyed(outgoing, received.switch_send, incoming=False)
+
+    async def _rewrite_sdp(self, attack: RoomAttack, sender: PeerId, message: Any) -> Any:
+        """The hub's own SDP in place of an offer or answer; anything else unchanged."""
+        kind = _type(message)
+        sdp = message.get("sdp") if kind in SDP_TYPES else None
+        if not isinstance(sdp, str):
+            return message
+        if kind == "offer":
+            if attack.mitm is not None:
+                return message  # one call per room: a second offer goes through untouched
+            attack.offerer = sender
+            if attack.legs:
+                answerer = next(peer for peer in attack.legs if peer != sender)
+                attack.relay = SFrameRelay(attack.legs[sender].result, attack.legs[answerer].result)
+            attack.mitm = MediaMitm(relay_transform=attack.relay)
+            rewritten = await attack.mitm.intercept_offer(sdp)
+        else:
+            if attack.mitm is None:
+                return message
+            rewritten = await attack.mitm.intercept_answer(sdp)
+        attack.events.append(f"{kind}-rewritten")
+        return {**message, "sdp": rewritten}
+
+    def _tampered(self, deliveries: list[Delivery]) -> list[Delivery]:
+        if Capability.TAMPER not in self.capabilities:
+            return deliveries
+        plan = self.tamper_plan
+        result: list[Delivery] = []
+        for delivery in deliveries:
+            relayed = delivery.message
+            assert isinstance(relayed, RelayFrom)
+            message = _decode(relayed.payload)
+            if _type(message) in plan.drop_types:
+                self.tampered.dropped += 1
+                continue
+            result.append(delivery)
+            if not _sealed(message):
+                continue
+            copies = []
+            if plan.replay:
+                self.tampered.replayed += 1
+                copies.append(relayed.payload)
+            if plan.alter:
+                self.tampered.altered += 1
+                copies.append(_encode(altered(message)))
+            result += [
+                Delivery(delivery.recipient, RelayFrom(relayed.sender, copy), delivery.room)
+                for copy in copies
+            ]
+        return result

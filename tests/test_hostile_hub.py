@@ -1,0 +1,349 @@
+"""The hostile hub's capabilities, each on its own: tamper and pass-through in the routing core
+(no sockets), keyswap and the sealed-SDP alteration over a real hub with real key agreement
+machines and sealed channels, the keyswap's SFrame relay frame by frame, and the record log."""
+
+import asyncio
+import itertools
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from client.frame_crypto import SFrameReceiver, SFrameSender
+from client.hub_connection import HubConnection, Relayed
+from crypto.handshake import HandshakeResult, Initiator, Responder
+from crypto.identity import IdentityKey, KnownPeers, PinnedIdentityMismatch
+from crypto.sealed import DecryptionFailed, Role, SealedChannel, SealedReplay
+from crypto.sframe import CipherSuite
+from signaling.hostile import (
+    Capability,
+    HostileHub,
+    SFrameRelay,
+    TamperPlan,
+    altered,
+    parse_capabilities,
+)
+from signaling.hub import Delivery
+from signaling.media_mitm import Direction
+from signaling.protocol import JsonText, PeerId, RelayFrom
+
+SUITES = (CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_256_GCM_SHA512_128)
+TIMEOUT = 10.0
+SECRET = bytes(range(32))
+
+
+def counter_ids() -> Callable[[], PeerId]:
+    numbers = itertools.count(1)
+    return lambda: PeerId(f"peer{next(numbers)}")
+
+
+def joined_pair(hub: HostileHub) -> tuple[PeerId, PeerId]:
+    first, second = hub.connect(0.0), hub.connect(0.0)
+    for peer in (first, second):
+        hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
+    return first, second
+
+
+def relay(hub: HostileHub, sender: PeerId, to: PeerId, payload: Any) -> list[Delivery]:
+    text = json.dumps({"type": "relay", "to": to, "payload": payload})
+    return hub.handle(sender, text, 0.0)
+
+
+def payloads(deliveries: list[Delivery]) -> list[Any]:
+    result = []
+    for delivery in deliveries:
+        assert isinstance(delivery.message, RelayFrom)
+        result.append(json.loads(delivery.message.payload))
+    return result
+
+
+def sealed_pair() -> tuple[SealedChannel, SealedChannel]:
+    return (
+        SealedChannel(Role.INITIATOR, "call-1", SECRET, os.urandom),
+        SealedChannel(Role.RESPONDER, "call-1", SECRET, os.urandom),
+    )
+
+
+def test_parse_capabilities():
+    assert parse_capabilities("record+tamper") == {Capability.RECORD, Capability.TAMPER}
+    assert parse_capabilities("keyswap") == {Capability.KEYSWAP}
+    with pytest.raises(ValueError, match="unknown capability in 'record\\+listen'"):
+        parse_capabilities("record+listen")
+
+
+def test_without_tamper_relays_are_forwarded_byte_for_byte():
+    hub = HostileHub({Capability.RECORD}, new_peer_id=counter_ids())
+    first, second = joined_pair(hub)
+    text = '{"type":"relay","to":"peer2","payload":{"b": 1,  "a":[1.50]}}'
+    assert hub.handle(first, text, 0.0) == [
+        Delivery(second, RelayFrom(first, JsonText('{"b": 1,  "a":[1.50]}')), "r")
+    ]
+
+
+def test_tamper_injects_a_replay_and_an_altered_copy_after_each_sealed_message():
+    hub = HostileHub({Capability.TAMPER}, new_peer_id=counter_ids())
+    first, second = joined_pair(hub)
+    sender, receiver = sealed_pair()
+    message = sender.seal({"type": "offer", "sdp": "v=0"})
+
+    genuine, replay, forged = payloads(relay(hub, first, second, message))
+    assert genuine == replay == message
+    assert forged != message and set(forged) == set(message)
+
+    # The recipient's channel takes the genuine one and rejects both copies, unchanged by them.
+    assert receiver.open(genuine).content == {"type": "offer", "sdp": "v=0"}
+    with pytest.raises(SealedReplay):
+        receiver.open(replay)
+    with pytest.raises(DecryptionFailed):
+        receiver.open(forged)
+    assert receiver.open(sender.seal({"type": "bye"})).content == {"type": "bye"}
+    assert (hub.tampered.replayed, hub.tampered.altered, hub.tampered.dropped) == (1, 1, 0)
+
+    # Clear messages get no copies.
+    assert payloads(relay(hub, first, second, {"type": "hello", "name": "a"})) == [
+        {"type": "hello", "name": "a"}
+    ]
+
+
+def test_tamper_drops_the_chosen_types_and_can_inject_only_one_kind_of_copy():
+    plan = TamperPlan(replay=False, drop_types=frozenset({"hello"}))
+    hub = HostileHub({Capability.TAMPER}, tamper=plan, new_peer_id=counter_ids())
+    first, second = joined_pair(hub)
+    assert relay(hub, first, second, {"type": "hello", "name": "a"}) == []
+    message = sealed_pair()[0].seal({"type": "bye"})
+    assert len(payloads(relay(hub, first, second, message))) == 2
+    assert (hub.tampered.replayed, hub.tampered.altered, hub.tampered.dropped) == (0, 1, 1)
+
+
+def test_altered_flips_one_ciphertext_bit_only():
+    sender, receiver = sealed_pair()
+    message = sender.seal({"type": "bye"})
+    forged = altered(message)
+    assert {k: v for k, v in forged.items() if k != "ciphertext"} == {
+        k: v for k, v in message.items() if k != "ciphertext"
+    }
+    with pytest.raises(DecryptionFailed):
+        receiver.open(forged)
+
+
+def test_a_hub_in_the_media_path_must_be_served():
+    hub = HostileHub({Capability.DTLS_MITM}, new_peer_id=counter_ids())
+    first, second = joined_pair(hub)
+    with pytest.raises(RuntimeError, match="use serve"):
+        relay(hub, first, second, {"type": "hello"})
+
+
+# -- over a real hub
+
+
+class Pair:
+    """Two hub connections in one room: ``first`` joined first."""
+
+    def __init__(self, first: HubConnection, second: HubConnection, ids: tuple[PeerId, PeerId]):
+        self.first, self.second = first, second
+        self.first_id, self.second_id = ids
+
+    async def send(self, from_first: bool, payload: Any) -> None:
+        if from_first:
+            await self.first.relay(self.second_id, payload)
+        else:
+            await self.second.relay(self.first_id, payload)
+
+    async def receive(self, at_first: bool) -> Any:
+        connection = self.first if at_first else self.second
+        while True:
+            event = await asyncio.wait_for(connection.next_event(), TIMEOUT)
+            if isinstance(event, Relayed):
+                return event.payload
+
+
+@pytest.fixture
+async def hostile() -> AsyncIterator[Callable[..., Any]]:
+    hubs: list[HostileHub] = []
+    connections: list[HubConnection] = []
+
+    async def start(*capabilities: Capability) -> tuple[HostileHub, Pair]:
+        hub = HostileHub(capabilities)
+        hubs.append(hub)
+        server = await hub.serve()
+        first = await HubConnection.connect(server.url)
+        second = await HubConnection.connect(server.url)
+        connections.extend((first, second))
+        welcome_first = await first.join("r")
+        welcome_second = await second.join("r")
+        return hub, Pair(first, second, (welcome_first.peer_id, welcome_second.peer_id))
+
+    yield start
+    for connection in connections:
+        await connection.close()
+    for hub in hubs:
+        await hub.close()
+
+
+async def agree_through(
+    pair: Pair,
+    alice: IdentityKey,
+    bob: IdentityKey,
+    *,
+    alice_check: Callable[[Any], object] | None = None,
+    bob_check: Callable[[Any], object] | None = None,
+) -> tuple[HandshakeResult, HandshakeResult]:
+    """The call's key agreement between two real machines whose messages cross the hub."""
+    initiator = Initiator(alice, "call-1", SUITES, os.urandom, peer_check=alice_check)
+    await pair.send(True, initiator.start())
+    responder = Responder(bob, "call-1", SUITES, os.urandom, peer_check=bob_check)
+    for message in responder.receive(await pair.receive(at_first=False)):  # commit -> accept
+        await pair.send(False, message)
+    for message in initiator.receive(await pair.receive(at_first=True)):  # accept -> reveal
+        await pair.send(True, message)
+    for message in responder.receive(await pair.receive(at_first=False)):  # reveal -> confirm
+        await pair.send(False, message)
+    initiator.receive(await pair.receive(at_first=True))
+    return initiator.result, responder.result
+
+
+async def test_keyswap_agrees_its_own_keys_with_each_peer_and_reseals_between_them(hostile):
+    hub, pair = await hostile(Capability.KEYSWAP)
+    alice, bob = IdentityKey.generate(os.urandom), IdentityKey.generate(os.urandom)
+    alice_result, bob_result = await agree_through(pair, alice, bob)
+
+    # Each peer completed a key agreement, but with the hub: neither sees the other's key.
+    assert alice_result.peer_identity != bob.public_key
+    assert bob_result.peer_identity != alice.public_key
+    # The SAS is what gives it away: the two peers are shown different values, each the one
+    # the hub's leg with that peer produced.
+    assert alice_result.sas != bob_result.sas
+    attack = hub.attack("r")
+    assert attack.sas_by_peer == {pair.first_id: alice_result.sas, pair.second_id: bob_result.sas}
+
+    # It unseals what one peer sends and reseals it for the other.
+    await pair.send(True, alice_result.channel.seal({"type": "note", "text": "hello bob"}))
+    received = bob_result.channel.open(await pair.receive(at_first=False))
+    assert received.content == {"type": "note", "text": "hello bob"}
+
+    # A rekey is answered by the hub on that leg alone; the peer gets its new keys all the same,
+    # and what it seals under them still reaches the other peer.
+    await pair.send(False, bob_result.channel.start_rekey())
+    ack = bob_result.channel.open(await pair.receive(at_first=False))
+    assert ack.install_receive is not None and ack.switch_send is not None
+    for reply in ack.replies:
+        await pair.send(False, reply)
+    assert bob_result.channel.epoch == 1
+    await pair.send(False, bob_result.channel.seal({"type": "note", "text": "hello alice"}))
+    received = alice_result.channel.open(await pair.receive(at_first=True))
+    assert received.content == {"type": "note", "text": "hello alice"}
+    assert alice_result.channel.epoch == 0
+
+    # An offer whose SDP the hub cannot use makes the attack fail on that message: it is
+    # dropped (the peers see a call that does not start), never passed on half-rewritten.
+    await pair.send(True, alice_result.channel.seal({"type": "offer", "sdp": "v=0"}))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(pair.second.next_event(), 0.5)
+    assert attack.events[-1] == "attack-failed: SdpRejected"
+
+
+async def test_keyswap_is_refused_by_peers_that_pinned_each_other(hostile):
+    hub, pair = await hostile(Capability.KEYSWAP)
+    alice, bob = IdentityKey.generate(os.urandom), IdentityKey.generate(os.urandom)
+    alice_pins, bob_pins = KnownPeers(), KnownPeers()
+    alice_pins.check("bob", bob.public_key)
+    bob_pins.check("alice", alice.public_key)
+    initiator = Initiator(
+        alice, "call-1", SUITES, os.urandom, peer_check=lambda k: alice_pins.check("bob", k)
+    )
+    responder = Responder(
+        bob, "call-1", SUITES, os.urandom, peer_check=lambda k: bob_pins.check("alice", k)
+    )
+    await pair.send(True, initiator.start())
+    for message in responder.receive(await pair.receive(at_first=False)):
+        await pair.send(False, message)
+    for message in initiator.receive(await pair.receive(at_first=True)):
+        await pair.send(True, message)
+    # Bob refuses the hub's reveal, alice the hub's confirm: neither derives a key.
+    with pytest.raises(PinnedIdentityMismatch):
+        responder.receive(await pair.receive(at_first=False))
+    with pytest.raises(PinnedIdentityMismatch):
+        initiator.receive(await pair.receive(at_first=True))
+    assert hub.attack("r").mitm is None
+
+
+async def test_dtls_mitm_alters_the_first_sealed_message_each_way_and_nothing_else(hostile):
+    hub, pair = await hostile(Capability.DTLS_MITM)
+    alice_channel, bob_channel = sealed_pair()
+    await pair.send(True, {"type": "hello", "name": "alice"})
+    assert await pair.receive(at_first=False) == {"type": "hello", "name": "alice"}
+    await pair.send(True, alice_channel.seal({"type": "offer", "sdp": "v=0"}))
+    with pytest.raises(DecryptionFailed):
+        bob_channel.open(await pair.receive(at_first=False))
+    await pair.send(False, bob_channel.seal({"type": "answer", "sdp": "v=0"}))
+    with pytest.raises(DecryptionFailed):
+        alice_channel.open(await pair.receive(at_first=True))
+    # Later sealed messages pass unchanged (alice's channel still misses message 0).
+    bye = bob_channel.seal({"type": "bye"})
+    await pair.send(False, bye)
+    assert await pair.receive(at_first=True) == bye
+    assert hub.attack("r").events == ["sealed-sdp-altered"] * 2
+
+
+async def test_record_keeps_every_delivery_with_its_exact_payload(hostile):
+    hub, pair = await hostile(Capability.RECORD)
+    await pair.send(True, {"type": "hello", "name": "alice"})
+    await pair.receive(at_first=False)
+    lines = hub.metadata()
+    assert [line["type"] for line in lines] == ["welcome", "welcome", "peer-joined", "relay"]
+    assert lines[-1]["payload"] == {"type": "hello", "name": "alice"}
+    assert lines[-1]["from"] == pair.first_id and lines[-1]["to"] == pair.second_id
+
+
+# -- the keyswap's frame relay
+
+
+def agree(first: IdentityKey, second: IdentityKey) -> tuple[HandshakeResult, HandshakeResult]:
+    initiator = Initiator(first, "call-1", SUITES, os.urandom)
+    responder = Responder(second, "call-1", SUITES, os.urandom)
+    [accept] = responder.receive(initiator.start())
+    [reveal] = initiator.receive(accept)
+    [confirm] = responder.receive(reveal)
+    initiator.receive(confirm)
+    return initiator.result, responder.result
+
+
+def test_sframe_relay_opens_each_leg_with_its_key_and_seals_for_the_other():
+    alice, bob, hub_a, hub_b = (IdentityKey.generate(os.urandom) for _ in range(4))
+    alice_leg, hub_toward_alice = agree(alice, hub_a)
+    hub_toward_bob, bob_leg = agree(hub_b, bob)
+    relay = SFrameRelay(hub_toward_alice, hub_toward_bob)
+
+    def sender(result: HandshakeResult) -> SFrameSender:
+        sender = SFrameSender(result.suite)
+        sender.use_key(result.send_kid, result.send_base_key)
+        return sender
+
+    def receiver(result: HandshakeResult) -> SFrameReceiver:
+        receiver = SFrameReceiver(result.suite)
+        receiver.add_key(result.recv_kid, result.recv_base_key)
+        return receiver
+
+    # One SFrame context per peer, as in a call (its counters span audio and video).
+    legs = {"alice": alice_leg, "bob": bob_leg}
+    senders = {name: sender(leg) for name, leg in legs.items()}
+    receivers = {name: receiver(leg) for name, leg in legs.items()}
+    for direction, source, destination in (
+        (Direction.OFFERER_TO_ANSWERER, "alice", "bob"),
+        (Direction.ANSWERER_TO_OFFERER, "bob", "alice"),
+    ):
+        for kind in ("audio", "video"):
+            frame = f"{direction.value} {kind}".encode() * 10
+            protected = senders[source].transform(kind)(frame)
+            assert protected is not None
+            opened = relay.open(direction, kind, protected)
+            assert opened == frame
+            sealed = relay.seal(direction, kind, opened)
+            assert sealed is not None
+            # Sealed for the destination: the key the hub agreed with the source does not open it.
+            assert receiver(legs[source]).transform(kind)(sealed) is None
+            assert receivers[destination].transform(kind)(sealed) == frame
+    # A frame the hub holds no key for is not opened.
+    assert relay.open(Direction.OFFERER_TO_ANSWERER, "audio", bytes(40)) is None
