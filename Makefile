@@ -28,8 +28,12 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
+# Each benchmark compares against a baseline run in the same process; see docs/.
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench.sframe
+	$(BIN)/python -m tests.bench.handshake
+	$(BIN)/python -m tests.bench.call
+	$(BIN)/python -m tests.bench.hub
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache .hypothesis
