@@ -45,7 +45,7 @@ from client.media import ReceivedMedia, collect, open_recorder, recordable
 from crypto.errors import CryptoError
 from crypto.handshake import HandshakeResult, Initiator, Responder
 from crypto.identity import IdentityKey, IdentityPublicKey, KnownPeers, PinnedIdentityMismatch
-from crypto.sealed import Received, SealedChannel
+from crypto.sealed import Received, SealedChannel, SealedReplay
 from crypto.sframe import CipherSuite, SFrameError
 from signaling.protocol import PeerId, PeerJoined, PeerLeft, SignalingError
 
@@ -139,6 +139,8 @@ class ProtectionState:
         lines = [f"end-to-end encrypted ({self.suite}) with {self.peer_name}"]
         if self.layers is not ExperimentOnlyLayers.VERIFIED:
             lines.append(f"  identity NOT verified (experiment layers: {self.layers.value})")
+            if self.sas is not None:
+                lines.append(f"  SAS (nobody compares it at this layer): {self.sas}")
         else:
             lines.append(f"  fingerprint {self.peer_fingerprint} ({self.pin})")
             lines.append(f"  SAS to read aloud: {self.sas}")
@@ -167,6 +169,12 @@ class CallStats:
     rekeys: int = 0
     hub_lost: bool = False
     ended_by: str = ""
+    # What the hub was caught doing, with how often: "sdp-tampered", "identity-refused",
+    # "name-altered", "replay-rejected", "alteration-rejected".
+    detections: dict[str, int] = field(default_factory=dict)
+
+    def detect(self, what: str) -> None:
+        self.detections[what] = self.detections.get(what, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
         result = asdict(self)
@@ -322,6 +330,8 @@ class Call:
                 try:
                     received = self._channel.open(message)
                 except CryptoError as error:
+                    # The only sealed setup messages are the offer and the answer.
+                    self.stats.detect("sdp-tampered")
                     raise CallFailed(f"a sealed setup message was rejected: {error}") from None
                 message = received.content
             if not isinstance(message, dict):
@@ -374,7 +384,11 @@ class Call:
                     await self._hub.relay(self._peer, reply)
             return machine.result
         except PinnedIdentityMismatch as error:
+            self.stats.detect("identity-refused")
             raise IdentityMismatch(str(error)) from None
+        except VerificationRefused:
+            self.stats.detect("identity-refused")
+            raise
         except CryptoError as error:
             raise CallFailed(f"key agreement failed: {error}") from None
 
@@ -398,7 +412,9 @@ class Call:
         if result is None:
             return ProtectionState(layers, False, None, name, None, None, None)
         if layers is not ExperimentOnlyLayers.VERIFIED:
-            return ProtectionState(layers, True, result.suite.name, name, None, None, None)
+            # Below SEALED the identities are throwaway, so the SAS would mean nothing.
+            sas = result.sas if layers.seals_signalling else None
+            return ProtectionState(layers, True, result.suite.name, name, None, None, sas)
         pin = config.known_peers.get(name)
         assert pin is not None  # _check_peer pinned or found it
         status = "verified" if pin.verified else "pinned"
@@ -474,6 +490,7 @@ class Call:
     def _check_sealed_name(self, message: dict[str, Any]) -> None:
         # The hello travelled in clear; the sealed copy shows whether the hub changed it.
         if self._channel is not None and message.get("name") != self.peer_name:
+            self.stats.detect("name-altered")
             raise CallFailed("the peer's name was altered in transit")
 
     def _prefer_codecs(self) -> None:
@@ -596,6 +613,10 @@ class Call:
         try:
             received = self._channel.open(message)
         except CryptoError as error:
+            # A forged or replayed copy changes nothing (the channel is as it was): count it.
+            self.stats.detect(
+                "replay-rejected" if isinstance(error, SealedReplay) else "alteration-rejected"
+            )
             logger.warning("dropped a sealed message that did not open: %s", error)
             return
         await self._apply(received)

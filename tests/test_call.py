@@ -160,9 +160,13 @@ async def test_experiment_only_layers(hub, layers, encrypted):
     for call, heard in ((alice, 660), (bob, 440)):
         protection = call.stats.protection
         assert protection is not None and protection.end_to_end_encrypted is encrypted
-        assert protection.sas is None and "verified" not in (protection.pin or "")
+        # The SAS is shown from SEALED on (real identities), though only VERIFIED compares it.
+        assert (protection.sas is not None) is layers.seals_signalling
+        assert "verified" not in (protection.pin or "")
         assert abs(dominant_frequency(call.received.samples, 48000) - heard) < 5
         assert (call.stats.audio.sframe_bytes_added > 0) is encrypted
+    assert alice.stats.protection.sas == bob.stats.protection.sas  # an honest hub
+    assert alice.stats.detections == bob.stats.detections == {}
     # Below SEALED nothing identifies the peer, so no pin is made.
     assert len(bob.config.known_peers) == 0
 

@@ -1,0 +1,650 @@
+"""The interception experiment (issue 6): a hostile hub against real calls, layer by layer.
+
+Each cell runs one real call between two peers in this process, ``alice`` (in the room first,
+so she initiates and offers; she sends a 440 Hz tone and the test pattern) and ``bob`` (660 Hz
+and the pattern), through a `signaling.hostile.HostileHub` with the cell's capabilities, with the
+peers applying the cell's `ExperimentOnlyLayers`. It then measures, from the media itself, what
+the peers heard and what the hub recovered, collects what the peers detected, and says whether
+the cell came out as the experiment claims. `run_experiment` runs the matrix; `Report` renders
+it as a table, as JSON and as a figure.
+
+The first cell is the control: plain WebRTC under the DTLS man in the middle. If the hub does
+not recover that call, the set-up cannot tell protection from a broken attack, and the whole
+experiment is invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client.analysis import tone_correlation
+from client.call import (
+    Call,
+    CallConfig,
+    CallError,
+    CallStats,
+    ExperimentOnlyLayers,
+    Verify,
+)
+from client.figure import BLACK, GREEN, GREY, RED, WHITE, Canvas
+from client.media import SAMPLE_RATE, TONE_AMPLITUDE, PatternTrack, ReceivedMedia, ToneTrack
+from crypto.identity import IdentityKey, KnownPeers
+from crypto.sframe import SFrameError, SFrameHeader
+from signaling.hostile import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
+from signaling.media_mitm import Direction, MediaMitm
+
+Layers = ExperimentOnlyLayers
+Progress = Callable[[str], None]
+
+ALICE, BOB = "alice", "bob"
+TONES = {ALICE: 440.0, BOB: 660.0}
+DIRECTION_TONES = {
+    Direction.OFFERER_TO_ANSWERER: TONES[ALICE],
+    Direction.ANSWERER_TO_OFFERER: TONES[BOB],
+}
+RECOVERED = 0.9  # tone correlation at which audio counts as recovered (or heard)
+NOTHING = 0.1  # tone correlation under which audio counts as not recovered
+MIN_ANALYSED_SECONDS = 0.5
+SETUP_TIMEOUT = 20.0
+DEFAULT_SECONDS = 3.0
+
+# What a logged payload may be: public key agreement values, the clear hello, or sealed.
+SEALED_FIELDS = frozenset({"v", "type", "epoch", "seq", "ciphertext"})
+HELLO_FIELDS = frozenset({"type", "name"})
+LEAK_PATTERNS = {
+    "sdp": re.compile(r"\bsdp\b|v=0\\r\\n|m=(audio|video)"),
+    "candidate": re.compile(r"candidate"),
+    "dtls-fingerprint": re.compile(r"fingerprint:|sha-256 [0-9A-F]{2}:"),
+    "ip-address": re.compile(r"(?<![\d.])\d{1,3}(\.\d{1,3}){3}(?![\d.])"),
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One cell of the matrix: which protections the peers apply, what the hub does."""
+
+    layers: Layers
+    attack: frozenset[Capability]
+
+    @property
+    def attack_name(self) -> str:
+        return "+".join(c.value for c in Capability if c in self.attack)
+
+    @property
+    def name(self) -> str:
+        return f"{self.layers.value} x {self.attack_name}"
+
+    @property
+    def is_control(self) -> bool:
+        return self.layers is Layers.PLAIN
+
+
+def _scenario(layers: Layers, *capabilities: Capability) -> Scenario:
+    return Scenario(layers, frozenset(capabilities))
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    _scenario(Layers.PLAIN, Capability.DTLS_MITM),
+    _scenario(Layers.SFRAME, Capability.DTLS_MITM),
+    _scenario(Layers.SEALED, Capability.DTLS_MITM),
+    _scenario(Layers.SFRAME, Capability.KEYSWAP),
+    _scenario(Layers.SEALED, Capability.KEYSWAP),
+    _scenario(Layers.VERIFIED, Capability.KEYSWAP),
+    _scenario(Layers.VERIFIED, Capability.RECORD, Capability.TAMPER),
+)
+
+
+@dataclass
+class PeerOutcome:
+    """One peer's side of a cell."""
+
+    completed: bool
+    outcome: str  # how the call ended ("duration", "peer-bye", ...) or the error's class
+    heard_correlation: float  # with the tone the other peer sent
+    video_frames: int
+    sas: str | None
+    detections: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "completed": self.completed,
+            "outcome": self.outcome,
+            "heard_correlation": round(self.heard_correlation, 4),
+            "video_frames": self.video_frames,
+            "sas": self.sas,
+            "detections": self.detections,
+        }
+
+
+@dataclass
+class Cell:
+    """What one cell measured. ``as_dict`` is its entry in the JSON report."""
+
+    scenario: Scenario
+    peers: dict[str, PeerOutcome]
+    hub_audio_correlation: float
+    hub_audio_seconds: float
+    hub_decoded_video_frames: int
+    detected: list[str]
+    sframe_headers: list[dict[str, Any]]
+    metadata: dict[str, Any] | None
+    hub_events: list[str]
+    seconds: float
+    # For the figure and the files: alice's tone as sent, as bob heard it, as the hub recovered
+    # it; the hub's last decoded picture (RGB) of alice's pattern.
+    sent: array[int] = field(repr=False)
+    heard: array[int] = field(repr=False)
+    recovered: array[int] = field(repr=False)
+    recovered_picture: tuple[int, int, bytes] | None = field(repr=False, default=None)
+    mitm: MediaMitm | None = field(repr=False, default=None)
+
+    @property
+    def peer_audio_correlation(self) -> float:
+        return min(peer.heard_correlation for peer in self.peers.values())
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for peer in self.peers.values():
+            for what, count in peer.detections.items():
+                if what.endswith("-rejected"):
+                    totals[what] = totals.get(what, 0) + count
+        return totals
+
+    @property
+    def sas_differs(self) -> bool:
+        shown = [peer.sas for peer in self.peers.values()]
+        return None not in shown and len(set(shown)) > 1
+
+    @property
+    def both_completed(self) -> bool:
+        return all(peer.completed for peer in self.peers.values())
+
+    @property
+    def leaks(self) -> list[str]:
+        return list(self.metadata["leaks"]) if self.metadata is not None else []
+
+    def judge(self) -> tuple[bool, str]:
+        """Whether the cell came out as the experiment claims, judged from its figures."""
+        layers, attack = self.scenario.layers, self.scenario.attack
+        heard = self.peer_audio_correlation >= RECOVERED and self.both_completed
+        recovered = self.hub_audio_correlation >= RECOVERED
+        nothing = self.hub_audio_correlation < NOTHING and self.hub_decoded_video_frames == 0
+        if self.scenario.is_control:
+            ok = heard and recovered and self.hub_decoded_video_frames > 0
+            return ok, (
+                "CONTROL: the hub recovers plain WebRTC (audio and video)"
+                if ok
+                else "CONTROL FAILED: the hub did not recover plain WebRTC; EXPERIMENT INVALID"
+            )
+        if Capability.KEYSWAP in attack and layers is Layers.SFRAME:
+            return heard and recovered, (
+                "INTERCEPTED: the hub holds the keys. E2EE without authenticated keys stops a "
+                "passive or DTLS-level hub, not this one"
+            )
+        if Capability.KEYSWAP in attack and layers is Layers.SEALED:
+            return heard and recovered and self.sas_differs, (
+                "INTERCEPTED unless the SAS is compared: the peers were shown different SAS "
+                "values (sas-mismatch), so reading them aloud exposes the hub"
+            )
+        if Capability.KEYSWAP in attack:
+            refused = "identity-refused" in self.detected and not self.both_completed
+            return refused and nothing and self.mitm is None, (
+                "REFUSED before any media key existed: pinned identities; the hub recovers nothing"
+            )
+        if Capability.TAMPER in attack:
+            rejected = self.rejected
+            ok = heard and bool(rejected) and all(rejected.values()) and not self.leaks
+            ok = ok and {"replay-rejected", "alteration-rejected"} <= set(rejected)
+            return ok, (
+                "PROTECTED: the call works; replays and alterations rejected and counted; the "
+                "log holds only public metadata and sealed payloads"
+            )
+        if layers is Layers.SFRAME:
+            return heard and nothing, (
+                "PROTECTED: the hub holds only SFrame ciphertext (it reads KIDs, counters, sizes)"
+            )
+        refused = "sdp-tampered" in self.detected and not self.both_completed
+        return refused and nothing, (
+            "DETECTED: the hub cannot read the sealed SDP; its rewrite was detected (sdp-tampered) "
+            "and the call refused to run through it"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        expected, verdict = self.judge()
+        return {
+            "layers": self.scenario.layers.value,
+            "attack": self.scenario.attack_name,
+            "control": self.scenario.is_control,
+            "peer_audio_correlation": round(self.peer_audio_correlation, 4),
+            "hub_audio_correlation": round(self.hub_audio_correlation, 4),
+            "hub_audio_seconds": round(self.hub_audio_seconds, 2),
+            "hub_decoded_video_frames": self.hub_decoded_video_frames,
+            "detected": self.detected,
+            "verdict": verdict,
+            "as_expected": expected,
+            "rejected": self.rejected,
+            "sas": {name: peer.sas for name, peer in self.peers.items()},
+            "peers": {name: peer.as_dict() for name, peer in self.peers.items()},
+            "sframe_headers": self.sframe_headers,
+            "metadata_log": self.metadata,
+            "hub_events": self.hub_events,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass
+class Report:
+    cells: list[Cell]
+    seconds: float
+
+    @property
+    def valid(self) -> bool:
+        """The experiment is valid only if its control shows the attack working."""
+        controls = [cell for cell in self.cells if cell.scenario.is_control]
+        return bool(controls) and all(cell.judge()[0] for cell in controls)
+
+    @property
+    def all_as_expected(self) -> bool:
+        return all(cell.judge()[0] for cell in self.cells)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "valid": self.valid,
+            "all_as_expected": self.all_as_expected,
+            "seconds": round(self.seconds, 2),
+            "cells": [cell.as_dict() for cell in self.cells],
+        }
+
+    def table(self) -> str:
+        header = ("#", "layers", "attack", "peers", "hub audio", "hub s", "hub video", "detected")
+        rows = [header]
+        for index, cell in enumerate(self.cells, 1):
+            rows.append(
+                (
+                    str(index),
+                    cell.scenario.layers.value,
+                    cell.scenario.attack_name,
+                    f"{cell.peer_audio_correlation:.2f}",
+                    f"{cell.hub_audio_correlation:.2f}",
+                    f"{cell.hub_audio_seconds:.1f}",
+                    str(cell.hub_decoded_video_frames),
+                    ", ".join(cell.detected) or "-",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
+            for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        lines.append("")
+        for index, cell in enumerate(self.cells, 1):
+            expected, verdict = cell.judge()
+            mark = "ok " if expected else "!! "
+            lines.append(f"{mark}{index}. {cell.scenario.name}: {verdict}")
+            sas = {name: peer.sas for name, peer in cell.peers.items() if peer.sas}
+            if sas:
+                lines.append("      SAS shown: " + ", ".join(f"{n} {s}" for n, s in sas.items()))
+            for summary in cell.sframe_headers:
+                lines.append(
+                    f"      hub reads {summary['direction']} {summary['kind']}: KID "
+                    f"{summary['kids']}, CTR {summary['first_ctr']}..{summary['last_ctr']}, "
+                    f"{summary['frames']} frames of {summary['mean_bytes']} bytes on average"
+                )
+            if cell.rejected:
+                counts = ", ".join(f"{what} x{count}" for what, count in cell.rejected.items())
+                lines.append(f"      rejected: {counts}")
+            if cell.metadata is not None:
+                types = ", ".join(f"{t} x{n}" for t, n in cell.metadata["payload_types"].items())
+                lines.append(
+                    f"      metadata log: {cell.metadata['lines']} lines; payloads: {types}"
+                )
+                lines.append(f"      leaks found in it: {', '.join(cell.leaks) or 'none'}")
+        lines.append("")
+        lines.append(
+            "VALID: the control shows the attack works."
+            if self.valid
+            else "INVALID: the control failed, so nothing above proves protection."
+        )
+        return "\n".join(lines)
+
+
+# -- measuring
+
+
+def steady(samples: Sequence[int]) -> list[int]:
+    """One second from the middle of a recording (past the codec's start-up), or all of it."""
+    start = max(0, len(samples) // 2 - SAMPLE_RATE // 2)
+    return list(samples[start : start + SAMPLE_RATE])
+
+
+def correlation(samples: Sequence[int], tone: float) -> float:
+    """How much of the steady part of ``samples`` is ``tone``; 0 for too little audio."""
+    if len(samples) < MIN_ANALYSED_SECONDS * SAMPLE_RATE:
+        return 0.0
+    return tone_correlation(steady(samples), SAMPLE_RATE, tone)
+
+
+def sent_tone(frequency: float, count: int) -> array[int]:
+    """What a ``ToneTrack`` sends, sample for sample."""
+    omega = 2 * math.pi * frequency / SAMPLE_RATE
+    peak = TONE_AMPLITUDE * 32767
+    return array("h", (int(peak * math.sin(omega * n)) for n in range(count)))
+
+
+def sframe_header_summary(mitm: MediaMitm) -> list[dict[str, Any]]:
+    """What a hub holding only SFrame ciphertext can still read: KIDs, counters, sizes."""
+    summaries = []
+    for direction in Direction:
+        for kind in ("audio", "video"):
+            frames = mitm.intercepted(direction, kind)
+            headers = []
+            for frame in frames:
+                try:
+                    headers.append(SFrameHeader.parse(frame)[0])
+                except SFrameError:
+                    continue
+            if not headers:
+                continue
+            summaries.append(
+                {
+                    "direction": direction.value,
+                    "kind": kind,
+                    "frames": len(frames),
+                    "kids": sorted({header.kid for header in headers}),
+                    "first_ctr": headers[0].ctr,
+                    "last_ctr": headers[-1].ctr,
+                    "mean_bytes": round(sum(map(len, frames)) / len(frames)),
+                }
+            )
+    return summaries
+
+
+def check_metadata(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """Classify every payload the hub logged and search the log for anything not public."""
+    types: dict[str, int] = {}
+    leaks: list[str] = []
+    for line in lines:
+        payload = line.get("payload")
+        if payload is None:
+            continue
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        fields = set(payload) if isinstance(payload, dict) else set()
+        if kind == "sealed" and fields == SEALED_FIELDS:
+            label = "sealed"
+        elif kind in HANDSHAKE_TYPES:
+            label = f"key agreement ({kind})"
+        elif kind == "hello" and fields == HELLO_FIELDS:
+            label = "hello (name)"
+        else:
+            label = f"UNSEALED {kind}"
+            leaks.append(f"an unsealed {kind!r} payload")
+        types[label] = types.get(label, 0) + 1
+    text = "\n".join(json.dumps(line) for line in lines)
+    leaks += [name for name, pattern in LEAK_PATTERNS.items() if pattern.search(text)]
+    return {"lines": len(lines), "payload_types": types, "leaks": leaks}
+
+
+# -- running
+
+
+def _peer_outcome(call: Call, result: CallStats | BaseException, other: str) -> PeerOutcome:
+    stats = call.stats
+    completed = isinstance(result, CallStats)
+    outcome = stats.ended_by if completed else type(result).__name__
+    received: ReceivedMedia = call.received
+    return PeerOutcome(
+        completed=completed,
+        outcome=outcome,
+        heard_correlation=correlation(received.samples, TONES[other]),
+        video_frames=received.video_frames,
+        sas=stats.protection.sas if stats.protection is not None else None,
+        detections=dict(stats.detections),
+    )
+
+
+def _identities(layers: Layers) -> dict[str, tuple[IdentityKey, KnownPeers]]:
+    keys = {name: IdentityKey.generate(os.urandom) for name in (ALICE, BOB)}
+    known = {name: KnownPeers() for name in keys}
+    if layers is Layers.VERIFIED:
+        # The peers met before: each pinned the other's real key.
+        known[ALICE].check(BOB, keys[BOB].public_key)
+        known[BOB].check(ALICE, keys[ALICE].public_key)
+    return {name: (keys[name], known[name]) for name in keys}
+
+
+async def _until(condition: Callable[[], bool], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def run_cell(scenario: Scenario, seconds: float, room: str = "experiment") -> Cell:
+    """Run one real call through a hostile hub and measure it."""
+    started = time.monotonic()
+    hub = HostileHub(scenario.attack)
+    server = await hub.serve()
+    identities = _identities(scenario.layers)
+    verify = Verify.PINNED if scenario.layers is Layers.VERIFIED else Verify.TOFU
+    calls = {
+        name: Call(
+            CallConfig(
+                room=room,
+                hub_url=server.url,
+                name=name,
+                identity=identities[name][0],
+                known_peers=identities[name][1],
+                tracks=[ToneTrack(TONES[name]), PatternTrack()],
+                verify=verify,
+                duration=seconds,
+                setup_timeout=SETUP_TIMEOUT,
+                experiment_only_layers=scenario.layers,
+            )
+        )
+        for name in (ALICE, BOB)
+    }
+    try:
+        alice = asyncio.create_task(calls[ALICE].run())
+        # Alice is in the room first, so she initiates and makes the offer.
+        await _until(lambda: hub.room_count == 1 or alice.done(), SETUP_TIMEOUT)
+        bob = asyncio.create_task(calls[BOB].run())
+        results = list(await asyncio.gather(alice, bob, return_exceptions=True))
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, CallError):
+                raise result
+        return _measure(scenario, hub.attack(room), hub, calls, results, time.monotonic() - started)
+    finally:
+        await hub.close()
+
+
+def _measure(
+    scenario: Scenario,
+    attack: RoomAttack,
+    hub: HostileHub,
+    calls: dict[str, Call],
+    results: list[CallStats | BaseException],
+    elapsed: float,
+) -> Cell:
+    peers = {
+        ALICE: _peer_outcome(calls[ALICE], results[0], BOB),
+        BOB: _peer_outcome(calls[BOB], results[1], ALICE),
+    }
+    mitm = attack.mitm
+    hub_correlation = hub_seconds = 0.0
+    hub_video = 0
+    recovered = array("h")
+    picture = None
+    if mitm is not None:
+        for direction, tone in DIRECTION_TONES.items():
+            audio = mitm.recovered_audio(direction)
+            hub_correlation = max(hub_correlation, correlation(audio.samples, tone))
+            hub_seconds += audio.seconds
+            video = mitm.recovered_video(direction)
+            hub_video += video.frames_decoded
+            if direction is Direction.OFFERER_TO_ANSWERER:
+                recovered = audio.samples
+                if video.last_frame is not None:
+                    rgb = video.last_frame.reformat(format="rgb24")
+                    picture = (rgb.width, rgb.height, _packed_rgb(rgb))
+    detected = sorted({what for peer in peers.values() for what in peer.detections})
+    cell = Cell(
+        scenario=scenario,
+        peers=peers,
+        hub_audio_correlation=hub_correlation,
+        hub_audio_seconds=hub_seconds,
+        hub_decoded_video_frames=hub_video,
+        detected=detected,
+        sframe_headers=(
+            sframe_header_summary(mitm)
+            if mitm is not None and scenario.layers.encrypts_frames and attack.relay is None
+            else []
+        ),
+        metadata=check_metadata(hub.metadata()) if Capability.RECORD in scenario.attack else None,
+        hub_events=list(attack.events),
+        seconds=elapsed,
+        sent=sent_tone(TONES[ALICE], SAMPLE_RATE),
+        heard=calls[BOB].received.samples,
+        recovered=recovered,
+        recovered_picture=picture,
+        mitm=mitm,
+    )
+    if cell.sas_differs:
+        cell.detected = sorted({*cell.detected, "sas-mismatch"})
+    return cell
+
+
+def _packed_rgb(frame: Any) -> bytes:
+    plane = frame.planes[0]
+    data = bytes(plane)
+    row = frame.width * 3
+    return b"".join(
+        data[y * plane.line_size : y * plane.line_size + row] for y in range(frame.height)
+    )
+
+
+async def run_experiment(
+    seconds: float = DEFAULT_SECONDS,
+    scenarios: Sequence[Scenario] = SCENARIOS,
+    progress: Progress | None = None,
+) -> Report:
+    """Run every cell in turn (one hub and two peers at a time) and build the report."""
+    started = time.monotonic()
+    cells = []
+    for index, scenario in enumerate(scenarios, 1):
+        if progress is not None:
+            progress(f"[{index}/{len(scenarios)}] {scenario.name} ...")
+        cell = await run_cell(scenario, seconds)
+        cells.append(cell)
+        if progress is not None:
+            outcome = "ok" if cell.judge()[0] else "NOT AS EXPECTED"
+            progress(
+                f"[{index}/{len(scenarios)}] {scenario.name}: "
+                f"peers {cell.peer_audio_correlation:.2f}, hub {cell.hub_audio_correlation:.2f}, "
+                f"detected {', '.join(cell.detected) or '-'} ({cell.seconds:.1f} s) {outcome}"
+            )
+    return Report(cells, time.monotonic() - started)
+
+
+# -- writing
+
+
+def _file_stem(index: int, cell: Cell) -> str:
+    return f"cell{index}-{cell.scenario.layers.value}-{cell.scenario.attack_name}"
+
+
+def write_outputs(report: Report, directory: Path) -> list[Path]:
+    """report.json, the hub's recovered WAV and PNG files, and figure.png; returns the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, cell in enumerate(report.cells, 1):
+        if cell.mitm is None:
+            continue
+        for direction in Direction:
+            stem = f"{_file_stem(index, cell)}-hub-{direction.value}"
+            if cell.mitm.recovered_audio(direction).samples:
+                written.append(directory / f"{stem}.wav")
+                cell.mitm.write_wav(written[-1], direction)
+            if cell.mitm.write_png(directory / f"{stem}.png", direction):
+                written.append(directory / f"{stem}.png")
+    report_path = directory / "report.json"
+    report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    figure_path = directory / "figure.png"
+    figure_path.write_bytes(draw_figure(report))
+    return [report_path, *written, figure_path]
+
+
+LABEL_WIDTH = 340
+PANEL_WIDTH = 220
+PANEL_HEIGHT = 64
+PICTURE_WIDTH = 86
+ROW_HEIGHT = 84
+MARGIN = 10
+TITLE_HEIGHT = 40
+WINDOW_SAMPLES = 960  # 20 ms of audio per panel
+
+
+def _window(samples: Sequence[int]) -> list[float]:
+    """20 ms from the middle, scaled so the sent tone's peak reaches the panel's edge."""
+    if not samples:
+        return []
+    start = max(0, len(samples) // 2 - WINDOW_SAMPLES // 2)
+    scale = TONE_AMPLITUDE * 32767
+    return [sample / scale for sample in samples[start : start + WINDOW_SAMPLES]]
+
+
+def draw_figure(report: Report) -> bytes:
+    """The grid: per cell, alice's tone as sent, as bob heard it, as the hub recovered it, and
+    the hub's recovered picture of her pattern (or its absence)."""
+    columns = ("SENT BY ALICE", "HEARD BY BOB", "RECOVERED BY THE HUB", "HUB VIDEO")
+    width = LABEL_WIDTH + 3 * (PANEL_WIDTH + MARGIN) + PICTURE_WIDTH + 2 * MARGIN
+    height = TITLE_HEIGHT + ROW_HEIGHT * len(report.cells) + MARGIN
+    canvas = Canvas(width, height)
+    title = "BLINDHUB INTERCEPTION EXPERIMENT: " + (
+        "VALID" if report.valid else "INVALID (CONTROL FAILED)"
+    )
+    canvas.text(MARGIN, 8, title, BLACK if report.valid else RED, scale=2)
+    x = LABEL_WIDTH
+    for name in columns:
+        canvas.text(x, 28, name, GREY)
+        x += PANEL_WIDTH + MARGIN
+    for row, cell in enumerate(report.cells):
+        top = TITLE_HEIGHT + row * ROW_HEIGHT
+        expected, verdict = cell.judge()
+        color = GREEN if expected else RED
+        canvas.text(MARGIN, top + 4, f"{row + 1}. {cell.scenario.name}", BLACK, scale=2)
+        canvas.text(
+            MARGIN,
+            top + 24,
+            f"PEERS {cell.peer_audio_correlation:.2f}  HUB {cell.hub_audio_correlation:.2f}",
+            color,
+        )
+        canvas.text(MARGIN, top + 36, f"HUB VIDEO FRAMES {cell.hub_decoded_video_frames}", color)
+        canvas.text(MARGIN, top + 48, ", ".join(cell.detected)[:48] or "NOTHING DETECTED", color)
+        canvas.text(MARGIN, top + 60, verdict.split(":")[0], color)
+        x = LABEL_WIDTH
+        for samples, wave_color in ((cell.sent, BLACK), (cell.heard, GREEN), (cell.recovered, RED)):
+            canvas.waveform(x, top + 4, PANEL_WIDTH, PANEL_HEIGHT, _window(samples), wave_color)
+            x += PANEL_WIDTH + MARGIN
+        picture_height = PICTURE_WIDTH * 3 // 4
+        if cell.recovered_picture is not None:
+            source_width, source_height, rgb = cell.recovered_picture
+            canvas.image(
+                x, top + 4, PICTURE_WIDTH, picture_height, rgb, source_width, source_height
+            )
+        else:
+            canvas.fill_rect(x, top + 4, PICTURE_WIDTH, picture_height, WHITE)
+            canvas.outline_rect(x, top + 4, PICTURE_WIDTH, picture_height, GREY)
+            canvas.line(x, top + 4, x + PICTURE_WIDTH - 1, top + 3 + picture_height, GREY)
+            canvas.text(x + 18, top + 4 + picture_height // 2 - 3, "NO FRAME", RED)
+    return canvas.to_png()

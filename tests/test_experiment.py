@@ -1,0 +1,204 @@
+"""The interception experiment, run for real once (every cell a real call through a real hostile
+hub), each cell asserted from its measured figures, never from its verdict string."""
+
+import asyncio
+import dataclasses
+import json
+import wave
+from typing import Any
+
+import av
+import pytest
+
+from client.cli import main
+from client.experiment import (
+    SCENARIOS,
+    Cell,
+    Report,
+    check_metadata,
+    draw_figure,
+    run_experiment,
+    write_outputs,
+)
+from client.media import read_pattern_number
+
+SECONDS = 3.0
+slow = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report() -> Report:
+    return asyncio.run(run_experiment(SECONDS))
+
+
+def cell(report: Report, layers: str, attack: str) -> Cell:
+    [found] = [
+        c
+        for c in report.cells
+        if c.scenario.layers.value == layers and c.scenario.attack_name == attack
+    ]
+    return found
+
+
+@slow
+def test_the_matrix_has_every_cell_and_the_control_first(report):
+    assert [(c.scenario.layers.value, c.scenario.attack_name) for c in report.cells] == [
+        ("plain", "dtls-mitm"),
+        ("sframe", "dtls-mitm"),
+        ("sealed", "dtls-mitm"),
+        ("sframe", "keyswap"),
+        ("sealed", "keyswap"),
+        ("verified", "keyswap"),
+        ("verified", "record+tamper"),
+    ]
+    assert len(SCENARIOS) == len(report.cells)
+
+
+@slow
+def test_control_plain_under_dtls_mitm_the_hub_recovers_audio_and_video(report):
+    control = cell(report, "plain", "dtls-mitm")
+    assert control.peer_audio_correlation >= 0.9
+    assert control.hub_audio_correlation >= 0.9
+    assert control.hub_audio_seconds >= 1
+    assert control.hub_decoded_video_frames > 0
+    assert control.recovered_picture is not None
+    assert control.detected == []
+    assert report.valid
+
+
+@slow
+def test_sframe_under_dtls_mitm_the_hub_holds_only_ciphertext(report):
+    result = cell(report, "sframe", "dtls-mitm")
+    assert result.peer_audio_correlation >= 0.9
+    assert result.hub_audio_correlation < 0.1
+    assert result.hub_decoded_video_frames == 0
+    # What it does read: one KID per direction and counters, from every frame's header.
+    directions = {(s["direction"], s["kind"]): s for s in result.sframe_headers}
+    assert len(directions) == 4
+    kids = {direction: summary["kids"] for (direction, _), summary in directions.items()}
+    assert all(len(k) == 1 for k in kids.values())
+    assert kids["offerer-to-answerer"] != kids["answerer-to-offerer"]
+    assert all(s["last_ctr"] > s["first_ctr"] and s["frames"] > 10 for s in directions.values())
+
+
+@slow
+def test_sealed_under_dtls_mitm_the_rewrite_is_detected_and_the_call_refused(report):
+    result = cell(report, "sealed", "dtls-mitm")
+    assert "sdp-tampered" in result.detected
+    assert not any(peer.completed for peer in result.peers.values())
+    assert result.mitm is None and result.hub_audio_correlation == 0
+    assert "sealed-sdp-altered" in result.hub_events
+
+
+@slow
+def test_sframe_under_keyswap_the_hub_holds_the_keys_and_recovers_the_audio(report):
+    result = cell(report, "sframe", "keyswap")
+    assert result.peer_audio_correlation >= 0.9
+    assert result.hub_audio_correlation >= 0.9
+    assert result.hub_decoded_video_frames > 0
+    assert result.detected == []
+
+
+@slow
+def test_sealed_under_keyswap_the_hub_decrypts_but_the_peers_see_different_sas(report):
+    result = cell(report, "sealed", "keyswap")
+    assert result.peer_audio_correlation >= 0.9
+    assert result.hub_audio_correlation >= 0.9
+    alice_sas, bob_sas = (peer.sas for peer in result.peers.values())
+    assert alice_sas is not None and bob_sas is not None and alice_sas != bob_sas
+    assert "sas-mismatch" in result.detected
+
+
+@slow
+def test_verified_under_keyswap_is_refused_before_any_media_key(report):
+    result = cell(report, "verified", "keyswap")
+    assert [peer.detections.get("identity-refused") for peer in result.peers.values()] == [1, 1]
+    assert not any(peer.completed for peer in result.peers.values())
+    # No SDP ever reached the hub: it never got into the media path.
+    assert result.mitm is None
+    assert result.hub_audio_correlation == 0 and result.hub_decoded_video_frames == 0
+
+
+@slow
+def test_verified_under_record_and_tamper_the_call_works_and_tampering_is_counted(report):
+    result = cell(report, "verified", "record+tamper")
+    assert result.peer_audio_correlation >= 0.9
+    assert all(peer.completed for peer in result.peers.values())
+    # Each peer got a replayed and an altered copy of the sealed answer or offer, at least.
+    for peer in result.peers.values():
+        assert peer.detections.get("replay-rejected", 0) >= 1
+        assert peer.detections.get("alteration-rejected", 0) >= 1
+    assert result.rejected["replay-rejected"] >= 2
+    # The log holds public metadata and sealed payloads only.
+    assert result.metadata is not None
+    assert result.metadata["leaks"] == []
+    assert result.metadata["payload_types"]["sealed"] >= 6
+    assert not any(label.startswith("UNSEALED") for label in result.metadata["payload_types"])
+
+
+@slow
+def test_every_cell_as_expected_and_the_json_report(report):
+    document = report.as_dict()
+    assert document["valid"] is True and document["all_as_expected"] is True
+    required = {
+        "layers",
+        "attack",
+        "peer_audio_correlation",
+        "hub_audio_correlation",
+        "hub_decoded_video_frames",
+        "detected",
+        "verdict",
+    }
+    assert all(required <= set(entry) for entry in document["cells"])
+    assert json.loads(json.dumps(document)) == document
+
+
+@slow
+def test_a_failed_control_makes_the_experiment_invalid(report):
+    control, *others = report.cells
+    failed = dataclasses.replace(control, hub_audio_correlation=0.0)
+    assert not Report([failed, *others], 0.0).valid
+    assert not Report(others, 0.0).valid  # no control, no proof
+    assert "INVALID" in Report([failed, *others], 0.0).table()
+
+
+@slow
+def test_outputs_are_written_and_readable(report, tmp_path):
+    paths = write_outputs(report, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["valid"] is True
+    with wave.open(str(tmp_path / "cell1-plain-dtls-mitm-hub-offerer-to-answerer.wav")) as wav:
+        assert wav.getframerate() == 48000 and wav.getnframes() >= 48000
+    with av.open(str(tmp_path / "cell1-plain-dtls-mitm-hub-offerer-to-answerer.png")) as png:
+        assert read_pattern_number(next(png.decode(video=0))) is not None
+    # No picture where the hub decoded none.
+    assert not list(tmp_path.glob("cell2-*.png"))
+    with av.open(str(tmp_path / "figure.png")) as figure:
+        picture = next(figure.decode(video=0))
+        assert picture.width > 1000 and picture.height > 7 * 80
+    assert tmp_path / "figure.png" in paths
+    assert draw_figure(report)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metadata_check_finds_unsealed_sdp_candidates_and_addresses():
+    clean: list[dict[str, Any]] = [
+        {"type": "welcome", "payload": None},
+        {"type": "relay", "payload": {"type": "hello", "name": "alice"}},
+        {
+            "type": "relay",
+            "payload": {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "AAAA"},
+        },
+    ]
+    assert check_metadata(clean)["leaks"] == []
+    leaky: list[dict[str, Any]] = [
+        *clean,
+        {"type": "relay", "payload": {"type": "offer", "sdp": "v=0\r\nm=audio 9\r\n"}},
+        {"type": "relay", "payload": {"type": "x", "c": "candidate:1 1 udp 1 192.168.1.20 5000"}},
+    ]
+    leaks = check_metadata(leaky)["leaks"]
+    assert {"sdp", "candidate", "ip-address"} <= set(leaks)
+    assert "an unsealed 'offer' payload" in leaks
+
+
+def test_demo_refuses_a_bad_duration(capsys):
+    assert main(["demo", "--seconds", "0"]) == 2
+    assert "--seconds" in capsys.readouterr().err
