@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench test-minimum clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,5 +35,13 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.call
 	$(BIN)/python -m tests.bench.hub
 
+# The suite against the oldest dependency versions pyproject.toml allows.
+MINIMUM_VENV := .venv-minimum
+test-minimum:
+	test -x $(MINIMUM_VENV)/bin/python || $(PYTHON) -m venv $(MINIMUM_VENV)
+	$(MINIMUM_VENV)/bin/python -m pip install --quiet -e '.[test]' aiortc==1.16.0 av==14.0.1 \
+		cryptography==44.0.0 pynacl==1.5.0 websockets==16.0
+	$(MINIMUM_VENV)/bin/pytest
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(MINIMUM_VENV) demo-output .pytest_cache .mypy_cache .ruff_cache .hypothesis
