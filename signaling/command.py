@@ -23,6 +23,7 @@ _LIMIT_HELP = {
     "ping_interval": "seconds between websocket pings",
     "ping_timeout": "seconds to wait for a pong before closing with 1011",
     "close_timeout": "seconds a closing handshake may take before the TCP connection is cut",
+    "join_timeout": "seconds a connection may stay in no room before it is closed with 1008",
 }
 
 

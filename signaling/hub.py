@@ -51,6 +51,7 @@ class Limits:
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     close_timeout: float = 5.0
+    join_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_peers_per_room", "max_rooms", "max_connections"):
@@ -58,8 +59,9 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1")
         if self.rate_per_second <= 0 or self.rate_burst < 1:
             raise ValueError("the message rate and burst must be positive")
-        if min(self.ping_interval, self.ping_timeout, self.close_timeout) <= 0:
-            raise ValueError("the ping interval, ping timeout and close timeout must be positive")
+        timeouts = (self.ping_interval, self.ping_timeout, self.close_timeout, self.join_timeout)
+        if min(timeouts) <= 0:
+            raise ValueError("the ping interval and the close and join timeouts must be positive")
         # A relayed frame is at most a few bytes longer than the frame that carried it,
         # so this bound lets one full-size message through to a reader that keeps up.
         if self.max_buffered_bytes < 2 * self.max_message_bytes:
@@ -90,6 +92,8 @@ class _Peer:
     room: str | None
     tokens: float
     refilled_at: float
+    # When the peer last was in no room: connected, or left one. None while in a room.
+    roomless_since: float | None
     throttled: bool = False
 
 
@@ -127,6 +131,15 @@ class Hub:
     def room_of(self, peer: PeerId) -> str | None:
         return self._peers[peer].room
 
+    def join_deadline(self, peer: PeerId) -> float | None:
+        """When ``peer``, in no room, must be closed (``join-timeout``); None while in a room.
+
+        A connection that never joins would otherwise hold one of ``max_connections``
+        slots for as long as it answers pings.
+        """
+        since = self._peers[peer].roomless_since
+        return None if since is None else since + self.limits.join_timeout
+
     def connect(self, now: float) -> PeerId:
         """Admit a new connection, or raise ``Refused`` (``hub-full``)."""
         if len(self._peers) >= self.limits.max_connections:
@@ -135,7 +148,9 @@ class Hub:
         peer = self._new_peer_id()
         if peer in self._peers:
             raise RuntimeError("the peer id generator repeated an id")
-        self._peers[peer] = _Peer(room=None, tokens=self.limits.rate_burst, refilled_at=now)
+        self._peers[peer] = _Peer(
+            room=None, tokens=self.limits.rate_burst, refilled_at=now, roomless_since=now
+        )
         self.metrics.connections_total += 1
         return peer
 
@@ -158,6 +173,7 @@ class Hub:
             assert isinstance(message, Leave)
             if state.room is None:
                 raise Refused(ErrorCode.NOT_JOINED, "leave before join")
+            state.roomless_since = now
             return self._leave(peer)
         except CodedError as error:
             # A flood is logged once, when it starts, not once per refused frame.
@@ -197,6 +213,7 @@ class Hub:
         others = tuple(members)
         members[peer] = None
         state.room = room
+        state.roomless_since = None
         self._logger.info("join", extra={"fields": {"peer": peer, "room": room}})
         welcome = Delivery(peer, Welcome(peer, room, others), room)
         return [welcome, *(Delivery(other, PeerJoined(peer), room) for other in others)]

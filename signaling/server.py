@@ -27,6 +27,7 @@ from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
 
 CLOSE_SLOW_READER: Final = "slow-reader"
 CLOSE_BINARY_FRAME: Final = "binary-frame"
+CLOSE_JOIN_TIMEOUT: Final = "join-timeout"
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -227,8 +228,12 @@ class HubServer:
         try:
             while True:
                 try:
-                    frame = await connection.recv()
+                    async with asyncio.timeout_at(self.hub.join_deadline(peer)):
+                        frame = await connection.recv()
                 except ConnectionClosed:
+                    break
+                except TimeoutError:
+                    await connection.close(CloseCode.POLICY_VIOLATION, CLOSE_JOIN_TIMEOUT)
                     break
                 if isinstance(frame, bytes):
                     await connection.close(CloseCode.UNSUPPORTED_DATA, CLOSE_BINARY_FRAME)

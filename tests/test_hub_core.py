@@ -111,6 +111,19 @@ def test_peer_left_on_leave_and_on_disconnect(how):
     assert hub.room_count == 0
 
 
+def test_a_peer_in_no_room_has_a_join_deadline():
+    hub = make_hub(join_timeout=10.0)
+    peer = hub.connect(now=5.0)
+    assert hub.join_deadline(peer) == 15.0
+    hub.handle(peer, '{"type":"join","room":"r"}', now=6.0)
+    assert hub.join_deadline(peer) is None
+    hub.handle(peer, '{"type":"leave"}', now=30.0)
+    assert hub.join_deadline(peer) == 40.0
+    # Refused requests from a peer in no room do not move its deadline.
+    hub.handle(peer, '{"type":"leave"}', now=35.0)
+    assert hub.join_deadline(peer) == 40.0
+
+
 def test_a_peer_that_left_can_join_again():
     hub = make_hub()
     [alice] = joined(hub, "r", 1)
@@ -246,6 +259,8 @@ def test_limits_reject_nonsense():
         Limits(max_message_bytes=1000, max_buffered_bytes=1500)
     with pytest.raises(ValueError, match="max_peers_per_room"):
         Limits(max_peers_per_room=0)
+    with pytest.raises(ValueError, match="join timeouts must be positive"):
+        Limits(join_timeout=0)
 
 
 HUB_MESSAGES = [

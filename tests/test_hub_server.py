@@ -164,6 +164,16 @@ async def test_connections_beyond_the_limit_are_closed_with_1013(start_hub):
     assert hub.hub.metrics.errors_total[ErrorCode.HUB_FULL] == 1
 
 
+async def test_a_connection_that_never_joins_is_closed_with_1008(start_hub):
+    hub = await start_hub(Limits(join_timeout=0.3))
+    async with AsyncExitStack() as stack:
+        idle = await stack.enter_async_context(await connect(hub.url))
+        pair = await Pair.join(hub.url, "busy", stack)
+        assert await closed_code(idle) == (1008, "join-timeout")
+        await pair.check_relay()
+        assert hub.hub.connection_count == 2
+
+
 async def test_healthz_and_metrics(hub):
     async with AsyncExitStack() as stack:
         pair = await Pair.join(hub.url, "m", stack)
