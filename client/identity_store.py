@@ -6,6 +6,7 @@ creates files readable by their owner only (0600, directory 0700), writes atomic
 and refuses a private key file that others can read, as OpenSSH does.
 """
 
+import getpass
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -17,9 +18,11 @@ from crypto.identity import (
     KnownPeers,
     decode_identity_file,
     encode_identity_file,
+    is_passphrase_protected,
 )
 
 HOME_ENVIRONMENT_VARIABLE = "BLINDHUB_HOME"
+PASSPHRASE_ENVIRONMENT_VARIABLE = "BLINDHUB_PASSPHRASE"
 APP_DIRECTORY = "blindhub"
 IDENTITY_FILE = "identity.json"
 KNOWN_PEERS_FILE = "known_peers.json"
@@ -29,6 +32,14 @@ DIRECTORY_MODE = 0o700
 
 class UnsafePermissions(LocalError):
     """The private key file can be read or written by users other than its owner."""
+
+
+class PassphraseRefused(LocalError):
+    """A new passphrase was empty, or its confirmation did not match."""
+
+
+class IdentityExists(LocalError):
+    """A new protected identity was asked for where one already exists."""
 
 
 def home_directory(
@@ -71,6 +82,46 @@ def load_or_create_identity(
     identity = IdentityKey.generate(random_bytes)
     _write_private(path, encode_identity_file(identity, passphrase, random_bytes), exclusive=True)
     return identity
+
+
+def open_identity(
+    home: Path,
+    *,
+    protect_new: bool = False,
+    environ: Mapping[str, str] = os.environ,
+    ask: Callable[[str], str] = getpass.getpass,
+) -> IdentityKey:
+    """The user's identity for a command, created on first use.
+
+    A protected identity is unlocked with a passphrase; a new one is protected if
+    ``protect_new``. The passphrase comes from ``$BLINDHUB_PASSPHRASE`` when it is set
+    (scripts, tests), else it is asked on the terminal without echo (a new one twice).
+    """
+    path = home / IDENTITY_FILE
+    if path.exists():
+        if protect_new:
+            raise IdentityExists(f"{path} exists already; a new identity was not created")
+        passphrase = None
+        if is_passphrase_protected(path.read_bytes()):
+            passphrase = _read_passphrase(f"passphrase for {path}: ", environ, ask)
+        return load_identity(home, passphrase)
+    if not protect_new:
+        return load_or_create_identity(home)
+    passphrase = _read_passphrase("passphrase for your new identity: ", environ, ask)
+    if PASSPHRASE_ENVIRONMENT_VARIABLE not in environ and ask("the same passphrase again: ") != (
+        passphrase.decode()
+    ):
+        raise PassphraseRefused("the two passphrases differ; no identity was created")
+    return load_or_create_identity(home, passphrase)
+
+
+def _read_passphrase(prompt: str, environ: Mapping[str, str], ask: Callable[[str], str]) -> bytes:
+    passphrase = environ.get(PASSPHRASE_ENVIRONMENT_VARIABLE)
+    if passphrase is None:
+        passphrase = ask(prompt)
+    if not passphrase:
+        raise PassphraseRefused("the passphrase is empty")
+    return passphrase.encode()
 
 
 def load_identity(home: Path, passphrase: bytes | None = None) -> IdentityKey:
