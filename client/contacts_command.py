@@ -1,11 +1,11 @@
-"""``blindhub contacts [list | verify NAME | forget NAME]``: the peers whose keys you pinned."""
+"""``blindhub contacts [list | show NAME | verify NAME | forget NAME]``: the peers you pinned."""
 
 import argparse
 import sys
 
-from client.identity_store import home_directory, load_known_peers, save_known_peers
+from client.identity_store import home_directory, load_known_peers, open_identity, save_known_peers
 from crypto.errors import CryptoError
-from crypto.identity import UnknownPeer
+from crypto.identity import Pin, UnknownPeer, safety_number
 
 EXIT_LOCAL_PROBLEM = 7
 EXIT_UNKNOWN_CONTACT = 8
@@ -15,6 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", help="where your identity and pins live ($BLINDHUB_HOME)")
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     actions.add_parser("list", help="list pinned peers (the default)")
+    show = actions.add_parser(
+        "show", help="NAME's fingerprint and the safety number to compare with NAME out of band"
+    )
+    show.add_argument("contact", metavar="NAME")
     verify = actions.add_parser("verify", help="record that NAME's key was compared out of band")
     verify.add_argument("contact", metavar="NAME")
     forget = actions.add_parser("forget", help="forget NAME's pin; the next key is pinned anew")
@@ -30,6 +34,12 @@ def run(args: argparse.Namespace) -> int:
                 status = "verified" if pin.verified else "pinned"
                 print(f"{pin.name}\t{pin.public_key.fingerprint()}\t{status}")
             return 0
+        if args.action == "show":
+            found = peers.get(args.contact)
+            if found is None:
+                raise UnknownPeer(f"no pinned identity for peer {args.contact!r}")
+            show(found, safety_number(open_identity(home).public_key, found.public_key))
+            return 0
         pin = (peers.mark_verified if args.action == "verify" else peers.remove)(args.contact)
         save_known_peers(home, peers)
     except UnknownPeer as error:
@@ -40,3 +50,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_LOCAL_PROBLEM
     print(f"{args.action}: {pin.name} {pin.public_key.fingerprint()}")
     return 0
+
+
+def show(pin: Pin, digits: str) -> None:
+    groups = digits.split()
+    half = len(groups) // 2
+    print(f"{pin.name}\t{pin.public_key.fingerprint()}\t{'verified' if pin.verified else 'pinned'}")
+    # Both sides print the same digits; compare them in person or on a trusted channel,
+    # then run `blindhub contacts verify NAME`.
+    print("safety number:")
+    print("  " + " ".join(groups[:half]))
+    print("  " + " ".join(groups[half:]))
