@@ -9,7 +9,15 @@ Pure and synchronous; keys come from the key agreement, never from here.
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from crypto.sframe import CipherSuite, ReceiveContext, SendContext, SFrameError
+from crypto.sframe import (
+    AuthenticationError,
+    CipherSuite,
+    ReceiveContext,
+    ReplayError,
+    SendContext,
+    SFrameError,
+    UnknownKeyError,
+)
 
 DEFAULT_SUITE = CipherSuite.AES_128_GCM_SHA256_128
 FrameTransform = Callable[[bytes], bytes | None]
@@ -18,10 +26,15 @@ FrameTransform = Callable[[bytes], bytes | None]
 
 @dataclass
 class FrameCounters:
-    """Per sender or receiver: frames through SFrame, failures, and the bytes SFrame added."""
+    """Per sender or receiver: frames through SFrame, failures (``failed``, the total, and by
+    reason), and the bytes SFrame added."""
 
     frames: int = 0
     failed: int = 0
+    replayed: int = 0  # a (KID, CTR) already accepted or older than the window: a replay
+    unauthenticated: int = 0  # the tag did not match: altered, or not sealed for us
+    unknown_key: int = 0
+    malformed: int = 0  # no parsable SFrame header
     dropped_without_key: int = 0
     plaintext_bytes: int = 0
     ciphertext_bytes: int = 0
@@ -32,6 +45,19 @@ class FrameCounters:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self) | {"bytes_added": self.bytes_added}
+
+    def reject(self, error: SFrameError) -> None:
+        """Count a frame that did not decrypt, under its reason."""
+        self.failed += 1
+        if isinstance(error, ReplayError):
+            self.replayed += 1
+        elif isinstance(error, AuthenticationError):
+            self.unauthenticated += 1
+        elif isinstance(error, UnknownKeyError):
+            self.unknown_key += 1
+        else:
+            # ReceiveContext.unprotect raises only these four.
+            self.malformed += 1
 
 
 class SFrameSender:
@@ -111,7 +137,7 @@ class SFrameReceiver:
             try:
                 plaintext = self._context.unprotect(frame, metadata)
             except SFrameError as error:
-                counters.failed += 1
+                counters.reject(error)
                 if on_failure is not None:
                     on_failure(error)
                 return None

@@ -23,6 +23,10 @@ def test_frames_round_trip_and_count_the_bytes_sframe_adds():
     assert sender.counters["audio"].as_dict() == {
         "frames": 1,
         "failed": 0,
+        "replayed": 0,
+        "unauthenticated": 0,
+        "unknown_key": 0,
+        "malformed": 0,
         "dropped_without_key": 0,
         "plaintext_bytes": 100,
         "ciphertext_bytes": 100 + added,
@@ -51,7 +55,7 @@ def test_a_frame_moved_to_the_other_stream_is_dropped_and_reported():
     assert protected is not None
     assert receiver.transform("video", failures.append)(protected) is None
     assert [type(error) for error in failures] == [AuthenticationError]
-    assert receiver.counters["video"].failed == 1
+    assert (receiver.counters["video"].failed, receiver.counters["video"].unauthenticated) == (1, 1)
     assert receiver.transform("audio")(protected) == b"audio frame"
 
 
@@ -61,7 +65,34 @@ def test_a_replayed_frame_is_dropped():
     unprotect = receiver.transform("audio")
     assert protected is not None and unprotect(protected) == b"frame"
     assert unprotect(protected) is None
-    assert receiver.counters["audio"].failed == 1
+    assert (receiver.counters["audio"].failed, receiver.counters["audio"].replayed) == (1, 1)
+
+
+def test_failures_are_counted_by_reason_and_failed_is_their_total():
+    sender, receiver = pair()
+    protect, unprotect = sender.transform("audio"), receiver.transform("audio")
+    first, second = protect(b"first"), protect(b"second")
+    assert first is not None and second is not None
+    altered = first[:-1] + bytes([first[-1] ^ 1])
+    stranger = SFrameSender()
+    stranger.use_key(9, OTHER_KEY)
+    unknown = stranger.transform("audio")(b"from a stranger")
+    assert unknown is not None
+    inputs = [altered, first, first, second, first, unknown, b"", second]
+    assert [unprotect(frame) for frame in inputs] == [
+        None,
+        b"first",
+        None,
+        b"second",
+        None,
+        None,
+        None,
+        None,
+    ]
+    counters = receiver.counters["audio"]
+    # An altered frame does not move the window, so the genuine one is still accepted after it.
+    assert (counters.unauthenticated, counters.replayed, counters.unknown_key) == (1, 3, 1)
+    assert (counters.malformed, counters.failed, counters.frames) == (1, 6, 2)
 
 
 def test_a_new_key_replaces_the_old_one_and_old_frames_need_the_old_receive_key():
