@@ -170,7 +170,7 @@ class CallStats:
     hub_lost: bool = False
     ended_by: str = ""
     # What the hub was caught doing, with how often: "sdp-tampered", "identity-refused",
-    # "name-altered", "replay-rejected", "alteration-rejected".
+    # "replay-rejected", "alteration-rejected".
     detections: dict[str, int] = field(default_factory=dict)
 
     def detect(self, what: str) -> None:
@@ -283,18 +283,14 @@ class Call:
             offer_ready = asyncio.create_task(self._create_offer())
             self._tasks.append(offer_ready)
         self._peer = welcome.peers[0] if welcome.peers else await self._await_peer()
-        await self._relay({"type": "hello", "name": config.name})
-        hello = await self._next_setup_message("hello")
-        peer_name = hello.get("name")
-        if not isinstance(peer_name, str) or not peer_name:
-            raise CallFailed("the peer's hello carries no name")
-        self.peer_name = peer_name
-
-        result = (
-            await self._agree_keys(initiator)
-            if config.experiment_only_layers.encrypts_frames
-            else None
-        )
+        result: HandshakeResult | None = None
+        if config.experiment_only_layers.encrypts_frames:
+            # Each name travels in the key agreement, signed by its owner: the hub cannot
+            # rename a peer, so nothing is ever pinned under a name the hub chose.
+            result = await self._agree_keys(initiator)
+            self.peer_name = result.peer_name
+        else:
+            self.peer_name = await self._exchange_hellos()
         protection = await self._protection(result)
         self.stats.protection = protection
         if config.on_protection is not None:
@@ -308,6 +304,15 @@ class Call:
             if config.experiment_only_layers.seals_signalling:
                 self._channel = result.channel
         await self._negotiate(offer_ready)
+
+    async def _exchange_hellos(self) -> str:
+        """EXPERIMENT ONLY (``PLAIN``, no key agreement): the names, in clear and unchecked."""
+        await self._relay({"type": "hello", "name": self.config.name})
+        hello = await self._next_setup_message("hello")
+        peer_name = hello.get("name")
+        if not isinstance(peer_name, str) or not peer_name:
+            raise CallFailed("the peer's hello carries no name")
+        return peer_name
 
     async def _await_peer(self) -> PeerId:
         assert self._hub is not None
@@ -365,7 +370,12 @@ class Call:
             if initiator:
                 call_id = config.random_bytes(16).hex()
                 calling = Initiator(
-                    identity, call_id, SUITES, config.random_bytes, peer_check=peer_check
+                    identity,
+                    call_id,
+                    SUITES,
+                    config.random_bytes,
+                    name=config.name,
+                    peer_check=peer_check,
                 )
                 await self._hub.relay(self._peer, calling.start())
                 machine = calling
@@ -375,7 +385,12 @@ class Call:
                 if not isinstance(offered_call_id, str):
                     raise CallFailed("the peer's commit carries no call id")
                 machine = Responder(
-                    identity, offered_call_id, SUITES, config.random_bytes, peer_check=peer_check
+                    identity,
+                    offered_call_id,
+                    SUITES,
+                    config.random_bytes,
+                    name=config.name,
+                    peer_check=peer_check,
                 )
                 pending.append(commit)
             while machine.state.name != "DONE":
@@ -392,9 +407,8 @@ class Call:
         except CryptoError as error:
             raise CallFailed(f"key agreement failed: {error}") from None
 
-    def _check_peer(self, key: IdentityPublicKey) -> None:
-        name = self.peer_name
-        assert name is not None
+    def _check_peer(self, name: str, key: IdentityPublicKey) -> None:
+        """The handshake's pin check: ``name`` and ``key`` were just signed by the peer."""
         if self.config.verify is Verify.PINNED:
             pin = self.config.known_peers.get(name)
             if pin is None:
@@ -458,15 +472,11 @@ class Call:
             assert self._pc is not None
             pc = self._pc
             self._install_transforms()
-            await self._relay(
-                {"type": "offer", "sdp": pc.localDescription.sdp, "name": config.name}
-            )
+            await self._relay({"type": "offer", "sdp": pc.localDescription.sdp})
             answer = await self._next_setup_message("answer")
-            self._check_sealed_name(answer)
             await pc.setRemoteDescription(RTCSessionDescription(self._sdp(answer), "answer"))
         else:
             offer = await self._next_setup_message("offer")
-            self._check_sealed_name(offer)
             pc = self._new_peer_connection()
             await pc.setRemoteDescription(RTCSessionDescription(self._sdp(offer), "offer"))
             for track in config.tracks:
@@ -474,9 +484,7 @@ class Call:
             self._prefer_codecs()
             self._install_transforms()
             await pc.setLocalDescription(await pc.createAnswer())
-            await self._relay(
-                {"type": "answer", "sdp": pc.localDescription.sdp, "name": config.name}
-            )
+            await self._relay({"type": "answer", "sdp": pc.localDescription.sdp})
         self._media_started = time.monotonic()
         self._start_receiving()
 
@@ -486,12 +494,6 @@ class Call:
         if not isinstance(sdp, str):
             raise CallFailed("the peer's session description is missing")
         return sdp
-
-    def _check_sealed_name(self, message: dict[str, Any]) -> None:
-        # The hello travelled in clear; the sealed copy shows whether the hub changed it.
-        if self._channel is not None and message.get("name") != self.peer_name:
-            self.stats.detect("name-altered")
-            raise CallFailed("the peer's name was altered in transit")
 
     def _prefer_codecs(self) -> None:
         """Opus and VP8 only: the codecs the frame transforms can frame."""

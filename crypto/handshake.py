@@ -3,9 +3,9 @@
 Four JSON messages, relayed by the (untrusted) hub::
 
     Initiator                                            Responder
-    commit   {call_id, suites, nonce_i, H(e_i, id_i)}  -->
-         <--  accept  {call_id, suite, nonce_r, e_r, id_r}
-    reveal   {call_id, e_i, id_i, sig_i(transcript)}   -->
+    commit   {call_id, suites, nonce_i, name_i, H(e_i, id_i, name_i)}  -->
+         <--  accept  {call_id, suite, nonce_r, e_r, id_r, name_r}
+    reveal   {call_id, e_i, id_i, sig_i(transcript)}                   -->
          <--  confirm {call_id, sig_r(transcript)}
 
 - ZRTP-style hash commitment (RFC 6189 section 4.4.1.1): the initiator reveals its
@@ -13,8 +13,10 @@ Four JSON messages, relayed by the (untrusted) hub::
   ephemerals before learning the honest parties' ones, and gets one SAS guess per call.
 - SIGMA-style authentication (Krawczyk 2003, as in TLS 1.3 and IKEv2): each side signs
   the transcript hash (version, offered and chosen suites, call id, both nonces, both
-  ephemerals, both identity keys) with its Ed25519 identity key under a role label, and
-  verifies the peer's signature, then the caller's pin check, before deriving any key.
+  ephemerals, both identity keys, both names) with its Ed25519 identity key under a role
+  label, and verifies the peer's signature, then the caller's pin check, before deriving
+  any key. Each party's name travels in the key agreement and is signed, so the pin check
+  gets a (name, key) pair the peer vouched for, never a name the hub chose.
 - HKDF (RFC 5869, SHA-256): Extract(salt=transcript hash, X25519 secret), then Expand
   with distinct labels into the SAS and epoch 0's secret, from which crypto/sealed.py
   derives both directions' SFrame base keys, KIDs and sealing keys.
@@ -33,7 +35,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from crypto.errors import LocalError, RemoteError
-from crypto.identity import IdentityKey, IdentityPublicKey, b64encode
+from crypto.identity import MAX_PEER_NAME_LENGTH, IdentityKey, IdentityPublicKey, b64encode
 from crypto.sealed import (
     LABEL_PREFIX,
     PROTOCOL_VERSION,
@@ -64,7 +66,8 @@ SIGNATURE_SIZE = 64
 SAS_DIGITS = 15
 SAS_GROUP = 5
 
-PeerCheck = Callable[[IdentityPublicKey], object]
+# Called with the peer's authenticated (name, identity key); it raises to abort.
+PeerCheck = Callable[[str, IdentityPublicKey], object]
 RandomBytes = Callable[[int], bytes]
 
 
@@ -105,11 +108,22 @@ def _identity_field(value: Any) -> IdentityPublicKey:
     return IdentityPublicKey(bytes_field(32)(value))
 
 
+def name_field(value: Any) -> str:
+    """A peer's name: what it is pinned under, so 1 to 256 printable characters."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_NAME_LENGTH:
+        raise ValueError(f"is 1 to {MAX_PEER_NAME_LENGTH} characters")
+    if not value.isprintable():
+        # No control characters, line breaks or lone surrogates: the name is shown to users.
+        raise ValueError("is printable")
+    return value
+
+
 _FIELDS: dict[str, dict[str, FieldParser]] = {
     "commit": {
         "call_id": call_id_field,
         "suites": _suites_field,
         "nonce": bytes_field(NONCE_SIZE),
+        "name": name_field,
         "commitment": bytes_field(HASH_SIZE),
     },
     "accept": {
@@ -118,6 +132,7 @@ _FIELDS: dict[str, dict[str, FieldParser]] = {
         "nonce": bytes_field(NONCE_SIZE),
         "ephemeral": bytes_field(X25519_KEY_SIZE),
         "identity": _identity_field,
+        "name": name_field,
     },
     "reveal": {
         "call_id": call_id_field,
@@ -136,9 +151,13 @@ _EXPECTED: dict[HandshakeState, str] = {
 }
 
 
-def commitment(call_id: str, nonce: bytes, ephemeral: bytes, identity: IdentityPublicKey) -> bytes:
-    """The initiator's hash commitment to its ephemeral (and identity) key."""
-    body = length_prefixed(call_id.encode("utf-8"), nonce, ephemeral, identity.raw)
+def commitment(
+    call_id: str, nonce: bytes, ephemeral: bytes, identity: IdentityPublicKey, name: str
+) -> bytes:
+    """The initiator's hash commitment to its ephemeral, and to who it is (key and name)."""
+    body = length_prefixed(
+        call_id.encode("utf-8"), nonce, ephemeral, identity.raw, name.encode("utf-8")
+    )
     return hashlib.sha256(LABEL_PREFIX + b"commit" + body).digest()
 
 
@@ -155,6 +174,8 @@ class Transcript:
     responder_ephemeral: bytes
     initiator_identity: IdentityPublicKey
     responder_identity: IdentityPublicKey
+    initiator_name: str
+    responder_name: str
 
     def hash(self) -> bytes:
         body = length_prefixed(
@@ -168,6 +189,8 @@ class Transcript:
             self.responder_ephemeral,
             self.initiator_identity.raw,
             self.responder_identity.raw,
+            self.initiator_name.encode("utf-8"),
+            self.responder_name.encode("utf-8"),
         )
         return hashlib.sha256(LABEL_PREFIX + b"transcript" + body).digest()
 
@@ -205,7 +228,8 @@ class HandshakeResult:
 
     The client encrypts its frames with (``send_kid``, ``send_base_key``), decrypts the
     peer's with (``recv_kid``, ``recv_base_key``), shows ``sas`` to the user and sends
-    every further signalling message through ``channel``.
+    every further signalling message through ``channel``. ``peer_name`` and
+    ``peer_identity`` are what the peer signed: the only name to pin or show.
     """
 
     role: Role
@@ -217,6 +241,7 @@ class HandshakeResult:
     recv_base_key: bytes = field(repr=False)
     sas: str
     peer_identity: IdentityPublicKey
+    peer_name: str
     transcript_hash: bytes
     channel: SealedChannel
 
@@ -234,6 +259,7 @@ class _Handshake:
     def __init__(
         self,
         identity: IdentityKey,
+        name: str,
         call_id: str,
         random_bytes: RandomBytes,
         peer_check: PeerCheck | None,
@@ -242,7 +268,12 @@ class _Handshake:
             check_call_id(call_id)
         except ValueError as error:
             raise LocalError(str(error)) from error
+        try:
+            name_field(name)
+        except ValueError as error:
+            raise LocalError(f"our own name {error}") from error
         self._identity = identity
+        self.name = name
         self.call_id = call_id
         self._random_bytes = random_bytes
         self._peer_check = peer_check
@@ -289,14 +320,19 @@ class _Handshake:
         self._nonce = self._random_bytes(NONCE_SIZE)
 
     def _authenticate_peer(
-        self, peer: IdentityPublicKey, signature: bytes, transcript_hash: bytes
+        self, peer_name: str, peer: IdentityPublicKey, signature: bytes, transcript_hash: bytes
     ) -> None:
         peer.verify(signed_content(self.role.peer, transcript_hash), signature)
+        # Only now is (peer_name, peer) vouched for by the peer, so only now may it be pinned.
         if self._peer_check is not None:
-            self._peer_check(peer)
+            self._peer_check(peer_name, peer)
 
     def _finish(
-        self, transcript: Transcript, peer_ephemeral: bytes, peer: IdentityPublicKey
+        self,
+        transcript: Transcript,
+        peer_ephemeral: bytes,
+        peer_name: str,
+        peer: IdentityPublicKey,
     ) -> None:
         assert self._ephemeral_private is not None
         shared = x25519_shared_secret(self._ephemeral_private, peer_ephemeral)
@@ -314,6 +350,7 @@ class _Handshake:
             recv_base_key=keys.receive.base_key,
             sas=schedule.sas,
             peer_identity=peer,
+            peer_name=peer_name,
             transcript_hash=transcript_hash,
             channel=channel,
         )
@@ -336,12 +373,14 @@ class Initiator(_Handshake):
         suites: Sequence[CipherSuite],
         random_bytes: RandomBytes,
         *,
+        name: str,
         peer_check: PeerCheck | None = None,
     ) -> None:
-        """``suites``: offered in order of preference. ``peer_check``: called with the
-        peer's authenticated identity key before any key exists; it raises to abort
-        (e.g. ``lambda key: known_peers.check(name, key)``)."""
-        super().__init__(identity, call_id, random_bytes, peer_check)
+        """``name``: ours, sent in the commit and signed by both sides. ``suites``: offered
+        in order of preference. ``peer_check``: called with the peer's authenticated name
+        and identity key before any key exists; it raises to abort (e.g.
+        ``known_peers.check``)."""
+        super().__init__(identity, name, call_id, random_bytes, peer_check)
         self.suites = _local_suites(suites)
         if not suites or len(set(self.suites)) != len(self.suites):
             raise LocalError("offer at least one suite, each once")
@@ -357,9 +396,14 @@ class Initiator(_Handshake):
             "commit",
             suites=[int(suite) for suite in self.suites],
             nonce=b64encode(self._nonce),
+            name=self.name,
             commitment=b64encode(
                 commitment(
-                    self.call_id, self._nonce, self._ephemeral_public, self._identity.public_key
+                    self.call_id,
+                    self._nonce,
+                    self._ephemeral_public,
+                    self._identity.public_key,
+                    self.name,
                 )
             ),
         )
@@ -377,6 +421,8 @@ class Initiator(_Handshake):
             responder_ephemeral=fields["ephemeral"],
             initiator_identity=self._identity.public_key,
             responder_identity=fields["identity"],
+            initiator_name=self.name,
+            responder_name=fields["name"],
         )
         signature = self._identity.sign(signed_content(self.role, self._transcript.hash()))
         self.state = HandshakeState.AWAIT_CONFIRM
@@ -392,9 +438,9 @@ class Initiator(_Handshake):
     def _on_confirm(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
         transcript = self._transcript
         assert transcript is not None
-        peer = transcript.responder_identity
-        self._authenticate_peer(peer, fields["signature"], transcript.hash())
-        self._finish(transcript, transcript.responder_ephemeral, peer)
+        name, peer = transcript.responder_name, transcript.responder_identity
+        self._authenticate_peer(name, peer, fields["signature"], transcript.hash())
+        self._finish(transcript, transcript.responder_ephemeral, name, peer)
         return []
 
 
@@ -410,10 +456,12 @@ class Responder(_Handshake):
         suites: Sequence[CipherSuite],
         random_bytes: RandomBytes,
         *,
+        name: str,
         peer_check: PeerCheck | None = None,
     ) -> None:
-        """``suites``: the ones this side supports; the initiator's preference decides."""
-        super().__init__(identity, call_id, random_bytes, peer_check)
+        """``name``: ours, sent in the accept. ``suites``: the ones this side supports; the
+        initiator's preference decides. ``peer_check``: as for ``Initiator``."""
+        super().__init__(identity, name, call_id, random_bytes, peer_check)
         self.suites = frozenset(_local_suites(suites))
         if not self.suites:
             raise LocalError("support at least one suite")
@@ -421,6 +469,7 @@ class Responder(_Handshake):
         self._offered: tuple[CipherSuite, ...] = ()
         self._chosen: CipherSuite | None = None
         self._peer_nonce = b""
+        self._peer_name = ""
         self._peer_commitment = b""
 
     def _on_commit(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
@@ -430,6 +479,7 @@ class Responder(_Handshake):
             raise NoCommonSuite("no offered SFrame cipher suite is supported here")
         self._offered, self._chosen = offered, chosen
         self._peer_nonce, self._peer_commitment = fields["nonce"], fields["commitment"]
+        self._peer_name = fields["name"]
         self._new_ephemeral()
         self.state = HandshakeState.AWAIT_REVEAL
         return [
@@ -439,14 +489,19 @@ class Responder(_Handshake):
                 nonce=b64encode(self._nonce),
                 ephemeral=b64encode(self._ephemeral_public),
                 identity=b64encode(self._identity.public_key.raw),
+                name=self.name,
             )
         ]
 
     def _on_reveal(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
         peer: IdentityPublicKey = fields["identity"]
-        expected = commitment(self.call_id, self._peer_nonce, fields["ephemeral"], peer)
+        expected = commitment(
+            self.call_id, self._peer_nonce, fields["ephemeral"], peer, self._peer_name
+        )
         if expected != self._peer_commitment:
-            raise CommitmentMismatch("the revealed ephemeral is not the one committed to")
+            raise CommitmentMismatch(
+                "the commit does not match the revealed ephemeral and identity and its name"
+            )
         assert self._chosen is not None
         transcript = Transcript(
             offered=self._offered,
@@ -458,9 +513,11 @@ class Responder(_Handshake):
             responder_ephemeral=self._ephemeral_public,
             initiator_identity=peer,
             responder_identity=self._identity.public_key,
+            initiator_name=self._peer_name,
+            responder_name=self.name,
         )
         transcript_hash = transcript.hash()
-        self._authenticate_peer(peer, fields["signature"], transcript_hash)
+        self._authenticate_peer(self._peer_name, peer, fields["signature"], transcript_hash)
         signature = self._identity.sign(signed_content(self.role, transcript_hash))
-        self._finish(transcript, fields["ephemeral"], peer)
+        self._finish(transcript, fields["ephemeral"], self._peer_name, peer)
         return [self._envelope("confirm", signature=b64encode(signature))]

@@ -10,12 +10,13 @@ the honest hub's. What it adds is what a hub operator could do to listen in:
   (`signaling.media_mitm.MediaMitm`). When the SDP is sealed it cannot read it; it then does the
   one thing left, alter the first sealed message each way (the offer and the answer), which the
   peers detect.
-- ``keyswap``: runs the key agreement with each peer itself, with its own identity keys
-  (`Responder` toward the initiator, `Initiator` toward the responder). It then holds both legs'
-  SFrame keys and sealing keys: it unseals and reseals the signalling, rewrites the SDP as in
-  ``dtls-mitm``, and its `MediaMitm` opens each frame with one leg's key, records the plaintext
-  and seals it again for the other leg (`SFrameRelay`). Only the peers comparing their SAS, or
-  pinned identities, expose it.
+- ``keyswap``: runs the key agreement with each peer itself, with its own identity keys under the
+  peers' real names (`Initiator` toward the responder under the name in the initiator's commit,
+  then `Responder` toward the initiator under the name in the responder's accept). It then
+  holds both legs' SFrame keys and sealing keys: it unseals and reseals the signalling, rewrites
+  the SDP as in ``dtls-mitm``, and its `MediaMitm` opens each frame with one leg's key, records
+  the plaintext and seals it again for the other leg (`SFrameRelay`). Only the peers comparing
+  their SAS, or pinned identities, expose it.
 - ``tamper``: drops relayed messages of chosen types, and after every sealed message it forwards
   injects a replayed copy and an altered copy.
 
@@ -150,6 +151,8 @@ class RoomAttack:
     mitm: MediaMitm | None = None
     offerer: PeerId | None = None
     legs: dict[PeerId, _Leg] = field(default_factory=dict)
+    # The initiator's commit, answered once the responder's accept has told the hub its name.
+    held_commit: tuple[PeerId, dict[str, Any]] | None = None
     relay: SFrameRelay | None = None
     events: list[str] = field(default_factory=list)
 
@@ -184,6 +187,11 @@ def altered(message: dict[str, Any]) -> dict[str, Any]:
     ciphertext = bytearray(b64decode(message["ciphertext"]))
     ciphertext[-1] ^= 1
     return {**message, "ciphertext": b64encode(bytes(ciphertext))}
+
+
+def _offered(commit: dict[str, Any]) -> list[CipherSuite]:
+    """The suites a commit offers: the hub's legs support exactly those."""
+    return [CipherSuite(code) for code in commit.get("suites", [])]
 
 
 def _sealed(message: Any) -> bool:
@@ -324,21 +332,43 @@ class HostileHub(Hub):
     def _swap_keys(
         self, attack: RoomAttack, sender: PeerId, recipient: PeerId, message: dict[str, Any]
     ) -> list[tuple[PeerId, dict[str, Any]]]:
-        """Answer a key agreement message on the sender's leg; a commit opens both legs."""
-        if _type(message) == "commit" and sender not in attack.legs:
-            suites = [CipherSuite(code) for code in message.get("suites", [])]
+        """Answer a key agreement message on the sender's leg.
+
+        The names are signed, so the hub must claim each peer's real name on the other leg. The
+        initiator's commit carries its name: the hub calls the responder under it and holds the
+        commit. The responder's accept carries its name: only then can the hub answer the held
+        commit as the responder."""
+        kind = _type(message)
+        if kind == "commit" and not attack.legs:
             call_id = str(message.get("call_id"))
-            toward_initiator = Responder(self._identity(), call_id, suites, self._random_bytes)
-            toward_responder = Initiator(self._identity(), call_id, suites, self._random_bytes)
-            attack.legs[sender] = _Leg(toward_initiator)
+            toward_responder = Initiator(
+                self._identity(),
+                call_id,
+                _offered(message),
+                self._random_bytes,
+                name=str(message.get("name")),
+            )
             attack.legs[recipient] = _Leg(toward_responder)
+            attack.held_commit = (sender, message)
             attack.events.append("keyswap-started")
-            replies = [(sender, reply) for reply in toward_initiator.receive(message)]
-            return [*replies, (recipient, toward_responder.start())]
+            return [(recipient, toward_responder.start())]
         leg = attack.legs.get(sender)
         if leg is None:
             return [(recipient, message)]
         replies = [(sender, reply) for reply in leg.machine.receive(message)]
+        if kind == "accept" and attack.held_commit is not None:
+            initiator, commit = attack.held_commit
+            attack.held_commit = None
+            # The accept was just validated by the leg's Initiator, so its name is well formed.
+            toward_initiator = Responder(
+                self._identity(),
+                leg.machine.call_id,
+                _offered(commit),
+                self._random_bytes,
+                name=message["name"],
+            )
+            attack.legs[initiator] = _Leg(toward_initiator)
+            replies += [(initiator, reply) for reply in toward_initiator.receive(commit)]
         if leg.machine.state is HandshakeState.DONE:
             leg.done.set()
             attack.events.append("keyswap-leg-done")

@@ -21,6 +21,9 @@ from client.call import (
 )
 from client.media import PatternTrack, ToneTrack
 from crypto.identity import IdentityKey, KnownPeers
+from signaling.hub import Delivery, Hub
+from signaling.protocol import JsonText, PeerId
+from signaling.server import HubServer
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +84,50 @@ async def test_a_changed_identity_for_a_pinned_name_refuses_before_media(hub):
         assert call.received.audio_frames == call.received.video_frames == 0
         assert call.stats.protection is None  # refused before any key was used
     assert bob.stats.audio.sent == 0
+
+
+class RenamingHub(Hub):
+    """Relays everything, but renames the sender in every message of the given types."""
+
+    def __init__(self, message_types: frozenset[str]) -> None:
+        super().__init__()
+        self.message_types = message_types
+        self.renamed: list[str] = []
+
+    def route_relay(
+        self, room: str, sender: PeerId, recipient: PeerId, payload: JsonText
+    ) -> list[Delivery]:
+        message = json.loads(payload)
+        if message.get("type") in self.message_types:
+            payload = JsonText(json.dumps({**message, "name": "eve"}))
+            self.renamed.append(message["type"])
+        return super().route_relay(room, sender, recipient, payload)
+
+
+@pytest.mark.parametrize(
+    ("renamed", "bob_refuses"),
+    [("commit", "does not match the revealed"), ("accept", "signature does not verify")],
+)
+async def test_a_hub_that_renames_a_peer_gets_nothing_pinned_under_the_new_name(
+    renamed, bob_refuses
+):
+    # The attack signed names close: the hub calls alice (in the commit) or bob (in the accept)
+    # "eve", so that the other side would pin the real key under a name the hub chose (the call
+    # command saves pins even when the call fails). It would rename a clear hello too, where
+    # names travelled before they were signed; there is none now.
+    hub = RenamingHub(frozenset({renamed, "hello"}))
+    alice_pins, bob_pins = KnownPeers(), KnownPeers()
+    async with HubServer(hub) as server:
+        alice, bob, (alice_result, bob_result) = await run_pair(
+            config(server, "alice", 440, known_peers=alice_pins),
+            config(server, "bob", 660, known_peers=bob_pins),
+        )
+    assert hub.renamed == [renamed]
+    assert isinstance(bob_result, CallFailed) and bob_refuses in str(bob_result)
+    assert isinstance(alice_result, CallFailed)
+    assert list(alice_pins) == [] and list(bob_pins) == []
+    for call in (alice, bob):
+        assert call.stats.protection is None and call.received.audio_frames == 0
 
 
 async def test_verify_pinned_refuses_an_unknown_peer(hub):

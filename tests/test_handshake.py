@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -65,12 +66,19 @@ def pair(
     bob: IdentityKey = BOB,
     alice_check: PeerCheck | None = None,
     bob_check: PeerCheck | None = None,
+    alice_name: str = "alice",
+    bob_name: str = "bob",
 ) -> tuple[Initiator, Responder]:
     initiator = Initiator(
-        alice, call_id, [GCM, CTR80], seeded_random(seed + "/i"), peer_check=alice_check
+        alice,
+        call_id,
+        [GCM, CTR80],
+        seeded_random(seed + "/i"),
+        name=alice_name,
+        peer_check=alice_check,
     )
     responder = Responder(
-        bob, call_id, [CTR80, GCM], seeded_random(seed + "/r"), peer_check=bob_check
+        bob, call_id, [CTR80, GCM], seeded_random(seed + "/r"), name=bob_name, peer_check=bob_check
     )
     return initiator, responder
 
@@ -105,6 +113,7 @@ def test_full_handshake_gives_both_sides_the_same_keys_and_sas():
     assert mine.send_kid != mine.recv_kid and {mine.send_kid, mine.recv_kid} == {0, 1}
     assert len(mine.send_base_key) == 32 and mine.send_base_key != mine.recv_base_key
     assert mine.peer_identity == BOB.public_key and theirs.peer_identity == ALICE.public_key
+    assert (mine.peer_name, theirs.peer_name) == ("bob", "alice")
     groups = mine.sas.split(" ")
     assert len(groups) == 3 and all(len(g) == 5 and g.isdigit() for g in groups)
 
@@ -125,39 +134,93 @@ def test_reprs_hide_every_secret():
 
 def test_mitm_with_its_own_keys_gets_two_different_sas():
     # Mallory answers Alice as a responder and calls Bob as an initiator.
+    # It can claim the peers' real names: what it cannot do is sign with their keys.
     alice, mallory_responder = pair(alice=ALICE, bob=MALLORY, seed="am")
     mallory_initiator, bob = pair(alice=MALLORY, bob=BOB, seed="mb")
     alice_result, _mallory_a = run(alice, mallory_responder)
     _mallory_b, bob_result = run(mallory_initiator, bob)
     assert alice_result.sas != bob_result.sas
     assert alice_result.peer_identity == MALLORY.public_key
+    assert (alice_result.peer_name, bob_result.peer_name) == ("bob", "alice")
 
 
 def test_mitm_is_stopped_before_any_key_by_a_pinned_peer():
     alice_pins, bob_pins = KnownPeers(), KnownPeers()
     alice_pins.check("bob", BOB.public_key)
     bob_pins.check("alice", ALICE.public_key)
-    alice, mallory_responder = pair(
-        bob=MALLORY, seed="am", alice_check=lambda key: alice_pins.check("bob", key)
-    )
+    alice, mallory_responder = pair(bob=MALLORY, seed="am", alice_check=alice_pins.check)
     with pytest.raises(PinnedIdentityMismatch):
         run(alice, mallory_responder)
     assert alice.state is HandshakeState.FAILED
     with pytest.raises(LocalError):
         alice.result  # noqa: B018
-    mallory_initiator, bob = pair(
-        alice=MALLORY, seed="mb", bob_check=lambda key: bob_pins.check("alice", key)
-    )
+    mallory_initiator, bob = pair(alice=MALLORY, seed="mb", bob_check=bob_pins.check)
     with pytest.raises(PinnedIdentityMismatch):
         run(mallory_initiator, bob)
     assert bob.state is HandshakeState.FAILED
 
 
 def test_pin_on_first_sight_through_the_handshake():
-    pins = KnownPeers()
-    run(*pair(alice_check=lambda key: pins.check("bob", key)))
-    pin = pins.get("bob")
-    assert pin is not None and pin.public_key == BOB.public_key
+    alice_pins, bob_pins = KnownPeers(), KnownPeers()
+    run(*pair(alice_check=alice_pins.check, bob_check=bob_pins.check))
+    assert [(pin.name, pin.public_key) for pin in alice_pins] == [("bob", BOB.public_key)]
+    assert [(pin.name, pin.public_key) for pin in bob_pins] == [("alice", ALICE.public_key)]
+
+
+def recording_pins() -> tuple[list[tuple[str, Any]], PeerCheck]:
+    seen: list[tuple[str, Any]] = []
+    return seen, lambda name, key: seen.append((name, key))
+
+
+@pytest.mark.parametrize(
+    ("message", "error"), [("commit", CommitmentMismatch), ("accept", BadSignature)]
+)
+def test_a_hub_that_renames_a_peer_gets_nothing_pinned_under_the_new_name(message, error):
+    # The attack the signed names close: the hub calls bob "eve" (or alice "eve") so that a
+    # trust-on-first-use peer would pin bob's real key under a name of the hub's choosing.
+    def rename(name, relayed):
+        if name == message:
+            relayed["name"] = "eve"
+        return relayed
+
+    alice_seen, alice_check = recording_pins()
+    bob_seen, bob_check = recording_pins()
+    initiator, responder = pair(alice_check=alice_check, bob_check=bob_check)
+    with pytest.raises(error):
+        run(initiator, responder, rename)
+    assert responder.state is HandshakeState.FAILED
+    assert alice_seen == [] and bob_seen == []
+
+
+def test_the_pin_check_gets_the_name_the_peer_signed():
+    # A key agreement with Mallory's own key is pinned under the name Mallory signed.
+    alice_seen, alice_check = recording_pins()
+    alice, mallory = pair(bob=MALLORY, bob_name="mallory", alice_check=alice_check)
+    run(alice, mallory)
+    assert alice_seen == [("mallory", MALLORY.public_key)]
+
+
+@pytest.mark.parametrize(
+    "bad_name", ["", "x" * 257, "bob\nalice", "tab\there", "\x00", "\u202ebob", "\ud800"]
+)
+def test_malformed_names_are_rejected(bad_name):
+    def rename(name, message):
+        if name == "commit":
+            message["name"] = bad_name
+        return message
+
+    with pytest.raises(MalformedMessage, match="'name'"):
+        run(*pair(), rename)
+    with pytest.raises(LocalError, match="own name"):
+        Initiator(ALICE, "c", [GCM], seeded_random("x"), name=bad_name)
+    with pytest.raises(LocalError, match="own name"):
+        Responder(BOB, "c", [GCM], seeded_random("x"), name=bad_name)
+
+
+@pytest.mark.parametrize("good_name", ["b", "x" * 256, "Zoë Ångström", "bob@home 2", "名前"])
+def test_printable_names_up_to_256_characters_are_accepted(good_name):
+    mine, theirs = run(*pair(alice_name=good_name, bob_name=good_name))
+    assert mine.peer_name == theirs.peer_name == good_name
 
 
 def test_mitm_changing_its_ephemeral_after_seeing_the_other_is_caught_by_the_commitment():
@@ -178,6 +241,8 @@ def test_mitm_changing_its_ephemeral_after_seeing_the_other_is_caught_by_the_com
         responder_ephemeral=b64decode(accept["ephemeral"]),
         initiator_identity=MALLORY.public_key,
         responder_identity=BOB.public_key,
+        initiator_name="alice",
+        responder_name="bob",
     )
     forged = dict(honest_reveal)
     forged["ephemeral"] = b64encode(other)
@@ -200,7 +265,9 @@ def test_relaying_identities_but_swapping_ephemerals_breaks_the_signatures():
     assert responder.state is HandshakeState.FAILED
 
 
-def _flip(value: Any) -> Any:
+def _flip(field: str, value: Any) -> Any:
+    if field == "name":
+        return "eve"
     if isinstance(value, str):
         try:
             data = bytearray(b64decode(value))
@@ -219,11 +286,13 @@ def _flip(value: Any) -> Any:
 FLIPS = {
     ("commit", "suites"): (BadSignature, "responder"),
     ("commit", "nonce"): (CommitmentMismatch, "responder"),
+    ("commit", "name"): (CommitmentMismatch, "responder"),
     ("commit", "commitment"): (CommitmentMismatch, "responder"),
     ("accept", "suite"): (BadSignature, "responder"),
     ("accept", "nonce"): (BadSignature, "responder"),
     ("accept", "ephemeral"): (BadSignature, "responder"),
     ("accept", "identity"): (BadSignature, "responder"),
+    ("accept", "name"): (BadSignature, "responder"),
     ("reveal", "ephemeral"): (CommitmentMismatch, "responder"),
     ("reveal", "identity"): (CommitmentMismatch, "responder"),
     ("reveal", "signature"): (BadSignature, "responder"),
@@ -246,7 +315,7 @@ def test_flipping_any_field_of_any_message_is_rejected(name, field):
             message[field] = (
                 {"commit": "accept"}.get(message["type"], "commit")
                 if field == "type"
-                else _flip(message[field])
+                else _flip(field, message[field])
             )
         return message
 
@@ -307,8 +376,8 @@ def test_replaying_a_recorded_handshake_under_the_same_call_id_fails():
 
 
 def test_no_common_suite():
-    initiator = Initiator(ALICE, "c", [GCM], seeded_random("x"))
-    responder = Responder(BOB, "c", [CTR80], seeded_random("y"))
+    initiator = Initiator(ALICE, "c", [GCM], seeded_random("x"), name="alice")
+    responder = Responder(BOB, "c", [CTR80], seeded_random("y"), name="bob")
     with pytest.raises(NoCommonSuite):
         responder.receive(initiator.start())
 
@@ -329,13 +398,13 @@ def test_api_misuse_is_a_local_error():
     with pytest.raises(LocalError):
         initiator.start()
     with pytest.raises(LocalError):
-        Initiator(ALICE, "", [GCM], seeded_random("x"))
+        Initiator(ALICE, "", [GCM], seeded_random("x"), name="alice")
     with pytest.raises(LocalError):
-        Initiator(ALICE, "c", [], seeded_random("x"))
+        Initiator(ALICE, "c", [], seeded_random("x"), name="alice")
     with pytest.raises(LocalError):
-        Responder(BOB, "c", [], seeded_random("x"))
+        Responder(BOB, "c", [], seeded_random("x"), name="bob")
     with pytest.raises(LocalError):
-        Responder(BOB, "c", [9], seeded_random("x"))  # type: ignore[list-item]
+        Responder(BOB, "c", [9], seeded_random("x"), name="bob")  # type: ignore[list-item]
 
 
 def test_messages_after_completion_are_unexpected():
@@ -381,7 +450,7 @@ def test_state_machines_raise_only_typed_errors_on_arbitrary_json(value):
 @settings(max_examples=200, deadline=None)
 @given(
     st.sampled_from(["commit", "accept", "reveal", "confirm"]),
-    st.sampled_from(["v", "type", "call_id", "suites", "suite", "nonce", "ephemeral", "x"]),
+    st.sampled_from(["v", "type", "call_id", "suites", "suite", "nonce", "ephemeral", "name", "x"]),
     JSON,
 )
 def test_near_miss_messages_raise_only_typed_errors(name, field, value):
@@ -410,6 +479,18 @@ def test_vectors_recomputed_from_first_principles():
     bob_ephemeral = X25519PrivateKey.from_private_bytes(bob_random(32))
     assert alice_random(32) == b64decode(messages["commit"]["nonce"])
     assert bob_random(32) == b64decode(messages["accept"]["nonce"])
+    names = (vectors["inputs"]["initiator_name"], vectors["inputs"]["responder_name"])
+    assert (messages["commit"]["name"], messages["accept"]["name"]) == names
+    committed = length_prefixed(
+        vectors["inputs"]["call_id"].encode(),
+        b64decode(messages["commit"]["nonce"]),
+        alice_ephemeral.public_key().public_bytes_raw(),
+        ALICE.public_key.raw,
+        names[0].encode(),
+    )
+    assert hashlib.sha256(LABEL_PREFIX + b"commit" + committed).digest() == b64decode(
+        messages["commit"]["commitment"]
+    )
     transcript = Transcript(
         offered=(GCM, CTR80),
         chosen=GCM,
@@ -420,6 +501,8 @@ def test_vectors_recomputed_from_first_principles():
         responder_ephemeral=bob_ephemeral.public_key().public_bytes_raw(),
         initiator_identity=ALICE.public_key,
         responder_identity=BOB.public_key,
+        initiator_name=names[0],
+        responder_name=names[1],
     )
     assert transcript.hash().hex() == vectors["transcript_hash"]
     shared = alice_ephemeral.exchange(bob_ephemeral.public_key())

@@ -13,7 +13,7 @@ import pytest
 
 from client.frame_crypto import SFrameReceiver, SFrameSender
 from client.hub_connection import HubConnection, Relayed
-from crypto.handshake import HandshakeResult, Initiator, Responder
+from crypto.handshake import HandshakeResult, Initiator, PeerCheck, Responder
 from crypto.identity import IdentityKey, KnownPeers, PinnedIdentityMismatch
 from crypto.sealed import DecryptionFailed, Role, SealedChannel, SealedReplay
 from crypto.sframe import CipherSuite
@@ -187,13 +187,13 @@ async def agree_through(
     alice: IdentityKey,
     bob: IdentityKey,
     *,
-    alice_check: Callable[[Any], object] | None = None,
-    bob_check: Callable[[Any], object] | None = None,
+    alice_check: PeerCheck | None = None,
+    bob_check: PeerCheck | None = None,
 ) -> tuple[HandshakeResult, HandshakeResult]:
     """The call's key agreement between two real machines whose messages cross the hub."""
-    initiator = Initiator(alice, "call-1", SUITES, os.urandom, peer_check=alice_check)
+    initiator = Initiator(alice, "call-1", SUITES, os.urandom, name="alice", peer_check=alice_check)
     await pair.send(True, initiator.start())
-    responder = Responder(bob, "call-1", SUITES, os.urandom, peer_check=bob_check)
+    responder = Responder(bob, "call-1", SUITES, os.urandom, name="bob", peer_check=bob_check)
     for message in responder.receive(await pair.receive(at_first=False)):  # commit -> accept
         await pair.send(False, message)
     for message in initiator.receive(await pair.receive(at_first=True)):  # accept -> reveal
@@ -212,6 +212,8 @@ async def test_keyswap_agrees_its_own_keys_with_each_peer_and_reseals_between_th
     # Each peer completed a key agreement, but with the hub: neither sees the other's key.
     assert alice_result.peer_identity != bob.public_key
     assert bob_result.peer_identity != alice.public_key
+    # The names are signed, so the hub signs the peers' real names with its own keys.
+    assert (alice_result.peer_name, bob_result.peer_name) == ("bob", "alice")
     # The SAS is what gives it away: the two peers are shown different values, each the one
     # the hub's leg with that peer produced.
     assert alice_result.sas != bob_result.sas
@@ -251,11 +253,9 @@ async def test_keyswap_is_refused_by_peers_that_pinned_each_other(hostile):
     alice_pins.check("bob", bob.public_key)
     bob_pins.check("alice", alice.public_key)
     initiator = Initiator(
-        alice, "call-1", SUITES, os.urandom, peer_check=lambda k: alice_pins.check("bob", k)
+        alice, "call-1", SUITES, os.urandom, name="alice", peer_check=alice_pins.check
     )
-    responder = Responder(
-        bob, "call-1", SUITES, os.urandom, peer_check=lambda k: bob_pins.check("alice", k)
-    )
+    responder = Responder(bob, "call-1", SUITES, os.urandom, name="bob", peer_check=bob_pins.check)
     await pair.send(True, initiator.start())
     for message in responder.receive(await pair.receive(at_first=False)):
         await pair.send(False, message)
@@ -301,8 +301,8 @@ async def test_record_keeps_every_delivery_with_its_exact_payload(hostile):
 
 
 def agree(first: IdentityKey, second: IdentityKey) -> tuple[HandshakeResult, HandshakeResult]:
-    initiator = Initiator(first, "call-1", SUITES, os.urandom)
-    responder = Responder(second, "call-1", SUITES, os.urandom)
+    initiator = Initiator(first, "call-1", SUITES, os.urandom, name="first")
+    responder = Responder(second, "call-1", SUITES, os.urandom, name="second")
     [accept] = responder.receive(initiator.start())
     [reveal] = initiator.receive(accept)
     [confirm] = responder.receive(reveal)

@@ -50,8 +50,8 @@ def wire(message: dict[str, object]) -> dict[str, object]:
 def handshake(calls: int) -> None:
     alice, bob = IdentityKey(bytes(32)), IdentityKey(bytes(range(32)))
     for index in range(calls):
-        initiator = Initiator(alice, f"call-{index}", SUITES, os.urandom)
-        responder = Responder(bob, f"call-{index}", SUITES, os.urandom)
+        initiator = Initiator(alice, f"call-{index}", SUITES, os.urandom, name="alice")
+        responder = Responder(bob, f"call-{index}", SUITES, os.urandom, name="bob")
         [accept] = responder.receive(wire(initiator.start()))
         [reveal] = initiator.receive(wire(accept))
         [confirm] = responder.receive(wire(reveal))

@@ -22,6 +22,8 @@ from crypto.sframe import CipherSuite
 
 VECTORS_PATH = Path(__file__).with_name("handshake.json")
 CALL_ID = "call-4f1e2d"
+INITIATOR_NAME = "alice"
+RESPONDER_NAME = "bob"
 OFFERED = [CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_128_CTR_HMAC_SHA256_80]
 RESPONDER_SUPPORTS = [
     CipherSuite.AES_128_CTR_HMAC_SHA256_80,
@@ -66,8 +68,10 @@ def _epoch(keys: EpochKeys) -> dict[str, Any]:
 
 def build_vectors() -> dict[str, Any]:
     alice, bob = IdentityKey(identity_seed("alice")), IdentityKey(identity_seed("bob"))
-    initiator = Initiator(alice, CALL_ID, OFFERED, seeded_random("alice"))
-    responder = Responder(bob, CALL_ID, RESPONDER_SUPPORTS, seeded_random("bob"))
+    initiator = Initiator(alice, CALL_ID, OFFERED, seeded_random("alice"), name=INITIATOR_NAME)
+    responder = Responder(
+        bob, CALL_ID, RESPONDER_SUPPORTS, seeded_random("bob"), name=RESPONDER_NAME
+    )
     commit = initiator.start()
     [accept] = responder.receive(commit)
     [reveal] = initiator.receive(accept)
@@ -75,6 +79,7 @@ def build_vectors() -> dict[str, Any]:
     assert initiator.receive(confirm) == []
     mine, theirs = initiator.result, responder.result
     assert (mine.sas, mine.transcript_hash) == (theirs.sas, theirs.transcript_hash)
+    assert (mine.peer_name, theirs.peer_name) == (RESPONDER_NAME, INITIATOR_NAME)
     epoch0 = mine.channel.keys
 
     sealed = mine.channel.seal(SEALED_CONTENT)
@@ -88,6 +93,8 @@ def build_vectors() -> dict[str, Any]:
         ),
         "inputs": {
             "call_id": CALL_ID,
+            "initiator_name": INITIATOR_NAME,
+            "responder_name": RESPONDER_NAME,
             "initiator_identity_seed": identity_seed("alice").hex(),
             "responder_identity_seed": identity_seed("bob").hex(),
             "initiator_random_label": "alice",
