@@ -58,7 +58,8 @@ MIN_ANALYSED_SECONDS = 0.5
 SETUP_TIMEOUT = 20.0
 DEFAULT_SECONDS = 3.0
 
-# What a logged payload may be: public key agreement values, the clear hello, or sealed.
+# What a logged payload may be: key agreement messages (names, nonces, public keys, a commitment,
+# signatures), sealed, or the clear hello of the plain layer (the only one without a key agreement).
 SEALED_FIELDS = frozenset({"v", "type", "epoch", "seq", "ciphertext"})
 HELLO_FIELDS = frozenset({"type", "name"})
 LEAK_PATTERNS = {
