@@ -153,6 +153,8 @@ class KindStats:
     received: int = 0
     decrypted: int = 0
     failed: int = 0
+    replayed: int = 0  # of the failed: SFrame replays
+    unauthenticated: int = 0  # of the failed: altered frames (or not sealed for us)
     sframe_bytes_added: int = 0
 
 
@@ -170,7 +172,8 @@ class CallStats:
     hub_lost: bool = False
     ended_by: str = ""
     # What the hub was caught doing, with how often: "sdp-tampered", "identity-refused",
-    # "replay-rejected", "alteration-rejected".
+    # "replay-rejected", "alteration-rejected" (sealed signalling), "media-replay-rejected",
+    # "media-alteration-rejected" (SFrame).
     detections: dict[str, int] = field(default_factory=dict)
 
     def detect(self, what: str) -> None:
@@ -653,8 +656,19 @@ class Call:
             kind_stats.sent = counters_sent.frames
             kind_stats.decrypted = counters_received.frames
             kind_stats.failed = counters_received.failed
+            kind_stats.replayed = counters_received.replayed
+            kind_stats.unauthenticated = counters_received.unauthenticated
             kind_stats.received = counters_received.frames + counters_received.failed
             kind_stats.sframe_bytes_added = counters_sent.bytes_added
+        for what, count in (
+            ("media-replay-rejected", stats.audio.replayed + stats.video.replayed),
+            (
+                "media-alteration-rejected",
+                stats.audio.unauthenticated + stats.video.unauthenticated,
+            ),
+        ):
+            if count:
+                stats.detections[what] = count
         if self._sframe_receiver is None:
             stats.audio.received = stats.audio.decrypted = self.received.audio_frames
             stats.video.received = stats.video.decrypted = self.received.video_frames
