@@ -18,7 +18,9 @@ the honest hub's. What it adds is what a hub operator could do to listen in:
   the plaintext and seals it again for the other leg (`SFrameRelay`). Only the peers comparing
   their SAS, or pinned identities, expose it.
 - ``tamper``: drops relayed messages of chosen types, and after every sealed message it forwards
-  injects a replayed copy and an altered copy.
+  injects a replayed copy and an altered copy. In the media path (with ``dtls-mitm`` or
+  ``keyswap``) it also replays, alters and drops some of the frames it relays (`MediaTamper`
+  around the relay's own transform; what it did is `RoomAttack.media_tamper.counts`).
 
 Relays that need the media path (``dtls-mitm``, ``keyswap``) are rewritten asynchronously, in
 order per sender and recipient, and delivered through the server's ``deliver``; the others stay
@@ -43,7 +45,15 @@ from crypto.identity import IdentityKey, b64decode, b64encode
 from crypto.sealed import MediaKey, Received, SealedChannel
 from crypto.sframe import CipherSuite
 from signaling.hub import Delivery, Hub, Limits, random_peer_id
-from signaling.media_mitm import Direction, InterceptionError, Kind, MediaMitm
+from signaling.media_mitm import (
+    Direction,
+    InterceptionError,
+    Kind,
+    MediaMitm,
+    MediaTamper,
+    RelayTransform,
+    TamperCounts,
+)
 from signaling.protocol import JsonText, PeerId, RelayFrom
 from signaling.server import HubServer, MetadataRecorder
 
@@ -72,18 +82,15 @@ def parse_capabilities(text: str) -> frozenset[Capability]:
 @dataclass(frozen=True)
 class TamperPlan:
     """What ``tamper`` does: inject a replay and/or an altered copy after each sealed message,
-    and drop every relayed message whose clear ``type`` is listed."""
+    and drop every relayed message whose clear ``type`` is listed. In the media path, in every
+    ``media_period`` frames of each stream: replay one and alter one (as ``replay`` and
+    ``alter`` say), and drop one if ``drop_media``."""
 
     replay: bool = True
     alter: bool = True
     drop_types: frozenset[str] = frozenset()
-
-
-@dataclass
-class TamperCounts:
-    dropped: int = 0
-    replayed: int = 0
-    altered: int = 0
+    media_period: int = 40
+    drop_media: bool = True
 
 
 class SFrameRelay:
@@ -116,8 +123,9 @@ class SFrameRelay:
     def open(self, direction: Direction, kind: Kind, frame: bytes) -> bytes | None:
         return self._open[direction, kind](frame)
 
-    def seal(self, direction: Direction, kind: Kind, frame: bytes) -> bytes | None:
-        return self._seal[direction, kind](frame)
+    def seal(self, direction: Direction, kind: Kind, frame: bytes) -> list[bytes]:
+        sealed = self._seal[direction, kind](frame)
+        return [] if sealed is None else [sealed]
 
     def rekeyed(self, direction: Direction, key: MediaKey, *, incoming: bool) -> None:
         """A leg's rekey: frames from that peer arrive under a new key (``incoming``), or must
@@ -154,6 +162,7 @@ class RoomAttack:
     # The initiator's commit, answered once the responder's accept has told the hub its name.
     held_commit: tuple[PeerId, dict[str, Any]] | None = None
     relay: SFrameRelay | None = None
+    media_tamper: MediaTamper | None = None
     events: list[str] = field(default_factory=list)
 
     @property
@@ -401,7 +410,17 @@ class HostileHub(Hub):
             if attack.legs:
                 answerer = next(peer for peer in attack.legs if peer != sender)
                 attack.relay = SFrameRelay(attack.legs[sender].result, attack.legs[answerer].result)
-            attack.mitm = MediaMitm(relay_transform=attack.relay)
+            transform: RelayTransform | None = attack.relay
+            if Capability.TAMPER in self.capabilities:
+                plan = self.tamper_plan
+                transform = attack.media_tamper = MediaTamper(
+                    attack.relay,
+                    period=plan.media_period,
+                    replay=plan.replay,
+                    alter=plan.alter,
+                    drop=plan.drop_media,
+                )
+            attack.mitm = MediaMitm(relay_transform=transform)
             rewritten = await attack.mitm.intercept_offer(sdp)
         else:
             if attack.mitm is None:

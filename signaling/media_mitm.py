@@ -23,7 +23,7 @@ import enum
 import sys
 import wave
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -101,14 +101,104 @@ class Direction(enum.Enum):
 
 
 class RelayTransform(Protocol):
-    """What the MITM does to each frame between its legs (keyswap: SFrame off, then on again)."""
+    """What the MITM does to each frame between its legs (keyswap: SFrame off, then on again;
+    tamper: some frames replayed, altered or dropped)."""
 
     def open(self, direction: Direction, kind: Kind, frame: bytes) -> bytes | None:
         """The frame as the MITM can read it (recorded, decoded and forwarded), or None if it
         cannot: then the frame is recorded as received and not forwarded."""
 
-    def seal(self, direction: Direction, kind: Kind, frame: bytes) -> bytes | None:
-        """What an opened frame becomes on the destination leg; None drops it."""
+    def seal(self, direction: Direction, kind: Kind, frame: bytes) -> Sequence[bytes]:
+        """The frames an opened frame becomes on the destination leg, sent in this order: usually
+        one; none drops it; more inject frames (a tampering hub's replays)."""
+
+
+@dataclass
+class TamperCounts:
+    dropped: int = 0
+    replayed: int = 0
+    altered: int = 0
+
+
+TAMPER_ACTIONS = ("dropped", "replayed", "altered")
+
+
+@dataclass
+class _TamperedStream:
+    """One direction and kind of relayed frames, as the tampering hub sends them on."""
+
+    offered: int = 0  # frames handed to the tamper
+    sent: int = 0  # frames it let through or injected: the position in the stream the peer gets
+    held: bytes | None = None  # a forwarded frame's copy, replayed after the next frame
+    # (position in the sent stream, "replayed" | "altered" | "dropped")
+    actions: list[tuple[int, str]] = field(default_factory=list)
+
+
+class MediaTamper:
+    """The hostile hub's ``tamper`` on relayed media: a `RelayTransform` around the relay's own
+    (``inner``; None relays frames as received).
+
+    In every ``period`` frames of each direction and kind, after the first ``period`` (the call
+    settles first), it replays one (a copy sent again after the next frame), alters one (its
+    last bit flipped: for SFrame, a bit of the tag) and drops one. Deterministic, so that what it
+    did can be compared frame for frame with what the peers rejected: `counts` tells how many
+    of each it did within the first N frames of a stream a peer received.
+    """
+
+    REPLAY_SLOT = 0
+    ALTER_SLOT_FRACTION = 3  # alter at period // 3, drop at 2 * period // 3
+
+    def __init__(
+        self,
+        inner: RelayTransform | None = None,
+        *,
+        period: int = 20,
+        replay: bool = True,
+        alter: bool = True,
+        drop: bool = True,
+    ) -> None:
+        if period < 3:
+            raise ValueError("period must be at least 3: one replay, alteration and drop each")
+        self._inner = inner
+        self._period = period
+        self._replay, self._alter, self._drop = replay, alter, drop
+        self._alter_slot = period // self.ALTER_SLOT_FRACTION
+        self._drop_slot = 2 * period // self.ALTER_SLOT_FRACTION
+        self._streams: dict[tuple[Direction, Kind], _TamperedStream] = {}
+
+    def open(self, direction: Direction, kind: Kind, frame: bytes) -> bytes | None:
+        return frame if self._inner is None else self._inner.open(direction, kind, frame)
+
+    def seal(self, direction: Direction, kind: Kind, frame: bytes) -> list[bytes]:
+        sealed = [frame] if self._inner is None else self._inner.seal(direction, kind, frame)
+        stream = self._streams.setdefault((direction, kind), _TamperedStream())
+        return [sent for each in sealed for sent in self._tamper(stream, each)]
+
+    def counts(self, direction: Direction, kind: Kind, within: int | None = None) -> TamperCounts:
+        """What it did to one stream, to its first ``within`` sent frames (None: all of it)."""
+        stream = self._streams.get((direction, kind), _TamperedStream())
+        done = [what for position, what in stream.actions if within is None or position < within]
+        return TamperCounts(**{what: done.count(what) for what in TAMPER_ACTIONS})
+
+    def _tamper(self, stream: _TamperedStream, frame: bytes) -> list[bytes]:
+        slot = stream.offered % self._period if stream.offered >= self._period else None
+        stream.offered += 1
+        if slot == self._drop_slot and self._drop:
+            stream.actions.append((stream.sent, "dropped"))
+            return []
+        if slot == self._alter_slot and self._alter and frame:
+            stream.actions.append((stream.sent, "altered"))
+            sent = [frame[:-1] + bytes([frame[-1] ^ 1])]
+        else:
+            sent = [frame]
+        if stream.held is not None:
+            stream.actions.append((stream.sent + 1, "replayed"))
+            sent.append(stream.held)
+            stream.held = None
+        if slot == self.REPLAY_SLOT and self._replay:
+            stream.held = frame
+        stream.sent += len(sent)
+        return sent
 
 
 @dataclass(frozen=True)
@@ -251,12 +341,13 @@ class PacketRelayTrack(MediaStreamTrack):
             maxsize=max_queued
         )
 
-    def push(self, packet: av.Packet[av.stream.Stream]) -> bool:
-        """Queue a packet for sending; False (and dropped) if the sender has fallen behind."""
-        try:
-            self._packets.put_nowait(packet)
-        except asyncio.QueueFull:
+    def push(self, packets: Sequence[av.Packet[av.stream.Stream]]) -> bool:
+        """Queue packets for sending, all or none; False (and dropped) if the sender has fallen
+        behind."""
+        if self._packets.maxsize - self._packets.qsize() < len(packets):
             return False
+        for packet in packets:
+            self._packets.put_nowait(packet)
         return True
 
     async def recv(self) -> av.Packet[av.stream.Stream]:
@@ -320,9 +411,11 @@ class _Route:
         if self.plain_vp8 and not self.keyframe_forwarded and not keyframe:
             return False
         sealed = (
-            data if self.transform is None else self.transform.seal(self.direction, self.kind, data)
+            [data]
+            if self.transform is None
+            else self.transform.seal(self.direction, self.kind, data)
         )
-        if sealed is None or not self.outgoing.push(self.timestamper.stamp(sealed)):
+        if not sealed or not self.outgoing.push([self.timestamper.stamp(f) for f in sealed]):
             return False
         self.keyframe_forwarded = self.keyframe_forwarded or keyframe
         return True

@@ -26,7 +26,7 @@ from signaling.hostile import (
     parse_capabilities,
 )
 from signaling.hub import Delivery
-from signaling.media_mitm import Direction
+from signaling.media_mitm import Direction, MediaTamper
 from signaling.protocol import JsonText, PeerId, RelayFrom
 
 SUITES = (CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_256_GCM_SHA512_128)
@@ -340,10 +340,37 @@ def test_sframe_relay_opens_each_leg_with_its_key_and_seals_for_the_other():
             assert protected is not None
             opened = relay.open(direction, kind, protected)
             assert opened == frame
-            sealed = relay.seal(direction, kind, opened)
-            assert sealed is not None
+            [sealed] = relay.seal(direction, kind, opened)
             # Sealed for the destination: the key the hub agreed with the source does not open it.
             assert receiver(legs[source]).transform(kind)(sealed) is None
             assert receivers[destination].transform(kind)(sealed) == frame
     # A frame the hub holds no key for is not opened.
     assert relay.open(Direction.OFFERER_TO_ANSWERER, "audio", bytes(40)) is None
+
+
+def test_media_tamper_around_the_keyswap_relay_reseals_then_tampers_and_the_peer_rejects_it():
+    # keyswap+tamper: the hub opens and reseals each frame, then replays, alters and drops.
+    alice, bob, hub_a, hub_b = (IdentityKey.generate(os.urandom) for _ in range(4))
+    alice_leg, hub_toward_alice = agree(alice, hub_a)
+    hub_toward_bob, bob_leg = agree(hub_b, bob)
+    tamper = MediaTamper(
+        SFrameRelay(hub_toward_alice, hub_toward_bob), period=TamperPlan().media_period
+    )
+    sender = SFrameSender(alice_leg.suite)
+    sender.use_key(alice_leg.send_kid, alice_leg.send_base_key)
+    receiver = SFrameReceiver(bob_leg.suite)
+    receiver.add_key(bob_leg.recv_kid, bob_leg.recv_base_key)
+    direction = Direction.OFFERER_TO_ANSWERER
+    protect, unprotect = sender.transform("video"), receiver.transform("video")
+    decrypted = []
+    for number in range(200):
+        frame = protect(b"frame %d" % number)
+        assert frame is not None
+        opened = tamper.open(direction, "video", frame)
+        assert opened == b"frame %d" % number
+        decrypted += [unprotect(sent) for sent in tamper.seal(direction, "video", opened)]
+    did = tamper.counts(direction, "video")
+    assert did.replayed == did.altered == did.dropped == 200 // TamperPlan().media_period - 1
+    counters = receiver.counters["video"]
+    assert (counters.replayed, counters.unauthenticated) == (did.replayed, did.altered)
+    assert counters.frames == 200 - did.dropped - did.altered

@@ -39,8 +39,10 @@ from signaling.media_mitm import (
     Direction,
     InterceptionStateError,
     MediaMitm,
+    MediaTamper,
     RelayTransform,
     SdpRejected,
+    TamperCounts,
     decode_opus,
     decode_vp8,
     is_vp8_keyframe,
@@ -348,6 +350,91 @@ async def test_a_mitm_holding_both_legs_keys_reencrypts_and_recovers_the_sframe_
         video = mitm.recovered_video(direction)
         assert video.frames_decoded >= WANTED_VIDEO_FRAMES
         assert video.last_frame is not None and read_pattern_number(video.last_frame) is not None
+
+
+# -- the tamper capability on relayed media (no aiortc: the transform frame by frame)
+
+
+def tampered_stream(tamper: MediaTamper, frames: int) -> tuple[list[bytes], SFrameReceiver]:
+    """``frames`` SFrame audio frames from one peer, through the tamper toward the other."""
+    sender, receiver = SFrameSender(), SFrameReceiver()
+    sender.use_key(3, bytes(range(32)))
+    receiver.add_key(3, bytes(range(32)))
+    protect = sender.transform("audio")
+    sent: list[bytes] = []
+    for number in range(frames):
+        frame = protect(f"frame {number}".encode())
+        assert frame is not None
+        opened = tamper.open(Direction.OFFERER_TO_ANSWERER, "audio", frame)
+        assert opened == frame
+        sent += tamper.seal(Direction.OFFERER_TO_ANSWERER, "audio", opened)
+    return sent, receiver
+
+
+def test_media_tamper_replays_alters_and_drops_one_frame_in_every_period_after_the_first():
+    tamper = MediaTamper(period=20)
+    sent, _ = tampered_stream(tamper, 100)
+    # Frames 20..99 are four periods: in each, one replayed, one altered, one dropped.
+    assert tamper.counts(Direction.OFFERER_TO_ANSWERER, "audio") == TamperCounts(4, 4, 4)
+    assert tamper.counts(Direction.ANSWERER_TO_OFFERER, "audio") == TamperCounts()
+    assert len(sent) == 100 - 4 + 4
+    # The first period goes through untouched; the replayed copy of frame 20 follows frame 21.
+    assert sent[20] == sent[22] != sent[21]
+    assert len(set(sent)) == 100 - 4
+
+
+def test_every_frame_the_tamper_replays_or_alters_is_rejected_by_sframe_and_counted():
+    tamper = MediaTamper(period=20)
+    sent, receiver = tampered_stream(tamper, 200)
+    unprotect = receiver.transform("audio")
+    opened = [unprotect(frame) for frame in sent]
+    counters = receiver.counters["audio"]
+    did = tamper.counts(Direction.OFFERER_TO_ANSWERER, "audio")
+    assert (counters.replayed, counters.unauthenticated) == (did.replayed, did.altered) == (9, 9)
+    assert counters.failed == did.replayed + did.altered
+    # Everything else decrypts, in order: only the dropped and the altered frames are missing.
+    assert counters.frames == 200 - did.dropped - did.altered
+    kept = [frame for frame in opened if frame is not None]
+    assert kept == sorted(kept, key=lambda plain: int(plain.split()[1]))
+
+
+@pytest.mark.parametrize("within", [0, 20, 21, 22, 23, 27, 61, 200])
+def test_media_tamper_counts_what_it_did_to_the_frames_a_peer_received(within):
+    # A peer that hung up after ``within`` frames rejected exactly what `counts` says for them.
+    tamper = MediaTamper(period=20)
+    sent, receiver = tampered_stream(tamper, 100)
+    unprotect = receiver.transform("audio")
+    for frame in sent[:within]:
+        unprotect(frame)
+    counters = receiver.counters["audio"]
+    did = tamper.counts(Direction.OFFERER_TO_ANSWERER, "audio", within)
+    assert (counters.replayed, counters.unauthenticated) == (did.replayed, did.altered)
+
+
+def test_media_tamper_wraps_the_relay_s_own_transform_and_can_be_switched_off():
+    class Dropping:
+        def open(self, direction: Direction, kind: str, frame: bytes) -> bytes | None:
+            return frame.upper()
+
+        def seal(self, direction: Direction, kind: str, frame: bytes) -> list[bytes]:
+            return [] if frame == b"DROP" else [frame + b"!"]
+
+    tamper = MediaTamper(Dropping(), period=3, replay=False, alter=False, drop=False)
+    direction = Direction.ANSWERER_TO_OFFERER
+    assert tamper.open(direction, "video", b"frame") == b"FRAME"
+    frames = [b"A", b"DROP", b"B", b"C", b"D", b"E", b"F"]
+    assert [tamper.seal(direction, "video", f) for f in frames] == [
+        [b"A!"],
+        [],
+        [b"B!"],
+        [b"C!"],
+        [b"D!"],
+        [b"E!"],
+        [b"F!"],
+    ]
+    assert tamper.counts(direction, "video") == TamperCounts()
+    with pytest.raises(ValueError, match="period"):
+        MediaTamper(period=2)
 
 
 def test_decoders_recover_nothing_from_random_bytes():
