@@ -23,7 +23,7 @@ import re
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from client.media import SAMPLE_RATE, TONE_AMPLITUDE, PatternTrack, ReceivedMedi
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameError, SFrameHeader
 from signaling.hostile import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
-from signaling.media_mitm import Direction, MediaMitm
+from signaling.media_mitm import TAMPER_ACTIONS, Direction, Kind, MediaMitm, MediaTamper
 
 Layers = ExperimentOnlyLayers
 Progress = Callable[[str], None]
@@ -55,6 +55,7 @@ DIRECTION_TONES = {
 RECOVERED = 0.9  # tone correlation at which audio counts as recovered (or heard)
 NOTHING = 0.1  # tone correlation under which audio counts as not recovered
 MIN_ANALYSED_SECONDS = 0.5
+CORRELATION_WINDOW = SAMPLE_RATE // 10  # 100 ms: whole cycles of both tones
 SETUP_TIMEOUT = 20.0
 DEFAULT_SECONDS = 3.0
 
@@ -102,7 +103,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     _scenario(Layers.SEALED, Capability.KEYSWAP),
     _scenario(Layers.VERIFIED, Capability.KEYSWAP),
     _scenario(Layers.VERIFIED, Capability.RECORD, Capability.TAMPER),
+    _scenario(Layers.SFRAME, Capability.DTLS_MITM, Capability.TAMPER),
 )
+MEDIA_KINDS: tuple[Kind, ...] = ("audio", "video")
 
 
 @dataclass
@@ -115,6 +118,9 @@ class PeerOutcome:
     video_frames: int
     sas: str | None
     detections: dict[str, int]
+    # Per kind: SFrame frames received (decrypted or not), and how many were rejected as
+    # "replayed" and as "altered" (failed to authenticate).
+    media: dict[str, dict[str, int]]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +130,7 @@ class PeerOutcome:
             "video_frames": self.video_frames,
             "sas": self.sas,
             "detections": self.detections,
+            "media": self.media,
         }
 
 
@@ -141,6 +148,9 @@ class Cell:
     metadata: dict[str, Any] | None
     hub_events: list[str]
     seconds: float
+    # What the hub's media tamper did to the frames each peer received, per kind: "replayed",
+    # "altered", "dropped" (empty without the tamper in the media path).
+    media_tampered: dict[str, dict[str, dict[str, int]]]
     # For the figure and the files: alice's tone as sent, as bob heard it, as the hub recovered
     # it; the hub's last decoded picture (RGB) of alice's pattern.
     sent: array[int] = field(repr=False)
@@ -161,6 +171,19 @@ class Cell:
                 if what.endswith("-rejected"):
                     totals[what] = totals.get(what, 0) + count
         return totals
+
+    @property
+    def media_tampering_all_rejected(self) -> bool:
+        """The peers rejected, per kind, exactly the frames the hub replayed or altered."""
+        return bool(self.media_tampered) and all(
+            self.peers[name].media[kind]["replayed"] == counts["replayed"]
+            and self.peers[name].media[kind]["altered"] == counts["altered"]
+            for name, kinds in self.media_tampered.items()
+            for kind, counts in kinds.items()
+        )
+
+    def media_tampered_total(self, what: str) -> int:
+        return sum(c[what] for kinds in self.media_tampered.values() for c in kinds.values())
 
     @property
     def sas_differs(self) -> bool:
@@ -203,6 +226,12 @@ class Cell:
             return refused and nothing and self.mitm is None, (
                 "REFUSED before any media key existed: pinned identities; the hub recovers nothing"
             )
+        if Capability.TAMPER in attack and self.mitm is not None:
+            tampered = all(self.media_tampered_total(what) > 0 for what in ("replayed", "altered"))
+            return heard and nothing and tampered and self.media_tampering_all_rejected, (
+                "PROTECTED: the call works; every media frame the hub replayed or altered was "
+                "rejected by SFrame and counted; the hub recovers nothing"
+            )
         if Capability.TAMPER in attack:
             rejected = self.rejected
             ok = heard and bool(rejected) and all(rejected.values()) and not self.leaks
@@ -240,6 +269,7 @@ class Cell:
             "sframe_headers": self.sframe_headers,
             "metadata_log": self.metadata,
             "hub_events": self.hub_events,
+            "media_tampered": self.media_tampered,
             "seconds": round(self.seconds, 2),
         }
 
@@ -303,6 +333,11 @@ class Report:
                     f"{summary['kids']}, CTR {summary['first_ctr']}..{summary['last_ctr']}, "
                     f"{summary['frames']} frames of {summary['mean_bytes']} bytes on average"
                 )
+            if cell.media_tampered:
+                counts = ", ".join(
+                    f"{what} x{cell.media_tampered_total(what)}" for what in TAMPER_ACTIONS
+                )
+                lines.append(f"      hub tampered with the media the peers received: {counts}")
             if cell.rejected:
                 counts = ", ".join(f"{what} x{count}" for what, count in cell.rejected.items())
                 lines.append(f"      rejected: {counts}")
@@ -331,10 +366,22 @@ def steady(samples: Sequence[int]) -> list[int]:
 
 
 def correlation(samples: Sequence[int], tone: float) -> float:
-    """How much of the steady part of ``samples`` is ``tone``; 0 for too little audio."""
+    """How much of the steady part of ``samples`` is ``tone``; 0 for too little audio.
+
+    Measured in 100 ms windows and weighted by their energy: a lost frame joins the tone out of
+    phase (a click), which one correlation over the whole second would count as losing the
+    tone, while a listener still hears it. Noise still scores near 0 (about 0.02).
+    """
     if len(samples) < MIN_ANALYSED_SECONDS * SAMPLE_RATE:
         return 0.0
-    return tone_correlation(steady(samples), SAMPLE_RATE, tone)
+    part = steady(samples)
+    tonal = total = 0.0
+    for start in range(0, len(part) - CORRELATION_WINDOW + 1, CORRELATION_WINDOW):
+        window = part[start : start + CORRELATION_WINDOW]
+        energy = math.fsum(x * x for x in window)
+        tonal += tone_correlation(window, SAMPLE_RATE, tone) ** 2 * energy
+        total += energy
+    return math.sqrt(tonal / total) if total else 0.0
 
 
 def sent_tone(frequency: float, count: int) -> array[int]:
@@ -412,6 +459,14 @@ def _peer_outcome(call: Call, result: CallStats | BaseException, other: str) -> 
         video_frames=received.video_frames,
         sas=stats.protection.sas if stats.protection is not None else None,
         detections=dict(stats.detections),
+        media={
+            kind: {
+                "received": getattr(stats, kind).received,
+                "replayed": getattr(stats, kind).replayed,
+                "altered": getattr(stats, kind).unauthenticated,
+            }
+            for kind in MEDIA_KINDS
+        },
     )
 
 
@@ -499,6 +554,7 @@ def _measure(
                     rgb = video.last_frame.reformat(format="rgb24")
                     picture = (rgb.width, rgb.height, _packed_rgb(rgb))
     detected = sorted({what for peer in peers.values() for what in peer.detections})
+    tamper = attack.media_tamper
     cell = Cell(
         scenario=scenario,
         peers=peers,
@@ -514,6 +570,7 @@ def _measure(
         metadata=check_metadata(hub.metadata()) if Capability.RECORD in scenario.attack else None,
         hub_events=list(attack.events),
         seconds=elapsed,
+        media_tampered={} if tamper is None else _media_tampered(tamper, peers),
         sent=sent_tone(TONES[ALICE], SAMPLE_RATE),
         heard=calls[BOB].received.samples,
         recovered=recovered,
@@ -523,6 +580,21 @@ def _measure(
     if cell.sas_differs:
         cell.detected = sorted({*cell.detected, "sas-mismatch"})
     return cell
+
+
+def _media_tampered(
+    tamper: MediaTamper, peers: dict[str, PeerOutcome]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """What the tamper did to the frames each peer received: the first ones of each stream
+    toward it, as many as the peer received before it hung up (the rest were still in flight)."""
+    toward = {ALICE: Direction.ANSWERER_TO_OFFERER, BOB: Direction.OFFERER_TO_ANSWERER}
+    return {
+        name: {
+            kind: asdict(tamper.counts(toward[name], kind, peers[name].media[kind]["received"]))
+            for kind in MEDIA_KINDS
+        }
+        for name in (ALICE, BOB)
+    }
 
 
 def _packed_rgb(frame: Any) -> bytes:

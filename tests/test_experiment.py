@@ -50,6 +50,7 @@ def test_the_matrix_has_every_cell_and_the_control_first(report):
         ("sealed", "keyswap"),
         ("verified", "keyswap"),
         ("verified", "record+tamper"),
+        ("sframe", "dtls-mitm+tamper"),
     ]
     assert len(SCENARIOS) == len(report.cells)
 
@@ -134,6 +135,29 @@ def test_verified_under_record_and_tamper_the_call_works_and_tampering_is_counte
     assert result.metadata["leaks"] == []
     assert result.metadata["payload_types"]["sealed"] >= 6
     assert not any(label.startswith("UNSEALED") for label in result.metadata["payload_types"])
+
+
+@slow
+def test_sframe_under_dtls_mitm_and_media_tamper_every_replayed_or_altered_frame_is_rejected(
+    report,
+):
+    result = cell(report, "sframe", "dtls-mitm+tamper")
+    assert result.peer_audio_correlation >= 0.9
+    assert all(peer.completed for peer in result.peers.values())
+    assert result.hub_audio_correlation < 0.1 and result.hub_decoded_video_frames == 0
+    # Per peer and kind, the peer rejected exactly what the hub replayed or altered among the
+    # frames it received (the hub counts by position in each stream; the last frames it sent
+    # were still in flight when the peers hung up).
+    for name, kinds in result.media_tampered.items():
+        for kind, did in kinds.items():
+            rejected = result.peers[name].media[kind]
+            assert (rejected["replayed"], rejected["altered"]) == (did["replayed"], did["altered"])
+    for what in ("replayed", "altered", "dropped"):
+        assert result.media_tampered_total(what) >= 2
+    assert result.rejected == {
+        "media-replay-rejected": result.media_tampered_total("replayed"),
+        "media-alteration-rejected": result.media_tampered_total("altered"),
+    }
 
 
 @slow
