@@ -366,11 +366,22 @@ def steady(samples: Sequence[int]) -> list[int]:
 
 
 def correlation(samples: Sequence[int], tone: float) -> float:
-    """How much of the steady part of ``samples`` is ``tone``; 0 for too little audio.
+    """How much of the steady part of ``samples`` is ``tone`` (one coherent second: what the
+    hub recovered); 0 for too little audio."""
+    if len(samples) < MIN_ANALYSED_SECONDS * SAMPLE_RATE:
+        return 0.0
+    return tone_correlation(steady(samples), SAMPLE_RATE, tone)
 
-    Measured in 100 ms windows and weighted by their energy: a lost frame joins the tone out of
-    phase (a click), which one correlation over the whole second would count as losing the
-    tone, while a listener still hears it. Noise still scores near 0 (about 0.02).
+
+def heard_correlation(samples: Sequence[int], tone: float) -> float:
+    """How much of the steady part of what a peer heard is ``tone``, in 100 ms windows weighted
+    by their energy; 0 for too little audio.
+
+    A frame the peer rejected (a tampering hub's) joins the tone out of phase: a click, which
+    one correlation over the whole second counts as losing the tone while a listener still
+    hears it. Only the peers' side is measured so: on decoded ciphertext short windows find
+    more chance tone (up to about 0.1) than one coherent second (about 0.03), so the hub's
+    side keeps `correlation`, the stricter test of recovery.
     """
     if len(samples) < MIN_ANALYSED_SECONDS * SAMPLE_RATE:
         return 0.0
@@ -455,7 +466,7 @@ def _peer_outcome(call: Call, result: CallStats | BaseException, other: str) -> 
     return PeerOutcome(
         completed=completed,
         outcome=outcome,
-        heard_correlation=correlation(received.samples, TONES[other]),
+        heard_correlation=heard_correlation(received.samples, TONES[other]),
         video_frames=received.video_frames,
         sas=stats.protection.sas if stats.protection is not None else None,
         detections=dict(stats.detections),
