@@ -31,11 +31,14 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.contrib.media import MediaRecorder, MediaRelay
+from aiortc.rtp import RtpPacket
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from client.frame_crypto import FrameCounters, SFrameReceiver, SFrameSender
 from client.frame_transform import (
     SUPPORTED_CODECS,
+    FrameTransform,
+    install_packet_observer,
     install_receiver_transform,
     install_sender_transform,
     request_keyframe,
@@ -189,6 +192,27 @@ class CallStats:
 ConfirmSas = Callable[[ProtectionState], Awaitable[bool]]
 
 
+@dataclass(frozen=True)
+class WirePacket:
+    """One RTP packet as it reached a receiver of the call: after SRTP, before RTX unwrapping
+    and before SFrame. Immutable copies of the packet's fields, so whoever observes the wire
+    cannot alter what the call decodes."""
+
+    kind: str
+    payload_type: int
+    sequence_number: int
+    timestamp: int
+    payload: bytes
+
+
+WireObserver = Callable[[WirePacket], None]
+"""Sees each RTP packet the call's receivers get (``CallConfig.wire_observer``)."""
+
+EncodedFrameObserver = Callable[[str, bytes], None]
+"""Sees (kind, frame) for each frame the call's encoders produce, before SFrame protects it
+(``CallConfig.encoded_frame_observer``). The frame is immutable bytes."""
+
+
 @dataclass
 class CallConfig:
     room: str
@@ -208,6 +232,11 @@ class CallConfig:
     experiment_only_layers: ExperimentOnlyLayers = ExperimentOnlyLayers.VERIFIED
     random_bytes: Callable[[int], bytes] = os.urandom
     on_protection: Callable[[ProtectionState], None] | None = None
+    # For tests and the experiment, never the command line: what crossed the wire to this
+    # peer, and what its encoders produced before SFrame (only when frames are encrypted).
+    # Both observers see immutable copies and cannot alter media.
+    wire_observer: WireObserver | None = None
+    encoded_frame_observer: EncodedFrameObserver | None = None
 
 
 class Call:
@@ -508,13 +537,20 @@ class Call:
             )
 
     def _install_transforms(self) -> None:
-        """SFrame on every sender and receiver, keyed, before any of them can start."""
+        """SFrame on every sender and receiver, keyed, and the observers the config asks for,
+        before any of them can start."""
         assert self._pc is not None
-        if self._sframe_sender is None or self._sframe_receiver is None:
-            return
+        config = self.config
         for transceiver in self._pc.getTransceivers():
             kind = transceiver.kind
-            install_sender_transform(transceiver.sender, self._sframe_sender.transform(kind))
+            if config.wire_observer is not None:
+                install_packet_observer(transceiver.receiver, _copying(kind, config.wire_observer))
+            if self._sframe_sender is None or self._sframe_receiver is None:
+                continue
+            protect = self._sframe_sender.transform(kind)
+            if config.encoded_frame_observer is not None:
+                protect = _observed(kind, protect, config.encoded_frame_observer)
+            install_sender_transform(transceiver.sender, protect)
             unprotect = self._sframe_receiver.transform(kind, self._on_drop(transceiver.receiver))
             install_receiver_transform(
                 transceiver.receiver, self._first_audio_timer(kind, unprotect)
@@ -711,3 +747,26 @@ class Call:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._hub is not None:
             await self._hub.close()
+
+
+def _copying(kind: str, observer: WireObserver) -> Callable[[RtpPacket], None]:
+    def observe(packet: RtpPacket) -> None:
+        observer(
+            WirePacket(
+                kind,
+                packet.payload_type,
+                packet.sequence_number,
+                packet.timestamp,
+                bytes(packet.payload),
+            )
+        )
+
+    return observe
+
+
+def _observed(kind: str, protect: FrameTransform, observer: EncodedFrameObserver) -> FrameTransform:
+    def observe_then_protect(frame: bytes) -> bytes | None:
+        observer(kind, bytes(frame))
+        return protect(frame)
+
+    return observe_then_protect

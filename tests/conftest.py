@@ -1,8 +1,10 @@
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import av
 import pytest
 from aiortc import (
     MediaStreamTrack,
@@ -11,12 +13,103 @@ from aiortc import (
     RTCRtpReceiver,
     RTCRtpSender,
 )
+from aiortc.codecs import get_decoder
+from aiortc.codecs.vpx import VpxPayloadDescriptor, vp8_depayload
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
+from client.analysis import left_channel
 from client.frame_transform import install_packet_observer
 from client.media import ReceivedMedia, collect
 from signaling.hub import Hub, Limits
 from signaling.server import HubServer
+
+OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2)
+VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.05)
+
+
+class RtpLike(Protocol):
+    """An RTP packet as a receiver got it: aiortc's RtpPacket or a call's WirePacket."""
+
+    @property
+    def payload_type(self) -> int: ...
+    @property
+    def sequence_number(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def payload(self) -> bytes: ...
+
+
+def wire_frames(packets: Sequence[RtpLike], kind: str) -> list[bytes]:
+    """The encoded frames as a receiver reassembles them from the RTP it got: audio payloads
+    as they are, video payloads joined per frame after their VP8 payload descriptors.
+
+    Retransmissions (RTX, the rarer payload type) and frames whose first packet was not
+    captured are left out."""
+    if not packets:
+        return []
+    media_type = Counter(p.payload_type for p in packets).most_common(1)[0][0]
+    frames: dict[int, list[RtpLike]] = {}
+    for packet in packets:
+        if packet.payload_type == media_type:
+            frames.setdefault(packet.timestamp, []).append(packet)
+    result = []
+    for group in frames.values():
+        group.sort(key=lambda p: p.sequence_number)
+        if kind == "video" and not VpxPayloadDescriptor.parse(group[0].payload)[0].partition_start:
+            continue
+        depayload = vp8_depayload if kind == "video" else bytes
+        result.append(b"".join(depayload(p.payload) for p in group))
+    return result
+
+
+def decode_all(codec: RTCRtpCodecParameters, frames: Sequence[bytes]) -> list[Any]:
+    """What aiortc's decoder for ``codec`` makes of ``frames``; a rejected frame gives nothing."""
+    decoder = get_decoder(codec)
+    decoded = []
+    for timestamp, frame in enumerate(frames):
+        try:
+            decoded += decoder.decode(JitterFrame(frame, timestamp * 960))
+        except av.FFmpegError:
+            continue
+    return decoded
+
+
+def decoded_audio(frames: Sequence[bytes]) -> list[int]:
+    """The left channel an Opus decoder makes of ``frames``, past its start-up."""
+    samples: list[int] = []
+    for frame in decode_all(OPUS, frames):
+        channels = len(frame.layout.channels)
+        samples += left_channel(bytes(frame.planes[0])[: frame.samples * channels * 2], channels)
+    return samples[4800:]
+
+
+def plaintext_runs_on_the_wire(
+    plaintext: Sequence[bytes], packets: Sequence[RtpLike], run: int = 16
+) -> list[bytes]:
+    """Every ``run``-byte piece of the plaintext frames (at ``run``-byte steps) that appears
+    anywhere in a payload of ``packets``: empty when no part of the plaintext crossed."""
+    windows = {
+        packet.payload[i : i + run]
+        for packet in packets
+        for i in range(len(packet.payload) - run + 1)
+    }
+    return [
+        frame[i : i + run]
+        for frame in plaintext
+        for i in range(0, len(frame) - run + 1, run)
+        if frame[i : i + run] in windows
+    ]
 
 
 @dataclass

@@ -5,11 +5,13 @@ import json
 import os
 import sys
 from array import array
+from dataclasses import dataclass, field
+from typing import Any
 
 import av
 import pytest
 
-from client.analysis import dominant_frequency
+from client.analysis import dominant_frequency, tone_correlation
 from client.call import (
     Call,
     CallConfig,
@@ -18,12 +20,22 @@ from client.call import (
     IdentityMismatch,
     VerificationRefused,
     Verify,
+    WirePacket,
 )
-from client.media import PatternTrack, ToneTrack
+from client.media import PatternTrack, ToneTrack, read_pattern_number
 from crypto.identity import IdentityKey, KnownPeers
+from crypto.sframe import SFrameHeader
 from signaling.hub import Delivery, Hub
 from signaling.protocol import JsonText, PeerId
 from signaling.server import HubServer
+from tests.conftest import (
+    VP8,
+    decode_all,
+    decoded_audio,
+    plaintext_runs_on_the_wire,
+    wait_for,
+    wire_frames,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +82,57 @@ async def test_a_full_call_both_ways(hub):
     assert alice.stats.protection.sas == bob.stats.protection.sas
     # Both hung up at their duration or on the other's bye.
     assert {alice.stats.ended_by, bob.stats.ended_by} <= {"duration", "peer-bye", "peer-left"}
+
+
+@dataclass
+class Wiretap:
+    """What one peer's receivers got on the wire, and what its encoders made before SFrame."""
+
+    wire: dict[str, list[WirePacket]] = field(default_factory=lambda: {"audio": [], "video": []})
+    plaintext: dict[str, list[bytes]] = field(default_factory=lambda: {"audio": [], "video": []})
+
+    def observers(self) -> dict[str, Any]:
+        return dict(
+            wire_observer=lambda packet: self.wire[packet.kind].append(packet),
+            encoded_frame_observer=lambda kind, frame: self.plaintext[kind].append(frame),
+        )
+
+
+async def test_on_the_wire_only_sframe_under_the_senders_kid_and_nothing_decodable(hub):
+    taps = {"alice": Wiretap(), "bob": Wiretap()}
+    alice, bob, results = await run_pair(
+        config(hub, "alice", 440, **taps["alice"].observers()),
+        config(hub, "bob", 660, **taps["bob"].observers()),
+    )
+    assert not any(isinstance(result, BaseException) for result in results), results
+    calls = {"alice": alice, "bob": bob}
+    for name, sender_name, tone in (("alice", "bob", 660), ("bob", "alice", 440)):
+        wire, sent = taps[name].wire, taps[sender_name].plaintext
+        sender = calls[sender_name]._sframe_sender
+        assert sender is not None and sender.kid is not None
+        # Every audio RTP payload, and every video frame as reassembled after the VP8 payload
+        # descriptors, begins with an SFrame header carrying the sender's KID.
+        audio_payloads = [packet.payload for packet in wire["audio"]]
+        video_frames = wire_frames(wire["video"], "video")
+        assert len(audio_payloads) >= 50 and len(video_frames) >= 20
+        for frame in audio_payloads + video_frames:
+            assert SFrameHeader.parse(frame)[0].kid == sender.kid
+
+        # No 16-byte run of any encoded plaintext frame appears in any RTP payload.
+        plaintext = sent["audio"] + sent["video"]
+        assert len(plaintext) >= 70
+        assert plaintext_runs_on_the_wire(plaintext, wire["audio"] + wire["video"]) == []
+
+        # Decoders given the encoded plaintext hear the tone and read the pattern (the
+        # control) ...
+        assert tone_correlation(decoded_audio(sent["audio"]), 48000, tone) > 0.8
+        assert any(read_pattern_number(f) is not None for f in decode_all(VP8, sent["video"]))
+        # ... but given what crossed the wire, an Opus decoder hears no tone (at most noise)
+        # and a VP8 decoder shows no pattern frame number at all.
+        wire_audio = decoded_audio(wire_frames(wire["audio"], "audio"))
+        assert tone_correlation(wire_audio or [0.0], 48000, tone) < 0.1
+        numbers = map(read_pattern_number, decode_all(VP8, video_frames))
+        assert [number for number in numbers if number is not None] == []
 
 
 async def test_a_changed_identity_for_a_pinned_name_refuses_before_media(hub):
@@ -166,14 +229,6 @@ async def test_a_rekey_mid_call_loses_no_frame(hub):
         assert numbers == sorted(numbers) and len(numbers) >= 30
 
 
-async def wait_for(condition, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
 async def test_the_call_survives_the_hub_being_stopped_after_setup(start_hub):
     hub = await start_hub()
     alice, bob = Call(config(hub, "alice", 440, duration=3.5)), Call(config(hub, "bob", 660))
@@ -259,6 +314,15 @@ async def test_the_call_command_completes_and_writes_stats(hub, tmp_path):
     assert abs(dominant_frequency(samples[::channels], rate) - 440) < 5
     code, out, _ = await blindhub("contacts", "--home", str(tmp_path / "bob"))
     assert code == 0 and out.startswith("alice\tSHA256:") and out.rstrip().endswith("pinned")
+
+
+async def test_the_call_command_has_no_option_to_weaken_a_call(tmp_path, unused_tcp_port):
+    # Only the interception experiment drops layers, in code (CallConfig): never the product.
+    code, _, err = await blindhub(
+        "call", "room1", "--hub", f"ws://127.0.0.1:{unused_tcp_port}", "--name", "alice",
+        "--home", str(tmp_path), "--experiment-only-layers", "plain",
+    )  # fmt: skip
+    assert code == 2 and "unrecognized arguments: --experiment-only-layers plain" in err
 
 
 async def test_an_unreachable_hub_exits_3(tmp_path, unused_tcp_port):
