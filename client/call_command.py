@@ -5,6 +5,10 @@ refused the join; 4 verification refused (SAS declined, or an unknown peer with
 ``--verify pinned``); 5 identity mismatch (a pinned name presented another key); 6 the call
 failed (setup, key agreement or connection); 7 a local problem (bad ``--send``/``--record``,
 unreadable identity files).
+
+There is no option to weaken a call: every call from this command is end-to-end encrypted with
+verified identities. The interception experiment's control runs (client/experiment.py) set
+``CallConfig.experiment_only_layers`` in code, never through this command line.
 """
 
 import argparse
@@ -20,7 +24,6 @@ from client.call import (
     CallConfig,
     CallError,
     CallStats,
-    ExperimentOnlyLayers,
     ProtectionState,
     Verify,
 )
@@ -55,13 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--home", help="where your identity and pins live ($BLINDHUB_HOME)")
     parser.add_argument("--stats-json", help="write the end-of-call statistics to this file")
-    parser.add_argument(
-        "--experiment-only-layers",
-        choices=[layer.value for layer in ExperimentOnlyLayers],
-        default=ExperimentOnlyLayers.VERIFIED.value,
-        help="EXPERIMENT ONLY, for the interception experiment's control runs: the protection "
-        "layers to apply; anything but 'verified' (the default) weakens the call on purpose",
-    )
 
 
 async def ask_to_confirm(state: ProtectionState) -> bool:
@@ -107,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"blindhub call: {error}", file=sys.stderr)
         return EXIT_LOCAL_PROBLEM
     verify = Verify(args.verify)
-    layers = ExperimentOnlyLayers(args.experiment_only_layers)
     call = Call(
         CallConfig(
             room=args.room,
@@ -120,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
             confirm_sas=ask_to_confirm,
             record_path=args.record,
             duration=args.duration,
-            experiment_only_layers=layers,
             on_protection=None if verify is Verify.PROMPT else show_protection,
         )
     )
@@ -130,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"blindhub call: {error}", file=sys.stderr)
         return error.exit_code
     finally:
-        if layers is ExperimentOnlyLayers.VERIFIED:
-            save_known_peers(home, known_peers)
+        save_known_peers(home, known_peers)
     print_stats(stats)
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
