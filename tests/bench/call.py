@@ -1,27 +1,39 @@
 """blindhub calls against plain aiortc calls through the same hub, measured in the same run.
 
-Run: ``python -m tests.bench.call`` (add ``--quick`` for a fast smoke run).
+Run: ``python -m tests.bench.call`` (``--quick`` for a fast smoke run, ``--pairs N`` and
+``--window S`` to change the repeats, ``--profile CALLS`` to see what SFrame costs in a call).
 
 The baseline is the same two-peer call with the EXPERIMENT-ONLY ``plain`` layers: the same
 hub, the same aiortc offer/answer and the same tone and pattern media, but no key agreement,
-no sealing and no SFrame. Runs alternate between the two so background load hits both alike;
-medians are reported.
+no sealing and no SFrame. Calls run in pairs, one of each kind, and the order inside a pair
+alternates (plain first, then blindhub first), so drifting background load hits both alike.
+Each figure is the median with its spread (interquartile range, and min..max); the CPU ratio
+is also taken pair by pair, which cancels load that changes between pairs.
 
 1. Setup: from the joining peer's start to the first audio frame the other side decodes
    (for blindhub: the first decrypted one). Target: at most 10 ms more than plain.
 2. CPU seconds per call second, both peers in this process, over a window of steady media.
-   Target: at most 1.03x plain.
+   Target: at most 1.03x plain. With ``--profile``, more blindhub calls run with SFrame's
+   protect and unprotect and the adapter's re-framing timed in the thread CPU time of the
+   thread running them (so the encoder and decoder threads do not count), as a share of the
+   plain call's CPU, next to the same SFrame work timed in a hot loop.
 3. Bytes SFrame adds per frame, audio and video.
 """
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
 
+import client.frame_crypto
+import client.frame_transform
 from client.call import Call, CallConfig, CallStats, ExperimentOnlyLayers, Verify
 from client.media import PatternTrack, ToneTrack
 from crypto.identity import IdentityKey, KnownPeers
@@ -30,13 +42,17 @@ from signaling.server import HubServer
 
 SETUP_TARGET_MS = 10.0
 CPU_TARGET_RATIO = 1.03
+PLAIN, E2E = ExperimentOnlyLayers.PLAIN, ExperimentOnlyLayers.VERIFIED
 
 
 @dataclass
 class Sample:
     setup_seconds: float
     cpu_per_call_second: float
+    window_seconds: float
     stats: list[CallStats]
+    # Per kind, over both peers' whole call: (frames protected, their plaintext bytes).
+    protected: dict[str, tuple[int, int]]
 
 
 def call_config(url: str, room: str, name: str, tone: float, layers: ExperimentOnlyLayers):
@@ -52,7 +68,7 @@ def call_config(url: str, room: str, name: str, tone: float, layers: ExperimentO
     )
 
 
-async def wait_until(condition, timeout: float = 20.0) -> None:
+async def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -60,7 +76,12 @@ async def wait_until(condition, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.001)
 
 
-async def one_call(url: str, room: str, layers: ExperimentOnlyLayers, window: float) -> Sample:
+async def one_call(
+    url: str,
+    room: str,
+    layers: ExperimentOnlyLayers,
+    window: float,
+) -> Sample:
     alice = Call(call_config(url, room, "alice", 440, layers))
     bob = Call(call_config(url, room, "bob", 660, layers))
     alice_task = asyncio.create_task(alice.run())
@@ -72,58 +93,195 @@ async def one_call(url: str, room: str, layers: ExperimentOnlyLayers, window: fl
     await wait_until(lambda: bob.received.video_frames > 0 and alice.received.video_frames > 0)
     cpu_start, wall_start = time.process_time(), time.monotonic()
     await asyncio.sleep(window)
-    cpu = (time.process_time() - cpu_start) / (time.monotonic() - wall_start)
+    wall = time.monotonic() - wall_start
+    cpu = (time.process_time() - cpu_start) / wall
     alice.hangup()
     stats = await asyncio.gather(alice_task, bob_task)
-    return Sample(setup, cpu, list(stats))
+    protected = {}
+    for kind in ("audio", "video"):
+        counters = [
+            call._sframe_sender.counters[kind]
+            for call in (alice, bob)
+            if call._sframe_sender is not None and kind in call._sframe_sender.counters
+        ]
+        protected[kind] = (
+            sum(c.frames for c in counters),
+            sum(c.plaintext_bytes for c in counters),
+        )
+    return Sample(setup, cpu, wall, list(stats), protected)
 
 
-def per_frame(stats: list[CallStats], kind: str) -> float:
+def per_frame(stats: Sequence[CallStats], kind: str) -> float:
     added = sum(getattr(s, kind).sframe_bytes_added for s in stats)
     frames = sum(getattr(s, kind).sent for s in stats)
     return added / frames if frames else float("nan")
 
 
-async def main(repeats: int, window: float) -> int:
+def spread(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
+    """``median [q1..q3] (min..max)``."""
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (
+        f"{median * scale:.{digits}f} [IQR {q1 * scale:.{digits}f}..{q3 * scale:.{digits}f}]"
+        f" (min..max {min(values) * scale:.{digits}f}..{max(values) * scale:.{digits}f})"
+    )
+
+
+@dataclass
+class ThreadCpu:
+    """Thread CPU seconds spent inside wrapped functions, by name, and how often they ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.thread_time() - start
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        return timed
+
+    def wrap_transforms(self, name: str, transform_method: Any) -> Any:
+        def transform(context: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.wrap(name, transform_method(context, *args, **kwargs))
+
+        return transform
+
+    @contextlib.contextmanager
+    def timing_sframe(self) -> Iterator[None]:
+        """While open, the frame transforms of new calls are timed (this process only)."""
+        frame_crypto, frame_transform = client.frame_crypto, client.frame_transform
+        with (
+            mock.patch.object(
+                frame_crypto.SFrameSender,
+                "transform",
+                self.wrap_transforms("protect", frame_crypto.SFrameSender.transform),
+            ),
+            mock.patch.object(
+                frame_crypto.SFrameReceiver,
+                "transform",
+                self.wrap_transforms("unprotect", frame_crypto.SFrameReceiver.transform),
+            ),
+            mock.patch.object(
+                frame_transform,
+                "_transform_vp8",
+                self.wrap("vp8 framing", frame_transform._transform_vp8),
+            ),
+            mock.patch.object(
+                frame_transform,
+                "_transform_opus",
+                self.wrap("opus framing", frame_transform._transform_opus),
+            ),
+        ):
+            yield
+
+
+def hot_loop_seconds(kind: str, size: int, frames: int = 5000) -> float:
+    """Thread CPU seconds per protect + unprotect of one ``size``-byte frame, in a hot loop."""
+    sender, receiver = client.frame_crypto.SFrameSender(), client.frame_crypto.SFrameReceiver()
+    sender.use_key(1, bytes(16))
+    receiver.add_key(1, bytes(16))
+    protect, unprotect = sender.transform(kind), receiver.transform(kind)
+    frame = os.urandom(size)
+    start = time.thread_time()
+    for _ in range(frames):
+        protected = protect(frame)
+        assert protected is not None
+        unprotect(protected)
+    return (time.thread_time() - start) / frames
+
+
+async def profile_sframe(url: str, calls: int, window: float, plain_cpu: float) -> None:
+    timing = ThreadCpu()
+    call_seconds = 0.0
+    samples = []
+    with timing.timing_sframe():
+        for index in range(calls):
+            sample = await one_call(url, f"bench-profile-{index}", E2E, window)
+            call_seconds += statistics.mean(s.duration_seconds for s in sample.stats)
+            samples.append(sample)
+    print(f"\nSFrame inside {calls} more blindhub calls (thread CPU of the calling thread):")
+    for name in ("protect", "unprotect", "vp8 framing", "opus framing"):
+        seconds, count = timing.seconds.get(name, 0.0), timing.calls.get(name, 0)
+        print(
+            f"  {name:12s} {seconds / call_seconds * 1000:6.2f} ms per call s "
+            f"({seconds / call_seconds / plain_cpu:6.2%} of plain), "
+            f"{seconds / max(count, 1) * 1e6:5.1f} us per call"
+        )
+    print("  (the framing includes the protect it calls)")
+    for kind in ("audio", "video"):
+        count = sum(s.protected[kind][0] for s in samples)
+        size = round(sum(s.protected[kind][1] for s in samples) / max(count, 1))
+        print(
+            f"  hot loop, protect + unprotect of a {size}-byte {kind} frame: "
+            f"{hot_loop_seconds(kind, size) * 1e6:.1f} us"
+        )
+
+
+def report(samples: dict[ExperimentOnlyLayers, list[Sample]], window: float) -> None:
+    plain, e2e = samples[PLAIN], samples[E2E]
+    setup_plain = [s.setup_seconds for s in plain]
+    setup_e2e = [s.setup_seconds for s in e2e]
+    setup_extra = [b - a for a, b in zip(setup_plain, setup_e2e, strict=True)]
+    cpu_plain = [s.cpu_per_call_second for s in plain]
+    cpu_e2e = [s.cpu_per_call_second for s in e2e]
+    cpu_ratio = [b / a for a, b in zip(cpu_plain, cpu_e2e, strict=True)]
+    e2e_stats = [stats for sample in e2e for stats in sample.stats]
+    print(
+        f"{len(plain)} pairs of calls (plain, blindhub; order alternating), {window:.0f} s windows"
+    )
+    print("median [IQR q1..q3] (min..max)")
+    print(f"setup, join to first decoded audio, ms: plain {spread(setup_plain, 1000, 1)}")
+    print(f"                                   blindhub {spread(setup_e2e, 1000, 1)}")
+    print(
+        f"  blindhub - plain, pair by pair, ms: {spread(setup_extra, 1000, 1)} "
+        f"(target <= +{SETUP_TARGET_MS:.0f} ms)"
+    )
+    print(f"CPU s per call s (both peers): plain    {spread(cpu_plain)}")
+    print(f"                               blindhub {spread(cpu_e2e)}")
+    print(
+        f"  ratio of medians {statistics.median(cpu_e2e) / statistics.median(cpu_plain):.3f}x; "
+        f"pair by pair {spread(cpu_ratio)} (target <= {CPU_TARGET_RATIO}x)"
+    )
+    print(
+        f"SFrame bytes added per frame: audio {per_frame(e2e_stats, 'audio'):.1f}, "
+        f"video {per_frame(e2e_stats, 'video'):.1f}"
+    )
+
+
+async def main(pairs: int, window: float, profile: int) -> int:
     server = HubServer(Hub())
     await server.start()
-    samples: dict[ExperimentOnlyLayers, list[Sample]] = {
-        ExperimentOnlyLayers.PLAIN: [],
-        ExperimentOnlyLayers.VERIFIED: [],
-    }
+    samples: dict[ExperimentOnlyLayers, list[Sample]] = {PLAIN: [], E2E: []}
     try:
-        for repeat in range(repeats):
-            for layers in samples:
-                room = f"bench-{layers.value}-{repeat}"
+        for pair in range(pairs):
+            for layers in (PLAIN, E2E) if pair % 2 == 0 else (E2E, PLAIN):
+                room = f"bench-{layers.value}-{pair}"
                 samples[layers].append(await one_call(server.url, room, layers, window))
+        report(samples, window)
+        if profile:
+            plain_cpu = statistics.median(s.cpu_per_call_second for s in samples[PLAIN])
+            await profile_sframe(server.url, profile, window, plain_cpu)
     finally:
         await server.close()
-    plain, e2e = samples[ExperimentOnlyLayers.PLAIN], samples[ExperimentOnlyLayers.VERIFIED]
-    setup_plain = statistics.median(s.setup_seconds for s in plain) * 1000
-    setup_e2e = statistics.median(s.setup_seconds for s in e2e) * 1000
-    cpu_plain = statistics.median(s.cpu_per_call_second for s in plain)
-    cpu_e2e = statistics.median(s.cpu_per_call_second for s in e2e)
-    all_stats = [stats for sample in e2e for stats in sample.stats]
-    print(f"calls: {repeats} of each kind, {window:.0f} s media window, medians")
-    print(
-        f"setup, join to first decoded audio: plain {setup_plain:.1f} ms, "
-        f"blindhub {setup_e2e:.1f} ms, +{setup_e2e - setup_plain:.1f} ms "
-        f"(ratio {setup_e2e / setup_plain:.2f}x; target <= +{SETUP_TARGET_MS:.0f} ms)"
-    )
-    print(
-        f"CPU s per call s (both peers): plain {cpu_plain:.3f}, blindhub {cpu_e2e:.3f}, "
-        f"ratio {cpu_e2e / cpu_plain:.3f}x (target <= {CPU_TARGET_RATIO}x)"
-    )
-    print(
-        f"SFrame bytes added per frame: audio {per_frame(all_stats, 'audio'):.1f}, "
-        f"video {per_frame(all_stats, 'video'):.1f}"
-    )
     return 0
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 calls of each kind, 2 s windows")
+    parser.add_argument("--quick", action="store_true", help="2 pairs of calls, 2 s windows")
+    parser.add_argument("--pairs", type=int, default=12, help="pairs of calls (default 12)")
+    parser.add_argument("--window", type=float, default=5.0, help="media window, s (default 5)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="CALLS",
+        help="then time SFrame inside this many more blindhub calls",
+    )
     options = parser.parse_args()
-    repeats, window = (2, 2.0) if options.quick else (5, 5.0)
-    sys.exit(asyncio.run(main(repeats, window)))
+    pairs, window = (2, 2.0) if options.quick else (options.pairs, options.window)
+    sys.exit(asyncio.run(main(pairs, window, options.profile)))
