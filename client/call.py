@@ -234,7 +234,8 @@ class CallConfig:
     on_protection: Callable[[ProtectionState], None] | None = None
     # For tests and the experiment, never the command line: what crossed the wire to this
     # peer, and what its encoders produced before SFrame (only when frames are encrypted).
-    # Both observers see immutable copies and cannot alter media.
+    # Both observers see immutable copies and cannot alter media; an exception from one is
+    # logged and the media goes on.
     wire_observer: WireObserver | None = None
     encoded_frame_observer: EncodedFrameObserver | None = None
 
@@ -751,22 +752,27 @@ class Call:
 
 def _copying(kind: str, observer: WireObserver) -> Callable[[RtpPacket], None]:
     def observe(packet: RtpPacket) -> None:
-        observer(
-            WirePacket(
-                kind,
-                packet.payload_type,
-                packet.sequence_number,
-                packet.timestamp,
-                bytes(packet.payload),
-            )
+        copy = WirePacket(
+            kind,
+            packet.payload_type,
+            packet.sequence_number,
+            packet.timestamp,
+            bytes(packet.payload),
         )
+        try:
+            observer(copy)
+        except Exception:
+            logger.exception("the wire observer failed; the call goes on")
 
     return observe
 
 
 def _observed(kind: str, protect: FrameTransform, observer: EncodedFrameObserver) -> FrameTransform:
     def observe_then_protect(frame: bytes) -> bytes | None:
-        observer(kind, bytes(frame))
+        try:
+            observer(kind, bytes(frame))
+        except Exception:
+            logger.exception("the encoded frame observer failed; the call goes on")
         return protect(frame)
 
     return observe_then_protect

@@ -135,6 +135,22 @@ async def test_on_the_wire_only_sframe_under_the_senders_kid_and_nothing_decodab
         assert [number for number in numbers if number is not None] == []
 
 
+async def test_an_observer_that_raises_changes_nothing_in_the_call(hub):
+    def fail(*_):
+        raise RuntimeError("a broken observer")
+
+    broken = dict(wire_observer=fail, encoded_frame_observer=fail)
+    alice, bob, results = await run_pair(
+        config(hub, "alice", 440, duration=1.5, **broken),
+        config(hub, "bob", 660, duration=1.5, **broken),
+    )
+    assert not any(isinstance(result, BaseException) for result in results), results
+    for call, heard in ((alice, 660), (bob, 440)):
+        assert abs(dominant_frequency(call.received.samples, 48000) - heard) < 5
+        for kind in (call.stats.audio, call.stats.video):
+            assert kind.decrypted > 0 and kind.failed == 0
+
+
 async def test_a_changed_identity_for_a_pinned_name_refuses_before_media(hub):
     pinned = KnownPeers()
     pinned.check("alice", IdentityKey.generate(os.urandom).public_key)
