@@ -30,19 +30,36 @@ from client.call import (
 from client.identity_store import (
     home_directory,
     load_known_peers,
-    load_or_create_identity,
+    open_identity,
     save_known_peers,
 )
 from client.media import MediaSourceError, open_recorder, open_sources
 from crypto.errors import CryptoError
+from crypto.handshake import name_field
+from crypto.identity import MAX_PEER_NAME_LENGTH
 
 EXIT_LOCAL_PROBLEM = 7
+
+
+def peer_name(value: str) -> str:
+    # Checked here, as a usage error, rather than by the peer during the key agreement.
+    try:
+        return name_field(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 1 to {MAX_PEER_NAME_LENGTH} printable characters"
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("room", help="the room to call in (both peers name the same room)")
     parser.add_argument("--hub", required=True, help="the hub's URL, ws://HOST:PORT or wss://...")
-    parser.add_argument("--name", required=True, help="your name, shown to and pinned by the peer")
+    parser.add_argument(
+        "--name",
+        required=True,
+        type=peer_name,
+        help="your name, signed in the key agreement, shown to and pinned by the peer",
+    )
     parser.add_argument(
         "--send",
         default="tone:440",
@@ -94,7 +111,7 @@ async def run_call(call: Call) -> CallStats:
 def run(args: argparse.Namespace) -> int:
     home = home_directory(args.home)
     try:
-        identity = load_or_create_identity(home)
+        identity = open_identity(home)
         known_peers = load_known_peers(home)
         tracks = open_sources(args.send)
         if args.record:

@@ -289,7 +289,7 @@ async def test_experiment_only_layers(hub, layers, encrypted):
     assert len(bob.config.known_peers) == 0
 
 
-async def blindhub(*arguments: str):
+async def blindhub(*arguments: str, environment: dict[str, str] | None = None):
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -297,6 +297,7 @@ async def blindhub(*arguments: str):
         *arguments,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=None if environment is None else os.environ | environment,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
     return process.returncode, stdout.decode(), stderr.decode()
@@ -339,6 +340,27 @@ async def test_the_call_command_has_no_option_to_weaken_a_call(tmp_path, unused_
         "--home", str(tmp_path), "--experiment-only-layers", "plain",
     )  # fmt: skip
     assert code == 2 and "unrecognized arguments: --experiment-only-layers plain" in err
+
+
+async def test_a_name_that_cannot_be_signed_is_a_usage_error(tmp_path):
+    code, _, err = await blindhub(
+        "call", "room1", "--hub", "ws://127.0.0.1:9", "--name", "al\nice", "--home", str(tmp_path)
+    )  # fmt: skip
+    assert code == 2 and "argument --name: must be 1 to 256 printable characters" in err
+
+
+async def test_a_protected_identity_is_unlocked_before_the_call(tmp_path, unused_tcp_port):
+    home = str(tmp_path)
+    unlocked = {"BLINDHUB_PASSPHRASE": "correct horse"}
+    assert (await blindhub("id", "--home", home, "--protect", environment=unlocked))[0] == 0
+    call = ("call", "room1", "--hub", f"ws://127.0.0.1:{unused_tcp_port}", "--name", "alice")
+    # The right passphrase gets as far as the (absent) hub; a wrong one stops before it.
+    code, _, err = await blindhub(*call, "--home", home, environment=unlocked)
+    assert code == 3 and "cannot join" in err
+    code, _, err = await blindhub(
+        *call, "--home", home, environment={"BLINDHUB_PASSPHRASE": "wrong"}
+    )
+    assert code == 7 and "wrong passphrase" in err
 
 
 async def test_an_unreachable_hub_exits_3(tmp_path, unused_tcp_port):
