@@ -39,6 +39,12 @@ class FrameCounters:
     plaintext_bytes: int = 0
     ciphertext_bytes: int = 0
 
+    def count(self, plaintext: bytes, ciphertext: bytes) -> None:
+        """One frame through SFrame, either way."""
+        self.frames += 1
+        self.plaintext_bytes += len(plaintext)
+        self.ciphertext_bytes += len(ciphertext)
+
     @property
     def bytes_added(self) -> int:
         return self.ciphertext_bytes - self.plaintext_bytes
@@ -95,9 +101,7 @@ class SFrameSender:
                 counters.dropped_without_key += 1
                 return None
             protected = self._context.protect(self._kid, frame, metadata)
-            counters.frames += 1
-            counters.plaintext_bytes += len(frame)
-            counters.ciphertext_bytes += len(protected)
+            counters.count(frame, protected)
             return protected
 
         return protect
@@ -141,9 +145,7 @@ class SFrameReceiver:
                 if on_failure is not None:
                     on_failure(error)
                 return None
-            counters.frames += 1
-            counters.plaintext_bytes += len(plaintext)
-            counters.ciphertext_bytes += len(frame)
+            counters.count(plaintext, frame)
             return plaintext
 
         return unprotect

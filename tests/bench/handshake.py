@@ -16,8 +16,6 @@ Each figure is the best of several repeats, so only the ratios are results.
 import argparse
 import json
 import os
-import time
-from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -26,21 +24,13 @@ from crypto.handshake import Initiator, Responder
 from crypto.identity import IdentityKey
 from crypto.sealed import Role, SealedChannel, decode_message, encode_message
 from crypto.sframe import CipherSuite
+from tests.bench import best_per_call
 
 SUITES = [CipherSuite.AES_128_GCM_SHA256_128]
 SDP_LIKE = {
     "type": "offer",
     "sdp": "a=candidate:1 1 udp 2130706431 192.0.2.1 50000 typ host\r\n" * 40,
 }
-
-
-def best_per_call(run: Callable[[int], None], calls: int, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(calls)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
 
 
 def wire(message: dict[str, object]) -> dict[str, object]:

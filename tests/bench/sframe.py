@@ -11,12 +11,11 @@ and no AAD: the floor any SFrame implementation over ``cryptography`` pays.
 import argparse
 import os
 import sys
-import time
-from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto.sframe import CipherSuite, ReceiveContext, SendContext, SFrameHeader
+from tests.bench import best_per_call
 
 FRAME_SIZES = (100, 1200, 20000)  # audio, small video, large video frame
 TARGETS = {100: 2.5, 20000: 1.5}  # protect / raw AES-GCM, AES_128_GCM_SHA256_128
@@ -24,16 +23,6 @@ BASE_KEY = bytes(range(16))
 KID = 1
 # A typical header: one small KID, and the CTR an hour of 30 fps video reaches.
 TYPICAL_KID, TYPICAL_CTR = 1, 30 * 3600
-
-
-def best_per_call(run: Callable[[int], None], calls: int, repeats: int) -> float:
-    """Seconds per call: the fastest of ``repeats`` runs of ``calls`` calls."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(calls)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
 
 
 def measure(suite: CipherSuite, size: int, calls: int, repeats: int) -> dict[str, float]:
