@@ -12,7 +12,7 @@ import os
 import re
 import struct
 import wave
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import av
@@ -165,6 +165,19 @@ def steady(samples: Sequence[int]) -> list[int]:
 
 
 @slow
+def assert_both_peers_hear_and_see_each_other(call: MitmCall) -> None:
+    heard_by_answerer = dominant_frequency(call.answerer.received.samples, SAMPLE_RATE)
+    heard_by_offerer = dominant_frequency(call.offerer.received.samples, SAMPLE_RATE)
+    assert abs(heard_by_answerer - OFFERER_TONE) < 5
+    assert abs(heard_by_offerer - ANSWERER_TONE) < 5
+    assert call.offerer.received.pattern_numbers and call.answerer.received.pattern_numbers
+
+
+def assert_every_frame_authenticated(receivers: Iterable[SFrameReceiver]) -> None:
+    for receiver in receivers:
+        assert [c.frames > 0 and c.failed == 0 for c in receiver.counters.values()] == [True] * 2
+
+
 async def test_plain_call_through_mitm_works_and_the_mitm_recovers_it(calls, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="aiortc.rtcrtpreceiver")
     call = await calls.connect()
@@ -262,14 +275,9 @@ async def test_sframe_call_through_mitm_works_and_the_mitm_recovers_nothing(call
     assert mitm is not None
     await calls.run_until_both_received(call)
 
-    heard_by_answerer = dominant_frequency(call.answerer.received.samples, SAMPLE_RATE)
-    heard_by_offerer = dominant_frequency(call.offerer.received.samples, SAMPLE_RATE)
-    assert abs(heard_by_answerer - OFFERER_TONE) < 5
-    assert abs(heard_by_offerer - ANSWERER_TONE) < 5
-    assert call.offerer.received.pattern_numbers and call.answerer.received.pattern_numbers
+    assert_both_peers_hear_and_see_each_other(call)
     # Every frame the MITM relayed still authenticated at the peer.
-    for receiver in sframe.receivers.values():
-        assert [c.frames > 0 and c.failed == 0 for c in receiver.counters.values()] == [True] * 2
+    assert_every_frame_authenticated(sframe.receivers.values())
 
     for direction, tone, sender in (
         (Direction.OFFERER_TO_ANSWERER, OFFERER_TONE, "offerer"),
@@ -329,13 +337,8 @@ async def test_a_mitm_holding_both_legs_keys_reencrypts_and_recovers_the_sframe_
     await calls.run_until_both_received(call)
 
     # The call works: every frame the MITM sealed again authenticated at the peer.
-    heard_by_answerer = dominant_frequency(call.answerer.received.samples, SAMPLE_RATE)
-    heard_by_offerer = dominant_frequency(call.offerer.received.samples, SAMPLE_RATE)
-    assert abs(heard_by_answerer - OFFERER_TONE) < 5
-    assert abs(heard_by_offerer - ANSWERER_TONE) < 5
-    assert call.offerer.received.pattern_numbers and call.answerer.received.pattern_numbers
-    for receiver in peers.receivers.values():
-        assert [c.frames > 0 and c.failed == 0 for c in receiver.counters.values()] == [True] * 2
+    assert_both_peers_hear_and_see_each_other(call)
+    assert_every_frame_authenticated(peers.receivers.values())
 
     for direction, tone, source in (
         (Direction.OFFERER_TO_ANSWERER, OFFERER_TONE, offerer_result),
