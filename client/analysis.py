@@ -96,6 +96,12 @@ def tone_correlation(samples: Sequence[float], sample_rate: int, frequency: floa
     return min(1.0, math.sqrt(2 * (sine * sine + cosine * cosine) / (len(samples) * energy)))
 
 
+def middle_second(samples: Sequence[int], sample_rate: int) -> list[int]:
+    """One second from the middle of a recording (past the codec's start-up), or all of it."""
+    start = max(0, len(samples) // 2 - sample_rate // 2)
+    return list(samples[start : start + sample_rate])
+
+
 def left_channel(interleaved_s16: bytes, channels: int) -> array[int]:
     """The first channel of interleaved signed 16-bit native-endian samples."""
     samples = array("h")

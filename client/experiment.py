@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.analysis import tone_correlation
+from client.analysis import middle_second, tone_correlation
 from client.call import (
     Call,
     CallConfig,
@@ -37,7 +37,14 @@ from client.call import (
     Verify,
 )
 from client.figure import BLACK, GREEN, GREY, RED, WHITE, Canvas
-from client.media import SAMPLE_RATE, TONE_AMPLITUDE, PatternTrack, ReceivedMedia, ToneTrack
+from client.media import (
+    SAMPLE_RATE,
+    TONE_AMPLITUDE,
+    PatternTrack,
+    ReceivedMedia,
+    ToneTrack,
+    tone_samples,
+)
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameError, SFrameHeader
 from signaling.hostile import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
@@ -359,18 +366,12 @@ class Report:
 # -- measuring
 
 
-def steady(samples: Sequence[int]) -> list[int]:
-    """One second from the middle of a recording (past the codec's start-up), or all of it."""
-    start = max(0, len(samples) // 2 - SAMPLE_RATE // 2)
-    return list(samples[start : start + SAMPLE_RATE])
-
-
 def correlation(samples: Sequence[int], tone: float) -> float:
     """How much of the steady part of ``samples`` is ``tone`` (one coherent second: what the
     hub recovered); 0 for too little audio."""
     if len(samples) < MIN_ANALYSED_SECONDS * SAMPLE_RATE:
         return 0.0
-    return tone_correlation(steady(samples), SAMPLE_RATE, tone)
+    return tone_correlation(middle_second(samples, SAMPLE_RATE), SAMPLE_RATE, tone)
 
 
 def heard_correlation(samples: Sequence[int], tone: float) -> float:
@@ -385,7 +386,7 @@ def heard_correlation(samples: Sequence[int], tone: float) -> float:
     """
     if len(samples) < MIN_ANALYSED_SECONDS * SAMPLE_RATE:
         return 0.0
-    part = steady(samples)
+    part = middle_second(samples, SAMPLE_RATE)
     tonal = total = 0.0
     for start in range(0, len(part) - CORRELATION_WINDOW + 1, CORRELATION_WINDOW):
         window = part[start : start + CORRELATION_WINDOW]
@@ -393,13 +394,6 @@ def heard_correlation(samples: Sequence[int], tone: float) -> float:
         tonal += tone_correlation(window, SAMPLE_RATE, tone) ** 2 * energy
         total += energy
     return math.sqrt(tonal / total) if total else 0.0
-
-
-def sent_tone(frequency: float, count: int) -> array[int]:
-    """What a ``ToneTrack`` sends, sample for sample."""
-    omega = 2 * math.pi * frequency / SAMPLE_RATE
-    peak = TONE_AMPLITUDE * 32767
-    return array("h", (int(peak * math.sin(omega * n)) for n in range(count)))
 
 
 def sframe_header_summary(mitm: MediaMitm) -> list[dict[str, Any]]:
@@ -582,7 +576,7 @@ def _measure(
         hub_events=list(attack.events),
         seconds=elapsed,
         media_tampered={} if tamper is None else _media_tampered(tamper, peers),
-        sent=sent_tone(TONES[ALICE], SAMPLE_RATE),
+        sent=tone_samples(TONES[ALICE], 0, SAMPLE_RATE),
         heard=calls[BOB].received.samples,
         recovered=recovered,
         recovered_picture=picture,

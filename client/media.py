@@ -67,6 +67,13 @@ class _PacedTrack(MediaStreamTrack):
         return index
 
 
+def tone_samples(frequency: float, first: int, count: int) -> array[int]:
+    """Samples ``first`` to ``first + count`` of the 48 kHz s16 tone a ``ToneTrack`` sends."""
+    omega = 2 * math.pi * frequency / SAMPLE_RATE
+    peak = TONE_AMPLITUDE * 32767
+    return array("h", (int(peak * math.sin(omega * n)) for n in range(first, first + count)))
+
+
 class ToneTrack(_PacedTrack):
     """A 48 kHz mono sine tone in 20 ms frames."""
 
@@ -81,12 +88,7 @@ class ToneTrack(_PacedTrack):
     async def recv(self) -> av.AudioFrame:
         index = await self._next_frame_index()
         first = index * AUDIO_FRAME_SAMPLES
-        omega = 2 * math.pi * self.frequency / SAMPLE_RATE
-        peak = TONE_AMPLITUDE * 32767
-        samples = array(
-            "h",
-            (int(peak * math.sin(omega * n)) for n in range(first, first + AUDIO_FRAME_SAMPLES)),
-        )
+        samples = tone_samples(self.frequency, first, AUDIO_FRAME_SAMPLES)
         frame = av.AudioFrame(format="s16", layout="mono", samples=AUDIO_FRAME_SAMPLES)
         frame.planes[0].update(samples.tobytes())
         frame.pts = first
