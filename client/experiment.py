@@ -662,7 +662,8 @@ def write_outputs(report: Report, directory: Path) -> list[Path]:
     return [report_path, *written, figure_path]
 
 
-LABEL_WIDTH = 340
+# Room for a 30-character cell title at scale 2 (12 pixels a character) and its margin.
+LABEL_WIDTH = 30 * 12 + 2 * 10
 PANEL_WIDTH = 220
 PANEL_HEIGHT = 64
 PICTURE_WIDTH = 86
