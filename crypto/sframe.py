@@ -607,7 +607,13 @@ class ReceiveContext:
             raise AuthenticationError("SFrame authentication failed") from None
         # Only an authenticated frame moves the window.
         if age < 0:
-            state.seen = ((state.seen << -age) | 1) & self._window_mask
+            # A jump past the whole window forgets it; shifting by the jump itself would cost
+            # memory in proportion to it, and the sender chooses the CTR.
+            advance = -age
+            if advance >= self._window:
+                state.seen = 1
+            else:
+                state.seen = ((state.seen << advance) | 1) & self._window_mask
             state.highest = ctr
         else:
             state.seen |= 1 << age

@@ -1,5 +1,6 @@
 import json
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,28 @@ def test_out_of_order_inside_window_accepted_once():
     for i in order:
         with pytest.raises(ReplayError):
             receiver.unprotect(sent[i])
+
+
+def test_a_counter_jump_costs_no_memory_and_keeps_the_window():
+    # The sender picks the CTR: a jump to 2**63 must not shift the window bitmap by 2**63 bits.
+    sender, receiver = pair(CipherSuite.AES_128_GCM_SHA256_128)
+    first = sender.protect(7, b"first")
+    receiver.unprotect(first)
+    jumped = SendContext(CipherSuite.AES_128_GCM_SHA256_128)
+    jumped.add_key(7, KEY, next_counter=2**63 - 5)
+    sent = [jumped.protect(7, f"frame {i}".encode()) for i in range(6)]
+    tracemalloc.start()
+    try:
+        assert receiver.unprotect(sent[5]) == b"frame 5"  # CTR 2**63
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+    assert receiver.unprotect(sent[0]) == b"frame 0"  # 5 behind, inside the window
+    with pytest.raises(ReplayError, match="already accepted"):
+        receiver.unprotect(sent[5])
+    with pytest.raises(ReplayError, match="older than the replay window"):
+        receiver.unprotect(first)
 
 
 def test_windows_are_per_kid():
