@@ -101,10 +101,11 @@ def open_identity(
     if path.exists():
         if protect_new:
             raise IdentityExists(f"{path} exists already; a new identity was not created")
+        data = _read_private(path)  # refuse a file others can read before asking anything
         passphrase = None
-        if is_passphrase_protected(path.read_bytes()):
+        if is_passphrase_protected(data):
             passphrase = _read_passphrase(f"passphrase for {path}: ", environ, ask)
-        return load_identity(home, passphrase)
+        return decode_identity_file(data, passphrase)
     if not protect_new:
         return load_or_create_identity(home)
     passphrase = _read_passphrase("passphrase for your new identity: ", environ, ask)
@@ -125,10 +126,14 @@ def _read_passphrase(prompt: str, environ: Mapping[str, str], ask: Callable[[str
 
 
 def load_identity(home: Path, passphrase: bytes | None = None) -> IdentityKey:
-    path = home / IDENTITY_FILE
+    return decode_identity_file(_read_private(home / IDENTITY_FILE), passphrase)
+
+
+def _read_private(path: Path) -> bytes:
+    """The bytes of a private key file, refused (as OpenSSH does) if others can access it."""
     if os.name == "posix" and path.stat().st_mode & 0o077:
         raise UnsafePermissions(f"{path} is accessible by other users; run: chmod 600 {path}")
-    return decode_identity_file(path.read_bytes(), passphrase)
+    return path.read_bytes()
 
 
 def load_known_peers(home: Path) -> KnownPeers:

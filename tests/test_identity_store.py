@@ -155,6 +155,14 @@ def test_protecting_an_existing_identity_is_refused(tmp_path):
     assert load_identity(tmp_path).seed() == identity.seed()
 
 
+@posix_only
+def test_a_readable_protected_identity_is_refused_before_the_passphrase_is_asked(tmp_path):
+    open_identity(tmp_path, protect_new=True, environ={"BLINDHUB_PASSPHRASE": "pw"})
+    (tmp_path / IDENTITY_FILE).chmod(0o644)
+    with pytest.raises(UnsafePermissions):
+        open_identity(tmp_path, environ={}, ask=never_asked)
+
+
 def test_blindhub_id_protect_then_unlock(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BLINDHUB_PASSPHRASE", "correct horse")
     assert main(["id", "--home", str(tmp_path), "--protect"]) == 0
