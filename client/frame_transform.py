@@ -24,6 +24,7 @@ from typing import Any
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs.opus import SAMPLES_PER_FRAME as OPUS_SAMPLES_PER_FRAME
 from aiortc.codecs.vpx import Vp8Encoder, VpxPayloadDescriptor, vp8_depayload
+from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpsender import RTCEncodedFrame
@@ -40,6 +41,20 @@ SUPPORTED_CODECS = frozenset({"opus", "VP8"})
 # Name-mangled private attributes of aiortc 1.16 that the receiver adapter relies on.
 RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 RECEIVER_DECODER_ERROR = "_RTCRtpReceiver__decoder_error"
+
+# What aiortc raises for SDP it cannot apply. Its parser validates with `assert`, indexing and
+# `next()`, so malformed text also surfaces as AssertionError, IndexError, KeyError, and as
+# RuntimeError (a StopIteration escaping a coroutine, PEP 479).
+SDP_ERRORS = (
+    AssertionError,
+    IndexError,
+    KeyError,
+    RuntimeError,
+    ValueError,
+    InternalError,
+    InvalidStateError,
+    OperationError,
+)
 
 
 class UnsupportedCodecError(ValueError):

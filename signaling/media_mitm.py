@@ -38,12 +38,12 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
-from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import RtpPacket
 
 from client.figure import encode_png
 from client.frame_transform import (
+    SDP_ERRORS,
     install_packet_observer,
     install_receiver_transform,
     request_keyframe,
@@ -72,21 +72,6 @@ class SdpRejected(InterceptionError, ValueError):
 
 class InterceptionStateError(InterceptionError, RuntimeError):
     """The MITM was driven out of order (answer before offer, a second offer, use after close)."""
-
-
-# What aiortc raises for SDP it cannot apply. Its parser validates with `assert`, indexing and
-# `next()`, so malformed text also surfaces as AssertionError, IndexError, KeyError, and as
-# RuntimeError (a StopIteration escaping a coroutine, PEP 479).
-SDP_ERRORS = (
-    AssertionError,
-    IndexError,
-    KeyError,
-    RuntimeError,
-    ValueError,
-    InternalError,
-    InvalidStateError,
-    OperationError,
-)
 
 
 def _describe(error: Exception) -> str:
