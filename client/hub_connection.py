@@ -34,6 +34,7 @@ from signaling.protocol import (
     RelayTo,
     SignalingError,
     Welcome,
+    decode_payload,
     parse_hub_message,
 )
 
@@ -68,32 +69,6 @@ class Relayed:
 
 
 HubEvent = PeerJoined | PeerLeft | Relayed
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate name in a JSON object")
-    return result
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-_STRICT_DECODER: Final = json.JSONDecoder(
-    object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-)
-
-
-def decode_payload(text: JsonText) -> Any:
-    """Decode a relayed payload; ambiguous JSON (duplicate names, NaN) is rejected."""
-    try:
-        return _STRICT_DECODER.decode(text)
-    except RecursionError:
-        raise MalformedMessage(ErrorCode.INVALID_JSON, "payload nested too deeply") from None
-    except ValueError as error:
-        raise MalformedMessage(ErrorCode.INVALID_JSON, f"payload: {error}") from None
 
 
 def encode_payload(payload: Any) -> JsonText:

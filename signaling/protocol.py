@@ -65,8 +65,20 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-# NaN and Infinity are accepted by Python's json by default but are not JSON.
+def _reject_duplicate_names(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate name in a JSON object")
+    return result
+
+
+# NaN and Infinity are accepted by Python's json by default but are not JSON. The hub's
+# scanner lets duplicate names inside a payload through: it forwards the text, never the value.
 _DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, strict=True)
+# A payload's receiver also refuses duplicate names: JSON parsers disagree on which one counts.
+_PAYLOAD_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicate_names, parse_constant=_reject_constant, strict=True
+)
 
 
 def _scan_value(text: str, index: int) -> tuple[object, int]:
@@ -77,6 +89,16 @@ def _scan_value(text: str, index: int) -> tuple[object, int]:
         raise MalformedMessage(ErrorCode.INVALID_JSON, "nested too deeply") from None
     except ValueError as error:  # JSONDecodeError, over-long integers, NaN
         raise MalformedMessage(ErrorCode.INVALID_JSON, str(error)) from None
+
+
+def decode_payload(text: JsonText) -> object:
+    """Decode a relayed payload; ambiguous JSON (duplicate names, NaN) is ``invalid-json``."""
+    try:
+        return _PAYLOAD_DECODER.decode(text)
+    except RecursionError:
+        raise MalformedMessage(ErrorCode.INVALID_JSON, "payload nested too deeply") from None
+    except ValueError as error:
+        raise MalformedMessage(ErrorCode.INVALID_JSON, f"payload: {error}") from None
 
 
 def _skip_whitespace(text: str, index: int) -> int:

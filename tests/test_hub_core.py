@@ -23,6 +23,7 @@ from signaling.protocol import (
     RelayFrom,
     RelayTo,
     Welcome,
+    decode_payload,
     parse_client_message,
     parse_hub_message,
 )
@@ -282,6 +283,27 @@ def test_hub_messages_round_trip(message):
 )
 def test_client_messages_round_trip(message):
     assert parse_client_message(message.encode()) == message
+
+
+@pytest.mark.parametrize("payload", ['{"a":1,"a":2}', '[{"b":{"a":1,"a":1}}]'])
+def test_the_hub_forwards_duplicate_names_that_the_receiver_refuses(payload):
+    frame = f'{{"type":"relay","from":"p","payload":{payload}}}'
+    assert parse_hub_message(frame) == RelayFrom(PeerId("p"), JsonText(payload))
+    with pytest.raises(MalformedMessage, match="duplicate name") as refused:
+        decode_payload(JsonText(payload))
+    assert refused.value.code is ErrorCode.INVALID_JSON
+
+
+@pytest.mark.parametrize("payload", ["[NaN]", '{"x":-Infinity}', "[1,]", "01", '"\u0000'])
+def test_the_payload_decoder_refuses_what_is_not_json(payload):
+    with pytest.raises(MalformedMessage) as refused:
+        decode_payload(JsonText(payload))
+    assert refused.value.code is ErrorCode.INVALID_JSON
+
+
+def test_the_payload_decoder_keeps_every_json_value():
+    payload = '{"a":[1,2.5,"\u00e9",null,true],"b":{"a":{}}}'
+    assert decode_payload(JsonText(payload)) == json.loads(payload)
 
 
 @pytest.mark.parametrize(
