@@ -101,18 +101,51 @@ class Role(enum.Enum):
 
 
 def encode_message(message: Mapping[str, Any]) -> bytes:
-    """The canonical bytes of a message (sorted keys, no spaces), for carrying or hashing."""
-    return json.dumps(message, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    """The canonical bytes of a message (sorted keys, no spaces), for carrying or hashing.
+
+    NaN and the infinities raise ``ValueError``: they are not JSON.
+    """
+    return json.dumps(message, sort_keys=True, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+class _AmbiguousJson(ValueError):
+    pass
+
+
+def _reject_duplicate_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _AmbiguousJson("duplicate name in a JSON object")
+    return result
+
+
+def _reject_constant(name: str) -> None:
+    raise _AmbiguousJson(f"{name} is not JSON")
+
+
+# Strict JSON (RFC 8259 without its interoperability gaps): Python's json accepts NaN and
+# Infinity, and keeps the last of duplicate names where other parsers keep the first.
+# The hub client applies the same rule to relayed payloads (signaling.protocol).
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicate_names, parse_constant=_reject_constant, strict=True
+)
 
 
 def decode_message(data: bytes | str) -> dict[str, Any]:
-    """A message from its JSON text; ``MalformedMessage`` for anything else."""
+    """A message from its JSON text; ``MalformedMessage`` for anything else.
+
+    Duplicate names in any object and NaN or infinities anywhere are malformed.
+    """
     if isinstance(data, str):
         data = data.encode("utf-8", errors="surrogatepass")
     if not isinstance(data, bytes | bytearray) or len(data) > MAX_MESSAGE_SIZE:
         raise MalformedMessage(f"a message is JSON text of at most {MAX_MESSAGE_SIZE} bytes")
     try:
-        message = json.loads(bytes(data).decode("utf-8"))
+        message = _STRICT_DECODER.decode(bytes(data).decode("utf-8"))
+    except _AmbiguousJson as error:
+        raise MalformedMessage(f"a message is strict JSON: {error}") from error
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise MalformedMessage("a message is UTF-8 JSON") from error
     if not isinstance(message, dict):

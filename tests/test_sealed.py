@@ -2,6 +2,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -287,6 +288,67 @@ def test_the_first_message_of_a_new_epoch_must_be_rekey_done():
     alice._send_sequence -= 1
     with pytest.raises(UnexpectedMessage, match="rekey-done"):
         bob.open(alice.seal({"too": "early"}))
+
+
+def _peer_seals_text(sender: SealedChannel, plaintext: bytes) -> dict[str, Any]:
+    """A sealed message whose inner JSON text is exactly ``plaintext`` (docs/protocol.md, 6)."""
+    sequence = sender._send_sequence
+    sender._send_sequence += 1
+    call_id = sender.call_id.encode()
+    associated = (
+        b"blindhub-v1 sealed"
+        + len(call_id).to_bytes(4, "big")
+        + call_id
+        + b"I"
+        + bytes(4)
+        + sequence.to_bytes(8, "big")
+    )
+    nonce = bytes(4) + sequence.to_bytes(8, "big")
+    ciphertext = ChaCha20Poly1305(sender.keys.seal_send).encrypt(nonce, plaintext, associated)
+    return {
+        "v": 1,
+        "type": "sealed",
+        "epoch": 0,
+        "seq": sequence,
+        "ciphertext": b64encode(ciphertext),
+    }
+
+
+AMBIGUOUS_JSON = [
+    b'{"kind":"app","kind":"rekey","content":{}}',
+    b'{"kind":"app","content":{"sdp":"a","sdp":"b"}}',
+    b'{"kind":"app","content":{"n":NaN}}',
+    b'{"kind":"app","content":{"n":[Infinity]}}',
+    b'{"kind":"app","content":{"n":-Infinity}}',
+]
+
+
+@pytest.mark.parametrize("text", AMBIGUOUS_JSON)
+def test_decode_message_refuses_duplicate_names_and_non_finite_numbers(text):
+    with pytest.raises(MalformedMessage, match="strict JSON"):
+        decode_message(text)
+
+
+@pytest.mark.parametrize("text", AMBIGUOUS_JSON)
+def test_an_authenticated_peer_cannot_send_ambiguous_json_either(text):
+    alice, bob = channels()
+    with pytest.raises(MalformedMessage, match="strict JSON"):
+        bob.open(_peer_seals_text(alice, text))
+
+
+def test_the_raw_sealing_helper_follows_the_spec():
+    alice, bob = channels()
+    assert bob.open(_peer_seals_text(alice, b'{"kind":"app","content":{"a":1}}')).content == {
+        "a": 1
+    }
+
+
+def test_seal_refuses_non_finite_numbers():
+    alice, _ = channels()
+    with pytest.raises(LocalError):
+        alice.seal({"n": float("nan")})
+    with pytest.raises(LocalError):
+        alice.seal({"n": [float("inf")]})
 
 
 def test_small_order_ephemeral_is_rejected():
