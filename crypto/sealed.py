@@ -332,9 +332,12 @@ class _PendingRekey:
 class SealedChannel:
     """Sealed signalling in both directions, and the epochs of the call's keys.
 
-    One instance per call and party; ``crypto.handshake`` creates it. Any error from
-    ``open`` leaves the channel as it was (a forged or replayed message changes nothing);
-    the call should still be ended, since the hub is misbehaving.
+    One instance per call and party; ``crypto.handshake`` creates it. An error from
+    ``open`` leaves the channel as it was (a forged or replayed message changes nothing),
+    with one exception: an authentic message that arrives early (``SealedGap``) is
+    remembered as the highest sequence number seen, so the missing one, if it comes
+    later, is a ``SealedReorder``. The call should still be ended, since the hub is
+    misbehaving.
     """
 
     def __init__(

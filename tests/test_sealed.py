@@ -90,6 +90,19 @@ def test_reorder_is_detected():
         bob.open(first)
 
 
+def test_only_an_authentic_early_message_is_remembered_after_an_error():
+    alice, bob = channels()
+    first = alice.seal({"n": 0})
+    with pytest.raises(DecryptionFailed):
+        bob.open(dict(first, seq=5))  # forged: not remembered
+    assert bob.open(first).content == {"n": 0}
+    second, third = alice.seal({"n": 1}), alice.seal({"n": 2})
+    with pytest.raises(SealedGap):
+        bob.open(third)  # authentic: remembered, as the SealedChannel docstring says
+    with pytest.raises(SealedReorder):
+        bob.open(second)
+
+
 @pytest.mark.parametrize("field", ["epoch", "seq", "ciphertext"])
 def test_tampering_any_field_fails_authentication(field):
     alice, bob = channels()
