@@ -191,9 +191,17 @@ def _type(message: Any) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def altered(message: dict[str, Any]) -> dict[str, Any]:
-    """A sealed message with the last ciphertext bit flipped (its tag no longer matches)."""
-    ciphertext = bytearray(b64decode(message["ciphertext"]))
+def altered(message: dict[str, Any]) -> dict[str, Any] | None:
+    """A sealed message with the last ciphertext bit flipped (its tag no longer matches); None
+    if its ciphertext is not non-empty base64url: there is no bit to flip, and the recipient
+    rejects the message as it is."""
+    text = message.get("ciphertext")
+    try:
+        ciphertext = bytearray(b64decode(text)) if isinstance(text, str) else bytearray()
+    except ValueError:
+        return None
+    if not ciphertext:
+        return None
     ciphertext[-1] ^= 1
     return {**message, "ciphertext": b64encode(bytes(ciphertext))}
 
@@ -292,13 +300,17 @@ class HostileHub(Hub):
             room, payload = await queue.get()
             try:
                 deliveries = await self._rewrite(room, sender, recipient, payload)
+                self._deliver(self._tampered(deliveries))
             except (ValueError, InterceptionError) as error:
                 # The attack failed on this message (a peer refused the hub's keys, or sent what
                 # the hub cannot use): it is dropped, and the peers notice the rest.
                 self.attack(room).events.append(f"attack-failed: {type(error).__name__}")
                 logger.info("attack failed: %s", error)
-                continue
-            self._deliver(self._tampered(deliveries))
+            except Exception as error:
+                # Anything else is a defect in the attack. It costs this message, never the
+                # worker: a dead worker would leave every later relay of this pair queued.
+                self.attack(room).events.append(f"attack-error: {type(error).__name__}")
+                logger.exception("attack error on a relay from %s to %s", sender, recipient)
 
     async def _rewrite(
         self, room: str, sender: PeerId, recipient: PeerId, payload: JsonText
@@ -323,12 +335,14 @@ class HostileHub(Hub):
             rewritten = await self._rewrite_sdp(attack, sender, message)
             return [to(recipient, payload if rewritten is message else _encode(rewritten))]
         if not attack.legs:
-            if message.get("epoch") == 0 and message.get("seq") == 0:
-                # The first sealed message each way is the SDP, which the hub cannot read: all
-                # it can do is send something else in its place.
-                attack.events.append("sealed-sdp-altered")
-                return [to(recipient, _encode(altered(message)))]
-            return [to(recipient, payload)]
+            # The first sealed message each way is the SDP, which the hub cannot read: all it
+            # can do is send something else in its place.
+            first = message.get("epoch") == 0 and message.get("seq") == 0
+            forged = altered(message) if first else None
+            if forged is None:
+                return [to(recipient, payload)]
+            attack.events.append("sealed-sdp-altered")
+            return [to(recipient, _encode(forged))]
         received = attack.legs[sender].channel.open(message)
         deliveries = [to(sender, _encode(reply)) for reply in received.replies]
         self._follow_rekey(attack, sender, received)
@@ -448,9 +462,10 @@ class HostileHub(Hub):
             if plan.replay:
                 self.tampered.replayed += 1
                 copies.append(relayed.payload)
-            if plan.alter:
+            forged = altered(message) if plan.alter else None
+            if forged is not None:
                 self.tampered.altered += 1
-                copies.append(_encode(altered(message)))
+                copies.append(_encode(forged))
             result += [
                 Delivery(delivery.recipient, RelayFrom(relayed.sender, copy), delivery.room)
                 for copy in copies

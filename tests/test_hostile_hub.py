@@ -121,11 +121,22 @@ def test_altered_flips_one_ciphertext_bit_only():
     sender, receiver = sealed_pair()
     message = sender.seal({"type": "bye"})
     forged = altered(message)
+    assert forged is not None
     assert {k: v for k, v in forged.items() if k != "ciphertext"} == {
         k: v for k, v in message.items() if k != "ciphertext"
     }
     with pytest.raises(DecryptionFailed):
         receiver.open(forged)
+
+
+@pytest.mark.parametrize("ciphertext", ["", "!!", "AA=="])
+def test_tamper_forwards_a_sealed_message_it_cannot_alter_with_only_its_replay(ciphertext):
+    hub = HostileHub({Capability.TAMPER}, new_peer_id=counter_ids())
+    first, second = joined_pair(hub)
+    message = {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ciphertext}
+    assert altered(message) is None
+    assert payloads(relay(hub, first, second, message)) == [message, message]
+    assert (hub.tampered.replayed, hub.tampered.altered, hub.tampered.dropped) == (1, 0, 0)
 
 
 def test_a_hub_in_the_media_path_must_be_served():
@@ -285,6 +296,28 @@ async def test_dtls_mitm_alters_the_first_sealed_message_each_way_and_nothing_el
     await pair.send(False, bye)
     assert await pair.receive(at_first=True) == bye
     assert hub.attack("r").events == ["sealed-sdp-altered"] * 2
+
+
+async def test_sealed_messages_the_hub_cannot_alter_pass_and_later_relays_still_flow(hostile):
+    hub, pair = await hostile(Capability.DTLS_MITM, Capability.TAMPER)
+    empty = {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}
+    garbled = {**empty, "ciphertext": "!!"}
+    for message in (empty, garbled, {"type": "hello", "name": "alice"}):
+        await pair.send(True, message)
+    received = [await pair.receive(at_first=False) for _ in range(5)]
+    # Each unalterable sealed message arrives as sent, with its replay and no altered copy.
+    assert received == [empty, empty, garbled, garbled, {"type": "hello", "name": "alice"}]
+    assert hub.attack("r").events == []
+
+
+async def test_an_error_in_the_attack_costs_one_message_never_the_later_ones(hostile):
+    hub, pair = await hostile(Capability.KEYSWAP)
+    # A commit whose suites are not a list breaks the hub's own key agreement with bob.
+    await pair.send(True, {"type": "commit", "suites": 5})
+    await pair.send(True, {"type": "hello", "name": "alice"})
+    assert await pair.receive(at_first=False) == {"type": "hello", "name": "alice"}
+    [event] = hub.attack("r").events
+    assert event.startswith("attack-")
 
 
 async def test_record_keeps_every_delivery_with_its_exact_payload(hostile):
