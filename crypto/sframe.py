@@ -324,32 +324,16 @@ def _check_ratchet_bits(ratchet_bits: int) -> None:
 
 
 class Aead(Protocol):
-    """An SFrame AEAD under one key: the tag is appended to the ciphertext (RFC 5116)."""
+    """An SFrame AEAD under one key: the tag is appended to the ciphertext (RFC 5116).
 
-    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes: ...
+    ``decrypt`` raises pyca's ``InvalidTag`` if the ciphertext does not authenticate,
+    for every suite (the GCM suites' AEAD is pyca's ``AESGCM`` itself, so the per-frame
+    path has no wrapper); ``ReceiveContext`` turns it into ``AuthenticationError``.
+    """
 
-    def decrypt(self, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
-        """Raises ``AuthenticationError`` if the ciphertext does not authenticate."""
-        ...
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes, /) -> bytes: ...
 
-
-class _AesGcm:
-    __slots__ = ("_aesgcm",)
-
-    def __init__(self, key: bytes) -> None:
-        self._aesgcm = AESGCM(key)
-
-    def __repr__(self) -> str:
-        return "<SFrame AES-GCM>"
-
-    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        return self._aesgcm.encrypt(nonce, plaintext, aad)
-
-    def decrypt(self, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
-        try:
-            return self._aesgcm.decrypt(nonce, ciphertext, aad)
-        except InvalidTag:
-            raise AuthenticationError("SFrame authentication failed") from None
+    def decrypt(self, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes, /) -> bytes: ...
 
 
 class _AesCtrHmac:
@@ -374,11 +358,11 @@ class _AesCtrHmac:
     def decrypt(self, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
         body_length = len(ciphertext) - self._nt
         if body_length < 0:
-            raise AuthenticationError("SFrame ciphertext shorter than its tag")
+            raise InvalidTag
         view = memoryview(ciphertext)
         body = view[:body_length]
         if not hmac.compare_digest(self._tag(nonce, aad, body), view[body_length:]):
-            raise AuthenticationError("SFrame authentication failed")
+            raise InvalidTag
         return self._ctr(nonce, body)
 
     def _ctr(self, nonce: bytes, data: bytes | memoryview) -> bytes:
@@ -406,16 +390,17 @@ def make_aead(suite: CipherSuite, key: bytes) -> Aead:
     if len(key) != suite.nk:
         raise SFrameUsageError(f"{suite.name} needs a {suite.nk}-byte AEAD key")
     if suite.is_gcm:
-        return _AesGcm(key)
+        return AESGCM(key)
     return _AesCtrHmac(suite, key)
 
 
 class _KeyState:
     """One KID's derived key: the AEAD (prepared once), salt and counters.
 
-    Holds secrets; its repr names only the KID. For the GCM suites ``encrypt``
-    and ``decrypt`` are pyca's own methods (no wrapper on the per-frame path),
-    so ``decrypt`` may raise ``InvalidTag``; callers translate it.
+    Holds secrets; its repr names only the KID. ``encrypt`` and ``decrypt`` are the
+    bound methods of ``make_aead``'s AEAD (for the GCM suites pyca's own, so the
+    per-frame path has no wrapper); ``decrypt`` raises ``InvalidTag``, which
+    callers translate.
     """
 
     __slots__ = (
@@ -437,7 +422,7 @@ class _KeyState:
 
     def __init__(self, suite: CipherSuite, kid: int, base_key: bytes) -> None:
         key, salt = derive_key_salt(suite, kid, base_key)
-        aead: AESGCM | _AesCtrHmac = AESGCM(key) if suite.is_gcm else _AesCtrHmac(suite, key)
+        aead = make_aead(suite, key)
         self.encrypt: Callable[[bytes, bytes, bytes], bytes] = aead.encrypt
         self.decrypt: Callable[[bytes, bytes | memoryview, bytes], bytes] = aead.decrypt
         self.kid = kid

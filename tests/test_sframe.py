@@ -4,6 +4,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -70,6 +71,27 @@ def test_aes_ctr_hmac_vectors(case):
     aead = make_aead(suite, h(case["key"]))
     assert aead.encrypt(h(case["nonce"]), h(case["pt"]), h(case["aad"])) == h(case["ct"])
     assert aead.decrypt(h(case["nonce"]), h(case["ct"]), h(case["aad"])) == h(case["pt"])
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_make_aead_is_the_contexts_aead_and_raises_invalid_tag(suite):
+    key, salt = derive_key_salt(suite, 7, KEY)
+    aead = make_aead(suite, key)
+    sender = SendContext(suite)
+    sender.add_key(7, KEY)
+    sframe_ciphertext = sender.protect(7, b"frame", b"meta")
+    header, header_length = SFrameHeader.parse(sframe_ciphertext)
+    nonce = (int.from_bytes(salt, "big") ^ header.ctr).to_bytes(12, "big")
+    aad = sframe_ciphertext[:header_length] + b"meta"
+    body = sframe_ciphertext[header_length:]
+    assert aead.decrypt(nonce, body, aad) == b"frame"
+    assert aead.encrypt(nonce, b"frame", aad) == body
+    tampered = body[:-1] + bytes([body[-1] ^ 1])
+    for forged in (tampered, body[: suite.nt - 1], b""):
+        with pytest.raises(InvalidTag):
+            aead.decrypt(nonce, forged, aad)
+    with pytest.raises(SFrameUsageError, match="byte AEAD key"):
+        make_aead(suite, key[:-1])
 
 
 @pytest.mark.parametrize("case", VECTORS["sframe"], ids=lambda c: str(c["cipher_suite"]))
