@@ -447,20 +447,39 @@ def test_state_machines_raise_only_typed_errors_on_arbitrary_json(value):
             machine.receive(value)
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    st.sampled_from(["commit", "accept", "reveal", "confirm"]),
-    st.sampled_from(["v", "type", "call_id", "suites", "suite", "nonce", "ephemeral", "name", "x"]),
-    JSON,
+MESSAGE_FIELDS = {name: {field for message, field in FLIPS if message == name} for name in RECEIVER}
+# Every field of every message, plus one no message has: on a message that lacks it, an extra.
+ANY_FIELD = sorted({field for _, field in FLIPS} | {"x"})
+SUITE_CODES = [int(suite) for suite in CipherSuite]
+WELL_FORMED = (
+    st.binary(min_size=32, max_size=32).map(b64encode)  # nonce, ephemeral, identity, commitment
+    | st.binary(min_size=64, max_size=64).map(b64encode)  # signature
+    | st.sampled_from(SUITE_CODES)
+    | st.lists(st.sampled_from(SUITE_CODES), min_size=1, max_size=5)
+    | st.sampled_from(["alice", "bob", "mallory", "call-1", "call-2", 1, 2])
 )
-def test_near_miss_messages_raise_only_typed_errors(name, field, value):
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(RECEIVER)), st.sampled_from(ANY_FIELD), JSON | WELL_FORMED)
+def test_any_change_to_any_message_raises_a_typed_error(name, field, value):
+    changed: list[bool] = []
+
     def tamper(message_name, message):
+        assert set(message) == MESSAGE_FIELDS[message_name]  # the field lists are complete
         if message_name == name:
+            before = json.dumps(message, sort_keys=True)
             message[field] = value
+            changed.append(json.dumps(message, sort_keys=True) != before)
         return message
 
-    with contextlib.suppress(CryptoError):
+    try:
         run(*pair(), tamper)
+    except CryptoError:
+        raised = True
+    else:
+        raised = False
+    assert changed and raised == changed[0]
 
 
 # -- published vectors --------------------------------------------------------------------
