@@ -13,11 +13,12 @@ The hub can still refuse to carry the setup; that makes calls fail, never leak.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from client.frame_crypto import FrameCounters, SFrameReceiver, SFrameSender
 from client.frame_transform import (
+    SDP_ERRORS,
     SUPPORTED_CODECS,
     FrameTransform,
     install_packet_observer,
@@ -168,7 +170,7 @@ class CallStats:
     protection: ProtectionState | None = None
     audio: KindStats = field(default_factory=KindStats)
     video: KindStats = field(default_factory=KindStats)
-    setup_seconds: float | None = None  # join to the first decrypted (decoded) audio frame
+    setup_seconds: float | None = None  # join to the first decrypted audio frame
     round_trip_seconds: float | None = None
     duration_seconds: float = 0.0
     rekeys: int = 0
@@ -222,6 +224,7 @@ class CallConfig:
     known_peers: KnownPeers
     tracks: Sequence[MediaStreamTrack] = ()
     verify: Verify = Verify.PROMPT
+    # Asked with no time limit: only hangup() ends the wait (setup_timeout is for the network).
     confirm_sas: ConfirmSas | None = None
     record_path: str | None = None
     duration: float | None = None
@@ -259,7 +262,7 @@ class Call:
         self._tasks: list[asyncio.Task[None]] = []
         self._join_time = 0.0
         self._setup: asyncio.Future[None] | None = None
-        self._pinned_now = False
+        self._new_pin: str | None = None  # a peer pinned during this call's key agreement
         self._media_started = 0.0
 
     def hangup(self, reason: str = "hangup") -> None:
@@ -271,14 +274,15 @@ class Call:
             self._ended.set()
 
     async def run(self) -> CallStats:
-        self._setup = asyncio.ensure_future(
-            asyncio.wait_for(self._set_up(), self.config.setup_timeout)
-        )
+        self._setup = asyncio.ensure_future(self._set_up())
         try:
             await self._setup
         except TimeoutError:
             await self._close()
             raise CallFailed("the call was not set up in time") from None
+        except SignalingError as error:  # includes HubClosed
+            await self._close()
+            raise CallFailed(f"the hub failed during setup: {error}") from None
         except asyncio.CancelledError:
             await self._close()
             task = asyncio.current_task()
@@ -298,6 +302,35 @@ class Call:
     # -- setup
 
     async def _set_up(self) -> None:
+        """Each network phase has ``setup_timeout``; the SAS comparison between them has none."""
+        config = self.config
+        try:
+            async with asyncio.timeout(config.setup_timeout):
+                offer_ready, result = await self._meet_peer()
+            protection = await self._protection(result)
+        except BaseException:
+            # Failed, refused or hung up before the peer was accepted: a key the user never
+            # confirmed (perhaps the hub's, stalling until the user gives up) stays unpinned.
+            if self._new_pin is not None:
+                config.known_peers.remove(self._new_pin)
+            raise
+        self.stats.protection = protection
+        if config.on_protection is not None:
+            config.on_protection(protection)
+
+        if result is not None:
+            self._sframe_sender = SFrameSender(result.suite)
+            self._sframe_sender.use_key(result.send_kid, result.send_base_key)
+            self._sframe_receiver = SFrameReceiver(result.suite)
+            self._sframe_receiver.add_key(result.recv_kid, result.recv_base_key)
+            if config.experiment_only_layers.seals_signalling:
+                self._channel = result.channel
+        async with asyncio.timeout(config.setup_timeout):
+            await self._negotiate(offer_ready)
+
+    async def _meet_peer(self) -> tuple[asyncio.Task[None] | None, HandshakeResult | None]:
+        """Join, wait for the peer and agree keys: the offer being made (initiator) and the
+        key agreement's result (None for the experiment's PLAIN layers)."""
         config = self.config
         try:
             self._hub = await HubConnection.connect(config.hub_url)
@@ -324,19 +357,7 @@ class Call:
             self.peer_name = result.peer_name
         else:
             self.peer_name = await self._exchange_hellos()
-        protection = await self._protection(result)
-        self.stats.protection = protection
-        if config.on_protection is not None:
-            config.on_protection(protection)
-
-        if result is not None:
-            self._sframe_sender = SFrameSender(result.suite)
-            self._sframe_sender.use_key(result.send_kid, result.send_base_key)
-            self._sframe_receiver = SFrameReceiver(result.suite)
-            self._sframe_receiver.add_key(result.recv_kid, result.recv_base_key)
-            if config.experiment_only_layers.seals_signalling:
-                self._channel = result.channel
-        await self._negotiate(offer_ready)
+        return offer_ready, result
 
     async def _exchange_hellos(self) -> str:
         """EXPERIMENT ONLY (``PLAIN``, no key agreement): the names, in clear and unchecked."""
@@ -449,8 +470,10 @@ class Call:
             if pin.public_key != key:
                 raise PinnedIdentityMismatch(name, pin.public_key, key)
             return
-        self._pinned_now = self.config.known_peers.get(name) is None
+        is_new = self.config.known_peers.get(name) is None
         self.config.known_peers.check(name, key)
+        if is_new:
+            self._new_pin = name
 
     async def _protection(self, result: HandshakeResult | None) -> ProtectionState:
         config = self.config
@@ -476,9 +499,7 @@ class Call:
         )
         if config.verify is Verify.PROMPT and not pin.verified:
             if config.confirm_sas is None or not await config.confirm_sas(state):
-                if self._pinned_now:
-                    # A SAS that does not match may mean a man in the middle: pin nothing.
-                    config.known_peers.remove(name)
+                # A SAS that does not match may mean a man in the middle (_set_up unpins).
                 raise VerificationRefused(f"the SAS with {name} was not confirmed")
             config.known_peers.mark_verified(name)
         return state
@@ -507,16 +528,19 @@ class Call:
             self._install_transforms()
             await self._relay({"type": "offer", "sdp": pc.localDescription.sdp})
             answer = await self._next_setup_message("answer")
-            await pc.setRemoteDescription(RTCSessionDescription(self._sdp(answer), "answer"))
+            with _rejecting_bad_sdp():
+                await pc.setRemoteDescription(RTCSessionDescription(self._sdp(answer), "answer"))
         else:
             offer = await self._next_setup_message("offer")
             pc = self._new_peer_connection()
-            await pc.setRemoteDescription(RTCSessionDescription(self._sdp(offer), "offer"))
-            for track in config.tracks:
-                pc.addTrack(track)
-            self._prefer_codecs()
-            self._install_transforms()
-            await pc.setLocalDescription(await pc.createAnswer())
+            # The answer is derived from the offer: aiortc can also fail on the offer there.
+            with _rejecting_bad_sdp():
+                await pc.setRemoteDescription(RTCSessionDescription(self._sdp(offer), "offer"))
+                for track in config.tracks:
+                    pc.addTrack(track)
+                self._prefer_codecs()
+                self._install_transforms()
+                await pc.setLocalDescription(await pc.createAnswer())
             await self._relay({"type": "answer", "sdp": pc.localDescription.sdp})
         self._media_started = time.monotonic()
         self._start_receiving()
@@ -748,6 +772,17 @@ class Call:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._hub is not None:
             await self._hub.close()
+
+
+@contextlib.contextmanager
+def _rejecting_bad_sdp() -> Iterator[None]:
+    """Even an authenticated peer's SDP is input: aiortc rejects bad SDP with untyped errors
+    (client/frame_transform.py's SDP_ERRORS); they become ``CallFailed``."""
+    try:
+        yield
+    except SDP_ERRORS as error:
+        reason = str(error) or type(error).__name__
+        raise CallFailed(f"the peer's session description was rejected: {reason}") from None
 
 
 def _copying(kind: str, observer: WireObserver) -> Callable[[RtpPacket], None]:
