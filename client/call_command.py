@@ -15,8 +15,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from client.call import (
@@ -27,18 +29,17 @@ from client.call import (
     ProtectionState,
     Verify,
 )
+from client.cli import EXIT_LOCAL_PROBLEM
 from client.identity_store import (
     home_directory,
     load_known_peers,
     open_identity,
     save_known_peers,
 )
-from client.media import MediaSourceError, open_recorder, open_sources
+from client.media import RECORDING_SUFFIXES, MediaSourceError, open_sources
 from crypto.errors import CryptoError
 from crypto.handshake import name_field
 from crypto.identity import MAX_PEER_NAME_LENGTH
-
-EXIT_LOCAL_PROBLEM = 7
 
 
 def peer_name(value: str) -> str:
@@ -77,9 +78,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats-json", help="write the end-of-call statistics to this file")
 
 
+def check_recording_path(path: str) -> None:
+    """Raise ``MediaSourceError`` unless a recording can be written at ``path``; opens nothing
+    (aiortc's recorder would truncate an existing file, and swallows a failure to create one)."""
+    if Path(path).suffix.lower() not in RECORDING_SUFFIXES:
+        raise MediaSourceError(f"recording must end in .wav, .mkv or .mp4, not {path!r}")
+    directory = Path(path).parent
+    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        raise MediaSourceError(
+            f"cannot record to {path!r}: {directory} is not a writable directory"
+        )
+    if Path(path).is_dir() or (Path(path).exists() and not os.access(path, os.W_OK)):
+        raise MediaSourceError(f"cannot record to {path!r}: not a writable file")
+
+
+async def read_line(prompt: str) -> str:
+    """One line from stdin, cancellable: Ctrl-C (a hangup) must end the process at once, and a
+    thread blocked in ``input()`` would keep ``asyncio.run`` from returning until a line came."""
+    print(prompt, end="", flush=True)
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+    received = bytearray()
+    fd = sys.stdin.fileno()
+
+    def settle(line: str) -> None:
+        if not answer.done():
+            answer.set_result(line)
+
+    def on_readable() -> None:
+        chunk = os.read(fd, 1024)
+        received.extend(chunk)
+        if not chunk or b"\n" in received:  # a whole line, or the end of input
+            settle(received.split(b"\n", 1)[0].decode(errors="replace"))
+
+    try:
+        loop.add_reader(fd, on_readable)
+    except (NotImplementedError, PermissionError):
+        # No readiness for this stdin (a Windows loop, or a regular file, which epoll refuses):
+        # a daemon thread, which never delays the process's exit.
+        def read_blocking() -> None:
+            loop.call_soon_threadsafe(settle, sys.stdin.readline().rstrip("\n"))
+
+        threading.Thread(target=read_blocking, daemon=True).start()
+        return await answer
+    try:
+        return await answer
+    finally:
+        loop.remove_reader(fd)
+
+
 async def ask_to_confirm(state: ProtectionState) -> bool:
     print(state.describe(), flush=True)
-    answer = await asyncio.to_thread(input, "Does the peer read the same SAS? [y/N] ")
+    answer = await read_line("Does the peer read the same SAS? [y/N] ")
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -115,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         known_peers = load_known_peers(home)
         tracks = open_sources(args.send)
         if args.record:
-            open_recorder(args.record)  # checks the file type before the call starts
+            check_recording_path(args.record)
     except (MediaSourceError, CryptoError, OSError) as error:
         print(f"blindhub call: {error}", file=sys.stderr)
         return EXIT_LOCAL_PROBLEM

@@ -11,6 +11,10 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
+# The exit status of every command for a local problem: unreadable identity or pin files, a bad
+# --send or --record (docs/client.md).
+EXIT_LOCAL_PROBLEM = 7
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "call": ("client.call_command", "call a peer; every media frame end-to-end encrypted"),

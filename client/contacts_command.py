@@ -3,11 +3,11 @@
 import argparse
 import sys
 
+from client.cli import EXIT_LOCAL_PROBLEM
 from client.identity_store import home_directory, load_known_peers, open_identity, save_known_peers
 from crypto.errors import CryptoError
 from crypto.identity import Pin, UnknownPeer, safety_number
 
-EXIT_LOCAL_PROBLEM = 7
 EXIT_UNKNOWN_CONTACT = 8
 
 

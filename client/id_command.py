@@ -3,10 +3,9 @@
 import argparse
 import sys
 
+from client.cli import EXIT_LOCAL_PROBLEM
 from client.identity_store import home_directory, open_identity
 from crypto.errors import CryptoError
-
-EXIT_LOCAL_PROBLEM = 7
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

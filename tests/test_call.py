@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import signal
 import sys
 from array import array
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import pytest
 
 from client.analysis import dominant_frequency, tone_correlation
 from client.call import (
+    SUITES,
     Call,
     CallConfig,
     CallFailed,
@@ -22,11 +24,13 @@ from client.call import (
     Verify,
     WirePacket,
 )
+from client.hub_connection import HubConnection, Relayed
 from client.media import PatternTrack, ToneTrack, read_pattern_number
+from crypto.handshake import Initiator
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameHeader
 from signaling.hub import Delivery, Hub
-from signaling.protocol import JsonText, PeerId
+from signaling.protocol import JsonText, PeerId, PeerJoined
 from signaling.server import HubServer
 from tests.conftest import (
     VP8,
@@ -154,15 +158,19 @@ async def test_an_observer_that_raises_changes_nothing_in_the_call(hub):
 async def test_a_changed_identity_for_a_pinned_name_refuses_before_media(hub):
     pinned = KnownPeers()
     pinned.check("alice", IdentityKey.generate(os.urandom).public_key)
+    alice_tap = Wiretap()
     alice, bob, (alice_result, bob_result) = await run_pair(
-        config(hub, "alice", 440), config(hub, "bob", 660, known_peers=pinned)
+        config(hub, "alice", 440, **alice_tap.observers()),
+        config(hub, "bob", 660, known_peers=pinned),
     )
     assert isinstance(bob_result, IdentityMismatch)
     assert isinstance(alice_result, CallFailed)
     for call in (alice, bob):
         assert call.received.audio_frames == call.received.video_frames == 0
         assert call.stats.protection is None  # refused before any key was used
-    assert bob.stats.audio.sent == 0
+        assert call._sframe_sender is None
+    # Not one packet from bob reached alice.
+    assert alice_tap.wire == {"audio": [], "video": []}
 
 
 class RenamingHub(Hub):
@@ -411,3 +419,148 @@ async def test_verify_prompt_asks_to_confirm_the_sas(hub, confirmed):
         assert isinstance(bob_result, VerificationRefused)
         assert bob.received.audio_frames == 0
         assert bob_peers.get("alice") is None  # a rejected SAS pins nothing
+
+
+async def test_a_sas_compared_for_longer_than_the_setup_timeout_still_completes(hub):
+    # The setup timeout covers the network, not the people reading the SAS aloud.
+    async def slow_confirm(state):
+        await asyncio.sleep(2.5)
+        return True
+
+    bob_peers = KnownPeers()
+    _, bob, results = await run_pair(
+        config(hub, "alice", 440, duration=1.0),
+        config(
+            hub, "bob", 660, verify=Verify.PROMPT, confirm_sas=slow_confirm,
+            known_peers=bob_peers, setup_timeout=1.5, duration=1.0,
+        ),
+    )  # fmt: skip
+    assert not any(isinstance(result, BaseException) for result in results), results
+    assert bob.received.audio_frames > 0
+    pin = bob_peers.get("alice")
+    assert pin is not None and pin.verified
+
+
+async def test_hanging_up_at_the_sas_prompt_pins_nothing(hub):
+    # A hub that stalls until the user gives up must not get its key pinned under the name.
+    asked = asyncio.Event()
+
+    async def never_answer(state):
+        asked.set()
+        await asyncio.Event().wait()
+        return True
+
+    bob_peers = KnownPeers()
+    alice = Call(config(hub, "alice", 440))
+    bob = Call(
+        config(
+            hub, "bob", 660, verify=Verify.PROMPT, confirm_sas=never_answer,
+            known_peers=bob_peers,
+        )
+    )  # fmt: skip
+    alice_task = asyncio.create_task(alice.run())
+    await asyncio.sleep(0.1)
+    bob_task = asyncio.create_task(bob.run())
+    await asyncio.wait_for(asked.wait(), 15)
+    assert bob_peers.get("alice") is not None  # pinned by the handshake, not yet confirmed
+    bob.hangup("ctrl-c")
+    with pytest.raises(CallFailed, match="before the call was set up"):
+        await bob_task
+    assert bob_peers.get("alice") is None
+    assert isinstance((await asyncio.gather(alice_task, return_exceptions=True))[0], CallFailed)
+
+
+async def test_the_hub_closing_during_setup_fails_the_call(start_hub):
+    server = await start_hub()
+    alone = Call(config(server, "alice", 440))
+    task = asyncio.create_task(alone.run())
+    await wait_for(lambda: alone._hub is not None and alone._hub.room is not None)
+    await server.close()
+    with pytest.raises(CallFailed, match="hub"):
+        await task
+
+
+@pytest.mark.parametrize(
+    "sdp", ["garbage", "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\n", "v=0\r\nm=audio x\r\n"]
+)
+async def test_an_authenticated_peer_sending_garbage_sdp_fails_the_call(hub, sdp):
+    mallory = await HubConnection.connect(hub.url)
+    await mallory.join("room1")
+    bob_peers = KnownPeers()
+    bob = Call(config(hub, "bob", 660, known_peers=bob_peers))
+    task = asyncio.create_task(bob.run())
+    bob_id = None
+    while bob_id is None:
+        event = await mallory.next_event()
+        if isinstance(event, PeerJoined):
+            bob_id = event.peer_id
+    initiator = Initiator(
+        IdentityKey.generate(os.urandom), os.urandom(16).hex(), SUITES, os.urandom, name="mallory"
+    )
+    await mallory.relay(bob_id, initiator.start())
+    while initiator.state.name != "DONE":
+        event = await mallory.next_event()
+        if isinstance(event, Relayed):
+            for reply in initiator.receive(event.payload):
+                await mallory.relay(bob_id, reply)
+    await mallory.relay(bob_id, initiator.result.channel.seal({"type": "offer", "sdp": sdp}))
+    with pytest.raises(CallFailed, match="session description"):
+        await task
+    await mallory.close()
+    assert bob.received.audio_frames == 0
+
+
+async def test_sigint_at_the_sas_prompt_exits_promptly_and_pins_nothing(hub, tmp_path):
+    def command(name: str, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "client.cli", "call", "room1", "--hub", hub.url,
+            "--name", name, "--home", str(tmp_path / name), "--duration", "30", *extra,
+        ]  # fmt: skip
+
+    alice = await asyncio.create_subprocess_exec(
+        *command("alice", "--verify", "tofu"), stdout=asyncio.subprocess.DEVNULL
+    )
+    await asyncio.sleep(1.0)  # alice joins first
+    # bob's stdin is a pipe nobody writes to: the SAS question stays unanswered.
+    bob = await asyncio.create_subprocess_exec(
+        *command("bob"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert bob.stdout is not None and bob.stderr is not None
+        shown = b""
+        while b"Does the peer read the same SAS?" not in shown:
+            chunk = await asyncio.wait_for(bob.stdout.read(1024), 30)
+            assert chunk, shown
+            shown += chunk
+        bob.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(bob.wait(), 10)
+        err = (await bob.stderr.read()).decode()
+        assert code == 6 and "before the call was set up" in err, err
+    finally:
+        for process in (alice, bob):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert await blindhub("contacts", "--home", str(tmp_path / "bob")) == (0, "", "")
+
+
+async def test_a_recording_nobody_can_write_is_a_local_problem(tmp_path, unused_tcp_port):
+    def call(record: str):
+        return blindhub(
+            "call", "room1", "--hub", f"ws://127.0.0.1:{unused_tcp_port}", "--name", "alice",
+            "--home", str(tmp_path / "home"), "--record", record,
+        )  # fmt: skip
+
+    code, _, err = await call(str(tmp_path / "missing" / "call.wav"))
+    assert code == 7 and "missing" in err, err
+    code, _, err = await call(str(tmp_path / "call.ogg"))
+    assert code == 7 and ".wav, .mkv or .mp4" in err, err
+    # A good path is checked without being opened: an existing file is left as it was until
+    # the call records (here the hub is absent, exit 3).
+    existing = tmp_path / "existing.wav"
+    existing.write_bytes(b"precious")
+    code, _, err = await call(str(existing))
+    assert code == 3 and existing.read_bytes() == b"precious", err
