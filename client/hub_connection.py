@@ -31,6 +31,7 @@ from signaling.protocol import (
     PeerJoined,
     PeerLeft,
     Refused,
+    RelayFrom,
     RelayTo,
     SignalingError,
     Welcome,
@@ -86,6 +87,9 @@ class HubConnection:
         self.room: str | None = None
         self.peers: set[PeerId] = set()
         self._joining: str | None = None
+        # After leave(): the peers of the room left, until the hub's next answer to a join.
+        # The hub may have sent events of that room before it saw the leave.
+        self._left_room_peers: set[PeerId] | None = None
 
     @classmethod
     async def connect(
@@ -132,6 +136,13 @@ class HubConnection:
         try:
             await self._send(Join(room).encode())
             message = await self._receive()
+            while self._left_room_peers is not None and not isinstance(
+                message, Welcome | ErrorMessage
+            ):
+                self._check_event(self._left_room_peers, message)
+                message = await self._receive()
+            # The hub answers a join after the leave: no event of the room left can follow.
+            self._left_room_peers = None
             if isinstance(message, ErrorMessage):
                 raise Refused(message.code, message.message)
             if not isinstance(message, Welcome):
@@ -153,32 +164,46 @@ class HubConnection:
         await self._send(text)
 
     async def leave(self) -> None:
-        """Leave the room (the hub does not answer); join may be called again."""
+        """Leave the room (the hub does not answer); join may be called again.
+
+        Events of the room that the hub sent before it saw the leave may still arrive:
+        until the hub answers the next join, they are checked like any event and dropped.
+        """
         await self._send(Leave().encode())
+        if self.room is not None:
+            self._left_room_peers = self.peers
         self.room, self.peers = None, set()
 
     async def next_event(self) -> HubEvent:
         """The next event; an ``error`` from the hub is raised as ``Refused``."""
-        message = await self._receive()
-        if isinstance(message, ErrorMessage):
-            raise Refused(message.code, message.message)
-        if isinstance(message, Welcome):
-            raise UnexpectedMessage("welcome without a join")
+        while True:
+            message = await self._receive()
+            if isinstance(message, ErrorMessage):
+                raise Refused(message.code, message.message)
+            if isinstance(message, Welcome):
+                raise UnexpectedMessage("welcome without a join")
+            if self._left_room_peers is None:
+                break
+            self._check_event(self._left_room_peers, message)
         if self.room is None:
             raise UnexpectedMessage(f"{message.TYPE} outside a room")
+        self._check_event(self.peers, message)
+        if isinstance(message, RelayFrom):
+            return Relayed(message.sender, decode_payload(message.payload))
+        return message
+
+    def _check_event(self, peers: set[PeerId], message: PeerJoined | PeerLeft | RelayFrom) -> None:
+        """Check an event against ``peers``, the room it concerns, then track who is there."""
         if isinstance(message, PeerJoined):
-            if message.peer_id == self.peer_id or message.peer_id in self.peers:
+            if message.peer_id == self.peer_id or message.peer_id in peers:
                 raise UnexpectedMessage("peer-joined for a peer already here")
-            self.peers.add(message.peer_id)
-            return message
-        if isinstance(message, PeerLeft):
-            if message.peer_id not in self.peers:
+            peers.add(message.peer_id)
+        elif isinstance(message, PeerLeft):
+            if message.peer_id not in peers:
                 raise UnexpectedMessage("peer-left for a peer not here")
-            self.peers.discard(message.peer_id)
-            return message
-        if message.sender not in self.peers:
+            peers.discard(message.peer_id)
+        elif message.sender not in peers:
             raise UnexpectedMessage("relay from a peer not in this room")
-        return Relayed(message.sender, decode_payload(message.payload))
 
     def __aiter__(self) -> Self:
         return self

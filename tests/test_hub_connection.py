@@ -16,7 +16,13 @@ from client.hub_connection import (
     UnexpectedMessage,
 )
 from signaling.hub import KIB
-from signaling.protocol import ErrorCode, MalformedMessage, PeerId, PeerJoined, Refused
+from signaling.protocol import (
+    ErrorCode,
+    MalformedMessage,
+    PeerId,
+    PeerJoined,
+    Refused,
+)
 
 TIMEOUT = 10.0
 ME, FRIEND = "me", "friend"
@@ -116,6 +122,38 @@ async def test_relay_refuses_locally_what_the_hub_would_refuse(hub):
         with pytest.raises(Refused) as refusal:
             await asyncio.wait_for(client.next_event(), TIMEOUT)
         assert refusal.value.code is ErrorCode.UNKNOWN_PEER
+
+
+async def test_events_of_a_room_left_are_dropped_until_the_next_join_is_answered(hub):
+    async with (
+        await HubConnection.connect(hub.url) as alice,
+        await HubConnection.connect(hub.url) as bob,
+        await HubConnection.connect(hub.url) as carol,
+    ):
+        alice_id = (await alice.join("old")).peer_id
+        await bob.join("old")
+        # Bob does not read: a relay and a peer-left of the old room wait in his buffer.
+        await alice.relay(bob.peer_id, "in flight")
+        await alice.leave()
+        await asyncio.wait_for(alice.join("elsewhere"), TIMEOUT)  # the hub did both
+        await bob.leave()
+        welcome = await asyncio.wait_for(bob.join("new"), TIMEOUT)
+        assert (welcome.peers, bob.room, bob.peers) == ((), "new", set())
+        carol_id = (await carol.join("new")).peer_id
+        assert await asyncio.wait_for(bob.next_event(), TIMEOUT) == PeerJoined(carol_id)
+        await carol.relay(bob.peer_id, "new room")
+        assert await asyncio.wait_for(bob.next_event(), TIMEOUT) == Relayed(carol_id, "new room")
+        assert alice_id not in bob.peers
+
+
+async def test_after_leave_events_of_the_room_left_are_dropped_and_lies_still_raise():
+    stranger_relay = '{"type":"relay","from":"stranger","payload":1}'
+    frames = [WELCOME, RELAY_OK, '{"type":"peer-left","peer_id":"friend"}', stranger_relay]
+    async with scripted_hub(frames) as url, await joined_to(url) as hub:
+        await hub.leave()
+        assert (hub.room, hub.peers) == (None, set())
+        with pytest.raises(UnexpectedMessage, match="relay from a peer not in this room"):
+            await asyncio.wait_for(hub.next_event(), TIMEOUT)
 
 
 async def test_events_iterate_until_the_hub_goes_away(start_hub):
