@@ -48,7 +48,18 @@ from client.media import (
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameError, SFrameHeader
 from signaling.hostile import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
-from signaling.media_mitm import TAMPER_ACTIONS, Direction, Kind, MediaMitm, MediaTamper
+from signaling.media_mitm import (
+    TAMPER_ACTIONS,
+    Direction,
+    Kind,
+    MediaMitm,
+    MediaTamper,
+    RecoveredAudio,
+    RecoveredVideo,
+    packed_rgb,
+    write_png,
+    write_wav,
+)
 
 Layers = ExperimentOnlyLayers
 Progress = Callable[[str], None]
@@ -158,13 +169,20 @@ class Cell:
     # What the hub's media tamper did to the frames each peer received, per kind: "replayed",
     # "altered", "dropped" (empty without the tamper in the media path).
     media_tampered: dict[str, dict[str, dict[str, int]]]
-    # For the figure and the files: alice's tone as sent, as bob heard it, as the hub recovered
-    # it; the hub's last decoded picture (RGB) of alice's pattern.
+    # For the figure and the files: alice's tone as sent and as bob heard it; what the hub's
+    # decoders made of each direction, decoded once (empty without the hub in the media path);
+    # the hub's last decoded picture (RGB) of alice's pattern.
     sent: array[int] = field(repr=False)
     heard: array[int] = field(repr=False)
-    recovered: array[int] = field(repr=False)
+    hub_recovered: dict[Direction, tuple[RecoveredAudio, RecoveredVideo]] = field(repr=False)
     recovered_picture: tuple[int, int, bytes] | None = field(repr=False, default=None)
     mitm: MediaMitm | None = field(repr=False, default=None)
+
+    @property
+    def recovered(self) -> array[int]:
+        """Alice's tone as the hub recovered it."""
+        from_alice = self.hub_recovered.get(Direction.OFFERER_TO_ANSWERER)
+        return from_alice[0].samples if from_alice is not None else array("h")
 
     @property
     def peer_audio_correlation(self) -> float:
@@ -542,22 +560,22 @@ def _measure(
         BOB: _peer_outcome(calls[BOB], results[1], ALICE),
     }
     mitm = attack.mitm
+    hub_recovered = (
+        {}
+        if mitm is None
+        else {d: (mitm.recovered_audio(d), mitm.recovered_video(d)) for d in Direction}
+    )
     hub_correlation = hub_seconds = 0.0
     hub_video = 0
-    recovered = array("h")
     picture = None
-    if mitm is not None:
-        for direction, tone in DIRECTION_TONES.items():
-            audio = mitm.recovered_audio(direction)
-            hub_correlation = max(hub_correlation, correlation(audio.samples, tone))
-            hub_seconds += audio.seconds
-            video = mitm.recovered_video(direction)
-            hub_video += video.frames_decoded
-            if direction is Direction.OFFERER_TO_ANSWERER:
-                recovered = audio.samples
-                if video.last_frame is not None:
-                    rgb = video.last_frame.reformat(format="rgb24")
-                    picture = (rgb.width, rgb.height, _packed_rgb(rgb))
+    for direction, (audio, video) in hub_recovered.items():
+        hub_correlation = max(
+            hub_correlation, correlation(audio.samples, DIRECTION_TONES[direction])
+        )
+        hub_seconds += audio.seconds
+        hub_video += video.frames_decoded
+        if direction is Direction.OFFERER_TO_ANSWERER and video.last_frame is not None:
+            picture = packed_rgb(video.last_frame)
     detected = sorted({what for peer in peers.values() for what in peer.detections})
     tamper = attack.media_tamper
     cell = Cell(
@@ -578,7 +596,7 @@ def _measure(
         media_tampered={} if tamper is None else _media_tampered(tamper, peers),
         sent=tone_samples(TONES[ALICE], 0, SAMPLE_RATE),
         heard=calls[BOB].received.samples,
-        recovered=recovered,
+        hub_recovered=hub_recovered,
         recovered_picture=picture,
         mitm=mitm,
     )
@@ -600,15 +618,6 @@ def _media_tampered(
         }
         for name in (ALICE, BOB)
     }
-
-
-def _packed_rgb(frame: Any) -> bytes:
-    plane = frame.planes[0]
-    data = bytes(plane)
-    row = frame.width * 3
-    return b"".join(
-        data[y * plane.line_size : y * plane.line_size + row] for y in range(frame.height)
-    )
 
 
 async def run_experiment(
@@ -646,15 +655,14 @@ def write_outputs(report: Report, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for index, cell in enumerate(report.cells, 1):
-        if cell.mitm is None:
-            continue
-        for direction in Direction:
+        for direction, (audio, video) in cell.hub_recovered.items():
             stem = f"{_file_stem(index, cell)}-hub-{direction.value}"
-            if cell.mitm.recovered_audio(direction).samples:
+            if audio.samples:
                 written.append(directory / f"{stem}.wav")
-                cell.mitm.write_wav(written[-1], direction)
-            if cell.mitm.write_png(directory / f"{stem}.png", direction):
+                write_wav(written[-1], audio)
+            if video.last_frame is not None:
                 written.append(directory / f"{stem}.png")
+                write_png(written[-1], video.last_frame)
     report_path = directory / "report.json"
     report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     figure_path = directory / "figure.png"

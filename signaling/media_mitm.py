@@ -284,8 +284,8 @@ def write_wav(path: Path, audio: RecoveredAudio) -> None:
         wav.writeframes(little_endian.tobytes())
 
 
-def write_png(path: Path, frame: av.VideoFrame) -> None:
-    """Write a decoded video frame as a PNG file."""
+def packed_rgb(frame: av.VideoFrame) -> tuple[int, int, bytes]:
+    """A decoded video frame as ``(width, height, rgb)``: 3 bytes a pixel, row after row."""
     rgb = frame.reformat(format="rgb24")
     plane = rgb.planes[0]
     row_bytes = rgb.width * 3
@@ -295,7 +295,12 @@ def write_png(path: Path, frame: av.VideoFrame) -> None:
         buffer[row * plane.line_size : row * plane.line_size + row_bytes]
         for row in range(rgb.height)
     )
-    path.write_bytes(encode_png(rgb.width, rgb.height, rows))
+    return rgb.width, rgb.height, rows
+
+
+def write_png(path: Path, frame: av.VideoFrame) -> None:
+    """Write a decoded video frame as a PNG file."""
+    path.write_bytes(encode_png(*packed_rgb(frame)))
 
 
 def media_kinds(sdp: str) -> list[Kind]:
@@ -475,24 +480,14 @@ class MediaMitm:
         return [f.data for f in self._frames if f.direction is direction and f.kind == kind]
 
     def recovered_audio(self, direction: Direction) -> RecoveredAudio:
+        """Decode one direction's audio as recorded so far (each call decodes it again: keep
+        the result; `write_wav` writes it)."""
         return decode_opus(self.intercepted(direction, "audio"))
 
     def recovered_video(self, direction: Direction) -> RecoveredVideo:
+        """Decode one direction's video as recorded so far (each call decodes it again: keep
+        the result; `write_png` writes its last frame)."""
         return decode_vp8(self.intercepted(direction, "video"))
-
-    def write_wav(self, path: Path, direction: Direction) -> RecoveredAudio:
-        """Decode one direction's audio and write it as WAV; returns what was recovered."""
-        audio = self.recovered_audio(direction)
-        write_wav(path, audio)
-        return audio
-
-    def write_png(self, path: Path, direction: Direction) -> bool:
-        """Write the last decodable video frame of one direction as PNG; False if there is none."""
-        video = self.recovered_video(direction)
-        if video.last_frame is None:
-            return False
-        write_png(path, video.last_frame)
-        return True
 
     async def intercept_offer(self, offer_sdp: str) -> str:
         """Accept the offerer's offer on one leg; return the MITM's own offer for the answerer."""
