@@ -1,20 +1,37 @@
 """``blindhub demo``: the interception experiment, fully local (client/experiment.py).
 
-Exit codes: 0 every cell came out as claimed; 1 the control failed, so the experiment is
-invalid; 2 the control worked but some protected cell did not come out as claimed.
+Exit codes (docs/experiment.md): 0 every cell came out as claimed; 1 the control failed, so the
+experiment is invalid; 2 usage error (as for every blindhub command); 3 the control worked but
+some protected cell did not come out as claimed.
 """
 
 import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 from client.experiment import DEFAULT_SECONDS, run_experiment, write_outputs
 
 EXIT_INVALID = 1
-EXIT_UNEXPECTED = 2
+EXIT_UNEXPECTED = 3
+MIN_SECONDS = 1.0
+MAX_SECONDS = 60.0
+
+
+def media_seconds(value: str) -> float:
+    """``--seconds``: checked here, so that a bad value is a usage error (exit 2)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not MIN_SECONDS <= seconds <= MAX_SECONDS:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from {MIN_SECONDS:g} to {MAX_SECONDS:g}"
+        )
+    return seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seconds",
-        type=float,
+        type=media_seconds,
         default=DEFAULT_SECONDS,
-        help=f"media seconds per call (default {DEFAULT_SECONDS:g})",
+        help=(
+            f"media seconds per call, {MIN_SECONDS:g} to {MAX_SECONDS:g} "
+            f"(default {DEFAULT_SECONDS:g})"
+        ),
     )
 
 
@@ -35,9 +55,6 @@ def _progress(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 1 <= args.seconds <= 60:
-        _progress("--seconds must be between 1 and 60")
-        return EXIT_UNEXPECTED
     # aiortc logs each frame a peer drops; the report counts them instead.
     logging.basicConfig(level=logging.ERROR)
     report = asyncio.run(run_experiment(args.seconds, progress=_progress))

@@ -223,6 +223,12 @@ def test_metadata_check_finds_unsealed_sdp_candidates_and_addresses():
     assert "an unsealed 'offer' payload" in leaks
 
 
-def test_demo_refuses_a_bad_duration(capsys):
-    assert main(["demo", "--seconds", "0"]) == 2
-    assert "--seconds" in capsys.readouterr().err
+@pytest.mark.parametrize("seconds", ["0", "61", "nan", "three"])
+def test_demo_refuses_a_bad_duration_as_a_usage_error(capsys, seconds):
+    # Exit 2 is a usage error, as for every blindhub command: never a cell's outcome.
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--seconds", seconds])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: blindhub demo")
+    assert "argument --seconds: must be a number of seconds from 1 to 60" in error
