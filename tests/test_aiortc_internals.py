@@ -15,6 +15,7 @@ from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import vpx
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpsender import RTCEncodedFrame
+from aiortc.rtp import RTCP_PSFB_PLI, AnyRtcpPacket, RtcpPsfbPacket
 
 from client import frame_transform
 from client.frame_transform import (
@@ -196,17 +197,34 @@ async def test_dropping_frames_sends_nothing_and_decodes_nothing(loopback):
 
 
 async def test_receiver_drop_reaches_no_decoder_and_requests_keyframes(loopback):
-    keyframes_sent = 0
+    # The sender's encoder makes keyframes of its own now and then (a new target bitrate restarts
+    # it), so counting keyframes alone cannot show the requests work. The PLIs can: nothing
+    # reaches the refusing receiver's decoder to fail, so without request_keyframe it sends none.
+    plis: list[RtcpPsfbPacket] = []
+    keyframes_after_a_pli = 0
     video_sender = Reversing()
+    senders: list[RTCRtpSender] = []
 
     def count_keyframes(frame: bytes) -> bytes:
-        nonlocal keyframes_sent
-        keyframes_sent += frame[0] & 1 == 0
+        nonlocal keyframes_after_a_pli
+        keyframes_after_a_pli += bool(plis) and frame[0] & 1 == 0
         return video_sender.protect(frame)
+
+    def count_plis(sender: RTCRtpSender) -> None:
+        handle_rtcp_packet = sender._handle_rtcp_packet
+
+        async def observe_rtcp_packet(packet: AnyRtcpPacket) -> None:
+            if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_PLI:
+                plis.append(packet)
+            await handle_rtcp_packet(packet)
+
+        sender._handle_rtcp_packet = observe_rtcp_packet  # type: ignore[method-assign]
 
     def prepare(side):
         if side.senders["video"].track is not None:
+            senders.append(side.senders["video"])
             install_sender_transform(side.senders["video"], count_keyframes)
+            count_plis(side.senders["video"])
         else:
             receiver = side.receivers["video"]
 
@@ -217,7 +235,9 @@ async def test_receiver_drop_reaches_no_decoder_and_requests_keyframes(loopback)
             install_receiver_transform(receiver, refuse)
 
     _, answerer = await loopback.connect([PatternTrack()], [], prepare=prepare)
-    await wait_for(lambda: keyframes_sent >= 3)
+    # The sender got the receiver's PLIs for its own stream and answered them with keyframes.
+    await wait_for(lambda: len(plis) >= 3 and keyframes_after_a_pli >= 3)
+    assert {pli.media_ssrc for pli in plis} == {senders[0]._ssrc}
     assert answerer.received.video_frames == 0
 
 
