@@ -36,7 +36,7 @@ from client.identity_store import (
     open_identity,
     save_known_peers,
 )
-from client.media import RECORDING_SUFFIXES, MediaSourceError, open_sources
+from client.media import MediaSourceError, check_recording_path, open_sources
 from crypto.errors import CryptoError
 from crypto.handshake import name_field
 from crypto.identity import MAX_PEER_NAME_LENGTH
@@ -76,20 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--home", help="where your identity and pins live ($BLINDHUB_HOME)")
     parser.add_argument("--stats-json", help="write the end-of-call statistics to this file")
-
-
-def check_recording_path(path: str) -> None:
-    """Raise ``MediaSourceError`` unless a recording can be written at ``path``; opens nothing
-    (aiortc's recorder would truncate an existing file, and swallows a failure to create one)."""
-    if Path(path).suffix.lower() not in RECORDING_SUFFIXES:
-        raise MediaSourceError(f"recording must end in .wav, .mkv or .mp4, not {path!r}")
-    directory = Path(path).parent
-    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
-        raise MediaSourceError(
-            f"cannot record to {path!r}: {directory} is not a writable directory"
-        )
-    if Path(path).is_dir() or (Path(path).exists() and not os.access(path, os.W_OK)):
-        raise MediaSourceError(f"cannot record to {path!r}: not a writable file")
 
 
 async def read_line(prompt: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import math
+import os
 import platform
 import time
 from array import array
@@ -196,11 +197,23 @@ def open_sources(spec: str) -> list[MediaStreamTrack]:
     return tracks
 
 
+def check_recording_path(path: str) -> None:
+    """Raise ``MediaSourceError`` unless a recording can be written at ``path``; opens nothing
+    (aiortc's recorder would truncate an existing file, and swallows a failure to create one)."""
+    if Path(path).suffix.lower() not in RECORDING_SUFFIXES:
+        raise MediaSourceError(f"recording must end in .wav, .mkv or .mp4, not {path!r}")
+    directory = Path(path).parent
+    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        raise MediaSourceError(
+            f"cannot record to {path!r}: {directory} is not a writable directory"
+        )
+    if Path(path).is_dir() or (Path(path).exists() and not os.access(path, os.W_OK)):
+        raise MediaSourceError(f"cannot record to {path!r}: not a writable file")
+
+
 def open_recorder(path: str) -> MediaRecorder:
     """A recorder of received tracks: ``.wav`` takes audio; ``.mkv``/``.mp4`` audio and video."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in RECORDING_SUFFIXES:
-        raise MediaSourceError(f"recording must end in .wav, .mkv or .mp4, not {path!r}")
+    check_recording_path(path)
     return MediaRecorder(path)
 
 

@@ -244,7 +244,7 @@ def report(samples: dict[ExperimentOnlyLayers, list[Sample]], window: float) -> 
         f"{len(plain)} pairs of calls (plain, blindhub; order alternating), {window:.0f} s windows"
     )
     print("median [IQR q1..q3] (min..max)")
-    print(f"setup, join to first decoded audio, ms: plain {spread(setup_plain, 1000, 1)}")
+    print(f"setup, join to first decrypted audio, ms: plain {spread(setup_plain, 1000, 1)}")
     print(f"                                   blindhub {spread(setup_e2e, 1000, 1)}")
     print(
         f"  blindhub - plain, pair by pair, ms: {spread(setup_extra, 1000, 1)} "
