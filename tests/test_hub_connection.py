@@ -131,9 +131,9 @@ async def test_events_of_a_room_left_are_dropped_until_the_next_join_is_answered
         await HubConnection.connect(hub.url) as carol,
     ):
         alice_id = (await alice.join("old")).peer_id
-        await bob.join("old")
+        bob_id = (await bob.join("old")).peer_id
         # Bob does not read: a relay and a peer-left of the old room wait in his buffer.
-        await alice.relay(bob.peer_id, "in flight")
+        await alice.relay(bob_id, "in flight")
         await alice.leave()
         await asyncio.wait_for(alice.join("elsewhere"), TIMEOUT)  # the hub did both
         await bob.leave()
@@ -141,7 +141,7 @@ async def test_events_of_a_room_left_are_dropped_until_the_next_join_is_answered
         assert (welcome.peers, bob.room, bob.peers) == ((), "new", set())
         carol_id = (await carol.join("new")).peer_id
         assert await asyncio.wait_for(bob.next_event(), TIMEOUT) == PeerJoined(carol_id)
-        await carol.relay(bob.peer_id, "new room")
+        await carol.relay(bob_id, "new room")  # a peer id lasts as long as its connection
         assert await asyncio.wait_for(bob.next_event(), TIMEOUT) == Relayed(carol_id, "new room")
         assert alice_id not in bob.peers
 
