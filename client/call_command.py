@@ -7,7 +7,7 @@ failed (setup, key agreement or connection); 7 a local problem (bad ``--send``/`
 unreadable identity files).
 
 There is no option to weaken a call: every call from this command is end-to-end encrypted with
-verified identities. The interception experiment's control runs (client/experiment.py) set
+verified identities. The interception experiment's control runs (client/experiment/runner.py) set
 ``CallConfig.experiment_only_layers`` in code, never through this command line.
 """
 

@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "call": ("client.call_command", "call a peer; every media frame end-to-end encrypted"),
     "id": ("client.id_command", "show your identity fingerprint (created on first use)"),
     "contacts": ("client.contacts_command", "list, verify or forget the peers you pinned"),
-    "demo": ("client.demo_command", "the interception experiment: a hostile hub vs real calls"),
+    "demo": (
+        "client.experiment.command",
+        "the interception experiment: a hostile hub vs real calls",
+    ),
     "hub": ("signaling.command", "run the signalling hub (a websocket relay of opaque payloads)"),
     "sframe": ("client.sframe_command", "SFrame (RFC 9605) by hand: inspect, protect, unprotect"),
 }

@@ -24,7 +24,7 @@ from aiortc import MediaStreamTrack
 from aiortc.contrib.media import MediaPlayer, MediaRecorder
 from aiortc.mediastreams import MediaStreamError
 
-from client.analysis import draw_pattern_code, left_channel, read_pattern_code
+from client.pattern import draw_pattern_code, read_pattern_code
 
 SAMPLE_RATE = 48000
 AUDIO_FRAME_SAMPLES = 960  # 20 ms, one Opus frame
@@ -39,6 +39,13 @@ PATTERN_CODE_HEIGHT = 192  # the rows above carry the frame number; the rest mov
 PATTERN_BAR_WIDTH = 32
 
 RECORDING_SUFFIXES = frozenset({".wav", ".mkv", ".mp4"})
+
+
+def left_channel(interleaved_s16: bytes, channels: int) -> array[int]:
+    """The first channel of interleaved signed 16-bit native-endian samples."""
+    samples = array("h")
+    samples.frombytes(interleaved_s16[: len(interleaved_s16) - len(interleaved_s16) % 2])
+    return samples[::channels]
 
 
 class MediaSourceError(ValueError):

@@ -19,9 +19,8 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
-from client.analysis import left_channel
 from client.frame_transform import install_packet_observer
-from client.media import ReceivedMedia, collect
+from client.media import ReceivedMedia, collect, left_channel
 from signaling.hub import Hub, Limits
 from signaling.server import HubServer
 

@@ -12,7 +12,6 @@ from typing import Any
 import av
 import pytest
 
-from client.analysis import dominant_frequency, tone_correlation
 from client.call import (
     SUITES,
     Call,
@@ -24,6 +23,7 @@ from client.call import (
     Verify,
     WirePacket,
 )
+from client.experiment.analysis import dominant_frequency, tone_correlation
 from client.hub_connection import HubConnection, Relayed
 from client.media import PatternTrack, ToneTrack, read_pattern_number
 from crypto.handshake import Initiator

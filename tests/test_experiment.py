@@ -11,7 +11,7 @@ import av
 import pytest
 
 from client.cli import main
-from client.experiment import (
+from client.experiment.runner import (
     SCENARIOS,
     Cell,
     Report,

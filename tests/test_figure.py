@@ -3,7 +3,7 @@ import math
 import av
 import pytest
 
-from client.figure import BLACK, BLUE, RED, WHITE, Canvas, encode_png
+from client.experiment.figure import BLACK, BLUE, RED, WHITE, Canvas, encode_png
 
 
 def decode_png(data: bytes) -> tuple[int, int, bytes]:

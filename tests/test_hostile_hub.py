@@ -11,13 +11,7 @@ from typing import Any
 
 import pytest
 
-from client.frame_crypto import SFrameReceiver, SFrameSender
-from client.hub_connection import HubConnection, Relayed
-from crypto.handshake import HandshakeResult, Initiator, PeerCheck, Responder
-from crypto.identity import IdentityKey, KnownPeers, PinnedIdentityMismatch
-from crypto.sealed import DecryptionFailed, Role, SealedChannel, SealedReplay
-from crypto.sframe import CipherSuite
-from signaling.hostile import (
+from client.experiment.hostile_hub import (
     Capability,
     HostileHub,
     SFrameRelay,
@@ -25,8 +19,14 @@ from signaling.hostile import (
     altered,
     parse_capabilities,
 )
+from client.experiment.media_mitm import Direction, MediaTamper
+from client.frame_crypto import SFrameReceiver, SFrameSender
+from client.hub_connection import HubConnection, Relayed
+from crypto.handshake import HandshakeResult, Initiator, PeerCheck, Responder
+from crypto.identity import IdentityKey, KnownPeers, PinnedIdentityMismatch
+from crypto.sealed import DecryptionFailed, Role, SealedChannel, SealedReplay
+from crypto.sframe import CipherSuite
 from signaling.hub import Delivery
-from signaling.media_mitm import Direction, MediaTamper
 from signaling.protocol import JsonText, PeerId, RelayFrom
 
 SUITES = (CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_256_GCM_SHA512_128)

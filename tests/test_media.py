@@ -9,7 +9,7 @@ from aiortc import MediaStreamTrack
 from aiortc.codecs.vpx import Vp8Decoder, Vp8Encoder, vp8_depayload
 from aiortc.jitterbuffer import JitterFrame
 
-from client.analysis import dominant_frequency
+from client.experiment.analysis import dominant_frequency
 from client.media import (
     AUDIO_FRAME_SAMPLES,
     SAMPLE_RATE,
@@ -18,11 +18,18 @@ from client.media import (
     ReceivedMedia,
     ToneTrack,
     collect,
+    left_channel,
     open_recorder,
     open_sources,
     read_pattern_number,
     recordable,
 )
+
+
+def test_left_channel_takes_every_other_sample():
+    interleaved = array("h", [1, -1, 2, -2, 3, -3]).tobytes()
+    assert list(left_channel(interleaved, 2)) == [1, 2, 3]
+    assert list(left_channel(interleaved, 1)) == [1, -1, 2, -2, 3, -3]
 
 
 async def test_tone_track_is_a_paced_48khz_tone():

@@ -27,15 +27,9 @@ from aiortc import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.analysis import dominant_frequency, middle_second, tone_correlation
-from client.frame_crypto import SFrameReceiver, SFrameSender
-from client.frame_transform import install_receiver_transform, install_sender_transform
-from client.media import PatternTrack, ReceivedMedia, ToneTrack, collect, read_pattern_number
-from crypto.handshake import HandshakeResult
-from crypto.identity import IdentityKey
-from crypto.sframe import SFrameHeader
-from signaling.hostile import SFrameRelay
-from signaling.media_mitm import (
+from client.experiment.analysis import dominant_frequency, middle_second, tone_correlation
+from client.experiment.hostile_hub import SFrameRelay
+from client.experiment.media_mitm import (
     Direction,
     InterceptionStateError,
     MediaMitm,
@@ -51,6 +45,12 @@ from signaling.media_mitm import (
     write_png,
     write_wav,
 )
+from client.frame_crypto import SFrameReceiver, SFrameSender
+from client.frame_transform import install_receiver_transform, install_sender_transform
+from client.media import PatternTrack, ReceivedMedia, ToneTrack, collect, read_pattern_number
+from crypto.handshake import HandshakeResult
+from crypto.identity import IdentityKey
+from crypto.sframe import SFrameHeader
 from tests.test_hostile_hub import agree
 
 OFFERER_TONE = 440.0

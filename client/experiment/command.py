@@ -1,4 +1,4 @@
-"""``blindhub demo``: the interception experiment, fully local (client/experiment.py).
+"""``blindhub demo``: the interception experiment, fully local (client/experiment/runner.py).
 
 Exit codes (docs/experiment.md): 0 every cell came out as claimed; 1 the control failed, so the
 experiment is invalid; 2 usage error (as for every blindhub command); 3 the control worked but
@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from client.experiment import DEFAULT_SECONDS, run_experiment, write_outputs
+from client.experiment.runner import DEFAULT_SECONDS, run_experiment, write_outputs
 
 EXIT_INVALID = 1
 EXIT_UNEXPECTED = 3

@@ -2,11 +2,11 @@
 
 Each cell runs one real call between two peers in this process, ``alice`` (in the room first,
 so she initiates and offers; she sends a 440 Hz tone and the test pattern) and ``bob`` (660 Hz
-and the pattern), through a `signaling.hostile.HostileHub` with the cell's capabilities, with the
-peers applying the cell's `ExperimentOnlyLayers`. It then measures, from the media itself, what
-the peers heard and what the hub recovered, collects what the peers detected, and says whether
-the cell came out as the experiment claims. `run_experiment` runs the matrix; `Report` renders
-it as a table, as JSON and as a figure.
+and the pattern), through a `client.experiment.hostile_hub.HostileHub` with the cell's
+capabilities, with the peers applying the cell's `ExperimentOnlyLayers`. It then measures, from
+the media itself, what the peers heard and what the hub recovered, collects what the peers
+detected, and says whether the cell came out as the experiment claims. `run_experiment` runs the
+matrix; `Report` renders it as a table, as JSON and as a figure.
 
 The first cell is the control: plain WebRTC under the DTLS man in the middle. If the hub does
 not recover that call, the set-up cannot tell protection from a broken attack, and the whole
@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.analysis import middle_second, tone_correlation
 from client.call import (
     Call,
     CallConfig,
@@ -36,19 +35,10 @@ from client.call import (
     ExperimentOnlyLayers,
     Verify,
 )
-from client.figure import BLACK, GREEN, GREY, RED, WHITE, Canvas
-from client.media import (
-    SAMPLE_RATE,
-    TONE_AMPLITUDE,
-    PatternTrack,
-    ReceivedMedia,
-    ToneTrack,
-    tone_samples,
-)
-from crypto.identity import IdentityKey, KnownPeers
-from crypto.sframe import SFrameError, SFrameHeader
-from signaling.hostile import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
-from signaling.media_mitm import (
+from client.experiment.analysis import middle_second, tone_correlation
+from client.experiment.figure import BLACK, GREEN, GREY, RED, WHITE, Canvas
+from client.experiment.hostile_hub import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
+from client.experiment.media_mitm import (
     TAMPER_ACTIONS,
     Direction,
     Kind,
@@ -60,6 +50,16 @@ from signaling.media_mitm import (
     write_png,
     write_wav,
 )
+from client.media import (
+    SAMPLE_RATE,
+    TONE_AMPLITUDE,
+    PatternTrack,
+    ReceivedMedia,
+    ToneTrack,
+    tone_samples,
+)
+from crypto.identity import IdentityKey, KnownPeers
+from crypto.sframe import SFrameError, SFrameHeader
 
 Layers = ExperimentOnlyLayers
 Progress = Callable[[str], None]

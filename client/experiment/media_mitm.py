@@ -41,7 +41,7 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import RtpPacket
 
-from client.figure import encode_png
+from client.experiment.figure import encode_png
 from client.frame_transform import (
     SDP_ERRORS,
     install_packet_observer,

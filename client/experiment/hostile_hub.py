@@ -7,9 +7,9 @@ the honest hub's. What it adds is what a hub operator could do to listen in:
 - ``record``: the ``--record-metadata`` log of everything it delivers, plus, wherever it sits in
   the media path, every media packet it relays (`MediaMitm.packets` and `.frames`).
 - ``dtls-mitm``: rewrites the SDP it relays so that each peer runs DTLS-SRTP with the hub
-  (`signaling.media_mitm.MediaMitm`). When the SDP is sealed it cannot read it; it then does the
-  one thing left, alter the first sealed message each way (the offer and the answer), which the
-  peers detect.
+  (`client.experiment.media_mitm.MediaMitm`). When the SDP is sealed it cannot read it; it then
+  does the one thing left, alter the first sealed message each way (the offer and the answer),
+  which the peers detect.
 - ``keyswap``: runs the key agreement with each peer itself, with its own identity keys under the
   peers' real names (`Initiator` toward the responder under the name in the initiator's commit,
   then `Responder` toward the initiator under the name in the responder's accept). It then
@@ -39,13 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.frame_crypto import SFrameReceiver, SFrameSender
-from crypto.handshake import HandshakeResult, HandshakeState, Initiator, Responder
-from crypto.identity import IdentityKey, b64decode, b64encode
-from crypto.sealed import MediaKey, Received, SealedChannel
-from crypto.sframe import CipherSuite
-from signaling.hub import Delivery, Hub, Limits, random_peer_id
-from signaling.media_mitm import (
+from client.experiment.media_mitm import (
     Direction,
     InterceptionError,
     Kind,
@@ -54,6 +48,12 @@ from signaling.media_mitm import (
     RelayTransform,
     TamperCounts,
 )
+from client.frame_crypto import SFrameReceiver, SFrameSender
+from crypto.handshake import HandshakeResult, HandshakeState, Initiator, Responder
+from crypto.identity import IdentityKey, b64decode, b64encode
+from crypto.sealed import MediaKey, Received, SealedChannel
+from crypto.sframe import CipherSuite
+from signaling.hub import Delivery, Hub, Limits, random_peer_id
 from signaling.protocol import JsonText, PeerId, RelayFrom
 from signaling.server import HubServer, MetadataRecorder
 

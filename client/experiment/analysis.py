@@ -1,15 +1,15 @@
 """Signal analysis of what a call carried, in the standard library only.
 
-Pure functions over sample arrays and luma planes: the dominant frequency of a recording, the
-normalized correlation of two signals or of a signal with a reference tone, and the frame-number
-code the test pattern draws into each video frame (``draw_pattern_code`` / ``read_pattern_code``).
+Pure functions over sample arrays: the dominant frequency of a recording, and the normalized
+correlation of two signals or of a signal with a reference tone. The experiment and the tests
+measure calls with them; the product never does. (The frame-number code the test pattern draws
+is the product's: `client.pattern`.)
 """
 
 from __future__ import annotations
 
 import cmath
 import math
-from array import array
 from collections.abc import Sequence
 
 FFT_SIZE = 16384
@@ -100,66 +100,3 @@ def middle_second(samples: Sequence[int], sample_rate: int) -> list[int]:
     """One second from the middle of a recording (past the codec's start-up), or all of it."""
     start = max(0, len(samples) // 2 - sample_rate // 2)
     return list(samples[start : start + sample_rate])
-
-
-def left_channel(interleaved_s16: bytes, channels: int) -> array[int]:
-    """The first channel of interleaved signed 16-bit native-endian samples."""
-    samples = array("h")
-    samples.frombytes(interleaved_s16[: len(interleaved_s16) - len(interleaved_s16) % 2])
-    return samples[::channels]
-
-
-# The pattern code: a grid of black and white blocks, big enough to survive VP8 at low bitrate.
-# 24 bits of frame number, then 8 bits of check so that a garbled picture is rejected, not misread.
-CODE_COLUMNS = 8
-CODE_ROWS = 4
-NUMBER_BITS = 24
-CHECK_MASK = 0xA5
-BLACK = 16
-WHITE = 235
-
-
-def _code_bits(number: int) -> list[int]:
-    number &= (1 << NUMBER_BITS) - 1
-    check = (sum(number.to_bytes(3, "big")) & 0xFF) ^ CHECK_MASK
-    word = number << 8 | check
-    return [(word >> (31 - i)) & 1 for i in range(CODE_COLUMNS * CODE_ROWS)]
-
-
-def draw_pattern_code(number: int, width: int, code_height: int) -> bytes:
-    """Luma rows (``width`` x ``code_height``, no padding) showing ``number`` as blocks."""
-    bits = _code_bits(number)
-    block_width = width // CODE_COLUMNS
-    block_height = code_height // CODE_ROWS
-    rows = bytearray()
-    for row in range(CODE_ROWS):
-        line = b"".join(
-            bytes([WHITE if bits[row * CODE_COLUMNS + col] else BLACK]) * block_width
-            for col in range(CODE_COLUMNS)
-        ).ljust(width, bytes([BLACK]))
-        rows += line * block_height
-    return bytes(rows.ljust(width * code_height, bytes([BLACK])))
-
-
-def read_pattern_code(luma: bytes, width: int, code_height: int, stride: int) -> int | None:
-    """The frame number drawn by ``draw_pattern_code``, or None if the check does not match."""
-    if stride < width or len(luma) < stride * code_height:
-        raise AnalysisError("luma plane is smaller than the pattern code")
-    block_width = width // CODE_COLUMNS
-    block_height = code_height // CODE_ROWS
-    word = 0
-    for row in range(CODE_ROWS):
-        for col in range(CODE_COLUMNS):
-            # Sample the middle half of each block: edges blur under compression.
-            top = row * block_height + block_height // 4
-            left = col * block_width + block_width // 4
-            total = count = 0
-            for y in range(top, top + block_height // 2, 2):
-                segment = luma[y * stride + left : y * stride + left + block_width // 2 : 2]
-                total += sum(segment)
-                count += len(segment)
-            word = word << 1 | (total > count * (BLACK + WHITE) // 2)
-    number = word >> 8
-    if _code_bits(number) != [(word >> (31 - i)) & 1 for i in range(32)]:
-        return None
-    return number
