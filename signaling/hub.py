@@ -4,10 +4,6 @@ Text frames go in (``handle(peer, text, now)``), deliveries come out (who gets
 which message). Time is a parameter and peer ids come from an injected
 generator, so the core is deterministic under test. The asyncio server in
 ``signaling.server`` feeds it and writes its deliveries to sockets.
-
-Every relay goes through ``route_relay``: a hub that reads, rewrites, drops,
-replays or injects relay payloads (the interception experiment) is a subclass
-that overrides that one method.
 """
 
 import collections
@@ -182,12 +178,6 @@ class Hub:
             self._count_error(error.code, peer=peer, log=not flood_continues)
             return [Delivery(peer, ErrorMessage(error.code, error.message), state.room)]
 
-    def route_relay(
-        self, room: str, sender: PeerId, recipient: PeerId, payload: JsonText
-    ) -> list[Delivery]:
-        """Deliver one accepted relay. The honest hub forwards it unchanged."""
-        return [Delivery(recipient, RelayFrom(sender, payload), room)]
-
     def _spend_token(self, state: _Peer, now: float) -> None:
         # Token bucket: refill at the configured rate up to the burst size.
         elapsed = max(0.0, now - state.refilled_at)
@@ -227,7 +217,7 @@ class Hub:
         if recipient == peer or recipient not in self._rooms[state.room]:
             raise Refused(ErrorCode.UNKNOWN_PEER, "no such peer in this room")
         self.metrics.messages_relayed_total += 1
-        return self.route_relay(state.room, peer, PeerId(recipient), payload)
+        return [Delivery(PeerId(recipient), RelayFrom(peer, payload), state.room)]
 
     def _leave(self, peer: PeerId) -> list[Delivery]:
         state = self._peers[peer]

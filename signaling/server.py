@@ -15,19 +15,40 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from types import TracebackType
-from typing import Final, Self, TextIO
+from typing import Final, Protocol, Self, TextIO
 
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from signaling.hub import Delivery, Hub
+from signaling.hub import Delivery, Hub, Limits, Metrics
 from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
 
 CLOSE_SLOW_READER: Final = "slow-reader"
 CLOSE_BINARY_FRAME: Final = "binary-frame"
 CLOSE_JOIN_TIMEOUT: Final = "join-timeout"
+
+
+class RoutingCore(Protocol):
+    """What the server drives: `signaling.hub.Hub`, or a component that wraps one.
+
+    ``handle`` and ``disconnect`` return the deliveries due now; a component that delivers
+    later (the interception experiment's hostile hub) writes them through `HubServer.deliver`.
+    """
+
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def connection_count(self) -> int: ...
+    @property
+    def room_count(self) -> int: ...
+    def join_deadline(self, peer: PeerId) -> float | None: ...
+    def connect(self, now: float) -> PeerId: ...
+    def disconnect(self, peer: PeerId) -> list[Delivery]: ...
+    def handle(self, peer: PeerId, text: str, now: float) -> list[Delivery]: ...
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -67,7 +88,7 @@ class MetadataRecorder:
         self._sink.write(line + "\n")
 
 
-def render_metrics(hub: Hub, buffered_bytes: int) -> str:
+def render_metrics(hub: RoutingCore, buffered_bytes: int) -> str:
     """The hub's gauges and counters in the Prometheus text format."""
     metrics = hub.metrics
     lines = [
@@ -107,7 +128,7 @@ class HubServer:
 
     def __init__(
         self,
-        hub: Hub | None = None,
+        hub: RoutingCore | None = None,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -115,7 +136,7 @@ class HubServer:
         metadata: MetadataRecorder | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
-        self.hub = hub or Hub()
+        self.hub: RoutingCore = hub or Hub()
         self._host = host
         self._port = port
         self._ssl_context = ssl_context

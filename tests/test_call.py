@@ -30,7 +30,7 @@ from crypto.handshake import Initiator
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameHeader
 from signaling.hub import Delivery, Hub
-from signaling.protocol import JsonText, PeerId, PeerJoined
+from signaling.protocol import JsonText, PeerId, PeerJoined, RelayFrom
 from signaling.server import HubServer
 from tests.conftest import (
     VP8,
@@ -181,14 +181,19 @@ class RenamingHub(Hub):
         self.message_types = message_types
         self.renamed: list[str] = []
 
-    def route_relay(
-        self, room: str, sender: PeerId, recipient: PeerId, payload: JsonText
-    ) -> list[Delivery]:
-        message = json.loads(payload)
-        if message.get("type") in self.message_types:
-            payload = JsonText(json.dumps({**message, "name": "eve"}))
-            self.renamed.append(message["type"])
-        return super().route_relay(room, sender, recipient, payload)
+    def handle(self, peer: PeerId, text: str, now: float) -> list[Delivery]:
+        return [self._renamed(delivery) for delivery in super().handle(peer, text, now)]
+
+    def _renamed(self, delivery: Delivery) -> Delivery:
+        relayed = delivery.message
+        if not isinstance(relayed, RelayFrom):
+            return delivery
+        message = json.loads(relayed.payload)
+        if message.get("type") not in self.message_types:
+            return delivery
+        self.renamed.append(message["type"])
+        payload = JsonText(json.dumps({**message, "name": "eve"}))
+        return Delivery(delivery.recipient, RelayFrom(relayed.sender, payload), delivery.room)
 
 
 @pytest.mark.parametrize(

@@ -245,16 +245,6 @@ def test_logs_never_contain_payloads(caplog):
     assert "SECRET" not in logged
 
 
-def test_route_relay_is_the_one_place_a_hostile_hub_overrides():
-    class Dropping(Hub):
-        def route_relay(self, room, sender, recipient, payload):
-            return []
-
-    hub = Dropping(Limits(), new_peer_id=counter_ids())
-    alice, bob = joined(hub, "r", 2)
-    assert hub.handle(alice, f'{{"type":"relay","to":"{bob}","payload":1}}', 0.0) == []
-
-
 def test_limits_reject_nonsense():
     with pytest.raises(ValueError, match="max_buffered_bytes"):
         Limits(max_message_bytes=1000, max_buffered_bytes=1500)

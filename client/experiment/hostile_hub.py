@@ -1,8 +1,10 @@
 """The hostile hub: the normal hub with switchable attacker capabilities (the experiment, issue 6).
 
-`HostileHub` is `signaling.hub.Hub` with one method overridden, `route_relay`, the hook the hub
-keeps for exactly this: everything else (rooms, limits, the wire format, the websockets server) is
-the honest hub's. What it adds is what a hub operator could do to listen in:
+`HostileHub` puts the attacker between the honest hub's two halves, by composition: the honest
+routing core (`signaling.hub.Hub`: rooms, limits, the wire format) and the honest websockets
+server (`signaling.server.HubServer`), which drives the hostile hub as its `RoutingCore`. Every
+frame goes to the core first; the attack works on the relays that come out of it. What it adds is
+what a hub operator could do to listen in:
 
 - ``record``: the ``--record-metadata`` log of everything it delivers, plus, wherever it sits in
   the media path, every media packet it relays (`MediaMitm.packets` and `.frames`).
@@ -22,9 +24,11 @@ the honest hub's. What it adds is what a hub operator could do to listen in:
   ``keyswap``) it also replays, alters and drops some of the frames it relays (`MediaTamper`
   around the relay's own transform; what it did is `RoomAttack.media_tamper.counts`).
 
-Relays that need the media path (``dtls-mitm``, ``keyswap``) are rewritten asynchronously, in
-order per sender and recipient, and delivered through the server's ``deliver``; the others stay
-synchronous, like the honest hub's.
+Without the media path the relays are rewritten at once and ``handle`` returns them, as the core
+does. In the media path (``dtls-mitm``, ``keyswap``) rewriting a relay awaits the hub's own WebRTC
+legs and key agreements, so the hostile hub is an asyncio component there: its ``handle`` returns
+only the core's other deliveries, and tasks rewrite the relays, in order per sender and
+recipient, and write them later through `HubServer.deliver`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from crypto.handshake import HandshakeResult, HandshakeState, Initiator, Respond
 from crypto.identity import IdentityKey, b64decode, b64encode
 from crypto.sealed import MediaKey, Received, SealedChannel
 from crypto.sframe import CipherSuite
-from signaling.hub import Delivery, Hub, Limits, random_peer_id
+from signaling.hub import Delivery, Hub, Limits, Metrics, random_peer_id
 from signaling.protocol import JsonText, PeerId, RelayFrom
 from signaling.server import HubServer, MetadataRecorder
 
@@ -215,8 +219,10 @@ def _sealed(message: Any) -> bool:
     return _type(message) == "sealed" and isinstance(message.get("ciphertext"), str)
 
 
-class HostileHub(Hub):
-    """``HostileHub({Capability.DTLS_MITM})``; ``await hub.serve()`` runs it on a free port."""
+class HostileHub:
+    """``HostileHub({Capability.DTLS_MITM})``; ``await hub.serve()`` runs it on a free port.
+
+    The server's `RoutingCore`: the honest core's (``self.hub``) except for relays."""
 
     def __init__(
         self,
@@ -227,7 +233,7 @@ class HostileHub(Hub):
         random_bytes: Callable[[int], bytes] = os.urandom,
         new_peer_id: Callable[[], PeerId] = random_peer_id,
     ) -> None:
-        super().__init__(limits, new_peer_id=new_peer_id)
+        self.hub = Hub(limits, new_peer_id=new_peer_id)
         self.capabilities = frozenset(capabilities)
         self.tamper_plan = tamper or TamperPlan()
         self.tampered = TamperCounts()
@@ -238,6 +244,33 @@ class HostileHub(Hub):
         self._queues: dict[tuple[PeerId, PeerId], asyncio.Queue[tuple[str, JsonText]]] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._server: HubServer | None = None
+
+    # -- the rest of the RoutingCore the server drives: the honest core's, unchanged
+
+    @property
+    def limits(self) -> Limits:
+        return self.hub.limits
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.hub.metrics
+
+    @property
+    def connection_count(self) -> int:
+        return self.hub.connection_count
+
+    @property
+    def room_count(self) -> int:
+        return self.hub.room_count
+
+    def join_deadline(self, peer: PeerId) -> float | None:
+        return self.hub.join_deadline(peer)
+
+    def connect(self, now: float) -> PeerId:
+        return self.hub.connect(now)
+
+    def disconnect(self, peer: PeerId) -> list[Delivery]:
+        return self.hub.disconnect(peer)
 
     @property
     def in_media_path(self) -> bool:
@@ -276,11 +309,24 @@ class HostileHub(Hub):
 
     # -- routing
 
-    def route_relay(
-        self, room: str, sender: PeerId, recipient: PeerId, payload: JsonText
-    ) -> list[Delivery]:
+    def handle(self, peer: PeerId, text: str, now: float) -> list[Delivery]:
+        """The honest core's deliveries for one frame, with its relays attacked: at once without
+        the media path; in it, queued for the rewriting tasks (delivered later)."""
+        deliveries = self.hub.handle(peer, text, now)
         if not self.in_media_path:
-            return self._tampered([Delivery(recipient, RelayFrom(sender, payload), room)])
+            return self._tampered(deliveries)
+        now_due: list[Delivery] = []
+        for delivery in deliveries:
+            match delivery:
+                case Delivery(recipient, RelayFrom(sender, payload), str(room)):
+                    self._queue_rewrite(room, sender, recipient, payload)
+                case _:
+                    now_due.append(delivery)
+        return now_due
+
+    def _queue_rewrite(
+        self, room: str, sender: PeerId, recipient: PeerId, payload: JsonText
+    ) -> None:
         if self._deliver is None:
             raise RuntimeError("a hub in the media path rewrites asynchronously: use serve()")
         queue = self._queues.get((sender, recipient))
@@ -290,7 +336,6 @@ class HostileHub(Hub):
                 asyncio.create_task(self._rewrite_in_order(sender, recipient, queue))
             )
         queue.put_nowait((room, payload))
-        return []
 
     async def _rewrite_in_order(
         self, sender: PeerId, recipient: PeerId, queue: asyncio.Queue[tuple[str, JsonText]]
@@ -450,7 +495,9 @@ class HostileHub(Hub):
         result: list[Delivery] = []
         for delivery in deliveries:
             relayed = delivery.message
-            assert isinstance(relayed, RelayFrom)
+            if not isinstance(relayed, RelayFrom):
+                result.append(delivery)  # the core's own messages: welcomes, errors, peer events
+                continue
             message = _decode(relayed.payload)
             if _type(message) in plan.drop_types:
                 self.tampered.dropped += 1
