@@ -21,6 +21,7 @@ test: lint typecheck unit
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -44,4 +45,5 @@ test-minimum:
 	$(MINIMUM_VENV)/bin/pytest
 
 clean:
-	rm -rf $(VENV) $(MINIMUM_VENV) demo-output .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(MINIMUM_VENV) demo-output .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+		.import_linter_cache

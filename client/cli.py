@@ -15,7 +15,8 @@ from typing import Protocol
 # --send or --record (docs/client.md).
 EXIT_LOCAL_PROBLEM = 7
 
-# name -> (module, one-line help)
+# name -> (module, one-line help). Named, not imported: `demo` is the experiment package's,
+# which no product module imports (the import contracts in pyproject.toml).
 COMMANDS: dict[str, tuple[str, str]] = {
     "call": ("client.call_command", "call a peer; every media frame end-to-end encrypted"),
     "id": ("client.id_command", "show your identity fingerprint (created on first use)"),
