@@ -127,6 +127,10 @@ class Hub:
     def room_of(self, peer: PeerId) -> str | None:
         return self._peers[peer].room
 
+    def room_size(self, room: str) -> int:
+        """How many peers are in ``room`` now; 0 for a room that does not exist."""
+        return len(self._rooms.get(room, ()))
+
     def join_deadline(self, peer: PeerId) -> float | None:
         """When ``peer``, in no room, must be closed (``join-timeout``); None while in a room.
 

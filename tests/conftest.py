@@ -12,6 +12,7 @@ from aiortc import (
     RTCPeerConnection,
     RTCRtpReceiver,
     RTCRtpSender,
+    RTCSessionDescription,
 )
 from aiortc.codecs import get_decoder
 from aiortc.codecs.vpx import VpxPayloadDescriptor, vp8_depayload
@@ -29,11 +30,15 @@ VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000)
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Return once ``condition()`` holds; fail the test if it does not within ``timeout``.
+
+    The one way a test waits for something to happen: no test sleeps for a time it hopes
+    is long enough. ``condition`` is polled every 10 ms."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not condition():
         assert loop.time() < deadline, "timed out waiting"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
 
 
 class RtpLike(Protocol):
@@ -113,9 +118,11 @@ def plaintext_runs_on_the_wire(
 
 @dataclass
 class LoopbackSide:
-    """One peer of a loopback call: its connection, senders and receivers by kind, what it
-    received (decoded) and every RTP packet that reached it (as it crossed the wire)."""
+    """One peer of a loopback call: its role ("offerer" or "answerer"), its connection, senders
+    and receivers by kind, what it received (decoded) and every RTP packet that reached it (as it
+    crossed the wire)."""
 
+    role: str
     pc: RTCPeerConnection
     senders: dict[str, RTCRtpSender] = field(default_factory=dict)
     receivers: dict[str, RTCRtpReceiver] = field(default_factory=dict)
@@ -126,8 +133,17 @@ class LoopbackSide:
 Prepare = Callable[[LoopbackSide], None]
 
 
+class SdpRelay(Protocol):
+    """How the offer and the answer travel from one side to the other, as a hub relays them:
+    each method returns the description the other side gets (a hostile hub's own, say)."""
+
+    async def offer(self, sdp: str) -> str: ...
+    async def answer(self, sdp: str) -> str: ...
+
+
 class LoopbackCalls:
-    """Two aiortc peer connections in one process, offer and answer exchanged directly.
+    """Two aiortc peer connections in one process, the offer and answer exchanged directly or
+    through an ``SdpRelay``.
 
     ``prepare`` runs on each side once its senders and receivers exist and before any media
     flows: the place to install frame transforms.
@@ -137,8 +153,8 @@ class LoopbackCalls:
         self._sides: list[LoopbackSide] = []
         self._tasks: list[asyncio.Task[None]] = []
 
-    def _side(self, tracks: Sequence[MediaStreamTrack]) -> LoopbackSide:
-        side = LoopbackSide(RTCPeerConnection(RTCConfiguration(iceServers=[])))
+    def _side(self, role: str, tracks: Sequence[MediaStreamTrack]) -> LoopbackSide:
+        side = LoopbackSide(role, RTCPeerConnection(RTCConfiguration(iceServers=[])))
         self._sides.append(side)
         for track in tracks:
             side.pc.addTrack(track)
@@ -160,17 +176,24 @@ class LoopbackCalls:
         offerer_tracks: Sequence[MediaStreamTrack],
         answerer_tracks: Sequence[MediaStreamTrack],
         prepare: Prepare | None = None,
+        relay: SdpRelay | None = None,
     ) -> tuple[LoopbackSide, LoopbackSide]:
-        offerer = self._side(offerer_tracks)
+        offerer = self._side("offerer", offerer_tracks)
         self._bind(offerer, prepare)
         await offerer.pc.setLocalDescription(await offerer.pc.createOffer())
-        answerer = self._side([])
-        await answerer.pc.setRemoteDescription(offerer.pc.localDescription)
+        offer = offerer.pc.localDescription.sdp
+        if relay is not None:
+            offer = await relay.offer(offer)
+        answerer = self._side("answerer", [])
+        await answerer.pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
         for track in answerer_tracks:
             answerer.pc.addTrack(track)
         self._bind(answerer, prepare)
         await answerer.pc.setLocalDescription(await answerer.pc.createAnswer())
-        await offerer.pc.setRemoteDescription(answerer.pc.localDescription)
+        answer = answerer.pc.localDescription.sdp
+        if relay is not None:
+            answer = await relay.answer(answer)
+        await offerer.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
         for side in (offerer, answerer):
             for receiver in side.receivers.values():
                 self._tasks.append(asyncio.create_task(collect(receiver.track, side.received)))

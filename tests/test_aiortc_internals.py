@@ -4,9 +4,9 @@ If aiortc moves one of these seams, the structural tests below say which one and
 re-read; the loopback tests then prove the adapter still sees exactly whole frames.
 """
 
-import asyncio
 import inspect
 import struct
+from collections import Counter
 from collections.abc import Callable
 
 import aiortc
@@ -25,6 +25,7 @@ from client.frame_transform import (
     request_keyframe,
 )
 from client.media import PatternTrack, ToneTrack
+from tests.conftest import wait_for
 
 TESTED_VERSIONS = ("1.16.",)
 REREAD = "re-read aiortc's rtcrtpsender.py / rtcrtpreceiver.py and update client/frame_transform.py"
@@ -134,14 +135,6 @@ class Reversing:
         return frame[8:][::-1]
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "timed out waiting for media"
-        await asyncio.sleep(0.05)
-
-
 async def test_transforms_see_whole_frames_at_the_right_boundaries(loopback):
     senders = {"audio": Reversing(), "video": Reversing()}
     receivers = {"audio": Reversing(), "video": Reversing()}
@@ -180,17 +173,31 @@ async def test_transforms_see_whole_frames_at_the_right_boundaries(loopback):
 
 
 async def test_dropping_frames_sends_nothing_and_decodes_nothing(loopback):
+    dropped: Counter[tuple[str, str]] = Counter()
+
+    def dropping(role: str, kind: str) -> Callable[[bytes], None]:
+        def drop(frame: bytes) -> None:
+            dropped[role, kind] += 1
+
+        return drop
+
     def prepare(side):
         for kind in ("audio", "video"):
             if side.senders[kind].track is not None:
-                install_sender_transform(side.senders[kind], lambda frame: None)
+                install_sender_transform(side.senders[kind], dropping(side.role, kind))
             install_receiver_transform(side.receivers[kind], lambda frame: None)
 
     offerer, answerer = await loopback.connect(
         [ToneTrack(440), PatternTrack()], [ToneTrack(660), PatternTrack()], prepare=prepare
     )
-    await wait_for(lambda: offerer.pc.connectionState == "connected")
-    await asyncio.sleep(1.0)
+    # A second of each side's encoded audio, and 20 video frames, all dropped: had any of it
+    # gone out, it would have crossed the loopback by now.
+    await wait_for(
+        lambda: all(
+            dropped[side.role, "audio"] >= 50 and dropped[side.role, "video"] >= 20
+            for side in (offerer, answerer)
+        )
+    )
     for side in (offerer, answerer):
         assert side.wire["audio"] == [] and side.wire["video"] == []
         assert side.received.audio_frames == 0 and side.received.video_frames == 0

@@ -59,16 +59,21 @@ def config(hub, name, tone, **options) -> CallConfig:
     return CallConfig(**(defaults | options))
 
 
-async def run_pair(first: CallConfig, second: CallConfig):
+async def in_the_room(hub: HubServer, peers: int = 1, room: str = "room1") -> None:
+    """Wait until ``room`` holds ``peers`` peers: the first one in initiates."""
+    await wait_for(lambda: hub.hub.room_size(room) == peers)
+
+
+async def run_pair(hub: HubServer, first: CallConfig, second: CallConfig):
     alice, bob = Call(first), Call(second)
     alice_task = asyncio.create_task(alice.run())
-    await asyncio.sleep(0.1)  # alice is in the room first, so she initiates
+    await in_the_room(hub)  # alice is in the room first, so she initiates
     results = await asyncio.gather(alice_task, bob.run(), return_exceptions=True)
     return alice, bob, results
 
 
 async def test_a_full_call_both_ways(hub):
-    alice, bob, results = await run_pair(config(hub, "alice", 440), config(hub, "bob", 660))
+    alice, bob, results = await run_pair(hub, config(hub, "alice", 440), config(hub, "bob", 660))
     for result in results:
         assert not isinstance(result, BaseException), result
     for call, heard in ((alice, 660), (bob, 440)):
@@ -105,6 +110,7 @@ class Wiretap:
 async def test_on_the_wire_only_sframe_under_the_senders_kid_and_nothing_decodable(hub):
     taps = {"alice": Wiretap(), "bob": Wiretap()}
     alice, bob, results = await run_pair(
+        hub,
         config(hub, "alice", 440, **taps["alice"].observers()),
         config(hub, "bob", 660, **taps["bob"].observers()),
     )
@@ -145,6 +151,7 @@ async def test_an_observer_that_raises_changes_nothing_in_the_call(hub):
 
     broken = dict(wire_observer=fail, encoded_frame_observer=fail)
     alice, bob, results = await run_pair(
+        hub,
         config(hub, "alice", 440, duration=1.5, **broken),
         config(hub, "bob", 660, duration=1.5, **broken),
     )
@@ -160,6 +167,7 @@ async def test_a_changed_identity_for_a_pinned_name_refuses_before_media(hub):
     pinned.check("alice", IdentityKey.generate(os.urandom).public_key)
     alice_tap = Wiretap()
     alice, bob, (alice_result, bob_result) = await run_pair(
+        hub,
         config(hub, "alice", 440, **alice_tap.observers()),
         config(hub, "bob", 660, known_peers=pinned),
     )
@@ -211,6 +219,7 @@ async def test_a_hub_that_renames_a_peer_gets_nothing_pinned_under_the_new_name(
     alice_pins, bob_pins = KnownPeers(), KnownPeers()
     async with HubServer(hub) as server:
         alice, bob, (alice_result, bob_result) = await run_pair(
+            server,
             config(server, "alice", 440, known_peers=alice_pins),
             config(server, "bob", 660, known_peers=bob_pins),
         )
@@ -224,7 +233,7 @@ async def test_a_hub_that_renames_a_peer_gets_nothing_pinned_under_the_new_name(
 
 async def test_verify_pinned_refuses_an_unknown_peer(hub):
     _, bob, (alice_result, bob_result) = await run_pair(
-        config(hub, "alice", 440), config(hub, "bob", 660, verify=Verify.PINNED)
+        hub, config(hub, "alice", 440), config(hub, "bob", 660, verify=Verify.PINNED)
     )
     assert isinstance(bob_result, VerificationRefused)
     assert isinstance(alice_result, CallFailed)
@@ -236,6 +245,7 @@ async def test_verify_pinned_accepts_the_pinned_peer(hub):
     pinned = KnownPeers()
     pinned.check("alice", alice_identity.public_key)
     _, bob, results = await run_pair(
+        hub,
         config(hub, "alice", 440, identity=alice_identity, duration=1.5),
         config(hub, "bob", 660, verify=Verify.PINNED, known_peers=pinned, duration=1.5),
     )
@@ -245,7 +255,7 @@ async def test_verify_pinned_accepts_the_pinned_peer(hub):
 
 async def test_a_rekey_mid_call_loses_no_frame(hub):
     alice, bob, results = await run_pair(
-        config(hub, "alice", 440, rekey_after=1.0, duration=3.0), config(hub, "bob", 660)
+        hub, config(hub, "alice", 440, rekey_after=1.0, duration=3.0), config(hub, "bob", 660)
     )
     assert not any(isinstance(result, BaseException) for result in results), results
     for call in (alice, bob):
@@ -262,14 +272,18 @@ async def test_the_call_survives_the_hub_being_stopped_after_setup(start_hub):
     hub = await start_hub()
     alice, bob = Call(config(hub, "alice", 440, duration=3.5)), Call(config(hub, "bob", 660))
     alice_task = asyncio.create_task(alice.run())
-    await asyncio.sleep(0.1)
+    await in_the_room(hub)
     bob_task = asyncio.create_task(bob.run())
     await wait_for(lambda: alice.received.audio_frames > 10 and bob.received.audio_frames > 10)
     await hub.close()
     heard = alice.received.audio_frames, bob.received.audio_frames
-    await asyncio.sleep(1.0)
-    assert alice.received.audio_frames - heard[0] >= 20
-    assert bob.received.audio_frames - heard[1] >= 20
+    # Media keeps flowing both ways with the hub gone (alice's duration ends the call later).
+    await wait_for(
+        lambda: (
+            alice.received.audio_frames - heard[0] >= 20
+            and bob.received.audio_frames - heard[1] >= 20
+        )
+    )
     for stats in await asyncio.gather(alice_task, bob_task):
         assert stats.hub_lost and stats.ended_by == "duration"
 
@@ -284,6 +298,7 @@ async def test_the_call_survives_the_hub_being_stopped_after_setup(start_hub):
 )
 async def test_experiment_only_layers(hub, layers, encrypted):
     alice, bob, results = await run_pair(
+        hub,
         config(hub, "alice", 440, duration=1.5, experiment_only_layers=layers),
         config(hub, "bob", 660, duration=1.5, experiment_only_layers=layers),
     )
@@ -326,7 +341,7 @@ async def test_the_call_command_completes_and_writes_stats(hub, tmp_path):
     alice = asyncio.create_task(
         command("alice", "tone:440,pattern", "--stats-json", str(tmp_path / "a.json"))
     )
-    await asyncio.sleep(1.0)  # alice joins first
+    await in_the_room(hub)  # alice joins first
     bob = await command("bob", "tone:660", "--record", str(tmp_path / "bob.wav"))
     code, out, err = await alice
     assert (code, bob[0]) == (0, 0), (err, bob[2])
@@ -396,7 +411,7 @@ async def test_id_and_contacts_commands(tmp_path):
 async def test_hanging_up_during_setup_abandons_the_call(hub):
     alone = Call(config(hub, "alice", 440))
     task = asyncio.create_task(alone.run())
-    await wait_for(lambda: alone._hub is not None and alone._hub.room is not None)
+    await in_the_room(hub)
     alone.hangup("ctrl-c")
     with pytest.raises(CallFailed, match="before the call was set up"):
         await task
@@ -412,6 +427,7 @@ async def test_verify_prompt_asks_to_confirm_the_sas(hub, confirmed):
 
     bob_peers = KnownPeers()
     _, bob, (_, bob_result) = await run_pair(
+        hub,
         config(hub, "alice", 440, duration=1.0),
         config(hub, "bob", 660, verify=Verify.PROMPT, confirm_sas=confirm, known_peers=bob_peers),
     )
@@ -429,11 +445,13 @@ async def test_verify_prompt_asks_to_confirm_the_sas(hub, confirmed):
 async def test_a_sas_compared_for_longer_than_the_setup_timeout_still_completes(hub):
     # The setup timeout covers the network, not the people reading the SAS aloud.
     async def slow_confirm(state):
+        # The duration under test: the people take longer than bob's setup timeout (1.5 s).
         await asyncio.sleep(2.5)
         return True
 
     bob_peers = KnownPeers()
     _, bob, results = await run_pair(
+        hub,
         config(hub, "alice", 440, duration=1.0),
         config(
             hub, "bob", 660, verify=Verify.PROMPT, confirm_sas=slow_confirm,
@@ -464,7 +482,7 @@ async def test_hanging_up_at_the_sas_prompt_pins_nothing(hub):
         )
     )  # fmt: skip
     alice_task = asyncio.create_task(alice.run())
-    await asyncio.sleep(0.1)
+    await in_the_room(hub)
     bob_task = asyncio.create_task(bob.run())
     await asyncio.wait_for(asked.wait(), 15)
     assert bob_peers.get("alice") is not None  # pinned by the handshake, not yet confirmed
@@ -479,7 +497,7 @@ async def test_the_hub_closing_during_setup_fails_the_call(start_hub):
     server = await start_hub()
     alone = Call(config(server, "alice", 440))
     task = asyncio.create_task(alone.run())
-    await wait_for(lambda: alone._hub is not None and alone._hub.room is not None)
+    await in_the_room(server)
     await server.close()
     with pytest.raises(CallFailed, match="hub"):
         await task
@@ -525,7 +543,7 @@ async def test_sigint_at_the_sas_prompt_exits_promptly_and_pins_nothing(hub, tmp
     alice = await asyncio.create_subprocess_exec(
         *command("alice", "--verify", "tofu"), stdout=asyncio.subprocess.DEVNULL
     )
-    await asyncio.sleep(1.0)  # alice joins first
+    await in_the_room(hub)  # alice joins first
     # bob's stdin is a pipe nobody writes to: the SAS question stays unanswered.
     bob = await asyncio.create_subprocess_exec(
         *command("bob"),

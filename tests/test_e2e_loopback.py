@@ -55,7 +55,7 @@ def protect(keys: dict[str, bytes | None], receive_keys: dict[str, bytes]):
     protections: dict[str, Protection] = {}
 
     def prepare(side):
-        name = "offerer" if not protections else "answerer"
+        name = side.role
         peer = "answerer" if name == "offerer" else "offerer"
         protection = protections[name] = Protection()
         sending_key = keys[name]

@@ -2,7 +2,7 @@
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
@@ -23,6 +23,7 @@ from signaling.protocol import (
     PeerJoined,
     Refused,
 )
+from tests.conftest import wait_for
 
 TIMEOUT = 10.0
 ME, FRIEND = "me", "friend"
@@ -166,7 +167,7 @@ async def test_events_iterate_until_the_hub_goes_away(start_hub):
         bob_id = (await bob.join("r")).peer_id
         events: list[object] = []
         task = asyncio.create_task(_collect(alice, events))
-        await asyncio.wait_for(_until(lambda: len(events) == 1), TIMEOUT)
+        await wait_for(lambda: len(events) == 1, TIMEOUT)
         await hub.close()
         await asyncio.wait_for(task, TIMEOUT)
     assert events == [PeerJoined(bob_id)]
@@ -175,8 +176,3 @@ async def test_events_iterate_until_the_hub_goes_away(start_hub):
 async def _collect(hub: HubConnection, events: list[object]) -> None:
     async for event in hub:
         events.append(event)
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)

@@ -112,6 +112,19 @@ def test_peer_left_on_leave_and_on_disconnect(how):
     assert hub.room_count == 0
 
 
+def test_room_size_counts_the_peers_in_a_room_as_they_join_and_leave():
+    hub = make_hub()
+    assert hub.room_size("r") == 0
+    alice, bob = joined(hub, "r", 2)
+    carol = hub.connect(0.0)
+    hub.handle(carol, '{"type":"join","room":"r"}', 0.0)  # refused: the room is full
+    assert (hub.room_size("r"), hub.room_size("other")) == (2, 0)
+    hub.handle(alice, '{"type":"leave"}', 0.0)
+    assert hub.room_size("r") == 1
+    hub.disconnect(bob)
+    assert hub.room_size("r") == 0
+
+
 def test_a_peer_in_no_room_has_a_join_deadline():
     hub = make_hub(join_timeout=10.0)
     peer = hub.connect(now=5.0)

@@ -13,6 +13,7 @@ from client.experiment.analysis import dominant_frequency
 from client.media import (
     AUDIO_FRAME_SAMPLES,
     SAMPLE_RATE,
+    VIDEO_FPS,
     MediaSourceError,
     PatternTrack,
     ReceivedMedia,
@@ -24,6 +25,7 @@ from client.media import (
     read_pattern_number,
     recordable,
 )
+from tests.conftest import wait_for
 
 
 def test_left_channel_takes_every_other_sample():
@@ -100,12 +102,35 @@ def test_recordings_must_be_wav_mkv_or_mp4(tmp_path):
     assert recordable("x.mkv", tracks) == tracks
 
 
+class Counted(MediaStreamTrack):
+    """``source`` as its consumer takes it, counting the frames taken."""
+
+    def __init__(self, source: MediaStreamTrack) -> None:
+        super().__init__()
+        self.kind = source.kind
+        self.source = source
+        self.taken = 0
+
+    async def recv(self) -> "av.frame.Frame | av.Packet[av.stream.Stream]":
+        frame = await self.source.recv()
+        self.taken += 1
+        return frame
+
+
+FRAMES_PER_SECOND = {"audio": SAMPLE_RATE // AUDIO_FRAME_SAMPLES, "video": VIDEO_FPS}
+
+
 async def record(path: Path, tracks: list[MediaStreamTrack], seconds: float) -> None:
+    """Record ``seconds`` of each track that ``path`` can hold: stop once the recorder took
+    that many frames of each."""
     recorder = open_recorder(str(path))
-    for track in recordable(str(path), tracks):
+    recorded = [Counted(track) for track in recordable(str(path), tracks)]
+    for track in recorded:
         recorder.addTrack(track)
     await recorder.start()
-    await asyncio.sleep(seconds)
+    await wait_for(
+        lambda: all(track.taken >= seconds * FRAMES_PER_SECOND[track.kind] for track in recorded)
+    )
     await recorder.stop()
 
 

@@ -6,24 +6,17 @@ audio and video (the experiment's control); against peers that SFrame-encrypt ev
 call must still work while the MITM recovers nothing but SFrame headers.
 """
 
-import asyncio
 import logging
 import os
 import re
 import struct
 import wave
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import av
 import pytest
-from aiortc import (
-    MediaStreamTrack,
-    RTCConfiguration,
-    RTCPeerConnection,
-    RTCRtpSender,
-    RTCSessionDescription,
-)
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,10 +40,11 @@ from client.experiment.media_mitm import (
 )
 from client.frame_crypto import SFrameReceiver, SFrameSender
 from client.frame_transform import install_receiver_transform, install_sender_transform
-from client.media import PatternTrack, ReceivedMedia, ToneTrack, collect, read_pattern_number
+from client.media import PatternTrack, ToneTrack, read_pattern_number
 from crypto.handshake import HandshakeResult
 from crypto.identity import IdentityKey
 from crypto.sframe import SFrameHeader
+from tests.conftest import LoopbackCalls, LoopbackSide, Prepare, wait_for
 from tests.test_hostile_hub import agree
 
 OFFERER_TONE = 440.0
@@ -60,99 +54,86 @@ SAMPLE_RATE = 48000
 WANTED_SAMPLES = SAMPLE_RATE
 WANTED_VIDEO_FRAMES = 10
 CALL_TIMEOUT = 30.0  # generous: two shared cores, several engineers
-# How long the hub takes to pass the MITM's answer on. The answerer's media already reaches the
-# MITM meanwhile, so the leg toward the offerer must start from a keyframe requested late.
-ANSWER_DELAY = 0.5
 
 slow = pytest.mark.slow
 
 
 @dataclass
-class Peer:
-    pc: RTCPeerConnection
-    received: ReceivedMedia = field(default_factory=ReceivedMedia)
+class ThroughMitm:
+    """The SDP path of a hostile hub that puts a ``MediaMitm`` in the call: each side gets the
+    MITM's description instead of the other side's. Keeps all four descriptions."""
 
+    mitm: MediaMitm
+    offer_sdp: str = ""
+    mitm_offer_sdp: str = ""
+    answer_sdp: str = ""
+    mitm_answer_sdp: str = ""
 
-# Runs on a peer once its transceivers exist and before media flows (to install transforms).
-Prepare = Callable[[str, RTCPeerConnection], None]
+    async def offer(self, sdp: str) -> str:
+        self.offer_sdp = sdp
+        self.mitm_offer_sdp = await self.mitm.intercept_offer(sdp)
+        return self.mitm_offer_sdp
+
+    async def answer(self, sdp: str) -> str:
+        self.answer_sdp = sdp
+        self.mitm_answer_sdp = await self.mitm.intercept_answer(sdp)
+        # The hub passes the answer on late: once the answerer's video reaches the MITM, which
+        # has no leg toward the offerer yet, so that leg must start from a keyframe requested
+        # late.
+        await wait_for(
+            lambda: self.mitm.intercepted(Direction.ANSWERER_TO_OFFERER, "video") != [],
+            CALL_TIMEOUT,
+        )
+        return self.mitm_answer_sdp
 
 
 @dataclass
 class MitmCall:
-    offerer: Peer
-    answerer: Peer
-    offer_sdp: str
-    mitm_offer_sdp: str
-    answer_sdp: str
-    mitm_answer_sdp: str
+    offerer: LoopbackSide
+    answerer: LoopbackSide
+    sdp: ThroughMitm
 
 
 class CallsThroughMitm:
-    def __init__(self) -> None:
-        self.mitm: MediaMitm | None = None
-        self._peers: list[Peer] = []
-        self._tasks: list[asyncio.Task[None]] = []
+    """Loopback calls (the offerer sends a tone and the pattern, the answerer another tone and
+    the pattern) whose offer and answer go through a ``MediaMitm``."""
 
-    def _peer(self, tracks: Sequence[MediaStreamTrack]) -> Peer:
-        peer = Peer(RTCPeerConnection(RTCConfiguration(iceServers=[])))
-        self._peers.append(peer)
-        for track in tracks:
-            peer.pc.addTrack(track)
-        return peer
+    def __init__(self, loopback: LoopbackCalls) -> None:
+        self.mitm: MediaMitm | None = None
+        self._loopback = loopback
 
     async def connect(
         self, prepare: Prepare | None = None, relay_transform: RelayTransform | None = None
     ) -> MitmCall:
         self.mitm = MediaMitm(relay_transform=relay_transform)
-        offerer = self._peer([ToneTrack(OFFERER_TONE), PatternTrack()])
-        if prepare is not None:
-            prepare("offerer", offerer.pc)
-        await offerer.pc.setLocalDescription(await offerer.pc.createOffer())
-        offer_sdp = offerer.pc.localDescription.sdp
-        mitm_offer_sdp = await self.mitm.intercept_offer(offer_sdp)
-
-        answerer = self._peer([])
-        await answerer.pc.setRemoteDescription(RTCSessionDescription(mitm_offer_sdp, "offer"))
-        answerer.pc.addTrack(ToneTrack(ANSWERER_TONE))
-        answerer.pc.addTrack(PatternTrack())
-        if prepare is not None:
-            prepare("answerer", answerer.pc)
-        await answerer.pc.setLocalDescription(await answerer.pc.createAnswer())
-        answer_sdp = answerer.pc.localDescription.sdp
-        mitm_answer_sdp = await self.mitm.intercept_answer(answer_sdp)
-        await asyncio.sleep(ANSWER_DELAY)
-        await offerer.pc.setRemoteDescription(RTCSessionDescription(mitm_answer_sdp, "answer"))
-
-        for peer in (offerer, answerer):
-            for transceiver in peer.pc.getTransceivers():
-                track = transceiver.receiver.track
-                self._tasks.append(asyncio.create_task(collect(track, peer.received)))
-        return MitmCall(offerer, answerer, offer_sdp, mitm_offer_sdp, answer_sdp, mitm_answer_sdp)
+        sdp = ThroughMitm(self.mitm)
+        offerer, answerer = await self._loopback.connect(
+            [ToneTrack(OFFERER_TONE), PatternTrack()],
+            [ToneTrack(ANSWERER_TONE), PatternTrack()],
+            prepare,
+            sdp,
+        )
+        return MitmCall(offerer, answerer, sdp)
 
     async def run_until_both_received(self, call: MitmCall) -> None:
-        async def enough() -> None:
-            while not all(
-                len(peer.received.samples) >= WANTED_SAMPLES
-                and peer.received.video_frames >= WANTED_VIDEO_FRAMES
-                for peer in (call.offerer, call.answerer)
-            ):
-                await asyncio.sleep(0.1)
-
-        await asyncio.wait_for(enough(), CALL_TIMEOUT)
+        await wait_for(
+            lambda: all(
+                len(side.received.samples) >= WANTED_SAMPLES
+                and side.received.video_frames >= WANTED_VIDEO_FRAMES
+                for side in (call.offerer, call.answerer)
+            ),
+            CALL_TIMEOUT,
+        )
 
     async def close(self) -> None:
         if self.mitm is not None:
             await self.mitm.close()
-        for peer in self._peers:
-            await peer.pc.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 @pytest.fixture
-async def calls() -> AsyncIterator[CallsThroughMitm]:
-    calls = CallsThroughMitm()
+async def calls(loopback: LoopbackCalls) -> AsyncIterator[CallsThroughMitm]:
+    # Torn down before ``loopback``: the MITM closes before the peers, as a hub would go first.
+    calls = CallsThroughMitm(loopback)
     yield calls
     await calls.close()
 
@@ -183,8 +164,9 @@ async def test_plain_call_through_mitm_works_and_the_mitm_recovers_it(calls, tmp
     await calls.run_until_both_received(call)
 
     # Each peer ran DTLS with the MITM, not with the other peer.
-    assert fingerprints(call.mitm_offer_sdp).isdisjoint(fingerprints(call.offer_sdp))
-    assert fingerprints(call.mitm_answer_sdp).isdisjoint(fingerprints(call.answer_sdp))
+    sdp = call.sdp
+    assert fingerprints(sdp.mitm_offer_sdp).isdisjoint(fingerprints(sdp.offer_sdp))
+    assert fingerprints(sdp.mitm_answer_sdp).isdisjoint(fingerprints(sdp.answer_sdp))
     assert mitm.connection_states == ("connected", "connected")
 
     # The call works: each side hears the other's tone and decodes the other's pattern.
@@ -270,15 +252,16 @@ class SFramePeers:
 
     receivers: dict[str, SFrameReceiver] = field(default_factory=dict)
 
-    def __call__(self, role: str, pc: RTCPeerConnection) -> None:
+    def __call__(self, side: LoopbackSide) -> None:
+        role = side.role
         other = "answerer" if role == "offerer" else "offerer"
         sender = SFrameSender()
         sender.use_key(SFRAME_KIDS[role], SFRAME_BASE_KEYS[SFRAME_KIDS[role]])
         receiver = self.receivers[role] = SFrameReceiver()
         receiver.add_key(SFRAME_KIDS[other], SFRAME_BASE_KEYS[SFRAME_KIDS[other]])
-        for transceiver in pc.getTransceivers():
-            install_sender_transform(transceiver.sender, sender.transform(transceiver.kind))
-            install_receiver_transform(transceiver.receiver, receiver.transform(transceiver.kind))
+        for kind in ("audio", "video"):
+            install_sender_transform(side.senders[kind], sender.transform(kind))
+            install_receiver_transform(side.receivers[kind], receiver.transform(kind))
 
 
 @slow
@@ -328,15 +311,15 @@ class KeyedPeers:
     results: dict[str, HandshakeResult]
     receivers: dict[str, SFrameReceiver] = field(default_factory=dict)
 
-    def __call__(self, role: str, pc: RTCPeerConnection) -> None:
-        result = self.results[role]
+    def __call__(self, side: LoopbackSide) -> None:
+        result = self.results[side.role]
         sender = SFrameSender(result.suite)
         sender.use_key(result.send_kid, result.send_base_key)
-        receiver = self.receivers[role] = SFrameReceiver(result.suite)
+        receiver = self.receivers[side.role] = SFrameReceiver(result.suite)
         receiver.add_key(result.recv_kid, result.recv_base_key)
-        for transceiver in pc.getTransceivers():
-            install_sender_transform(transceiver.sender, sender.transform(transceiver.kind))
-            install_receiver_transform(transceiver.receiver, receiver.transform(transceiver.kind))
+        for kind in ("audio", "video"):
+            install_sender_transform(side.senders[kind], sender.transform(kind))
+            install_receiver_transform(side.receivers[kind], receiver.transform(kind))
 
 
 @slow
