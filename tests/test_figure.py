@@ -102,7 +102,8 @@ def test_a_cell_without_a_frame_says_so_in_red(figure, tmp_path):
     with Image.open(png_path) as png:
         panel = png.convert("RGB").crop(pixel_box(panel_axes, png.height))
     rgb = panel.tobytes()
-    red = [(r, g, b) for r, g, b in zip(rgb[::3], rgb[1::3], rgb[2::3]) if r > 150 and g < 90]
+    pixels = zip(rgb[::3], rgb[1::3], rgb[2::3], strict=True)
+    red = [(r, g, b) for r, g, b in pixels if r > 150 and g < 90 and b < 90]
     assert len(red) > 200  # the label's glyphs, drawn
 
 
