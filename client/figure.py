@@ -19,6 +19,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.transforms import ScaledTranslation
 from PIL import Image
 
 from client.media import TONE_AMPLITUDE
@@ -40,6 +41,8 @@ PANEL_HEIGHT = 1.8
 HEADER_HEIGHT = 1.0
 GAP = 0.2
 FILES = ("figure.png", "figure.svg")
+LABEL_CHARACTERS = 46  # of 10-point text in a line of the label column
+LINE_SPACING = 1.3
 
 
 @dataclass(frozen=True)
@@ -114,38 +117,40 @@ def draw_figure(rows: Sequence[FigureRow], valid: bool) -> Figure:
 
 
 def _draw_label(axes: Axes, row: FigureRow) -> None:
+    """The cell's title, what was measured and the verdict, stacked down from the top."""
     axes.set_axis_off()
     color = AS_EXPECTED if row.as_expected else NOT_AS_EXPECTED
-    axes.text(0, 1, row.title, fontsize=14, fontweight="bold", va="top", transform=axes.transAxes)
-    axes.text(
-        0,
-        0.8,
-        "\n".join(row.measured),
-        fontsize=10,
-        va="top",
-        linespacing=1.4,
-        transform=axes.transAxes,
-    )
     head, _, explanation = row.verdict.partition(": ")
-    axes.text(
-        0,
-        0.3,
-        head,
-        fontsize=11,
-        fontweight="bold",
-        color=color,
-        va="top",
-        transform=axes.transAxes,
+    measured = [
+        textwrap.fill(line, LABEL_CHARACTERS, subsequent_indent="  ", break_on_hyphens=False)
+        for line in row.measured
+    ]
+    blocks = (
+        (row.title, 14, "bold", "black"),
+        ("\n".join(measured), 10, "normal", "black"),
+        (head, 11, "bold", color),
+        (
+            textwrap.fill(explanation, LABEL_CHARACTERS + 8, break_on_hyphens=False),
+            9,
+            "normal",
+            color,
+        ),
     )
-    axes.text(
-        0,
-        0.17,
-        textwrap.fill(explanation, 58),
-        fontsize=9,
-        color=color,
-        va="top",
-        transform=axes.transAxes,
-    )
+    below = 0.0  # points from the top
+    for text, size, weight, text_color in blocks:
+        offset = ScaledTranslation(0, -below / 72, axes.figure.dpi_scale_trans)
+        axes.text(
+            0,
+            1,
+            text,
+            fontsize=size,
+            fontweight=weight,
+            color=text_color,
+            va="top",
+            linespacing=LINE_SPACING,
+            transform=axes.transAxes + offset,
+        )
+        below += (text.count("\n") + 1) * size * LINE_SPACING + size * 0.6
 
 
 def _draw_wave(axes: Axes, samples: Sequence[int], color: str, empty: str) -> None:
