@@ -45,7 +45,7 @@ PATTERN_CODE_TOP = 176
 PATTERN_DIGITS_SIZE = 120  # pixels a line; the default font's digits are then 70 wide
 PATTERN_BALL_RADIUS = 9
 PATTERN_BALL_STEP = 4  # pixels a frame
-RAIL = 64  # the luma of the ball's rail: grey, so it reads as a track
+PATTERN_RAIL_LUMA = 64  # grey: the ball's rail reads as a track, not as part of the code
 
 RECORDING_SUFFIXES = frozenset({".wav", ".mkv", ".mp4"})
 
@@ -144,7 +144,7 @@ def draw_pattern(index: int) -> Image.Image:
         centre, digits, fill=WHITE, font=_digits_font(size), anchor="mm", stroke_width=size // 40
     )
     rail = (PATTERN_DIGITS_HEIGHT + PATTERN_CODE_TOP) // 2
-    draw.line((0, rail, PATTERN_WIDTH, rail), fill=RAIL, width=3)
+    draw.line((0, rail, PATTERN_WIDTH, rail), fill=PATTERN_RAIL_LUMA, width=3)
     travel = PATTERN_WIDTH - 2 * PATTERN_BALL_RADIUS
     x = PATTERN_BALL_RADIUS + index * PATTERN_BALL_STEP % travel
     draw.ellipse(
