@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -40,8 +40,8 @@ bench: $(STAMP)
 MINIMUM_VENV := .venv-minimum
 test-minimum:
 	test -x $(MINIMUM_VENV)/bin/python || $(PYTHON) -m venv $(MINIMUM_VENV)
-	$(MINIMUM_VENV)/bin/python -m pip install --quiet -e '.[test]' aiortc==1.16.0 av==14.0.1 \
-		cryptography==44.0.0 pynacl==1.5.0 websockets==16.0
+	$(MINIMUM_VENV)/bin/python -m pip install --quiet -e '.[test,demo]' aiortc==1.16.0 av==14.0.1 \
+		cryptography==44.0.0 matplotlib==3.11.2 pillow==13.0.0 pynacl==1.5.0 websockets==16.0
 	$(MINIMUM_VENV)/bin/pytest
 
 clean:

@@ -1,9 +1,9 @@
 """Media sources and sinks for a call, as aiortc MediaStreamTracks.
 
-Sources: a sine tone, a moving test pattern that carries its frame number, a media file, and
-the platform's microphone and camera. Sinks: a recorder of what was received (``.wav``, or
-``.mkv`` / ``.mp4`` for audio and video) and a collector that keeps received audio samples and
-pattern frame numbers in memory for analysis.
+Sources: a sine tone, a moving test pattern that shows its frame number and carries it as a
+code, a media file, and the platform's microphone and camera. Sinks: a recorder of what was
+received (``.wav``, or ``.mkv`` / ``.mp4`` for audio and video) and a collector that keeps
+received audio samples and pattern frame numbers in memory for analysis.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import av
 from aiortc import MediaStreamTrack
 from aiortc.contrib.media import MediaPlayer, MediaRecorder
 from aiortc.mediastreams import MediaStreamError
+from PIL import Image, ImageDraw, ImageFont
 
-from client.pattern import draw_pattern_code, read_pattern_code
+from client.pattern import BLACK, WHITE, draw_pattern_code, read_pattern_code
 
 SAMPLE_RATE = 48000
 AUDIO_FRAME_SAMPLES = 960  # 20 ms, one Opus frame
@@ -35,8 +37,15 @@ VIDEO_CLOCK_RATE = 90000
 VIDEO_FPS = 30
 PATTERN_WIDTH = 320
 PATTERN_HEIGHT = 240
-PATTERN_CODE_HEIGHT = 192  # the rows above carry the frame number; the rest moves
-PATTERN_BAR_WIDTH = 32
+# From the top: the frame number in digits a person reads, a ball that moves with it, and the
+# same number as the block code the tests read. The code's 4 rows of blocks are 16 pixels high
+# and start on a 16-pixel boundary, so each one fills VP8 macroblock rows of its own.
+PATTERN_DIGITS_HEIGHT = 152
+PATTERN_CODE_TOP = 176
+PATTERN_DIGITS_SIZE = 120  # pixels a line; the default font's digits are then 70 wide
+PATTERN_BALL_RADIUS = 9
+PATTERN_BALL_STEP = 4  # pixels a frame
+PATTERN_RAIL_LUMA = 64  # grey: the ball's rail reads as a track, not as part of the code
 
 RECORDING_SUFFIXES = frozenset({".wav", ".mkv", ".mp4"})
 
@@ -106,7 +115,7 @@ class ToneTrack(_PacedTrack):
 
 
 class PatternTrack(_PacedTrack):
-    """30 fps video: the frame number as big blocks on top, a sweeping bar below."""
+    """30 fps video: the frame number in large digits, a moving ball and the number as a code."""
 
     kind = "video"
 
@@ -115,19 +124,49 @@ class PatternTrack(_PacedTrack):
 
     async def recv(self) -> av.VideoFrame:
         index = await self._next_frame_index()
-        bar_left = (index * 4) % (PATTERN_WIDTH - PATTERN_BAR_WIDTH)
-        bar_line = bytes(bar_left) + b"\xeb" * PATTERN_BAR_WIDTH
-        bar_line = bar_line.ljust(PATTERN_WIDTH, b"\x00")
-        luma = draw_pattern_code(index, PATTERN_WIDTH, PATTERN_CODE_HEIGHT) + bar_line * (
-            PATTERN_HEIGHT - PATTERN_CODE_HEIGHT
-        )
         frame = av.VideoFrame(width=PATTERN_WIDTH, height=PATTERN_HEIGHT, format="yuv420p")
-        _fill_plane(frame.planes[0], luma, PATTERN_WIDTH)
+        _fill_plane(frame.planes[0], draw_pattern(index).tobytes(), PATTERN_WIDTH)
         for chroma in frame.planes[1:]:
             chroma.update(b"\x80" * chroma.buffer_size)
         frame.pts = index * self._ticks_per_frame
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
         return frame
+
+
+@cache
+def _digits_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def draw_pattern(index: int) -> Image.Image:
+    """The luma (mode "L") of pattern frame ``index``, as ``PatternTrack`` sends it."""
+    image = Image.new("L", (PATTERN_WIDTH, PATTERN_HEIGHT), BLACK)
+    draw = ImageDraw.Draw(image)
+    digits = str(index)
+    # Up to 4 digits (5.5 minutes) at full size, then smaller so that every digit still fits.
+    size = PATTERN_DIGITS_SIZE * 4 // max(4, len(digits))
+    centre = (PATTERN_WIDTH // 2, PATTERN_DIGITS_HEIGHT // 2)
+    # A stroke thickens the font's thin lines, so that they stay legible in a small picture.
+    draw.text(
+        centre, digits, fill=WHITE, font=_digits_font(size), anchor="mm", stroke_width=size // 40
+    )
+    rail = (PATTERN_DIGITS_HEIGHT + PATTERN_CODE_TOP) // 2
+    draw.line((0, rail, PATTERN_WIDTH, rail), fill=PATTERN_RAIL_LUMA, width=3)
+    travel = PATTERN_WIDTH - 2 * PATTERN_BALL_RADIUS
+    x = PATTERN_BALL_RADIUS + index * PATTERN_BALL_STEP % travel
+    draw.ellipse(
+        (
+            x - PATTERN_BALL_RADIUS,
+            rail - PATTERN_BALL_RADIUS,
+            x + PATTERN_BALL_RADIUS,
+            rail + PATTERN_BALL_RADIUS,
+        ),
+        fill=WHITE,
+    )
+    code_height = PATTERN_HEIGHT - PATTERN_CODE_TOP
+    code = draw_pattern_code(index, PATTERN_WIDTH, code_height)
+    image.paste(Image.frombytes("L", (PATTERN_WIDTH, code_height), code), (0, PATTERN_CODE_TOP))
+    return image
 
 
 def _fill_plane(plane: av.video.plane.VideoPlane, rows: bytes, width: int) -> None:
@@ -146,7 +185,8 @@ def read_pattern_number(frame: av.VideoFrame) -> int | None:
     if frame.format.name != "yuv420p":
         frame = frame.reformat(format="yuv420p")
     luma = frame.planes[0]
-    return read_pattern_code(bytes(luma), PATTERN_WIDTH, PATTERN_CODE_HEIGHT, luma.line_size)
+    code = bytes(luma)[PATTERN_CODE_TOP * luma.line_size :]
+    return read_pattern_code(code, PATTERN_WIDTH, PATTERN_HEIGHT - PATTERN_CODE_TOP, luma.line_size)
 
 
 def _device_player(kind: str) -> MediaPlayer:

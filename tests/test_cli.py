@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -19,3 +20,32 @@ def test_help_lists_every_command():
     )
     for name in COMMANDS:
         assert name in result.stdout
+
+
+PRODUCT_COMMANDS = [name for name in COMMANDS if name != "demo"]
+# Runs each command's --help in one fresh interpreter and reports on stderr (the help goes to
+# stdout) whether the experiment's plotting library is loaded after each.
+LOADS_MATPLOTLIB = """
+import json, sys
+from client.cli import main
+loaded = {}
+for name in sys.argv[1:]:
+    try:
+        main([name, "--help"])
+    except SystemExit:
+        pass
+    loaded[name] = "matplotlib" in sys.modules
+print(json.dumps(loaded), file=sys.stderr)
+"""
+
+
+def test_no_product_command_loads_the_plotting_library():
+    assert set(PRODUCT_COMMANDS) == {"call", "hub", "id", "contacts", "sframe"}
+    # demo last, as the control: its figure needs matplotlib, so the check does see it.
+    result = subprocess.run(
+        [sys.executable, "-c", LOADS_MATPLOTLIB, *PRODUCT_COMMANDS, "demo"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(result.stderr) == {**dict.fromkeys(PRODUCT_COMMANDS, False), "demo": True}

@@ -1,69 +1,120 @@
-import math
+"""The experiment's figure: both files written and valid, the hub's picture readable in it."""
+
+import xml.etree.ElementTree as ET
 
 import av
 import pytest
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from PIL import Image
 
-from client.experiment.figure import BLACK, BLUE, RED, WHITE, Canvas, encode_png
+from client.experiment.figure import DPI, FILES, FigureRow, draw_figure, window, write_figure
+from client.media import (
+    PATTERN_HEIGHT,
+    PATTERN_WIDTH,
+    SAMPLE_RATE,
+    draw_pattern,
+    read_pattern_number,
+    tone_samples,
+)
+
+NUMBER = 137
 
 
-def decode_png(data: bytes) -> tuple[int, int, bytes]:
-    """Decode with FFmpeg's PNG decoder, an implementation independent of ours."""
-    codec = av.CodecContext.create("png", "r")
-    (frame,) = codec.decode(av.Packet(data))
-    rgb = frame.reformat(format="rgb24")
-    plane = rgb.planes[0]
-    rows = [
-        bytes(plane)[r * plane.line_size : r * plane.line_size + rgb.width * 3]
-        for r in range(rgb.height)
+def row(title: str, picture: Image.Image | None, recovered: bool) -> FigureRow:
+    tone = tone_samples(440, 0, SAMPLE_RATE)
+    return FigureRow(
+        title=title,
+        measured=("tone correlation: peers 1.00, hub 1.00",),
+        verdict="CONTROL: the hub recovers plain WebRTC (audio and video)",
+        as_expected=True,
+        sent=tone,
+        heard=tone,
+        recovered=tone if recovered else [],
+        picture=picture,
+        picture_caption="the last of 90 frames it decoded" if picture else "no video decoded",
+    )
+
+
+@pytest.fixture(scope="module")
+def figure() -> Figure:
+    # The pattern as the hub would have decoded it: through VP8, in colour.
+    return draw_figure(
+        [
+            row("1. intercepted", draw_pattern(NUMBER).convert("RGB"), recovered=True),
+            row("2. protected", None, recovered=False),
+        ],
+        valid=True,
+    )
+
+
+def picture_panels(figure: Figure) -> list[Axes]:
+    """The picture column's panels, top row first (the only axes with a caption)."""
+    return [axes for axes in figure.axes if axes.get_xlabel()]
+
+
+def pixel_box(axes: Axes, height: int) -> tuple[int, int, int, int]:
+    """Where a panel's image (or, with none, the panel) sits in the PNG, as a Pillow box."""
+    extent = axes.images[0].get_window_extent() if axes.images else axes.get_window_extent()
+    # Matplotlib counts up from the bottom; a pixel on the border may be antialiased, so keep
+    # to the inside.
+    return (
+        round(extent.x0) + 1,
+        height - round(extent.y1) + 1,
+        round(extent.x1) - 1,
+        height - round(extent.y0) - 1,
+    )
+
+
+def test_both_files_are_written_and_valid(figure, tmp_path):
+    paths = write_figure(figure, tmp_path)
+    assert paths == [tmp_path / name for name in FILES]
+    width, height = figure.get_size_inches() * DPI
+    with Image.open(paths[0]) as png:
+        assert png.format == "PNG"
+        assert png.size == (round(width), round(height))
+    svg = ET.parse(paths[1]).getroot()
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    assert svg.get("width") == f"{width * 72 / DPI:g}pt"
+    # The text stays text: the "no frame" label can be found (and read by a screen reader).
+    texts = [
+        "".join(element.itertext()) for element in svg.iter("{http://www.w3.org/2000/svg}text")
     ]
-    return rgb.width, rgb.height, b"".join(rows)
+    assert "no frame" in texts
+    assert "blindhub interception experiment: valid" in texts
 
 
-def pixel(rgb: bytes, width: int, x: int, y: int) -> tuple[int, int, int]:
-    offset = (y * width + x) * 3
-    return rgb[offset], rgb[offset + 1], rgb[offset + 2]
+def test_the_hub_s_picture_is_large_enough_to_read_its_number(figure, tmp_path):
+    png_path = write_figure(figure, tmp_path)[0]
+    with Image.open(png_path) as png:
+        panel = png.convert("RGB").crop(pixel_box(picture_panels(figure)[0], png.height))
+    # Shown at 60% or more of its size, and the pixels as saved still carry its number.
+    assert panel.height >= 0.6 * PATTERN_HEIGHT
+    frame = av.VideoFrame.from_image(panel.resize((PATTERN_WIDTH, PATTERN_HEIGHT)))
+    assert read_pattern_number(frame) == NUMBER
 
 
-def test_png_decodes_to_the_pixels_drawn():
-    canvas = Canvas(40, 30)
-    canvas.fill_rect(10, 5, 8, 4, RED)
-    width, height, rgb = decode_png(canvas.to_png())
-    assert (width, height) == (40, 30)
-    assert pixel(rgb, width, 10, 5) == RED
-    assert pixel(rgb, width, 17, 8) == RED
-    assert pixel(rgb, width, 18, 8) == WHITE
-    assert pixel(rgb, width, 9, 5) == WHITE
+def test_a_cell_without_a_frame_says_so_in_red(figure, tmp_path):
+    panel_axes = picture_panels(figure)[1]
+    assert not panel_axes.images
+    assert [text.get_text() for text in panel_axes.texts] == ["no frame"]
+    png_path = write_figure(figure, tmp_path)[0]
+    with Image.open(png_path) as png:
+        panel = png.convert("RGB").crop(pixel_box(panel_axes, png.height))
+    rgb = panel.tobytes()
+    pixels = zip(rgb[::3], rgb[1::3], rgb[2::3], strict=True)
+    red = [(r, g, b) for r, g, b in pixels if r > 150 and g < 90 and b < 90]
+    assert len(red) > 200  # the label's glyphs, drawn
 
 
-def test_encode_png_rejects_a_size_mismatch():
-    with pytest.raises(ValueError, match="need 2x2x3 bytes"):
-        encode_png(2, 2, b"\x00" * 11)
+def test_an_empty_audio_panel_says_what_is_missing(figure):
+    labels = {text.get_text() for axes in figure.axes for text in axes.texts}
+    assert "nothing recovered" in labels
+    assert "nothing heard" not in labels
 
 
-def test_text_draws_the_glyph_rows():
-    canvas = Canvas(20, 10)
-    end = canvas.text(1, 1, "T", BLACK)
-    assert end == 7
-    # 'T': a full top bar, then a single centre column.
-    assert [canvas.pixel(x, 1) for x in range(1, 6)] == [BLACK] * 5
-    assert canvas.pixel(3, 4) == BLACK
-    assert canvas.pixel(1, 4) == WHITE
-
-
-def test_waveform_follows_the_signal():
-    canvas = Canvas(100, 41)
-    samples = [math.sin(2 * math.pi * i / 100) for i in range(100)]
-    canvas.waveform(0, 0, 100, 41, samples, BLUE)
-    # The peak of the sine (column 25) sits near the top, the trough (75) near the bottom.
-    peak_rows = [y for y in range(41) if canvas.pixel(25, y) == BLUE]
-    trough_rows = [y for y in range(41) if canvas.pixel(75, y) == BLUE]
-    assert peak_rows and max(peak_rows) <= 4
-    assert trough_rows and min(trough_rows) >= 36
-
-
-def test_image_is_scaled_into_its_box():
-    source = bytes(RED) * 2 + bytes(BLUE) * 2  # 2x2: top row red, bottom row blue
-    canvas = Canvas(10, 10)
-    canvas.image(0, 0, 10, 10, source, 2, 2)
-    assert canvas.pixel(9, 0) == RED
-    assert canvas.pixel(0, 9) == BLUE
+def test_the_window_is_20_ms_from_the_middle_at_full_scale():
+    samples = window(tone_samples(440, 0, SAMPLE_RATE))
+    assert len(samples) == SAMPLE_RATE // 50
+    assert 0.99 < max(samples) <= 1.0
+    assert window([]) == []

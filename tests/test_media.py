@@ -8,10 +8,15 @@ import pytest
 from aiortc import MediaStreamTrack
 from aiortc.codecs.vpx import Vp8Decoder, Vp8Encoder, vp8_depayload
 from aiortc.jitterbuffer import JitterFrame
+from PIL import Image
 
 from client.experiment.analysis import dominant_frequency
 from client.media import (
     AUDIO_FRAME_SAMPLES,
+    PATTERN_CODE_TOP,
+    PATTERN_DIGITS_HEIGHT,
+    PATTERN_HEIGHT,
+    PATTERN_WIDTH,
     SAMPLE_RATE,
     VIDEO_FPS,
     MediaSourceError,
@@ -19,6 +24,7 @@ from client.media import (
     ReceivedMedia,
     ToneTrack,
     collect,
+    draw_pattern,
     left_channel,
     open_recorder,
     open_sources,
@@ -60,6 +66,41 @@ async def test_pattern_frame_numbers_survive_vp8():
             assert isinstance(decoded, av.VideoFrame)
             read.append(read_pattern_number(decoded))
     assert read == list(range(15))
+
+
+def lit_box(image: Image.Image, top: int, bottom: int) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom) of what is drawn bright in rows ``top`` to ``bottom``
+    of a luma image, relative to that band."""
+    band = image.crop((0, top, image.width, bottom))
+    box = band.point(lambda value: 255 if value > 128 else 0).getbbox()
+    assert box is not None, "nothing is drawn there"
+    return box
+
+
+async def test_the_pattern_shows_its_number_in_digits_and_something_moving():
+    track = PatternTrack()
+    frames = [await track.recv() for _ in range(3)]
+    images = [frame.to_image().convert("L") for frame in frames]
+    assert all(image.size == (PATTERN_WIDTH, PATTERN_HEIGHT) for image in images)
+    digits = [image.crop((0, 0, PATTERN_WIDTH, PATTERN_DIGITS_HEIGHT)) for image in images]
+    # Large digits, more than half the band high, that change with the number.
+    box = lit_box(images[1], 0, PATTERN_DIGITS_HEIGHT)
+    assert box[3] - box[1] > PATTERN_DIGITS_HEIGHT // 2
+    assert digits[1].tobytes() != digits[2].tobytes()
+    # Beside them, something moves every frame: the ball on its rail.
+    balls = [lit_box(image, PATTERN_DIGITS_HEIGHT, PATTERN_CODE_TOP) for image in images]
+    assert balls[0][0] < balls[1][0] < balls[2][0]
+
+
+@pytest.mark.parametrize("number", [0, 7, 1234, 98765, 2**24 - 1])
+def test_every_number_fits_in_its_band_and_reads_back(number):
+    image = draw_pattern(number)
+    # No digit is cut at an edge of its band.
+    left, top, right, bottom = lit_box(image, 0, PATTERN_DIGITS_HEIGHT)
+    assert left > 0 and top > 0 and right < PATTERN_WIDTH and bottom < PATTERN_DIGITS_HEIGHT
+    frame = av.VideoFrame(width=PATTERN_WIDTH, height=PATTERN_HEIGHT, format="yuv420p")
+    frame.planes[0].update(image.tobytes())
+    assert read_pattern_number(frame) == number
 
 
 def test_a_frame_of_another_size_carries_no_number():

@@ -1,217 +1,199 @@
-"""A tiny raster canvas that writes PNG, for the interception experiment's figure.
+"""The interception experiment's figure, drawn with matplotlib and written as PNG and SVG.
 
-The design card keeps the dependencies to aiortc, pynacl, websockets, av and
-cryptography, and PyAV's FFmpeg has no text renderer, so the figure is drawn here:
-filled boxes, polylines, scaled RGB images and a 5x7 bitmap font, encoded as an
-8-bit RGB PNG with zlib.
+One row per cell: what the experiment measured and its verdict, then 20 ms of alice's tone as
+she sent it, as bob heard it and as the hub recovered it, and the last picture of her test
+pattern that the hub decoded, large enough to read its frame number (or "no frame").
+
+Only the experiment imports this module: matplotlib is the ``demo`` extra, which no product
+command needs. It uses matplotlib's object API (``Figure``), not pyplot, so that drawing keeps
+no global state and needs no GUI backend.
 """
 
-import struct
-import zlib
+from __future__ import annotations
+
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-Color = tuple[int, int, int]
+import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.transforms import ScaledTranslation
+from PIL import Image
 
-BLACK: Color = (0, 0, 0)
-WHITE: Color = (255, 255, 255)
-GREY: Color = (150, 150, 150)
-LIGHT_GREY: Color = (235, 235, 235)
-RED: Color = (200, 30, 30)
-GREEN: Color = (30, 140, 60)
-BLUE: Color = (30, 80, 200)
+from client.media import TONE_AMPLITUDE
 
-# 5x7 glyphs, one 5-bit row per entry, most significant bit on the left
-# (the HD44780 character ROM shapes). Lower case is drawn as upper case.
-_GLYPHS: dict[str, tuple[int, ...]] = {
-    " ": (0, 0, 0, 0, 0, 0, 0),
-    "0": (0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E),
-    "1": (0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E),
-    "2": (0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F),
-    "3": (0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E),
-    "4": (0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02),
-    "5": (0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E),
-    "6": (0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E),
-    "7": (0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08),
-    "8": (0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E),
-    "9": (0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C),
-    "A": (0x0E, 0x11, 0x11, 0x11, 0x1F, 0x11, 0x11),
-    "B": (0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E),
-    "C": (0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E),
-    "D": (0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C),
-    "E": (0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F),
-    "F": (0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10),
-    "G": (0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F),
-    "H": (0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11),
-    "I": (0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E),
-    "J": (0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C),
-    "K": (0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11),
-    "L": (0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F),
-    "M": (0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11),
-    "N": (0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11),
-    "O": (0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E),
-    "P": (0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10),
-    "Q": (0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D),
-    "R": (0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11),
-    "S": (0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E),
-    "T": (0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04),
-    "U": (0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E),
-    "V": (0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04),
-    "W": (0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A),
-    "X": (0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11),
-    "Y": (0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04),
-    "Z": (0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F),
-    ".": (0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C),
-    ",": (0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08),
-    ":": (0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00),
-    "-": (0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00),
-    "_": (0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1F),
-    "/": (0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00),
-    "(": (0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02),
-    ")": (0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08),
-    "%": (0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03),
-    "=": (0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00),
-    "+": (0x00, 0x04, 0x04, 0x1F, 0x04, 0x04, 0x00),
-    "<": (0x02, 0x04, 0x08, 0x10, 0x08, 0x04, 0x02),
-    ">": (0x08, 0x04, 0x02, 0x01, 0x02, 0x04, 0x08),
-    "?": (0x0E, 0x11, 0x01, 0x02, 0x04, 0x00, 0x04),
-    "!": (0x04, 0x04, 0x04, 0x04, 0x00, 0x00, 0x04),
-}
-GLYPH_WIDTH = 5
-GLYPH_HEIGHT = 7
+SENT, HEARD, RECOVERED = "black", "#1e8c3c", "#c81e1e"
+AS_EXPECTED, NOT_AS_EXPECTED = "#1e8c3c", "#c81e1e"
+PANEL_BACKGROUND = "#f2f2f2"
+QUIET = "#777777"
+WINDOW_SAMPLES = 960  # 20 ms of 48 kHz audio per panel: about 9 cycles of the 440 Hz tone
+DPI = 100
+
+# Inches. The picture column is 4:3 like the pattern, and tall enough that the pattern's digits
+# come out about 60 pixels high in the PNG.
+LABEL_WIDTH = 4.2
+WAVE_WIDTH = 2.9
+PICTURE_WIDTH = 2.4
+ROW_HEIGHT = 2.2
+PANEL_HEIGHT = 1.8
+HEADER_HEIGHT = 1.0
+GAP = 0.2
+FILES = ("figure.png", "figure.svg")
+LABEL_CHARACTERS = 46  # of 10-point text in a line of the label column
+LINE_SPACING = 1.3
 
 
-def encode_png(width: int, height: int, rgb: bytes) -> bytes:
-    """Encode packed 8-bit RGB pixels, row by row from the top, as a PNG file."""
-    if width <= 0 or height <= 0 or len(rgb) != width * height * 3:
-        raise ValueError(f"need {width}x{height}x3 bytes of RGB, got {len(rgb)}")
-    stride = width * 3
-    # Filter type 0 (none) before every scanline.
-    raw = b"".join(b"\x00" + rgb[row * stride : (row + 1) * stride] for row in range(height))
+@dataclass(frozen=True)
+class FigureRow:
+    """One cell of the experiment as the figure shows it."""
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    title: str
+    measured: Sequence[str]  # one line each
+    verdict: str  # "HEAD: explanation"; the head is shown in bold
+    as_expected: bool
+    sent: Sequence[int]  # 48 kHz samples
+    heard: Sequence[int]
+    recovered: Sequence[int]
+    picture: Image.Image | None  # the hub's last decoded picture of alice's pattern
+    picture_caption: str
+
+
+def window(samples: Sequence[int]) -> list[float]:
+    """20 ms from the middle, scaled so that the sent tone's peak reaches the panel's edge."""
+    start = max(0, len(samples) // 2 - WINDOW_SAMPLES // 2)
+    scale = TONE_AMPLITUDE * 32767
+    return [sample / scale for sample in samples[start : start + WINDOW_SAMPLES]]
+
+
+def draw_figure(rows: Sequence[FigureRow], valid: bool) -> Figure:
+    """The whole figure: a title that says whether the experiment is valid (its control
+    worked), the column names, then one row per cell."""
+    width = LABEL_WIDTH + 3 * (WAVE_WIDTH + GAP) + PICTURE_WIDTH + GAP
+    height = HEADER_HEIGHT + ROW_HEIGHT * len(rows)
+    figure = Figure(figsize=(width, height), dpi=DPI, facecolor="white")
+
+    def place(left: float, top: float, panel_width: float) -> Axes:
+        """A panel ``left`` inches from the figure's left edge and ``top`` from its top."""
+        bottom = height - top - PANEL_HEIGHT
+        return figure.add_axes(
+            (left / width, bottom / height, panel_width / width, PANEL_HEIGHT / height)
         )
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
+    figure.text(
+        GAP / width,
+        1 - 0.4 / height,
+        "blindhub interception experiment: "
+        + ("valid" if valid else "INVALID (the control failed)"),
+        fontsize=18,
+        fontweight="bold",
+        color="black" if valid else NOT_AS_EXPECTED,
+        va="center",
     )
+    columns = (
+        ("sent by alice (20 ms of 440 Hz)", WAVE_WIDTH),
+        ("heard by bob", WAVE_WIDTH),
+        ("recovered by the hub", WAVE_WIDTH),
+        ("video the hub decoded", PICTURE_WIDTH),
+    )
+    left = LABEL_WIDTH
+    for name, panel_width in columns:
+        figure.text(left / width, 1 - 0.85 / height, name, fontsize=12, color=QUIET, va="center")
+        left += panel_width + GAP
+    for index, row in enumerate(rows):
+        top = HEADER_HEIGHT + index * ROW_HEIGHT
+        _draw_label(place(GAP, top, LABEL_WIDTH - 2 * GAP), row)
+        left = LABEL_WIDTH
+        for samples, color, empty in (
+            (row.sent, SENT, ""),
+            (row.heard, HEARD, "nothing heard"),
+            (row.recovered, RECOVERED, "nothing recovered"),
+        ):
+            _draw_wave(place(left, top, WAVE_WIDTH), samples, color, empty)
+            left += WAVE_WIDTH + GAP
+        _draw_picture(place(left, top, PICTURE_WIDTH), row.picture, row.picture_caption)
+    return figure
 
 
-class Canvas:
-    """An RGB raster with the few drawing operations the experiment's figure needs."""
+def _draw_label(axes: Axes, row: FigureRow) -> None:
+    """The cell's title, what was measured and the verdict, stacked down from the top."""
+    axes.set_axis_off()
+    color = AS_EXPECTED if row.as_expected else NOT_AS_EXPECTED
+    head, _, explanation = row.verdict.partition(": ")
+    measured = [
+        textwrap.fill(line, LABEL_CHARACTERS, subsequent_indent="  ", break_on_hyphens=False)
+        for line in row.measured
+    ]
+    blocks = (
+        (row.title, 14, "bold", "black"),
+        ("\n".join(measured), 10, "normal", "black"),
+        (head, 11, "bold", color),
+        (
+            textwrap.fill(explanation, LABEL_CHARACTERS + 8, break_on_hyphens=False),
+            9,
+            "normal",
+            color,
+        ),
+    )
+    below = 0.0  # points from the top
+    for text, size, weight, text_color in blocks:
+        offset = ScaledTranslation(0, -below / 72, axes.figure.dpi_scale_trans)
+        axes.text(
+            0,
+            1,
+            text,
+            fontsize=size,
+            fontweight=weight,
+            color=text_color,
+            va="top",
+            linespacing=LINE_SPACING,
+            transform=axes.transAxes + offset,
+        )
+        below += (text.count("\n") + 1) * size * LINE_SPACING + size * 0.6
 
-    def __init__(self, width: int, height: int, background: Color = WHITE) -> None:
-        self.width = width
-        self.height = height
-        self._pixels = bytearray(bytes(background) * (width * height))
 
-    def pixel(self, x: int, y: int) -> Color:
-        offset = (y * self.width + x) * 3
-        red, green, blue = self._pixels[offset : offset + 3]
-        return red, green, blue
+def _draw_wave(axes: Axes, samples: Sequence[int], color: str, empty: str) -> None:
+    axes.set_facecolor(PANEL_BACKGROUND)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.set_ylim(-1.15, 1.15)
+    axes.set_xlim(0, WINDOW_SAMPLES - 1)
+    axes.axhline(0, color=QUIET, linewidth=0.5)
+    values = window(samples)
+    if values:
+        axes.plot(values, color=color, linewidth=1.2)
+    else:
+        axes.text(0.5, 0.7, empty, color=QUIET, fontsize=11, ha="center", transform=axes.transAxes)
 
-    def set_pixel(self, x: int, y: int, color: Color) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            offset = (y * self.width + x) * 3
-            self._pixels[offset : offset + 3] = bytes(color)
 
-    def fill_rect(self, x: int, y: int, width: int, height: int, color: Color) -> None:
-        left, right = max(x, 0), min(x + width, self.width)
-        if left >= right:
-            return
-        row_bytes = bytes(color) * (right - left)
-        for row in range(max(y, 0), min(y + height, self.height)):
-            offset = (row * self.width + left) * 3
-            self._pixels[offset : offset + len(row_bytes)] = row_bytes
+def _draw_picture(axes: Axes, picture: Image.Image | None, caption: str) -> None:
+    axes.set_xticks([])
+    axes.set_yticks([])
+    if picture is not None:
+        axes.imshow(picture, interpolation="antialiased")
+    else:
+        axes.set_facecolor(PANEL_BACKGROUND)
+        axes.text(
+            0.5,
+            0.5,
+            "no frame",
+            color=NOT_AS_EXPECTED,
+            fontsize=16,
+            fontweight="bold",
+            ha="center",
+            va="center",
+            transform=axes.transAxes,
+        )
+    axes.set_xlabel(caption, fontsize=9, color=QUIET, labelpad=3)
 
-    def outline_rect(self, x: int, y: int, width: int, height: int, color: Color) -> None:
-        self.fill_rect(x, y, width, 1, color)
-        self.fill_rect(x, y + height - 1, width, 1, color)
-        self.fill_rect(x, y, 1, height, color)
-        self.fill_rect(x + width - 1, y, 1, height, color)
 
-    def line(self, x0: int, y0: int, x1: int, y1: int, color: Color) -> None:
-        """Bresenham's line, both ends included."""
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        step_x, step_y = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        error = dx + dy
-        while True:
-            self.set_pixel(x0, y0, color)
-            if x0 == x1 and y0 == y1:
-                return
-            doubled = 2 * error
-            if doubled >= dy:
-                error += dy
-                x0 += step_x
-            if doubled <= dx:
-                error += dx
-                y0 += step_y
-
-    def text(self, x: int, y: int, text: str, color: Color = BLACK, scale: int = 1) -> int:
-        """Draw one line of text; return the x just past it. Unknown characters draw as '?'."""
-        for character in text.upper():
-            rows = _GLYPHS.get(character, _GLYPHS["?"])
-            for row_index, bits in enumerate(rows):
-                for column in range(GLYPH_WIDTH):
-                    if bits & (1 << (GLYPH_WIDTH - 1 - column)):
-                        self.fill_rect(
-                            x + column * scale, y + row_index * scale, scale, scale, color
-                        )
-            x += (GLYPH_WIDTH + 1) * scale
-        return x
-
-    def waveform(
-        self,
-        x: int,
-        y: int,
-        width: int,
-        height: int,
-        samples: Sequence[float],
-        color: Color,
-    ) -> None:
-        """Plot samples in [-1, 1] across a framed panel, one column per step."""
-        self.fill_rect(x, y, width, height, LIGHT_GREY)
-        self.outline_rect(x, y, width, height, GREY)
-        middle = y + height // 2
-        self.line(x, middle, x + width - 1, middle, GREY)
-        if not samples:
-            return
-        half = (height - 4) / 2
-        previous: tuple[int, int] | None = None
-        for column in range(width):
-            sample = samples[min(len(samples) - 1, column * len(samples) // width)]
-            point = (x + column, round(middle - max(-1.0, min(1.0, sample)) * half))
-            if previous is not None:
-                self.line(*previous, *point, color)
-            previous = point
-
-    def image(
-        self,
-        x: int,
-        y: int,
-        width: int,
-        height: int,
-        rgb: bytes,
-        source_width: int,
-        source_height: int,
-    ) -> None:
-        """Blit packed RGB pixels scaled (nearest neighbour) into a box."""
-        if len(rgb) != source_width * source_height * 3:
-            raise ValueError("image size does not match its pixels")
-        for row in range(height):
-            source_row = row * source_height // height
-            for column in range(width):
-                offset = (source_row * source_width + column * source_width // width) * 3
-                red, green, blue = rgb[offset : offset + 3]
-                self.set_pixel(x + column, y + row, (red, green, blue))
-
-    def to_png(self) -> bytes:
-        return encode_png(self.width, self.height, bytes(self._pixels))
+def write_figure(figure: Figure, directory: Path) -> list[Path]:
+    """Write ``figure.png`` and ``figure.svg`` into ``directory``; return their paths."""
+    paths = [directory / name for name in FILES]
+    # Text stays text in the SVG (searchable, and a tenth of the size as paths); a fixed hash
+    # salt and no date make the same figure the same file.
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "blindhub"}):
+        for path in paths:
+            figure.savefig(path, dpi=DPI, metadata={"Date": None} if path.suffix == ".svg" else {})
+    return paths

@@ -41,7 +41,6 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import RtpPacket
 
-from client.experiment.figure import encode_png
 from client.frame_transform import (
     SDP_ERRORS,
     install_packet_observer,
@@ -284,25 +283,6 @@ def write_wav(path: Path, audio: RecoveredAudio) -> None:
         wav.writeframes(little_endian.tobytes())
 
 
-def packed_rgb(frame: av.VideoFrame) -> tuple[int, int, bytes]:
-    """A decoded video frame as ``(width, height, rgb)``: 3 bytes a pixel, row after row."""
-    rgb = frame.reformat(format="rgb24")
-    plane = rgb.planes[0]
-    row_bytes = rgb.width * 3
-    # Decoded planes are padded to their line size; keep only the visible pixels.
-    buffer = bytes(plane)
-    rows = b"".join(
-        buffer[row * plane.line_size : row * plane.line_size + row_bytes]
-        for row in range(rgb.height)
-    )
-    return rgb.width, rgb.height, rows
-
-
-def write_png(path: Path, frame: av.VideoFrame) -> None:
-    """Write a decoded video frame as a PNG file."""
-    path.write_bytes(encode_png(*packed_rgb(frame)))
-
-
 def media_kinds(sdp: str) -> list[Kind]:
     """The kinds of the media sections of an SDP, in order (RFC 8866 "m=" lines)."""
     kinds: list[Kind] = []
@@ -486,7 +466,7 @@ class MediaMitm:
 
     def recovered_video(self, direction: Direction) -> RecoveredVideo:
         """Decode one direction's video as recorded so far (each call decodes it again: keep
-        the result; `write_png` writes its last frame)."""
+        the result)."""
         return decode_vp8(self.intercepted(direction, "video"))
 
     async def intercept_offer(self, offer_sdp: str) -> str:

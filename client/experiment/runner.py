@@ -3,10 +3,11 @@
 Each cell runs one real call between two peers in this process, ``alice`` (in the room first,
 so she initiates and offers; she sends a 440 Hz tone and the test pattern) and ``bob`` (660 Hz
 and the pattern), through a `client.experiment.hostile_hub.HostileHub` with the cell's
-capabilities, with the peers applying the cell's `ExperimentOnlyLayers`. It then measures, from
-the media itself, what the peers heard and what the hub recovered, collects what the peers
-detected, and says whether the cell came out as the experiment claims. `run_experiment` runs the
-matrix; `Report` renders it as a table, as JSON and as a figure.
+capabilities, with the peers assembled for the cell's `Layers` (client/experiment/layers.py).
+It then measures, from the media itself, what the peers heard and what the hub recovered,
+collects what the peers detected, and says whether the cell came out as the experiment claims.
+`run_experiment` runs the matrix; `Report` renders it as a table, as JSON and as a figure
+(client/experiment/figure.py).
 
 The first cell is the control: plain WebRTC under the DTLS man in the middle. If the hub does
 not recover that call, the set-up cannot tell protection from a broken attack, and the whole
@@ -36,7 +37,7 @@ from client.call import (
     Verify,
 )
 from client.experiment.analysis import middle_second, tone_correlation
-from client.experiment.figure import BLACK, GREEN, GREY, RED, WHITE, Canvas
+from client.experiment.figure import FigureRow, draw_figure, write_figure
 from client.experiment.hostile_hub import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
 from client.experiment.media_mitm import (
     TAMPER_ACTIONS,
@@ -46,13 +47,10 @@ from client.experiment.media_mitm import (
     MediaTamper,
     RecoveredAudio,
     RecoveredVideo,
-    packed_rgb,
-    write_png,
     write_wav,
 )
 from client.media import (
     SAMPLE_RATE,
-    TONE_AMPLITUDE,
     PatternTrack,
     ReceivedMedia,
     ToneTrack,
@@ -171,11 +169,9 @@ class Cell:
     media_tampered: dict[str, dict[str, dict[str, int]]]
     # For the figure and the files: alice's tone as sent and as bob heard it; what the hub's
     # decoders made of each direction, decoded once (empty without the hub in the media path);
-    # the hub's last decoded picture (RGB) of alice's pattern.
     sent: array[int] = field(repr=False)
     heard: array[int] = field(repr=False)
     hub_recovered: dict[Direction, tuple[RecoveredAudio, RecoveredVideo]] = field(repr=False)
-    recovered_picture: tuple[int, int, bytes] | None = field(repr=False, default=None)
     mitm: MediaMitm | None = field(repr=False, default=None)
 
     @property
@@ -183,6 +179,12 @@ class Cell:
         """Alice's tone as the hub recovered it."""
         from_alice = self.hub_recovered.get(Direction.OFFERER_TO_ANSWERER)
         return from_alice[0].samples if from_alice is not None else array("h")
+
+    @property
+    def recovered_video(self) -> RecoveredVideo | None:
+        """What the hub's decoder made of alice's video (None: it was not in the media path)."""
+        from_alice = self.hub_recovered.get(Direction.OFFERER_TO_ANSWERER)
+        return from_alice[1] if from_alice is not None else None
 
     @property
     def peer_audio_correlation(self) -> float:
@@ -567,15 +569,12 @@ def _measure(
     )
     hub_correlation = hub_seconds = 0.0
     hub_video = 0
-    picture = None
     for direction, (audio, video) in hub_recovered.items():
         hub_correlation = max(
             hub_correlation, correlation(audio.samples, DIRECTION_TONES[direction])
         )
         hub_seconds += audio.seconds
         hub_video += video.frames_decoded
-        if direction is Direction.OFFERER_TO_ANSWERER and video.last_frame is not None:
-            picture = packed_rgb(video.last_frame)
     detected = sorted({what for peer in peers.values() for what in peer.detections})
     tamper = attack.media_tamper
     cell = Cell(
@@ -597,7 +596,6 @@ def _measure(
         sent=tone_samples(TONES[ALICE], 0, SAMPLE_RATE),
         heard=calls[BOB].received.samples,
         hub_recovered=hub_recovered,
-        recovered_picture=picture,
         mitm=mitm,
     )
     if cell.sas_differs:
@@ -651,7 +649,8 @@ def _file_stem(index: int, cell: Cell) -> str:
 
 
 def write_outputs(report: Report, directory: Path) -> list[Path]:
-    """report.json, the hub's recovered WAV and PNG files, and figure.png; returns the paths."""
+    """report.json, the hub's recovered WAV and PNG files, and the figure as PNG and SVG;
+    returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for index, cell in enumerate(report.cells, 1):
@@ -662,76 +661,44 @@ def write_outputs(report: Report, directory: Path) -> list[Path]:
                 write_wav(written[-1], audio)
             if video.last_frame is not None:
                 written.append(directory / f"{stem}.png")
-                write_png(written[-1], video.last_frame)
+                video.last_frame.to_image().save(written[-1])
     report_path = directory / "report.json"
     report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-    figure_path = directory / "figure.png"
-    figure_path.write_bytes(draw_figure(report))
-    return [report_path, *written, figure_path]
+    figure = draw_figure(figure_rows(report), report.valid)
+    return [report_path, *written, *write_figure(figure, directory)]
 
 
-# Room for a 30-character cell title at scale 2 (12 pixels a character) and its margin.
-LABEL_WIDTH = 30 * 12 + 2 * 10
-PANEL_WIDTH = 220
-PANEL_HEIGHT = 64
-PICTURE_WIDTH = 86
-ROW_HEIGHT = 84
-MARGIN = 10
-TITLE_HEIGHT = 40
-WINDOW_SAMPLES = 960  # 20 ms of audio per panel
-
-
-def _window(samples: Sequence[int]) -> list[float]:
-    """20 ms from the middle, scaled so the sent tone's peak reaches the panel's edge."""
-    if not samples:
-        return []
-    start = max(0, len(samples) // 2 - WINDOW_SAMPLES // 2)
-    scale = TONE_AMPLITUDE * 32767
-    return [sample / scale for sample in samples[start : start + WINDOW_SAMPLES]]
-
-
-def draw_figure(report: Report) -> bytes:
-    """The grid: per cell, alice's tone as sent, as bob heard it, as the hub recovered it, and
-    the hub's recovered picture of her pattern (or its absence)."""
-    columns = ("SENT BY ALICE", "HEARD BY BOB", "RECOVERED BY THE HUB", "HUB VIDEO")
-    width = LABEL_WIDTH + 3 * (PANEL_WIDTH + MARGIN) + PICTURE_WIDTH + 2 * MARGIN
-    height = TITLE_HEIGHT + ROW_HEIGHT * len(report.cells) + MARGIN
-    canvas = Canvas(width, height)
-    title = "BLINDHUB INTERCEPTION EXPERIMENT: " + (
-        "VALID" if report.valid else "INVALID (CONTROL FAILED)"
-    )
-    canvas.text(MARGIN, 8, title, BLACK if report.valid else RED, scale=2)
-    x = LABEL_WIDTH
-    for name in columns:
-        canvas.text(x, 28, name, GREY)
-        x += PANEL_WIDTH + MARGIN
-    for row, cell in enumerate(report.cells):
-        top = TITLE_HEIGHT + row * ROW_HEIGHT
+def figure_rows(report: Report) -> list[FigureRow]:
+    """The report's rows of the figure: per cell, alice's tone as sent, as bob heard it, as the
+    hub recovered it, and the hub's last picture of her pattern (or its absence)."""
+    rows = []
+    for index, cell in enumerate(report.cells, 1):
         expected, verdict = cell.judge()
-        color = GREEN if expected else RED
-        canvas.text(MARGIN, top + 4, f"{row + 1}. {cell.scenario.name}", BLACK, scale=2)
-        canvas.text(
-            MARGIN,
-            top + 24,
-            f"PEERS {cell.peer_audio_correlation:.2f}  HUB {cell.hub_audio_correlation:.2f}",
-            color,
-        )
-        canvas.text(MARGIN, top + 36, f"HUB VIDEO FRAMES {cell.hub_decoded_video_frames}", color)
-        canvas.text(MARGIN, top + 48, ", ".join(cell.detected)[:48] or "NOTHING DETECTED", color)
-        canvas.text(MARGIN, top + 60, verdict.split(":")[0], color)
-        x = LABEL_WIDTH
-        for samples, wave_color in ((cell.sent, BLACK), (cell.heard, GREEN), (cell.recovered, RED)):
-            canvas.waveform(x, top + 4, PANEL_WIDTH, PANEL_HEIGHT, _window(samples), wave_color)
-            x += PANEL_WIDTH + MARGIN
-        picture_height = PICTURE_WIDTH * 3 // 4
-        if cell.recovered_picture is not None:
-            source_width, source_height, rgb = cell.recovered_picture
-            canvas.image(
-                x, top + 4, PICTURE_WIDTH, picture_height, rgb, source_width, source_height
-            )
+        video = cell.recovered_video
+        if video is None:
+            caption = "the hub was not in the media path"
+        elif video.last_frame is None:
+            caption = "the hub decoded no video"
         else:
-            canvas.fill_rect(x, top + 4, PICTURE_WIDTH, picture_height, WHITE)
-            canvas.outline_rect(x, top + 4, PICTURE_WIDTH, picture_height, GREY)
-            canvas.line(x, top + 4, x + PICTURE_WIDTH - 1, top + 3 + picture_height, GREY)
-            canvas.text(x + 18, top + 4 + picture_height // 2 - 3, "NO FRAME", RED)
-    return canvas.to_png()
+            caption = f"the last of {video.frames_decoded} frames it decoded"
+        rows.append(
+            FigureRow(
+                title=f"{index}. {cell.scenario.name}",
+                measured=(
+                    f"tone correlation: peers {cell.peer_audio_correlation:.2f}, "
+                    f"hub {cell.hub_audio_correlation:.2f}",
+                    f"video frames the hub decoded: {cell.hub_decoded_video_frames}",
+                    f"detected: {', '.join(cell.detected) or 'nothing'}",
+                ),
+                verdict=verdict,
+                as_expected=expected,
+                sent=cell.sent,
+                heard=cell.heard,
+                recovered=cell.recovered,
+                picture=None
+                if video is None or video.last_frame is None
+                else video.last_frame.to_image(),
+                picture_caption=caption,
+            )
+        )
+    return rows
