@@ -1,4 +1,4 @@
-from client.frame_crypto import SFrameReceiver, SFrameSender
+from crypto.frame_crypto import MediaKey, SFrameReceiver, SFrameSender
 from crypto.sframe import AuthenticationError, SFrameError, SFrameHeader, UnknownKeyError
 
 KEY = bytes(range(32))
@@ -7,8 +7,8 @@ OTHER_KEY = bytes(range(1, 33))
 
 def pair(kid: int = 4):
     sender, receiver = SFrameSender(), SFrameReceiver()
-    sender.use_key(kid, KEY)
-    receiver.add_key(kid, KEY)
+    sender.use_key(MediaKey(0, kid, KEY))
+    receiver.add_key(MediaKey(0, kid, KEY))
     return sender, receiver
 
 
@@ -75,7 +75,7 @@ def test_failures_are_counted_by_reason_and_failed_is_their_total():
     assert first is not None and second is not None
     altered = first[:-1] + bytes([first[-1] ^ 1])
     stranger = SFrameSender()
-    stranger.use_key(9, OTHER_KEY)
+    stranger.use_key(MediaKey(0, 9, OTHER_KEY))
     unknown = stranger.transform("audio")(b"from a stranger")
     assert unknown is not None
     inputs = [altered, first, first, second, first, unknown, b"", second]
@@ -99,14 +99,14 @@ def test_a_new_key_replaces_the_old_one_and_old_frames_need_the_old_receive_key(
     sender, receiver = pair(kid=0)
     protect, unprotect = sender.transform("audio"), receiver.transform("audio")
     old = protect(b"old")
-    sender.use_key(2, OTHER_KEY)
+    sender.use_key(MediaKey(1, 2, OTHER_KEY))
     assert sender.kid == 2
     new = protect(b"new")
     assert new is not None and SFrameHeader.parse(new)[0].kid == 2
     failures: list[SFrameError] = []
     assert receiver.transform("audio", failures.append)(new) is None
     assert isinstance(failures[0], UnknownKeyError)
-    receiver.add_key(2, OTHER_KEY)
+    receiver.add_key(MediaKey(1, 2, OTHER_KEY))
     assert unprotect(new) == b"new" and unprotect(old or b"") == b"old"
     assert receiver.kids == {0, 2}
     receiver.remove_key(0)

@@ -33,16 +33,13 @@ from crypto.identity import (
     b64decode,
     b64encode,
 )
-from crypto.sealed import (
-    LABEL_PREFIX,
-    MalformedMessage,
-    Role,
-    UnexpectedMessage,
-    WrongCall,
+from crypto.messages import (
+    MalformedCallMessage,
+    UnexpectedCallMessage,
     decode_message,
     encode_message,
-    length_prefixed,
 )
+from crypto.sealed import LABEL_PREFIX, Role, WrongCall, length_prefixed
 from crypto.sframe import CipherSuite
 from tests.vectors.make_handshake_vectors import (
     VECTORS_PATH,
@@ -108,10 +105,11 @@ def test_full_handshake_gives_both_sides_the_same_keys_and_sas():
     assert mine.sas == theirs.sas
     assert mine.transcript_hash == theirs.transcript_hash
     assert mine.suite == theirs.suite == GCM  # the initiator's preference wins
-    assert (mine.send_kid, mine.send_base_key) == (theirs.recv_kid, theirs.recv_base_key)
-    assert (mine.recv_kid, mine.recv_base_key) == (theirs.send_kid, theirs.send_base_key)
-    assert mine.send_kid != mine.recv_kid and {mine.send_kid, mine.recv_kid} == {0, 1}
-    assert len(mine.send_base_key) == 32 and mine.send_base_key != mine.recv_base_key
+    send, receive = mine.initial_keys.switch_send, mine.initial_keys.install_receive
+    assert send is not None and receive is not None
+    assert (send, receive) == (theirs.initial_keys.install_receive, theirs.initial_keys.switch_send)
+    assert (send.epoch, receive.epoch) == (0, 0) and {send.kid, receive.kid} == {0, 1}
+    # 32-byte, distinct base keys: tests/vectors/handshake.json, checked below.
     assert mine.peer_identity == BOB.public_key and theirs.peer_identity == ALICE.public_key
     assert (mine.peer_name, theirs.peer_name) == ("bob", "alice")
     groups = mine.sas.split(" ")
@@ -121,14 +119,17 @@ def test_full_handshake_gives_both_sides_the_same_keys_and_sas():
 def test_fresh_randomness_gives_a_fresh_sas_and_keys():
     first, _ = run(*pair(seed="a"))
     second, _ = run(*pair(seed="b"))
-    assert first.sas != second.sas and first.send_base_key != second.send_base_key
+    assert first.sas != second.sas and first.initial_keys != second.initial_keys
 
 
 def test_reprs_hide_every_secret():
     mine, _ = run(*pair())
     text = repr(mine) + repr(mine.channel) + repr(mine.channel.keys)
-    for secret in (mine.send_base_key, mine.recv_base_key, mine.channel.keys.seal_send):
+    for secret in (mine.channel.keys.seal_send, mine.channel.keys.seal_receive):
         assert secret.hex() not in text and b64encode(secret) not in text
+    # A media key shows its epoch and KID and nothing else.
+    assert "KeyUpdate(install_receive=MediaKey(epoch=0, kid=1), " in text
+    assert "switch_send=MediaKey(epoch=0, kid=0))" in text
     assert mine.sas in text  # not secret: it is read aloud
 
 
@@ -209,7 +210,7 @@ def test_malformed_names_are_rejected(bad_name):
             message["name"] = bad_name
         return message
 
-    with pytest.raises(MalformedMessage, match="'name'"):
+    with pytest.raises(MalformedCallMessage, match="'name'"):
         run(*pair(), rename)
     with pytest.raises(LocalError, match="own name"):
         Initiator(ALICE, "c", [GCM], seeded_random("x"), name=bad_name)
@@ -301,8 +302,8 @@ FLIPS = {
 RECEIVER = {"commit": "responder", "accept": "initiator", "reveal": "responder"}
 RECEIVER["confirm"] = "initiator"
 for _name, _receiver in RECEIVER.items():
-    FLIPS[(_name, "v")] = (MalformedMessage, _receiver)
-    FLIPS[(_name, "type")] = (UnexpectedMessage, _receiver)
+    FLIPS[(_name, "v")] = (MalformedCallMessage, _receiver)
+    FLIPS[(_name, "type")] = (UnexpectedCallMessage, _receiver)
     FLIPS[(_name, "call_id")] = (WrongCall, _receiver)
 
 
@@ -348,7 +349,7 @@ def test_extra_or_missing_fields_are_malformed(name):
         return message
 
     for tamper in (add, drop):
-        with pytest.raises(MalformedMessage):
+        with pytest.raises(MalformedCallMessage):
             run(*pair(), tamper)
 
 
@@ -388,7 +389,7 @@ def test_a_chosen_suite_that_was_not_offered_is_rejected():
             message["suite"] = int(CipherSuite.AES_128_CTR_HMAC_SHA256_32)
         return message
 
-    with pytest.raises(MalformedMessage, match="not offered"):
+    with pytest.raises(MalformedCallMessage, match="not offered"):
         run(*pair(), downgrade)
 
 
@@ -410,7 +411,7 @@ def test_api_misuse_is_a_local_error():
 def test_messages_after_completion_are_unexpected():
     initiator, responder = pair()
     run(initiator, responder)
-    with pytest.raises(UnexpectedMessage):
+    with pytest.raises(UnexpectedCallMessage):
         responder.receive(initiator.result.channel.seal({"x": 1}))
 
 
@@ -433,7 +434,7 @@ JSON = st.recursive(
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200) | st.text(max_size=200))
 def test_decode_message_raises_only_malformed(data):
-    with contextlib.suppress(MalformedMessage):
+    with contextlib.suppress(MalformedCallMessage):
         decode_message(data)
 
 
@@ -544,3 +545,13 @@ def test_vectors_recomputed_from_first_principles():
         bytes(12), b64decode(sealed["ciphertext"]), associated
     )
     assert json.loads(plaintext) == {"kind": "app", "content": vectors["sealed"]["content"]}
+    # Each epoch's two SFrame base keys are 32 bytes and distinct.
+    for epoch in (vectors["epoch0"], vectors["rekey"]["epoch1"]):
+        base_keys = {
+            bytes.fromhex(epoch[f"sframe_{who}"]["base_key"]) for who in ("initiator", "responder")
+        }
+        assert len(base_keys) == 2 and {len(key) for key in base_keys} == {32}
+    assert (
+        vectors["epoch0"]["sframe_initiator"]["base_key"]
+        != vectors["rekey"]["epoch1"]["sframe_initiator"]["base_key"]
+    )

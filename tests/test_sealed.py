@@ -7,21 +7,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.errors import LocalError, RemoteError
+from crypto.frame_crypto import KeyUpdate, MediaKey
 from crypto.identity import b64decode, b64encode
+from crypto.messages import (
+    MalformedCallMessage,
+    UnexpectedCallMessage,
+    decode_message,
+    encode_message,
+)
 from crypto.sealed import (
     MAX_SEALED_CONTENT_SIZE,
     DecryptionFailed,
-    MalformedMessage,
     Received,
     Role,
     SealedChannel,
     SealedGap,
     SealedReorder,
     SealedReplay,
-    UnexpectedMessage,
-    decode_message,
     derive_epoch_keys,
-    encode_message,
+    hkdf_expand,
     x25519_shared_secret,
 )
 from tests.vectors.make_handshake_vectors import seeded_random
@@ -140,15 +144,21 @@ def test_messages_are_bound_to_their_direction_and_call():
 @pytest.mark.parametrize(
     ("message", "error"),
     [
-        ({"v": 1, "type": "commit"}, UnexpectedMessage),
-        ({"v": 2, "type": "sealed"}, MalformedMessage),
-        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0}, MalformedMessage),
-        ({"v": 1, "type": "sealed", "epoch": -1, "seq": 0, "ciphertext": ""}, MalformedMessage),
-        ({"v": 1, "type": "sealed", "epoch": 0, "seq": True, "ciphertext": ""}, MalformedMessage),
-        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "A="}, MalformedMessage),
+        ({"v": 1, "type": "commit"}, UnexpectedCallMessage),
+        ({"v": 2, "type": "sealed"}, MalformedCallMessage),
+        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0}, MalformedCallMessage),
+        ({"v": 1, "type": "sealed", "epoch": -1, "seq": 0, "ciphertext": ""}, MalformedCallMessage),
+        (
+            {"v": 1, "type": "sealed", "epoch": 0, "seq": True, "ciphertext": ""},
+            MalformedCallMessage,
+        ),
+        (
+            {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "A="},
+            MalformedCallMessage,
+        ),
         ({"v": 1, "type": "sealed", "epoch": 7, "seq": 0, "ciphertext": ""}, DecryptionFailed),
         ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}, DecryptionFailed),
-        ([], MalformedMessage),
+        ([], MalformedCallMessage),
     ],
 )
 def test_malformed_sealed_messages(message, error):
@@ -173,14 +183,15 @@ def test_rekey_gives_both_sides_matching_new_keys_in_a_safe_order():
     on_rekey, on_ack, on_done = rekey(alice, bob)
     # Bob installs Alice's new receive key first; only after that does Alice switch her
     # frames; Bob switches his only after Alice's rekey-done shows she holds his key.
-    assert on_rekey.install_receive is not None and on_rekey.switch_send is None
-    assert on_ack.switch_send == on_rekey.install_receive
-    assert on_done.switch_send == on_ack.install_receive
+    assert on_rekey.keys.install_receive is not None and on_rekey.keys.switch_send is None
+    assert on_ack.keys.switch_send == on_rekey.keys.install_receive
+    assert on_done.keys == KeyUpdate(switch_send=on_ack.keys.install_receive)
     assert on_done.replies == [] and on_done.content is None
     assert alice.keys.send == bob.keys.receive and alice.keys.receive == bob.keys.send
     assert (alice.keys.send.kid, alice.keys.receive.kid) == (2, 3)
     assert alice.epoch == bob.epoch == 1
-    assert alice.keys.send.base_key != epoch0.send.base_key
+    # (That epoch 1's base keys differ from epoch 0's: tests/vectors/handshake.json.)
+    assert alice.keys.send != epoch0.send
     assert not alice.rekey_in_progress and not bob.rekey_in_progress
     for sender, receiver in ((alice, bob), (bob, alice)):
         assert receiver.open(relay(sender.seal({"after": "rekey"}))).content == {"after": "rekey"}
@@ -257,9 +268,10 @@ def test_epoch_keys_are_distinct_per_direction_and_role_symmetric():
     initiator = derive_epoch_keys(SECRET, 0, Role.INITIATOR)
     responder = derive_epoch_keys(SECRET, 0, Role.RESPONDER)
     assert initiator.send == responder.receive and initiator.seal_send == responder.seal_receive
-    keys = {initiator.send.base_key, initiator.receive.base_key}
-    keys |= {initiator.seal_send, initiator.seal_receive}
-    assert len(keys) == 4
+    base_keys = [hkdf_expand(SECRET, f"sframe {role}") for role in ("initiator", "responder")]
+    assert initiator.send == MediaKey(0, 0, base_keys[0])
+    assert initiator.receive == MediaKey(0, 1, base_keys[1])
+    assert len({*base_keys, initiator.seal_send, initiator.seal_receive}) == 4
 
 
 # -- a misbehaving (authenticated) peer ----------------------------------------------------
@@ -273,18 +285,21 @@ def _peer_sends(sender: SealedChannel, inner: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("inner", "error"),
     [
-        ({"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(32))}, UnexpectedMessage),
-        ({"kind": "rekey-done", "epoch": 1}, UnexpectedMessage),
+        (
+            {"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(32))},
+            UnexpectedCallMessage,
+        ),
+        ({"kind": "rekey-done", "epoch": 1}, UnexpectedCallMessage),
         (
             {"kind": "rekey", "epoch": 5, "ephemeral": b64encode(bytes(range(32)))},
-            UnexpectedMessage,
+            UnexpectedCallMessage,
         ),
-        ({"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(32))}, MalformedMessage),
-        ({"kind": "rekey", "epoch": 1, "ephemeral": "AA"}, MalformedMessage),
-        ({"kind": "rekey", "epoch": "1", "ephemeral": "AA"}, MalformedMessage),
-        ({"kind": "hello"}, MalformedMessage),
-        ({"kind": "app", "content": [1]}, MalformedMessage),
-        ({"kind": "app", "content": {}, "extra": 1}, MalformedMessage),
+        ({"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(32))}, MalformedCallMessage),
+        ({"kind": "rekey", "epoch": 1, "ephemeral": "AA"}, MalformedCallMessage),
+        ({"kind": "rekey", "epoch": "1", "ephemeral": "AA"}, MalformedCallMessage),
+        ({"kind": "hello"}, MalformedCallMessage),
+        ({"kind": "app", "content": [1]}, MalformedCallMessage),
+        ({"kind": "app", "content": {}, "extra": 1}, MalformedCallMessage),
     ],
 )
 def test_misbehaving_peer_messages(inner, error):
@@ -299,7 +314,7 @@ def test_the_first_message_of_a_new_epoch_must_be_rekey_done():
     [ack] = bob.open(start).replies
     alice.open(ack)  # Alice is now in epoch 1; she skips her rekey-done
     alice._send_sequence -= 1
-    with pytest.raises(UnexpectedMessage, match="rekey-done"):
+    with pytest.raises(UnexpectedCallMessage, match="rekey-done"):
         bob.open(alice.seal({"too": "early"}))
 
 
@@ -338,14 +353,14 @@ AMBIGUOUS_JSON = [
 
 @pytest.mark.parametrize("text", AMBIGUOUS_JSON)
 def test_decode_message_refuses_duplicate_names_and_non_finite_numbers(text):
-    with pytest.raises(MalformedMessage, match="strict JSON"):
+    with pytest.raises(MalformedCallMessage, match="strict JSON"):
         decode_message(text)
 
 
 @pytest.mark.parametrize("text", AMBIGUOUS_JSON)
 def test_an_authenticated_peer_cannot_send_ambiguous_json_either(text):
     alice, bob = channels()
-    with pytest.raises(MalformedMessage, match="strict JSON"):
+    with pytest.raises(MalformedCallMessage, match="strict JSON"):
         bob.open(_peer_seals_text(alice, text))
 
 
@@ -366,7 +381,7 @@ def test_seal_refuses_non_finite_numbers():
 
 def test_small_order_ephemeral_is_rejected():
     private_key = X25519PrivateKey.from_private_bytes(bytes(range(32)))
-    with pytest.raises(MalformedMessage, match="small-order"):
+    with pytest.raises(MalformedCallMessage, match="small-order"):
         x25519_shared_secret(private_key, bytes(32))
 
 
@@ -404,5 +419,5 @@ def test_open_raises_only_typed_errors_on_sealed_shaped_messages(epoch, sequence
         "seq": sequence,
         "ciphertext": b64encode(ciphertext),
     }
-    with pytest.raises((MalformedMessage, DecryptionFailed)):
+    with pytest.raises((MalformedCallMessage, DecryptionFailed)):
         bob.open(message)
