@@ -392,7 +392,7 @@ class SealedChannel:
         message_class = INNER_MESSAGES.get(kind) if isinstance(kind, str) else None
         if message_class is None:
             raise MalformedCallMessage("unknown sealed message kind")
-        handler = _INNER_HANDLERS.get((self.rekey_state, message_class))
+        handler = INNER_HANDLERS.get((self.rekey_state, message_class))
         if handler is None:
             raise UnexpectedCallMessage(
                 f"a {kind!r} message is not accepted in rekey state {self.rekey_state.value}"
@@ -461,7 +461,7 @@ class SealedChannel:
 
 
 # What each inner message does in each rekey state; a pair not listed is unexpected.
-_INNER_HANDLERS: Mapping[tuple[RekeyState, type[InnerMessage]], _Handler] = {
+INNER_HANDLERS: Mapping[tuple[RekeyState, type[InnerMessage]], _Handler] = {
     (RekeyState.IDLE, App): SealedChannel._on_app,
     (RekeyState.IDLE, Rekey): SealedChannel._on_rekey,
     (RekeyState.REQUESTED, App): SealedChannel._on_app,

@@ -1,4 +1,9 @@
-from crypto.frame_crypto import MediaKey, SFrameReceiver, SFrameSender
+import copy
+import pickle
+
+import pytest
+
+from crypto.frame_crypto import KeyUpdate, MediaKey, SFrameReceiver, SFrameSender, apply_key_update
 from crypto.sframe import AuthenticationError, SFrameError, SFrameHeader, UnknownKeyError
 
 KEY = bytes(range(32))
@@ -111,3 +116,45 @@ def test_a_new_key_replaces_the_old_one_and_old_frames_need_the_old_receive_key(
     assert receiver.kids == {0, 2}
     receiver.remove_key(0)
     assert receiver.kids == {2}
+
+
+# -- key objects: the base key stays inside ------------------------------------------------
+
+
+def test_no_public_way_reads_a_media_keys_base_key():
+    key = MediaKey(2, 4, KEY)
+    assert not hasattr(key, "base_key") and not hasattr(key, "__dict__")
+    public = [getattr(key, name) for name in dir(key) if not name.startswith("_")]
+    assert all(not isinstance(value, bytes | bytearray | memoryview) for value in public)
+    assert (key.epoch, key.kid) == (2, 4)
+    assert repr(key) == "MediaKey(epoch=2, kid=4)" and KEY.hex() not in repr(key)
+    with pytest.raises(AttributeError):
+        key.kid = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        pickle.dumps(key)
+    assert copy.deepcopy(key) is key
+
+
+def test_media_keys_are_equal_by_epoch_kid_and_base_key():
+    assert MediaKey(0, 4, KEY) == MediaKey(0, 4, bytes(KEY))
+    assert MediaKey(0, 4, KEY) != MediaKey(0, 4, OTHER_KEY)
+    assert MediaKey(0, 4, KEY) != MediaKey(1, 4, KEY)
+    assert MediaKey(0, 4, KEY) != MediaKey(0, 5, KEY)
+    assert len({MediaKey(0, 4, KEY), MediaKey(0, 4, KEY)}) == 1
+
+
+def test_apply_key_update_installs_both_and_names_the_receive_kids_to_retire():
+    sender, receiver = SFrameSender(), SFrameReceiver()
+    first = KeyUpdate(install_receive=MediaKey(0, 1, KEY), switch_send=MediaKey(0, 0, KEY))
+    assert apply_key_update(first, sender, receiver) == frozenset()
+    assert (sender.kid, receiver.kids) == (0, frozenset({1}))
+    assert apply_key_update(
+        KeyUpdate(install_receive=MediaKey(1, 3, OTHER_KEY)), sender, receiver
+    ) == {1}
+    assert (sender.kid, receiver.kids) == (0, frozenset({1, 3}))
+    assert (
+        apply_key_update(KeyUpdate(switch_send=MediaKey(1, 2, OTHER_KEY)), sender, receiver)
+        == set()
+    )
+    assert (sender.kid, receiver.kids) == (2, frozenset({1, 3}))
+    assert apply_key_update(KeyUpdate(), sender, receiver) == frozenset()

@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.errors import CryptoError, LocalError, RemoteError
+from crypto.frame_crypto import KeyUpdate, SFrameReceiver, SFrameSender, apply_key_update
 from crypto.handshake import (
+    HANDLERS,
     CommitmentMismatch,
     HandshakeResult,
     HandshakeState,
@@ -34,7 +36,12 @@ from crypto.identity import (
     b64encode,
 )
 from crypto.messages import (
+    HANDSHAKE_MESSAGES,
+    Accept,
+    Commit,
+    Confirm,
     MalformedCallMessage,
+    Reveal,
     UnexpectedCallMessage,
     decode_message,
     encode_message,
@@ -555,3 +562,135 @@ def test_vectors_recomputed_from_first_principles():
         vectors["epoch0"]["sframe_initiator"]["base_key"]
         != vectors["rekey"]["epoch1"]["sframe_initiator"]["base_key"]
     )
+
+
+# -- the dispatch table, failures and interruptions ----------------------------------------
+
+
+def recorded_messages() -> dict[str, dict[str, Any]]:
+    recorded = {}
+
+    def record(name, message):
+        recorded[name] = copy.deepcopy(message)
+        return message
+
+    run(*pair(seed="table"), record)
+    return recorded
+
+
+def machine_in(state: HandshakeState) -> Initiator | Responder:
+    """A machine of the role that has ``state``, driven there with real messages."""
+    initiator, responder = pair(seed="table")
+    if state is HandshakeState.START:
+        return initiator
+    commit = initiator.start()
+    if state is HandshakeState.AWAIT_ACCEPT:
+        return initiator
+    if state is HandshakeState.AWAIT_COMMIT:
+        return responder
+    [accept] = responder.receive(commit)
+    if state is HandshakeState.AWAIT_REVEAL:
+        return responder
+    [reveal] = initiator.receive(accept)
+    if state is HandshakeState.AWAIT_CONFIRM:
+        return initiator
+    responder.receive(reveal)
+    assert state is HandshakeState.DONE
+    return responder
+
+
+def test_the_dispatch_table_is_one_message_type_per_waiting_state():
+    assert set(HANDLERS) == {
+        (HandshakeState.AWAIT_COMMIT, Commit),
+        (HandshakeState.AWAIT_ACCEPT, Accept),
+        (HandshakeState.AWAIT_REVEAL, Reveal),
+        (HandshakeState.AWAIT_CONFIRM, Confirm),
+    }
+
+
+@pytest.mark.parametrize(
+    ("state", "name"),
+    [
+        (state, name)
+        for state in HandshakeState
+        if state is not HandshakeState.FAILED
+        for name, cls in HANDSHAKE_MESSAGES.items()
+        if (state, cls) not in HANDLERS
+    ],
+    ids=str,
+)
+def test_every_pair_not_in_the_dispatch_table_is_unexpected_and_final(state, name):
+    machine = machine_in(state)
+    with pytest.raises(UnexpectedCallMessage, match=f"got {name!r} in state {state.value}"):
+        machine.receive(recorded_messages()[name])
+    assert machine.state is HandshakeState.FAILED
+    with pytest.raises(LocalError, match="failed"):
+        machine.receive(recorded_messages()[name])
+
+
+class _Unforeseen(Exception):
+    pass
+
+
+def _raising(error: BaseException) -> PeerCheck:
+    def check(name, key):
+        raise error
+
+    return check
+
+
+def test_an_unforeseen_error_in_the_peer_check_fails_the_handshake_without_keys():
+    initiator, responder = pair(bob_check=_raising(_Unforeseen("pin store unreadable")))
+    with pytest.raises(_Unforeseen):
+        run(initiator, responder)
+    assert responder.state is HandshakeState.FAILED
+    with pytest.raises(LocalError):
+        responder.result  # noqa: B018
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_an_interruption_is_not_a_failure_and_exposes_no_keys(interruption):
+    # An interrupt or a cancellation says nothing about the peer: the machine is left in the
+    # state it was in (the message unprocessed), not FAILED, and still holds no result.
+    initiator, responder = pair(alice_check=_raising(interruption()))
+    commit = initiator.start()
+    [accept] = responder.receive(commit)
+    [reveal] = initiator.receive(accept)
+    [confirm] = responder.receive(reveal)
+    with pytest.raises(interruption):
+        initiator.receive(confirm)
+    assert initiator.state is HandshakeState.AWAIT_CONFIRM
+    with pytest.raises(LocalError, match="not complete"):
+        initiator.result  # noqa: B018
+
+
+# -- epoch 0's keys: the same object and path as every rekey's ------------------------------
+
+
+def test_the_initial_keys_and_a_rekeys_keys_are_applied_by_the_same_function():
+    mine, theirs = run(*pair())
+    pairs = {}
+    for name, result in (("mine", mine), ("theirs", theirs)):
+        assert isinstance(result.initial_keys, KeyUpdate)
+        sender, receiver = SFrameSender(result.suite), SFrameReceiver(result.suite)
+        assert apply_key_update(result.initial_keys, sender, receiver) == frozenset()
+        pairs[name] = (sender, receiver)
+    frame = mine_frame = pairs["mine"][0].transform("video")(b"epoch 0")
+    assert frame is not None and pairs["theirs"][1].transform("video")(frame) == b"epoch 0"
+    on_rekey = theirs.channel.open(mine.channel.start_rekey())
+    assert isinstance(on_rekey.keys, KeyUpdate)
+    apply_key_update(on_rekey.keys, *pairs["theirs"])
+    [ack] = on_rekey.replies
+    on_ack = mine.channel.open(ack)
+    apply_key_update(on_ack.keys, *pairs["mine"])
+    frame = pairs["mine"][0].transform("video")(b"epoch 1")
+    assert frame is not None and pairs["theirs"][1].transform("video")(frame) == b"epoch 1"
+    assert mine_frame != frame
+
+
+def test_a_handshake_result_has_no_raw_key_fields():
+    mine, _ = run(*pair())
+    for name in ("send_base_key", "recv_base_key", "send_kid", "recv_kid"):
+        assert not hasattr(mine, name)
+    for key in (mine.initial_keys.switch_send, mine.initial_keys.install_receive):
+        assert key is not None and not hasattr(key, "base_key")

@@ -1,3 +1,4 @@
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -7,18 +8,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.errors import LocalError, RemoteError
-from crypto.frame_crypto import KeyUpdate, MediaKey
+from crypto.frame_crypto import (
+    KeyUpdate,
+    MediaKey,
+    SFrameReceiver,
+    SFrameSender,
+    apply_key_update,
+)
 from crypto.identity import b64decode, b64encode
 from crypto.messages import (
+    App,
     MalformedCallMessage,
+    Rekey,
+    RekeyAck,
+    RekeyDone,
     UnexpectedCallMessage,
     decode_message,
     encode_message,
 )
 from crypto.sealed import (
+    INNER_HANDLERS,
     MAX_SEALED_CONTENT_SIZE,
+    REKEY_TRANSITIONS,
     DecryptionFailed,
     Received,
+    RekeyState,
     Role,
     SealedChannel,
     SealedGap,
@@ -421,3 +435,126 @@ def test_open_raises_only_typed_errors_on_sealed_shaped_messages(epoch, sequence
     }
     with pytest.raises((MalformedCallMessage, DecryptionFailed)):
         bob.open(message)
+
+
+# -- the dispatch table and the rekey state ------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+INNER_SAMPLES: dict[type, dict[str, Any]] = {
+    App: {"kind": "app", "content": {"n": 1}},
+    Rekey: {"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(range(32)))},
+    RekeyAck: {"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(range(32)))},
+    RekeyDone: {"kind": "rekey-done", "epoch": 1},
+}
+
+
+def bob_in(state: RekeyState) -> tuple[SealedChannel, SealedChannel]:
+    """Alice and a Bob in ``state``, Alice still sending under epoch 0."""
+    alice, bob = channels()
+    if state is RekeyState.REQUESTED:
+        bob.start_rekey()
+    elif state is RekeyState.AWAITING_DONE:
+        bob.open(alice.start_rekey())
+    assert bob.rekey_state is state
+    return alice, bob
+
+
+def test_the_dispatch_table_is_exactly_the_documented_one():
+    assert set(INNER_HANDLERS) == {
+        (RekeyState.IDLE, App),
+        (RekeyState.IDLE, Rekey),
+        (RekeyState.REQUESTED, App),
+        (RekeyState.REQUESTED, Rekey),
+        (RekeyState.REQUESTED, RekeyAck),
+        (RekeyState.AWAITING_DONE, App),
+        (RekeyState.AWAITING_DONE, RekeyDone),
+    }
+
+
+@pytest.mark.parametrize(
+    ("state", "kind"),
+    [(s, k) for s in RekeyState for k in INNER_SAMPLES if (s, k) not in INNER_HANDLERS],
+    ids=str,
+)
+def test_every_pair_not_in_the_dispatch_table_is_refused(state, kind):
+    alice, bob = bob_in(state)
+    with pytest.raises(UnexpectedCallMessage, match=f"not accepted in rekey state {state.value}"):
+        bob.open(_peer_sends(alice, INNER_SAMPLES[kind]))
+    assert bob.rekey_state is state  # refused, nothing changed
+
+
+def _documented_transitions() -> set[tuple[RekeyState, RekeyState]]:
+    text = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    table = text.split("| state | event | next state | the state carries |")[1].split("\n\n")[0]
+    rows = [line.split("|")[1:-1] for line in table.strip().splitlines()[1:]]
+    return {(RekeyState(row[0].strip()), RekeyState(row[2].strip())) for row in rows}
+
+
+def test_the_rekey_transitions_are_the_documented_table():
+    documented = _documented_transitions()
+    assert {(a, b) for a, b in documented if a is not b} == REKEY_TRANSITIONS
+    # The one documented self-loop: the initiator ignores a colliding request.
+    assert {(a, b) for a, b in documented if a is b} == {(RekeyState.REQUESTED,) * 2}
+
+
+def test_each_legal_rekey_transition():
+    idle, requested, awaiting = RekeyState
+    alice, bob = channels()
+    start = alice.start_rekey()
+    assert alice.rekey_state is requested  # idle -> requested
+    [ack] = bob.open(start).replies
+    assert bob.rekey_state is awaiting  # idle -> awaiting-done
+    [done] = alice.open(ack).replies
+    assert alice.rekey_state is idle  # requested -> idle
+    bob.open(done)
+    assert bob.rekey_state is idle  # awaiting-done -> idle
+    # Both at once: the responder goes requested -> awaiting-done, the initiator stays.
+    alice_start, bob_start = alice.start_rekey(), bob.start_rekey()
+    assert alice.open(bob_start) == Received() and alice.rekey_state is requested
+    bob.open(alice_start)
+    assert bob.rekey_state is awaiting
+
+
+def test_each_illegal_rekey_transition_is_refused_and_changes_nothing():
+    for state in (RekeyState.REQUESTED, RekeyState.AWAITING_DONE):
+        # requested -> requested and awaiting-done -> requested: one rekey at a time.
+        _, bob = bob_in(state)
+        with pytest.raises(LocalError, match="in progress"):
+            bob.start_rekey()
+        assert bob.rekey_state is state
+    # awaiting-done -> awaiting-done: a second request before the first completes.
+    for epoch in (1, 2):
+        alice, bob = bob_in(RekeyState.AWAITING_DONE)
+        second = INNER_SAMPLES[Rekey] | {"epoch": epoch}
+        with pytest.raises(UnexpectedCallMessage):
+            bob.open(_peer_sends(alice, second))
+        assert bob.rekey_state is RekeyState.AWAITING_DONE
+    # idle -> idle by a rekey-done or rekey-ack nobody asked for: refused.
+    for kind in (RekeyDone, RekeyAck):
+        alice, bob = bob_in(RekeyState.IDLE)
+        with pytest.raises(UnexpectedCallMessage):
+            bob.open(_peer_sends(alice, INNER_SAMPLES[kind]))
+        assert bob.rekey_state is RekeyState.IDLE
+    assert (RekeyState.AWAITING_DONE, RekeyState.REQUESTED) not in REKEY_TRANSITIONS
+
+
+# -- the keys a rekey yields ---------------------------------------------------------------
+
+
+def test_a_rekeys_key_updates_go_through_the_one_apply_function():
+    alice, bob = channels()
+    frames = {}
+    for name, channel in (("alice", alice), ("bob", bob)):
+        keys = channel.keys
+        sender, receiver = SFrameSender(), SFrameReceiver()
+        initial = KeyUpdate(install_receive=keys.receive, switch_send=keys.send)
+        assert apply_key_update(initial, sender, receiver) == frozenset()
+        frames[name] = (sender, receiver)
+    on_rekey, on_ack, on_done = rekey(alice, bob)
+    assert apply_key_update(on_rekey.keys, *frames["bob"]) == {0}  # Alice's epoch-0 KID
+    assert apply_key_update(on_ack.keys, *frames["alice"]) == {1}  # Bob's epoch-0 KID
+    assert apply_key_update(on_done.keys, *frames["bob"]) == frozenset()
+    for source, destination in (("alice", "bob"), ("bob", "alice")):
+        protected = frames[source][0].transform("audio")(b"frame")
+        assert protected is not None
+        assert frames[destination][1].transform("audio")(protected) == b"frame"
