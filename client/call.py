@@ -3,7 +3,7 @@
 One ``Call`` runs one call: join the room; agree keys with the peer through the hub (the peer
 that was in the room first initiates); exchange the SDP offer and answer as sealed messages
 (aiortc puts every candidate in the SDP); then media flows peer to peer with SFrame on every
-sender and receiver (client/frame_crypto.py through client/frame_transform.py). Fail closed:
+sender and receiver (crypto/frame_crypto.py through client/frame_transform.py). Fail closed:
 the transforms are installed and keyed before the peer connection can send or decode anything.
 
 After setup the hub only carries sealed rekeys and the bye: a call survives the hub going away.
@@ -35,7 +35,6 @@ from aiortc.contrib.media import MediaRecorder, MediaRelay
 from aiortc.rtp import RtpPacket
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
-from client.frame_crypto import FrameCounters, SFrameReceiver, SFrameSender
 from client.frame_transform import (
     SDP_ERRORS,
     SUPPORTED_CODECS,
@@ -48,6 +47,7 @@ from client.frame_transform import (
 from client.hub_connection import HubClosed, HubConnection, Relayed
 from client.media import ReceivedMedia, collect, open_recorder, recordable
 from crypto.errors import CryptoError
+from crypto.frame_crypto import FrameCounters, SFrameReceiver, SFrameSender, apply_key_update
 from crypto.handshake import HandshakeResult, Initiator, Responder
 from crypto.identity import IdentityKey, IdentityPublicKey, KnownPeers, PinnedIdentityMismatch
 from crypto.sealed import Received, SealedChannel, SealedReplay
@@ -320,9 +320,8 @@ class Call:
 
         if result is not None:
             self._sframe_sender = SFrameSender(result.suite)
-            self._sframe_sender.use_key(result.send_kid, result.send_base_key)
             self._sframe_receiver = SFrameReceiver(result.suite)
-            self._sframe_receiver.add_key(result.recv_kid, result.recv_base_key)
+            apply_key_update(result.initial_keys, self._sframe_sender, self._sframe_receiver)
             if config.experiment_only_layers.seals_signalling:
                 self._channel = result.channel
         async with asyncio.timeout(config.setup_timeout):
@@ -690,18 +689,15 @@ class Call:
     async def _apply(self, received: Received) -> None:
         for reply in received.replies:
             await self._send_sealed_wire(reply)
-        if received.install_receive is not None and self._sframe_receiver is not None:
-            old_kids = self._sframe_receiver.kids
-            self._sframe_receiver.add_key(
-                received.install_receive.kid, received.install_receive.base_key
-            )
-            # Frames under the old key are still in flight: keep it for the grace window.
-            asyncio.get_running_loop().call_later(
-                self.config.grace_seconds, self._retire_receive_keys, old_kids
-            )
-        if received.switch_send is not None and self._sframe_sender is not None:
-            self._sframe_sender.use_key(received.switch_send.kid, received.switch_send.base_key)
-            self.stats.rekeys += 1
+        if self._sframe_sender is not None and self._sframe_receiver is not None:
+            retire = apply_key_update(received.keys, self._sframe_sender, self._sframe_receiver)
+            if retire:
+                # Frames under the old key are still in flight: keep it for the grace window.
+                asyncio.get_running_loop().call_later(
+                    self.config.grace_seconds, self._retire_receive_keys, retire
+                )
+            if received.keys.switch_send is not None:
+                self.stats.rekeys += 1
         if received.content is not None and received.content.get("type") == "bye":
             self.hangup("peer-bye")
 

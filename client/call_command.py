@@ -38,8 +38,8 @@ from client.identity_store import (
 )
 from client.media import MediaSourceError, check_recording_path, open_sources
 from crypto.errors import CryptoError
-from crypto.handshake import name_field
 from crypto.identity import MAX_PEER_NAME_LENGTH
+from crypto.messages import name_field
 
 
 def peer_name(value: str) -> str:

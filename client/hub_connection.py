@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from crypto import strict_json
 from signaling.hub import Limits
 from signaling.protocol import (
     ErrorCode,
@@ -35,13 +36,25 @@ from signaling.protocol import (
     RelayTo,
     SignalingError,
     Welcome,
-    decode_payload,
     parse_hub_message,
 )
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = Limits().max_message_bytes
 # A relayed frame is at most a few bytes longer than the frame its sender sent.
 _RELAY_OVERHEAD: Final = 1024
+
+
+def decode_payload(text: JsonText) -> object:
+    """A relayed payload's value, read as strict JSON (``crypto.strict_json``): duplicate
+    names, NaN, infinities (``1e400`` too) and deep nesting are ``invalid-json``.
+
+    The hub forwards a payload's text unread (it only checks that it is one JSON value), so
+    the receiver is the one that must refuse a text two parsers could read differently.
+    """
+    try:
+        return strict_json.loads(text)
+    except strict_json.StrictJsonError as error:
+        raise MalformedMessage(ErrorCode.INVALID_JSON, f"payload: {error}") from None
 
 
 class UnexpectedMessage(SignalingError):

@@ -21,47 +21,52 @@ Four JSON messages, relayed by the (untrusted) hub::
   with distinct labels into the SAS and epoch 0's secret, from which crypto/sealed.py
   derives both directions' SFrame base keys, KIDs and sealing keys.
 
-The machines are table-driven: ``_EXPECTED`` maps each state to the one message type it
-accepts, ``_FIELDS`` each message type to its field parsers. Any error moves the machine
-to FAILED for good and no key is ever exposed. docs/protocol.md is the specification.
+The machines are table-driven: ``HANDLERS`` maps each (state, message type) pair that is
+accepted to its handler; every other pair is ``UnexpectedCallMessage``. The messages are
+the typed ones of crypto/messages.py. Any error moves the machine to FAILED for good and
+no key is ever exposed. docs/protocol.md is the specification.
 """
 
 import enum
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from crypto.errors import LocalError, RemoteError
-from crypto.identity import MAX_PEER_NAME_LENGTH, IdentityKey, IdentityPublicKey, b64encode
-from crypto.sealed import (
-    LABEL_PREFIX,
+from crypto.frame_crypto import KeyUpdate
+from crypto.identity import IdentityKey, IdentityPublicKey
+from crypto.messages import (
+    HANDSHAKE_MESSAGES,
+    NONCE_SIZE,
     PROTOCOL_VERSION,
     X25519_KEY_SIZE,
-    FieldParser,
-    MalformedMessage,
+    Accept,
+    Commit,
+    Confirm,
+    HandshakeMessage,
+    MalformedCallMessage,
+    Reveal,
+    UnexpectedCallMessage,
+    check_call_id,
+    message_type,
+    name_field,
+)
+from crypto.sealed import (
+    LABEL_PREFIX,
     Role,
     SealedChannel,
-    UnexpectedMessage,
     WrongCall,
-    bytes_field,
-    call_id_field,
-    check_call_id,
     hkdf_expand,
     hkdf_extract,
     length_prefixed,
-    message_type,
-    parse_fields,
     x25519_public_bytes,
     x25519_shared_secret,
 )
 from crypto.sframe import CipherSuite
 
-NONCE_SIZE = 32
-HASH_SIZE = 32
-SIGNATURE_SIZE = 64
 # 15 decimal digits: log2(10^15) = 49.8 bits, so one MITM attempt succeeds with p = 10^-15.
 SAS_DIGITS = 15
 SAS_GROUP = 5
@@ -69,6 +74,7 @@ SAS_GROUP = 5
 # Called with the peer's authenticated (name, identity key); it raises to abort.
 PeerCheck = Callable[[str, IdentityPublicKey], object]
 RandomBytes = Callable[[int], bytes]
+Reply = dict[str, Any]
 
 
 class CommitmentMismatch(RemoteError):
@@ -87,68 +93,6 @@ class HandshakeState(enum.Enum):
     AWAIT_CONFIRM = "await-confirm"
     DONE = "done"
     FAILED = "failed"
-
-
-def _suites_field(value: Any) -> tuple[CipherSuite, ...]:
-    if not isinstance(value, list) or not 0 < len(value) <= len(CipherSuite):
-        raise ValueError(f"is a list of 1 to {len(CipherSuite)} suite codes")
-    suites = tuple(_suite_field(code) for code in value)
-    if len(set(suites)) != len(suites):
-        raise ValueError("lists each suite once")
-    return suites
-
-
-def _suite_field(value: Any) -> CipherSuite:
-    if type(value) is not int or value not in CipherSuite._value2member_map_:
-        raise ValueError("is a registered SFrame cipher suite code")
-    return CipherSuite(value)
-
-
-def _identity_field(value: Any) -> IdentityPublicKey:
-    return IdentityPublicKey(bytes_field(32)(value))
-
-
-def name_field(value: Any) -> str:
-    """A peer's name: what it is pinned under, so 1 to 256 printable characters."""
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_NAME_LENGTH:
-        raise ValueError(f"is 1 to {MAX_PEER_NAME_LENGTH} characters")
-    if not value.isprintable():
-        # No control characters, line breaks or lone surrogates: the name is shown to users.
-        raise ValueError("is printable")
-    return value
-
-
-_FIELDS: dict[str, dict[str, FieldParser]] = {
-    "commit": {
-        "call_id": call_id_field,
-        "suites": _suites_field,
-        "nonce": bytes_field(NONCE_SIZE),
-        "name": name_field,
-        "commitment": bytes_field(HASH_SIZE),
-    },
-    "accept": {
-        "call_id": call_id_field,
-        "suite": _suite_field,
-        "nonce": bytes_field(NONCE_SIZE),
-        "ephemeral": bytes_field(X25519_KEY_SIZE),
-        "identity": _identity_field,
-        "name": name_field,
-    },
-    "reveal": {
-        "call_id": call_id_field,
-        "ephemeral": bytes_field(X25519_KEY_SIZE),
-        "identity": _identity_field,
-        "signature": bytes_field(SIGNATURE_SIZE),
-    },
-    "confirm": {"call_id": call_id_field, "signature": bytes_field(SIGNATURE_SIZE)},
-}
-
-_EXPECTED: dict[HandshakeState, str] = {
-    HandshakeState.AWAIT_COMMIT: "commit",
-    HandshakeState.AWAIT_ACCEPT: "accept",
-    HandshakeState.AWAIT_REVEAL: "reveal",
-    HandshakeState.AWAIT_CONFIRM: "confirm",
-}
 
 
 def commitment(
@@ -226,19 +170,17 @@ def key_schedule(shared_secret: bytes, transcript_hash: bytes) -> KeySchedule:
 class HandshakeResult:
     """The call's keys once the handshake succeeded. The repr hides every secret.
 
-    The client encrypts its frames with (``send_kid``, ``send_base_key``), decrypts the
-    peer's with (``recv_kid``, ``recv_base_key``), shows ``sas`` to the user and sends
-    every further signalling message through ``channel``. ``peer_name`` and
-    ``peer_identity`` are what the peer signed: the only name to pin or show.
+    The client installs ``initial_keys`` (epoch 0's send and receive keys) with
+    ``crypto.frame_crypto.apply_key_update``, exactly as it installs each rekey's
+    ``Received.keys``; shows ``sas`` to the user and sends every further signalling
+    message through ``channel``. ``peer_name`` and ``peer_identity`` are what the peer
+    signed: the only name to pin or show.
     """
 
     role: Role
     call_id: str
     suite: CipherSuite
-    send_kid: int
-    send_base_key: bytes = field(repr=False)
-    recv_kid: int
-    recv_base_key: bytes = field(repr=False)
+    initial_keys: KeyUpdate
     sas: str
     peer_identity: IdentityPublicKey
     peer_name: str
@@ -288,24 +230,32 @@ class _Handshake:
 
     @property
     def result(self) -> HandshakeResult:
-        if self._result is None:
+        if self.state is not HandshakeState.DONE or self._result is None:
             raise LocalError(f"the handshake is not complete (state {self.state.value})")
         return self._result
 
-    def receive(self, message: Any) -> list[dict[str, Any]]:
-        """Process one message from the peer; return the messages to send back, in order."""
+    def receive(self, message: object) -> list[Reply]:
+        """Process one message from the peer; return the messages to send back, in order.
+
+        Any ``Exception`` (the peer's message refused, the ``peer_check`` refusing, or
+        anything unforeseen) moves the machine to FAILED for good, with its ephemeral
+        erased and no result, and propagates. A ``BaseException`` that is not an
+        ``Exception`` (an interrupt, a cancellation) is not the handshake's failure: it
+        propagates and the machine stays in the state it was in, still without a result.
+        """
         if self.state is HandshakeState.FAILED:
             raise LocalError("the handshake failed; start a new one")
         try:
             kind = message_type(message)
-            expected = _EXPECTED.get(self.state)
-            if kind != expected:
-                raise UnexpectedMessage(f"got {kind!r} in state {self.state.value}")
-            fields = parse_fields(message, _FIELDS[kind])
-            if fields["call_id"] != self.call_id:
+            message_class = HANDSHAKE_MESSAGES.get(kind)
+            handler = None if message_class is None else HANDLERS.get((self.state, message_class))
+            if message_class is None or handler is None:
+                raise UnexpectedCallMessage(f"got {kind!r} in state {self.state.value}")
+            parsed = message_class.parse(message)
+            if parsed.call_id != self.call_id:
                 raise WrongCall("message belongs to another call")
-            return getattr(self, f"_on_{kind}")(fields)  # type: ignore[no-any-return]
-        except BaseException:
+            return handler(self, parsed)
+        except Exception:
             self._fail()
             raise
 
@@ -344,10 +294,7 @@ class _Handshake:
             role=self.role,
             call_id=self.call_id,
             suite=transcript.chosen,
-            send_kid=keys.send.kid,
-            send_base_key=keys.send.base_key,
-            recv_kid=keys.receive.kid,
-            recv_base_key=keys.receive.base_key,
+            initial_keys=KeyUpdate(install_receive=keys.receive, switch_send=keys.send),
             sas=schedule.sas,
             peer_identity=peer,
             peer_name=peer_name,
@@ -356,9 +303,6 @@ class _Handshake:
         )
         self._ephemeral_private = None
         self.state = HandshakeState.DONE
-
-    def _envelope(self, kind: str, **fields: Any) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "type": kind, "call_id": self.call_id, **fields}
 
 
 class Initiator(_Handshake):
@@ -386,60 +330,52 @@ class Initiator(_Handshake):
             raise LocalError("offer at least one suite, each once")
         self._transcript: Transcript | None = None
 
-    def start(self) -> dict[str, Any]:
+    def start(self) -> Reply:
         """The first message, ``commit``."""
         if self.state is not HandshakeState.START:
             raise LocalError("start() is called once")
         self._new_ephemeral()
         self.state = HandshakeState.AWAIT_ACCEPT
-        return self._envelope(
-            "commit",
-            suites=[int(suite) for suite in self.suites],
-            nonce=b64encode(self._nonce),
+        return Commit(
+            call_id=self.call_id,
+            suites=self.suites,
+            nonce=self._nonce,
             name=self.name,
-            commitment=b64encode(
-                commitment(
-                    self.call_id,
-                    self._nonce,
-                    self._ephemeral_public,
-                    self._identity.public_key,
-                    self.name,
-                )
+            commitment=commitment(
+                self.call_id,
+                self._nonce,
+                self._ephemeral_public,
+                self._identity.public_key,
+                self.name,
             ),
-        )
+        ).encode()
 
-    def _on_accept(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
-        if fields["suite"] not in self.suites:
-            raise MalformedMessage("the responder chose a suite that was not offered")
+    def _on_accept(self, accept: Accept) -> list[Reply]:
+        if accept.suite not in self.suites:
+            raise MalformedCallMessage("the responder chose a suite that was not offered")
         self._transcript = Transcript(
             offered=self.suites,
-            chosen=fields["suite"],
+            chosen=accept.suite,
             call_id=self.call_id,
             initiator_nonce=self._nonce,
-            responder_nonce=fields["nonce"],
+            responder_nonce=accept.nonce,
             initiator_ephemeral=self._ephemeral_public,
-            responder_ephemeral=fields["ephemeral"],
+            responder_ephemeral=accept.ephemeral,
             initiator_identity=self._identity.public_key,
-            responder_identity=fields["identity"],
+            responder_identity=accept.identity,
             initiator_name=self.name,
-            responder_name=fields["name"],
+            responder_name=accept.name,
         )
         signature = self._identity.sign(signed_content(self.role, self._transcript.hash()))
         self.state = HandshakeState.AWAIT_CONFIRM
-        return [
-            self._envelope(
-                "reveal",
-                ephemeral=b64encode(self._ephemeral_public),
-                identity=b64encode(self._identity.public_key.raw),
-                signature=b64encode(signature),
-            )
-        ]
+        reveal = Reveal(self.call_id, self._ephemeral_public, self._identity.public_key, signature)
+        return [reveal.encode()]
 
-    def _on_confirm(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
+    def _on_confirm(self, confirm: Confirm) -> list[Reply]:
         transcript = self._transcript
         assert transcript is not None
         name, peer = transcript.responder_name, transcript.responder_identity
-        self._authenticate_peer(name, peer, fields["signature"], transcript.hash())
+        self._authenticate_peer(name, peer, confirm.signature, transcript.hash())
         self._finish(transcript, transcript.responder_ephemeral, name, peer)
         return []
 
@@ -472,31 +408,29 @@ class Responder(_Handshake):
         self._peer_name = ""
         self._peer_commitment = b""
 
-    def _on_commit(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
-        offered: tuple[CipherSuite, ...] = fields["suites"]
-        chosen = next((suite for suite in offered if suite in self.suites), None)
+    def _on_commit(self, commit: Commit) -> list[Reply]:
+        chosen = next((suite for suite in commit.suites if suite in self.suites), None)
         if chosen is None:
             raise NoCommonSuite("no offered SFrame cipher suite is supported here")
-        self._offered, self._chosen = offered, chosen
-        self._peer_nonce, self._peer_commitment = fields["nonce"], fields["commitment"]
-        self._peer_name = fields["name"]
+        self._offered, self._chosen = commit.suites, chosen
+        self._peer_nonce, self._peer_commitment = commit.nonce, commit.commitment
+        self._peer_name = commit.name
         self._new_ephemeral()
         self.state = HandshakeState.AWAIT_REVEAL
-        return [
-            self._envelope(
-                "accept",
-                suite=int(chosen),
-                nonce=b64encode(self._nonce),
-                ephemeral=b64encode(self._ephemeral_public),
-                identity=b64encode(self._identity.public_key.raw),
-                name=self.name,
-            )
-        ]
+        accept = Accept(
+            call_id=self.call_id,
+            suite=chosen,
+            nonce=self._nonce,
+            ephemeral=self._ephemeral_public,
+            identity=self._identity.public_key,
+            name=self.name,
+        )
+        return [accept.encode()]
 
-    def _on_reveal(self, fields: dict[str, Any]) -> list[dict[str, Any]]:
-        peer: IdentityPublicKey = fields["identity"]
+    def _on_reveal(self, reveal: Reveal) -> list[Reply]:
+        peer = reveal.identity
         expected = commitment(
-            self.call_id, self._peer_nonce, fields["ephemeral"], peer, self._peer_name
+            self.call_id, self._peer_nonce, reveal.ephemeral, peer, self._peer_name
         )
         if expected != self._peer_commitment:
             raise CommitmentMismatch(
@@ -509,7 +443,7 @@ class Responder(_Handshake):
             call_id=self.call_id,
             initiator_nonce=self._peer_nonce,
             responder_nonce=self._nonce,
-            initiator_ephemeral=fields["ephemeral"],
+            initiator_ephemeral=reveal.ephemeral,
             responder_ephemeral=self._ephemeral_public,
             initiator_identity=peer,
             responder_identity=self._identity.public_key,
@@ -517,7 +451,19 @@ class Responder(_Handshake):
             responder_name=self.name,
         )
         transcript_hash = transcript.hash()
-        self._authenticate_peer(self._peer_name, peer, fields["signature"], transcript_hash)
+        self._authenticate_peer(self._peer_name, peer, reveal.signature, transcript_hash)
         signature = self._identity.sign(signed_content(self.role, transcript_hash))
-        self._finish(transcript, fields["ephemeral"], self._peer_name, peer)
-        return [self._envelope("confirm", signature=b64encode(signature))]
+        self._finish(transcript, reveal.ephemeral, self._peer_name, peer)
+        return [Confirm(self.call_id, signature).encode()]
+
+
+_Handler = Callable[[Any, Any], list[Reply]]
+
+# The only (state, message type) pairs either machine accepts; each state belongs to one
+# role, and every pair not listed is ``UnexpectedCallMessage``.
+HANDLERS: Mapping[tuple[HandshakeState, type[HandshakeMessage]], _Handler] = {
+    (HandshakeState.AWAIT_COMMIT, Commit): Responder._on_commit,
+    (HandshakeState.AWAIT_ACCEPT, Accept): Initiator._on_accept,
+    (HandshakeState.AWAIT_REVEAL, Reveal): Responder._on_reveal,
+    (HandshakeState.AWAIT_CONFIRM, Confirm): Initiator._on_confirm,
+}

@@ -24,6 +24,7 @@ import nacl.pwhash
 import nacl.secret
 import nacl.signing
 
+from crypto import strict_json
 from crypto.errors import LocalError, RemoteError
 
 PUBLIC_KEY_SIZE = 32
@@ -281,9 +282,9 @@ def _load_json_object(
     if not isinstance(data, bytes | bytearray) or len(data) > limit:
         raise error(f"{what} is not bytes of at most {limit} bytes")
     try:
-        document = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise error(f"{what} is not UTF-8 JSON") from exc
+        document = strict_json.loads(data)
+    except strict_json.StrictJsonError as exc:
+        raise error(f"{what} is not strict UTF-8 JSON") from exc
     if not isinstance(document, dict):
         raise error(f"{what} is not a JSON object")
     return document

@@ -13,16 +13,15 @@ sequence number as nonce and (call id, direction, epoch, sequence number) as ass
 data. The hub can neither read nor rewrite it, and replay, reordering and dropping are
 each detected with their own error.
 
-This module also holds the JSON message format shared with the handshake.
+The messages themselves are typed in crypto/messages.py.
 """
 
 import enum
 import hashlib
 import hmac
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -31,31 +30,32 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from crypto.errors import LocalError, RemoteError
-from crypto.identity import b64decode, b64encode
+from crypto.frame_crypto import KeyUpdate, MediaKey
+from crypto.messages import (
+    INNER_MESSAGES,
+    MAX_EPOCH,
+    MAX_SEQUENCE,
+    X25519_KEY_SIZE,
+    App,
+    InnerMessage,
+    MalformedCallMessage,
+    Rekey,
+    RekeyAck,
+    RekeyDone,
+    Sealed,
+    UnexpectedCallMessage,
+    check_call_id,
+    decode_message,
+    encode_message,
+)
 
-PROTOCOL_VERSION = 1
-# A message is a JSON object carried as a hub payload; SDP with candidates is a few KiB.
-MAX_MESSAGE_SIZE = 64 * 1024
 MAX_SEALED_CONTENT_SIZE = 32 * 1024
-MAX_CALL_ID_LENGTH = 128
-# JSON numbers are exact up to 2^53 in every implementation; both stay far below it.
-MAX_SEQUENCE = 2**48
-MAX_EPOCH = 2**31
 KEY_SIZE = 32
-X25519_KEY_SIZE = 32
 
 LABEL_PREFIX = b"blindhub-v1 "
 # SFrame KIDs: 2 * epoch + 0 for the handshake initiator's frames, + 1 for the
 # responder's, so the two senders never share a KID and epochs 0-3 fit the one-byte header.
 KIDS_PER_EPOCH = 2
-
-
-class MalformedMessage(RemoteError):
-    """A message is not valid JSON of the expected shape, version and sizes."""
-
-
-class UnexpectedMessage(RemoteError):
-    """A well-formed message that this state machine does not accept now."""
 
 
 class WrongCall(RemoteError):
@@ -97,133 +97,6 @@ class Role(enum.Enum):
         return b"I" if self is Role.INITIATOR else b"R"
 
 
-# -- the JSON message format -------------------------------------------------------------
-
-
-def encode_message(message: Mapping[str, Any]) -> bytes:
-    """The canonical bytes of a message (sorted keys, no spaces), for carrying or hashing.
-
-    NaN and the infinities raise ``ValueError``: they are not JSON.
-    """
-    return json.dumps(message, sort_keys=True, separators=(",", ":"), allow_nan=False).encode(
-        "utf-8"
-    )
-
-
-class _AmbiguousJson(ValueError):
-    pass
-
-
-def _reject_duplicate_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise _AmbiguousJson("duplicate name in a JSON object")
-    return result
-
-
-def _reject_constant(name: str) -> None:
-    raise _AmbiguousJson(f"{name} is not JSON")
-
-
-# Strict JSON (RFC 8259 without its interoperability gaps): Python's json accepts NaN and
-# Infinity, and keeps the last of duplicate names where other parsers keep the first.
-# The hub client applies the same rule to relayed payloads (signaling.protocol).
-_STRICT_DECODER = json.JSONDecoder(
-    object_pairs_hook=_reject_duplicate_names, parse_constant=_reject_constant, strict=True
-)
-
-
-def decode_message(data: bytes | str) -> dict[str, Any]:
-    """A message from its JSON text; ``MalformedMessage`` for anything else.
-
-    Duplicate names in any object and NaN or infinities anywhere are malformed.
-    """
-    if isinstance(data, str):
-        data = data.encode("utf-8", errors="surrogatepass")
-    if not isinstance(data, bytes | bytearray) or len(data) > MAX_MESSAGE_SIZE:
-        raise MalformedMessage(f"a message is JSON text of at most {MAX_MESSAGE_SIZE} bytes")
-    try:
-        message = _STRICT_DECODER.decode(bytes(data).decode("utf-8"))
-    except _AmbiguousJson as error:
-        raise MalformedMessage(f"a message is strict JSON: {error}") from error
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise MalformedMessage("a message is UTF-8 JSON") from error
-    if not isinstance(message, dict):
-        raise MalformedMessage("a message is a JSON object")
-    return message
-
-
-FieldParser = Callable[[Any], Any]
-
-
-def message_type(message: Any) -> str:
-    """Check the envelope (object, size, version) and return the message's type."""
-    if not isinstance(message, Mapping):
-        raise MalformedMessage("a message is a JSON object")
-    try:
-        size = len(encode_message(message))
-    except (TypeError, ValueError, RecursionError) as error:
-        raise MalformedMessage("a message is made of JSON values") from error
-    if size > MAX_MESSAGE_SIZE:
-        raise MalformedMessage(f"a message is at most {MAX_MESSAGE_SIZE} bytes")
-    if message.get("v") != PROTOCOL_VERSION or type(message.get("v")) is not int:
-        raise MalformedMessage(f"unsupported protocol version; this is version {PROTOCOL_VERSION}")
-    kind = message.get("type")
-    if not isinstance(kind, str):
-        raise MalformedMessage("a message has a string type")
-    return kind
-
-
-def parse_fields(message: Mapping[str, Any], fields: Mapping[str, FieldParser]) -> dict[str, Any]:
-    """Exactly the envelope and these fields, each through its parser."""
-    expected = {"v", "type", *fields}
-    if set(message) != expected:
-        raise MalformedMessage(
-            f"a {message['type']!r} message has exactly the fields {sorted(expected)}"
-        )
-    parsed = {}
-    for name, parse in fields.items():
-        try:
-            parsed[name] = parse(message[name])
-        except (TypeError, ValueError) as error:
-            raise MalformedMessage(f"field {name!r}: {error}") from error
-    return parsed
-
-
-def bytes_field(size: int) -> FieldParser:
-    def parse(value: Any) -> bytes:
-        data = b64decode(value)
-        if len(data) != size:
-            raise ValueError(f"is {size} bytes")
-        return data
-
-    return parse
-
-
-def int_field(low: int, high: int) -> FieldParser:
-    def parse(value: Any) -> int:
-        if type(value) is not int or not low <= value <= high:
-            raise ValueError(f"is an integer from {low} to {high}")
-        return value
-
-    return parse
-
-
-def call_id_field(value: Any) -> str:
-    check_call_id(value)
-    result: str = value
-    return result
-
-
-def check_call_id(call_id: Any) -> None:
-    if not isinstance(call_id, str) or not 0 < len(call_id) <= MAX_CALL_ID_LENGTH:
-        raise ValueError(f"a call id is 1 to {MAX_CALL_ID_LENGTH} characters")
-    try:
-        call_id.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError("a call id is encodable as UTF-8") from error
-
-
 def length_prefixed(*parts: bytes) -> bytes:
     """Unambiguous concatenation: each part preceded by its 4-byte big-endian length."""
     return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
@@ -241,15 +114,6 @@ def hkdf_expand(pseudorandom_key: bytes, label: str, context: bytes = b"") -> by
     """HKDF-Expand with SHA-256 to 32 bytes; info is ``blindhub-v1 <label>`` and context."""
     info = LABEL_PREFIX + label.encode("ascii") + context
     return HKDFExpand(hashes.SHA256(), KEY_SIZE, info).derive(pseudorandom_key)
-
-
-@dataclass(frozen=True)
-class MediaKey:
-    """One sender's SFrame key of one epoch: its KID and 32-byte base key."""
-
-    epoch: int
-    kid: int
-    base_key: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -293,7 +157,7 @@ def x25519_shared_secret(private_key: X25519PrivateKey, peer_public: bytes) -> b
     try:
         return private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as error:
-        raise MalformedMessage("the peer's ephemeral key is a small-order point") from error
+        raise MalformedCallMessage("the peer's ephemeral key is a small-order point") from error
 
 
 def x25519_public_bytes(private_key: X25519PrivateKey) -> bytes:
@@ -309,24 +173,60 @@ class Received:
 
     ``content``: the application's message, or None for the channel's own (rekey) messages.
     ``replies``: wire messages to send to the peer now, in order.
-    ``install_receive``: a new epoch's receive key; accept frames under it from now on and
-    keep the previous one for a short grace window for frames in flight.
-    ``switch_send``: encrypt every frame from now on under this key (the peer holds it).
+    ``keys``: what to install in the SFrame sender and receiver now (``apply_key_update``),
+    the same kind of object as the handshake's ``initial_keys``.
     """
 
     content: dict[str, Any] | None = None
     replies: list[dict[str, Any]] = field(default_factory=list)
-    install_receive: MediaKey | None = None
-    switch_send: MediaKey | None = None
+    keys: KeyUpdate = field(default_factory=KeyUpdate)
 
 
-@dataclass
-class _PendingRekey:
-    """A rekey this side asked for and the peer has not acknowledged yet."""
+class RekeyState(enum.Enum):
+    """Where this side is in a rekey; docs/protocol.md, section 7, has the table."""
+
+    IDLE = "idle"
+    REQUESTED = "requested"  # our ``rekey`` is out; the peer's ``rekey-ack`` is due
+    AWAITING_DONE = "awaiting-done"  # we acknowledged; the peer's ``rekey-done`` is due
+
+
+# Every (from, to) move of the rekey state; ``_enter`` refuses any other.
+REKEY_TRANSITIONS: frozenset[tuple[RekeyState, RekeyState]] = frozenset(
+    {
+        (RekeyState.IDLE, RekeyState.REQUESTED),  # start_rekey()
+        (RekeyState.IDLE, RekeyState.AWAITING_DONE),  # the peer's rekey, acknowledged
+        (RekeyState.REQUESTED, RekeyState.IDLE),  # the peer's rekey-ack; our rekey-done sent
+        (RekeyState.REQUESTED, RekeyState.AWAITING_DONE),  # both asked; the responder yields
+        (RekeyState.AWAITING_DONE, RekeyState.IDLE),  # the peer's rekey-done
+    }
+)
+
+
+@dataclass(frozen=True)
+class _Idle:
+    state: ClassVar[RekeyState] = RekeyState.IDLE
+
+
+@dataclass(frozen=True)
+class _Requested:
+    """Our request: the epoch asked for and our fresh X25519 key pair."""
 
     epoch: int
     private_key: X25519PrivateKey = field(repr=False)
     public_key: bytes
+    state: ClassVar[RekeyState] = RekeyState.REQUESTED
+
+
+@dataclass(frozen=True)
+class _AwaitingDone:
+    """The new epoch's keys, derived when we acknowledged, in use once its rekey-done comes."""
+
+    keys: EpochKeys
+    state: ClassVar[RekeyState] = RekeyState.AWAITING_DONE
+
+
+_RekeyData = _Idle | _Requested | _AwaitingDone
+_Handler = Callable[["SealedChannel", Any], Received]
 
 
 class SealedChannel:
@@ -360,13 +260,13 @@ class SealedChannel:
         self._receive_epoch = 0
         self._receive_sequence = 0
         self._highest_seen = -1
-        self._pending_rekey: _PendingRekey | None = None
-        # After acknowledging a rekey: the new epoch's keys, until the peer's first
-        # message under them (a "rekey-done") arrives.
-        self._awaiting_done: EpochKeys | None = None
+        self._rekey: _RekeyData = _Idle()
 
     def __repr__(self) -> str:
-        return f"SealedChannel({self.role.value}, call_id={self.call_id!r}, epoch={self.epoch})"
+        return (
+            f"SealedChannel({self.role.value}, call_id={self.call_id!r}, epoch={self.epoch}, "
+            f"rekey={self.rekey_state.value})"
+        )
 
     @property
     def epoch(self) -> int:
@@ -379,8 +279,18 @@ class SealedChannel:
         return self._keys
 
     @property
+    def rekey_state(self) -> RekeyState:
+        return self._rekey.state
+
+    @property
     def rekey_in_progress(self) -> bool:
-        return self._pending_rekey is not None or self._awaiting_done is not None
+        return self.rekey_state is not RekeyState.IDLE
+
+    def _enter(self, data: _RekeyData) -> None:
+        if (self.rekey_state, data.state) not in REKEY_TRANSITIONS:
+            # Unreachable through the dispatch table; a bug here must not go on quietly.
+            raise LocalError(f"no rekey transition {self.rekey_state.value} -> {data.state.value}")
+        self._rekey = data
 
     # -- sending
 
@@ -388,7 +298,7 @@ class SealedChannel:
         """The wire message carrying ``content``, an application JSON object."""
         if not isinstance(content, Mapping):
             raise LocalError("sealed content is a JSON object")
-        return self._seal_inner({"kind": "app", "content": dict(content)})
+        return self._seal(App(dict(content)))
 
     def start_rekey(self) -> dict[str, Any]:
         """Ask the peer for a new epoch; the keys arrive in a later ``Received``."""
@@ -397,16 +307,12 @@ class SealedChannel:
         if self.epoch + 1 > MAX_EPOCH:
             raise LocalError("no epochs left in this call")
         private_key = X25519PrivateKey.from_private_bytes(self._random_bytes(X25519_KEY_SIZE))
-        self._pending_rekey = _PendingRekey(
-            self.epoch + 1, private_key, x25519_public_bytes(private_key)
-        )
-        return self._seal_inner(
-            {
-                "kind": "rekey",
-                "epoch": self._pending_rekey.epoch,
-                "ephemeral": b64encode(self._pending_rekey.public_key),
-            }
-        )
+        request = _Requested(self.epoch + 1, private_key, x25519_public_bytes(private_key))
+        self._enter(request)
+        return self._seal(Rekey(request.epoch, request.public_key))
+
+    def _seal(self, inner: InnerMessage) -> dict[str, Any]:
+        return self._seal_inner(inner.encode())
 
     def _seal_inner(self, inner: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -423,13 +329,7 @@ class SealedChannel:
             _nonce(sequence), plaintext, associated
         )
         self._send_sequence += 1
-        return {
-            "v": PROTOCOL_VERSION,
-            "type": "sealed",
-            "epoch": self._send_epoch,
-            "seq": sequence,
-            "ciphertext": b64encode(ciphertext),
-        }
+        return Sealed(self._send_epoch, sequence, ciphertext).encode()
 
     def _associated_data(self, sender: Role, epoch: int, sequence: int) -> bytes:
         return (
@@ -443,38 +343,35 @@ class SealedChannel:
 
     # -- receiving
 
-    def open(self, message: Any) -> Received:
+    def open(self, message: object) -> Received:
         """Authenticate, order-check and interpret one sealed wire message."""
-        kind = message_type(message)
-        if kind != "sealed":
-            raise UnexpectedMessage(f"after the handshake only sealed messages come; got {kind!r}")
-        fields = parse_fields(
-            message,
-            {
-                "epoch": int_field(0, MAX_EPOCH),
-                "seq": int_field(0, MAX_SEQUENCE),
-                "ciphertext": lambda value: b64decode(value),
-            },
-        )
-        epoch, sequence = fields["epoch"], fields["seq"]
+        sealed = Sealed.parse(message)  # after the handshake only sealed messages come
+        epoch, sequence = sealed.epoch, sealed.seq
+        awaiting = self._rekey if isinstance(self._rekey, _AwaitingDone) else None
         if epoch < self._receive_epoch:
             raise SealedReplay(f"message from epoch {epoch}, whose keys are erased")
         if epoch == self._receive_epoch:
             key = self._receive_key
-        elif self._awaiting_done is not None and epoch == self._awaiting_done.epoch:
-            key = self._awaiting_done.seal_receive
+        elif awaiting is not None and epoch == awaiting.keys.epoch:
+            key = awaiting.keys.seal_receive
         else:
             raise DecryptionFailed(f"no key for epoch {epoch}")
         associated = self._associated_data(self.role.peer, epoch, sequence)
         try:
             plaintext = ChaCha20Poly1305(key).decrypt(
-                _nonce(sequence), fields["ciphertext"], associated
+                _nonce(sequence), sealed.ciphertext, associated
             )
         except InvalidTag as error:
             raise DecryptionFailed("sealed message does not authenticate") from error
         self._check_sequence(sequence)
         inner = decode_message(plaintext)
-        received = self._interpret(inner, epoch)
+        if (
+            awaiting is not None
+            and epoch == awaiting.keys.epoch
+            and inner.get("kind") != "rekey-done"
+        ):
+            raise UnexpectedCallMessage("the first message of a new epoch is 'rekey-done'")
+        received = self._dispatch(inner)
         self._receive_sequence += 1
         return received
 
@@ -490,88 +387,89 @@ class SealedChannel:
                 f"sealed message {sequence} arrived after message {self._highest_seen}"
             )
 
-    def _interpret(self, inner: dict[str, Any], epoch: int) -> Received:
+    def _dispatch(self, inner: dict[str, Any]) -> Received:
         kind = inner.get("kind")
-        opens_new_epoch = self._awaiting_done is not None and epoch == self._awaiting_done.epoch
-        if opens_new_epoch and kind != "rekey-done":
-            raise UnexpectedMessage("the first message of a new epoch is 'rekey-done'")
-        handlers = {
-            "app": self._on_app,
-            "rekey": self._on_rekey,
-            "rekey-ack": self._on_rekey_ack,
-            "rekey-done": self._on_rekey_done,
-        }
-        if not isinstance(kind, str) or kind not in handlers:
-            raise MalformedMessage("unknown sealed message kind")
-        return handlers[kind](inner)
+        message_class = INNER_MESSAGES.get(kind) if isinstance(kind, str) else None
+        if message_class is None:
+            raise MalformedCallMessage("unknown sealed message kind")
+        handler = INNER_HANDLERS.get((self.rekey_state, message_class))
+        if handler is None:
+            raise UnexpectedCallMessage(
+                f"a {kind!r} message is not accepted in rekey state {self.rekey_state.value}"
+            )
+        return handler(self, message_class.parse(inner))
 
-    def _on_app(self, inner: dict[str, Any]) -> Received:
-        content = inner.get("content")
-        if set(inner) != {"kind", "content"} or not isinstance(content, dict):
-            raise MalformedMessage("an application message carries one JSON object")
-        return Received(content=content)
+    def _on_app(self, message: App) -> Received:
+        return Received(content=message.content)
 
-    def _rekey_fields(self, inner: dict[str, Any], with_ephemeral: bool) -> tuple[int, bytes]:
-        expected = {"kind", "epoch", "ephemeral"} if with_ephemeral else {"kind", "epoch"}
-        epoch = inner.get("epoch")
-        if set(inner) != expected or type(epoch) is not int:
-            raise MalformedMessage(f"a {inner['kind']!r} message has fields {sorted(expected)}")
-        if not with_ephemeral:
-            return epoch, b""
-        try:
-            return epoch, bytes_field(X25519_KEY_SIZE)(inner["ephemeral"])
-        except ValueError as error:
-            raise MalformedMessage("a rekey ephemeral is a 32-byte X25519 key") from error
-
-    def _on_rekey(self, inner: dict[str, Any]) -> Received:
-        epoch, peer_public = self._rekey_fields(inner, with_ephemeral=True)
-        if self._awaiting_done is not None or epoch != self.epoch + 1:
-            raise UnexpectedMessage(f"a rekey to epoch {epoch} is not expected now")
-        if self._pending_rekey is not None:
-            # Both asked at once: the handshake initiator's request wins, the other is dropped.
-            if self.role is Role.INITIATOR:
-                return Received()
-            self._pending_rekey = None
+    def _on_rekey(self, message: Rekey) -> Received:
+        if message.epoch != self.epoch + 1:
+            raise UnexpectedCallMessage(f"a rekey to epoch {message.epoch} is not expected now")
         private_key = X25519PrivateKey.from_private_bytes(self._random_bytes(X25519_KEY_SIZE))
         public_key = x25519_public_bytes(private_key)
-        shared = x25519_shared_secret(private_key, peer_public)
-        ack = self._seal_inner(
-            {"kind": "rekey-ack", "epoch": epoch, "ephemeral": b64encode(public_key)}
+        shared = x25519_shared_secret(private_key, message.ephemeral)
+        ack = self._seal(RekeyAck(message.epoch, public_key))
+        new_keys = self._advance(
+            message.epoch, shared, requester=message.ephemeral, accepter=public_key
         )
-        new_keys = self._advance(epoch, shared, requester=peer_public, accepter=public_key)
         # The peer reads our messages under the new key once it has our ack; its own
         # messages switch after its "rekey-done", and so do our frames.
-        self._send_key, self._send_epoch = new_keys.seal_send, epoch
-        self._awaiting_done = new_keys
-        return Received(replies=[ack], install_receive=new_keys.receive)
+        self._send_key, self._send_epoch = new_keys.seal_send, message.epoch
+        self._enter(_AwaitingDone(new_keys))
+        return Received(replies=[ack], keys=KeyUpdate(install_receive=new_keys.receive))
 
-    def _on_rekey_ack(self, inner: dict[str, Any]) -> Received:
-        epoch, peer_public = self._rekey_fields(inner, with_ephemeral=True)
-        pending = self._pending_rekey
-        if pending is None or epoch != pending.epoch:
-            raise UnexpectedMessage(f"no rekey to epoch {epoch} was requested")
-        shared = x25519_shared_secret(pending.private_key, peer_public)
-        new_keys = self._advance(epoch, shared, requester=pending.public_key, accepter=peer_public)
-        self._pending_rekey = None
+    def _on_rekey_while_requested(self, message: Rekey) -> Received:
+        # Both asked at once: the handshake initiator's request wins, the other is dropped.
+        if message.epoch != self.epoch + 1:
+            raise UnexpectedCallMessage(f"a rekey to epoch {message.epoch} is not expected now")
+        if self.role is Role.INITIATOR:
+            return Received()
+        return self._on_rekey(message)
+
+    def _on_rekey_ack(self, message: RekeyAck) -> Received:
+        pending = self._rekey
+        assert isinstance(pending, _Requested)  # the dispatch table's promise
+        if message.epoch != pending.epoch:
+            raise UnexpectedCallMessage(f"no rekey to epoch {message.epoch} was requested")
+        shared = x25519_shared_secret(pending.private_key, message.ephemeral)
+        new_keys = self._advance(
+            message.epoch, shared, requester=pending.public_key, accepter=message.ephemeral
+        )
+        self._enter(_Idle())
         # The ack was the peer's last message under the old epoch.
-        self._receive_key, self._receive_epoch = new_keys.seal_receive, epoch
-        self._send_key, self._send_epoch = new_keys.seal_send, epoch
-        done = self._seal_inner({"kind": "rekey-done", "epoch": epoch})
-        return Received(replies=[done], install_receive=new_keys.receive, switch_send=new_keys.send)
+        self._receive_key, self._receive_epoch = new_keys.seal_receive, message.epoch
+        self._send_key, self._send_epoch = new_keys.seal_send, message.epoch
+        done = self._seal(RekeyDone(message.epoch))
+        return Received(
+            replies=[done],
+            keys=KeyUpdate(install_receive=new_keys.receive, switch_send=new_keys.send),
+        )
 
-    def _on_rekey_done(self, inner: dict[str, Any]) -> Received:
-        epoch, _ = self._rekey_fields(inner, with_ephemeral=False)
-        new_keys = self._awaiting_done
-        if new_keys is None or epoch != new_keys.epoch:
-            raise UnexpectedMessage(f"no rekey to epoch {epoch} awaits completion")
-        self._receive_key, self._receive_epoch = new_keys.seal_receive, epoch
-        self._awaiting_done = None
-        return Received(switch_send=new_keys.send)
+    def _on_rekey_done(self, message: RekeyDone) -> Received:
+        awaiting = self._rekey
+        assert isinstance(awaiting, _AwaitingDone)  # the dispatch table's promise
+        if message.epoch != awaiting.keys.epoch:
+            raise UnexpectedCallMessage(f"no rekey to epoch {message.epoch} awaits completion")
+        self._receive_key, self._receive_epoch = awaiting.keys.seal_receive, message.epoch
+        self._enter(_Idle())
+        return Received(keys=KeyUpdate(switch_send=awaiting.keys.send))
 
     def _advance(self, epoch: int, shared: bytes, requester: bytes, accepter: bytes) -> EpochKeys:
         self._secret = next_epoch_secret(self._secret, epoch, shared, requester, accepter)
         self._keys = derive_epoch_keys(self._secret, epoch, self.role)
         return self._keys
+
+
+# What each inner message does in each rekey state; a pair not listed is unexpected.
+INNER_HANDLERS: Mapping[tuple[RekeyState, type[InnerMessage]], _Handler] = {
+    (RekeyState.IDLE, App): SealedChannel._on_app,
+    (RekeyState.IDLE, Rekey): SealedChannel._on_rekey,
+    (RekeyState.REQUESTED, App): SealedChannel._on_app,
+    (RekeyState.REQUESTED, Rekey): SealedChannel._on_rekey_while_requested,
+    (RekeyState.REQUESTED, RekeyAck): SealedChannel._on_rekey_ack,
+    (RekeyState.AWAITING_DONE, App): SealedChannel._on_app,
+    (RekeyState.AWAITING_DONE, RekeyDone): SealedChannel._on_rekey_done,
+}
 
 
 def _nonce(sequence: int) -> bytes:

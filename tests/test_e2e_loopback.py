@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 import pytest
 from aiortc import RTCRtpReceiver
 
-from client.frame_crypto import SFrameReceiver, SFrameSender
 from client.frame_transform import (
     install_receiver_transform,
     install_sender_transform,
     request_keyframe,
 )
 from client.media import PatternTrack, ToneTrack
+from crypto.frame_crypto import MediaKey, SFrameReceiver, SFrameSender
 from crypto.sframe import SFrameError
 from tests.conftest import LoopbackCalls, LoopbackSide, wait_for
 
@@ -60,8 +60,8 @@ def protect(keys: dict[str, bytes | None], receive_keys: dict[str, bytes]):
         protection = protections[name] = Protection()
         sending_key = keys[name]
         if sending_key is not None:
-            protection.sender.use_key(KIDS[name], sending_key)
-        protection.receiver.add_key(KIDS[peer], receive_keys[name])
+            protection.sender.use_key(MediaKey(0, KIDS[name], sending_key))
+        protection.receiver.add_key(MediaKey(0, KIDS[peer], receive_keys[name]))
         for kind in ("audio", "video"):
             install_sender_transform(side.senders[kind], protection.sender.transform(kind))
             rtp_receiver = side.receivers[kind]

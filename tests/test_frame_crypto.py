@@ -1,4 +1,9 @@
-from client.frame_crypto import SFrameReceiver, SFrameSender
+import copy
+import pickle
+
+import pytest
+
+from crypto.frame_crypto import KeyUpdate, MediaKey, SFrameReceiver, SFrameSender, apply_key_update
 from crypto.sframe import AuthenticationError, SFrameError, SFrameHeader, UnknownKeyError
 
 KEY = bytes(range(32))
@@ -7,8 +12,8 @@ OTHER_KEY = bytes(range(1, 33))
 
 def pair(kid: int = 4):
     sender, receiver = SFrameSender(), SFrameReceiver()
-    sender.use_key(kid, KEY)
-    receiver.add_key(kid, KEY)
+    sender.use_key(MediaKey(0, kid, KEY))
+    receiver.add_key(MediaKey(0, kid, KEY))
     return sender, receiver
 
 
@@ -75,7 +80,7 @@ def test_failures_are_counted_by_reason_and_failed_is_their_total():
     assert first is not None and second is not None
     altered = first[:-1] + bytes([first[-1] ^ 1])
     stranger = SFrameSender()
-    stranger.use_key(9, OTHER_KEY)
+    stranger.use_key(MediaKey(0, 9, OTHER_KEY))
     unknown = stranger.transform("audio")(b"from a stranger")
     assert unknown is not None
     inputs = [altered, first, first, second, first, unknown, b"", second]
@@ -99,15 +104,57 @@ def test_a_new_key_replaces_the_old_one_and_old_frames_need_the_old_receive_key(
     sender, receiver = pair(kid=0)
     protect, unprotect = sender.transform("audio"), receiver.transform("audio")
     old = protect(b"old")
-    sender.use_key(2, OTHER_KEY)
+    sender.use_key(MediaKey(1, 2, OTHER_KEY))
     assert sender.kid == 2
     new = protect(b"new")
     assert new is not None and SFrameHeader.parse(new)[0].kid == 2
     failures: list[SFrameError] = []
     assert receiver.transform("audio", failures.append)(new) is None
     assert isinstance(failures[0], UnknownKeyError)
-    receiver.add_key(2, OTHER_KEY)
+    receiver.add_key(MediaKey(1, 2, OTHER_KEY))
     assert unprotect(new) == b"new" and unprotect(old or b"") == b"old"
     assert receiver.kids == {0, 2}
     receiver.remove_key(0)
     assert receiver.kids == {2}
+
+
+# -- key objects: the base key stays inside ------------------------------------------------
+
+
+def test_no_public_way_reads_a_media_keys_base_key():
+    key = MediaKey(2, 4, KEY)
+    assert not hasattr(key, "base_key") and not hasattr(key, "__dict__")
+    public = [getattr(key, name) for name in dir(key) if not name.startswith("_")]
+    assert all(not isinstance(value, bytes | bytearray | memoryview) for value in public)
+    assert (key.epoch, key.kid) == (2, 4)
+    assert repr(key) == "MediaKey(epoch=2, kid=4)" and KEY.hex() not in repr(key)
+    with pytest.raises(AttributeError):
+        key.kid = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        pickle.dumps(key)
+    assert copy.deepcopy(key) is key
+
+
+def test_media_keys_are_equal_by_epoch_kid_and_base_key():
+    assert MediaKey(0, 4, KEY) == MediaKey(0, 4, bytes(KEY))
+    assert MediaKey(0, 4, KEY) != MediaKey(0, 4, OTHER_KEY)
+    assert MediaKey(0, 4, KEY) != MediaKey(1, 4, KEY)
+    assert MediaKey(0, 4, KEY) != MediaKey(0, 5, KEY)
+    assert len({MediaKey(0, 4, KEY), MediaKey(0, 4, KEY)}) == 1
+
+
+def test_apply_key_update_installs_both_and_names_the_receive_kids_to_retire():
+    sender, receiver = SFrameSender(), SFrameReceiver()
+    first = KeyUpdate(install_receive=MediaKey(0, 1, KEY), switch_send=MediaKey(0, 0, KEY))
+    assert apply_key_update(first, sender, receiver) == frozenset()
+    assert (sender.kid, receiver.kids) == (0, frozenset({1}))
+    assert apply_key_update(
+        KeyUpdate(install_receive=MediaKey(1, 3, OTHER_KEY)), sender, receiver
+    ) == {1}
+    assert (sender.kid, receiver.kids) == (0, frozenset({1, 3}))
+    assert (
+        apply_key_update(KeyUpdate(switch_send=MediaKey(1, 2, OTHER_KEY)), sender, receiver)
+        == set()
+    )
+    assert (sender.kid, receiver.kids) == (2, frozenset({1, 3}))
+    assert apply_key_update(KeyUpdate(), sender, receiver) == frozenset()

@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.errors import CryptoError, LocalError, RemoteError
+from crypto.frame_crypto import KeyUpdate, SFrameReceiver, SFrameSender, apply_key_update
 from crypto.handshake import (
+    HANDLERS,
     CommitmentMismatch,
     HandshakeResult,
     HandshakeState,
@@ -33,16 +35,18 @@ from crypto.identity import (
     b64decode,
     b64encode,
 )
-from crypto.sealed import (
-    LABEL_PREFIX,
-    MalformedMessage,
-    Role,
-    UnexpectedMessage,
-    WrongCall,
+from crypto.messages import (
+    HANDSHAKE_MESSAGES,
+    Accept,
+    Commit,
+    Confirm,
+    MalformedCallMessage,
+    Reveal,
+    UnexpectedCallMessage,
     decode_message,
     encode_message,
-    length_prefixed,
 )
+from crypto.sealed import LABEL_PREFIX, Role, WrongCall, length_prefixed
 from crypto.sframe import CipherSuite
 from tests.vectors.make_handshake_vectors import (
     VECTORS_PATH,
@@ -108,10 +112,11 @@ def test_full_handshake_gives_both_sides_the_same_keys_and_sas():
     assert mine.sas == theirs.sas
     assert mine.transcript_hash == theirs.transcript_hash
     assert mine.suite == theirs.suite == GCM  # the initiator's preference wins
-    assert (mine.send_kid, mine.send_base_key) == (theirs.recv_kid, theirs.recv_base_key)
-    assert (mine.recv_kid, mine.recv_base_key) == (theirs.send_kid, theirs.send_base_key)
-    assert mine.send_kid != mine.recv_kid and {mine.send_kid, mine.recv_kid} == {0, 1}
-    assert len(mine.send_base_key) == 32 and mine.send_base_key != mine.recv_base_key
+    send, receive = mine.initial_keys.switch_send, mine.initial_keys.install_receive
+    assert send is not None and receive is not None
+    assert (send, receive) == (theirs.initial_keys.install_receive, theirs.initial_keys.switch_send)
+    assert (send.epoch, receive.epoch) == (0, 0) and {send.kid, receive.kid} == {0, 1}
+    # 32-byte, distinct base keys: tests/vectors/handshake.json, checked below.
     assert mine.peer_identity == BOB.public_key and theirs.peer_identity == ALICE.public_key
     assert (mine.peer_name, theirs.peer_name) == ("bob", "alice")
     groups = mine.sas.split(" ")
@@ -121,14 +126,17 @@ def test_full_handshake_gives_both_sides_the_same_keys_and_sas():
 def test_fresh_randomness_gives_a_fresh_sas_and_keys():
     first, _ = run(*pair(seed="a"))
     second, _ = run(*pair(seed="b"))
-    assert first.sas != second.sas and first.send_base_key != second.send_base_key
+    assert first.sas != second.sas and first.initial_keys != second.initial_keys
 
 
 def test_reprs_hide_every_secret():
     mine, _ = run(*pair())
     text = repr(mine) + repr(mine.channel) + repr(mine.channel.keys)
-    for secret in (mine.send_base_key, mine.recv_base_key, mine.channel.keys.seal_send):
+    for secret in (mine.channel.keys.seal_send, mine.channel.keys.seal_receive):
         assert secret.hex() not in text and b64encode(secret) not in text
+    # A media key shows its epoch and KID and nothing else.
+    assert "KeyUpdate(install_receive=MediaKey(epoch=0, kid=1), " in text
+    assert "switch_send=MediaKey(epoch=0, kid=0))" in text
     assert mine.sas in text  # not secret: it is read aloud
 
 
@@ -209,7 +217,7 @@ def test_malformed_names_are_rejected(bad_name):
             message["name"] = bad_name
         return message
 
-    with pytest.raises(MalformedMessage, match="'name'"):
+    with pytest.raises(MalformedCallMessage, match="'name'"):
         run(*pair(), rename)
     with pytest.raises(LocalError, match="own name"):
         Initiator(ALICE, "c", [GCM], seeded_random("x"), name=bad_name)
@@ -301,8 +309,8 @@ FLIPS = {
 RECEIVER = {"commit": "responder", "accept": "initiator", "reveal": "responder"}
 RECEIVER["confirm"] = "initiator"
 for _name, _receiver in RECEIVER.items():
-    FLIPS[(_name, "v")] = (MalformedMessage, _receiver)
-    FLIPS[(_name, "type")] = (UnexpectedMessage, _receiver)
+    FLIPS[(_name, "v")] = (MalformedCallMessage, _receiver)
+    FLIPS[(_name, "type")] = (UnexpectedCallMessage, _receiver)
     FLIPS[(_name, "call_id")] = (WrongCall, _receiver)
 
 
@@ -348,7 +356,7 @@ def test_extra_or_missing_fields_are_malformed(name):
         return message
 
     for tamper in (add, drop):
-        with pytest.raises(MalformedMessage):
+        with pytest.raises(MalformedCallMessage):
             run(*pair(), tamper)
 
 
@@ -388,7 +396,7 @@ def test_a_chosen_suite_that_was_not_offered_is_rejected():
             message["suite"] = int(CipherSuite.AES_128_CTR_HMAC_SHA256_32)
         return message
 
-    with pytest.raises(MalformedMessage, match="not offered"):
+    with pytest.raises(MalformedCallMessage, match="not offered"):
         run(*pair(), downgrade)
 
 
@@ -410,7 +418,7 @@ def test_api_misuse_is_a_local_error():
 def test_messages_after_completion_are_unexpected():
     initiator, responder = pair()
     run(initiator, responder)
-    with pytest.raises(UnexpectedMessage):
+    with pytest.raises(UnexpectedCallMessage):
         responder.receive(initiator.result.channel.seal({"x": 1}))
 
 
@@ -433,7 +441,7 @@ JSON = st.recursive(
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200) | st.text(max_size=200))
 def test_decode_message_raises_only_malformed(data):
-    with contextlib.suppress(MalformedMessage):
+    with contextlib.suppress(MalformedCallMessage):
         decode_message(data)
 
 
@@ -544,3 +552,145 @@ def test_vectors_recomputed_from_first_principles():
         bytes(12), b64decode(sealed["ciphertext"]), associated
     )
     assert json.loads(plaintext) == {"kind": "app", "content": vectors["sealed"]["content"]}
+    # Each epoch's two SFrame base keys are 32 bytes and distinct.
+    for epoch in (vectors["epoch0"], vectors["rekey"]["epoch1"]):
+        base_keys = {
+            bytes.fromhex(epoch[f"sframe_{who}"]["base_key"]) for who in ("initiator", "responder")
+        }
+        assert len(base_keys) == 2 and {len(key) for key in base_keys} == {32}
+    assert (
+        vectors["epoch0"]["sframe_initiator"]["base_key"]
+        != vectors["rekey"]["epoch1"]["sframe_initiator"]["base_key"]
+    )
+
+
+# -- the dispatch table, failures and interruptions ----------------------------------------
+
+
+def recorded_messages() -> dict[str, dict[str, Any]]:
+    recorded = {}
+
+    def record(name, message):
+        recorded[name] = copy.deepcopy(message)
+        return message
+
+    run(*pair(seed="table"), record)
+    return recorded
+
+
+def machine_in(state: HandshakeState) -> Initiator | Responder:
+    """A machine of the role that has ``state``, driven there with real messages."""
+    initiator, responder = pair(seed="table")
+    if state is HandshakeState.START:
+        return initiator
+    commit = initiator.start()
+    if state is HandshakeState.AWAIT_ACCEPT:
+        return initiator
+    if state is HandshakeState.AWAIT_COMMIT:
+        return responder
+    [accept] = responder.receive(commit)
+    if state is HandshakeState.AWAIT_REVEAL:
+        return responder
+    [reveal] = initiator.receive(accept)
+    if state is HandshakeState.AWAIT_CONFIRM:
+        return initiator
+    responder.receive(reveal)
+    assert state is HandshakeState.DONE
+    return responder
+
+
+def test_the_dispatch_table_is_one_message_type_per_waiting_state():
+    assert set(HANDLERS) == {
+        (HandshakeState.AWAIT_COMMIT, Commit),
+        (HandshakeState.AWAIT_ACCEPT, Accept),
+        (HandshakeState.AWAIT_REVEAL, Reveal),
+        (HandshakeState.AWAIT_CONFIRM, Confirm),
+    }
+
+
+@pytest.mark.parametrize(
+    ("state", "name"),
+    [
+        (state, name)
+        for state in HandshakeState
+        if state is not HandshakeState.FAILED
+        for name, cls in HANDSHAKE_MESSAGES.items()
+        if (state, cls) not in HANDLERS
+    ],
+    ids=str,
+)
+def test_every_pair_not_in_the_dispatch_table_is_unexpected_and_final(state, name):
+    machine = machine_in(state)
+    with pytest.raises(UnexpectedCallMessage, match=f"got {name!r} in state {state.value}"):
+        machine.receive(recorded_messages()[name])
+    assert machine.state is HandshakeState.FAILED
+    with pytest.raises(LocalError, match="failed"):
+        machine.receive(recorded_messages()[name])
+
+
+class _Unforeseen(Exception):
+    pass
+
+
+def _raising(error: BaseException) -> PeerCheck:
+    def check(name, key):
+        raise error
+
+    return check
+
+
+def test_an_unforeseen_error_in_the_peer_check_fails_the_handshake_without_keys():
+    initiator, responder = pair(bob_check=_raising(_Unforeseen("pin store unreadable")))
+    with pytest.raises(_Unforeseen):
+        run(initiator, responder)
+    assert responder.state is HandshakeState.FAILED
+    with pytest.raises(LocalError):
+        responder.result  # noqa: B018
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_an_interruption_is_not_a_failure_and_exposes_no_keys(interruption):
+    # An interrupt or a cancellation says nothing about the peer: the machine is left in the
+    # state it was in (the message unprocessed), not FAILED, and still holds no result.
+    initiator, responder = pair(alice_check=_raising(interruption()))
+    commit = initiator.start()
+    [accept] = responder.receive(commit)
+    [reveal] = initiator.receive(accept)
+    [confirm] = responder.receive(reveal)
+    with pytest.raises(interruption):
+        initiator.receive(confirm)
+    assert initiator.state is HandshakeState.AWAIT_CONFIRM
+    with pytest.raises(LocalError, match="not complete"):
+        initiator.result  # noqa: B018
+
+
+# -- epoch 0's keys: the same object and path as every rekey's ------------------------------
+
+
+def test_the_initial_keys_and_a_rekeys_keys_are_applied_by_the_same_function():
+    mine, theirs = run(*pair())
+    pairs = {}
+    for name, result in (("mine", mine), ("theirs", theirs)):
+        assert isinstance(result.initial_keys, KeyUpdate)
+        sender, receiver = SFrameSender(result.suite), SFrameReceiver(result.suite)
+        assert apply_key_update(result.initial_keys, sender, receiver) == frozenset()
+        pairs[name] = (sender, receiver)
+    frame = mine_frame = pairs["mine"][0].transform("video")(b"epoch 0")
+    assert frame is not None and pairs["theirs"][1].transform("video")(frame) == b"epoch 0"
+    on_rekey = theirs.channel.open(mine.channel.start_rekey())
+    assert isinstance(on_rekey.keys, KeyUpdate)
+    apply_key_update(on_rekey.keys, *pairs["theirs"])
+    [ack] = on_rekey.replies
+    on_ack = mine.channel.open(ack)
+    apply_key_update(on_ack.keys, *pairs["mine"])
+    frame = pairs["mine"][0].transform("video")(b"epoch 1")
+    assert frame is not None and pairs["theirs"][1].transform("video")(frame) == b"epoch 1"
+    assert mine_frame != frame
+
+
+def test_a_handshake_result_has_no_raw_key_fields():
+    mine, _ = run(*pair())
+    for name in ("send_base_key", "recv_base_key", "send_kid", "recv_kid"):
+        assert not hasattr(mine, name)
+    for key in (mine.initial_keys.switch_send, mine.initial_keys.install_receive):
+        assert key is not None and not hasattr(key, "base_key")

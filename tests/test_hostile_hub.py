@@ -20,8 +20,8 @@ from client.experiment.hostile_hub import (
     parse_capabilities,
 )
 from client.experiment.media_mitm import Direction, MediaTamper
-from client.frame_crypto import SFrameReceiver, SFrameSender
 from client.hub_connection import HubConnection, Relayed
+from crypto.frame_crypto import MediaKey, SFrameReceiver, SFrameSender
 from crypto.handshake import HandshakeResult, Initiator, PeerCheck, Responder
 from crypto.identity import IdentityKey, KnownPeers, PinnedIdentityMismatch
 from crypto.sealed import DecryptionFailed, Role, SealedChannel, SealedReplay
@@ -240,7 +240,7 @@ async def test_keyswap_agrees_its_own_keys_with_each_peer_and_reseals_between_th
     # and what it seals under them still reaches the other peer.
     await pair.send(False, bob_result.channel.start_rekey())
     ack = bob_result.channel.open(await pair.receive(at_first=False))
-    assert ack.install_receive is not None and ack.switch_send is not None
+    assert ack.keys.install_receive is not None and ack.keys.switch_send is not None
     for reply in ack.replies:
         await pair.send(False, reply)
     assert bob_result.channel.epoch == 1
@@ -343,6 +343,18 @@ def agree(first: IdentityKey, second: IdentityKey) -> tuple[HandshakeResult, Han
     return initiator.result, responder.result
 
 
+def send_key(result: HandshakeResult) -> MediaKey:
+    key = result.initial_keys.switch_send
+    assert key is not None
+    return key
+
+
+def receive_key(result: HandshakeResult) -> MediaKey:
+    key = result.initial_keys.install_receive
+    assert key is not None
+    return key
+
+
 def test_sframe_relay_opens_each_leg_with_its_key_and_seals_for_the_other():
     alice, bob, hub_a, hub_b = (IdentityKey.generate(os.urandom) for _ in range(4))
     alice_leg, hub_toward_alice = agree(alice, hub_a)
@@ -351,12 +363,12 @@ def test_sframe_relay_opens_each_leg_with_its_key_and_seals_for_the_other():
 
     def sender(result: HandshakeResult) -> SFrameSender:
         sender = SFrameSender(result.suite)
-        sender.use_key(result.send_kid, result.send_base_key)
+        sender.use_key(send_key(result))
         return sender
 
     def receiver(result: HandshakeResult) -> SFrameReceiver:
         receiver = SFrameReceiver(result.suite)
-        receiver.add_key(result.recv_kid, result.recv_base_key)
+        receiver.add_key(receive_key(result))
         return receiver
 
     # One SFrame context per peer, as in a call (its counters span audio and video).
@@ -390,9 +402,9 @@ def test_media_tamper_around_the_keyswap_relay_reseals_then_tampers_and_the_peer
         SFrameRelay(hub_toward_alice, hub_toward_bob), period=TamperPlan().media_period
     )
     sender = SFrameSender(alice_leg.suite)
-    sender.use_key(alice_leg.send_kid, alice_leg.send_base_key)
+    sender.use_key(send_key(alice_leg))
     receiver = SFrameReceiver(bob_leg.suite)
-    receiver.add_key(bob_leg.recv_kid, bob_leg.recv_base_key)
+    receiver.add_key(receive_key(bob_leg))
     direction = Direction.OFFERER_TO_ANSWERER
     protect, unprotect = sender.transform("video"), receiver.transform("video")
     decrypted = []

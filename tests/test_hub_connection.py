@@ -14,14 +14,18 @@ from client.hub_connection import (
     PayloadTooLarge,
     Relayed,
     UnexpectedMessage,
+    decode_payload,
 )
 from signaling.hub import KIB
 from signaling.protocol import (
     ErrorCode,
+    JsonText,
     MalformedMessage,
     PeerId,
     PeerJoined,
     Refused,
+    RelayFrom,
+    parse_hub_message,
 )
 from tests.conftest import wait_for
 
@@ -176,3 +180,39 @@ async def test_events_iterate_until_the_hub_goes_away(start_hub):
 async def _collect(hub: HubConnection, events: list[object]) -> None:
     async for event in hub:
         events.append(event)
+
+
+# -- the payload decoder: strict JSON, whatever the hub let through -----------------------
+
+
+@pytest.mark.parametrize("payload", ['{"a":1,"a":2}', '[{"b":{"a":1,"a":1}}]'])
+def test_the_client_refuses_duplicate_names_the_hub_forwards(payload):
+    frame = f'{{"type":"relay","from":"p","payload":{payload}}}'
+    assert parse_hub_message(frame) == RelayFrom(PeerId("p"), JsonText(payload))
+    with pytest.raises(MalformedMessage, match="duplicate name") as refused:
+        decode_payload(JsonText(payload))
+    assert refused.value.code is ErrorCode.INVALID_JSON
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "[NaN]",
+        '{"x":-Infinity}',
+        "[1,]",
+        "01",
+        '"\u0000',
+        "1e400",
+        "[-1E999]",
+        "[" * 100 + "]" * 100,
+    ],
+)
+def test_the_payload_decoder_refuses_what_is_not_strict_json(payload):
+    with pytest.raises(MalformedMessage) as refused:
+        decode_payload(JsonText(payload))
+    assert refused.value.code is ErrorCode.INVALID_JSON
+
+
+def test_the_payload_decoder_keeps_every_json_value():
+    payload = '{"a":[1,2.5,"\u00e9",null,true],"b":{"a":{}}}'
+    assert decode_payload(JsonText(payload)) == json.loads(payload)

@@ -36,9 +36,9 @@ from client.experiment.media_mitm import (
     media_kinds,
     write_wav,
 )
-from client.frame_crypto import SFrameReceiver, SFrameSender
 from client.frame_transform import install_receiver_transform, install_sender_transform
 from client.media import PatternTrack, ToneTrack, read_pattern_number
+from crypto.frame_crypto import MediaKey, SFrameReceiver, SFrameSender, apply_key_update
 from crypto.handshake import HandshakeResult
 from crypto.identity import IdentityKey
 from crypto.sframe import SFrameHeader
@@ -236,9 +236,9 @@ class SFramePeers:
         role = side.role
         other = "answerer" if role == "offerer" else "offerer"
         sender = SFrameSender()
-        sender.use_key(SFRAME_KIDS[role], SFRAME_BASE_KEYS[SFRAME_KIDS[role]])
+        sender.use_key(MediaKey(0, SFRAME_KIDS[role], SFRAME_BASE_KEYS[SFRAME_KIDS[role]]))
         receiver = self.receivers[role] = SFrameReceiver()
-        receiver.add_key(SFRAME_KIDS[other], SFRAME_BASE_KEYS[SFRAME_KIDS[other]])
+        receiver.add_key(MediaKey(0, SFRAME_KIDS[other], SFRAME_BASE_KEYS[SFRAME_KIDS[other]]))
         for kind in ("audio", "video"):
             install_sender_transform(side.senders[kind], sender.transform(kind))
             install_receiver_transform(side.receivers[kind], receiver.transform(kind))
@@ -294,9 +294,8 @@ class KeyedPeers:
     def __call__(self, side: LoopbackSide) -> None:
         result = self.results[side.role]
         sender = SFrameSender(result.suite)
-        sender.use_key(result.send_kid, result.send_base_key)
         receiver = self.receivers[side.role] = SFrameReceiver(result.suite)
-        receiver.add_key(result.recv_kid, result.recv_base_key)
+        apply_key_update(result.initial_keys, sender, receiver)
         for kind in ("audio", "video"):
             install_sender_transform(side.senders[kind], sender.transform(kind))
             install_receiver_transform(side.receivers[kind], receiver.transform(kind))
@@ -325,7 +324,9 @@ async def test_a_mitm_holding_both_legs_keys_reencrypts_and_recovers_the_sframe_
     ):
         # On the wire toward the MITM: SFrame under the source's key only.
         wire = [p.payload for p in mitm.packets if p.direction is direction and p.kind == "audio"]
-        assert {SFrameHeader.parse(payload)[0].kid for payload in wire} == {source.send_kid}
+        send_key = source.initial_keys.switch_send
+        assert send_key is not None
+        assert {SFrameHeader.parse(payload)[0].kid for payload in wire} == {send_key.kid}
         # What it recorded is the plaintext: it recovers the audio and the video.
         audio = mitm.recovered_audio(direction)
         assert tone_correlation(middle_second(audio.samples, SAMPLE_RATE), SAMPLE_RATE, tone) >= 0.9
@@ -340,8 +341,8 @@ async def test_a_mitm_holding_both_legs_keys_reencrypts_and_recovers_the_sframe_
 def tampered_stream(tamper: MediaTamper, frames: int) -> tuple[list[bytes], SFrameReceiver]:
     """``frames`` SFrame audio frames from one peer, through the tamper toward the other."""
     sender, receiver = SFrameSender(), SFrameReceiver()
-    sender.use_key(3, bytes(range(32)))
-    receiver.add_key(3, bytes(range(32)))
+    sender.use_key(MediaKey(0, 3, bytes(range(32))))
+    receiver.add_key(MediaKey(0, 3, bytes(range(32))))
     protect = sender.transform("audio")
     sent: list[bytes] = []
     for number in range(frames):

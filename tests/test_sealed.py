@@ -1,3 +1,4 @@
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -7,21 +8,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto.errors import LocalError, RemoteError
+from crypto.frame_crypto import (
+    KeyUpdate,
+    MediaKey,
+    SFrameReceiver,
+    SFrameSender,
+    apply_key_update,
+)
 from crypto.identity import b64decode, b64encode
+from crypto.messages import (
+    App,
+    MalformedCallMessage,
+    Rekey,
+    RekeyAck,
+    RekeyDone,
+    UnexpectedCallMessage,
+    decode_message,
+    encode_message,
+)
 from crypto.sealed import (
+    INNER_HANDLERS,
     MAX_SEALED_CONTENT_SIZE,
+    REKEY_TRANSITIONS,
     DecryptionFailed,
-    MalformedMessage,
     Received,
+    RekeyState,
     Role,
     SealedChannel,
     SealedGap,
     SealedReorder,
     SealedReplay,
-    UnexpectedMessage,
-    decode_message,
     derive_epoch_keys,
-    encode_message,
+    hkdf_expand,
     x25519_shared_secret,
 )
 from tests.vectors.make_handshake_vectors import seeded_random
@@ -140,15 +158,21 @@ def test_messages_are_bound_to_their_direction_and_call():
 @pytest.mark.parametrize(
     ("message", "error"),
     [
-        ({"v": 1, "type": "commit"}, UnexpectedMessage),
-        ({"v": 2, "type": "sealed"}, MalformedMessage),
-        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0}, MalformedMessage),
-        ({"v": 1, "type": "sealed", "epoch": -1, "seq": 0, "ciphertext": ""}, MalformedMessage),
-        ({"v": 1, "type": "sealed", "epoch": 0, "seq": True, "ciphertext": ""}, MalformedMessage),
-        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "A="}, MalformedMessage),
+        ({"v": 1, "type": "commit"}, UnexpectedCallMessage),
+        ({"v": 2, "type": "sealed"}, MalformedCallMessage),
+        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0}, MalformedCallMessage),
+        ({"v": 1, "type": "sealed", "epoch": -1, "seq": 0, "ciphertext": ""}, MalformedCallMessage),
+        (
+            {"v": 1, "type": "sealed", "epoch": 0, "seq": True, "ciphertext": ""},
+            MalformedCallMessage,
+        ),
+        (
+            {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "A="},
+            MalformedCallMessage,
+        ),
         ({"v": 1, "type": "sealed", "epoch": 7, "seq": 0, "ciphertext": ""}, DecryptionFailed),
         ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}, DecryptionFailed),
-        ([], MalformedMessage),
+        ([], MalformedCallMessage),
     ],
 )
 def test_malformed_sealed_messages(message, error):
@@ -173,14 +197,15 @@ def test_rekey_gives_both_sides_matching_new_keys_in_a_safe_order():
     on_rekey, on_ack, on_done = rekey(alice, bob)
     # Bob installs Alice's new receive key first; only after that does Alice switch her
     # frames; Bob switches his only after Alice's rekey-done shows she holds his key.
-    assert on_rekey.install_receive is not None and on_rekey.switch_send is None
-    assert on_ack.switch_send == on_rekey.install_receive
-    assert on_done.switch_send == on_ack.install_receive
+    assert on_rekey.keys.install_receive is not None and on_rekey.keys.switch_send is None
+    assert on_ack.keys.switch_send == on_rekey.keys.install_receive
+    assert on_done.keys == KeyUpdate(switch_send=on_ack.keys.install_receive)
     assert on_done.replies == [] and on_done.content is None
     assert alice.keys.send == bob.keys.receive and alice.keys.receive == bob.keys.send
     assert (alice.keys.send.kid, alice.keys.receive.kid) == (2, 3)
     assert alice.epoch == bob.epoch == 1
-    assert alice.keys.send.base_key != epoch0.send.base_key
+    # (That epoch 1's base keys differ from epoch 0's: tests/vectors/handshake.json.)
+    assert alice.keys.send != epoch0.send
     assert not alice.rekey_in_progress and not bob.rekey_in_progress
     for sender, receiver in ((alice, bob), (bob, alice)):
         assert receiver.open(relay(sender.seal({"after": "rekey"}))).content == {"after": "rekey"}
@@ -257,9 +282,10 @@ def test_epoch_keys_are_distinct_per_direction_and_role_symmetric():
     initiator = derive_epoch_keys(SECRET, 0, Role.INITIATOR)
     responder = derive_epoch_keys(SECRET, 0, Role.RESPONDER)
     assert initiator.send == responder.receive and initiator.seal_send == responder.seal_receive
-    keys = {initiator.send.base_key, initiator.receive.base_key}
-    keys |= {initiator.seal_send, initiator.seal_receive}
-    assert len(keys) == 4
+    base_keys = [hkdf_expand(SECRET, f"sframe {role}") for role in ("initiator", "responder")]
+    assert initiator.send == MediaKey(0, 0, base_keys[0])
+    assert initiator.receive == MediaKey(0, 1, base_keys[1])
+    assert len({*base_keys, initiator.seal_send, initiator.seal_receive}) == 4
 
 
 # -- a misbehaving (authenticated) peer ----------------------------------------------------
@@ -273,18 +299,21 @@ def _peer_sends(sender: SealedChannel, inner: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("inner", "error"),
     [
-        ({"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(32))}, UnexpectedMessage),
-        ({"kind": "rekey-done", "epoch": 1}, UnexpectedMessage),
+        (
+            {"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(32))},
+            UnexpectedCallMessage,
+        ),
+        ({"kind": "rekey-done", "epoch": 1}, UnexpectedCallMessage),
         (
             {"kind": "rekey", "epoch": 5, "ephemeral": b64encode(bytes(range(32)))},
-            UnexpectedMessage,
+            UnexpectedCallMessage,
         ),
-        ({"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(32))}, MalformedMessage),
-        ({"kind": "rekey", "epoch": 1, "ephemeral": "AA"}, MalformedMessage),
-        ({"kind": "rekey", "epoch": "1", "ephemeral": "AA"}, MalformedMessage),
-        ({"kind": "hello"}, MalformedMessage),
-        ({"kind": "app", "content": [1]}, MalformedMessage),
-        ({"kind": "app", "content": {}, "extra": 1}, MalformedMessage),
+        ({"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(32))}, MalformedCallMessage),
+        ({"kind": "rekey", "epoch": 1, "ephemeral": "AA"}, MalformedCallMessage),
+        ({"kind": "rekey", "epoch": "1", "ephemeral": "AA"}, MalformedCallMessage),
+        ({"kind": "hello"}, MalformedCallMessage),
+        ({"kind": "app", "content": [1]}, MalformedCallMessage),
+        ({"kind": "app", "content": {}, "extra": 1}, MalformedCallMessage),
     ],
 )
 def test_misbehaving_peer_messages(inner, error):
@@ -299,12 +328,13 @@ def test_the_first_message_of_a_new_epoch_must_be_rekey_done():
     [ack] = bob.open(start).replies
     alice.open(ack)  # Alice is now in epoch 1; she skips her rekey-done
     alice._send_sequence -= 1
-    with pytest.raises(UnexpectedMessage, match="rekey-done"):
+    with pytest.raises(UnexpectedCallMessage, match="rekey-done"):
         bob.open(alice.seal({"too": "early"}))
 
 
 def _peer_seals_text(sender: SealedChannel, plaintext: bytes) -> dict[str, Any]:
-    """A sealed message whose inner JSON text is exactly ``plaintext`` (docs/protocol.md, 6)."""
+    """A sealed message whose inner JSON text is exactly ``plaintext`` (see the sealed format
+    in docs/reference/key-agreement.md)."""
     sequence = sender._send_sequence
     sender._send_sequence += 1
     call_id = sender.call_id.encode()
@@ -338,14 +368,14 @@ AMBIGUOUS_JSON = [
 
 @pytest.mark.parametrize("text", AMBIGUOUS_JSON)
 def test_decode_message_refuses_duplicate_names_and_non_finite_numbers(text):
-    with pytest.raises(MalformedMessage, match="strict JSON"):
+    with pytest.raises(MalformedCallMessage, match="strict JSON"):
         decode_message(text)
 
 
 @pytest.mark.parametrize("text", AMBIGUOUS_JSON)
 def test_an_authenticated_peer_cannot_send_ambiguous_json_either(text):
     alice, bob = channels()
-    with pytest.raises(MalformedMessage, match="strict JSON"):
+    with pytest.raises(MalformedCallMessage, match="strict JSON"):
         bob.open(_peer_seals_text(alice, text))
 
 
@@ -366,7 +396,7 @@ def test_seal_refuses_non_finite_numbers():
 
 def test_small_order_ephemeral_is_rejected():
     private_key = X25519PrivateKey.from_private_bytes(bytes(range(32)))
-    with pytest.raises(MalformedMessage, match="small-order"):
+    with pytest.raises(MalformedCallMessage, match="small-order"):
         x25519_shared_secret(private_key, bytes(32))
 
 
@@ -404,5 +434,128 @@ def test_open_raises_only_typed_errors_on_sealed_shaped_messages(epoch, sequence
         "seq": sequence,
         "ciphertext": b64encode(ciphertext),
     }
-    with pytest.raises((MalformedMessage, DecryptionFailed)):
+    with pytest.raises((MalformedCallMessage, DecryptionFailed)):
         bob.open(message)
+
+
+# -- the dispatch table and the rekey state ------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+INNER_SAMPLES: dict[type, dict[str, Any]] = {
+    App: {"kind": "app", "content": {"n": 1}},
+    Rekey: {"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(range(32)))},
+    RekeyAck: {"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(range(32)))},
+    RekeyDone: {"kind": "rekey-done", "epoch": 1},
+}
+
+
+def bob_in(state: RekeyState) -> tuple[SealedChannel, SealedChannel]:
+    """Alice and a Bob in ``state``, Alice still sending under epoch 0."""
+    alice, bob = channels()
+    if state is RekeyState.REQUESTED:
+        bob.start_rekey()
+    elif state is RekeyState.AWAITING_DONE:
+        bob.open(alice.start_rekey())
+    assert bob.rekey_state is state
+    return alice, bob
+
+
+def test_the_dispatch_table_is_exactly_the_documented_one():
+    assert set(INNER_HANDLERS) == {
+        (RekeyState.IDLE, App),
+        (RekeyState.IDLE, Rekey),
+        (RekeyState.REQUESTED, App),
+        (RekeyState.REQUESTED, Rekey),
+        (RekeyState.REQUESTED, RekeyAck),
+        (RekeyState.AWAITING_DONE, App),
+        (RekeyState.AWAITING_DONE, RekeyDone),
+    }
+
+
+@pytest.mark.parametrize(
+    ("state", "kind"),
+    [(s, k) for s in RekeyState for k in INNER_SAMPLES if (s, k) not in INNER_HANDLERS],
+    ids=str,
+)
+def test_every_pair_not_in_the_dispatch_table_is_refused(state, kind):
+    alice, bob = bob_in(state)
+    with pytest.raises(UnexpectedCallMessage, match=f"not accepted in rekey state {state.value}"):
+        bob.open(_peer_sends(alice, INNER_SAMPLES[kind]))
+    assert bob.rekey_state is state  # refused, nothing changed
+
+
+def _documented_transitions() -> set[tuple[RekeyState, RekeyState]]:
+    text = (ROOT / "docs" / "reference" / "key-agreement.md").read_text(encoding="utf-8")
+    table = text.split("| state | event | next state | the state carries |")[1].split("\n\n")[0]
+    rows = [line.split("|")[1:-1] for line in table.strip().splitlines()[1:]]
+    return {(RekeyState(row[0].strip()), RekeyState(row[2].strip())) for row in rows}
+
+
+def test_the_rekey_transitions_are_the_documented_table():
+    documented = _documented_transitions()
+    assert {(a, b) for a, b in documented if a is not b} == REKEY_TRANSITIONS
+    # The one documented self-loop: the initiator ignores a colliding request.
+    assert {(a, b) for a, b in documented if a is b} == {(RekeyState.REQUESTED,) * 2}
+
+
+def test_each_legal_rekey_transition():
+    idle, requested, awaiting = RekeyState
+    alice, bob = channels()
+    start = alice.start_rekey()
+    assert alice.rekey_state is requested  # idle -> requested
+    [ack] = bob.open(start).replies
+    assert bob.rekey_state is awaiting  # idle -> awaiting-done
+    [done] = alice.open(ack).replies
+    assert alice.rekey_state is idle  # requested -> idle
+    bob.open(done)
+    assert bob.rekey_state is idle  # awaiting-done -> idle
+    # Both at once: the responder goes requested -> awaiting-done, the initiator stays.
+    alice_start, bob_start = alice.start_rekey(), bob.start_rekey()
+    assert alice.open(bob_start) == Received() and alice.rekey_state is requested
+    bob.open(alice_start)
+    assert bob.rekey_state is awaiting
+
+
+def test_each_illegal_rekey_transition_is_refused_and_changes_nothing():
+    for state in (RekeyState.REQUESTED, RekeyState.AWAITING_DONE):
+        # requested -> requested and awaiting-done -> requested: one rekey at a time.
+        _, bob = bob_in(state)
+        with pytest.raises(LocalError, match="in progress"):
+            bob.start_rekey()
+        assert bob.rekey_state is state
+    # awaiting-done -> awaiting-done: a second request before the first completes.
+    for epoch in (1, 2):
+        alice, bob = bob_in(RekeyState.AWAITING_DONE)
+        second = INNER_SAMPLES[Rekey] | {"epoch": epoch}
+        with pytest.raises(UnexpectedCallMessage):
+            bob.open(_peer_sends(alice, second))
+        assert bob.rekey_state is RekeyState.AWAITING_DONE
+    # idle -> idle by a rekey-done or rekey-ack nobody asked for: refused.
+    for kind in (RekeyDone, RekeyAck):
+        alice, bob = bob_in(RekeyState.IDLE)
+        with pytest.raises(UnexpectedCallMessage):
+            bob.open(_peer_sends(alice, INNER_SAMPLES[kind]))
+        assert bob.rekey_state is RekeyState.IDLE
+    assert (RekeyState.AWAITING_DONE, RekeyState.REQUESTED) not in REKEY_TRANSITIONS
+
+
+# -- the keys a rekey yields ---------------------------------------------------------------
+
+
+def test_a_rekeys_key_updates_go_through_the_one_apply_function():
+    alice, bob = channels()
+    frames = {}
+    for name, channel in (("alice", alice), ("bob", bob)):
+        keys = channel.keys
+        sender, receiver = SFrameSender(), SFrameReceiver()
+        initial = KeyUpdate(install_receive=keys.receive, switch_send=keys.send)
+        assert apply_key_update(initial, sender, receiver) == frozenset()
+        frames[name] = (sender, receiver)
+    on_rekey, on_ack, on_done = rekey(alice, bob)
+    assert apply_key_update(on_rekey.keys, *frames["bob"]) == {0}  # Alice's epoch-0 KID
+    assert apply_key_update(on_ack.keys, *frames["alice"]) == {1}  # Bob's epoch-0 KID
+    assert apply_key_update(on_done.keys, *frames["bob"]) == frozenset()
+    for source, destination in (("alice", "bob"), ("bob", "alice")):
+        protected = frames[source][0].transform("audio")(b"frame")
+        assert protected is not None
+        assert frames[destination][1].transform("audio")(protected) == b"frame"

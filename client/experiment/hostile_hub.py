@@ -52,10 +52,11 @@ from client.experiment.media_mitm import (
     RelayTransform,
     TamperCounts,
 )
-from client.frame_crypto import SFrameReceiver, SFrameSender
+from crypto import strict_json
+from crypto.frame_crypto import KeyUpdate, SFrameReceiver, SFrameSender, apply_key_update
 from crypto.handshake import HandshakeResult, HandshakeState, Initiator, Responder
 from crypto.identity import IdentityKey, b64decode, b64encode
-from crypto.sealed import MediaKey, Received, SealedChannel
+from crypto.sealed import Received, SealedChannel
 from crypto.sframe import CipherSuite
 from signaling.hub import Delivery, Hub, Limits, Metrics, random_peer_id
 from signaling.protocol import JsonText, PeerId, RelayFrom
@@ -109,10 +110,10 @@ class SFrameRelay:
         self._receivers: dict[Direction, SFrameReceiver] = {}
         self._senders: dict[Direction, SFrameSender] = {}
         for direction, (source, destination) in legs.items():
-            receiver = self._receivers[direction] = SFrameReceiver(source.suite)
-            receiver.add_key(source.recv_kid, source.recv_base_key)
-            sender = self._senders[direction] = SFrameSender(destination.suite)
-            sender.use_key(destination.send_kid, destination.send_base_key)
+            self._receivers[direction] = SFrameReceiver(source.suite)
+            self._senders[direction] = SFrameSender(destination.suite)
+        self.key_update(offerer_leg.initial_keys, from_offerer=True)
+        self.key_update(answerer_leg.initial_keys, from_offerer=False)
         self._open = {
             (direction, kind): receiver.transform(kind)
             for direction, receiver in self._receivers.items()
@@ -131,13 +132,13 @@ class SFrameRelay:
         sealed = self._seal[direction, kind](frame)
         return [] if sealed is None else [sealed]
 
-    def rekeyed(self, direction: Direction, key: MediaKey, *, incoming: bool) -> None:
-        """A leg's rekey: frames from that peer arrive under a new key (``incoming``), or must
-        be sent to it under a new key."""
-        if incoming:
-            self._receivers[direction].add_key(key.kid, key.base_key)
-        else:
-            self._senders[direction].use_key(key.kid, key.base_key)
+    def key_update(self, update: KeyUpdate, *, from_offerer: bool) -> None:
+        """Install one leg's keys (epoch 0's, or a rekey's): the receive key opens that peer's
+        frames, the send key seals the frames to it. Old receive keys are kept (no grace
+        window to honour: the attacker loses nothing by holding them)."""
+        incoming = Direction.OFFERER_TO_ANSWERER if from_offerer else Direction.ANSWERER_TO_OFFERER
+        outgoing = Direction.ANSWERER_TO_OFFERER if from_offerer else Direction.OFFERER_TO_ANSWERER
+        apply_key_update(update, self._senders[outgoing], self._receivers[incoming])
 
 
 @dataclass
@@ -181,8 +182,8 @@ class RoomAttack:
 
 def _decode(payload: JsonText) -> Any:
     try:
-        return json.loads(payload)
-    except ValueError:
+        return strict_json.loads(payload)
+    except strict_json.StrictJsonError:
         return None
 
 
@@ -448,13 +449,7 @@ class HostileHub:
     def _follow_rekey(self, attack: RoomAttack, sender: PeerId, received: Received) -> None:
         if attack.relay is None or attack.offerer is None:
             return
-        from_offerer = sender == attack.offerer
-        incoming = Direction.OFFERER_TO_ANSWERER if from_offerer else Direction.ANSWERER_TO_OFFERER
-        outgoing = Direction.ANSWERER_TO_OFFERER if from_offerer else Direction.OFFERER_TO_ANSWERER
-        if received.install_receive is not None:
-            attack.relay.rekeyed(incoming, received.install_receive, incoming=True)
-        if received.switch_send is not None:
-            attack.relay.rekeyed(outgoing, received.switch_send, incoming=False)
+        attack.relay.key_update(received.keys, from_offerer=sender == attack.offerer)
 
     async def _rewrite_sdp(self, attack: RoomAttack, sender: PeerId, message: Any) -> Any:
         """The hub's own SDP in place of an offer or answer; anything else unchanged."""

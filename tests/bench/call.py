@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from unittest import mock
 
-import client.frame_crypto
 import client.frame_transform
+import crypto.frame_crypto
 from client.call import Call, CallConfig, CallStats, ExperimentOnlyLayers, Verify
 from client.media import PatternTrack, ToneTrack
 from crypto.identity import IdentityKey, KnownPeers
@@ -159,7 +159,7 @@ class ThreadCpu:
     @contextlib.contextmanager
     def timing_sframe(self) -> Iterator[None]:
         """While open, the frame transforms of new calls are timed (this process only)."""
-        frame_crypto, frame_transform = client.frame_crypto, client.frame_transform
+        frame_crypto, frame_transform = crypto.frame_crypto, client.frame_transform
         with (
             mock.patch.object(
                 frame_crypto.SFrameSender,
@@ -187,9 +187,10 @@ class ThreadCpu:
 
 def hot_loop_seconds(kind: str, size: int, frames: int = 5000) -> float:
     """Thread CPU seconds per protect + unprotect of one ``size``-byte frame, in a hot loop."""
-    sender, receiver = client.frame_crypto.SFrameSender(), client.frame_crypto.SFrameReceiver()
-    sender.use_key(1, bytes(16))
-    receiver.add_key(1, bytes(16))
+    sender, receiver = crypto.frame_crypto.SFrameSender(), crypto.frame_crypto.SFrameReceiver()
+    key = crypto.frame_crypto.MediaKey(0, 1, bytes(16))
+    sender.use_key(key)
+    receiver.add_key(key)
     protect, unprotect = sender.transform(kind), receiver.transform(kind)
     frame = os.urandom(size)
     start = time.thread_time()

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from crypto.handshake import Initiator, Responder
 from crypto.identity import IdentityKey
-from crypto.sealed import Role, SealedChannel, decode_message, encode_message
+from crypto.messages import decode_message, encode_message
+from crypto.sealed import Role, SealedChannel
 from crypto.sframe import CipherSuite
 from tests.bench import best_per_call
 

@@ -15,9 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from crypto.handshake import Initiator, Responder
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from crypto.frame_crypto import MediaKey
+from crypto.handshake import Initiator, Responder, key_schedule
 from crypto.identity import IdentityKey, b64encode
-from crypto.sealed import EpochKeys, MediaKey, SealedChannel
+from crypto.sealed import (
+    EpochKeys,
+    Role,
+    SealedChannel,
+    hkdf_expand,
+    next_epoch_secret,
+    x25519_public_bytes,
+)
 from crypto.sframe import CipherSuite
 
 VECTORS_PATH = Path(__file__).with_name("handshake.json")
@@ -52,15 +62,42 @@ def identity_seed(name: str) -> bytes:
     return hashlib.sha256(f"blindhub vectors {name} identity".encode()).digest()
 
 
-def _media(key: MediaKey) -> dict[str, Any]:
-    return {"epoch": key.epoch, "kid": key.kid, "base_key": key.base_key.hex()}
+def _epoch_secrets(transcript_hash: bytes) -> tuple[bytes, bytes]:
+    """Epochs 0 and 1's secrets from the seeded randomness and the documented schedule.
+
+    The channels never hand out a base key, so the published ones are derived here from
+    first principles and checked against the channels' key objects (``_epoch``).
+    """
+    alice_random, bob_random = seeded_random("alice"), seeded_random("bob")
+    # Each party draws its ephemeral, then its nonce, then one private key per rekey.
+    alice_ephemeral = X25519PrivateKey.from_private_bytes(alice_random(32))
+    bob_ephemeral = X25519PrivateKey.from_private_bytes(bob_random(32))
+    alice_random(32), bob_random(32)
+    alice_rekey = X25519PrivateKey.from_private_bytes(alice_random(32))
+    bob_rekey = X25519PrivateKey.from_private_bytes(bob_random(32))
+    shared = alice_ephemeral.exchange(bob_ephemeral.public_key())
+    epoch0 = key_schedule(shared, transcript_hash).epoch_secret
+    epoch1 = next_epoch_secret(
+        epoch0,
+        1,
+        alice_rekey.exchange(bob_rekey.public_key()),
+        requester=x25519_public_bytes(alice_rekey),
+        accepter=x25519_public_bytes(bob_rekey),
+    )
+    return epoch0, epoch1
 
 
-def _epoch(keys: EpochKeys) -> dict[str, Any]:
+def _media(key: MediaKey, epoch_secret: bytes, sender: Role) -> dict[str, Any]:
+    base_key = hkdf_expand(epoch_secret, f"sframe {sender.value}")
+    assert key == MediaKey(key.epoch, key.kid, base_key)
+    return {"epoch": key.epoch, "kid": key.kid, "base_key": base_key.hex()}
+
+
+def _epoch(keys: EpochKeys, epoch_secret: bytes) -> dict[str, Any]:
     """An epoch's keys named by sender (the initiator's view, whose send is the I->R key)."""
     return {
-        "sframe_initiator": _media(keys.send),
-        "sframe_responder": _media(keys.receive),
+        "sframe_initiator": _media(keys.send, epoch_secret, Role.INITIATOR),
+        "sframe_responder": _media(keys.receive, epoch_secret, Role.RESPONDER),
         "seal_initiator": keys.seal_send.hex(),
         "seal_responder": keys.seal_receive.hex(),
     }
@@ -85,6 +122,7 @@ def build_vectors() -> dict[str, Any]:
     sealed = mine.channel.seal(SEALED_CONTENT)
     assert theirs.channel.open(sealed).content == SEALED_CONTENT
     rekey, ack, done = _rekey(mine.channel, theirs.channel)
+    secret0, secret1 = _epoch_secrets(mine.transcript_hash)
 
     return {
         "description": (
@@ -110,12 +148,12 @@ def build_vectors() -> dict[str, Any]:
         "transcript_hash": mine.transcript_hash.hex(),
         "sas": mine.sas,
         "suite": int(mine.suite),
-        "epoch0": _epoch(epoch0),
+        "epoch0": _epoch(epoch0, secret0),
         "sealed": {"sender": "initiator", "content": SEALED_CONTENT, "message": sealed},
         "rekey": {
             "requester": "initiator",
             "messages": {"rekey": rekey, "rekey-ack": ack, "rekey-done": done},
-            "epoch1": _epoch(mine.channel.keys),
+            "epoch1": _epoch(mine.channel.keys, secret1),
         },
     }
 

@@ -4,10 +4,16 @@ Fail closed by construction: a sender without a key returns None (the frame is n
 a receiver returns None for any frame that does not decrypt (nothing undecrypted reaches the
 decoder), counting the failure and reporting it so that the caller can ask for a keyframe.
 Pure and synchronous; keys come from the key agreement, never from here.
+
+Keys travel as ``MediaKey`` objects, whose base key no code outside this module can read:
+the key agreement (crypto/handshake.py) and every rekey (crypto/sealed.py) yield a
+``KeyUpdate``, and ``apply_key_update`` is the one way a caller installs it.
 """
 
+import hmac
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Final, final
 
 from crypto.sframe import (
     AuthenticationError,
@@ -22,6 +28,72 @@ from crypto.sframe import (
 DEFAULT_SUITE = CipherSuite.AES_128_GCM_SHA256_128
 FrameTransform = Callable[[bytes], bytes | None]
 """The same shape as client.frame_transform.FrameTransform (this module imports no aiortc)."""
+
+
+@final
+class MediaKey:
+    """One sender's SFrame key of one epoch: its KID and a base key that stays inside.
+
+    Only ``SFrameSender.use_key`` and ``SFrameReceiver.add_key`` consume the base key; there
+    is no attribute or method that returns it, and the repr shows the epoch and KID only.
+    Two keys are equal if epoch, KID and base key are (compared in constant time).
+    """
+
+    __slots__ = ("__base_key", "_epoch", "_kid")
+
+    def __init__(self, epoch: int, kid: int, base_key: bytes) -> None:
+        self._epoch: Final = epoch
+        self._kid: Final = kid
+        self.__base_key: Final = bytes(base_key)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def kid(self) -> int:
+        return self._kid
+
+    def __repr__(self) -> str:
+        return f"MediaKey(epoch={self._epoch}, kid={self._kid})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MediaKey):
+            return NotImplemented
+        return (self._epoch, self._kid) == (other._epoch, other._kid) and hmac.compare_digest(
+            self.__base_key, other.__base_key
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._epoch, self._kid))
+
+    def __copy__(self) -> "MediaKey":
+        return self  # immutable
+
+    def __deepcopy__(self, memo: dict[int, object]) -> "MediaKey":
+        return self
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        # A pickle would carry the base key out of the process in the clear.
+        raise TypeError("a MediaKey cannot be pickled")
+
+    def _add_to(self, context: SendContext | ReceiveContext) -> None:
+        context.add_key(self._kid, self.__base_key)
+
+
+@dataclass(frozen=True)
+class KeyUpdate:
+    """What the key agreement or a rekey asks of one party's SFrame sender and receiver.
+
+    ``install_receive``: accept the peer's frames under this key from now on; keep the
+    previous receive keys for a short grace window (frames in flight), then retire them.
+    ``switch_send``: encrypt every frame from now on under this key (the peer holds it).
+    The handshake's first update has both; a rekey's updates have one each, in the order
+    that never makes a side send under a key its peer lacks (docs/protocol.md, section 7).
+    """
+
+    install_receive: MediaKey | None = None
+    switch_send: MediaKey | None = None
 
 
 @dataclass
@@ -84,10 +156,10 @@ class SFrameSender:
     def kid(self) -> int | None:
         return self._kid
 
-    def use_key(self, kid: int, base_key: bytes) -> None:
-        """Send under ``kid`` from the next frame on; the previous key is forgotten."""
-        self._context.add_key(kid, base_key)
-        previous, self._kid = self._kid, kid
+    def use_key(self, key: MediaKey) -> None:
+        """Send under ``key`` from the next frame on; the previous key is forgotten."""
+        key._add_to(self._context)
+        previous, self._kid = self._kid, key.kid
         if previous is not None:
             self._context.remove_key(previous)
 
@@ -124,8 +196,9 @@ class SFrameReceiver:
     def kids(self) -> frozenset[int]:
         return self._context.kids
 
-    def add_key(self, kid: int, base_key: bytes) -> None:
-        self._context.add_key(kid, base_key)
+    def add_key(self, key: MediaKey) -> None:
+        """Accept frames under ``key`` too (a KID already held raises ``ValueError``)."""
+        key._add_to(self._context)
 
     def remove_key(self, kid: int) -> None:
         self._context.remove_key(kid)
@@ -152,3 +225,20 @@ class SFrameReceiver:
 
     def __repr__(self) -> str:
         return f"SFrameReceiver(kids={sorted(self.kids)})"
+
+
+def apply_key_update(
+    update: KeyUpdate, sender: SFrameSender, receiver: SFrameReceiver
+) -> frozenset[int]:
+    """Install ``update``; return the receive KIDs to retire once the grace window is over.
+
+    The one path for every key of a call: epoch 0's (``HandshakeResult.initial_keys``, with
+    nothing to retire) and each rekey's (``Received.keys``).
+    """
+    retire: frozenset[int] = frozenset()
+    if update.install_receive is not None:
+        retire = receiver.kids - {update.install_receive.kid}
+        receiver.add_key(update.install_receive)
+    if update.switch_send is not None:
+        sender.use_key(update.switch_send)
+    return retire

@@ -1,0 +1,185 @@
+"""Each typed call message: parse(encode()) is the identity, and each bad field its error."""
+
+import json
+from typing import Any
+
+import pytest
+
+from crypto.identity import IdentityKey, b64encode
+from crypto.messages import (
+    HANDSHAKE_MESSAGES,
+    INNER_MESSAGES,
+    Accept,
+    App,
+    Commit,
+    Confirm,
+    MalformedCallMessage,
+    Rekey,
+    RekeyAck,
+    RekeyDone,
+    Reveal,
+    Sealed,
+    UnexpectedCallMessage,
+    decode_message,
+    encode_message,
+)
+from crypto.sframe import CipherSuite
+from tests.vectors.make_handshake_vectors import VECTORS_PATH, identity_seed
+
+GCM, CTR80 = CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_128_CTR_HMAC_SHA256_80
+ALICE = IdentityKey(identity_seed("alice")).public_key
+B32, B64 = bytes(range(32)), bytes(range(64))
+
+ENVELOPED = [
+    Commit("call-1", (GCM, CTR80), B32, "alice", B32),
+    Accept("call-1", GCM, B32, B32, ALICE, "bob"),
+    Reveal("call-1", B32, ALICE, B64),
+    Confirm("call-1", B64),
+    Sealed(3, 7, b"ciphertext"),
+]
+INNER = [App({"type": "offer", "sdp": "v=0"}), Rekey(1, B32), RekeyAck(1, B32), RekeyDone(1)]
+MESSAGES: list[Any] = [*ENVELOPED, *INNER]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda message: type(message).__name__)
+def test_parse_of_encode_is_the_message_through_json_text(message):
+    wire = decode_message(encode_message(message.encode()))
+    assert type(message).parse(wire) == message
+
+
+def test_the_registries_name_every_type_by_its_wire_name():
+    assert {name: cls.TYPE for name, cls in HANDSHAKE_MESSAGES.items()} == {
+        "commit": "commit",
+        "accept": "accept",
+        "reveal": "reveal",
+        "confirm": "confirm",
+    }
+    assert sorted(INNER_MESSAGES) == ["app", "rekey", "rekey-ack", "rekey-done"]
+
+
+def test_encode_is_todays_wire_object():
+    assert Commit("c", (GCM,), B32, "alice", B32).encode() == {
+        "v": 1,
+        "type": "commit",
+        "call_id": "c",
+        "suites": [4],
+        "nonce": b64encode(B32),
+        "name": "alice",
+        "commitment": b64encode(B32),
+    }
+    assert Sealed(0, 1, b"x").encode() == {
+        "v": 1,
+        "type": "sealed",
+        "epoch": 0,
+        "seq": 1,
+        "ciphertext": b64encode(b"x"),
+    }
+    assert RekeyAck(2, B32).encode() == {
+        "kind": "rekey-ack",
+        "epoch": 2,
+        "ephemeral": b64encode(B32),
+    }
+
+
+def test_the_published_vectors_parse_and_encode_back_exactly():
+    vectors = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
+    for name, wire in vectors["messages"].items():
+        assert HANDSHAKE_MESSAGES[name].parse(wire).encode() == wire
+    for wire in (vectors["sealed"]["message"], *vectors["rekey"]["messages"].values()):
+        assert Sealed.parse(wire).encode() == wire
+
+
+# (message class, field, bad value, error text)
+BAD_FIELDS = [
+    (Commit, "call_id", "", "field 'call_id': a call id is 1 to 128"),
+    (Commit, "call_id", "x" * 129, "field 'call_id'"),
+    (Commit, "suites", [], "field 'suites': is a list of 1 to 5"),
+    (Commit, "suites", [4, 4], "field 'suites': lists each suite once"),
+    (Commit, "suites", [9], "field 'suites': is a registered SFrame cipher suite code"),
+    (Commit, "suites", [True], "field 'suites': is a registered"),
+    (Commit, "nonce", b64encode(bytes(31)), "field 'nonce': is 32 bytes"),
+    (Commit, "nonce", "not base64!", "field 'nonce': not"),
+    (Commit, "name", "", "field 'name': is 1 to 256 characters"),
+    (Commit, "name", "a\nb", "field 'name': is printable"),
+    (Commit, "commitment", b64encode(bytes(33)), "field 'commitment': is 32 bytes"),
+    (Accept, "call_id", None, "field 'call_id': a call id"),
+    (Reveal, "call_id", "\ud800", "field 'call_id': a call id is encodable as UTF-8"),
+    (Accept, "suite", 0, "field 'suite': is a registered"),
+    (Accept, "suite", "4", "field 'suite': is a registered"),
+    (Accept, "nonce", 5, "field 'nonce'"),
+    (Accept, "ephemeral", b64encode(bytes(16)), "field 'ephemeral': is 32 bytes"),
+    (Accept, "identity", b64encode(bytes(31)), "field 'identity': is 32 bytes"),
+    (Accept, "name", 7, "field 'name': is 1 to 256"),
+    (Reveal, "ephemeral", None, "field 'ephemeral'"),
+    (Reveal, "identity", b64encode(bytes(64)), "field 'identity': is 32 bytes"),
+    (Reveal, "signature", b64encode(bytes(63)), "field 'signature': is 64 bytes"),
+    (Confirm, "signature", [], "field 'signature'"),
+    (Confirm, "call_id", 1, "field 'call_id': a call id"),
+    (Sealed, "epoch", -1, "field 'epoch': is an integer from 0 to 2147483648"),
+    (Sealed, "epoch", True, "field 'epoch': is an integer"),
+    (Sealed, "seq", 2**48 + 1, "field 'seq': is an integer from 0 to 281474976710656"),
+    (Sealed, "ciphertext", "A=", "field 'ciphertext'"),
+    (App, "content", [1], "an application message carries one JSON object"),
+    (Rekey, "epoch", "1", "the epoch of a 'rekey' message is an integer"),
+    (Rekey, "ephemeral", "AA", "a rekey ephemeral is a 32-byte X25519 key"),
+    (RekeyAck, "epoch", 1.0, "the epoch of a 'rekey-ack' message is an integer"),
+    (RekeyAck, "ephemeral", b64encode(bytes(31)), "a rekey ephemeral is a 32-byte"),
+    (RekeyDone, "epoch", None, "the epoch of a 'rekey-done' message is an integer"),
+]
+
+
+def _valid(cls: type) -> Any:
+    return next(message for message in MESSAGES if type(message) is cls)
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value", "error"),
+    BAD_FIELDS,
+    ids=[f"{c.__name__}-{f}" for c, f, *_ in BAD_FIELDS],
+)
+def test_each_bad_field_is_malformed_with_its_reason(cls, field, value, error):
+    wire = _valid(cls).encode()
+    wire[field] = value
+    with pytest.raises(MalformedCallMessage) as refused:
+        cls.parse(wire)
+    assert str(refused.value).startswith(error)
+
+
+def test_every_field_of_every_message_has_a_bad_value_above():
+    fields = {(cls, field) for cls, field, *_ in BAD_FIELDS}
+    for message in MESSAGES:
+        names = set(message.encode()) - {"v", "type", "kind"}
+        assert {(type(message), name) for name in names} <= fields
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda message: type(message).__name__)
+def test_an_extra_or_missing_field_is_malformed(message):
+    extra = message.encode() | {"extra": 1}
+    missing = message.encode()
+    del missing[next(name for name in missing if name not in ("v", "type", "kind"))]
+    for wire in (extra, missing):
+        with pytest.raises(MalformedCallMessage, match="fields"):
+            type(message).parse(wire)
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda message: type(message).__name__)
+def test_a_well_formed_message_of_another_type_is_unexpected(message):
+    other = next(
+        m for m in MESSAGES if type(m) is not type(message) and (m in INNER) == (message in INNER)
+    )
+    with pytest.raises(UnexpectedCallMessage, match="expected a"):
+        type(message).parse(other.encode())
+
+
+@pytest.mark.parametrize("cls", [type(message) for message in MESSAGES])
+@pytest.mark.parametrize("value", [[], "text", None, 1])
+def test_what_is_not_an_object_is_malformed(cls, value):
+    with pytest.raises(MalformedCallMessage, match="JSON object"):
+        cls.parse(value)
+
+
+@pytest.mark.parametrize("message", ENVELOPED, ids=lambda message: type(message).__name__)
+def test_a_wrong_version_is_malformed(message):
+    for version in (2, "1", True, None):
+        with pytest.raises(MalformedCallMessage, match="version"):
+            type(message).parse(message.encode() | {"v": version})
