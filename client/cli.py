@@ -11,10 +11,6 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-# The exit status of every command for a local problem: unreadable identity or pin files, a bad
-# --send or --record (docs/client.md).
-EXIT_LOCAL_PROBLEM = 7
-
 # name -> (module, one-line help). Named, not imported: `demo` is the experiment package's,
 # which no product module imports (the import contracts in pyproject.toml).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "client.experiment.command",
         "the interception experiment: a hostile hub vs real calls",
     ),
-    "hub": ("signaling.command", "run the signalling hub (a websocket relay of opaque payloads)"),
+    "hub": ("client.hub_command", "run the signalling hub (a websocket relay of opaque payloads)"),
     "sframe": ("client.sframe_command", "SFrame (RFC 9605) by hand: inspect, protect, unprotect"),
 }
 

@@ -3,12 +3,10 @@
 import argparse
 import sys
 
-from client.cli import EXIT_LOCAL_PROBLEM
+from client.exit_codes import ExitCode
 from client.identity_store import home_directory, load_known_peers, open_identity, save_known_peers
 from crypto.errors import CryptoError
 from crypto.identity import Pin, UnknownPeer, safety_number
-
-EXIT_UNKNOWN_CONTACT = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,23 +31,23 @@ def run(args: argparse.Namespace) -> int:
             for pin in peers:
                 status = "verified" if pin.verified else "pinned"
                 print(f"{pin.name}\t{pin.public_key.fingerprint()}\t{status}")
-            return 0
+            return ExitCode.OK
         if args.action == "show":
             found = peers.get(args.contact)
             if found is None:
                 raise UnknownPeer(f"no pinned identity for peer {args.contact!r}")
             show(found, safety_number(open_identity(home).public_key, found.public_key))
-            return 0
+            return ExitCode.OK
         pin = (peers.mark_verified if args.action == "verify" else peers.remove)(args.contact)
         save_known_peers(home, peers)
     except UnknownPeer as error:
         print(f"blindhub contacts: {error}", file=sys.stderr)
-        return EXIT_UNKNOWN_CONTACT
+        return ExitCode.UNKNOWN_CONTACT
     except (CryptoError, OSError) as error:
         print(f"blindhub contacts: {error}", file=sys.stderr)
-        return EXIT_LOCAL_PROBLEM
+        return ExitCode.LOCAL_PROBLEM
     print(f"{args.action}: {pin.name} {pin.public_key.fingerprint()}")
-    return 0
+    return ExitCode.OK
 
 
 def show(pin: Pin, digits: str) -> None:

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from client.cli import EXIT_LOCAL_PROBLEM
+from client.exit_codes import ExitCode
 from client.identity_store import home_directory, open_identity
 from crypto.errors import CryptoError
 
@@ -24,6 +24,6 @@ def run(args: argparse.Namespace) -> int:
         identity = open_identity(home, protect_new=args.protect)
     except (CryptoError, OSError) as error:
         print(f"blindhub id: {error}", file=sys.stderr)
-        return EXIT_LOCAL_PROBLEM
+        return ExitCode.LOCAL_PROBLEM
     print(identity.public_key.fingerprint())
-    return 0
+    return ExitCode.OK

@@ -12,6 +12,7 @@ names the error (``AuthenticationError``, ...) and never the key.
 import argparse
 import sys
 
+from client.exit_codes import ExitCode
 from crypto.sframe import (
     MAX_COUNTER,
     MAX_KID,
@@ -56,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     except (_InputError, SFrameError) as error:
         kind = "error" if isinstance(error, _InputError) else type(error).__name__
         print(f"blindhub sframe {args.action}: {kind}: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return ExitCode.BAD_INPUT
+    return ExitCode.OK
 
 
 def _inspect(args: argparse.Namespace) -> str:

@@ -1,8 +1,8 @@
 """``blindhub demo``: the interception experiment, fully local (client/experiment/runner.py).
 
-Exit codes (docs/experiment.md): 0 every cell came out as claimed; 1 the control failed, so the
-experiment is invalid; 2 usage error (as for every blindhub command); 3 the control worked but
-some protected cell did not come out as claimed.
+Exit codes (client/exit_codes.py): 0 every cell came out as claimed; 9 the control failed, so
+the experiment is invalid; 10 the control worked but some protected cell did not come out as
+claimed; 2 a usage error.
 """
 
 import argparse
@@ -13,10 +13,9 @@ import math
 import sys
 from pathlib import Path
 
+from client.exit_codes import ExitCode
 from client.experiment.runner import DEFAULT_SECONDS, run_experiment, write_outputs
 
-EXIT_INVALID = 1
-EXIT_UNEXPECTED = 3
 MIN_SECONDS = 1.0
 MAX_SECONDS = 60.0
 
@@ -67,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
             _progress(f"wrote {path}")
     _progress(f"experiment took {report.seconds:.1f} s")
     if not report.valid:
-        return EXIT_INVALID
-    return 0 if report.all_as_expected else EXIT_UNEXPECTED
+        return ExitCode.EXPERIMENT_INVALID
+    return ExitCode.OK if report.all_as_expected else ExitCode.EXPERIMENT_UNEXPECTED

@@ -1,4 +1,6 @@
-"""``blindhub hub``: run the signalling hub until SIGINT or SIGTERM."""
+"""``blindhub hub``: run the signalling hub (signaling/) until SIGINT or SIGTERM.
+
+The command line lives with the other commands; the hub it runs imports nothing of the client."""
 
 import argparse
 import asyncio
@@ -9,6 +11,7 @@ import ssl
 import sys
 from dataclasses import fields
 
+from client.exit_codes import ExitCode
 from signaling.hub import Hub, Limits
 from signaling.server import HubServer, JsonLinesFormatter, MetadataRecorder
 
@@ -52,12 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         print("blindhub hub: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     try:
         limits = Limits(**{limit.name: getattr(args, limit.name) for limit in fields(Limits)})
     except ValueError as error:
         print(f"blindhub hub: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     ssl_context = None
     if args.tls_cert is not None:
         ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             Hub(limits), host=args.host, port=args.port, ssl_context=ssl_context, metadata=metadata
         )
         asyncio.run(_serve_until_signalled(server))
-    return 0
+    return ExitCode.OK
 
 
 async def _serve_until_signalled(server: HubServer) -> None:

@@ -1,0 +1,18 @@
+"""The exit status of every ``blindhub`` command: one table, documented once
+(docs/reference/cli.md). A number means the same thing whichever command returns it."""
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    BAD_INPUT = 1  # sframe: input data that does not parse, or a frame that does not decrypt
+    USAGE = 2  # a bad argument or option (argparse's own status, and the hub's bad limits)
+    HUB_UNREACHABLE = 3  # call: the hub could not be reached or refused the join
+    VERIFICATION_REFUSED = 4  # call: the SAS was declined, or --verify pinned met an unknown peer
+    IDENTITY_MISMATCH = 5  # call: a pinned name presented another identity key
+    CALL_FAILED = 6  # call: setup, key agreement or the connection failed
+    LOCAL_PROBLEM = 7  # unreadable identity or pin files, a bad --send or --record
+    UNKNOWN_CONTACT = 8  # contacts: no pin for that name
+    EXPERIMENT_INVALID = 9  # demo: the control was not intercepted, so the run proves nothing
+    EXPERIMENT_UNEXPECTED = 10  # demo: a protected cell did not come out as claimed
