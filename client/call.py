@@ -1,26 +1,30 @@
-"""The peer: a two-party WebRTC call through the hub, every media frame end-to-end encrypted.
+"""The peer's asyncio driver: a WebRTC call through the hub, every media frame end-to-end encrypted.
 
-One ``Call`` runs one call: join the room; agree keys with the peer through the hub (the peer
-that was in the room first initiates); exchange the SDP offer and answer as sealed messages
-(aiortc puts every candidate in the SDP); then media flows peer to peer with SFrame on every
-sender and receiver (crypto/frame_crypto.py through client/frame_transform.py). Fail closed:
-the transforms are installed and keyed before the peer connection can send or decode anything.
+``Call`` does the I/O of one call and nothing else: it joins the room, waits for the peer (the
+peer that was in the room first initiates), then feeds a ``client.session.CallSession`` every
+event (hub events, the local SDP, the SAS answer, hangups, timer expiries) and carries out the
+actions it returns: relay a payload, install keys in the frame protection, ask the SAS
+question, make or apply an SDP offer or answer, end the call. Every protocol decision lives in
+the session; this module holds none.
 
-After setup the hub only carries sealed rekeys and the bye: a call survives the hub going away.
-The hub can still refuse to carry the setup; that makes calls fail, never leak.
+Fail closed: SFrame transforms (client/frame_transform.py) are installed and keyed on every
+sender and receiver before a remote description is applied, so no sender can start or decoder
+receive a frame before then. After setup the hub only carries sealed rekeys and the bye: a call
+survives the hub going away. The hub can still refuse to carry the setup; that makes calls
+fail, never leak.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiortc import (
     MediaStreamTrack,
@@ -32,124 +36,54 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.contrib.media import MediaRecorder, MediaRelay
-from aiortc.rtp import RtpPacket
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from client.frame_transform import (
     SDP_ERRORS,
     SUPPORTED_CODECS,
     FrameTransform,
-    install_packet_observer,
     install_receiver_transform,
     install_sender_transform,
     request_keyframe,
 )
 from client.hub_connection import HubClosed, HubConnection, Relayed
 from client.media import ReceivedMedia, collect, open_recorder, recordable
-from crypto.errors import CryptoError
-from crypto.frame_crypto import FrameCounters, SFrameReceiver, SFrameSender, apply_key_update
-from crypto.handshake import HandshakeResult, Initiator, Responder
-from crypto.identity import IdentityKey, IdentityPublicKey, KnownPeers, PinnedIdentityMismatch
-from crypto.sealed import Received, SealedChannel, SealedReplay
-from crypto.sframe import CipherSuite, SFrameError
+from client.session import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_SETUP_TIMEOUT,
+    Action,
+    AnswerOffer,
+    ApplyAnswer,
+    AskSas,
+    CallError,
+    CallFailed,
+    CallSession,
+    Ended,
+    HubUnreachable,
+    InstallKeys,
+    MakeOffer,
+    MediaStarted,
+    Protected,
+    ProtectionState,
+    RetireReceiveKeys,
+    Send,
+    SessionConfig,
+    Verify,
+)
+from crypto.frame_crypto import (
+    FrameCounters,
+    KeyUpdate,
+    SFrameReceiver,
+    SFrameSender,
+    apply_key_update,
+)
+from crypto.identity import IdentityKey, KnownPeers
+from crypto.sframe import CipherSuite
 from signaling.protocol import PeerId, PeerJoined, PeerLeft, SignalingError
 
 logger = logging.getLogger("blindhub.call")
 
-SUITES = (CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_256_GCM_SHA512_128)
 KINDS = ("audio", "video")
-DEFAULT_GRACE_SECONDS = 2.0
-DEFAULT_SETUP_TIMEOUT = 30.0
-
-
-class ExperimentOnlyLayers(enum.Enum):
-    """EXPERIMENT ONLY (issue 6): which protections a peer applies, for the interception
-    experiment's control runs. Never a product option: a product call is always ``VERIFIED``.
-
-    - ``PLAIN``: no SFrame and unsealed signalling (the control; media leaves unencrypted
-      end to end, protected by DTLS-SRTP alone).
-    - ``SFRAME``: SFrame under keys from an unauthenticated exchange (throwaway identities),
-      signalling not sealed.
-    - ``SEALED``: plus the signed key agreement with the real identities and sealed signalling.
-    - ``VERIFIED``: plus pinned identities and the SAS (the product).
-    """
-
-    PLAIN = "plain"
-    SFRAME = "sframe"
-    SEALED = "sealed"
-    VERIFIED = "verified"
-
-    @property
-    def encrypts_frames(self) -> bool:
-        return self is not ExperimentOnlyLayers.PLAIN
-
-    @property
-    def seals_signalling(self) -> bool:
-        return self in (ExperimentOnlyLayers.SEALED, ExperimentOnlyLayers.VERIFIED)
-
-
-class Verify(enum.Enum):
-    """How the peer's identity is accepted (``--verify``)."""
-
-    PROMPT = "prompt"  # pin on first use, and the user confirms the SAS unless already verified
-    TOFU = "tofu"  # pin on first use; a changed key is refused
-    PINNED = "pinned"  # only peers already pinned
-
-
-class CallError(Exception):
-    """A call that did not complete; ``exit_code`` is the command's exit status."""
-
-    exit_code = 6
-
-
-class HubUnreachable(CallError):
-    """The hub could not be reached or refused to let us join."""
-
-    exit_code = 3
-
-
-class VerificationRefused(CallError):
-    """The user declined the SAS, or ``--verify pinned`` met a peer not pinned."""
-
-    exit_code = 4
-
-
-class IdentityMismatch(CallError):
-    """The peer's identity key differs from the one pinned for its name."""
-
-    exit_code = 5
-
-
-class CallFailed(CallError):
-    """The setup failed (peer left, protocol error, timeout) or the connection failed."""
-
-    exit_code = 6
-
-
-@dataclass(frozen=True)
-class ProtectionState:
-    """What the user is shown: is this call end-to-end encrypted, and with whom."""
-
-    layers: ExperimentOnlyLayers
-    end_to_end_encrypted: bool
-    suite: str | None
-    peer_name: str
-    peer_fingerprint: str | None
-    pin: str | None  # "verified", "pinned" or "new"; None when identities are not checked
-    sas: str | None
-
-    def describe(self) -> str:
-        if not self.end_to_end_encrypted:
-            return f"NOT end-to-end encrypted (experiment layers: {self.layers.value})"
-        lines = [f"end-to-end encrypted ({self.suite}) with {self.peer_name}"]
-        if self.layers is not ExperimentOnlyLayers.VERIFIED:
-            lines.append(f"  identity NOT verified (experiment layers: {self.layers.value})")
-            if self.sas is not None:
-                lines.append(f"  SAS (nobody compares it at this layer): {self.sas}")
-        else:
-            lines.append(f"  fingerprint {self.peer_fingerprint} ({self.pin})")
-            lines.append(f"  SAS to read aloud: {self.sas}")
-        return "\n".join(lines)
 
 
 @dataclass
@@ -176,43 +110,103 @@ class CallStats:
     rekeys: int = 0
     hub_lost: bool = False
     ended_by: str = ""
-    # What the hub was caught doing, with how often: "sdp-tampered", "identity-refused",
-    # "replay-rejected", "alteration-rejected" (sealed signalling), "media-replay-rejected",
-    # "media-alteration-rejected" (SFrame).
+    # What the hub was caught doing, with how often: the session's ("sdp-tampered",
+    # "identity-refused", "replay-rejected", "alteration-rejected": sealed signalling) and the
+    # frame protection's ("media-replay-rejected", "media-alteration-rejected": SFrame).
     detections: dict[str, int] = field(default_factory=dict)
 
-    def detect(self, what: str) -> None:
-        self.detections[what] = self.detections.get(what, 0) + 1
-
     def as_dict(self) -> dict[str, Any]:
-        result = asdict(self)
-        if self.protection is not None:
-            result["protection"]["layers"] = self.protection.layers.value
-        return result
+        return asdict(self)
 
 
 ConfirmSas = Callable[[ProtectionState], Awaitable[bool]]
 
 
+class FrameProtection(Protocol):
+    """What a call does to each encoded frame: SFrame in the product (``SFrameProtection``)."""
+
+    def install(self, suite: CipherSuite, update: KeyUpdate) -> None:
+        """Keys from the session: epoch 0, then each rekey."""
+
+    def retire(self, kids: frozenset[int]) -> None:
+        """Erase receive keys whose grace window is over."""
+
+    def transforms(
+        self, kind: str, on_failure: Callable[[], None]
+    ) -> tuple[FrameTransform, FrameTransform] | None:
+        """The (sender, receiver) transforms for ``kind``; ``on_failure`` hears of each frame
+        the receiver drops. None installs no transform (only the experiment's control)."""
+
+    def counters(self, kind: str) -> tuple[FrameCounters, FrameCounters]:
+        """(sent, received) for ``kind``."""
+
+    @property
+    def send_kid(self) -> int | None:
+        """The KID frames are sent under now."""
+
+
+class SFrameProtection:
+    """SFrame (RFC 9605) on every sender and receiver; fail closed without a key."""
+
+    def __init__(self) -> None:
+        self._sender: SFrameSender | None = None
+        self._receiver: SFrameReceiver | None = None
+
+    def install(self, suite: CipherSuite, update: KeyUpdate) -> None:
+        if self._sender is None or self._receiver is None:
+            self._sender, self._receiver = SFrameSender(suite), SFrameReceiver(suite)
+        # The session retires old receive keys itself, after its grace window.
+        apply_key_update(update, self._sender, self._receiver)
+
+    def retire(self, kids: frozenset[int]) -> None:
+        if self._receiver is not None:
+            for kid in kids & self._receiver.kids:
+                self._receiver.remove_key(kid)
+
+    def transforms(
+        self, kind: str, on_failure: Callable[[], None]
+    ) -> tuple[FrameTransform, FrameTransform]:
+        if self._sender is None or self._receiver is None:
+            return _drop_all, _drop_all  # no key, no frame (the session keys the call first)
+        return self._sender.transform(kind), self._receiver.transform(
+            kind, lambda _error: on_failure()
+        )
+
+    def counters(self, kind: str) -> tuple[FrameCounters, FrameCounters]:
+        if self._sender is None or self._receiver is None:
+            return FrameCounters(), FrameCounters()
+        return (
+            self._sender.counters.get(kind, FrameCounters()),
+            self._receiver.counters.get(kind, FrameCounters()),
+        )
+
+    @property
+    def send_kid(self) -> int | None:
+        return None if self._sender is None else self._sender.kid
+
+
+def _drop_all(frame: bytes) -> None:
+    return None
+
+
+SessionFactory = Callable[[SessionConfig, bool, float], CallSession]
+"""(config, initiator, now) -> the session for the remote participant."""
+
+
+def product_session(config: SessionConfig, initiator: bool, now: float) -> CallSession:
+    return CallSession(config, initiator=initiator, now=now)
+
+
 @dataclass(frozen=True)
-class WirePacket:
-    """One RTP packet as it reached a receiver of the call: after SRTP, before RTX unwrapping
-    and before SFrame. Immutable copies of the packet's fields, so whoever observes the wire
-    cannot alter what the call decodes."""
+class CallParts:
+    """How a call is assembled. ``CallParts()`` is the product, the only assembly any command
+    builds; the interception experiment (client/experiment/) and the tests compose others,
+    e.g. weaker sessions or a frame protection that also records what it sees."""
 
-    kind: str
-    payload_type: int
-    sequence_number: int
-    timestamp: int
-    payload: bytes
-
-
-WireObserver = Callable[[WirePacket], None]
-"""Sees each RTP packet the call's receivers get (``CallConfig.wire_observer``)."""
-
-EncodedFrameObserver = Callable[[str, bytes], None]
-"""Sees (kind, frame) for each frame the call's encoders produce, before SFrame protects it
-(``CallConfig.encoded_frame_observer``). The frame is immutable bytes."""
+    session: SessionFactory = product_session
+    frames: Callable[[], FrameProtection] = SFrameProtection
+    # Sees the peer connection once its transceivers exist, before any remote description.
+    prepare_connection: Callable[[RTCPeerConnection], None] | None = None
 
 
 @dataclass
@@ -232,109 +226,106 @@ class CallConfig:
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     setup_timeout: float = DEFAULT_SETUP_TIMEOUT
     ice_servers: Sequence[RTCIceServer] = ()
-    experiment_only_layers: ExperimentOnlyLayers = ExperimentOnlyLayers.VERIFIED
     random_bytes: Callable[[int], bytes] = os.urandom
     on_protection: Callable[[ProtectionState], None] | None = None
-    # For tests and the experiment, never the command line: what crossed the wire to this
-    # peer, and what its encoders produced before SFrame (only when frames are encrypted).
-    # Both observers see immutable copies and cannot alter media; an exception from one is
-    # logged and the media goes on.
-    wire_observer: WireObserver | None = None
-    encoded_frame_observer: EncodedFrameObserver | None = None
+
+    def session_config(self) -> SessionConfig:
+        return SessionConfig(
+            name=self.name,
+            identity=self.identity,
+            known_peers=self.known_peers,
+            verify=self.verify,
+            setup_timeout=self.setup_timeout,
+            grace_seconds=self.grace_seconds,
+            random_bytes=self.random_bytes,
+        )
+
+
+# -- the driver's events (what it feeds the session, from its tasks and callbacks)
+
+
+@dataclass(frozen=True)
+class _FromHub:
+    event: PeerJoined | PeerLeft | Relayed
+
+
+@dataclass(frozen=True)
+class _HubFailed:
+    detail: str
+    closed: bool
+
+
+@dataclass(frozen=True)
+class _Hangup:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _SasAnswered:
+    accepted: bool
+
+
+@dataclass(frozen=True)
+class _RekeyDue:
+    pass
+
+
+_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered | _RekeyDue
 
 
 class Call:
     """``stats = await Call(config).run()``; ``hangup()`` ends it from elsewhere (Ctrl-C)."""
 
-    def __init__(self, config: CallConfig) -> None:
+    def __init__(self, config: CallConfig, parts: CallParts | None = None) -> None:
         self.config = config
+        self.parts = parts or CallParts()
         self.stats = CallStats()
         self.received = ReceivedMedia()
-        self.peer_name: str | None = None
+        self.frames: FrameProtection = self.parts.frames()
+        self.session: CallSession | None = None
+        self._events: asyncio.Queue[_Event] = asyncio.Queue()
         self._hub: HubConnection | None = None
         self._peer: PeerId | None = None
-        self._channel: SealedChannel | None = None
         self._pc: RTCPeerConnection | None = None
+        self._offer: asyncio.Task[None] | None = None
         self._recorder: MediaRecorder | None = None
-        self._sframe_sender: SFrameSender | None = None
-        self._sframe_receiver: SFrameReceiver | None = None
-        self._ended = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._timers: list[asyncio.TimerHandle] = []
         self._join_time = 0.0
-        self._setup: asyncio.Future[None] | None = None
-        self._new_pin: str | None = None  # a peer pinned during this call's key agreement
         self._media_started = 0.0
+
+    @property
+    def peer_name(self) -> str | None:
+        return None if self.session is None else self.session.peer_name
 
     def hangup(self, reason: str = "hangup") -> None:
         """End the call; during setup, abandon it (``run`` raises ``CallFailed``)."""
-        if self._setup is not None and not self._setup.done():
-            self._setup.cancel(reason)
-        elif not self._ended.is_set():
-            self.stats.ended_by = reason
-            self._ended.set()
+        self._events.put_nowait(_Hangup(reason))
 
     async def run(self) -> CallStats:
-        self._setup = asyncio.ensure_future(self._set_up())
         try:
-            await self._setup
-        except TimeoutError:
-            await self._close()
-            raise CallFailed("the call was not set up in time") from None
-        except SignalingError as error:  # includes HubClosed
-            await self._close()
-            raise CallFailed(f"the hub failed during setup: {error}") from None
-        except asyncio.CancelledError:
-            await self._close()
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this task itself is being cancelled, not just the setup
-            raise CallFailed("hung up before the call was set up") from None
-        except BaseException:
-            await self._close()
-            raise
-        try:
-            await self._in_call()
+            await self._join()
+            ended = await self._drive()
+            if ended.error is None:
+                await self._finish(ended.reason)
         finally:
-            await self._say_bye()
+            self._record_session()
             await self._close()
+        if ended.error is not None:
+            raise ended.error
+        if ended.reason == "connection-failed":
+            raise CallFailed("the peer-to-peer connection failed")
         return self.stats
 
-    # -- setup
+    # -- the hub and the peer
 
-    async def _set_up(self) -> None:
-        """Each network phase has ``setup_timeout``; the SAS comparison between them has none."""
+    async def _join(self) -> None:
         config = self.config
         try:
             async with asyncio.timeout(config.setup_timeout):
-                offer_ready, result = await self._meet_peer()
-            protection = await self._protection(result)
-        except BaseException:
-            # Failed, refused or hung up before the peer was accepted: a key the user never
-            # confirmed (perhaps the hub's, stalling until the user gives up) stays unpinned.
-            if self._new_pin is not None:
-                config.known_peers.remove(self._new_pin)
-            raise
-        self.stats.protection = protection
-        if config.on_protection is not None:
-            config.on_protection(protection)
-
-        if result is not None:
-            self._sframe_sender = SFrameSender(result.suite)
-            self._sframe_receiver = SFrameReceiver(result.suite)
-            apply_key_update(result.initial_keys, self._sframe_sender, self._sframe_receiver)
-            if config.experiment_only_layers.seals_signalling:
-                self._channel = result.channel
-        async with asyncio.timeout(config.setup_timeout):
-            await self._negotiate(offer_ready)
-
-    async def _meet_peer(self) -> tuple[asyncio.Task[None] | None, HandshakeResult | None]:
-        """Join, wait for the peer and agree keys: the offer being made (initiator) and the
-        key agreement's result (None for the experiment's PLAIN layers)."""
-        config = self.config
-        try:
-            self._hub = await HubConnection.connect(config.hub_url)
-            self._join_time = time.monotonic()
-            welcome = await self._hub.join(config.room)
+                self._hub = await HubConnection.connect(config.hub_url)
+                self._join_time = time.monotonic()
+                welcome = await self._hub.join(config.room)
         except (OSError, InvalidURI, InvalidHandshake, TimeoutError, SignalingError) as error:
             raise HubUnreachable(
                 f"cannot join {config.room!r} at {config.hub_url}: {error}"
@@ -343,252 +334,206 @@ class Call:
             raise CallFailed(f"room {config.room!r} already has a call")
         # The peer that was in the room first initiates; both sides see the same order.
         initiator = not welcome.peers
-        offer_ready = None
         if initiator:
-            offer_ready = asyncio.create_task(self._create_offer())
-            self._tasks.append(offer_ready)
-        self._peer = welcome.peers[0] if welcome.peers else await self._await_peer()
-        result: HandshakeResult | None = None
-        if config.experiment_only_layers.encrypts_frames:
-            # Each name travels in the key agreement, signed by its owner: the hub cannot
-            # rename a peer, so nothing is ever pinned under a name the hub chose.
-            result = await self._agree_keys(initiator)
-            self.peer_name = result.peer_name
-        else:
-            self.peer_name = await self._exchange_hellos()
-        return offer_ready, result
+            # The offer needs no key, and no sender or receiver can start before the answer is
+            # applied: make it while the peer joins and keys are agreed.
+            self._offer = asyncio.create_task(self._create_offer())
+            self._tasks.append(self._offer)
+        self._tasks.append(asyncio.create_task(self._read_hub()))
+        if welcome.peers:
+            self._events.put_nowait(_FromHub(PeerJoined(welcome.peers[0])))
 
-    async def _exchange_hellos(self) -> str:
-        """EXPERIMENT ONLY (``PLAIN``, no key agreement): the names, in clear and unchecked."""
-        await self._relay({"type": "hello", "name": self.config.name})
-        hello = await self._next_setup_message("hello")
-        peer_name = hello.get("name")
-        if not isinstance(peer_name, str) or not peer_name:
-            raise CallFailed("the peer's hello carries no name")
-        return peer_name
-
-    async def _await_peer(self) -> PeerId:
+    async def _read_hub(self) -> None:
         assert self._hub is not None
         while True:
-            event = await self._hub.next_event()
-            if isinstance(event, PeerJoined):
-                return event.peer_id
+            try:
+                event = await self._hub.next_event()
+            except HubClosed as error:
+                self._events.put_nowait(_HubFailed(str(error), closed=True))
+                return
+            except SignalingError as error:
+                self._events.put_nowait(_HubFailed(str(error), closed=False))
+                continue
+            self._events.put_nowait(_FromHub(event))
 
-    async def _next_setup_message(self, expected: str | None = None) -> dict[str, Any]:
-        """The peer's next setup message (opened, if signalling is sealed)."""
-        assert self._hub is not None
+    # -- feeding the session
+
+    async def _drive(self) -> Ended:
+        """Feed the session events until it ends; return how."""
+        loop = asyncio.get_running_loop()
+        waiting_since = loop.time()
         while True:
-            event = await self._hub.next_event()
-            if isinstance(event, PeerLeft) and event.peer_id == self._peer:
-                raise CallFailed("the peer left during setup")
-            if not isinstance(event, Relayed) or event.sender != self._peer:
-                continue  # someone else joining or talking is not our call
-            message = event.payload
-            if self._channel is not None:
-                try:
-                    received = self._channel.open(message)
-                except CryptoError as error:
-                    # The only sealed setup messages are the offer and the answer.
-                    self.stats.detect("sdp-tampered")
-                    raise CallFailed(f"a sealed setup message was rejected: {error}") from None
-                message = received.content
-            if not isinstance(message, dict):
-                raise CallFailed("the peer sent a setup message that is not an object")
-            if expected is not None and message.get("type") != expected:
-                raise CallFailed(
-                    f"expected {expected!r} from the peer, got {message.get('type')!r}"
-                )
-            return message
-
-    async def _relay(self, content: dict[str, Any]) -> None:
-        assert self._hub is not None and self._peer is not None
-        message = self._channel.seal(content) if self._channel is not None else content
-        await self._hub.relay(self._peer, message)
-
-    async def _agree_keys(self, initiator: bool) -> HandshakeResult:
-        config = self.config
-        layers = config.experiment_only_layers
-        assert self._hub is not None and self._peer is not None
-        # Below SEALED the keys come from an exchange nobody is accountable for (the
-        # experiment's unauthenticated control): fresh identities, no check.
-        identity = (
-            config.identity
-            if layers.seals_signalling
-            else IdentityKey.generate(config.random_bytes)
-        )
-        peer_check = self._check_peer if layers is ExperimentOnlyLayers.VERIFIED else None
-        try:
-            machine: Initiator | Responder
-            pending: list[dict[str, Any]] = []
-            if initiator:
-                call_id = config.random_bytes(16).hex()
-                calling = Initiator(
-                    identity,
-                    call_id,
-                    SUITES,
-                    config.random_bytes,
-                    name=config.name,
-                    peer_check=peer_check,
-                )
-                await self._hub.relay(self._peer, calling.start())
-                machine = calling
+            session = self.session
+            if session is None:
+                deadline: float | None = waiting_since + self.config.setup_timeout
             else:
-                commit = await self._next_setup_message("commit")
-                offered_call_id = commit.get("call_id")
-                if not isinstance(offered_call_id, str):
-                    raise CallFailed("the peer's commit carries no call id")
-                machine = Responder(
-                    identity,
-                    offered_call_id,
-                    SUITES,
-                    config.random_bytes,
-                    name=config.name,
-                    peer_check=peer_check,
-                )
-                pending.append(commit)
-            while machine.state.name != "DONE":
-                message = pending.pop(0) if pending else await self._next_setup_message()
-                for reply in machine.receive(message):
-                    await self._hub.relay(self._peer, reply)
-            return machine.result
-        except PinnedIdentityMismatch as error:
-            self.stats.detect("identity-refused")
-            raise IdentityMismatch(str(error)) from None
-        except VerificationRefused:
-            self.stats.detect("identity-refused")
-            raise
-        except CryptoError as error:
-            raise CallFailed(f"key agreement failed: {error}") from None
+                deadline = session.next_deadline
+            try:
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                event = await asyncio.wait_for(self._events.get(), timeout)
+            except TimeoutError:
+                if session is None:
+                    raise CallFailed("the call was not set up in time") from None
+                actions = session.handle_timer(loop.time())
+            else:
+                actions = self._handle(event, loop.time())
+            ended = await self._carry_out(actions)
+            if ended is not None:
+                return ended
 
-    def _check_peer(self, name: str, key: IdentityPublicKey) -> None:
-        """The handshake's pin check: ``name`` and ``key`` were just signed by the peer."""
-        if self.config.verify is Verify.PINNED:
-            pin = self.config.known_peers.get(name)
-            if pin is None:
-                raise VerificationRefused(f"{name} is not pinned and --verify pinned is set")
-            if pin.public_key != key:
-                raise PinnedIdentityMismatch(name, pin.public_key, key)
-            return
-        is_new = self.config.known_peers.get(name) is None
-        self.config.known_peers.check(name, key)
-        if is_new:
-            self._new_pin = name
+    def _handle(self, event: _Event, now: float) -> list[Action]:
+        session = self.session
+        if session is None:
+            return self._handle_before_peer(event, now)
+        match event:
+            case _FromHub(PeerLeft(peer_id)) if peer_id == self._peer:
+                return session.peer_left(now)
+            case _FromHub(Relayed(sender, payload)) if sender == self._peer:
+                return session.receive(payload, now)
+            case _FromHub():
+                return []  # someone else joining or talking is not our call
+            case _HubFailed(detail, closed):
+                if closed:
+                    # Media is peer to peer: the call goes on without the hub.
+                    self.stats.hub_lost = True
+                else:
+                    logger.warning("ignored a bad message from the hub: %s", detail)
+                return session.hub_failed(detail, now)
+            case _Hangup(reason):
+                return session.hangup(reason, now)
+            case _SasAnswered(accepted):
+                return session.sas_answer(accepted, now)
+            case _RekeyDue():
+                return session.rekey(now)
 
-    async def _protection(self, result: HandshakeResult | None) -> ProtectionState:
-        config = self.config
-        layers = config.experiment_only_layers
-        name = self.peer_name or ""
-        if result is None:
-            return ProtectionState(layers, False, None, name, None, None, None)
-        if layers is not ExperimentOnlyLayers.VERIFIED:
-            # Below SEALED the identities are throwaway, so the SAS would mean nothing.
-            sas = result.sas if layers.seals_signalling else None
-            return ProtectionState(layers, True, result.suite.name, name, None, None, sas)
-        pin = config.known_peers.get(name)
-        assert pin is not None  # _check_peer pinned or found it
-        status = "verified" if pin.verified else "pinned"
-        state = ProtectionState(
-            layers,
-            True,
-            result.suite.name,
-            name,
-            result.peer_identity.fingerprint(),
-            status,
-            result.sas,
-        )
-        if config.verify is Verify.PROMPT and not pin.verified:
-            if config.confirm_sas is None or not await config.confirm_sas(state):
-                # A SAS that does not match may mean a man in the middle (_set_up unpins).
-                raise VerificationRefused(f"the SAS with {name} was not confirmed")
-            config.known_peers.mark_verified(name)
-        return state
+    def _handle_before_peer(self, event: _Event, now: float) -> list[Action]:
+        match event:
+            case _FromHub(PeerJoined(peer_id)):
+                self._peer = peer_id
+                initiator = self._offer is not None
+                self.session = self.parts.session(self.config.session_config(), initiator, now)
+                return self.session.start(now)
+            case _HubFailed(detail):
+                raise CallFailed(f"the hub failed during setup: {detail}")
+            case _Hangup():
+                raise CallFailed("hung up before the call was set up")
+        return []
 
-    def _new_peer_connection(self) -> RTCPeerConnection:
+    async def _carry_out(self, actions: list[Action]) -> Ended | None:
+        pending = deque(actions)
+        while pending:
+            action = pending.popleft()
+            if isinstance(action, Ended):
+                return action
+            pending.extend(await self._carry_out_one(action))
+        return None
+
+    async def _carry_out_one(self, action: Action) -> list[Action]:
+        """Carry out one action; return the session's answer to its outcome, if any."""
+        session = self.session
+        assert session is not None
+        now = asyncio.get_running_loop().time
+        match action:
+            case Send(payload):
+                return await self._send(payload)
+            case InstallKeys(suite, update):
+                self.frames.install(suite, update)
+            case RetireReceiveKeys(kids):
+                self.frames.retire(kids)
+            case AskSas(protection):
+                self._tasks.append(asyncio.create_task(self._ask_sas(protection)))
+            case Protected(protection):
+                self.stats.protection = protection
+                if self.config.on_protection is not None:
+                    self.config.on_protection(protection)
+            case MakeOffer():
+                assert self._offer is not None
+                await self._offer
+                pc = self._connection()
+                self._install_transforms(pc)
+                return session.offer_ready(pc.localDescription.sdp, now())
+            case AnswerOffer(sdp):
+                answer = await self._answer(sdp)
+                return session.answer_ready(answer, now())
+            case ApplyAnswer(sdp):
+                with _rejecting_bad_sdp():
+                    await self._connection().setRemoteDescription(
+                        RTCSessionDescription(sdp, "answer")
+                    )
+            case MediaStarted():
+                await self._start_media()
+        return []
+
+    async def _send(self, payload: dict[str, Any]) -> list[Action]:
+        assert self._hub is not None and self._peer is not None and self.session is not None
+        try:
+            await self._hub.relay(self._peer, payload)
+        except SignalingError as error:  # includes HubClosed
+            self.stats.hub_lost = isinstance(error, HubClosed)
+            return self.session.hub_failed(str(error), asyncio.get_running_loop().time())
+        return []
+
+    async def _ask_sas(self, protection: ProtectionState) -> None:
+        confirm = self.config.confirm_sas
+        accepted = confirm is not None and await confirm(protection)
+        self._events.put_nowait(_SasAnswered(accepted))
+
+    # -- the peer connection
+
+    def _connection(self) -> RTCPeerConnection:
+        assert self._pc is not None
+        return self._pc
+
+    def _new_connection(self) -> RTCPeerConnection:
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.config.ice_servers)))
         return self._pc
 
     async def _create_offer(self) -> None:
-        """The initiator's offer, made while the peer joins and keys are agreed: it needs no
-        key, and no sender or receiver can start before the answer is applied."""
-        pc = self._new_peer_connection()
+        pc = self._new_connection()
         tracks = {track.kind: track for track in self.config.tracks}
         for kind in KINDS:
             track = tracks.get(kind)
             pc.addTransceiver(track or kind, direction="sendrecv" if track else "recvonly")
-        self._prefer_codecs()
+        self._prefer_codecs(pc)
         await pc.setLocalDescription(await pc.createOffer())
 
-    async def _negotiate(self, offer_ready: asyncio.Task[None] | None) -> None:
-        config = self.config
-        if offer_ready is not None:
-            await offer_ready
-            assert self._pc is not None
-            pc = self._pc
-            self._install_transforms()
-            await self._relay({"type": "offer", "sdp": pc.localDescription.sdp})
-            answer = await self._next_setup_message("answer")
-            with _rejecting_bad_sdp():
-                await pc.setRemoteDescription(RTCSessionDescription(self._sdp(answer), "answer"))
-        else:
-            offer = await self._next_setup_message("offer")
-            pc = self._new_peer_connection()
-            # The answer is derived from the offer: aiortc can also fail on the offer there.
-            with _rejecting_bad_sdp():
-                await pc.setRemoteDescription(RTCSessionDescription(self._sdp(offer), "offer"))
-                for track in config.tracks:
-                    pc.addTrack(track)
-                self._prefer_codecs()
-                self._install_transforms()
-                await pc.setLocalDescription(await pc.createAnswer())
-            await self._relay({"type": "answer", "sdp": pc.localDescription.sdp})
-        self._media_started = time.monotonic()
-        self._start_receiving()
-
-    @staticmethod
-    def _sdp(message: dict[str, Any]) -> str:
-        sdp = message.get("sdp")
-        if not isinstance(sdp, str):
-            raise CallFailed("the peer's session description is missing")
+    async def _answer(self, offer: str) -> str:
+        pc = self._new_connection()
+        # The answer is derived from the offer: aiortc can also fail on the offer there.
+        with _rejecting_bad_sdp():
+            await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            for track in self.config.tracks:
+                pc.addTrack(track)
+            self._prefer_codecs(pc)
+            self._install_transforms(pc)
+            await pc.setLocalDescription(await pc.createAnswer())
+        sdp: str = pc.localDescription.sdp
         return sdp
 
-    def _prefer_codecs(self) -> None:
+    @staticmethod
+    def _prefer_codecs(pc: RTCPeerConnection) -> None:
         """Opus and VP8 only: the codecs the frame transforms can frame."""
-        assert self._pc is not None
-        for transceiver in self._pc.getTransceivers():
+        for transceiver in pc.getTransceivers():
             capabilities = RTCRtpSender.getCapabilities(transceiver.kind)
             transceiver.setCodecPreferences(
                 [c for c in capabilities.codecs if c.name in SUPPORTED_CODECS or c.name == "rtx"]
             )
 
-    def _install_transforms(self) -> None:
-        """SFrame on every sender and receiver, keyed, and the observers the config asks for,
-        before any of them can start."""
-        assert self._pc is not None
-        config = self.config
-        for transceiver in self._pc.getTransceivers():
+    def _install_transforms(self, pc: RTCPeerConnection) -> None:
+        """The frame protection on every sender and receiver, before any of them can start."""
+        if self.parts.prepare_connection is not None:
+            self.parts.prepare_connection(pc)
+        for transceiver in pc.getTransceivers():
             kind = transceiver.kind
-            if config.wire_observer is not None:
-                install_packet_observer(transceiver.receiver, _copying(kind, config.wire_observer))
-            if self._sframe_sender is None or self._sframe_receiver is None:
+            transforms = self.frames.transforms(kind, _keyframe_requester(transceiver.receiver))
+            if transforms is None:
                 continue
-            protect = self._sframe_sender.transform(kind)
-            if config.encoded_frame_observer is not None:
-                protect = _observed(kind, protect, config.encoded_frame_observer)
+            protect, unprotect = transforms
             install_sender_transform(transceiver.sender, protect)
-            unprotect = self._sframe_receiver.transform(kind, self._on_drop(transceiver.receiver))
-            install_receiver_transform(
-                transceiver.receiver, self._first_audio_timer(kind, unprotect)
-            )
+            install_receiver_transform(transceiver.receiver, self._timed(kind, unprotect))
 
-    def _on_drop(self, receiver: RTCRtpReceiver) -> Callable[[SFrameError], None]:
-        def on_failure(error: SFrameError) -> None:
-            request_keyframe(receiver)
-
-        return on_failure
-
-    def _first_audio_timer(
-        self, kind: str, transform: Callable[[bytes], bytes | None]
-    ) -> Callable[[bytes], bytes | None]:
+    def _timed(self, kind: str, transform: FrameTransform) -> FrameTransform:
+        """The audio receiver's transform also times the setup (join to first audio)."""
         if kind != "audio":
             return transform
 
@@ -600,165 +545,77 @@ class Call:
 
         return timed
 
-    def _start_receiving(self) -> None:
-        assert self._pc is not None
-        tracks = [t.receiver.track for t in self._pc.getTransceivers() if t.receiver.track]
+    async def _start_media(self) -> None:
+        pc = self._connection()
+        loop = asyncio.get_running_loop()
+        self._media_started = time.monotonic()
+        tracks = [t.receiver.track for t in pc.getTransceivers() if t.receiver.track]
         # Each received track feeds the statistics and the recorder: each reads its own copy.
         relay = MediaRelay()
         if self.config.record_path is not None:
             self._recorder = open_recorder(self.config.record_path)
             for track in recordable(self.config.record_path, tracks):
                 self._recorder.addTrack(relay.subscribe(track))
+            await self._recorder.start()
         for track in tracks:
             self._tasks.append(asyncio.create_task(collect(relay.subscribe(track), self.received)))
-
-    # -- in the call
-
-    async def _in_call(self) -> None:
-        assert self._pc is not None
-        pc = self._pc
-        if self._recorder is not None:
-            await self._recorder.start()
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
             if pc.connectionState == "failed":
                 self.hangup("connection-failed")
 
-        self._tasks.append(asyncio.create_task(self._read_hub()))
         if self.config.duration is not None:
-            self._tasks.append(asyncio.create_task(self._end_after(self.config.duration)))
-        if self.config.rekey_after is not None and self._channel is not None:
-            self._tasks.append(asyncio.create_task(self._rekey_after(self.config.rekey_after)))
-        await self._ended.wait()
-        self.stats.duration_seconds = time.monotonic() - self._media_started
-        await self._collect_stats()
-        if self.stats.ended_by == "connection-failed":
-            raise CallFailed("the peer-to-peer connection failed")
-
-    async def _end_after(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        self.hangup("duration")
-
-    async def _rekey_after(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        assert self._channel is not None
-        await self._send_sealed_wire(self._channel.start_rekey())
-
-    async def _send_sealed_wire(self, message: dict[str, Any]) -> None:
-        assert self._hub is not None and self._peer is not None
-        try:
-            await self._hub.relay(self._peer, message)
-        except HubClosed:
-            self.stats.hub_lost = True
-
-    async def _read_hub(self) -> None:
-        assert self._hub is not None
-        while True:
-            try:
-                event = await self._hub.next_event()
-            except HubClosed:
-                # Media is peer to peer: the call goes on without the hub.
-                self.stats.hub_lost = True
-                return
-            except SignalingError as error:
-                logger.warning("ignored a bad message from the hub: %s", error)
-                continue
-            if isinstance(event, PeerLeft) and event.peer_id == self._peer:
-                self.hangup("peer-left")
-                return
-            if isinstance(event, Relayed) and event.sender == self._peer:
-                await self._on_call_message(event.payload)
-
-    async def _on_call_message(self, message: Any) -> None:
-        if self._channel is None:
-            if isinstance(message, dict) and message.get("type") == "bye":
-                self.hangup("peer-bye")
-            return
-        try:
-            received = self._channel.open(message)
-        except CryptoError as error:
-            # A forged or replayed copy changes nothing (the channel is as it was): count it.
-            self.stats.detect(
-                "replay-rejected" if isinstance(error, SealedReplay) else "alteration-rejected"
+            self._timers.append(loop.call_later(self.config.duration, self.hangup, "duration"))
+        if self.config.rekey_after is not None:
+            self._timers.append(
+                loop.call_later(self.config.rekey_after, self._events.put_nowait, _RekeyDue())
             )
-            logger.warning("dropped a sealed message that did not open: %s", error)
-            return
-        await self._apply(received)
 
-    async def _apply(self, received: Received) -> None:
-        for reply in received.replies:
-            await self._send_sealed_wire(reply)
-        if self._sframe_sender is not None and self._sframe_receiver is not None:
-            retire = apply_key_update(received.keys, self._sframe_sender, self._sframe_receiver)
-            if retire:
-                # Frames under the old key are still in flight: keep it for the grace window.
-                asyncio.get_running_loop().call_later(
-                    self.config.grace_seconds, self._retire_receive_keys, retire
-                )
-            if received.keys.switch_send is not None:
-                self.stats.rekeys += 1
-        if received.content is not None and received.content.get("type") == "bye":
-            self.hangup("peer-bye")
+    # -- the end
 
-    def _retire_receive_keys(self, kids: frozenset[int]) -> None:
-        assert self._sframe_receiver is not None
-        for kid in kids & self._sframe_receiver.kids:
-            self._sframe_receiver.remove_key(kid)
-
-    async def _collect_stats(self) -> None:
+    async def _finish(self, reason: str) -> None:
         stats = self.stats
-        for kind, counters_sent, counters_received in self._counters():
+        stats.ended_by = reason
+        stats.duration_seconds = time.monotonic() - self._media_started
+        detections = stats.detections
+        for kind in KINDS:
+            sent, received = self.frames.counters(kind)
             kind_stats: KindStats = getattr(stats, kind)
-            kind_stats.sent = counters_sent.frames
-            kind_stats.decrypted = counters_received.frames
-            kind_stats.failed = counters_received.failed
-            kind_stats.replayed = counters_received.replayed
-            kind_stats.unauthenticated = counters_received.unauthenticated
-            kind_stats.received = counters_received.frames + counters_received.failed
-            kind_stats.sframe_bytes_added = counters_sent.bytes_added
-        for what, count in (
-            ("media-replay-rejected", stats.audio.replayed + stats.video.replayed),
-            (
-                "media-alteration-rejected",
-                stats.audio.unauthenticated + stats.video.unauthenticated,
-            ),
-        ):
-            if count:
-                stats.detections[what] = count
-        if self._sframe_receiver is None:
+            kind_stats.sent = sent.frames
+            kind_stats.decrypted = received.frames
+            kind_stats.failed = received.failed
+            kind_stats.replayed = received.replayed
+            kind_stats.unauthenticated = received.unauthenticated
+            kind_stats.received = received.frames + received.failed
+            kind_stats.sframe_bytes_added = sent.bytes_added
+            for what, count in (
+                ("media-replay-rejected", received.replayed),
+                ("media-alteration-rejected", received.unauthenticated),
+            ):
+                if count:
+                    detections[what] = count
+        if self.frames.send_kid is None:
+            # No SFrame (the experiment's control): what was received is what was decoded.
             stats.audio.received = stats.audio.decrypted = self.received.audio_frames
             stats.video.received = stats.video.decrypted = self.received.video_frames
-        assert self._pc is not None
-        for sender in self._pc.getSenders():
-            report = await sender.getStats()
-            for item in report.values():
-                rtt = getattr(item, "roundTripTime", None)
-                if rtt is not None:
-                    stats.round_trip_seconds = rtt
+        if self._pc is not None:
+            for sender in self._pc.getSenders():
+                report = await sender.getStats()
+                for item in report.values():
+                    rtt = getattr(item, "roundTripTime", None)
+                    if rtt is not None:
+                        stats.round_trip_seconds = rtt
 
-    def _counters(self) -> list[tuple[str, FrameCounters, FrameCounters]]:
-        if self._sframe_sender is None or self._sframe_receiver is None:
-            return []
-        sent, received = self._sframe_sender.counters, self._sframe_receiver.counters
-        return [
-            (kind, sent.get(kind, FrameCounters()), received.get(kind, FrameCounters()))
-            for kind in KINDS
-        ]
-
-    async def _say_bye(self) -> None:
-        if (
-            self._hub is None
-            or self._peer is None
-            or self.stats.ended_by in ("peer-bye", "peer-left")
-        ):
-            return
-        try:
-            await self._relay({"type": "bye"})
-        except (HubClosed, SignalingError, CryptoError):
-            self.stats.hub_lost = True
+    def _record_session(self) -> None:
+        """What the session counted, also for a call that failed (the experiment reads it)."""
+        if self.session is not None:
+            self.stats.rekeys = self.session.rekeys
+            self.stats.detections.update(self.session.detections)
 
     async def _close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
         if self._recorder is not None:
             await self._recorder.stop()
         if self._pc is not None:
@@ -768,6 +625,15 @@ class Call:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._hub is not None:
             await self._hub.close()
+
+
+def _keyframe_requester(receiver: RTCRtpReceiver) -> Callable[[], None]:
+    """A dropped frame leaves the decoder without a reference: ask for a keyframe."""
+
+    def on_failure() -> None:
+        request_keyframe(receiver)
+
+    return on_failure
 
 
 @contextlib.contextmanager
@@ -781,29 +647,13 @@ def _rejecting_bad_sdp() -> Iterator[None]:
         raise CallFailed(f"the peer's session description was rejected: {reason}") from None
 
 
-def _copying(kind: str, observer: WireObserver) -> Callable[[RtpPacket], None]:
-    def observe(packet: RtpPacket) -> None:
-        copy = WirePacket(
-            kind,
-            packet.payload_type,
-            packet.sequence_number,
-            packet.timestamp,
-            bytes(packet.payload),
-        )
-        try:
-            observer(copy)
-        except Exception:
-            logger.exception("the wire observer failed; the call goes on")
-
-    return observe
-
-
-def _observed(kind: str, protect: FrameTransform, observer: EncodedFrameObserver) -> FrameTransform:
-    def observe_then_protect(frame: bytes) -> bytes | None:
-        try:
-            observer(kind, bytes(frame))
-        except Exception:
-            logger.exception("the encoded frame observer failed; the call goes on")
-        return protect(frame)
-
-    return observe_then_protect
+__all__ = [
+    "Call",
+    "CallConfig",
+    "CallError",
+    "CallParts",
+    "CallStats",
+    "FrameProtection",
+    "KindStats",
+    "SFrameProtection",
+]

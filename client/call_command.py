@@ -6,9 +6,9 @@ refused the join; 4 verification refused (SAS declined, or an unknown peer with
 failed (setup, key agreement or connection); 7 a local problem (bad ``--send``/``--record``,
 unreadable identity files).
 
-There is no option to weaken a call: every call from this command is end-to-end encrypted with
-verified identities. The interception experiment's control runs (client/experiment/runner.py) set
-``CallConfig.experiment_only_layers`` in code, never through this command line.
+There is no option to weaken a call: every call from this command is the product assembly
+(``client.call.CallParts()``), end-to-end encrypted with verified identities. Only the
+interception experiment (client/experiment/) composes weaker peers, in code.
 """
 
 import argparse
@@ -21,15 +21,8 @@ import sys
 import threading
 from pathlib import Path
 
-from client.call import (
-    Call,
-    CallConfig,
-    CallError,
-    CallStats,
-    ProtectionState,
-    Verify,
-)
-from client.cli import EXIT_LOCAL_PROBLEM
+from client.call import Call, CallConfig, CallStats
+from client.exit_codes import ExitCode
 from client.identity_store import (
     home_directory,
     load_known_peers,
@@ -37,6 +30,7 @@ from client.identity_store import (
     save_known_peers,
 )
 from client.media import MediaSourceError, check_recording_path, open_sources
+from client.session import CallError, ProtectionState, Verify
 from crypto.errors import CryptoError
 from crypto.identity import MAX_PEER_NAME_LENGTH
 from crypto.messages import name_field
@@ -154,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             check_recording_path(args.record)
     except (MediaSourceError, CryptoError, OSError) as error:
         print(f"blindhub call: {error}", file=sys.stderr)
-        return EXIT_LOCAL_PROBLEM
+        return ExitCode.LOCAL_PROBLEM
     verify = Verify(args.verify)
     call = Call(
         CallConfig(
@@ -181,4 +175,4 @@ def run(args: argparse.Namespace) -> int:
     print_stats(stats)
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
-    return 0
+    return ExitCode.OK

@@ -11,21 +11,16 @@ from typing import Any
 
 import av
 import pytest
+from aiortc import RTCPeerConnection
+from aiortc.rtp import RtpPacket
 
-from client.call import (
-    SUITES,
-    Call,
-    CallConfig,
-    CallFailed,
-    ExperimentOnlyLayers,
-    IdentityMismatch,
-    VerificationRefused,
-    Verify,
-    WirePacket,
-)
+from client.call import Call, CallConfig, CallParts, FrameProtection, SFrameProtection
 from client.experiment.analysis import dominant_frequency, tone_correlation
+from client.experiment.layers import Layers
+from client.frame_transform import FrameTransform, install_packet_observer
 from client.hub_connection import HubConnection, Relayed
 from client.media import PatternTrack, ToneTrack, read_pattern_number
+from client.session import SUITES, CallFailed, IdentityMismatch, VerificationRefused, Verify
 from crypto.handshake import Initiator
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameHeader
@@ -64,8 +59,14 @@ async def in_the_room(hub: HubServer, peers: int = 1, room: str = "room1") -> No
     await wait_for(lambda: hub.hub.room_size(room) == peers)
 
 
-async def run_pair(hub: HubServer, first: CallConfig, second: CallConfig):
-    alice, bob = Call(first), Call(second)
+async def run_pair(
+    hub: HubServer,
+    first: CallConfig,
+    second: CallConfig,
+    first_parts: CallParts | None = None,
+    second_parts: CallParts | None = None,
+):
+    alice, bob = Call(first, first_parts), Call(second, second_parts)
     alice_task = asyncio.create_task(alice.run())
     await in_the_room(hub)  # alice is in the room first, so she initiates
     results = await asyncio.gather(alice_task, bob.run(), return_exceptions=True)
@@ -97,36 +98,67 @@ async def test_a_full_call_both_ways(hub):
 class Wiretap:
     """What one peer's receivers got on the wire, and what its encoders made before SFrame."""
 
-    wire: dict[str, list[WirePacket]] = field(default_factory=lambda: {"audio": [], "video": []})
+    wire: dict[str, list[RtpPacket]] = field(default_factory=lambda: {"audio": [], "video": []})
     plaintext: dict[str, list[bytes]] = field(default_factory=lambda: {"audio": [], "video": []})
 
-    def observers(self) -> dict[str, Any]:
-        return dict(
-            wire_observer=lambda packet: self.wire[packet.kind].append(packet),
-            encoded_frame_observer=lambda kind, frame: self.plaintext[kind].append(frame),
+    def parts(self) -> CallParts:
+        """The product's call, with this tap on its receivers and on its encoders' output."""
+        return CallParts(
+            frames=lambda: _Observed(SFrameProtection(), self.plaintext),
+            prepare_connection=self._tap,
         )
+
+    def _tap(self, pc: RTCPeerConnection) -> None:
+        for transceiver in pc.getTransceivers():
+            install_packet_observer(transceiver.receiver, self.wire[transceiver.kind].append)
+
+
+class _Observed:
+    """A frame protection that keeps each encoded frame before it protects it."""
+
+    def __init__(self, inner: FrameProtection, plaintext: dict[str, list[bytes]]) -> None:
+        self._inner = inner
+        self._plaintext = plaintext
+        self.install, self.retire, self.counters = inner.install, inner.retire, inner.counters
+
+    @property
+    def send_kid(self) -> int | None:
+        return self._inner.send_kid
+
+    def transforms(self, kind: str, on_failure: Any) -> tuple[FrameTransform, FrameTransform]:
+        transforms = self._inner.transforms(kind, on_failure)
+        assert transforms is not None
+        protect, unprotect = transforms
+
+        def keep_then_protect(frame: bytes) -> bytes | None:
+            self._plaintext[kind].append(bytes(frame))
+            return protect(frame)
+
+        return keep_then_protect, unprotect
 
 
 async def test_on_the_wire_only_sframe_under_the_senders_kid_and_nothing_decodable(hub):
     taps = {"alice": Wiretap(), "bob": Wiretap()}
     alice, bob, results = await run_pair(
         hub,
-        config(hub, "alice", 440, **taps["alice"].observers()),
-        config(hub, "bob", 660, **taps["bob"].observers()),
+        config(hub, "alice", 440),
+        config(hub, "bob", 660),
+        taps["alice"].parts(),
+        taps["bob"].parts(),
     )
     assert not any(isinstance(result, BaseException) for result in results), results
     calls = {"alice": alice, "bob": bob}
     for name, sender_name, tone in (("alice", "bob", 660), ("bob", "alice", 440)):
         wire, sent = taps[name].wire, taps[sender_name].plaintext
-        sender = calls[sender_name]._sframe_sender
-        assert sender is not None and sender.kid is not None
+        kid = calls[sender_name].frames.send_kid
+        assert kid is not None
         # Every audio RTP payload, and every video frame as reassembled after the VP8 payload
         # descriptors, begins with an SFrame header carrying the sender's KID.
         audio_payloads = [packet.payload for packet in wire["audio"]]
         video_frames = wire_frames(wire["video"], "video")
         assert len(audio_payloads) >= 50 and len(video_frames) >= 20
         for frame in audio_payloads + video_frames:
-            assert SFrameHeader.parse(frame)[0].kid == sender.kid
+            assert SFrameHeader.parse(frame)[0].kid == kid
 
         # No 16-byte run of any encoded plaintext frame appears in any RTP payload.
         plaintext = sent["audio"] + sent["video"]
@@ -145,38 +177,22 @@ async def test_on_the_wire_only_sframe_under_the_senders_kid_and_nothing_decodab
         assert [number for number in numbers if number is not None] == []
 
 
-async def test_an_observer_that_raises_changes_nothing_in_the_call(hub):
-    def fail(*_):
-        raise RuntimeError("a broken observer")
-
-    broken = dict(wire_observer=fail, encoded_frame_observer=fail)
-    alice, bob, results = await run_pair(
-        hub,
-        config(hub, "alice", 440, duration=1.5, **broken),
-        config(hub, "bob", 660, duration=1.5, **broken),
-    )
-    assert not any(isinstance(result, BaseException) for result in results), results
-    for call, heard in ((alice, 660), (bob, 440)):
-        assert abs(dominant_frequency(call.received.samples, 48000) - heard) < 5
-        for kind in (call.stats.audio, call.stats.video):
-            assert kind.decrypted > 0 and kind.failed == 0
-
-
 async def test_a_changed_identity_for_a_pinned_name_refuses_before_media(hub):
     pinned = KnownPeers()
     pinned.check("alice", IdentityKey.generate(os.urandom).public_key)
     alice_tap = Wiretap()
     alice, bob, (alice_result, bob_result) = await run_pair(
         hub,
-        config(hub, "alice", 440, **alice_tap.observers()),
+        config(hub, "alice", 440),
         config(hub, "bob", 660, known_peers=pinned),
+        alice_tap.parts(),
     )
     assert isinstance(bob_result, IdentityMismatch)
     assert isinstance(alice_result, CallFailed)
     for call in (alice, bob):
         assert call.received.audio_frames == call.received.video_frames == 0
         assert call.stats.protection is None  # refused before any key was used
-        assert call._sframe_sender is None
+        assert call.frames.send_kid is None
     # Not one packet from bob reached alice.
     assert alice_tap.wire == {"audio": [], "video": []}
 
@@ -261,7 +277,7 @@ async def test_a_rekey_mid_call_loses_no_frame(hub):
     for call in (alice, bob):
         assert call.stats.rekeys == 1
         # Epoch 1's KIDs: 2 for the initiator, 3 for the responder.
-        assert call._sframe_sender is not None and call._sframe_sender.kid in (2, 3)
+        assert call.frames.send_kid in (2, 3)
         for kind in (call.stats.audio, call.stats.video):
             assert kind.failed == 0 and kind.decrypted > 0
         numbers = call.received.pattern_numbers
@@ -291,16 +307,18 @@ async def test_the_call_survives_the_hub_being_stopped_after_setup(start_hub):
 @pytest.mark.parametrize(
     ("layers", "encrypted"),
     [
-        (ExperimentOnlyLayers.PLAIN, False),
-        (ExperimentOnlyLayers.SFRAME, True),
-        (ExperimentOnlyLayers.SEALED, True),
+        (Layers.PLAIN, False),
+        (Layers.SFRAME, True),
+        (Layers.SEALED, True),
     ],
 )
 async def test_experiment_only_layers(hub, layers, encrypted):
     alice, bob, results = await run_pair(
         hub,
-        config(hub, "alice", 440, duration=1.5, experiment_only_layers=layers),
-        config(hub, "bob", 660, duration=1.5, experiment_only_layers=layers),
+        config(hub, "alice", 440, duration=1.5),
+        config(hub, "bob", 660, duration=1.5),
+        layers.parts(),
+        layers.parts(),
     )
     assert not any(isinstance(result, BaseException) for result in results), results
     for call, heard in ((alice, 660), (bob, 440)):
@@ -362,7 +380,7 @@ async def test_the_call_command_completes_and_writes_stats(hub, tmp_path):
 
 
 async def test_the_call_command_has_no_option_to_weaken_a_call(tmp_path, unused_tcp_port):
-    # Only the interception experiment drops layers, in code (CallConfig): never the product.
+    # Only the interception experiment drops layers, in code (CallParts): never the product.
     code, _, err = await blindhub(
         "call", "room1", "--hub", f"ws://127.0.0.1:{unused_tcp_port}", "--name", "alice",
         "--home", str(tmp_path), "--experiment-only-layers", "plain",

@@ -264,6 +264,9 @@ class HostileHub:
     def room_count(self) -> int:
         return self.hub.room_count
 
+    def room_size(self, room: str) -> int:
+        return self.hub.room_size(room)
+
     def join_deadline(self, peer: PeerId) -> float | None:
         return self.hub.join_deadline(peer)
 

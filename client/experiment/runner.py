@@ -28,17 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.call import (
-    Call,
-    CallConfig,
-    CallError,
-    CallStats,
-    ExperimentOnlyLayers,
-    Verify,
-)
+from client.call import Call, CallConfig, CallStats
 from client.experiment.analysis import middle_second, tone_correlation
 from client.experiment.figure import FigureRow, draw_figure, write_figure
 from client.experiment.hostile_hub import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
+from client.experiment.layers import Layers
 from client.experiment.media_mitm import (
     TAMPER_ACTIONS,
     Direction,
@@ -56,10 +50,10 @@ from client.media import (
     ToneTrack,
     tone_samples,
 )
+from client.session import CallError, Verify
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameError, SFrameHeader
 
-Layers = ExperimentOnlyLayers
 Progress = Callable[[str], None]
 
 ALICE, BOB = "alice", "bob"
@@ -530,8 +524,8 @@ async def run_cell(scenario: Scenario, seconds: float, room: str = "experiment")
                 verify=verify,
                 duration=seconds,
                 setup_timeout=SETUP_TIMEOUT,
-                experiment_only_layers=scenario.layers,
-            )
+            ),
+            scenario.layers.parts(),
         )
         for name in (ALICE, BOB)
     }

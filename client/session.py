@@ -1,0 +1,604 @@
+"""The call session: this peer's protocol with one remote participant, as a sans-I/O machine.
+
+A ``CallSession`` never touches a socket, a clock or a peer connection. Its driver
+(client/call.py) feeds it events, each with the current time ``now``:
+
+- ``start``: the remote participant is known (the initiator sends its commit);
+- ``receive``: a payload that participant relayed through the hub;
+- ``offer_ready`` / ``answer_ready``: the local session description the driver made;
+- ``sas_answer``: what the user said about the SAS;
+- ``rekey``, ``hangup``, ``peer_left``, ``hub_failed``: the driver's and the hub's news;
+- ``handle_timer``: ``now`` has reached ``next_deadline``.
+
+Each returns the actions the driver carries out, in order: ``Send`` a payload to the
+participant, ``InstallKeys`` (epoch 0 and every rekey take this one path), ``RetireReceiveKeys``
+after the grace window, ``AskSas``, ``Protected`` (the call is keyed: show with whom),
+``MakeOffer``, ``AnswerOffer``, ``ApplyAnswer``, ``MediaStarted`` and, last, ``Ended``.
+
+The flow (docs/explanation/protocol.md): the key agreement (crypto/handshake.py) with the pin
+check inside it, then the SAS question where the user has not verified the peer, then the keys,
+then the SDP offer and answer as sealed messages; in the call, sealed rekeys and the bye. One
+session serves one remote participant, so a peer in a room of N holds N-1 sessions.
+
+The experiment's weaker peers (client/experiment/) are subclasses that override the hooks marked
+"experiment hook"; this module builds only the product session, which always agrees keys with
+its real identity, checks the pin and seals every message.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from client.exit_codes import ExitCode
+from crypto.errors import CryptoError
+from crypto.frame_crypto import KeyUpdate
+from crypto.handshake import HandshakeResult, HandshakeState, Initiator, Responder
+from crypto.identity import (
+    IdentityKey,
+    IdentityPublicKey,
+    KnownPeers,
+    PinnedIdentityMismatch,
+    UnknownPeer,
+)
+from crypto.sealed import Received, SealedChannel, SealedReplay
+from crypto.sframe import CipherSuite
+
+logger = logging.getLogger("blindhub.session")
+
+SUITES = (CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_256_GCM_SHA512_128)
+DEFAULT_GRACE_SECONDS = 2.0
+DEFAULT_SETUP_TIMEOUT = 30.0
+CALL_ID_BYTES = 16
+
+
+class Verify(enum.Enum):
+    """How the peer's identity is accepted (``--verify``)."""
+
+    PROMPT = "prompt"  # pin on first use, and the user confirms the SAS unless already verified
+    TOFU = "tofu"  # pin on first use; a changed key is refused
+    PINNED = "pinned"  # only peers already pinned
+
+
+# -- how a call can fail, each with the call command's exit status
+
+
+class CallError(Exception):
+    """A call that did not complete; ``exit_code`` is the command's exit status."""
+
+    exit_code = ExitCode.CALL_FAILED
+
+
+class HubUnreachable(CallError):
+    """The hub could not be reached or refused to let us join."""
+
+    exit_code = ExitCode.HUB_UNREACHABLE
+
+
+class VerificationRefused(CallError):
+    """The user declined the SAS, or ``--verify pinned`` met a peer not pinned."""
+
+    exit_code = ExitCode.VERIFICATION_REFUSED
+
+
+class IdentityMismatch(CallError):
+    """The peer's identity key differs from the one pinned for its name."""
+
+    exit_code = ExitCode.IDENTITY_MISMATCH
+
+
+class CallFailed(CallError):
+    """The setup failed (peer left, protocol error, timeout) or the connection failed."""
+
+    exit_code = ExitCode.CALL_FAILED
+
+
+# -- what the user is shown
+
+
+class PinStatus(enum.Enum):
+    PINNED = "pinned"  # pinned (earlier or in this call), never verified
+    VERIFIED = "verified"  # the SAS or safety number was compared
+
+
+@dataclass(frozen=True)
+class ProtectionState:
+    """What the user is shown: is this call end-to-end encrypted, and with whom.
+
+    ``layers`` is "verified" for every product call; only the experiment's weaker sessions
+    name another (and say so in ``describe``).
+    """
+
+    end_to_end_encrypted: bool
+    suite: str | None
+    peer_name: str
+    peer_fingerprint: str | None = None
+    pin: str | None = None  # a PinStatus value; None when identities are not checked
+    sas: str | None = None
+    layers: str = "verified"
+
+    def describe(self) -> str:
+        if not self.end_to_end_encrypted:
+            return f"NOT end-to-end encrypted (experiment layers: {self.layers})"
+        lines = [f"end-to-end encrypted ({self.suite}) with {self.peer_name}"]
+        if self.layers != "verified":
+            lines.append(f"  identity NOT verified (experiment layers: {self.layers})")
+            if self.sas is not None:
+                lines.append(f"  SAS (nobody compares it at this layer): {self.sas}")
+        else:
+            lines.append(f"  fingerprint {self.peer_fingerprint} ({self.pin})")
+            lines.append(f"  SAS to read aloud: {self.sas}")
+        return "\n".join(lines)
+
+
+# -- actions
+
+
+@dataclass(frozen=True)
+class Send:
+    """Relay ``payload`` (a JSON object) to the remote participant."""
+
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InstallKeys:
+    """Give the frame protection these keys (epoch 0, then each rekey): accept frames under
+    ``update``'s receive key from now on, send under its send key from now on."""
+
+    suite: CipherSuite
+    update: KeyUpdate
+
+
+@dataclass(frozen=True)
+class RetireReceiveKeys:
+    """The grace window of these receive KIDs is over: erase them."""
+
+    kids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class AskSas:
+    """Ask the user whether the peer reads the same SAS; answer with ``sas_answer``."""
+
+    protection: ProtectionState
+
+
+@dataclass(frozen=True)
+class Protected:
+    """The peer is accepted and the call keyed: show the user with whom."""
+
+    protection: ProtectionState
+
+
+@dataclass(frozen=True)
+class MakeOffer:
+    """Make (or finish) the local SDP offer, then call ``offer_ready``."""
+
+
+@dataclass(frozen=True)
+class AnswerOffer:
+    """Apply the peer's offer, make the answer, then call ``answer_ready``."""
+
+    sdp: str
+
+
+@dataclass(frozen=True)
+class ApplyAnswer:
+    """Apply the peer's answer."""
+
+    sdp: str
+
+
+@dataclass(frozen=True)
+class MediaStarted:
+    """Both session descriptions are applied: media flows from now on."""
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The session is over: ``error`` when it failed during setup, else ``reason``
+    ("peer-bye", "peer-left", or what ``hangup`` was told)."""
+
+    reason: str
+    error: CallError | None = None
+
+
+Action = (
+    Send
+    | InstallKeys
+    | RetireReceiveKeys
+    | AskSas
+    | Protected
+    | MakeOffer
+    | AnswerOffer
+    | ApplyAnswer
+    | MediaStarted
+    | Ended
+)
+
+
+class SessionState(enum.Enum):
+    KEY_AGREEMENT = "key-agreement"
+    AWAIT_SAS = "await-sas"  # no timeout: people are reading digits aloud
+    NEGOTIATING = "negotiating"  # the sealed SDP offer and answer
+    IN_CALL = "in-call"
+    ENDED = "ended"
+
+
+SETUP_STATES = frozenset(
+    {SessionState.KEY_AGREEMENT, SessionState.AWAIT_SAS, SessionState.NEGOTIATING}
+)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    name: str
+    identity: IdentityKey = field(repr=False)
+    known_peers: KnownPeers = field(repr=False)
+    verify: Verify = Verify.PROMPT
+    setup_timeout: float = DEFAULT_SETUP_TIMEOUT
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    suites: Sequence[CipherSuite] = SUITES
+    random_bytes: Callable[[int], bytes] = field(default=os.urandom, repr=False)
+
+
+class CallSession:
+    """One remote participant's call, from this peer's side (see the module docstring)."""
+
+    def __init__(self, config: SessionConfig, *, initiator: bool, now: float) -> None:
+        self.config = config
+        self.initiator = initiator
+        self.state = SessionState.KEY_AGREEMENT
+        self.peer_name: str | None = None
+        self.protection: ProtectionState | None = None
+        self.rekeys = 0
+        # What the hub was caught doing, with how often: "sdp-tampered", "identity-refused",
+        # "replay-rejected" and "alteration-rejected" (sealed signalling).
+        self.detections: Counter[str] = Counter()
+        self._handshake: Initiator | Responder | None = None
+        self._result: HandshakeResult | None = None
+        self._channel: SealedChannel | None = None
+        self._new_pin: str | None = None  # a peer pinned during this call's key agreement
+        self._held: list[object] = []  # payloads that came while the user compared the SAS
+        self._setup_deadline: float | None = now + config.setup_timeout
+        self._receive_kids: frozenset[int] = frozenset()
+        self._retirements: list[tuple[float, frozenset[int]]] = []
+
+    def __repr__(self) -> str:
+        return f"CallSession(peer={self.peer_name!r}, state={self.state.value})"
+
+    @property
+    def ended(self) -> bool:
+        return self.state is SessionState.ENDED
+
+    # -- events
+
+    def start(self, now: float) -> list[Action]:
+        """The remote participant is there: the initiator opens the key agreement."""
+        if not self.initiator:
+            return []
+        call_id = self.config.random_bytes(CALL_ID_BYTES).hex()
+        initiator = Initiator(
+            self._agreement_identity(),
+            call_id,
+            self.config.suites,
+            self.config.random_bytes,
+            name=self.config.name,
+            peer_check=self._peer_check(),
+        )
+        self._handshake = initiator
+        return [Send(initiator.start())]
+
+    def receive(self, payload: object, now: float) -> list[Action]:
+        """A payload the remote participant relayed through the hub."""
+        if self.state is SessionState.AWAIT_SAS:
+            self._held.append(payload)
+            return []
+        if self.state is SessionState.KEY_AGREEMENT:
+            return self._on_key_agreement(payload, now)
+        if self.state is SessionState.NEGOTIATING:
+            return self._on_negotiation(payload, now)
+        if self.state is SessionState.IN_CALL:
+            return self._on_call_message(payload, now)
+        return []
+
+    def sas_answer(self, accepted: bool, now: float) -> list[Action]:
+        if self.state is not SessionState.AWAIT_SAS:
+            return []
+        assert self.protection is not None
+        if not accepted:
+            # A SAS that does not match may mean a man in the middle: nothing stays pinned.
+            return self._fail(
+                VerificationRefused(f"the SAS with {self.peer_name} was not confirmed")
+            )
+        self.config.known_peers.mark_verified(self.protection.peer_name)
+        self._new_pin = None
+        actions = self._accept(now)
+        held, self._held = self._held, []
+        for payload in held:
+            if self.ended:
+                break
+            actions += self.receive(payload, now)
+        return actions
+
+    def offer_ready(self, sdp: str, now: float) -> list[Action]:
+        """The initiator's local offer, asked for by ``MakeOffer``."""
+        if self.state is not SessionState.NEGOTIATING or not self.initiator:
+            return []
+        return [Send(self._seal({"type": "offer", "sdp": sdp}))]
+
+    def answer_ready(self, sdp: str, now: float) -> list[Action]:
+        """The responder's local answer, asked for by ``AnswerOffer``."""
+        if self.state is not SessionState.NEGOTIATING or self.initiator:
+            return []
+        self.state = SessionState.IN_CALL
+        self._setup_deadline = None
+        return [Send(self._seal({"type": "answer", "sdp": sdp})), MediaStarted()]
+
+    def rekey(self, now: float) -> list[Action]:
+        """Start a new epoch (in the call, once no rekey is under way)."""
+        channel = self._channel
+        if self.state is not SessionState.IN_CALL or channel is None:
+            return []
+        if channel.rekey_in_progress:
+            return []
+        return [Send(channel.start_rekey())]
+
+    def hangup(self, reason: str, now: float) -> list[Action]:
+        """End the session: in the call with a bye to the peer; during setup, abandon it."""
+        if self.state in SETUP_STATES:
+            return self._fail(CallFailed("hung up before the call was set up"))
+        if self.state is SessionState.ENDED:
+            return []
+        self.state = SessionState.ENDED
+        return [Send(self._seal({"type": "bye"})), Ended(reason)]
+
+    def peer_left(self, now: float) -> list[Action]:
+        if self.state in SETUP_STATES:
+            return self._fail(CallFailed("the peer left during setup"))
+        return self._end("peer-left")
+
+    def hub_failed(self, detail: str, now: float) -> list[Action]:
+        """The hub connection closed or sent something this peer refused. During setup the
+        call cannot go on; in the call media is peer to peer and the session goes on."""
+        if self.state in SETUP_STATES:
+            return self._fail(CallFailed(f"the hub failed during setup: {detail}"))
+        return []
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When ``handle_timer`` must be called next, if at all."""
+        deadlines = [deadline for deadline, _ in self._retirements]
+        if self._setup_deadline is not None and self.state is not SessionState.AWAIT_SAS:
+            deadlines.append(self._setup_deadline)
+        return min(deadlines, default=None)
+
+    def handle_timer(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        due = [kids for deadline, kids in self._retirements if deadline <= now]
+        self._retirements = [(d, kids) for d, kids in self._retirements if d > now]
+        actions += [RetireReceiveKeys(kids) for kids in due]
+        if (
+            self.state in SETUP_STATES
+            and self.state is not SessionState.AWAIT_SAS
+            and self._setup_deadline is not None
+            and now >= self._setup_deadline
+        ):
+            actions += self._fail(CallFailed("the call was not set up in time"))
+        return actions
+
+    # -- the key agreement
+
+    def _on_key_agreement(self, payload: object, now: float) -> list[Action]:
+        if not isinstance(payload, dict):
+            return self._fail(CallFailed("the peer sent a setup message that is not an object"))
+        if self._handshake is None:
+            if payload.get("type") != "commit":
+                return self._fail(
+                    CallFailed(f"expected 'commit' from the peer, got {payload.get('type')!r}")
+                )
+            if not isinstance(payload.get("call_id"), str):
+                return self._fail(CallFailed("the peer's commit carries no call id"))
+        try:
+            if self._handshake is None:
+                self._handshake = self._respond_to(payload["call_id"])
+            replies = self._handshake.receive(payload)
+        except PinnedIdentityMismatch as error:
+            self.detections["identity-refused"] += 1
+            return self._fail(IdentityMismatch(str(error)))
+        except UnknownPeer as error:
+            self.detections["identity-refused"] += 1
+            return self._fail(VerificationRefused(str(error)))
+        except CryptoError as error:
+            return self._fail(CallFailed(f"key agreement failed: {error}"))
+        actions: list[Action] = [Send(reply) for reply in replies]
+        if self._handshake.state is HandshakeState.DONE:
+            actions += self._agreed(self._handshake.result, now)
+        return actions
+
+    def _respond_to(self, call_id: str) -> Responder:
+        return Responder(
+            self._agreement_identity(),
+            call_id,
+            self.config.suites,
+            self.config.random_bytes,
+            name=self.config.name,
+            peer_check=self._peer_check(),
+        )
+
+    def _agreed(self, result: HandshakeResult, now: float) -> list[Action]:
+        self._result = result
+        # Each name travels in the key agreement, signed by its owner: the hub cannot rename a
+        # peer, so nothing is ever pinned or shown under a name the hub chose.
+        self.peer_name = result.peer_name
+        self._channel = self._signalling_channel(result)
+        protection = self._protection_of(result)
+        self.protection = protection
+        if self._asks_sas(protection):
+            self.state = SessionState.AWAIT_SAS
+            return [AskSas(protection)]
+        return self._accept(now)
+
+    def _accept(self, now: float) -> list[Action]:
+        """The peer is accepted: key the call, then negotiate the media."""
+        assert self.protection is not None
+        self.state = SessionState.NEGOTIATING
+        self._setup_deadline = now + self.config.setup_timeout
+        actions: list[Action] = [Protected(self.protection)]
+        actions += self._initial_keys()
+        if self.initiator:
+            actions.append(MakeOffer())
+        return actions
+
+    def _initial_keys(self) -> list[Action]:
+        assert self._result is not None
+        return [self._install(self._result.suite, self._result.initial_keys, now=None)]
+
+    def _install(self, suite: CipherSuite, update: KeyUpdate, now: float | None) -> InstallKeys:
+        if update.install_receive is not None:
+            previous = self._receive_kids
+            self._receive_kids = frozenset({update.install_receive.kid})
+            if previous and now is not None:
+                # Frames under the old key are still in flight: keep it for the grace window.
+                self._retirements.append((now + self.config.grace_seconds, previous))
+        return InstallKeys(suite, update)
+
+    # -- the media negotiation
+
+    def _on_negotiation(self, payload: object, now: float) -> list[Action]:
+        try:
+            content = self._open_setup(payload)
+        except CryptoError as error:
+            # The only sealed setup messages are the offer and the answer.
+            self.detections["sdp-tampered"] += 1
+            return self._fail(CallFailed(f"a sealed setup message was rejected: {error}"))
+        if not isinstance(content, dict):
+            return self._fail(CallFailed("the peer sent a setup message that is not an object"))
+        expected = "answer" if self.initiator else "offer"
+        if content.get("type") != expected:
+            return self._fail(
+                CallFailed(f"expected {expected!r} from the peer, got {content.get('type')!r}")
+            )
+        sdp = content.get("sdp")
+        if not isinstance(sdp, str):
+            return self._fail(CallFailed("the peer's session description is missing"))
+        if not self.initiator:
+            return [AnswerOffer(sdp)]
+        self.state = SessionState.IN_CALL
+        self._setup_deadline = None
+        return [ApplyAnswer(sdp), MediaStarted()]
+
+    # -- in the call
+
+    def _on_call_message(self, payload: object, now: float) -> list[Action]:
+        channel = self._channel
+        if channel is None:
+            return self._on_clear_call_message(payload)
+        try:
+            received = channel.open(payload)
+        except CryptoError as error:
+            # A forged or replayed copy changes nothing (the channel is as it was): count it.
+            replayed = isinstance(error, SealedReplay)
+            self.detections["replay-rejected" if replayed else "alteration-rejected"] += 1
+            logger.warning("dropped a sealed message that did not open: %s", error)
+            return []
+        return self._apply(received, now)
+
+    def _apply(self, received: Received, now: float) -> list[Action]:
+        assert self._result is not None
+        actions: list[Action] = [Send(reply) for reply in received.replies]
+        update = received.keys
+        if update.install_receive is not None or update.switch_send is not None:
+            actions.append(self._install(self._result.suite, update, now))
+        if update.switch_send is not None:
+            self.rekeys += 1
+        if received.content is not None and received.content.get("type") == "bye":
+            actions += self._end("peer-bye")
+        return actions
+
+    def _end(self, reason: str) -> list[Action]:
+        if self.state is SessionState.ENDED:
+            return []
+        self.state = SessionState.ENDED
+        return [Ended(reason)]
+
+    def _fail(self, error: CallError) -> list[Action]:
+        if self.state is SessionState.ENDED:
+            return []
+        if self.state in SETUP_STATES and self._new_pin is not None:
+            # Failed, refused or hung up before the peer was accepted: a key the user never
+            # confirmed (perhaps the hub's, stalling until the user gives up) stays unpinned.
+            self.config.known_peers.remove(self._new_pin)
+            self._new_pin = None
+        self.state = SessionState.ENDED
+        self._setup_deadline = None
+        return [Ended(type(error).__name__, error)]
+
+    # -- pins and the SAS
+
+    def _check_peer(self, name: str, key: IdentityPublicKey) -> None:
+        """The handshake's pin check: ``name`` and ``key`` were just signed by the peer."""
+        known_peers = self.config.known_peers
+        pin = known_peers.get(name)
+        if self.config.verify is Verify.PINNED:
+            if pin is None:
+                raise UnknownPeer(f"{name} is not pinned and --verify pinned is set")
+            if pin.public_key != key:
+                raise PinnedIdentityMismatch(name, pin.public_key, key)
+            return
+        known_peers.check(name, key)
+        if pin is None:
+            self._new_pin = name
+
+    def _pin_status(self, name: str) -> PinStatus:
+        pin = self.config.known_peers.get(name)
+        assert pin is not None  # _check_peer pinned or found it
+        return PinStatus.VERIFIED if pin.verified else PinStatus.PINNED
+
+    # -- experiment hooks: the product's choices, which client/experiment/ overrides
+
+    def _agreement_identity(self) -> IdentityKey:
+        """The identity key the key agreement signs with: this peer's own."""
+        return self.config.identity
+
+    def _peer_check(self) -> Callable[[str, IdentityPublicKey], object] | None:
+        """What the key agreement calls with the peer's authenticated name and key."""
+        return self._check_peer
+
+    def _signalling_channel(self, result: HandshakeResult) -> SealedChannel | None:
+        """Where every message after the key agreement goes: the sealed channel."""
+        return result.channel
+
+    def _protection_of(self, result: HandshakeResult) -> ProtectionState:
+        status = self._pin_status(result.peer_name)
+        return ProtectionState(
+            end_to_end_encrypted=True,
+            suite=result.suite.name,
+            peer_name=result.peer_name,
+            peer_fingerprint=result.peer_identity.fingerprint(),
+            pin=status.value,
+            sas=result.sas,
+        )
+
+    def _asks_sas(self, protection: ProtectionState) -> bool:
+        return self.config.verify is Verify.PROMPT and protection.pin != PinStatus.VERIFIED.value
+
+    def _seal(self, content: dict[str, Any]) -> dict[str, Any]:
+        assert self._channel is not None
+        return self._channel.seal(content)
+
+    def _open_setup(self, payload: object) -> object:
+        assert self._channel is not None
+        return self._channel.open(payload).content
+
+    def _on_clear_call_message(self, payload: object) -> list[Action]:
+        """Only a session without a sealed channel (the experiment's) gets here."""
+        if isinstance(payload, dict) and payload.get("type") == "bye":
+            return self._end("peer-bye")
+        return []
