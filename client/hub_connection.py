@@ -27,7 +27,7 @@ from signaling.protocol import (
     Join,
     JsonText,
     Leave,
-    MalformedMessage,
+    MalformedHubMessage,
     PeerId,
     PeerJoined,
     PeerLeft,
@@ -54,14 +54,14 @@ def decode_payload(text: JsonText) -> object:
     try:
         return strict_json.loads(text)
     except strict_json.StrictJsonError as error:
-        raise MalformedMessage(ErrorCode.INVALID_JSON, f"payload: {error}") from None
+        raise MalformedHubMessage(ErrorCode.INVALID_JSON, f"payload: {error}") from None
 
 
-class UnexpectedMessage(SignalingError):
+class UnexpectedHubMessage(SignalingError, ValueError):
     """A well-formed hub message that contradicts this connection's state."""
 
 
-class HubClosed(SignalingError):
+class HubClosed(SignalingError, ConnectionError):
     """The connection closed; ``code`` is its close code (1006: no close frame at all)."""
 
     def __init__(self, code: int, reason: str) -> None:
@@ -70,7 +70,7 @@ class HubClosed(SignalingError):
         self.reason = reason
 
 
-class PayloadTooLarge(SignalingError):
+class PayloadTooLarge(SignalingError, ValueError):
     """This process tried to relay a payload larger than the hub accepts."""
 
 
@@ -144,7 +144,7 @@ class HubConnection:
         rejected like any other message that contradicts the state.
         """
         if self.room is not None or self._joining is not None:
-            raise UnexpectedMessage("join called twice")
+            raise UnexpectedHubMessage("join called twice")
         self._joining = room
         try:
             await self._send(Join(room).encode())
@@ -159,11 +159,11 @@ class HubConnection:
             if isinstance(message, ErrorMessage):
                 raise Refused(message.code, message.message)
             if not isinstance(message, Welcome):
-                raise UnexpectedMessage(f"expected welcome, got {message.TYPE}")
+                raise UnexpectedHubMessage(f"expected welcome, got {message.TYPE}")
             if message.room != room:
-                raise UnexpectedMessage("welcome names another room")
+                raise UnexpectedHubMessage("welcome names another room")
             if message.peer_id in message.peers or len(set(message.peers)) != len(message.peers):
-                raise UnexpectedMessage("welcome lists this peer or one peer twice")
+                raise UnexpectedHubMessage("welcome lists this peer or one peer twice")
         finally:
             self._joining = None
         self.peer_id, self.room, self.peers = message.peer_id, room, set(message.peers)
@@ -194,12 +194,12 @@ class HubConnection:
             if isinstance(message, ErrorMessage):
                 raise Refused(message.code, message.message)
             if isinstance(message, Welcome):
-                raise UnexpectedMessage("welcome without a join")
+                raise UnexpectedHubMessage("welcome without a join")
             if self._left_room_peers is None:
                 break
             self._check_event(self._left_room_peers, message)
         if self.room is None:
-            raise UnexpectedMessage(f"{message.TYPE} outside a room")
+            raise UnexpectedHubMessage(f"{message.TYPE} outside a room")
         self._check_event(self.peers, message)
         if isinstance(message, RelayFrom):
             return Relayed(message.sender, decode_payload(message.payload))
@@ -209,14 +209,14 @@ class HubConnection:
         """Check an event against ``peers``, the room it concerns, then track who is there."""
         if isinstance(message, PeerJoined):
             if message.peer_id == self.peer_id or message.peer_id in peers:
-                raise UnexpectedMessage("peer-joined for a peer already here")
+                raise UnexpectedHubMessage("peer-joined for a peer already here")
             peers.add(message.peer_id)
         elif isinstance(message, PeerLeft):
             if message.peer_id not in peers:
-                raise UnexpectedMessage("peer-left for a peer not here")
+                raise UnexpectedHubMessage("peer-left for a peer not here")
             peers.discard(message.peer_id)
         elif message.sender not in peers:
-            raise UnexpectedMessage("relay from a peer not in this room")
+            raise UnexpectedHubMessage("relay from a peer not in this room")
 
     def __aiter__(self) -> Self:
         return self
@@ -241,7 +241,7 @@ class HubConnection:
         except ConnectionClosed as closed:
             raise self._closed(closed) from None
         if isinstance(frame, bytes):
-            raise MalformedMessage(ErrorCode.INVALID_JSON, "the hub sent a binary frame")
+            raise MalformedHubMessage(ErrorCode.INVALID_JSON, "the hub sent a binary frame")
         return parse_hub_message(frame)
 
     @staticmethod

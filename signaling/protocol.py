@@ -1,7 +1,7 @@
 """The hub wire format: JSON text frames, one object per frame, with a ``type`` field.
 
 Parsing is strict and total: every text either becomes one message dataclass or
-raises ``MalformedMessage`` with a machine-readable ``ErrorCode``. Relay payloads
+raises ``MalformedHubMessage`` with a machine-readable ``ErrorCode``. Relay payloads
 are never interpreted: the parser only checks that they are well-formed JSON and
 keeps their exact text, so the hub forwards them byte for byte (no re-encoding,
 hence no size amplification and no silent change of numbers or duplicate keys).
@@ -41,8 +41,10 @@ class ErrorCode(StrEnum):
     HUB_FULL = "hub-full"
 
 
-class SignalingError(ValueError):
-    """Base class of every error of the signalling layer, hub and client side."""
+class SignalingError(Exception):
+    """Base class of every error of the signalling layer, hub and client side. Each subclass
+    also derives from the builtin it is a case of (``ValueError`` for bad input), so callers
+    that only know the builtin still catch it, as PyNaCl's errors do."""
 
 
 class CodedError(SignalingError):
@@ -54,7 +56,7 @@ class CodedError(SignalingError):
         self.message = message
 
 
-class MalformedMessage(CodedError):
+class MalformedHubMessage(CodedError, ValueError):
     """A frame that is not a well-formed message of the wire format."""
 
 
@@ -87,9 +89,9 @@ def _scan_value(text: str, index: int) -> tuple[object, int]:
     try:
         return _DECODER.raw_decode(text, index)
     except RecursionError:
-        raise MalformedMessage(ErrorCode.INVALID_JSON, "nested too deeply") from None
+        raise MalformedHubMessage(ErrorCode.INVALID_JSON, "nested too deeply") from None
     except ValueError as error:  # JSONDecodeError, over-long integers, NaN
-        raise MalformedMessage(ErrorCode.INVALID_JSON, str(error)) from None
+        raise MalformedHubMessage(ErrorCode.INVALID_JSON, str(error)) from None
 
 
 def _skip_whitespace(text: str, index: int) -> int:
@@ -101,7 +103,7 @@ def _skip_whitespace(text: str, index: int) -> int:
 def _expect(text: str, index: int, token: str) -> int:
     if text.startswith(token, index):
         return index + len(token)
-    raise MalformedMessage(ErrorCode.INVALID_JSON, f"expected {token!r} at offset {index}")
+    raise MalformedHubMessage(ErrorCode.INVALID_JSON, f"expected {token!r} at offset {index}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +117,7 @@ class Field:
 def split_object(text: str) -> dict[str, Field]:
     """Split a JSON object into its members, keeping each value's exact text.
 
-    Raises ``MalformedMessage``: ``invalid-json`` for anything that is not one JSON
+    Raises ``MalformedHubMessage``: ``invalid-json`` for anything that is not one JSON
     value, ``not-an-object`` for a valid non-object, ``invalid-field`` for a
     duplicated member name (which one would count is ambiguous, so neither does).
     """
@@ -123,8 +125,8 @@ def split_object(text: str) -> dict[str, Field]:
     if not text.startswith("{", index):
         json_value_end = _skip_whitespace(text, _scan_value(text, index)[1])
         if json_value_end != len(text):
-            raise MalformedMessage(ErrorCode.INVALID_JSON, "extra data after the JSON value")
-        raise MalformedMessage(ErrorCode.NOT_AN_OBJECT, "a message must be a JSON object")
+            raise MalformedHubMessage(ErrorCode.INVALID_JSON, "extra data after the JSON value")
+        raise MalformedHubMessage(ErrorCode.NOT_AN_OBJECT, "a message must be a JSON object")
     fields: dict[str, Field] = {}
     index = _skip_whitespace(text, index + 1)
     if text.startswith("}", index):
@@ -132,14 +134,14 @@ def split_object(text: str) -> dict[str, Field]:
     else:
         while True:
             if not text.startswith('"', index):
-                raise MalformedMessage(ErrorCode.INVALID_JSON, f"expected a name at offset {index}")
+                raise MalformedHubMessage(ErrorCode.INVALID_JSON, f"expected a name at offset {index}")
             name, index = _scan_value(text, index)
             assert isinstance(name, str)
             index = _skip_whitespace(text, _expect(text, _skip_whitespace(text, index), ":"))
             start = index
             value, index = _scan_value(text, index)
             if name in fields:
-                raise MalformedMessage(ErrorCode.INVALID_FIELD, f"duplicate field {name!r}")
+                raise MalformedHubMessage(ErrorCode.INVALID_FIELD, f"duplicate field {name!r}")
             fields[name] = Field(value, JsonText(text[start:index]))
             index = _skip_whitespace(text, index)
             if text.startswith(",", index):
@@ -148,19 +150,19 @@ def split_object(text: str) -> dict[str, Field]:
             index = _expect(text, index, "}")
             break
     if _skip_whitespace(text, index) != len(text):
-        raise MalformedMessage(ErrorCode.INVALID_JSON, "extra data after the JSON object")
+        raise MalformedHubMessage(ErrorCode.INVALID_JSON, "extra data after the JSON object")
     return fields
 
 
 def _check_members(fields: dict[str, Field], message_type: str, expected: frozenset[str]) -> None:
     missing = sorted(expected - fields.keys())
     if missing:
-        raise MalformedMessage(
+        raise MalformedHubMessage(
             ErrorCode.INVALID_FIELD, f"{message_type}: missing field {missing[0]!r}"
         )
     unexpected = sorted(fields.keys() - expected)
     if unexpected:
-        raise MalformedMessage(
+        raise MalformedHubMessage(
             ErrorCode.INVALID_FIELD, f"{message_type}: unexpected field {unexpected[0]!r}"
         )
 
@@ -168,14 +170,14 @@ def _check_members(fields: dict[str, Field], message_type: str, expected: frozen
 def _string(fields: dict[str, Field], name: str) -> str:
     value = fields[name].value
     if not isinstance(value, str):
-        raise MalformedMessage(ErrorCode.INVALID_FIELD, f"field {name!r} must be a string")
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, f"field {name!r} must be a string")
     return value
 
 
 def _room(fields: dict[str, Field]) -> str:
     room = _string(fields, "room")
     if NAME_PATTERN.fullmatch(room) is None:
-        raise MalformedMessage(
+        raise MalformedHubMessage(
             ErrorCode.INVALID_ROOM, "a room is 1 to 64 letters, digits, '-' and '_'"
         )
     return room
@@ -183,13 +185,13 @@ def _room(fields: dict[str, Field]) -> str:
 
 def _peer_id(value: object, what: str) -> PeerId:
     if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
-        raise MalformedMessage(ErrorCode.INVALID_FIELD, f"{what} must be a peer id")
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, f"{what} must be a peer id")
     return PeerId(value)
 
 
 def _message_type(fields: dict[str, Field]) -> str:
     if "type" not in fields:
-        raise MalformedMessage(ErrorCode.INVALID_FIELD, "missing field 'type'")
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "missing field 'type'")
     return _string(fields, "type")
 
 
@@ -227,7 +229,7 @@ _LEAVE_FIELDS: Final = frozenset({"type"})
 
 
 def parse_client_message(text: str) -> ClientMessage:
-    """Parse a frame a client sent to the hub, or raise ``MalformedMessage``."""
+    """Parse a frame a client sent to the hub, or raise ``MalformedHubMessage``."""
     fields = split_object(text)
     message_type = _message_type(fields)
     if message_type == "join":
@@ -240,7 +242,7 @@ def parse_client_message(text: str) -> ClientMessage:
     if message_type == "leave":
         _check_members(fields, message_type, _LEAVE_FIELDS)
         return Leave()
-    raise MalformedMessage(ErrorCode.UNKNOWN_TYPE, "type must be join, relay or leave")
+    raise MalformedHubMessage(ErrorCode.UNKNOWN_TYPE, "type must be join, relay or leave")
 
 
 # Hub to client.
@@ -309,7 +311,7 @@ _ERROR_FIELDS: Final = frozenset({"type", "code", "message"})
 def _welcome(fields: dict[str, Field]) -> Welcome:
     peers = fields["peers"].value
     if not isinstance(peers, list):
-        raise MalformedMessage(ErrorCode.INVALID_FIELD, "field 'peers' must be a list")
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "field 'peers' must be a list")
     return Welcome(
         _peer_id(fields["peer_id"].value, "peer_id"),
         _room(fields),
@@ -321,12 +323,12 @@ def _error(fields: dict[str, Field]) -> ErrorMessage:
     try:
         code = ErrorCode(_string(fields, "code"))
     except ValueError:
-        raise MalformedMessage(ErrorCode.INVALID_FIELD, "unknown error code") from None
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "unknown error code") from None
     return ErrorMessage(code, _string(fields, "message"))
 
 
 def parse_hub_message(text: str) -> HubMessage:
-    """Parse a frame the hub sent to a client, or raise ``MalformedMessage``."""
+    """Parse a frame the hub sent to a client, or raise ``MalformedHubMessage``."""
     fields = split_object(text)
     message_type = _message_type(fields)
     if message_type == "welcome":
@@ -342,4 +344,4 @@ def parse_hub_message(text: str) -> HubMessage:
     if message_type == "error":
         _check_members(fields, message_type, _ERROR_FIELDS)
         return _error(fields)
-    raise MalformedMessage(ErrorCode.UNKNOWN_TYPE, "unknown hub message type")
+    raise MalformedHubMessage(ErrorCode.UNKNOWN_TYPE, "unknown hub message type")

@@ -13,14 +13,14 @@ from client.hub_connection import (
     HubConnection,
     PayloadTooLarge,
     Relayed,
-    UnexpectedMessage,
+    UnexpectedHubMessage,
     decode_payload,
 )
 from signaling.hub import KIB
 from signaling.protocol import (
     ErrorCode,
     JsonText,
-    MalformedMessage,
+    MalformedHubMessage,
     PeerId,
     PeerJoined,
     Refused,
@@ -76,7 +76,7 @@ async def test_a_lying_welcome_is_rejected(welcome):
     async with scripted_hub([json.dumps(welcome)]) as url:
         hub = await HubConnection.connect(url)
         async with hub:
-            with pytest.raises(UnexpectedMessage):
+            with pytest.raises(UnexpectedHubMessage):
                 await asyncio.wait_for(hub.join("r"), TIMEOUT)
             assert hub.room is None and hub.peer_id is None
 
@@ -84,16 +84,16 @@ async def test_a_lying_welcome_is_rejected(welcome):
 @pytest.mark.parametrize(
     ("frame", "error", "code"),
     [
-        ('{"type":"relay","from":"stranger","payload":1}', UnexpectedMessage, None),
-        ('{"type":"peer-left","peer_id":"stranger"}', UnexpectedMessage, None),
-        ('{"type":"peer-joined","peer_id":"friend"}', UnexpectedMessage, None),
-        ('{"type":"peer-joined","peer_id":"me"}', UnexpectedMessage, None),
-        (WELCOME, UnexpectedMessage, None),
-        ("{not json", MalformedMessage, ErrorCode.INVALID_JSON),
-        (b"\x01binary", MalformedMessage, ErrorCode.INVALID_JSON),
-        ('{"type":"relay","from":"friend","payload":{"a":1,"a":2}}', MalformedMessage, "dup"),
-        ('{"type":"relay","from":"friend","payload":[NaN]}', MalformedMessage, "nan"),
-        ('{"type":"kick"}', MalformedMessage, ErrorCode.UNKNOWN_TYPE),
+        ('{"type":"relay","from":"stranger","payload":1}', UnexpectedHubMessage, None),
+        ('{"type":"peer-left","peer_id":"stranger"}', UnexpectedHubMessage, None),
+        ('{"type":"peer-joined","peer_id":"friend"}', UnexpectedHubMessage, None),
+        ('{"type":"peer-joined","peer_id":"me"}', UnexpectedHubMessage, None),
+        (WELCOME, UnexpectedHubMessage, None),
+        ("{not json", MalformedHubMessage, ErrorCode.INVALID_JSON),
+        (b"\x01binary", MalformedHubMessage, ErrorCode.INVALID_JSON),
+        ('{"type":"relay","from":"friend","payload":{"a":1,"a":2}}', MalformedHubMessage, "dup"),
+        ('{"type":"relay","from":"friend","payload":[NaN]}', MalformedHubMessage, "nan"),
+        ('{"type":"kick"}', MalformedHubMessage, ErrorCode.UNKNOWN_TYPE),
         ('{"type":"error","code":"unknown-peer","message":"m"}', Refused, ErrorCode.UNKNOWN_PEER),
     ],
 )
@@ -157,7 +157,7 @@ async def test_after_leave_events_of_the_room_left_are_dropped_and_lies_still_ra
     async with scripted_hub(frames) as url, await joined_to(url) as hub:
         await hub.leave()
         assert (hub.room, hub.peers) == (None, set())
-        with pytest.raises(UnexpectedMessage, match="relay from a peer not in this room"):
+        with pytest.raises(UnexpectedHubMessage, match="relay from a peer not in this room"):
             await asyncio.wait_for(hub.next_event(), TIMEOUT)
 
 
@@ -189,7 +189,7 @@ async def _collect(hub: HubConnection, events: list[object]) -> None:
 def test_the_client_refuses_duplicate_names_the_hub_forwards(payload):
     frame = f'{{"type":"relay","from":"p","payload":{payload}}}'
     assert parse_hub_message(frame) == RelayFrom(PeerId("p"), JsonText(payload))
-    with pytest.raises(MalformedMessage, match="duplicate name") as refused:
+    with pytest.raises(MalformedHubMessage, match="duplicate name") as refused:
         decode_payload(JsonText(payload))
     assert refused.value.code is ErrorCode.INVALID_JSON
 
@@ -208,7 +208,7 @@ def test_the_client_refuses_duplicate_names_the_hub_forwards(payload):
     ],
 )
 def test_the_payload_decoder_refuses_what_is_not_strict_json(payload):
-    with pytest.raises(MalformedMessage) as refused:
+    with pytest.raises(MalformedHubMessage) as refused:
         decode_payload(JsonText(payload))
     assert refused.value.code is ErrorCode.INVALID_JSON
 

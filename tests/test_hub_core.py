@@ -15,7 +15,7 @@ from signaling.protocol import (
     Join,
     JsonText,
     Leave,
-    MalformedMessage,
+    MalformedHubMessage,
     PeerId,
     PeerJoined,
     PeerLeft,
@@ -306,7 +306,7 @@ def test_the_hub_refuses_numbers_that_are_not_finite_doubles(number):
         f'{{"type":"relay","to":"p","payload":{number}}}',
         f'{{"type":"relay","to":"p","payload":{{"a":[{number}]}}}}',
     ):
-        with pytest.raises(MalformedMessage) as refused:
+        with pytest.raises(MalformedHubMessage) as refused:
             parse_client_message(frame)
         assert refused.value.code is ErrorCode.INVALID_JSON
 
@@ -329,7 +329,7 @@ def test_the_hub_still_forwards_large_finite_numbers_and_integers():
     ],
 )
 def test_bad_hub_messages_have_their_codes(frame, code):
-    with pytest.raises(MalformedMessage) as error:
+    with pytest.raises(MalformedHubMessage) as error:
         parse_hub_message(frame)
     assert error.value.code is code
 
@@ -338,7 +338,7 @@ def test_bad_hub_messages_have_their_codes(frame, code):
 def test_any_text_parses_or_raises_a_coded_error(text):
     try:
         parse_client_message(text)
-    except MalformedMessage as error:
+    except MalformedHubMessage as error:
         assert error.code in ErrorCode
 
 
