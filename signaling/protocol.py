@@ -134,7 +134,9 @@ def split_object(text: str) -> dict[str, Field]:
     else:
         while True:
             if not text.startswith('"', index):
-                raise MalformedHubMessage(ErrorCode.INVALID_JSON, f"expected a name at offset {index}")
+                raise MalformedHubMessage(
+                    ErrorCode.INVALID_JSON, f"expected a name at offset {index}"
+                )
             name, index = _scan_value(text, index)
             assert isinstance(name, str)
             index = _skip_whitespace(text, _expect(text, _skip_whitespace(text, index), ":"))
