@@ -594,7 +594,7 @@ class Call:
                 ("media-alteration-rejected", received.unauthenticated),
             ):
                 if count:
-                    detections[what] = count
+                    detections[what] = detections.get(what, 0) + count
         if self.frames.send_kid is None:
             # No SFrame (the experiment's control): what was received is what was decoded.
             stats.audio.received = stats.audio.decrypted = self.received.audio_frames
