@@ -50,6 +50,7 @@ from client.hub_connection import HubClosed, HubConnection, Relayed
 from client.media import ReceivedMedia, collect, open_recorder, recordable
 from client.session import (
     DEFAULT_GRACE_SECONDS,
+    DEFAULT_REKEY_INTERVAL,
     DEFAULT_SETUP_TIMEOUT,
     Action,
     AnswerOffer,
@@ -222,7 +223,7 @@ class CallConfig:
     confirm_sas: ConfirmSas | None = None
     record_path: str | None = None
     duration: float | None = None
-    rekey_after: float | None = None  # seconds into the media, once
+    rekey_interval: float | None = DEFAULT_REKEY_INTERVAL  # seconds between epochs
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     setup_timeout: float = DEFAULT_SETUP_TIMEOUT
     ice_servers: Sequence[RTCIceServer] = ()
@@ -237,6 +238,7 @@ class CallConfig:
             verify=self.verify,
             setup_timeout=self.setup_timeout,
             grace_seconds=self.grace_seconds,
+            rekey_interval=self.rekey_interval,
             random_bytes=self.random_bytes,
         )
 
@@ -265,12 +267,7 @@ class _SasAnswered:
     accepted: bool
 
 
-@dataclass(frozen=True)
-class _RekeyDue:
-    pass
-
-
-_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered | _RekeyDue
+_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered
 
 
 class Call:
@@ -306,7 +303,8 @@ class Call:
         try:
             await self._join()
             ended = await self._drive()
-            if ended.error is None:
+            if self._media_started:
+                # Also for a call that failed in the middle (a stalled rekey, lost signalling).
                 await self._finish(ended.reason)
         finally:
             self._record_session()
@@ -403,8 +401,6 @@ class Call:
                 return session.hangup(reason, now)
             case _SasAnswered(accepted):
                 return session.sas_answer(accepted, now)
-            case _RekeyDue():
-                return session.rekey(now)
 
     def _handle_before_peer(self, event: _Event, now: float) -> list[Action]:
         match event:
@@ -425,7 +421,12 @@ class Call:
             action = pending.popleft()
             if isinstance(action, Ended):
                 return action
-            pending.extend(await self._carry_out_one(action))
+            try:
+                pending.extend(await self._carry_out_one(action))
+            except CallError as error:
+                # The session unpins a peer it had not accepted, as for its own failures.
+                assert self.session is not None
+                pending = deque(self.session.abort(error, asyncio.get_running_loop().time()))
         return None
 
     async def _carry_out_one(self, action: Action) -> list[Action]:
@@ -562,15 +563,13 @@ class Call:
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
-            if pc.connectionState == "failed":
-                self.hangup("connection-failed")
+            # "closed": the peer closed its connection (its DTLS close_notify), perhaps after a
+            # bye the hub withheld.
+            if pc.connectionState in ("failed", "closed"):
+                self.hangup(f"connection-{pc.connectionState}")
 
         if self.config.duration is not None:
             self._timers.append(loop.call_later(self.config.duration, self.hangup, "duration"))
-        if self.config.rekey_after is not None:
-            self._timers.append(
-                loop.call_later(self.config.rekey_after, self._events.put_nowait, _RekeyDue())
-            )
 
     # -- the end
 
@@ -614,17 +613,22 @@ class Call:
             self.stats.detections.update(self.session.detections)
 
     async def _close(self) -> None:
+        """Stop everything, each step even if one before it failed."""
         for timer in self._timers:
             timer.cancel()
-        if self._recorder is not None:
-            await self._recorder.stop()
-        if self._pc is not None:
-            await self._pc.close()
+        async with contextlib.AsyncExitStack() as stack:
+            if self._hub is not None:
+                stack.push_async_callback(self._hub.close)
+            stack.push_async_callback(self._cancel_tasks)
+            if self._pc is not None:
+                stack.push_async_callback(self._pc.close)
+            if self._recorder is not None:
+                stack.push_async_callback(self._recorder.stop)
+
+    async def _cancel_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._hub is not None:
-            await self._hub.close()
 
 
 def _keyframe_requester(receiver: RTCRtpReceiver) -> Callable[[], None]:

@@ -82,18 +82,30 @@ def test_without_tamper_relays_are_forwarded_byte_for_byte():
     ]
 
 
-def test_tamper_injects_a_replay_and_an_altered_copy_after_each_sealed_message():
+def in_the_call(hub: HostileHub, first: PeerId, second: PeerId) -> tuple[SealedChannel, ...]:
+    """A sealed pair past the setup: the sender's decision and offer crossed the hub, which
+    spares the setup's sealed messages, untouched."""
+    sender, receiver = sealed_pair()
+    for content in ({"type": "confirmed"}, {"type": "offer", "sdp": "v=0"}):
+        message = sender.seal(content)
+        assert payloads(relay(hub, first, second, message)) == [message]
+        receiver.open(message)
+    return sender, receiver
+
+
+def test_tamper_injects_a_replay_and_an_altered_copy_after_each_sealed_message_of_the_call():
     hub = HostileHub({Capability.TAMPER}, new_peer_id=counter_ids())
     first, second = joined_pair(hub)
-    sender, receiver = sealed_pair()
-    message = sender.seal({"type": "offer", "sdp": "v=0"})
+    sender, receiver = in_the_call(hub, first, second)
+    assert (hub.tampered.replayed, hub.tampered.altered) == (0, 0)
+    message = sender.seal({"type": "note", "text": "in the call"})
 
     genuine, replay, forged = payloads(relay(hub, first, second, message))
     assert genuine == replay == message
     assert forged != message and set(forged) == set(message)
 
     # The recipient's channel takes the genuine one and rejects both copies, unchanged by them.
-    assert receiver.open(genuine).content == {"type": "offer", "sdp": "v=0"}
+    assert receiver.open(genuine).content == {"type": "note", "text": "in the call"}
     with pytest.raises(SealedReplay):
         receiver.open(replay)
     with pytest.raises(DecryptionFailed):
@@ -112,7 +124,7 @@ def test_tamper_drops_the_chosen_types_and_can_inject_only_one_kind_of_copy():
     hub = HostileHub({Capability.TAMPER}, tamper=plan, new_peer_id=counter_ids())
     first, second = joined_pair(hub)
     assert relay(hub, first, second, {"type": "hello", "name": "a"}) == []
-    message = sealed_pair()[0].seal({"type": "bye"})
+    message = in_the_call(hub, first, second)[0].seal({"type": "bye"})
     assert len(payloads(relay(hub, first, second, message))) == 2
     assert (hub.tampered.replayed, hub.tampered.altered, hub.tampered.dropped) == (0, 1, 1)
 
@@ -133,7 +145,7 @@ def test_altered_flips_one_ciphertext_bit_only():
 def test_tamper_forwards_a_sealed_message_it_cannot_alter_with_only_its_replay(ciphertext):
     hub = HostileHub({Capability.TAMPER}, new_peer_id=counter_ids())
     first, second = joined_pair(hub)
-    message = {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ciphertext}
+    message = {"v": 1, "type": "sealed", "epoch": 0, "seq": 2, "ciphertext": ciphertext}
     assert altered(message) is None
     assert payloads(relay(hub, first, second, message)) == [message, message]
     assert (hub.tampered.replayed, hub.tampered.altered, hub.tampered.dropped) == (1, 0, 0)
@@ -280,18 +292,25 @@ async def test_keyswap_is_refused_by_peers_that_pinned_each_other(hostile):
     assert hub.attack("r").mitm is None
 
 
-async def test_dtls_mitm_alters_the_first_sealed_message_each_way_and_nothing_else(hostile):
+async def test_dtls_mitm_alters_the_sealed_sdp_each_way_and_nothing_else(hostile):
     hub, pair = await hostile(Capability.DTLS_MITM)
     alice_channel, bob_channel = sealed_pair()
     await pair.send(True, {"type": "hello", "name": "alice"})
     assert await pair.receive(at_first=False) == {"type": "hello", "name": "alice"}
+    # Each side's decision passes; what comes next, the SDP, is altered.
+    for from_alice, sender, receiver in (
+        (True, alice_channel, bob_channel),
+        (False, bob_channel, alice_channel),
+    ):
+        await pair.send(from_alice, sender.seal({"type": "confirmed"}))
+        receiver.open(await pair.receive(at_first=not from_alice))
     await pair.send(True, alice_channel.seal({"type": "offer", "sdp": "v=0"}))
     with pytest.raises(DecryptionFailed):
         bob_channel.open(await pair.receive(at_first=False))
     await pair.send(False, bob_channel.seal({"type": "answer", "sdp": "v=0"}))
     with pytest.raises(DecryptionFailed):
         alice_channel.open(await pair.receive(at_first=True))
-    # Later sealed messages pass unchanged (alice's channel still misses message 0).
+    # Later sealed messages pass unchanged (alice's channel still misses message 1).
     bye = bob_channel.seal({"type": "bye"})
     await pair.send(False, bye)
     assert await pair.receive(at_first=True) == bye
@@ -300,7 +319,7 @@ async def test_dtls_mitm_alters_the_first_sealed_message_each_way_and_nothing_el
 
 async def test_sealed_messages_the_hub_cannot_alter_pass_and_later_relays_still_flow(hostile):
     hub, pair = await hostile(Capability.DTLS_MITM, Capability.TAMPER)
-    empty = {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}
+    empty = {"v": 1, "type": "sealed", "epoch": 0, "seq": 2, "ciphertext": ""}
     garbled = {**empty, "ciphertext": "!!"}
     for message in (empty, garbled, {"type": "hello", "name": "alice"}):
         await pair.send(True, message)

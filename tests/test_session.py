@@ -159,7 +159,8 @@ def test_a_call_is_set_up_keyed_before_any_description_and_both_see_one_sas():
         protection = side.of(Protected)[0].protection
         assert protection.end_to_end_encrypted and protection.pin == "pinned"
         assert protection.peer_fingerprint is not None
-        assert side.session.next_deadline is None  # no setup timer left in the call
+        # No setup timer left in the call: the next deadline is the first rekey.
+        assert side.session.next_deadline == (60.0 if side is pair.alice else 90.0)
     assert pair.alice.of(Protected)[0].protection.sas == pair.bob.of(Protected)[0].protection.sas
     # Epoch 0: each installs the other's send key as its receive key.
     alice_keys, bob_keys = pair.alice.of(InstallKeys)[0].update, pair.bob.of(InstallKeys)[0].update
@@ -181,7 +182,8 @@ def test_only_sealed_messages_follow_the_key_agreement():
     pair = Pair(tamper=record)
     pair.start()
     assert seen[:4] == ["commit", "accept", "reveal", "confirm"]
-    assert set(seen[4:]) == {"sealed"} and len(seen) == 6  # the offer and the answer
+    # Each side's decision ("confirmed"), the offer and the answer.
+    assert set(seen[4:]) == {"sealed"} and len(seen) == 8
 
 
 @pytest.mark.parametrize("accepted", [True, False])
@@ -195,7 +197,10 @@ def test_verify_prompt_asks_for_the_sas_with_no_timeout_and_holds_the_offer(acce
     assert bob.next_deadline is None
     pair.at(1000.0)
     assert bob.state is SessionState.AWAIT_SAS
-    # Alice, keyed already, sent her offer: bob holds it until he answers.
+    # Alice accepted bob at once and said so; she waits for his decision, with no timeout
+    # either, and makes no offer before it.
+    assert pair.alice.session.state is SessionState.AWAIT_PEER
+    assert pair.alice.of(MakeOffer) == [] and pair.alice.session.next_deadline is None
     pair.take("bob", bob.sas_answer(accepted, pair.now))
     pair.run()
     pins = pair.configs["bob"].known_peers
@@ -208,6 +213,10 @@ def test_verify_prompt_asks_for_the_sas_with_no_timeout_and_holds_the_offer(acce
         assert ended is not None and isinstance(ended.error, VerificationRefused)
         assert pins.get("alice") is None  # a rejected SAS pins nothing
         assert pair.bob.of(InstallKeys) == []
+        # Alice hears of it at once, from bob's sealed "declined".
+        ended = pair.alice.ended
+        assert ended is not None and isinstance(ended.error, VerificationRefused)
+        assert "bob did not confirm the SAS" in str(ended.error)
 
 
 def test_a_verified_peer_is_not_asked_about_again():
@@ -359,7 +368,9 @@ def test_a_rekey_installs_new_keys_on_both_sides_and_retires_the_old_after_the_g
     pair.at(7.0)
     assert pair.alice.of(RetireReceiveKeys) == [RetireReceiveKeys(frozenset({1}))]
     assert pair.bob.of(RetireReceiveKeys) == [RetireReceiveKeys(frozenset({0}))]
-    assert pair.alice.session.next_deadline is None
+    # The next rekey is an interval after this one, bob's turn; alice started this one.
+    assert pair.alice.session.next_deadline == 95.0
+    assert pair.bob.session.next_deadline == 65.0
 
 
 def test_a_second_rekey_while_one_is_under_way_is_not_started():
@@ -373,12 +384,13 @@ def test_replayed_and_forged_messages_in_the_call_are_counted_and_change_nothing
     sent: list[dict[str, Any]] = []
 
     def keep(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        sent.append(payload)
+        if sender == "alice" and payload["type"] == "sealed":
+            sent.append(payload)
         return [payload]
 
     pair = Pair(tamper=keep)
     pair.start()
-    offer = sent[4]
+    offer = sent[1]  # after her decision
     bob = pair.bob.session
     assert bob.receive(offer, pair.now) == []
     forged = {**offer, "seq": 7}
@@ -407,3 +419,86 @@ def test_descriptions_are_only_taken_when_asked_for():
     assert pair.bob.session.answer_ready(ANSWER, pair.now) == []
     fresh = CallSession(session_config("carol"), initiator=False, now=0.0)
     assert fresh.answer_ready(ANSWER, 0.0) == [] and fresh.rekey(0.0) == []
+
+
+def test_rekeys_come_every_interval_the_two_sides_taking_turns():
+    pair = Pair(alice={"rekey_interval": 10.0}, bob={"rekey_interval": 10.0})
+    pair.start()
+    # The initiator starts the first; the responder waits half as long again.
+    assert (pair.alice.session.next_deadline, pair.bob.session.next_deadline) == (10.0, 15.0)
+    pair.at(10.0)
+    assert pair.alice.session.rekeys == pair.bob.session.rekeys == 1
+    pair.at(12.0)  # each retires the other's old key
+    # Now bob's turn: alice, who started the last one, waits longer.
+    assert (pair.alice.session.next_deadline, pair.bob.session.next_deadline) == (25.0, 20.0)
+    pair.at(20.0)
+    assert pair.alice.session.rekeys == pair.bob.session.rekeys == 2
+    assert (pair.alice.session.next_deadline, pair.bob.session.next_deadline) == (22.0, 22.0)
+    pair.at(22.0)
+    assert (pair.alice.session.next_deadline, pair.bob.session.next_deadline) == (30.0, 35.0)
+    for side, role in ((pair.alice, 0), (pair.bob, 1)):
+        sends = [a.update.switch_send.kid for a in side.of(InstallKeys) if a.update.switch_send]
+        assert sends == [role, 2 + role, 4 + role]
+
+
+@pytest.mark.parametrize("withheld", ["rekey", "ack"])
+def test_a_rekey_the_hub_withholds_ends_the_call_at_its_deadline(withheld):
+    holding = {"on": False}
+    held: list[dict[str, Any]] = []
+
+    def withhold(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        from_requester = sender == "alice"
+        if holding["on"] and from_requester == (withheld == "rekey"):
+            held.append(payload)
+            return []
+        return [payload]
+
+    pair = Pair(tamper=withhold)
+    pair.start()
+    holding["on"] = True
+    pair.at(5.0)
+    pair.take("alice", pair.alice.session.rekey(pair.now))
+    pair.run()
+    assert len(held) == 1 and pair.alice.session.next_deadline == 15.0
+    pair.at(15.0)
+    for side in (pair.alice, pair.bob) if withheld == "ack" else (pair.alice,):
+        ended = side.ended
+        assert ended is not None and ended.reason == "rekey-stalled"
+        assert isinstance(ended.error, CallFailed) and "did not complete within 10 s" in str(
+            ended.error
+        )
+
+
+def test_a_sealed_message_the_hub_drops_in_the_call_ends_it_at_the_next_one():
+    dropping = {"next": False}
+
+    def drop_one(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        if dropping["next"]:
+            dropping["next"] = False
+            return []
+        return [payload]
+
+    pair = Pair(tamper=drop_one)
+    pair.start()
+    dropping["next"] = True
+    pair.take("alice", pair.alice.session.rekey(pair.now))  # dropped
+    pair.take("alice", pair.alice.session.hangup("duration", pair.now))
+    pair.run()
+    ended = pair.bob.ended
+    assert ended is not None and ended.reason == "signalling-lost"
+    assert pair.bob.session.detections == {"signalling-lost": 1}
+
+
+@pytest.mark.parametrize("content", [{"type": "offer", "sdp": "v=0"}, {"type": "bye"}, [1]])
+def test_anything_but_a_decision_after_the_key_agreement_fails_the_call(content):
+    pair = Pair(bob={"verify": Verify.PROMPT})
+    pair.start()
+    # Alice's channel seals what the hub could not: an authentic message out of turn.
+    assert pair.alice.session._channel is not None
+    forged = pair.alice.session._channel.seal(
+        {"content": content} if isinstance(content, list) else content
+    )
+    actions = pair.bob.session.receive(forged, pair.now)
+    ended = actions[-1]
+    assert isinstance(ended, Ended) and isinstance(ended.error, CallFailed)
+    assert "expected the peer's decision" in str(ended.error)

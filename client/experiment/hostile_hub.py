@@ -10,8 +10,8 @@ what a hub operator could do to listen in:
   the media path, every media packet it relays (`MediaMitm.packets` and `.frames`).
 - ``dtls-mitm``: rewrites the SDP it relays so that each peer runs DTLS-SRTP with the hub
   (`client.experiment.media_mitm.MediaMitm`). When the SDP is sealed it cannot read it; it then
-  does the one thing left, alter the first sealed message each way (the offer and the answer),
-  which the peers detect.
+  does the one thing left, alter the sealed message that carries it each way (the offer and the
+  answer), which the peers detect.
 - ``keyswap``: runs the key agreement with each peer itself, with its own identity keys under the
   peers' real names (`Initiator` toward the responder under the name in the initiator's commit,
   then `Responder` toward the initiator under the name in the responder's accept). It then
@@ -19,8 +19,9 @@ what a hub operator could do to listen in:
   the SDP as in ``dtls-mitm``, and its `MediaMitm` opens each frame with one leg's key, records
   the plaintext and seals it again for the other leg (`SFrameRelay`). Only the peers comparing
   their SAS, or pinned identities, expose it.
-- ``tamper``: drops relayed messages of chosen types, and after every sealed message it forwards
-  injects a replayed copy and an altered copy. In the media path (with ``dtls-mitm`` or
+- ``tamper``: drops relayed messages of chosen types, and after every sealed message of the call
+  it forwards (the setup's are spared: see `_in_setup`) injects a replayed copy and an altered
+  copy. In the media path (with ``dtls-mitm`` or
   ``keyswap``) it also replays, alters and drops some of the frames it relays (`MediaTamper`
   around the relay's own transform; what it did is `RoomAttack.media_tamper.counts`).
 
@@ -64,6 +65,8 @@ from signaling.server import HubServer, MetadataRecorder
 
 logger = logging.getLogger("blindhub.hostile")
 
+# Each side's sealed messages start with its decision ("confirmed"), then its offer or answer.
+SDP_SEQUENCE = 1
 HANDSHAKE_TYPES = frozenset({"commit", "accept", "reveal", "confirm"})
 SDP_TYPES = frozenset({"offer", "answer"})
 
@@ -218,6 +221,14 @@ def _offered(commit: dict[str, Any]) -> list[CipherSuite]:
 
 def _sealed(message: Any) -> bool:
     return _type(message) == "sealed" and isinstance(message.get("ciphertext"), str)
+
+
+def _in_setup(message: dict[str, Any]) -> bool:
+    """One of a side's setup messages: its decision about the peer, then its offer or answer.
+    A copy of one injected there would end the setup (any sealed setup message that does not
+    open does), which the dtls-mitm cells show; the tamper is about the call after it."""
+    sequence = message.get("seq")
+    return message.get("epoch") == 0 and type(sequence) is int and sequence <= SDP_SEQUENCE
 
 
 class HostileHub:
@@ -384,10 +395,10 @@ class HostileHub:
             rewritten = await self._rewrite_sdp(attack, sender, message)
             return [to(recipient, payload if rewritten is message else _encode(rewritten))]
         if not attack.legs:
-            # The first sealed message each way is the SDP, which the hub cannot read: all it
-            # can do is send something else in its place.
-            first = message.get("epoch") == 0 and message.get("seq") == 0
-            forged = altered(message) if first else None
+            # The SDP, which the hub cannot read, is each side's second sealed message (after
+            # its decision): all the hub can do is send something else in its place.
+            sdp = message.get("epoch") == 0 and message.get("seq") == SDP_SEQUENCE
+            forged = altered(message) if sdp else None
             if forged is None:
                 return [to(recipient, payload)]
             attack.events.append("sealed-sdp-altered")
@@ -501,7 +512,7 @@ class HostileHub:
                 self.tampered.dropped += 1
                 continue
             result.append(delivery)
-            if not _sealed(message):
+            if not _sealed(message) or _in_setup(message):
                 continue
             copies = []
             if plan.replay:
