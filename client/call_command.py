@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -30,10 +31,13 @@ from client.identity_store import (
     save_known_peers,
 )
 from client.media import MediaSourceError, check_recording_path, open_sources
-from client.session import CallError, ProtectionState, Verify
+from client.session import DEFAULT_REKEY_INTERVAL, CallError, ProtectionState, Verify
 from crypto.errors import CryptoError
 from crypto.identity import MAX_PEER_NAME_LENGTH
 from crypto.messages import name_field
+
+MIN_REKEY_INTERVAL = 1.0
+MAX_REKEY_INTERVAL = 24 * 3600.0
 
 
 def peer_name(value: str) -> str:
@@ -44,6 +48,19 @@ def peer_name(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"must be 1 to {MAX_PEER_NAME_LENGTH} printable characters"
         ) from None
+
+
+def rekey_interval(value: str) -> float:
+    # Rekeys cannot be switched off from the command line: they are what heals a stolen key.
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not MIN_REKEY_INTERVAL <= seconds <= MAX_REKEY_INTERVAL:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"must be {MIN_REKEY_INTERVAL:g} to {MAX_REKEY_INTERVAL:g} seconds"
+        )
+    return seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +87,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--home", help="where your identity and pins live ($BLINDHUB_HOME)")
     parser.add_argument("--stats-json", help="write the end-of-call statistics to this file")
+    parser.add_argument(
+        "--rekey-interval",
+        type=rekey_interval,
+        default=DEFAULT_REKEY_INTERVAL,
+        metavar="SECONDS",
+        help=(
+            "a new epoch of keys this often: forward secrecy and healing after a key is "
+            f"stolen (default {DEFAULT_REKEY_INTERVAL:g}; at least {MIN_REKEY_INTERVAL:g})"
+        ),
+    )
 
 
 async def read_line(prompt: str) -> str:
@@ -125,6 +152,7 @@ def print_stats(stats: CallStats) -> None:
             f"  {kind}: sent {s.sent}, received {s.received}, decrypted {s.decrypted}, "
             f"failed {s.failed}, SFrame bytes added {s.sframe_bytes_added}"
         )
+    print(f"  rekeys completed: {stats.rekeys}")
     if stats.round_trip_seconds is not None:
         print(f"  round-trip time {stats.round_trip_seconds * 1000:.1f} ms")
     if stats.hub_lost:
@@ -162,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             confirm_sas=ask_to_confirm,
             record_path=args.record,
             duration=args.duration,
+            rekey_interval=args.rekey_interval,
             on_protection=None if verify is Verify.PROMPT else show_protection,
         )
     )

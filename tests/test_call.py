@@ -366,8 +366,11 @@ async def test_the_call_command_completes_and_writes_stats(hub, tmp_path):
         )  # fmt: skip
 
     alice = asyncio.create_task(
-        command("alice", "tone:440,pattern", "--stats-json", str(tmp_path / "a.json"))
-    )
+        command(
+            "alice", "tone:440,pattern", "--stats-json", str(tmp_path / "a.json"),
+            "--rekey-interval", "1",
+        )
+    )  # fmt: skip
     await in_the_room(hub)  # alice joins first
     bob = await command("bob", "tone:660", "--record", str(tmp_path / "bob.wav"))
     code, out, err = await alice
@@ -376,6 +379,8 @@ async def test_the_call_command_completes_and_writes_stats(hub, tmp_path):
     stats = json.loads((tmp_path / "a.json").read_text())
     assert stats["audio"]["decrypted"] > 0 and stats["audio"]["failed"] == 0
     assert stats["protection"]["layers"] == "verified"
+    # Alice, the initiator, started a rekey every second (bob's default interval is longer).
+    assert stats["rekeys"] >= 1 and "rekeys completed:" in out
     # Bob recorded alice's tone, and both pinned each other.
     samples = array("h")
     with av.open(str(tmp_path / "bob.wav")) as recording:
@@ -395,6 +400,15 @@ async def test_the_call_command_has_no_option_to_weaken_a_call(tmp_path, unused_
         "--home", str(tmp_path), "--experiment-only-layers", "plain",
     )  # fmt: skip
     assert code == 2 and "unrecognized arguments: --experiment-only-layers plain" in err
+
+
+@pytest.mark.parametrize("interval", ["0", "-5", "nan", "soon"])
+async def test_rekeys_cannot_be_switched_off_from_the_command_line(tmp_path, interval):
+    code, _, err = await blindhub(
+        "call", "room1", "--hub", "ws://127.0.0.1:9", "--name", "alice", "--home", str(tmp_path),
+        "--rekey-interval", interval,
+    )  # fmt: skip
+    assert code == 2 and "argument --rekey-interval: must be 1 to 86400 seconds" in err
 
 
 async def test_a_name_that_cannot_be_signed_is_a_usage_error(tmp_path):
