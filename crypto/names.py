@@ -9,8 +9,8 @@ strings a person cannot tell apart must never be two different peers:
   refused (crypto/messages.py ``name_field``), so every name compared or pinned is normal.
 - ``skeleton``: the confusable skeleton of Unicode UTS #39 (section 4), as ICU computes it from
   the Unicode Consortium's confusables data: ``bob`` spelt with a Cyrillic o (U+043E), or
-  ``"paypaI"``, has the skeleton of ``"bob"`` or ``"paypal"``. Two different names with one skeleton look alike,
-  and ``KnownPeers`` refuses the second as it refuses a changed key.
+  ``"paypaI"``, has the skeleton of ``"bob"`` or ``"paypal"``. Two different names with one
+  skeleton look alike, and ``KnownPeers`` refuses the second as it refuses a changed key.
 
 The data and the skeleton come from ICU (the ``pyicu-wheels`` package bundles it), the
 reference implementation of UTS #39, rather than from a table kept by hand here.

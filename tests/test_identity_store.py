@@ -15,10 +15,10 @@ from client.identity_store import (
     PassphraseRefused,
     UnsafePermissions,
     home_directory,
+    known_peers_lock,
     load_identity,
     load_known_peers,
     load_or_create_identity,
-    known_peers_lock,
     open_identity,
     save_known_peers,
 )
