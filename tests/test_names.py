@@ -8,7 +8,9 @@ from crypto.identity import (
     ConfusableName,
     CorruptKeyFile,
     IdentityKey,
+    IdentityPublicKey,
     KnownPeers,
+    Pin,
     PinnedIdentityMismatch,
 )
 from crypto.messages import name_field
@@ -69,7 +71,7 @@ def test_look_alikes_share_a_skeleton_and_different_names_do_not():
     assert skeleton("bob") != skeleton("rob")
 
 
-def key():
+def key() -> IdentityPublicKey:
     return IdentityKey.generate(os.urandom).public_key
 
 
@@ -122,5 +124,5 @@ def test_changes_replay_onto_pins_changed_meanwhile():
     now.check("erin", key())
     assert now.apply(changes) == []
     assert {pin.name: pin.verified for pin in now} == {"carol": False, "dave": False, "erin": False}
-    assert now.get("carol").public_key == other_carol  # a verification is for one key only
+    assert now.get("carol") == Pin("carol", other_carol)  # a verification is for one key only
     assert not mine.changes_since(mine.copy())

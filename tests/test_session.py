@@ -503,7 +503,7 @@ def test_a_peer_signing_another_name_than_peer_is_refused_before_any_key():
     pair.start()
     ended = pair.bob.ended
     assert ended is not None and isinstance(ended.error, WrongPeer)
-    assert ended.error.exit_code == ExitCode.WRONG_PEER == 11
+    assert ended.error.exit_code == ExitCode.WRONG_PEER and int(ExitCode.WRONG_PEER) == 11
     assert "not 'carol' as asked with --peer" in str(ended.error)
     assert pair.bob.of(InstallKeys) == [] and pair.bob.of(Protected) == []
     assert len(pair.configs["bob"].known_peers) == 0
