@@ -219,6 +219,7 @@ class CallConfig:
     known_peers: KnownPeers
     tracks: Sequence[MediaStreamTrack] = ()
     verify: Verify = Verify.PROMPT
+    peer: str | None = None  # the only name to accept (``--peer``), normalised
     # Asked with no time limit: only hangup() ends the wait (setup_timeout is for the network).
     confirm_sas: ConfirmSas | None = None
     record_path: str | None = None
@@ -236,6 +237,7 @@ class CallConfig:
             identity=self.identity,
             known_peers=self.known_peers,
             verify=self.verify,
+            peer=self.peer,
             setup_timeout=self.setup_timeout,
             grace_seconds=self.grace_seconds,
             rekey_interval=self.rekey_interval,

@@ -4,7 +4,7 @@ Exit codes (docs/client.md): 0 the call completed; 2 usage error; 3 hub unreacha
 refused the join; 4 verification refused (SAS declined, or an unknown peer with
 ``--verify pinned``); 5 identity mismatch (a pinned name presented another key); 6 the call
 failed (setup, key agreement or connection); 7 a local problem (bad ``--send``/``--record``,
-unreadable identity files).
+unreadable identity files); 11 the wrong peer (not the ``--peer`` NAME, or ourselves).
 
 There is no option to weaken a call: every call from this command is the product assembly
 (``client.call.CallParts()``), end-to-end encrypted with verified identities. Only the
@@ -33,21 +33,32 @@ from client.identity_store import (
 from client.media import MediaSourceError, check_recording_path, open_sources
 from client.session import DEFAULT_REKEY_INTERVAL, CallError, ProtectionState, Verify
 from crypto.errors import CryptoError
-from crypto.identity import MAX_PEER_NAME_LENGTH
-from crypto.messages import name_field
+from crypto.identity import KnownPeers
+from crypto.names import InvalidName, normalize_name
+
+
+def own_name(value: str) -> str:
+    """``--name``: signed exactly as typed, so it must already be normal (crypto/names.py);
+    checked here, as a usage error, rather than by the peer during the key agreement."""
+    normal = peer_name(value)
+    if normal != value:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not in the normal form names are signed in (Unicode NFKC, single "
+            f"spaces, none at either end): use {normal!r}"
+        )
+    return value
+
 
 MIN_REKEY_INTERVAL = 1.0
 MAX_REKEY_INTERVAL = 24 * 3600.0
 
 
 def peer_name(value: str) -> str:
-    # Checked here, as a usage error, rather than by the peer during the key agreement.
+    """``--peer``: compared with the name the peer signs, which is normal, so normalised."""
     try:
-        return name_field(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be 1 to {MAX_PEER_NAME_LENGTH} printable characters"
-        ) from None
+        return normalize_name(value)
+    except InvalidName as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def rekey_interval(value: str) -> float:
@@ -69,8 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--name",
         required=True,
-        type=peer_name,
+        type=own_name,
         help="your name, signed in the key agreement, shown to and pinned by the peer",
+    )
+    parser.add_argument(
+        "--peer",
+        type=peer_name,
+        help="whom you are calling: any peer that does not sign this name, or whose key "
+        "differs from the one pinned for it, is refused before any media key exists (exit 11)",
     )
     parser.add_argument(
         "--send",
@@ -144,6 +161,23 @@ def show_protection(state: ProtectionState) -> None:
     print(state.describe(), flush=True)
 
 
+def save_pins(home: Path, known_peers: KnownPeers, loaded: KnownPeers) -> None:
+    """This call's pin changes onto the pin file as it is now (other calls and ``contacts``
+    may have changed it meanwhile); what could not be kept is said, not hidden."""
+    try:
+        dropped = save_known_peers(home, known_peers, loaded=loaded)
+    except (CryptoError, OSError) as error:
+        print(f"blindhub call: this call's pins were not saved: {error}", file=sys.stderr)
+        return
+    for pin in dropped:
+        print(
+            f"blindhub call: {pin.name!r} was pinned to another key by another command during "
+            f"this call; that pin stands and this call's ({pin.public_key.fingerprint()}) was "
+            "not kept",
+            file=sys.stderr,
+        )
+
+
 def print_stats(stats: CallStats) -> None:
     print(f"call ended ({stats.ended_by}) after {stats.duration_seconds:.1f} s")
     for kind in ("audio", "video"):
@@ -171,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         identity = open_identity(home)
         known_peers = load_known_peers(home)
+        loaded = known_peers.copy()
         tracks = open_sources(args.send)
         if args.record:
             check_recording_path(args.record)
@@ -187,11 +222,14 @@ def run(args: argparse.Namespace) -> int:
             known_peers=known_peers,
             tracks=tracks,
             verify=verify,
+            peer=args.peer,
             confirm_sas=ask_to_confirm,
             record_path=args.record,
             duration=args.duration,
             rekey_interval=args.rekey_interval,
-            on_protection=None if verify is Verify.PROMPT else show_protection,
+            # Shown in every mode, once the peer is accepted and before media: in prompt mode
+            # too, so a verified contact other than the one meant does not go unnoticed.
+            on_protection=show_protection,
         )
     )
     try:
@@ -200,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"blindhub call: {error}", file=sys.stderr)
         return error.exit_code
     finally:
-        save_known_peers(home, known_peers)
+        save_pins(home, known_peers, loaded)
     print_stats(stats)
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")

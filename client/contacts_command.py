@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
                 raise UnknownPeer(f"no pinned identity for peer {args.contact!r}")
             show(found, safety_number(open_identity(home).public_key, found.public_key))
             return ExitCode.OK
+        loaded = peers.copy()
         pin = (peers.mark_verified if args.action == "verify" else peers.remove)(args.contact)
-        save_known_peers(home, peers)
+        save_known_peers(home, peers, loaded=loaded)
     except UnknownPeer as error:
         print(f"blindhub contacts: {error}", file=sys.stderr)
         return ExitCode.UNKNOWN_CONTACT

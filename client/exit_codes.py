@@ -16,3 +16,4 @@ class ExitCode(enum.IntEnum):
     UNKNOWN_CONTACT = 8  # contacts: no pin for that name
     EXPERIMENT_INVALID = 9  # demo: the control was not intercepted, so the run proves nothing
     EXPERIMENT_UNEXPECTED = 10  # demo: a protected cell did not come out as claimed
+    WRONG_PEER = 11  # call: the peer signed another name than --peer NAME, or our own key

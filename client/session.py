@@ -32,6 +32,7 @@ its real identity, checks the pin and seals every message.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -106,12 +107,32 @@ class CallFailed(CallError):
     exit_code = ExitCode.CALL_FAILED
 
 
+class WrongPeer(CallError):
+    """The peer signed another name than the one the user meant to call (``--peer``)."""
+
+    exit_code = ExitCode.WRONG_PEER
+
+
+class CallWithSelf(WrongPeer):
+    """The peer signed with our own identity key: the hub spliced two of our own calls."""
+
+
 # -- what the user is shown
 
 
 class PinStatus(enum.Enum):
-    PINNED = "pinned"  # pinned (earlier or in this call), never verified
-    VERIFIED = "verified"  # the SAS or safety number was compared
+    """The one word every call shows next to the peer's signed name and fingerprint."""
+
+    NEW = "NEW"  # pinned during this call: nothing vouches for the key but this call's SAS
+    PINNED = "PINNED"  # pinned in an earlier call, never verified
+    VERIFIED = "VERIFIED"  # the SAS or safety number was compared, in this call or earlier
+
+
+STATUS_MEANING = {
+    PinStatus.NEW.value: "first seen in this call; compare the SAS",
+    PinStatus.PINNED.value: "the key pinned earlier, never verified",
+    PinStatus.VERIFIED.value: "the key verified by comparing the SAS or safety number",
+}
 
 
 @dataclass(frozen=True)
@@ -139,7 +160,8 @@ class ProtectionState:
             if self.sas is not None:
                 lines.append(f"  SAS (nobody compares it at this layer): {self.sas}")
         else:
-            lines.append(f"  fingerprint {self.peer_fingerprint} ({self.pin})")
+            meaning = STATUS_MEANING.get(self.pin or "", "")
+            lines.append(f"  {self.pin} {self.peer_name} {self.peer_fingerprint} ({meaning})")
             lines.append(f"  SAS to read aloud: {self.sas}")
         return "\n".join(lines)
 
@@ -258,6 +280,8 @@ class SessionConfig:
     identity: IdentityKey = field(repr=False)
     known_peers: KnownPeers = field(repr=False)
     verify: Verify = Verify.PROMPT
+    # The name the user means to call (``--peer``), normalised: any other is refused.
+    peer: str | None = None
     setup_timeout: float = DEFAULT_SETUP_TIMEOUT
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     suites: Sequence[CipherSuite] = SUITES
@@ -344,6 +368,7 @@ class CallSession:
             return [declined, *self._fail(VerificationRefused("the SAS was not confirmed"))]
         self.config.known_peers.mark_verified(self.protection.peer_name)
         self._new_pin = None
+        self.protection = dataclasses.replace(self.protection, pin=PinStatus.VERIFIED.value)
         return self._accept(now)
 
     def offer_ready(self, sdp: str, now: float) -> list[Action]:
@@ -440,6 +465,9 @@ class CallSession:
             if self._handshake is None:
                 self._handshake = self._respond_to(payload["call_id"])
             replies = self._handshake.receive(payload)
+        except CallError as error:  # _check_peer: not the peer the user meant
+            self.detections["identity-refused"] += 1
+            return self._fail(error)
         except PinnedIdentityMismatch as error:
             self.detections["identity-refused"] += 1
             return self._fail(IdentityMismatch(str(error)))
@@ -628,20 +656,30 @@ class CallSession:
     # -- pins and the SAS
 
     def _check_peer(self, name: str, key: IdentityPublicKey) -> None:
-        """The handshake's pin check: ``name`` and ``key`` were just signed by the peer."""
+        """The handshake's pin check: ``name`` and ``key`` were just signed by the peer, and
+        no key exists yet, so whatever this refuses never carries a media frame."""
+        if key == self.config.identity.public_key:
+            raise CallWithSelf(
+                f"the peer {name!r} signed with our own identity key {key.fingerprint()}: "
+                "the hub connected this call to another of our own"
+            )
+        if self.config.peer is not None and name != self.config.peer:
+            raise WrongPeer(
+                f"the peer is {name!r} ({key.fingerprint()}), not {self.config.peer!r} "
+                "as asked with --peer"
+            )
         known_peers = self.config.known_peers
-        pin = known_peers.get(name)
-        if self.config.verify is Verify.PINNED:
-            if pin is None:
-                raise UnknownPeer(f"{name} is not pinned and --verify pinned is set")
-            if pin.public_key != key:
-                raise PinnedIdentityMismatch(name, pin.public_key, key)
-            return
-        known_peers.check(name, key)
-        if pin is None:
+        pinned_before = known_peers.get(name) is not None
+        try:
+            known_peers.check(name, key, pin_new=self.config.verify is not Verify.PINNED)
+        except UnknownPeer:
+            raise UnknownPeer(f"{name} is not pinned and --verify pinned is set") from None
+        if not pinned_before:
             self._new_pin = name
 
     def _pin_status(self, name: str) -> PinStatus:
+        if name == self._new_pin:
+            return PinStatus.NEW
         pin = self.config.known_peers.get(name)
         assert pin is not None  # _check_peer pinned or found it
         return PinStatus.VERIFIED if pin.verified else PinStatus.PINNED

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Self
 from crypto import strict_json
 from crypto.errors import RemoteError
 from crypto.identity import MAX_PEER_NAME_LENGTH, IdentityPublicKey, b64decode, b64encode
+from crypto.names import check_normalized
 from crypto.sframe import CipherSuite
 
 PROTOCOL_VERSION = 1
@@ -162,12 +163,14 @@ def call_id_field(value: Any) -> str:
 
 
 def name_field(value: Any) -> str:
-    """A peer's name: what it is pinned under, so 1 to 256 printable characters."""
+    """A peer's name: what it is pinned under, so 1 to 256 printable characters, normalised
+    (crypto/names.py): a look-alike spelling is refused, never pinned as another peer."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_NAME_LENGTH:
         raise ValueError(f"is 1 to {MAX_PEER_NAME_LENGTH} characters")
     if not value.isprintable():
         # No control characters, line breaks or lone surrogates: the name is shown to users.
         raise ValueError("is printable")
+    check_normalized(value)
     return value
 
 

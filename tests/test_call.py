@@ -19,6 +19,7 @@ from client.experiment.analysis import dominant_frequency, tone_correlation
 from client.experiment.layers import Layers
 from client.frame_transform import FrameTransform, install_packet_observer
 from client.hub_connection import HubConnection, Relayed
+from client.identity_store import load_known_peers, open_identity, save_known_peers
 from client.media import PatternTrack, ToneTrack, read_pattern_number
 from client.session import SUITES, CallFailed, IdentityMismatch, VerificationRefused, Verify
 from crypto.handshake import Initiator
@@ -84,7 +85,7 @@ async def test_a_full_call_both_ways(hub):
         assert len(numbers) >= 10 and numbers == sorted(numbers)
         stats = call.stats
         assert stats.protection is not None and stats.protection.end_to_end_encrypted
-        assert stats.protection.pin == "pinned" and stats.protection.sas
+        assert stats.protection.pin == "NEW" and stats.protection.sas
         for kind in (stats.audio, stats.video):
             assert kind.sent > 0 and kind.decrypted > 0 and kind.failed == 0
             assert kind.sframe_bytes_added > 0
@@ -266,7 +267,7 @@ async def test_verify_pinned_accepts_the_pinned_peer(hub):
         config(hub, "bob", 660, verify=Verify.PINNED, known_peers=pinned, duration=1.5),
     )
     assert not any(isinstance(result, BaseException) for result in results), results
-    assert bob.stats.protection is not None and bob.stats.protection.pin == "pinned"
+    assert bob.stats.protection is not None and bob.stats.protection.pin == "PINNED"
 
 
 async def test_rekeys_every_interval_lose_no_frame(hub):
@@ -335,7 +336,7 @@ async def test_experiment_only_layers(hub, layers, encrypted):
         assert protection is not None and protection.end_to_end_encrypted is encrypted
         # The SAS is shown from SEALED on (real identities), though only VERIFIED compares it.
         assert (protection.sas is not None) is layers.seals_signalling
-        assert "verified" not in (protection.pin or "")
+        assert protection.pin != "VERIFIED"
         assert abs(dominant_frequency(call.received.samples, 48000) - heard) < 5
         assert (call.stats.audio.sframe_bytes_added > 0) is encrypted
     assert alice.stats.protection.sas == bob.stats.protection.sas  # an honest hub
@@ -375,7 +376,7 @@ async def test_the_call_command_completes_and_writes_stats(hub, tmp_path):
     bob = await command("bob", "tone:660", "--record", str(tmp_path / "bob.wav"))
     code, out, err = await alice
     assert (code, bob[0]) == (0, 0), (err, bob[2])
-    assert "end-to-end encrypted" in out and "SAS to read aloud" in out
+    assert "end-to-end encrypted" in out and "SAS to read aloud" in out and "NEW bob SHA256:" in out
     stats = json.loads((tmp_path / "a.json").read_text())
     assert stats["audio"]["decrypted"] > 0 and stats["audio"]["failed"] == 0
     assert stats["protection"]["layers"] == "verified"
@@ -415,7 +416,54 @@ async def test_a_name_that_cannot_be_signed_is_a_usage_error(tmp_path):
     code, _, err = await blindhub(
         "call", "room1", "--hub", "ws://127.0.0.1:9", "--name", "al\nice", "--home", str(tmp_path)
     )  # fmt: skip
-    assert code == 2 and "argument --name: must be 1 to 256 printable characters" in err
+    assert code == 2 and "argument --name: a name has no control or invisible characters" in err
+    # Signed exactly as typed, so a name not in normal form is refused, with the form to use.
+    code, _, err = await blindhub(
+        "call", "room1", "--hub", "ws://127.0.0.1:9", "--name", "bob ", "--home", str(tmp_path)
+    )  # fmt: skip
+    assert code == 2 and "use 'bob'" in err
+
+
+async def test_the_call_command_shows_whom_and_the_status_in_every_mode(hub, tmp_path):
+    # Bob verified alice earlier: in prompt mode he is not asked, and still sees whom he talks to.
+    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
+    alice = open_identity(alice_home, environ={})
+    pins = KnownPeers()
+    pins.check("alice", alice.public_key)
+    pins.mark_verified("alice")
+    save_known_peers(bob_home, pins, loaded=KnownPeers())
+
+    def command(name: str, *extra: str):
+        return blindhub(
+            "call", "room1", "--hub", hub.url, "--name", name, "--duration", "1",
+            "--home", str(tmp_path / name), *extra,
+        )  # fmt: skip
+
+    alice_call = asyncio.create_task(command("alice", "--verify", "tofu"))
+    await in_the_room(hub)
+    bob_code, bob_out, bob_err = await command("bob", "--verify", "prompt", "--peer", " alice")
+    code, out, err = await alice_call
+    assert (code, bob_code) == (0, 0), (err, bob_err)
+    assert f"VERIFIED alice {alice.public_key.fingerprint()}" in bob_out
+    assert "Does the peer read the same SAS" not in bob_out
+    bob_key = open_identity(bob_home, environ={}).public_key
+    assert f"NEW bob {bob_key.fingerprint()}" in out
+
+
+async def test_the_call_command_refuses_another_peer_than_asked_exit_11(hub, tmp_path):
+    alice_command = blindhub(
+        "call", "room1", "--hub", hub.url, "--name", "alice", "--verify", "tofu",
+        "--peer", "carol", "--duration", "1", "--home", str(tmp_path / "alice"),
+    )  # fmt: skip
+    alice = asyncio.create_task(alice_command)
+    await in_the_room(hub)  # alice initiates, and checks bob's signed name on his confirm
+    bob = Call(config(hub, "bob", 660, setup_timeout=20))
+    with pytest.raises(CallFailed, match="left during setup"):
+        await bob.run()
+    code, out, err = await alice
+    assert code == 11 and "not 'carol' as asked with --peer" in err, err
+    assert "end-to-end encrypted" not in out
+    assert load_known_peers(tmp_path / "alice").get("bob") is None
 
 
 async def test_a_protected_identity_is_unlocked_before_the_call(tmp_path, unused_tcp_port):

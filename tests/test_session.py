@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from client.exit_codes import ExitCode
 from client.session import (
     Action,
     AnswerOffer,
@@ -20,6 +21,7 @@ from client.session import (
     AskSas,
     CallFailed,
     CallSession,
+    CallWithSelf,
     Ended,
     IdentityMismatch,
     InstallKeys,
@@ -32,6 +34,7 @@ from client.session import (
     SessionState,
     VerificationRefused,
     Verify,
+    WrongPeer,
 )
 from crypto.identity import IdentityKey, KnownPeers
 
@@ -70,8 +73,8 @@ class Pair:
         self.now = 0.0
         self.tamper = tamper or (lambda sender, payload: [payload])
         self.configs = {
-            "alice": session_config("alice", **(alice or {})),
-            "bob": session_config("bob", **(bob or {})),
+            "alice": session_config(**({"name": "alice"} | (alice or {}))),
+            "bob": session_config(**({"name": "bob"} | (bob or {}))),
         }
         self.sides = {
             "alice": Side(CallSession(self.configs["alice"], initiator=True, now=self.now)),
@@ -157,7 +160,7 @@ def test_a_call_is_set_up_keyed_before_any_description_and_both_see_one_sas():
             assert kinds == [Protected, InstallKeys, AnswerOffer, MediaStarted]
         assert side.of(ApplyAnswer) == ([ApplyAnswer(ANSWER)] if side is pair.alice else [])
         protection = side.of(Protected)[0].protection
-        assert protection.end_to_end_encrypted and protection.pin == "pinned"
+        assert protection.end_to_end_encrypted and protection.pin == "NEW"
         assert protection.peer_fingerprint is not None
         # No setup timer left in the call: the next deadline is the first rekey.
         assert side.session.next_deadline == (60.0 if side is pair.alice else 90.0)
@@ -229,7 +232,7 @@ def test_a_verified_peer_is_not_asked_about_again():
     )
     pair.start()
     assert pair.bob.of(AskSas) == [] and pair.bob.session.state is SessionState.IN_CALL
-    assert pair.bob.of(Protected)[0].protection.pin == "verified"
+    assert pair.bob.of(Protected)[0].protection.pin == "VERIFIED"
 
 
 def test_verify_pinned_refuses_an_unknown_peer_before_any_key():
@@ -502,3 +505,127 @@ def test_anything_but_a_decision_after_the_key_agreement_fails_the_call(content)
     ended = actions[-1]
     assert isinstance(ended, Ended) and isinstance(ended.error, CallFailed)
     assert "expected the peer's decision" in str(ended.error)
+
+
+# -- whom you are talking to: names, status, --peer, yourself
+
+
+def pinned(name: str, identity: IdentityKey, *, verified: bool = False) -> KnownPeers:
+    pins = KnownPeers()
+    pins.check(name, identity.public_key)
+    if verified:
+        pins.mark_verified(name)
+    return pins
+
+
+@pytest.mark.parametrize(
+    ("before", "verify", "status"),
+    [
+        (None, Verify.TOFU, "NEW"),
+        ("pinned", Verify.TOFU, "PINNED"),
+        ("verified", Verify.TOFU, "VERIFIED"),
+        (None, Verify.PROMPT, "VERIFIED"),  # the SAS compared in this call
+        ("pinned", Verify.PROMPT, "VERIFIED"),
+        ("verified", Verify.PROMPT, "VERIFIED"),  # not asked, and still shown
+        ("pinned", Verify.PINNED, "PINNED"),
+    ],
+)
+def test_every_call_shows_the_signed_name_fingerprint_and_one_status_word(before, verify, status):
+    alice = IdentityKey.generate(os.urandom)
+    pins = KnownPeers() if before is None else pinned("alice", alice, verified=before == "verified")
+    pair = Pair(alice={"identity": alice}, bob={"verify": verify, "known_peers": pins})
+    pair.sas_answers["bob"] = True
+    pair.start()
+    assert pair.bob.session.state is SessionState.IN_CALL
+    [protected] = pair.bob.of(Protected)
+    assert protected.protection.pin == status
+    # Shown before anything is keyed or negotiated, whatever the mode.
+    assert pair.bob.actions.index(protected) < pair.bob.actions.index(pair.bob.of(InstallKeys)[0])
+    shown = protected.protection.describe()
+    assert f"{status} alice {alice.public_key.fingerprint()}" in shown
+
+
+def test_a_look_alike_of_a_pinned_name_is_refused_as_a_changed_key_with_both_fingerprints():
+    # The hub answers with its own key, under "bob" spelt with a Cyrillic o.
+    real_bob, hub = IdentityKey.generate(os.urandom), IdentityKey.generate(os.urandom)
+    pins = pinned("bob", real_bob)
+    pair = Pair(alice={"name": "b\u043eb", "identity": hub}, bob={"known_peers": pins})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, IdentityMismatch)
+    message = str(ended.error)
+    assert "looks like the pinned 'bob'" in message
+    assert real_bob.public_key.fingerprint() in message and hub.public_key.fingerprint() in message
+    assert ended.error.exit_code == ExitCode.IDENTITY_MISMATCH
+    assert pair.bob.of(InstallKeys) == [] and pair.bob.of(Protected) == []
+    assert list(pins) == [pins.get("bob")]  # nothing pinned under the look-alike
+    assert pair.bob.session.detections == {"identity-refused": 1}
+
+
+def test_a_name_not_in_normal_form_is_refused_on_receipt(monkeypatch):
+    # A peer that signs "bob " (as only a modified client would: ours refuses to sign it).
+    monkeypatch.setattr("crypto.handshake.name_field", lambda name: name)
+    pins = pinned("bob", IdentityKey.generate(os.urandom))
+    pair = Pair(alice={"name": "bob "}, bob={"known_peers": pins})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, CallFailed)
+    assert "is not normalised (it would be 'bob')" in str(ended.error)
+    assert pair.bob.of(InstallKeys) == [] and list(pins) == [pins.get("bob")]
+
+
+def test_a_genuinely_new_name_is_pinned_beside_a_pinned_one():
+    pins = pinned("bob", IdentityKey.generate(os.urandom))
+    pair = Pair(alice={"name": "carol"}, bob={"known_peers": pins})
+    pair.start()
+    assert pair.bob.session.state is SessionState.IN_CALL
+    assert pair.bob.of(Protected)[0].protection.pin == "NEW"
+    assert [pin.name for pin in pins] == ["bob", "carol"]
+
+
+def test_peer_name_given_and_signed_the_call_goes_on():
+    alice = IdentityKey.generate(os.urandom)
+    pair = Pair(
+        alice={"identity": alice}, bob={"peer": "alice", "known_peers": pinned("alice", alice)}
+    )
+    pair.start()
+    assert pair.bob.session.state is SessionState.IN_CALL
+    assert pair.bob.of(Protected)[0].protection.pin == "PINNED"
+
+
+def test_a_peer_signing_another_name_than_peer_is_refused_before_any_key():
+    pair = Pair(bob={"peer": "carol"})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, WrongPeer)
+    assert ended.error.exit_code == ExitCode.WRONG_PEER and int(ExitCode.WRONG_PEER) == 11
+    assert "not 'carol' as asked with --peer" in str(ended.error)
+    assert pair.bob.of(InstallKeys) == [] and pair.bob.of(Protected) == []
+    assert len(pair.configs["bob"].known_peers) == 0
+    # The initiator checks too, when the responder's confirm comes.
+    pair = Pair(alice={"peer": "carol"})
+    pair.start()
+    ended = pair.alice.ended
+    assert ended is not None and isinstance(ended.error, WrongPeer)
+    assert pair.alice.of(InstallKeys) == [] and len(pair.configs["alice"].known_peers) == 0
+
+
+def test_peer_with_a_pin_whose_key_differs_is_refused_before_any_key():
+    pins = pinned("alice", IdentityKey.generate(os.urandom))
+    pair = Pair(bob={"peer": "alice", "known_peers": pins})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, IdentityMismatch)
+    assert pair.bob.of(InstallKeys) == []
+
+
+def test_a_call_with_ourselves_is_refused():
+    # The hub spliced two of our own calls: both ends hold one identity.
+    me = IdentityKey.generate(os.urandom)
+    pair = Pair(alice={"identity": me}, bob={"identity": me})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, CallWithSelf)
+    assert ended.error.exit_code == ExitCode.WRONG_PEER
+    assert me.public_key.fingerprint() in str(ended.error)
+    assert pair.bob.of(InstallKeys) == [] and len(pair.configs["bob"].known_peers) == 0
