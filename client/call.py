@@ -126,8 +126,11 @@ ConfirmSas = Callable[[ProtectionState], Awaitable[bool]]
 class FrameProtection(Protocol):
     """What a call does to each encoded frame: SFrame in the product (``SFrameProtection``)."""
 
-    def install(self, suite: CipherSuite, update: KeyUpdate) -> None:
-        """Keys from the session: epoch 0, then each rekey."""
+    def install(
+        self, suite: CipherSuite, update: KeyUpdate, on_first_use: Callable[[int], None]
+    ) -> None:
+        """Keys from the session: epoch 0, then each rekey. ``on_first_use(kid)`` once the
+        first frame under a new receive key authenticates."""
 
     def retire(self, kids: frozenset[int]) -> None:
         """Erase receive keys whose grace window is over."""
@@ -153,11 +156,13 @@ class SFrameProtection:
         self._sender: SFrameSender | None = None
         self._receiver: SFrameReceiver | None = None
 
-    def install(self, suite: CipherSuite, update: KeyUpdate) -> None:
+    def install(
+        self, suite: CipherSuite, update: KeyUpdate, on_first_use: Callable[[int], None]
+    ) -> None:
         if self._sender is None or self._receiver is None:
             self._sender, self._receiver = SFrameSender(suite), SFrameReceiver(suite)
-        # The session retires old receive keys itself, after its grace window.
-        apply_key_update(update, self._sender, self._receiver)
+        # The session retires old receive keys itself, once the peer has switched.
+        apply_key_update(update, self._sender, self._receiver, on_first_use=on_first_use)
 
     def retire(self, kids: frozenset[int]) -> None:
         if self._receiver is not None:
@@ -269,7 +274,12 @@ class _SasAnswered:
     accepted: bool
 
 
-_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered
+@dataclass(frozen=True)
+class _KeyUsed:
+    kid: int
+
+
+_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered | _KeyUsed
 
 
 class Call:
@@ -403,6 +413,8 @@ class Call:
                 return session.hangup(reason, now)
             case _SasAnswered(accepted):
                 return session.sas_answer(accepted, now)
+            case _KeyUsed(kid):
+                return session.receive_key_used(kid, now)
 
     def _handle_before_peer(self, event: _Event, now: float) -> list[Action]:
         match event:
@@ -440,7 +452,7 @@ class Call:
             case Send(payload):
                 return await self._send(payload)
             case InstallKeys(suite, update):
-                self.frames.install(suite, update)
+                self.frames.install(suite, update, self._key_used)
             case RetireReceiveKeys(kids):
                 self.frames.retire(kids)
             case AskSas(protection):
@@ -466,6 +478,10 @@ class Call:
             case MediaStarted():
                 await self._start_media()
         return []
+
+    def _key_used(self, kid: int) -> None:
+        # Called from the receiver's frame transform, in the event loop's thread.
+        self._events.put_nowait(_KeyUsed(kid))
 
     async def _send(self, payload: dict[str, Any]) -> list[Action]:
         assert self._hub is not None and self._peer is not None and self.session is not None

@@ -62,6 +62,9 @@ DEFAULT_GRACE_SECONDS = 2.0
 DEFAULT_SETUP_TIMEOUT = 30.0
 DEFAULT_REKEY_INTERVAL = 60.0
 DEFAULT_REKEY_TIMEOUT = 10.0
+# Receive keys alive at once: the current epoch's and, until the peer has switched and the
+# grace window is over, the one before.
+MAX_RECEIVE_KEYS = 2
 REQUESTER_REKEY_FACTOR = 1.5
 CALL_ID_BYTES = 16
 
@@ -317,7 +320,7 @@ class CallSession:
         self._next_rekey: float | None = None
         self._rekey_deadline: float | None = None
         self._requested_rekey = False  # whether this side started the rekey under way or last
-        self._receive_kids: frozenset[int] = frozenset()
+        self._receive_kids: tuple[int, ...] = ()  # the live receive keys, oldest first
         self._retirements: list[tuple[float, frozenset[int]]] = []
 
     def __repr__(self) -> str:
@@ -415,6 +418,18 @@ class CallSession:
         call cannot go on; in the call media is peer to peer and the session goes on."""
         if self.state in SETUP_STATES:
             return self._fail(CallFailed(f"the hub failed during setup: {detail}"))
+        return []
+
+    def receive_key_used(self, kid: int, now: float) -> list[Action]:
+        """The first frame under receive KID ``kid`` authenticated. When that is the newest
+        key, the peer has switched to it, so the older ones serve only frames still in flight:
+        they are retired after the grace window. (A timer from the rekey alone would let a hub
+        that delays the peer's switch past the window cut that direction of media.)"""
+        kids = self._receive_kids
+        if len(kids) < 2 or kid != kids[-1]:
+            return []
+        self._receive_kids = (kid,)
+        self._retirements.append((now + self.config.grace_seconds, frozenset(kids[:-1])))
         return []
 
     def abort(self, error: CallError, now: float) -> list[Action]:
@@ -541,16 +556,18 @@ class CallSession:
 
     def _initial_keys(self) -> list[Action]:
         assert self._result is not None
-        return [self._install(self._result.suite, self._result.initial_keys, now=None)]
+        return self._install(self._result.suite, self._result.initial_keys)
 
-    def _install(self, suite: CipherSuite, update: KeyUpdate, now: float | None) -> InstallKeys:
+    def _install(self, suite: CipherSuite, update: KeyUpdate) -> list[Action]:
+        actions: list[Action] = [InstallKeys(suite, update)]
         if update.install_receive is not None:
-            previous = self._receive_kids
-            self._receive_kids = frozenset({update.install_receive.kid})
-            if previous and now is not None:
-                # Frames under the old key are still in flight: keep it for the grace window.
-                self._retirements.append((now + self.config.grace_seconds, previous))
-        return InstallKeys(suite, update)
+            self._receive_kids += (update.install_receive.kid,)
+            if len(self._receive_kids) > MAX_RECEIVE_KEYS:
+                # A newer epoch before the peer used the last one: the oldest serves nothing.
+                stale = self._receive_kids[:-MAX_RECEIVE_KEYS]
+                self._receive_kids = self._receive_kids[-MAX_RECEIVE_KEYS:]
+                actions.append(RetireReceiveKeys(frozenset(stale)))
+        return actions
 
     # -- the media negotiation
 
@@ -628,7 +645,7 @@ class CallSession:
         actions: list[Action] = [Send(reply) for reply in received.replies]
         update = received.keys
         if update.install_receive is not None or update.switch_send is not None:
-            actions.append(self._install(self._result.suite, update, now))
+            actions += self._install(self._result.suite, update)
         if update.switch_send is not None:
             self.rekeys += 1
         if received.content is not None and received.content.get("type") == "bye":

@@ -77,8 +77,13 @@ class MediaKey:
         # A pickle would carry the base key out of the process in the clear.
         raise TypeError("a MediaKey cannot be pickled")
 
-    def _add_to(self, context: SendContext | ReceiveContext) -> None:
+    def _add_to(self, context: SendContext) -> None:
         context.add_key(self._kid, self.__base_key)
+
+    def _add_to_receiver(
+        self, context: ReceiveContext, on_first_use: Callable[[int], None] | None
+    ) -> None:
+        context.add_key(self._kid, self.__base_key, on_first_use=on_first_use)
 
 
 @dataclass(frozen=True)
@@ -196,9 +201,10 @@ class SFrameReceiver:
     def kids(self) -> frozenset[int]:
         return self._context.kids
 
-    def add_key(self, key: MediaKey) -> None:
-        """Accept frames under ``key`` too (a KID already held raises ``ValueError``)."""
-        key._add_to(self._context)
+    def add_key(self, key: MediaKey, *, on_first_use: Callable[[int], None] | None = None) -> None:
+        """Accept frames under ``key`` too (a KID already held raises ``ValueError``);
+        ``on_first_use(kid)`` hears once when the first frame under it authenticates."""
+        key._add_to_receiver(self._context, on_first_use)
 
     def remove_key(self, kid: int) -> None:
         self._context.remove_key(kid)
@@ -228,9 +234,14 @@ class SFrameReceiver:
 
 
 def apply_key_update(
-    update: KeyUpdate, sender: SFrameSender, receiver: SFrameReceiver
+    update: KeyUpdate,
+    sender: SFrameSender,
+    receiver: SFrameReceiver,
+    *,
+    on_first_use: Callable[[int], None] | None = None,
 ) -> frozenset[int]:
-    """Install ``update``; return the receive KIDs to retire once the grace window is over.
+    """Install ``update``; return the receive KIDs to retire once the peer has switched to the
+    new one (``on_first_use`` tells when) and the grace window is over.
 
     The one path for every key of a call: epoch 0's (``HandshakeResult.initial_keys``, with
     nothing to retire) and each rekey's (``Received.keys``).
@@ -238,7 +249,7 @@ def apply_key_update(
     retire: frozenset[int] = frozenset()
     if update.install_receive is not None:
         retire = receiver.kids - {update.install_receive.kid}
-        receiver.add_key(update.install_receive)
+        receiver.add_key(update.install_receive, on_first_use=on_first_use)
     if update.switch_send is not None:
         sender.use_key(update.switch_send)
     return retire

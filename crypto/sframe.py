@@ -416,6 +416,7 @@ class _KeyState:
         "kid_length",
         "kid_prefix",
         "next_ctr",
+        "on_first_use",
         "salt",
         "seen",
     )
@@ -436,6 +437,8 @@ class _KeyState:
         self.next_ctr = 0  # send side
         self.highest = -1  # receive side: highest CTR accepted
         self.seen = 0  # receive side: bit i set = CTR (highest - i) accepted
+        # Receive side: told the KID when the first frame under this key authenticates.
+        self.on_first_use: Callable[[int], None] | None = None
 
     def __repr__(self) -> str:
         return f"<SFrame key kid={self.kid}>"
@@ -559,12 +562,17 @@ class ReceiveContext:
             f"kids={sorted(self._keys)})"
         )
 
-    def add_key(self, kid: int, base_key: bytes) -> None:
+    def add_key(
+        self, kid: int, base_key: bytes, *, on_first_use: Callable[[int], None] | None = None
+    ) -> None:
+        """Accept frames under ``kid``; ``on_first_use(kid)`` is called once, when the first
+        frame under it authenticates (so a caller knows when the sender has switched to it)."""
         _check_u64("kid", kid)
         _check_base_key(base_key)
         if kid in self._keys:
             raise SFrameUsageError(f"KID {kid} already has a receiving key; remove it first")
-        self._keys[kid] = _KeyState(self._suite, kid, base_key)
+        state = self._keys[kid] = _KeyState(self._suite, kid, base_key)
+        state.on_first_use = on_first_use
 
     def remove_key(self, kid: int) -> None:
         if self._keys.pop(kid, None) is None:
@@ -602,6 +610,9 @@ class ReceiveContext:
             state.highest = ctr
         else:
             state.seen |= 1 << age
+        if state.on_first_use is not None:
+            notify, state.on_first_use = state.on_first_use, None
+            notify(kid)
         return plaintext
 
 

@@ -82,6 +82,7 @@ class Pair:
         }
         self.in_flight: list[tuple[str, dict[str, Any]]] = []
         self.sas_answers: dict[str, bool] = {}
+        self.media_flows = True
 
     @property
     def alice(self) -> Side:
@@ -97,12 +98,17 @@ class Pair:
         self.run()
 
     def take(self, name: str, actions: list[Action]) -> None:
-        """Record ``name``'s actions and play its driver: relay sends, answer SDP requests."""
+        """Record ``name``'s actions and play its driver: relay sends, answer SDP requests,
+        and (while ``media_flows``) deliver a frame under each new send key to the peer."""
         side = self.sides[name]
+        recipient = "bob" if name == "alice" else "alice"
         for action in actions:
             side.actions.append(action)
+            sends_under = isinstance(action, InstallKeys) and action.update.switch_send
+            if sends_under and self.media_flows:
+                peer = self.sides[recipient].session
+                self.take(recipient, peer.receive_key_used(sends_under.kid, self.now))
             if isinstance(action, Send):
-                recipient = "bob" if name == "alice" else "alice"
                 wire = json.loads(json.dumps(action.payload))  # through the hub as JSON text
                 for payload in self.tamper(name, wire):
                     self.in_flight.append((recipient, payload))
@@ -629,3 +635,45 @@ def test_a_call_with_ourselves_is_refused():
     assert ended.error.exit_code == ExitCode.WRONG_PEER
     assert me.public_key.fingerprint() in str(ended.error)
     assert pair.bob.of(InstallKeys) == [] and len(pair.configs["bob"].known_peers) == 0
+
+
+def test_an_old_receive_key_stays_until_the_peer_has_switched_however_late_the_hub_lets_it():
+    holding = {"on": False}
+    held: list[dict[str, Any]] = []
+
+    def withhold_acks(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        if holding["on"] and sender == "bob":
+            held.append(payload)
+            return []
+        return [payload]
+
+    pair = Pair(tamper=withhold_acks)
+    pair.start()
+    holding["on"] = True
+    pair.at(5.0)
+    pair.take("alice", pair.alice.session.rekey(pair.now))
+    pair.run()
+    # Bob holds alice's new key; alice, without the ack, still sends under her old one, KID 0,
+    # for longer than the grace window: bob must keep it.
+    pair.at(9.0)
+    assert pair.bob.of(RetireReceiveKeys) == []
+    holding["on"] = False
+    pair.in_flight += [("alice", payload) for payload in held]
+    pair.run()  # the ack at last: alice switches, and her first new frame reaches bob
+    pair.at(11.0)
+    assert pair.bob.of(RetireReceiveKeys) == [RetireReceiveKeys(frozenset({0}))]
+    assert pair.alice.of(RetireReceiveKeys) == [RetireReceiveKeys(frozenset({1}))]
+
+
+def test_receive_keys_the_peer_never_used_are_bounded():
+    pair = connected()
+    pair.media_flows = False  # the peer sends no frame at all
+    for second in (5.0, 6.0, 7.0):
+        pair.at(second)
+        pair.take("alice", pair.alice.session.rekey(pair.now))
+        pair.run()
+    # Epochs 0 to 3: bob's KIDs 1, 3, 5, 7; alice keeps the newest two.
+    assert pair.alice.of(RetireReceiveKeys) == [
+        RetireReceiveKeys(frozenset({1})),
+        RetireReceiveKeys(frozenset({3})),
+    ]
