@@ -1,10 +1,7 @@
 """``blindhub call ROOM --hub URL --name NAME``: one end-to-end encrypted call.
 
-Exit codes (docs/client.md): 0 the call completed; 2 usage error; 3 hub unreachable or
-refused the join; 4 verification refused (SAS declined, or an unknown peer with
-``--verify pinned``); 5 identity mismatch (a pinned name presented another key); 6 the call
-failed (setup, key agreement or connection); 7 a local problem (bad ``--send``/``--record``,
-unreadable identity files).
+Exit codes: client/exit_codes.py, documented in docs/reference/cli.md (3 to 6 and 11 are
+the call's own; 2 and 7 are refused before anything connects).
 
 There is no option to weaken a call: every call from this command is the product assembly
 (``client.call.CallParts()``), end-to-end encrypted with verified identities. Only the

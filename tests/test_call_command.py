@@ -123,7 +123,8 @@ def call(hub: TlsHub, home: Path, name: str, *extra: str) -> list[str]:
 async def test_a_hub_certificate_that_does_not_verify_is_refused_in_one_line(tls_hub, tmp_path):
     # The system's trust store does not hold the self-signed certificate.
     code, out, err = await finish(await start(*call(tls_hub, tmp_path, "alice")))
-    assert code == ExitCode.HUB_NOT_TRUSTED == 11, err
+    assert code == ExitCode.HUB_NOT_TRUSTED, err
+    assert int(ExitCode.HUB_NOT_TRUSTED) == 11  # documented in docs/reference/cli.md
     assert err.startswith("blindhub call: the hub at wss://") and "not trusted" in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in out + err
     assert out.splitlines() == [f"connecting to the hub at {tls_hub.url}"]

@@ -2,6 +2,7 @@
 an exit code of client/exit_codes.py: never a traceback. Each case is run as a user would."""
 
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from client.media import MediaSourceError, open_sources
 
 def blindhub(*arguments: str, **options: object) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k != "BLINDHUB_PASSPHRASE"}
-    return subprocess.run(
+    result: subprocess.CompletedProcess[str] = subprocess.run(
         [sys.executable, "-m", "client.cli", *arguments],
         capture_output=True,
         text=True,
@@ -28,6 +29,7 @@ def blindhub(*arguments: str, **options: object) -> subprocess.CompletedProcess[
         env=environment,
         **options,  # type: ignore[call-overload]
     )
+    return result
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], command: str) -> str:
@@ -198,7 +200,7 @@ def test_a_capture_format_this_pyav_lacks_is_a_media_source_error(monkeypatch, d
     def no_such_format(file: str, format: str | None = None, **options: object) -> None:
         raise ValueError(f"no container format {format!r}")  # what PyAV raises
 
-    monkeypatch.setattr(client.media.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
     monkeypatch.setattr(client.media, "MediaPlayer", no_such_format)
     with pytest.raises(MediaSourceError, match="no container format"):
         open_sources(device)
@@ -228,7 +230,8 @@ def test_an_unexpected_exception_is_one_line_and_exit_70(monkeypatch, capsys, tm
 
     monkeypatch.setattr(client.id_command, "run", broken)
     monkeypatch.delenv(TRACEBACK_VARIABLE, raising=False)
-    assert main(["id", "--home", str(tmp_path)]) == ExitCode.INTERNAL_ERROR == 70
+    assert main(["id", "--home", str(tmp_path)]) == ExitCode.INTERNAL_ERROR
+    assert int(ExitCode.INTERNAL_ERROR) == 70  # documented in docs/reference/cli.md
     err = capsys.readouterr().err
     assert err == (
         "blindhub id: internal error: RuntimeError: a bug "
