@@ -156,6 +156,6 @@ async def test_a_call_over_wss_with_hub_ca_shows_each_phase_in_order(tls_hub, tm
         # The protection state comes between the key agreement and the media.
         protected = next(i for i, line in enumerate(lines) if "end-to-end encrypted (" in line)
         assert at[-2] < protected < at[-1], out
-        assert "call ended (duration)" in out
+        assert "call ended (" in out  # by its duration, or the peer's bye at the end of its own
     assert not any(line.startswith(PHASES[1]) for line in b_out.splitlines())  # bob found alice
     assert os.path.exists(tmp_path / "bob" / "known_peers.json")
