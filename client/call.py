@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -38,6 +40,7 @@ from aiortc import (
 from aiortc.contrib.media import MediaRecorder, MediaRelay
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
+from client.exit_codes import ExitCode
 from client.frame_transform import (
     SDP_ERRORS,
     SUPPORTED_CODECS,
@@ -121,6 +124,22 @@ class CallStats:
 
 
 ConfirmSas = Callable[[ProtectionState], Awaitable[bool]]
+
+
+class CallPhase(enum.Enum):
+    """Where a call is, for a user who would otherwise see nothing until the peer arrives
+    (``CallConfig.on_phase``). In this order; WAITING only when the room was empty."""
+
+    CONNECTING = "connecting"  # to the hub, and joining the room
+    WAITING = "waiting"  # for a peer in the room
+    KEY_AGREEMENT = "key-agreement"  # the peer is there: keys, identities, the SAS, the SDP
+    MEDIA = "media"  # media flows, end-to-end encrypted
+
+
+class HubNotTrusted(CallError):
+    """The wss:// hub's TLS certificate did not verify."""
+
+    exit_code = ExitCode.HUB_NOT_TRUSTED
 
 
 class FrameProtection(Protocol):
@@ -235,6 +254,9 @@ class CallConfig:
     ice_servers: Sequence[RTCIceServer] = ()
     random_bytes: Callable[[int], bytes] = os.urandom
     on_protection: Callable[[ProtectionState], None] | None = None
+    # Verifies a wss:// hub's certificate; None: the system's trust store.
+    hub_ssl_context: ssl.SSLContext | None = None
+    on_phase: Callable[[CallPhase], None] | None = None
 
     def session_config(self) -> SessionConfig:
         return SessionConfig(
@@ -331,11 +353,18 @@ class Call:
 
     async def _join(self) -> None:
         config = self.config
+        self._phase(CallPhase.CONNECTING)
         try:
             async with asyncio.timeout(config.setup_timeout):
-                self._hub = await HubConnection.connect(config.hub_url)
+                self._hub = await HubConnection.connect(
+                    config.hub_url, ssl_context=config.hub_ssl_context
+                )
                 self._join_time = time.monotonic()
                 welcome = await self._hub.join(config.room)
+        except ssl.SSLCertVerificationError as error:
+            raise HubNotTrusted(
+                f"the hub at {config.hub_url} is not trusted: {error.verify_message}"
+            ) from None
         except (OSError, InvalidURI, InvalidHandshake, TimeoutError, SignalingError) as error:
             raise HubUnreachable(
                 f"cannot join {config.room!r} at {config.hub_url}: {error}"
@@ -352,6 +381,12 @@ class Call:
         self._tasks.append(asyncio.create_task(self._read_hub()))
         if welcome.peers:
             self._events.put_nowait(_FromHub(PeerJoined(welcome.peers[0])))
+        else:
+            self._phase(CallPhase.WAITING)
+
+    def _phase(self, phase: CallPhase) -> None:
+        if self.config.on_phase is not None:
+            self.config.on_phase(phase)
 
     async def _read_hub(self) -> None:
         assert self._hub is not None
@@ -420,6 +455,7 @@ class Call:
         match event:
             case _FromHub(PeerJoined(peer_id)):
                 self._peer = peer_id
+                self._phase(CallPhase.KEY_AGREEMENT)
                 initiator = self._offer is not None
                 self.session = self.parts.session(self.config.session_config(), initiator, now)
                 return self.session.start(now)
@@ -477,6 +513,7 @@ class Call:
                     )
             case MediaStarted():
                 await self._start_media()
+                self._phase(CallPhase.MEDIA)
         return []
 
     def _key_used(self, kid: int) -> None:
@@ -674,8 +711,10 @@ __all__ = [
     "CallConfig",
     "CallError",
     "CallParts",
+    "CallPhase",
     "CallStats",
     "FrameProtection",
+    "HubNotTrusted",
     "KindStats",
     "SFrameProtection",
 ]

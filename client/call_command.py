@@ -1,10 +1,7 @@
 """``blindhub call ROOM --hub URL --name NAME``: one end-to-end encrypted call.
 
-Exit codes (docs/client.md): 0 the call completed; 2 usage error; 3 hub unreachable or
-refused the join; 4 verification refused (SAS declined, or an unknown peer with
-``--verify pinned``); 5 identity mismatch (a pinned name presented another key); 6 the call
-failed (setup, key agreement or connection); 7 a local problem (bad ``--send``/``--record``,
-unreadable identity files); 11 the wrong peer (not the ``--peer`` NAME, or ourselves).
+Exit codes: client/exit_codes.py, documented in docs/reference/cli.md (3 to 6, 11 and 12 are
+the call's own; 2 and 7 are refused before anything connects).
 
 There is no option to weaken a call: every call from this command is the product assembly
 (``client.call.CallParts()``), end-to-end encrypted with verified identities. Only the
@@ -18,11 +15,16 @@ import json
 import math
 import os
 import signal
+import ssl
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from client.call import Call, CallConfig, CallStats
+from websockets.exceptions import InvalidURI
+from websockets.uri import parse_uri
+
+from client.call import Call, CallConfig, CallPhase, CallStats
 from client.exit_codes import ExitCode
 from client.identity_store import (
     home_directory,
@@ -35,6 +37,7 @@ from client.session import DEFAULT_REKEY_INTERVAL, CallError, ProtectionState, V
 from crypto.errors import CryptoError
 from crypto.identity import KnownPeers
 from crypto.names import InvalidName, normalize_name
+from signaling.protocol import NAME_PATTERN
 
 
 def own_name(value: str) -> str:
@@ -74,9 +77,53 @@ def rekey_interval(value: str) -> float:
     return seconds
 
 
+# -- checked before anything connects: a bad value is a usage error (exit 2), and the hub
+# never hears of it
+
+
+def room_name(value: str) -> str:
+    # The hub's own rule (signaling.protocol), so that a room it would refuse is never sent.
+    if NAME_PATTERN.fullmatch(value) is None:
+        raise argparse.ArgumentTypeError("must be 1 to 64 of A-Z a-z 0-9 - _")
+    return value
+
+
+def hub_url(value: str) -> str:
+    try:
+        parse_uri(value)
+    except InvalidURI:
+        raise argparse.ArgumentTypeError("must be ws://HOST:PORT or wss://HOST:PORT") from None
+    return value
+
+
+def call_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return seconds
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("room", help="the room to call in (both peers name the same room)")
-    parser.add_argument("--hub", required=True, help="the hub's URL, ws://HOST:PORT or wss://...")
+    parser.add_argument(
+        "room",
+        type=room_name,
+        help="the room to call in (both peers name the same room): 1 to 64 of A-Z a-z 0-9 - _",
+    )
+    parser.add_argument(
+        "--hub",
+        required=True,
+        type=hub_url,
+        help="the hub's URL, ws://HOST:PORT or wss://HOST:PORT",
+    )
+    parser.add_argument(
+        "--hub-ca",
+        metavar="FILE",
+        help="for a wss:// hub: trust only the certificates in this PEM file (a private CA, or "
+        "the hub's own self-signed certificate) instead of the system's trust store",
+    )
     parser.add_argument(
         "--name",
         required=True,
@@ -95,7 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to send: tone[:HZ], pattern, FILE, mic, camera; several joined by commas",
     )
     parser.add_argument("--record", help="record what is received: .wav, .mkv or .mp4")
-    parser.add_argument("--duration", type=float, help="hang up after this many seconds")
+    parser.add_argument(
+        "--duration", type=call_seconds, help="hang up after this many seconds of media"
+    )
     parser.add_argument(
         "--verify",
         choices=[v.value for v in Verify],
@@ -193,6 +242,38 @@ def print_stats(stats: CallStats) -> None:
         print("  the hub went away during the call")
 
 
+class HubCaUnusable(Exception):
+    """``--hub-ca`` names no readable PEM certificate."""
+
+
+def hub_ssl_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """What verifies a wss:// hub: only the certificates in ``ca_file``, or (None) the system's
+    trust store. Hostname checking stays on either way."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        reason = getattr(error, "strerror", None) or str(error)
+        message = f"--hub-ca {ca_file}: not a readable PEM certificate: {reason}"
+        raise HubCaUnusable(message) from None
+
+
+def phase_printer(args: argparse.Namespace) -> Callable[[CallPhase], None]:
+    """One line per phase on stdout, so a call waiting for its peer does not look hung."""
+    lines = {
+        CallPhase.CONNECTING: f"connecting to the hub at {args.hub}",
+        CallPhase.WAITING: f"waiting for a peer in room {args.room}",
+        CallPhase.KEY_AGREEMENT: "a peer joined: agreeing keys",
+        CallPhase.MEDIA: "media flowing, end-to-end encrypted (Ctrl-C hangs up)",
+    }
+
+    def show(phase: CallPhase) -> None:
+        print(lines[phase], flush=True)
+
+    return show
+
+
 async def run_call(call: Call) -> CallStats:
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
@@ -201,6 +282,14 @@ async def run_call(call: Call) -> CallStats:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hub_ca is not None and not args.hub.lower().startswith("wss:"):
+        print("blindhub call: --hub-ca is for a wss:// hub", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        hub_ssl = hub_ssl_context(args.hub_ca)
+    except HubCaUnusable as error:
+        print(f"blindhub call: {error}", file=sys.stderr)
+        return ExitCode.LOCAL_PROBLEM
     home = home_directory(args.home)
     try:
         identity = open_identity(home)
@@ -230,6 +319,8 @@ def run(args: argparse.Namespace) -> int:
             # Shown in every mode, once the peer is accepted and before media: in prompt mode
             # too, so a verified contact other than the one meant does not go unnoticed.
             on_protection=show_protection,
+            hub_ssl_context=hub_ssl,
+            on_phase=phase_printer(args),
         )
     )
     try:
@@ -241,5 +332,9 @@ def run(args: argparse.Namespace) -> int:
         save_pins(home, known_peers, loaded)
     print_stats(stats)
     if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+        try:
+            Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+        except OSError as error:
+            print(f"blindhub call: cannot write --stats-json: {error}", file=sys.stderr)
+            return ExitCode.LOCAL_PROBLEM
     return ExitCode.OK

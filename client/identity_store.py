@@ -127,9 +127,9 @@ def open_identity(
     if not protect_new:
         return load_or_create_identity(home)
     passphrase = _read_passphrase("passphrase for your new identity: ", environ, ask)
-    if PASSPHRASE_ENVIRONMENT_VARIABLE not in environ and ask("the same passphrase again: ") != (
-        passphrase.decode()
-    ):
+    if PASSPHRASE_ENVIRONMENT_VARIABLE not in environ and _ask(
+        ask, "the same passphrase again: "
+    ) != (passphrase.decode()):
         raise PassphraseRefused("the two passphrases differ; no identity was created")
     return load_or_create_identity(home, passphrase)
 
@@ -137,10 +137,20 @@ def open_identity(
 def _read_passphrase(prompt: str, environ: Mapping[str, str], ask: Callable[[str], str]) -> bytes:
     passphrase = environ.get(PASSPHRASE_ENVIRONMENT_VARIABLE)
     if passphrase is None:
-        passphrase = ask(prompt)
+        passphrase = _ask(ask, prompt)
     if not passphrase:
         raise PassphraseRefused("the passphrase is empty")
     return passphrase.encode()
+
+
+def _ask(ask: Callable[[str], str], prompt: str) -> str:
+    try:
+        return ask(prompt)
+    except EOFError:  # no terminal, and stdin ended
+        raise PassphraseRefused(
+            f"no passphrase: no terminal to ask on, and ${PASSPHRASE_ENVIRONMENT_VARIABLE} "
+            "is not set"
+        ) from None
 
 
 def load_identity(home: Path, passphrase: bytes | None = None) -> IdentityKey:

@@ -203,7 +203,8 @@ def _device_player(kind: str) -> MediaPlayer:
         raise MediaSourceError(f"no {kind} device support on {system}")
     try:
         return MediaPlayer(device, format=format_name)
-    except (av.FFmpegError, OSError) as exc:
+    # ValueError: this FFmpeg build has no such capture format ("no container format 'pulse'").
+    except (av.FFmpegError, OSError, ValueError) as exc:
         name = "microphone" if kind == "audio" else "camera"
         raise MediaSourceError(f"cannot open the {name} ({format_name} {device}): {exc}") from None
 
