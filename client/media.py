@@ -146,6 +146,16 @@ def _burst_cycle() -> array[int]:
     return samples
 
 
+def burst_samples(first: int, count: int) -> array[int]:
+    """Samples ``first`` to ``first + count`` of what a ``BurstTrack`` sends."""
+    cycle = _burst_cycle()
+    start = first % len(cycle)
+    samples = cycle[start : start + count]
+    while len(samples) < count:
+        samples += cycle[: count - len(samples)]
+    return samples
+
+
 def burst_phase(sample: int) -> str:
     """ "voiced" or "quiet": which phase of a ``BurstTrack`` sample ``sample`` is in."""
     return "voiced" if sample // (BURST_SECONDS * SAMPLE_RATE) % 2 == 0 else "quiet"
@@ -159,13 +169,12 @@ class BurstTrack(_PacedTrack):
 
     def __init__(self) -> None:
         super().__init__(SAMPLE_RATE, AUDIO_FRAME_SAMPLES)
-        self._cycle = _burst_cycle()  # made here (once), not in the first recv, mid-call
+        _burst_cycle()  # made here (once, cached), not in the first recv, mid-call
 
     async def recv(self) -> av.AudioFrame:
         index = await self._next_frame_index()
         first = index * AUDIO_FRAME_SAMPLES
-        start = first % len(self._cycle)
-        return _audio_frame(self._cycle[start : start + AUDIO_FRAME_SAMPLES], first)
+        return _audio_frame(burst_samples(first, AUDIO_FRAME_SAMPLES), first)
 
 
 class PatternTrack(_PacedTrack):

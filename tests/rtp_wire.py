@@ -34,6 +34,7 @@ class WirePacket:
     ssrc: int
     extensions: tuple[tuple[int, bytes], ...]
     payload: bytes
+    size: int  # the whole packet: header, extensions and payload (SRTP adds a fixed tag)
 
     @classmethod
     def parse(cls, data: bytes) -> WirePacket:
@@ -48,7 +49,8 @@ class WirePacket:
             extensions = _elements(profile, data[position : position + 4 * words])
             position += 4 * words
         end = len(data) - (data[-1] if first & 0x20 else 0)  # RTP padding
-        return cls(second & 0x7F, sequence_number, timestamp, ssrc, extensions, data[position:end])
+        payload = data[position:end]
+        return cls(second & 0x7F, sequence_number, timestamp, ssrc, extensions, payload, len(data))
 
 
 def _elements(profile: int, block: bytes) -> tuple[tuple[int, bytes], ...]:
@@ -102,6 +104,17 @@ class RawTap:
 PHASE_MARGIN_FRAMES = 3
 
 
+def steady_phase(first: int) -> str | None:
+    """The ``BurstTrack`` phase of the frame starting at sample ``first``, or None if it is
+    within ``PHASE_MARGIN_FRAMES`` of a change of phase (or of the start)."""
+    around = {
+        burst_phase(first + shift * AUDIO_FRAME_SAMPLES)
+        for shift in range(-PHASE_MARGIN_FRAMES, PHASE_MARGIN_FRAMES + 1)
+    }
+    steady = first >= PHASE_MARGIN_FRAMES * AUDIO_FRAME_SAMPLES and len(around) == 1
+    return around.pop() if steady else None
+
+
 def sizes_by_phase(
     audio: Sequence[WirePacket], size: Callable[[WirePacket], int]
 ) -> dict[str, list[int]]:
@@ -114,19 +127,14 @@ def sizes_by_phase(
     origin = min(offsets)
     by_phase: dict[str, list[int]] = {"voiced": [], "quiet": []}
     for packet, offset in zip(audio, offsets, strict=True):
-        first = offset - origin
-        around = {
-            burst_phase(first + shift * AUDIO_FRAME_SAMPLES)
-            for shift in range(-PHASE_MARGIN_FRAMES, PHASE_MARGIN_FRAMES + 1)
-        }
-        if first >= PHASE_MARGIN_FRAMES * AUDIO_FRAME_SAMPLES and len(around) == 1:
-            by_phase[around.pop()].append(size(packet))
+        phase = steady_phase(offset - origin)
+        if phase is not None:
+            by_phase[phase].append(size(packet))
     return by_phase
 
 
 def sframe_body_size(packet: WirePacket) -> int:
-    """The payload without its SFrame header, which grows with the CTR (1 to 9 bytes), not
-    with the content."""
+    """The payload without its SFrame header, whose length depends on the KID and CTR alone."""
     return len(packet.payload) - SFrameHeader.parse(packet.payload)[1]
 
 
