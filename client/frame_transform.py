@@ -50,7 +50,7 @@ exactly as they crossed the wire in clear, then the payload SRTP decrypted."""
 
 SUPPORTED_CODECS = frozenset({"opus", "VP8"})
 
-# Name-mangled private attributes of aiortc 1.16 that the receiver adapter relies on.
+# Name-mangled private attributes of aiortc 1.16 that the adapters rely on.
 RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 RECEIVER_DECODER_ERROR = "_RTCRtpReceiver__decoder_error"
 SENDER_ENCODER = "_RTCRtpSender__encoder"
