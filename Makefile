@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.handshake
 	$(BIN)/python -m tests.bench.call
 	$(BIN)/python -m tests.bench.hub
+	$(BIN)/python -m tests.bench.audio_sizes
 
 # The suite against the oldest dependency versions pyproject.toml allows.
 MINIMUM_VENV := .venv-minimum

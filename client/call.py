@@ -45,12 +45,14 @@ from client.frame_transform import (
     SDP_ERRORS,
     SUPPORTED_CODECS,
     FrameTransform,
+    install_constant_bitrate_opus,
     install_receiver_transform,
     install_sender_transform,
     request_keyframe,
 )
 from client.hub_connection import HubClosed, HubConnection, Relayed
 from client.media import ReceivedMedia, collect, open_recorder, recordable
+from client.rtp_policy import AUDIO_BITRATE, strip_header_extensions
 from client.session import (
     DEFAULT_GRACE_SECONDS,
     DEFAULT_REKEY_INTERVAL,
@@ -509,7 +511,7 @@ class Call:
             case ApplyAnswer(sdp):
                 with _rejecting_bad_sdp():
                     await self._connection().setRemoteDescription(
-                        RTCSessionDescription(sdp, "answer")
+                        RTCSessionDescription(strip_header_extensions(sdp), "answer")
                     )
             case MediaStarted():
                 await self._start_media()
@@ -551,13 +553,18 @@ class Call:
             track = tracks.get(kind)
             pc.addTransceiver(track or kind, direction="sendrecv" if track else "recvonly")
         self._prefer_codecs(pc)
-        await pc.setLocalDescription(await pc.createOffer())
+        offer = await pc.createOffer()
+        await pc.setLocalDescription(
+            RTCSessionDescription(strip_header_extensions(offer.sdp), offer.type)
+        )
 
     async def _answer(self, offer: str) -> str:
         pc = self._new_connection()
         # The answer is derived from the offer: aiortc can also fail on the offer there.
         with _rejecting_bad_sdp():
-            await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            await pc.setRemoteDescription(
+                RTCSessionDescription(strip_header_extensions(offer), "offer")
+            )
             for track in self.config.tracks:
                 pc.addTrack(track)
             self._prefer_codecs(pc)
@@ -576,11 +583,14 @@ class Call:
             )
 
     def _install_transforms(self, pc: RTCPeerConnection) -> None:
-        """The frame protection on every sender and receiver, before any of them can start."""
+        """The frame protection on every sender and receiver, and the constant-bitrate audio
+        encoder, before any of them can start."""
         if self.parts.prepare_connection is not None:
             self.parts.prepare_connection(pc)
         for transceiver in pc.getTransceivers():
             kind = transceiver.kind
+            if kind == "audio":
+                install_constant_bitrate_opus(transceiver.sender, AUDIO_BITRATE)
             transforms = self.frames.transforms(kind, _keyframe_requester(transceiver.receiver))
             if transforms is None:
                 continue

@@ -14,6 +14,13 @@ adapters below wrap two internal seams, per instance and never by patching a cla
   queues it for the decoder thread. The adapter replaces the receiver's jitter buffer with a
   proxy whose ``add`` transforms that frame or withholds it.
 
+Two more seams shape what an audio sender shows in clear: a sender makes its encoder only when
+it has none (``RTCRtpSender.__encoder``), so it can be given a constant-bitrate Opus encoder
+before it starts; and the frames the sender adapter returns carry no audio level, so the
+``ssrc-audio-level`` header extension stays empty even where a peer negotiated it. Tests watch
+the wire through ``RTCDtlsTransport._handle_rtp_data``, which gets every RTP packet after SRTP
+with its header exactly as it crossed.
+
 tests/test_aiortc_internals.py fails with a clear message if any of these seams move, and
 pyproject.toml pins aiortc to the minor version they were read from.
 """
@@ -21,8 +28,9 @@ pyproject.toml pins aiortc to the minor version they were read from.
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs.opus import SAMPLES_PER_FRAME as OPUS_SAMPLES_PER_FRAME
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.codecs.vpx import Vp8Encoder, VpxPayloadDescriptor, vp8_depayload
 from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from aiortc.jitterbuffer import JitterFrame
@@ -36,11 +44,16 @@ FrameTransform = Callable[[bytes], bytes | None]
 PacketObserver = Callable[[RtpPacket], None]
 """Sees each RTP packet a receiver gets (after SRTP, before RTX unwrapping); must not alter it."""
 
+RtpDataObserver = Callable[[bytes], None]
+"""Sees each RTP packet a transport gets, as bytes after SRTP: the header and its extensions
+exactly as they crossed the wire in clear, then the payload SRTP decrypted."""
+
 SUPPORTED_CODECS = frozenset({"opus", "VP8"})
 
-# Name-mangled private attributes of aiortc 1.16 that the receiver adapter relies on.
+# Name-mangled private attributes of aiortc 1.16 that the adapters rely on.
 RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 RECEIVER_DECODER_ERROR = "_RTCRtpReceiver__decoder_error"
+SENDER_ENCODER = "_RTCRtpSender__encoder"
 
 # What aiortc raises for SDP it cannot apply. Its parser validates with `assert`, indexing and
 # `next()`, so malformed text also surfaces as AssertionError, IndexError, KeyError, and as
@@ -66,6 +79,10 @@ class UnsupportedCodecError(ValueError):
 
 class TransformAlreadyInstalledError(ValueError):
     """A sender or receiver already has a frame transform; a second one would run twice."""
+
+
+class EncoderAlreadyChosenError(ValueError):
+    """A sender already made its encoder (it has started): too late to choose another."""
 
 
 def install_sender_transform(sender: RTCRtpSender, transform: FrameTransform) -> None:
@@ -118,7 +135,9 @@ def _transform_opus(encoded: RTCEncodedFrame, transform: FrameTransform) -> list
         transformed = transform(payload)
         if transformed is not None:
             timestamp = encoded.timestamp + index * OPUS_SAMPLES_PER_FRAME
-            frames.append(RTCEncodedFrame([transformed], timestamp, encoded.audio_level))
+            # No audio level: it was measured on the plaintext (ssrc-audio-level, in clear).
+            # aiortc annotates it as int, but its own None (for video) means "none".
+            frames.append(RTCEncodedFrame([transformed], timestamp, None))  # type: ignore[arg-type]
     return frames
 
 
@@ -170,3 +189,39 @@ def install_packet_observer(receiver: RTCRtpReceiver, observer: PacketObserver) 
         await handle_rtp_packet(packet, arrival_time_ms=arrival_time_ms)
 
     receiver._handle_rtp_packet = observe_rtp_packet  # type: ignore[method-assign]
+
+
+def install_constant_bitrate_opus(sender: RTCRtpSender, bitrate: int) -> None:
+    """Make ``sender`` encode Opus at a constant ``bitrate`` (bit/s): every 20 ms frame has
+    the same size, whatever the audio (libopus hard CBR pads each packet to its budget).
+
+    Must be called before the sender starts. aiortc's own encoder is variable-bitrate, so the
+    size of each frame follows voice activity; nothing else about the encoding changes.
+    """
+    if getattr(sender, SENDER_ENCODER) is not None:
+        raise EncoderAlreadyChosenError("this sender has already made its encoder")
+    setattr(sender, SENDER_ENCODER, _ConstantBitrateOpusEncoder(bitrate))
+
+
+class _ConstantBitrateOpusEncoder(OpusEncoder):
+    """aiortc's Opus encoder (48 kHz stereo, 20 ms, "voip"), with variable bitrate off."""
+
+    def __init__(self, bitrate: int) -> None:
+        super().__init__()
+        self.codec.bit_rate = bitrate
+        self.codec.options = {**self.codec.options, "vbr": "off"}
+
+
+def install_rtp_data_observer(transport: RTCDtlsTransport, observer: RtpDataObserver) -> None:
+    """Let ``observer`` see every RTP packet ``transport`` gets, as bytes after SRTP.
+
+    A packet observer sees headers as the receiver parsed them, which drops any extension the
+    receiver did not negotiate; this one sees every extension that crossed the wire.
+    """
+    handle_rtp_data: Callable[[bytes, int], Awaitable[None]] = transport._handle_rtp_data
+
+    async def observe_rtp_data(data: bytes, arrival_time_ms: int) -> None:
+        observer(data)
+        await handle_rtp_data(data, arrival_time_ms)
+
+    transport._handle_rtp_data = observe_rtp_data  # type: ignore[method-assign]

@@ -4,28 +4,38 @@ If aiortc moves one of these seams, the structural tests below say which one and
 re-read; the loopback tests then prove the adapter still sees exactly whole frames.
 """
 
+import fractions
 import inspect
+import random
 import struct
+from array import array
 from collections import Counter
 from collections.abc import Callable
 
 import aiortc
+import av
 import pytest
-from aiortc import RTCRtpReceiver, RTCRtpSender
-from aiortc.codecs import vpx
+from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs import HEADER_EXTENSIONS, vpx
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpsender import RTCEncodedFrame
 from aiortc.rtp import RTCP_PSFB_PLI, AnyRtcpPacket, RtcpPsfbPacket
 
 from client import frame_transform
 from client.frame_transform import (
+    SENDER_ENCODER,
+    EncoderAlreadyChosenError,
     TransformAlreadyInstalledError,
+    install_constant_bitrate_opus,
     install_receiver_transform,
     install_sender_transform,
     request_keyframe,
 )
 from client.media import PatternTrack, ToneTrack
+from client.rtp_policy import AUDIO_BITRATE, AUDIO_LEVEL
 from tests.conftest import wait_for
+from tests.rtp_wire import RawTap
 
 TESTED_VERSIONS = ("1.16.",)
 REREAD = "re-read aiortc's rtcrtpsender.py / rtcrtpreceiver.py and update client/frame_transform.py"
@@ -282,3 +292,87 @@ async def test_retransmissions_carry_transformed_payloads(loopback):
     rtx = next(p for p in video if p.payload_type != original.payload_type)
     assert rtx.payload[2:] == original.payload
     assert vpx.vp8_depayload(rtx.payload[2:]).startswith(MAGIC)
+
+
+# -- what an audio sender shows in clear: its encoder and the audio level
+
+
+def test_sender_makes_its_encoder_only_when_it_has_none():
+    next_frame = source_of(RTCRtpSender._next_encoded_frame)
+    assert "if self.__encoder is None:" in next_frame, (
+        f"RTCRtpSender no longer keeps an encoder it was given ({SENDER_ENCODER}): {REREAD}"
+    )
+    assert "self.__encoder.encode" in next_frame, (
+        f"RTCRtpSender no longer encodes with {SENDER_ENCODER}: {REREAD}"
+    )
+
+
+def test_opus_encoder_is_configured_through_its_codec_context():
+    encoder = OpusEncoder()
+    assert encoder.codec.name == "libopus" and "application" in encoder.codec.options, (
+        f"aiortc's OpusEncoder changed how it configures libopus: {REREAD}"
+    )
+
+
+def test_a_constant_bitrate_encoder_makes_one_size_for_any_audio():
+    encoder = frame_transform._ConstantBitrateOpusEncoder(AUDIO_BITRATE)
+    noise = random.Random(0)
+    loud = [array("h", (noise.randint(-20000, 20000) for _ in range(960))) for _ in range(25)]
+    silent = [array("h", bytes(1920)) for _ in range(25)]
+    sizes = set()
+    for index, samples in enumerate(loud + silent + loud):
+        frame = av.AudioFrame(format="s16", layout="mono", samples=960)
+        frame.planes[0].update(samples.tobytes())
+        frame.pts, frame.sample_rate = index * 960, 48000
+        frame.time_base = fractions.Fraction(1, 48000)
+        sizes |= {len(payload) for payload in encoder.encode(frame)[0]}
+    assert sizes == {AUDIO_BITRATE // 8 // 50}
+
+
+def test_the_audio_level_travels_only_in_the_encoded_frame():
+    run_rtp = source_of(RTCRtpSender._run_rtp)
+    assert "packet.extensions.audio_level = (False, -enc_frame.audio_level)" in run_rtp, (
+        f"RTCRtpSender no longer takes the audio level from RTCEncodedFrame: {REREAD}"
+    )
+    assert run_rtp.count("extensions.audio_level") == 1, (
+        f"RTCRtpSender sets the audio level from a second place: {REREAD}"
+    )
+
+
+def test_transport_hands_every_rtp_packet_to_handle_rtp_data():
+    recv_next = source_of(RTCDtlsTransport._recv_next)
+    assert "data = self._rx_srtp.unprotect(data)" in recv_next, REREAD
+    assert "await self._handle_rtp_data(data, arrival_time_ms=arrival_time_ms)" in recv_next, (
+        f"RTCDtlsTransport no longer passes each RTP packet to _handle_rtp_data: {REREAD}"
+    )
+    assert list(inspect.signature(RTCDtlsTransport._handle_rtp_data).parameters) == [
+        "self",
+        "data",
+        "arrival_time_ms",
+    ]
+
+
+async def test_a_started_sender_keeps_its_encoder(loopback):
+    offerer, _ = await loopback.connect([ToneTrack()], [])
+    sender = offerer.senders["audio"]
+    await wait_for(lambda: getattr(sender, SENDER_ENCODER) is not None)
+    with pytest.raises(EncoderAlreadyChosenError):
+        install_constant_bitrate_opus(sender, AUDIO_BITRATE)
+
+
+async def test_transformed_audio_carries_no_level_even_where_one_was_negotiated(loopback):
+    # Plain aiortc on both sides negotiates ssrc-audio-level; only the offerer's audio goes
+    # through a frame transform, whose frames carry no level: none crosses the wire.
+    taps = {"offerer": RawTap(), "answerer": RawTap()}
+    level_id = next(e.id for e in HEADER_EXTENSIONS["audio"] if e.uri == AUDIO_LEVEL)
+
+    def prepare(side):
+        taps[side.role].install(side.pc)
+        if side.role == "offerer":
+            install_sender_transform(side.senders["audio"], Reversing().protect)
+
+    await loopback.connect([ToneTrack(440)], [ToneTrack(660)], prepare=prepare)
+    await wait_for(lambda: all(len(tap.of_kind("audio")) >= 25 for tap in taps.values()))
+    transformed, control = taps["answerer"].of_kind("audio"), taps["offerer"].of_kind("audio")
+    assert all(key != level_id for packet in transformed for key, _ in packet.extensions)
+    assert all(level_id in dict(packet.extensions) for packet in control)
