@@ -107,6 +107,7 @@ def test_vp8_packetizer_and_depayloader_exist():
     assert b"".join(vpx.vp8_depayload(p) for p in payloads) == bytes(range(256)) * 20
 
 
+@pytest.mark.slow
 async def test_private_attributes_exist_on_live_instances(loopback):
     def check(side):
         receiver = side.receivers["video"]
@@ -145,6 +146,7 @@ class Reversing:
         return frame[8:][::-1]
 
 
+@pytest.mark.slow
 async def test_transforms_see_whole_frames_at_the_right_boundaries(loopback):
     senders = {"audio": Reversing(), "video": Reversing()}
     receivers = {"audio": Reversing(), "video": Reversing()}
@@ -182,6 +184,7 @@ async def test_transforms_see_whole_frames_at_the_right_boundaries(loopback):
     assert video_starts and all(p.startswith(MAGIC) for p in video_starts)
 
 
+@pytest.mark.slow
 async def test_dropping_frames_sends_nothing_and_decodes_nothing(loopback):
     dropped: Counter[tuple[str, str]] = Counter()
 
@@ -213,6 +216,7 @@ async def test_dropping_frames_sends_nothing_and_decodes_nothing(loopback):
         assert side.received.audio_frames == 0 and side.received.video_frames == 0
 
 
+@pytest.mark.slow
 async def test_receiver_drop_reaches_no_decoder_and_requests_keyframes(loopback):
     # The sender's encoder makes keyframes of its own now and then (a new target bitrate restarts
     # it), so counting keyframes alone cannot show the requests work. The PLIs can: nothing
@@ -258,6 +262,7 @@ async def test_receiver_drop_reaches_no_decoder_and_requests_keyframes(loopback)
     assert answerer.received.video_frames == 0
 
 
+@pytest.mark.slow
 async def test_a_second_transform_is_refused(loopback):
     errors = []
 
@@ -275,6 +280,7 @@ async def test_a_second_transform_is_refused(loopback):
     assert len(errors) == 4
 
 
+@pytest.mark.slow
 async def test_retransmissions_carry_transformed_payloads(loopback):
     def prepare(side):
         if side.senders["video"].track is not None:
