@@ -56,7 +56,7 @@ def test_depth_up_to_the_limit_is_accepted_and_brackets_in_strings_do_not_count(
 
 # Unterminated strings full of escaped quotes: the depth check used to retry a string at every
 # quote, 7.8 s for the 64 KiB one and four times that for twice the size.
-UNTERMINATED = ['"' + '\\"' * 64_000, '["' + '\\\\' * 64_000, '{"a":"' + '\\"[' * 40_000]
+UNTERMINATED = ['"' + '\\"' * 64_000, '["' + "\\\\" * 64_000, '{"a":"' + '\\"[' * 40_000]
 
 
 @pytest.mark.parametrize("index", range(len(UNTERMINATED)))
