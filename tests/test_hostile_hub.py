@@ -151,7 +151,7 @@ def test_altered_flips_one_ciphertext_bit_only():
 def test_tamper_forwards_a_sealed_message_it_cannot_alter_with_only_its_replay(ciphertext):
     hub = HostileHub({Capability.TAMPER}, new_peer_id=counter_ids())
     first, second = joined_pair(hub)
-    message = {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ciphertext}
+    message = {"v": 2, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ciphertext}
     assert altered(message) is None
     assert payloads(relay(hub, first, second, message)) == [message, message]
     assert (hub.tampered.replayed, hub.tampered.altered, hub.tampered.dropped) == (1, 0, 0)
@@ -341,7 +341,7 @@ async def test_dtls_mitm_alters_the_first_sealed_message_each_way_and_nothing_el
 
 async def test_sealed_messages_the_hub_cannot_alter_pass_and_later_relays_still_flow(hostile):
     hub, pair = await hostile(Capability.DTLS_MITM, Capability.TAMPER)
-    empty = {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}
+    empty = {"v": 2, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}
     garbled = {**empty, "ciphertext": "!!"}
     for message in (empty, garbled, {"type": "hello", "name": "alice"}):
         await pair.send(True, message)
