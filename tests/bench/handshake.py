@@ -12,13 +12,19 @@ Run: ``python -m tests.bench.handshake`` (add ``--quick`` for a fast smoke run).
 - Rekey: the three sealed messages against two X25519 key pairs and exchanges and the two
   Ed25519 signatures and verifications that bind it to the identities.
 
-Each figure is the best of several repeats, so only the ratios are results. The cost of
-protocol version 2 against version 1 is in docs/benchmarks/handshake.md.
+Each figure is the best of several repeats, so only the ratios are results.
+
+``--against DIR`` also times the key agreement and the rekey of another checkout of blindhub
+(an earlier protocol version: ``git worktree add DIR COMMIT``), each in a fresh interpreter,
+alternating with this one's, and prints this version's cost relative to it.
 """
 
 import argparse
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -125,9 +131,52 @@ def raw_rekey(calls: int) -> None:
         signatures()
 
 
+# Run in the other checkout: its bench module has the same two functions (since version 1).
+_ELSEWHERE = """
+import sys
+from tests.bench import best_per_call
+from tests.bench.handshake import handshake, rekeys
+calls, repeats = int(sys.argv[1]), int(sys.argv[2])
+print(best_per_call(handshake, calls, repeats), best_per_call(rekeys, calls, repeats))
+"""
+
+
+def timed_in(checkout: Path, calls: int, repeats: int) -> tuple[float, float]:
+    """Seconds per key agreement and per rekey, measured by ``checkout``'s own code."""
+    done = subprocess.run(
+        [sys.executable, "-c", _ELSEWHERE, str(calls), str(repeats)],
+        cwd=checkout,
+        env={**os.environ, "PYTHONPATH": str(checkout)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    agreement, rekey = done.stdout.split()
+    return float(agreement), float(rekey)
+
+
+def compare(other: Path, calls: int, repeats: int, rounds: int) -> None:
+    here = Path(__file__).resolve().parents[2]
+    best = {here: [float("inf")] * 2, other: [float("inf")] * 2}
+    for _ in range(rounds):  # alternating, so that a change of load hits both
+        for checkout in (other, here):
+            best[checkout] = [
+                min(pair)
+                for pair in zip(best[checkout], timed_in(checkout, calls, repeats), strict=True)
+            ]
+    print(f"\nthis checkout against {other}, best of {rounds} alternating rounds")
+    print(f"{'operation':40} {'other us':>9} {'this us':>9} {'ratio':>7}")
+    for index, name in enumerate(("key agreement (both sides)", "rekey (both sides)")):
+        theirs, ours = best[other][index], best[here][index]
+        print(f"{name:40} {theirs * 1e6:>9.1f} {ours * 1e6:>9.1f} {ours / theirs:>6.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.handshake", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
+    parser.add_argument(
+        "--against", type=Path, metavar="DIR", help="another checkout to compare the cost with"
+    )
     args = parser.parse_args(argv)
     repeats, scale = (3, 1) if args.quick else (7, 5)
     cases = [
@@ -143,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:40} {raw_time * 1e6:>9.1f} {our_time * 1e6:>9.1f} {our_time / raw_time:>6.2f}x"
         )
+    if args.against is not None:
+        compare(args.against.resolve(), 40 * scale, repeats, 2 if args.quick else 5)
     return 0
 
 
