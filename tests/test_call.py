@@ -198,41 +198,39 @@ async def test_a_changed_identity_for_a_pinned_name_refuses_before_media(hub):
     assert alice_tap.wire == {"audio": [], "video": []}
 
 
-class RenamingHub(Hub):
-    """Relays everything, but renames the sender in every message of the given types."""
+class AlteringHub(Hub):
+    """Relays everything, but flips a bit of the encrypted identity in every message of the
+    given types (in protocol version 1 it renamed the sender: names travelled in clear)."""
 
     def __init__(self, message_types: frozenset[str]) -> None:
         super().__init__()
         self.message_types = message_types
-        self.renamed: list[str] = []
+        self.altered: list[str] = []
 
     def handle(self, peer: PeerId, text: str, now: float) -> list[Delivery]:
-        return [self._renamed(delivery) for delivery in super().handle(peer, text, now)]
+        return [self._altered(delivery) for delivery in super().handle(peer, text, now)]
 
-    def _renamed(self, delivery: Delivery) -> Delivery:
+    def _altered(self, delivery: Delivery) -> Delivery:
         relayed = delivery.message
         if not isinstance(relayed, RelayFrom):
             return delivery
         message = json.loads(relayed.payload)
         if message.get("type") not in self.message_types:
             return delivery
-        self.renamed.append(message["type"])
-        payload = JsonText(json.dumps({**message, "name": "eve"}))
+        self.altered.append(message["type"])
+        auth = message["auth"]
+        flipped = auth[:40] + ("B" if auth[40] == "A" else "A") + auth[41:]
+        payload = JsonText(json.dumps({**message, "auth": flipped}))
         return Delivery(delivery.recipient, RelayFrom(relayed.sender, payload), delivery.room)
 
 
-@pytest.mark.parametrize(
-    ("renamed", "bob_refuses"),
-    [("commit", "does not match the revealed"), ("accept", "signature does not verify")],
-)
-async def test_a_hub_that_renames_a_peer_gets_nothing_pinned_under_the_new_name(
-    renamed, bob_refuses
-):
-    # The attack signed names close: the hub calls alice (in the commit) or bob (in the accept)
-    # "eve", so that the other side would pin the real key under a name the hub chose (the call
-    # command saves pins even when the call fails). It would rename a clear hello too, where
-    # names travelled before they were signed; there is none now.
-    hub = RenamingHub(frozenset({renamed, "hello"}))
+@pytest.mark.parametrize(("altered", "refuses"), [("reveal", "bob"), ("confirm", "alice")])
+async def test_a_hub_that_alters_an_encrypted_identity_gets_nothing_pinned(altered, refuses):
+    # The names and keys travel encrypted and authenticated: the hub can neither read nor
+    # change them (in version 1 it could rename a peer, so that the other side would pin the
+    # real key under a name the hub chose). Whoever receives the altered one refuses it, and
+    # the call command saves no pin of a call that failed during setup.
+    hub = AlteringHub(frozenset({altered}))
     alice_pins, bob_pins = KnownPeers(), KnownPeers()
     async with HubServer(hub) as server:
         alice, bob, (alice_result, bob_result) = await run_pair(
@@ -240,12 +238,16 @@ async def test_a_hub_that_renames_a_peer_gets_nothing_pinned_under_the_new_name(
             config(server, "alice", 440, known_peers=alice_pins),
             config(server, "bob", 660, known_peers=bob_pins),
         )
-    assert hub.renamed == [renamed]
-    assert isinstance(bob_result, CallFailed) and bob_refuses in str(bob_result)
-    assert isinstance(alice_result, CallFailed)
+    assert hub.altered == [altered]
+    refusing = alice_result if refuses == "alice" else bob_result
+    assert isinstance(refusing, CallFailed) and "does not open" in str(refusing)
+    assert isinstance(alice_result, CallFailed) and isinstance(bob_result, CallFailed)
     assert list(alice_pins) == [] and list(bob_pins) == []
+    # The refusing side never derived a key. Bob, when his confirm is altered, has his (he
+    # sent it), but no media flows and his new pin is dropped with the failed call.
+    assert (alice if refuses == "alice" else bob).stats.protection is None
     for call in (alice, bob):
-        assert call.stats.protection is None and call.received.audio_frames == 0
+        assert call.received.audio_frames == 0
 
 
 async def test_verify_pinned_refuses_an_unknown_peer(hub):

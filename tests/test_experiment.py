@@ -211,7 +211,7 @@ def test_metadata_check_finds_unsealed_sdp_candidates_and_addresses():
         {"type": "relay", "payload": {"type": "hello", "name": "alice"}},
         {
             "type": "relay",
-            "payload": {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "AAAA"},
+            "payload": {"v": 2, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "AAAA"},
         },
     ]
     assert check_metadata(clean)["leaks"] == []

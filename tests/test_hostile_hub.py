@@ -22,8 +22,8 @@ from client.experiment.hostile_hub import (
 from client.experiment.media_mitm import Direction, MediaTamper
 from client.hub_connection import HubConnection, Relayed
 from crypto.frame_crypto import MediaKey, SFrameReceiver, SFrameSender
-from crypto.handshake import HandshakeResult, Initiator, PeerCheck, Responder
-from crypto.identity import IdentityKey, KnownPeers, PinnedIdentityMismatch
+from crypto.handshake import HandshakeResult, HandshakeState, Initiator, PeerCheck, Responder
+from crypto.identity import IdentityKey, KnownPeers, PinnedIdentityMismatch, UnknownPeer, b64encode
 from crypto.sealed import DecryptionFailed, Role, SealedChannel, SealedReplay
 from crypto.sframe import CipherSuite
 from signaling.hub import Delivery
@@ -61,9 +61,27 @@ def payloads(deliveries: list[Delivery]) -> list[Any]:
 
 
 def sealed_pair() -> tuple[SealedChannel, SealedChannel]:
+    alice, bob = IdentityKey.generate(os.urandom), IdentityKey.generate(os.urandom)
+    transcript = os.urandom(32)
     return (
-        SealedChannel(Role.INITIATOR, "call-1", SECRET, os.urandom),
-        SealedChannel(Role.RESPONDER, "call-1", SECRET, os.urandom),
+        SealedChannel(
+            Role.INITIATOR,
+            "call-1",
+            SECRET,
+            os.urandom,
+            identity=alice,
+            peer_identity=bob.public_key,
+            transcript_hash=transcript,
+        ),
+        SealedChannel(
+            Role.RESPONDER,
+            "call-1",
+            SECRET,
+            os.urandom,
+            identity=bob,
+            peer_identity=alice.public_key,
+            transcript_hash=transcript,
+        ),
     )
 
 
@@ -146,7 +164,7 @@ def test_altered_flips_one_ciphertext_bit_only():
 def test_tamper_forwards_a_sealed_message_it_cannot_alter_with_only_its_replay(ciphertext):
     hub = HostileHub({Capability.TAMPER}, new_peer_id=counter_ids())
     first, second = joined_pair(hub)
-    message = {"v": 1, "type": "sealed", "epoch": 0, "seq": 2, "ciphertext": ciphertext}
+    message = {"v": 2, "type": "sealed", "epoch": 0, "seq": 2, "ciphertext": ciphertext}
     assert altered(message) is None
     assert payloads(relay(hub, first, second, message)) == [message, message]
     assert (hub.tampered.replayed, hub.tampered.altered, hub.tampered.dropped) == (1, 0, 0)
@@ -214,17 +232,20 @@ async def agree_through(
     alice_check: PeerCheck | None = None,
     bob_check: PeerCheck | None = None,
 ) -> tuple[HandshakeResult, HandshakeResult]:
-    """The call's key agreement between two real machines whose messages cross the hub."""
+    """The call's key agreement between two real machines whose messages cross the hub.
+
+    Each side answers whatever reaches it, in any order: a keyswapping hub finishes its leg
+    with the initiator only after its leg with the responder."""
     initiator = Initiator(alice, "call-1", SUITES, os.urandom, name="alice", peer_check=alice_check)
-    await pair.send(True, initiator.start())
     responder = Responder(bob, "call-1", SUITES, os.urandom, name="bob", peer_check=bob_check)
-    for message in responder.receive(await pair.receive(at_first=False)):  # commit -> accept
-        await pair.send(False, message)
-    for message in initiator.receive(await pair.receive(at_first=True)):  # accept -> reveal
-        await pair.send(True, message)
-    for message in responder.receive(await pair.receive(at_first=False)):  # reveal -> confirm
-        await pair.send(False, message)
-    initiator.receive(await pair.receive(at_first=True))
+
+    async def drive(machine: Initiator | Responder, first: bool) -> None:
+        while machine.state is not HandshakeState.DONE:
+            for message in machine.receive(await pair.receive(at_first=first)):
+                await pair.send(first, message)
+
+    await pair.send(True, initiator.start())
+    await asyncio.gather(drive(initiator, True), drive(responder, False))
     return initiator.result, responder.result
 
 
@@ -279,20 +300,40 @@ async def test_keyswap_is_refused_by_peers_that_pinned_each_other(hostile):
     alice_pins.check("bob", bob.public_key)
     bob_pins.check("alice", alice.public_key)
     initiator = Initiator(
-        alice, "call-1", SUITES, os.urandom, name="alice", peer_check=alice_pins.check
+        alice, "call-1", SUITES, os.urandom, name="alice", peer_check=pinned_only(alice_pins)
     )
-    responder = Responder(bob, "call-1", SUITES, os.urandom, name="bob", peer_check=bob_pins.check)
+    responder = Responder(
+        bob, "call-1", SUITES, os.urandom, name="bob", peer_check=pinned_only(bob_pins)
+    )
+    sent_by_bob: list[Any] = []
     await pair.send(True, initiator.start())
-    for message in responder.receive(await pair.receive(at_first=False)):
-        await pair.send(False, message)
-    for message in initiator.receive(await pair.receive(at_first=True)):
+    for message in initiator.receive(await pair.receive(at_first=True)):  # the hub's accept
         await pair.send(True, message)
-    # Bob refuses the hub's reveal, alice the hub's confirm: neither derives a key.
+    # Alice authenticated first, to the hub; the hub calls Bob under her name, with its key.
+    for message in responder.receive(await pair.receive(at_first=False)):
+        sent_by_bob.append(message)
+        await pair.send(False, message)
     with pytest.raises(PinnedIdentityMismatch):
         responder.receive(await pair.receive(at_first=False))
-    with pytest.raises(PinnedIdentityMismatch):
+    # Bob refused before his identity left: the hub never learns who he is. When he leaves,
+    # it answers Alice under a name of its choosing, which her pins refuse too.
+    await pair.second.close()
+    with pytest.raises(UnknownPeer):
         initiator.receive(await pair.receive(at_first=True))
+    assert [message["type"] for message in sent_by_bob] == ["accept"]
+    assert b64encode(bob.public_key.raw) not in json.dumps(sent_by_bob)
     assert hub.attack("r").mitm is None
+
+
+def pinned_only(pins: KnownPeers) -> PeerCheck:
+    """A pin check that refuses any name not pinned yet (the product's ``--verify pinned``)."""
+
+    def check(name: str, key: Any) -> None:
+        if pins.get(name) is None:
+            raise UnknownPeer(f"{name} is not pinned")
+        pins.check(name, key)
+
+    return check
 
 
 async def test_dtls_mitm_alters_the_sealed_sdp_each_way_and_nothing_else(hostile):
@@ -322,7 +363,7 @@ async def test_dtls_mitm_alters_the_sealed_sdp_each_way_and_nothing_else(hostile
 
 async def test_sealed_messages_the_hub_cannot_alter_pass_and_later_relays_still_flow(hostile):
     hub, pair = await hostile(Capability.DTLS_MITM, Capability.TAMPER)
-    empty = {"v": 1, "type": "sealed", "epoch": 0, "seq": 2, "ciphertext": ""}
+    empty = {"v": 2, "type": "sealed", "epoch": 0, "seq": 2, "ciphertext": ""}
     garbled = {**empty, "ciphertext": "!!"}
     for message in (empty, garbled, {"type": "hello", "name": "alice"}):
         await pair.send(True, message)
