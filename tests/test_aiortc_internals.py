@@ -7,12 +7,14 @@ re-read; the loopback tests then prove the adapter still sees exactly whole fram
 import asyncio
 import inspect
 import struct
+from collections import deque
 from collections.abc import Callable
 
 import aiortc
 import pytest
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import vpx
+from aiortc.codecs.opus import SAMPLES_PER_FRAME as OPUS_SAMPLES_PER_FRAME
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpsender import RTCEncodedFrame
 from aiortc.rtp import RTCP_PSFB_PLI, AnyRtcpPacket, RtcpPsfbPacket
@@ -88,12 +90,61 @@ def test_receiver_decodes_only_what_the_jitter_buffer_returns():
     assert list(inspect.signature(JitterFrame).parameters) == ["data", "timestamp"]
 
 
-def test_vp8_packetizer_and_depayloader_exist():
-    assert callable(vpx.vp8_depayload) and callable(vpx.Vp8Encoder._packetize), REREAD
-    payloads = vpx.Vp8Encoder._packetize(bytes(range(256)) * 20, 1234)
-    descriptor, _ = vpx.VpxPayloadDescriptor.parse(payloads[0])
-    assert descriptor.picture_id == 1234
-    assert b"".join(vpx.vp8_depayload(p) for p in payloads) == bytes(range(256)) * 20
+def test_vp8_packetizer_writes_the_descriptor_layout_the_adapter_reframes():
+    # The adapter takes the frame out of the encoder's VP8 payloads and packetizes the
+    # transformed frame behind the same descriptors, assuming Vp8Encoder._packetize's layout
+    # (frame_transform.VP8_FIRST_DESCRIPTOR): it must give exactly what the packetizer would
+    # have given for the transformed frame, at every picture ID and around every size limit.
+    for method in (vpx.Vp8Encoder.encode, vpx.Vp8Encoder.pack):
+        assert "self._packetize(" in source_of(method), (
+            f"Vp8Encoder.{method.__name__} no longer packetizes with Vp8Encoder._packetize: "
+            f"{REREAD}"
+        )
+    size = vpx.PACKET_MAX - frame_transform.VP8_DESCRIPTOR_LENGTH
+    seen: list[bytes] = []
+
+    def grow(frame: bytes) -> bytes:
+        seen.append(frame)
+        return frame + b"\xee" * 17
+
+    for picture_id in (0, 1, 127, 128, 32767):
+        for length in (1, size - 17, size - 16, size, size + 1, 3 * size + 5):
+            frame = bytes(range(256)) * (length // 256) + bytes(length % 256)
+            encoded = RTCEncodedFrame(vpx.Vp8Encoder._packetize(frame, picture_id), 0, 0)
+            result = frame_transform._transform_vp8(encoded, grow)
+            assert seen.pop() == frame, f"the VP8 depacketization moved: {REREAD}"
+            assert result is not None
+            assert result.payloads == vpx.Vp8Encoder._packetize(grow(frame), picture_id), (
+                f"Vp8Encoder._packetize's descriptor layout moved: {REREAD}"
+            )
+
+
+def test_vp8_payloads_in_another_layout_stop_the_sender():
+    # Raised inside aiortc's sending task, the error stops the sender: nothing goes out.
+    frame = bytes(3000)
+    for payloads in (
+        [b"\x10" + frame],  # no extended control bits
+        [bytes(vpx.VpxPayloadDescriptor(1, 0, picture_id=5, tl0picidx=1)) + frame],
+        [*vpx.Vp8Encoder._packetize(frame, 5)[:1], *vpx.Vp8Encoder._packetize(frame, 6)[1:]],
+    ):
+        with pytest.raises(frame_transform.UnsupportedCodecError):
+            frame_transform._transform_vp8(RTCEncodedFrame(payloads, 0, 0), bytes)
+
+
+def test_opus_frames_encoded_together_are_sent_one_by_one():
+    pending: deque[RTCEncodedFrame] = deque()
+    encoded = RTCEncodedFrame([b"a", b"b", b"c"], 1000, 7)
+    first = frame_transform._transform_opus(encoded, lambda frame: frame.upper(), pending)
+    assert first is encoded and first.payloads == [b"A"] and first.timestamp == 1000
+    assert [(f.payloads, f.timestamp, f.audio_level) for f in pending] == [
+        ([b"B"], 1000 + OPUS_SAMPLES_PER_FRAME, 7),
+        ([b"C"], 1000 + 2 * OPUS_SAMPLES_PER_FRAME, 7),
+    ]
+    pending.clear()
+    encoded = RTCEncodedFrame([b"a", b"b"], 1000, 0)
+    first = frame_transform._transform_opus(encoded, lambda f: None if f == b"a" else f, pending)
+    assert first is not None and first.payloads == [b"b"] and not pending
+    assert frame_transform._transform_opus(encoded, lambda frame: None, pending) is None
 
 
 async def test_private_attributes_exist_on_live_instances(loopback):
