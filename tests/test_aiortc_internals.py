@@ -5,12 +5,14 @@ re-read; the loopback tests then prove the adapter still sees exactly whole fram
 """
 
 import asyncio
+import fractions
 import inspect
 import struct
 from collections import deque
 from collections.abc import Callable
 
 import aiortc
+import av
 import pytest
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import vpx
@@ -117,6 +119,18 @@ def test_vp8_packetizer_writes_the_descriptor_layout_the_adapter_reframes():
             assert result.payloads == vpx.Vp8Encoder._packetize(grow(frame), picture_id), (
                 f"Vp8Encoder._packetize's descriptor layout moved: {REREAD}"
             )
+
+
+def test_pre_encoded_vp8_packets_are_reframed_the_same_way():
+    # A track may yield encoded av.Packets; the sender then packs them (Vp8Encoder.pack).
+    encoder = vpx.Vp8Encoder()
+    packet = av.Packet(bytes(range(256)) * 9)
+    packet.pts, packet.time_base = 0, fractions.Fraction(1, 90000)
+    picture_id = encoder.picture_id
+    payloads, _ = encoder.pack(packet)
+    result = frame_transform._transform_vp8(RTCEncodedFrame(payloads, 0, 0), lambda f: f[::-1])
+    assert result is not None
+    assert result.payloads == vpx.Vp8Encoder._packetize(bytes(packet)[::-1], picture_id)
 
 
 def test_vp8_payloads_in_another_layout_stop_the_sender():
