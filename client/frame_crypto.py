@@ -89,16 +89,15 @@ class SFrameSender:
         """The frame transform for this peer's ``kind`` sender."""
         counters = self.counters.setdefault(kind, FrameCounters())
         metadata = kind.encode()
-        context = self._context
 
         # Runs once a frame in the event loop's thread, with cold caches: the counting is
-        # inline (no method call) and the context is bound once.
+        # inline (no method call).
         def protect(frame: bytes) -> bytes | None:
             kid = self._kid
             if kid is None:
                 counters.dropped_without_key += 1
                 return None
-            protected = context.protect(kid, frame, metadata)
+            protected = self._context.protect(kid, frame, metadata)
             counters.frames += 1
             counters.plaintext_bytes += len(frame)
             counters.ciphertext_bytes += len(protected)
@@ -136,11 +135,10 @@ class SFrameReceiver:
         """The frame transform for the ``kind`` receiver; ``on_failure`` hears of each drop."""
         counters = self.counters.setdefault(kind, FrameCounters())
         metadata = kind.encode()
-        context = self._context
 
         def unprotect(frame: bytes) -> bytes | None:  # inline counting, as in protect
             try:
-                plaintext = context.unprotect(frame, metadata)
+                plaintext = self._context.unprotect(frame, metadata)
             except SFrameError as error:
                 counters.reject(error)
                 if on_failure is not None:
