@@ -9,7 +9,7 @@ import inspect
 import random
 import struct
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 import aiortc
@@ -17,6 +17,7 @@ import av
 import pytest
 from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import HEADER_EXTENSIONS, vpx
+from aiortc.codecs.opus import SAMPLES_PER_FRAME as OPUS_SAMPLES_PER_FRAME
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpsender import RTCEncodedFrame
@@ -99,12 +100,75 @@ def test_receiver_decodes_only_what_the_jitter_buffer_returns():
     assert list(inspect.signature(JitterFrame).parameters) == ["data", "timestamp"]
 
 
-def test_vp8_packetizer_and_depayloader_exist():
-    assert callable(vpx.vp8_depayload) and callable(vpx.Vp8Encoder._packetize), REREAD
-    payloads = vpx.Vp8Encoder._packetize(bytes(range(256)) * 20, 1234)
-    descriptor, _ = vpx.VpxPayloadDescriptor.parse(payloads[0])
-    assert descriptor.picture_id == 1234
-    assert b"".join(vpx.vp8_depayload(p) for p in payloads) == bytes(range(256)) * 20
+def test_vp8_packetizer_writes_the_descriptor_layout_the_adapter_reframes():
+    # The adapter takes the frame out of the encoder's VP8 payloads and packetizes the
+    # transformed frame behind the same descriptors, assuming Vp8Encoder._packetize's layout
+    # (frame_transform.VP8_FIRST_DESCRIPTOR): it must give exactly what the packetizer would
+    # have given for the transformed frame, at every picture ID and around every size limit.
+    for method in (vpx.Vp8Encoder.encode, vpx.Vp8Encoder.pack):
+        assert "self._packetize(" in source_of(method), (
+            f"Vp8Encoder.{method.__name__} no longer packetizes with Vp8Encoder._packetize: "
+            f"{REREAD}"
+        )
+    size = vpx.PACKET_MAX - frame_transform.VP8_DESCRIPTOR_LENGTH
+    seen: list[bytes] = []
+
+    def grow(frame: bytes) -> bytes:
+        seen.append(frame)
+        return frame + b"\xee" * 17
+
+    for picture_id in (0, 1, 127, 128, 32767):
+        for length in (1, size - 17, size - 16, size, size + 1, 3 * size + 5):
+            frame = bytes(range(256)) * (length // 256) + bytes(length % 256)
+            encoded = RTCEncodedFrame(vpx.Vp8Encoder._packetize(frame, picture_id), 0, 0)
+            result = frame_transform._transform_vp8(encoded, grow)
+            assert seen.pop() == frame, f"the VP8 depacketization moved: {REREAD}"
+            assert result is not None
+            assert result.payloads == vpx.Vp8Encoder._packetize(grow(frame), picture_id), (
+                f"Vp8Encoder._packetize's descriptor layout moved: {REREAD}"
+            )
+
+
+def test_pre_encoded_vp8_packets_are_reframed_the_same_way():
+    # A track may yield encoded av.Packets; the sender then packs them (Vp8Encoder.pack).
+    encoder = vpx.Vp8Encoder()
+    packet = av.Packet(bytes(range(256)) * 9)
+    packet.pts, packet.time_base = 0, fractions.Fraction(1, 90000)
+    picture_id = encoder.picture_id
+    payloads, _ = encoder.pack(packet)
+    result = frame_transform._transform_vp8(RTCEncodedFrame(payloads, 0, 0), lambda f: f[::-1])
+    assert result is not None
+    assert result.payloads == vpx.Vp8Encoder._packetize(bytes(packet)[::-1], picture_id)
+
+
+def test_vp8_payloads_in_another_layout_stop_the_sender():
+    # Raised inside aiortc's sending task, the error stops the sender: nothing goes out.
+    frame = bytes(3000)
+    for payloads in (
+        [b"\x10" + frame],  # no extended control bits
+        [bytes(vpx.VpxPayloadDescriptor(1, 0, picture_id=5, tl0picidx=1)) + frame],
+        [*vpx.Vp8Encoder._packetize(frame, 5)[:1], *vpx.Vp8Encoder._packetize(frame, 6)[1:]],
+    ):
+        with pytest.raises(frame_transform.UnsupportedCodecError):
+            frame_transform._transform_vp8(RTCEncodedFrame(payloads, 0, 0), bytes)
+
+
+def test_opus_frames_encoded_together_are_sent_one_by_one():
+    pending: deque[RTCEncodedFrame] = deque()
+    encoded = RTCEncodedFrame([b"a", b"b", b"c"], 1000, 7)
+    first = frame_transform._transform_opus(encoded, lambda frame: frame.upper(), pending)
+    assert first is encoded and first.payloads == [b"A"] and first.timestamp == 1000
+    # The encoder's audio level (7) is measured on the plaintext: no frame keeps it.
+    assert first.audio_level is None
+    assert [(f.payloads, f.timestamp, f.audio_level) for f in pending] == [
+        ([b"B"], 1000 + OPUS_SAMPLES_PER_FRAME, None),
+        ([b"C"], 1000 + 2 * OPUS_SAMPLES_PER_FRAME, None),
+    ]
+    pending.clear()
+    encoded = RTCEncodedFrame([b"a", b"b"], 1000, 0)
+    first = frame_transform._transform_opus(encoded, lambda f: None if f == b"a" else f, pending)
+    assert first is not None and first.payloads == [b"b"] and not pending
+    assert frame_transform._transform_opus(encoded, lambda frame: None, pending) is None
 
 
 @pytest.mark.slow
