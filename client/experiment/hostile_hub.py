@@ -183,7 +183,10 @@ class _Recorded:
         remaining: Iterator[bytes] = iter(self.drawn)
 
         def random_bytes(size: int) -> bytes:
-            data = next(remaining)
+            data = next(remaining, None)
+            if data is None:
+                # Past what the first machine drew (a rekey later in the call): fresh bytes.
+                return self._random_bytes(size)
             assert len(data) == size
             return data
 
