@@ -445,7 +445,7 @@ class Call:
                     self.stats.hub_lost = True
                 else:
                     logger.warning("ignored a bad message from the hub: %s", detail)
-                return session.hub_failed(detail, now)
+                return session.hub_failed(detail, now, closed=closed)
             case _Hangup(reason):
                 return session.hangup(reason, now)
             case _SasAnswered(accepted):
@@ -527,8 +527,10 @@ class Call:
         try:
             await self._hub.relay(self._peer, payload)
         except SignalingError as error:  # includes HubClosed
-            self.stats.hub_lost = isinstance(error, HubClosed)
-            return self.session.hub_failed(str(error), asyncio.get_running_loop().time())
+            closed = isinstance(error, HubClosed)
+            self.stats.hub_lost = self.stats.hub_lost or closed
+            now = asyncio.get_running_loop().time()
+            return self.session.hub_failed(str(error), now, closed=closed)
         return []
 
     async def _ask_sas(self, protection: ProtectionState) -> None:

@@ -133,8 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peer",
         type=peer_name,
-        help="whom you are calling: any peer that does not sign this name, or whose key "
-        "differs from the one pinned for it, is refused before any media key exists (exit 11)",
+        help="whom you are calling: a peer that signs another name (exit 11), or this name "
+        "with another key than the one pinned for it (exit 5), is refused before any media key "
+        "exists",
     )
     parser.add_argument(
         "--send",

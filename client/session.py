@@ -320,6 +320,7 @@ class CallSession:
         self._next_rekey: float | None = None
         self._rekey_deadline: float | None = None
         self._requested_rekey = False  # whether this side started the rekey under way or last
+        self._hub_gone = False  # nothing more can be sent to the peer
         self._receive_kids: tuple[int, ...] = ()  # the live receive keys, oldest first
         self._retirements: list[tuple[float, frozenset[int]]] = []
 
@@ -389,7 +390,7 @@ class CallSession:
     def rekey(self, now: float) -> list[Action]:
         """Start a new epoch now (in the call, once no rekey is under way)."""
         channel = self._channel
-        if self.state is not SessionState.IN_CALL or channel is None:
+        if self.state is not SessionState.IN_CALL or channel is None or self._hub_gone:
             return []
         if channel.rekey_in_progress:
             return []
@@ -413,11 +414,16 @@ class CallSession:
             return self._fail(CallFailed("the peer left during setup"))
         return self._end("peer-left")
 
-    def hub_failed(self, detail: str, now: float) -> list[Action]:
-        """The hub connection closed or sent something this peer refused. During setup the
-        call cannot go on; in the call media is peer to peer and the session goes on."""
+    def hub_failed(self, detail: str, now: float, *, closed: bool) -> list[Action]:
+        """The hub connection closed, or sent something this peer refused. During setup the
+        call cannot go on. In the call media is peer to peer and the session goes on; once the
+        hub is gone no rekey can cross, so none is started and one under way is abandoned
+        rather than ending the call at its deadline: the call stays in its current epoch."""
         if self.state in SETUP_STATES:
             return self._fail(CallFailed(f"the hub failed during setup: {detail}"))
+        if closed:
+            self._hub_gone = True
+            self._next_rekey = self._rekey_deadline = None
         return []
 
     def receive_key_used(self, kid: int, now: float) -> list[Action]:
@@ -625,7 +631,7 @@ class CallSession:
 
     def _schedule_rekey(self, now: float) -> None:
         interval = self.config.rekey_interval
-        if interval is not None and self._channel is not None:
+        if interval is not None and self._channel is not None and not self._hub_gone:
             factor = REQUESTER_REKEY_FACTOR if self._requested_rekey else 1.0
             self._next_rekey = now + interval * factor
 

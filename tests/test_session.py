@@ -420,10 +420,10 @@ def test_replayed_and_forged_messages_in_the_call_are_counted_and_change_nothing
 def test_the_hub_failing_ends_setup_but_not_the_call():
     pair = Pair(bob={"verify": Verify.PROMPT})
     pair.start()
-    actions = pair.bob.session.hub_failed("closed (1006)", pair.now)
+    actions = pair.bob.session.hub_failed("closed (1006)", pair.now, closed=True)
     assert isinstance(actions[0], Ended) and "hub failed during setup" in str(actions[0].error)
     pair = connected()
-    assert pair.bob.session.hub_failed("closed (1006)", pair.now) == []
+    assert pair.bob.session.hub_failed("closed (1006)", pair.now, closed=True) == []
     assert pair.bob.session.state is SessionState.IN_CALL
 
 
@@ -682,3 +682,26 @@ def test_receive_keys_the_peer_never_used_are_bounded():
         RetireReceiveKeys(frozenset({1})),
         RetireReceiveKeys(frozenset({3})),
     ]
+
+
+def test_with_the_hub_gone_the_call_stays_in_its_epoch_instead_of_ending_at_a_rekey_deadline():
+    pair = Pair(alice={"rekey_interval": 10.0}, bob={"rekey_interval": 10.0})
+    pair.start()
+    pair.at(10.0)
+    assert pair.alice.session.rekeys == 1
+    # The hub goes away just as alice's next rekey is under way: it can never complete.
+    pair.tamper = lambda sender, payload: []
+    pair.at(25.0)
+    assert pair.alice.session.next_deadline == 35.0  # the rekey's deadline
+    for side in (pair.alice, pair.bob):
+        assert side.session.hub_failed("closed (1006)", pair.now, closed=True) == []
+        assert side.session.next_deadline is None or side.session.next_deadline < 25.0
+    pair.at(1000.0)
+    for side in (pair.alice, pair.bob):
+        assert side.ended is None and side.session.state is SessionState.IN_CALL
+        assert side.session.rekey(pair.now) == []
+    # A bad message from a hub still there changes nothing about the rekeys.
+    pair = Pair(alice={"rekey_interval": 10.0})
+    pair.start()
+    assert pair.alice.session.hub_failed("bad frame", pair.now, closed=False) == []
+    assert pair.alice.session.next_deadline == 10.0

@@ -38,7 +38,9 @@ def media_seconds(value: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
-        "--out", type=Path, help="write report.json, recovered WAV/PNG files and figure.png here"
+        "--out",
+        type=Path,
+        help="write report.json, recovered WAV/PNG files and figure.png and figure.svg here",
     )
     parser.add_argument(
         "--seconds",
