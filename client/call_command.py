@@ -1,10 +1,10 @@
 """``blindhub call ROOM --hub URL --name NAME``: one end-to-end encrypted call.
 
-Exit codes (docs/client.md): 0 the call completed; 2 usage error; 3 hub unreachable or
-refused the join; 4 verification refused (SAS declined, or an unknown peer with
-``--verify pinned``); 5 identity mismatch (a pinned name presented another key); 6 the call
-failed (setup, key agreement or connection); 7 a local problem (bad ``--send``/``--record``,
-unreadable identity files).
+Exit codes: the one table, ``client.exit_codes.ExitCode`` (documented in
+docs/reference/cli.md): ``OK`` the call completed; ``USAGE``; a failed call exits with its
+``CallError.exit_code`` (``HUB_UNREACHABLE``, ``VERIFICATION_REFUSED``, ``IDENTITY_MISMATCH``,
+``CALL_FAILED``); ``LOCAL_PROBLEM`` for a bad ``--send``/``--record`` or unreadable identity
+files.
 
 There is no option to weaken a call: every call from this command is the product assembly
 (``client.call.CallParts()``), end-to-end encrypted with verified identities. Only the

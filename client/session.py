@@ -15,10 +15,11 @@ participant, ``InstallKeys`` (epoch 0 and every rekey take this one path), ``Ret
 after the grace window, ``AskSas``, ``Protected`` (the call is keyed: show with whom),
 ``MakeOffer``, ``AnswerOffer``, ``ApplyAnswer``, ``MediaStarted`` and, last, ``Ended``.
 
-The flow (docs/explanation/protocol.md): the key agreement (crypto/handshake.py) with the pin
-check inside it, then the SAS question where the user has not verified the peer, then the keys,
-then the SDP offer and answer as sealed messages; in the call, sealed rekeys and the bye. One
-session serves one remote participant, so a peer in a room of N holds N-1 sessions.
+The flow (docs/explanation/architecture.md, "A call, step by step"): the key agreement
+(crypto/handshake.py) with the pin check inside it, then the SAS question where the user has
+not verified the peer, then the keys, then the SDP offer and answer as sealed messages; in the
+call, sealed rekeys and the bye. One session serves one remote participant, so a peer in a
+room of N holds N-1 sessions.
 
 The experiment's weaker peers (client/experiment/) are subclasses that override the hooks marked
 "experiment hook"; this module builds only the product session, which always agrees keys with

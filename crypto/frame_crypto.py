@@ -89,7 +89,8 @@ class KeyUpdate:
     previous receive keys for a short grace window (frames in flight), then retire them.
     ``switch_send``: encrypt every frame from now on under this key (the peer holds it).
     The handshake's first update has both; a rekey's updates have one each, in the order
-    that never makes a side send under a key its peer lacks (docs/protocol.md, section 7).
+    that never makes a side send under a key its peer lacks (docs/reference/key-agreement.md,
+    Rekey).
     """
 
     install_receive: MediaKey | None = None

@@ -24,7 +24,8 @@ Four JSON messages, relayed by the (untrusted) hub::
 The machines are table-driven: ``HANDLERS`` maps each (state, message type) pair that is
 accepted to its handler; every other pair is ``UnexpectedCallMessage``. The messages are
 the typed ones of crypto/messages.py. Any error moves the machine to FAILED for good and
-no key is ever exposed. docs/protocol.md is the specification.
+no key is ever exposed. docs/reference/key-agreement.md is the specification;
+docs/explanation/protocol.md says why.
 """
 
 import enum

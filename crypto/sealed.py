@@ -5,7 +5,7 @@ directions' SFrame base keys and signalling sealing keys are derived. The handsh
 (crypto/handshake.py) produces epoch 0; a rekey produces epoch n+1 from a fresh X25519
 exchange mixed with epoch n's secret, which gives forward secrecy (old epochs cannot be
 recomputed once erased) and post-compromise healing (a thief of epoch n who only
-listens cannot follow into epoch n+1). See docs/protocol.md.
+listens cannot follow into epoch n+1). See docs/reference/key-agreement.md.
 
 Every signalling message after the handshake goes through a ``SealedChannel``:
 ChaCha20-Poly1305 under the sending direction's key of the current epoch, with the
@@ -183,7 +183,7 @@ class Received:
 
 
 class RekeyState(enum.Enum):
-    """Where this side is in a rekey; docs/protocol.md, section 7, has the table."""
+    """Where this side is in a rekey; docs/reference/key-agreement.md (Rekey) has the table."""
 
     IDLE = "idle"
     REQUESTED = "requested"  # our ``rekey`` is out; the peer's ``rekey-ack`` is due
