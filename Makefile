@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench test-minimum clean
+.PHONY: demo test check lint typecheck unit bench test-minimum clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/blindhub demo --out demo-output
 
+# The whole suite, real calls included: what CI runs.
 test: lint typecheck unit
+
+# The inner loop: lint, types and every test not marked slow (no real call).
+check: lint typecheck
+	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.handshake
 	$(BIN)/python -m tests.bench.call
 	$(BIN)/python -m tests.bench.hub
+	$(BIN)/python -m tests.bench.audio_sizes
 
 # The suite against the oldest dependency versions pyproject.toml allows.
 MINIMUM_VENV := .venv-minimum

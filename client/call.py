@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -38,18 +40,22 @@ from aiortc import (
 from aiortc.contrib.media import MediaRecorder, MediaRelay
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
+from client.exit_codes import ExitCode
 from client.frame_transform import (
     SDP_ERRORS,
     SUPPORTED_CODECS,
     FrameTransform,
+    install_constant_bitrate_opus,
     install_receiver_transform,
     install_sender_transform,
     request_keyframe,
 )
 from client.hub_connection import HubClosed, HubConnection, Relayed
 from client.media import ReceivedMedia, collect, open_recorder, recordable
+from client.rtp_policy import AUDIO_BITRATE, strip_header_extensions
 from client.session import (
     DEFAULT_GRACE_SECONDS,
+    DEFAULT_REKEY_INTERVAL,
     DEFAULT_SETUP_TIMEOUT,
     Action,
     AnswerOffer,
@@ -122,11 +128,30 @@ class CallStats:
 ConfirmSas = Callable[[ProtectionState], Awaitable[bool]]
 
 
+class CallPhase(enum.Enum):
+    """Where a call is, for a user who would otherwise see nothing until the peer arrives
+    (``CallConfig.on_phase``). In this order; WAITING only when the room was empty."""
+
+    CONNECTING = "connecting"  # to the hub, and joining the room
+    WAITING = "waiting"  # for a peer in the room
+    KEY_AGREEMENT = "key-agreement"  # the peer is there: keys, identities, the SAS, the SDP
+    MEDIA = "media"  # media flows, end-to-end encrypted
+
+
+class HubNotTrusted(CallError):
+    """The wss:// hub's TLS certificate did not verify."""
+
+    exit_code = ExitCode.HUB_NOT_TRUSTED
+
+
 class FrameProtection(Protocol):
     """What a call does to each encoded frame: SFrame in the product (``SFrameProtection``)."""
 
-    def install(self, suite: CipherSuite, update: KeyUpdate) -> None:
-        """Keys from the session: epoch 0, then each rekey."""
+    def install(
+        self, suite: CipherSuite, update: KeyUpdate, on_first_use: Callable[[int], None]
+    ) -> None:
+        """Keys from the session: epoch 0, then each rekey. ``on_first_use(kid)`` once the
+        first frame under a new receive key authenticates."""
 
     def retire(self, kids: frozenset[int]) -> None:
         """Erase receive keys whose grace window is over."""
@@ -152,11 +177,13 @@ class SFrameProtection:
         self._sender: SFrameSender | None = None
         self._receiver: SFrameReceiver | None = None
 
-    def install(self, suite: CipherSuite, update: KeyUpdate) -> None:
+    def install(
+        self, suite: CipherSuite, update: KeyUpdate, on_first_use: Callable[[int], None]
+    ) -> None:
         if self._sender is None or self._receiver is None:
             self._sender, self._receiver = SFrameSender(suite), SFrameReceiver(suite)
-        # The session retires old receive keys itself, after its grace window.
-        apply_key_update(update, self._sender, self._receiver)
+        # The session retires old receive keys itself, once the peer has switched.
+        apply_key_update(update, self._sender, self._receiver, on_first_use=on_first_use)
 
     def retire(self, kids: frozenset[int]) -> None:
         if self._receiver is not None:
@@ -218,16 +245,20 @@ class CallConfig:
     known_peers: KnownPeers
     tracks: Sequence[MediaStreamTrack] = ()
     verify: Verify = Verify.PROMPT
+    peer: str | None = None  # the only name to accept (``--peer``), normalised
     # Asked with no time limit: only hangup() ends the wait (setup_timeout is for the network).
     confirm_sas: ConfirmSas | None = None
     record_path: str | None = None
     duration: float | None = None
-    rekey_after: float | None = None  # seconds into the media, once
+    rekey_interval: float | None = DEFAULT_REKEY_INTERVAL  # seconds between epochs
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     setup_timeout: float = DEFAULT_SETUP_TIMEOUT
     ice_servers: Sequence[RTCIceServer] = ()
     random_bytes: Callable[[int], bytes] = os.urandom
     on_protection: Callable[[ProtectionState], None] | None = None
+    # Verifies a wss:// hub's certificate; None: the system's trust store.
+    hub_ssl_context: ssl.SSLContext | None = None
+    on_phase: Callable[[CallPhase], None] | None = None
 
     def session_config(self) -> SessionConfig:
         return SessionConfig(
@@ -235,8 +266,10 @@ class CallConfig:
             identity=self.identity,
             known_peers=self.known_peers,
             verify=self.verify,
+            peer=self.peer,
             setup_timeout=self.setup_timeout,
             grace_seconds=self.grace_seconds,
+            rekey_interval=self.rekey_interval,
             random_bytes=self.random_bytes,
         )
 
@@ -266,11 +299,11 @@ class _SasAnswered:
 
 
 @dataclass(frozen=True)
-class _RekeyDue:
-    pass
+class _KeyUsed:
+    kid: int
 
 
-_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered | _RekeyDue
+_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered | _KeyUsed
 
 
 class Call:
@@ -306,7 +339,8 @@ class Call:
         try:
             await self._join()
             ended = await self._drive()
-            if ended.error is None:
+            if self._media_started:
+                # Also for a call that failed in the middle (a stalled rekey, lost signalling).
                 await self._finish(ended.reason)
         finally:
             self._record_session()
@@ -321,11 +355,18 @@ class Call:
 
     async def _join(self) -> None:
         config = self.config
+        self._phase(CallPhase.CONNECTING)
         try:
             async with asyncio.timeout(config.setup_timeout):
-                self._hub = await HubConnection.connect(config.hub_url)
+                self._hub = await HubConnection.connect(
+                    config.hub_url, ssl_context=config.hub_ssl_context
+                )
                 self._join_time = time.monotonic()
                 welcome = await self._hub.join(config.room)
+        except ssl.SSLCertVerificationError as error:
+            raise HubNotTrusted(
+                f"the hub at {config.hub_url} is not trusted: {error.verify_message}"
+            ) from None
         except (OSError, InvalidURI, InvalidHandshake, TimeoutError, SignalingError) as error:
             raise HubUnreachable(
                 f"cannot join {config.room!r} at {config.hub_url}: {error}"
@@ -342,6 +383,12 @@ class Call:
         self._tasks.append(asyncio.create_task(self._read_hub()))
         if welcome.peers:
             self._events.put_nowait(_FromHub(PeerJoined(welcome.peers[0])))
+        else:
+            self._phase(CallPhase.WAITING)
+
+    def _phase(self, phase: CallPhase) -> None:
+        if self.config.on_phase is not None:
+            self.config.on_phase(phase)
 
     async def _read_hub(self) -> None:
         assert self._hub is not None
@@ -403,13 +450,14 @@ class Call:
                 return session.hangup(reason, now)
             case _SasAnswered(accepted):
                 return session.sas_answer(accepted, now)
-            case _RekeyDue():
-                return session.rekey(now)
+            case _KeyUsed(kid):
+                return session.receive_key_used(kid, now)
 
     def _handle_before_peer(self, event: _Event, now: float) -> list[Action]:
         match event:
             case _FromHub(PeerJoined(peer_id)):
                 self._peer = peer_id
+                self._phase(CallPhase.KEY_AGREEMENT)
                 initiator = self._offer is not None
                 self.session = self.parts.session(self.config.session_config(), initiator, now)
                 return self.session.start(now)
@@ -425,7 +473,12 @@ class Call:
             action = pending.popleft()
             if isinstance(action, Ended):
                 return action
-            pending.extend(await self._carry_out_one(action))
+            try:
+                pending.extend(await self._carry_out_one(action))
+            except CallError as error:
+                # The session unpins a peer it had not accepted, as for its own failures.
+                assert self.session is not None
+                pending = deque(self.session.abort(error, asyncio.get_running_loop().time()))
         return None
 
     async def _carry_out_one(self, action: Action) -> list[Action]:
@@ -437,7 +490,7 @@ class Call:
             case Send(payload):
                 return await self._send(payload)
             case InstallKeys(suite, update):
-                self.frames.install(suite, update)
+                self.frames.install(suite, update, self._key_used)
             case RetireReceiveKeys(kids):
                 self.frames.retire(kids)
             case AskSas(protection):
@@ -458,11 +511,16 @@ class Call:
             case ApplyAnswer(sdp):
                 with _rejecting_bad_sdp():
                     await self._connection().setRemoteDescription(
-                        RTCSessionDescription(sdp, "answer")
+                        RTCSessionDescription(strip_header_extensions(sdp), "answer")
                     )
             case MediaStarted():
                 await self._start_media()
+                self._phase(CallPhase.MEDIA)
         return []
+
+    def _key_used(self, kid: int) -> None:
+        # Called from the receiver's frame transform, in the event loop's thread.
+        self._events.put_nowait(_KeyUsed(kid))
 
     async def _send(self, payload: dict[str, Any]) -> list[Action]:
         assert self._hub is not None and self._peer is not None and self.session is not None
@@ -495,13 +553,18 @@ class Call:
             track = tracks.get(kind)
             pc.addTransceiver(track or kind, direction="sendrecv" if track else "recvonly")
         self._prefer_codecs(pc)
-        await pc.setLocalDescription(await pc.createOffer())
+        offer = await pc.createOffer()
+        await pc.setLocalDescription(
+            RTCSessionDescription(strip_header_extensions(offer.sdp), offer.type)
+        )
 
     async def _answer(self, offer: str) -> str:
         pc = self._new_connection()
         # The answer is derived from the offer: aiortc can also fail on the offer there.
         with _rejecting_bad_sdp():
-            await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            await pc.setRemoteDescription(
+                RTCSessionDescription(strip_header_extensions(offer), "offer")
+            )
             for track in self.config.tracks:
                 pc.addTrack(track)
             self._prefer_codecs(pc)
@@ -520,11 +583,14 @@ class Call:
             )
 
     def _install_transforms(self, pc: RTCPeerConnection) -> None:
-        """The frame protection on every sender and receiver, before any of them can start."""
+        """The frame protection on every sender and receiver, and the constant-bitrate audio
+        encoder, before any of them can start."""
         if self.parts.prepare_connection is not None:
             self.parts.prepare_connection(pc)
         for transceiver in pc.getTransceivers():
             kind = transceiver.kind
+            if kind == "audio":
+                install_constant_bitrate_opus(transceiver.sender, AUDIO_BITRATE)
             transforms = self.frames.transforms(kind, _keyframe_requester(transceiver.receiver))
             if transforms is None:
                 continue
@@ -562,15 +628,13 @@ class Call:
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
-            if pc.connectionState == "failed":
-                self.hangup("connection-failed")
+            # "closed": the peer closed its connection (its DTLS close_notify), perhaps after a
+            # bye the hub withheld.
+            if pc.connectionState in ("failed", "closed"):
+                self.hangup(f"connection-{pc.connectionState}")
 
         if self.config.duration is not None:
             self._timers.append(loop.call_later(self.config.duration, self.hangup, "duration"))
-        if self.config.rekey_after is not None:
-            self._timers.append(
-                loop.call_later(self.config.rekey_after, self._events.put_nowait, _RekeyDue())
-            )
 
     # -- the end
 
@@ -594,7 +658,7 @@ class Call:
                 ("media-alteration-rejected", received.unauthenticated),
             ):
                 if count:
-                    detections[what] = count
+                    detections[what] = detections.get(what, 0) + count
         if self.frames.send_kid is None:
             # No SFrame (the experiment's control): what was received is what was decoded.
             stats.audio.received = stats.audio.decrypted = self.received.audio_frames
@@ -614,17 +678,22 @@ class Call:
             self.stats.detections.update(self.session.detections)
 
     async def _close(self) -> None:
+        """Stop everything, each step even if one before it failed."""
         for timer in self._timers:
             timer.cancel()
-        if self._recorder is not None:
-            await self._recorder.stop()
-        if self._pc is not None:
-            await self._pc.close()
+        async with contextlib.AsyncExitStack() as stack:
+            if self._hub is not None:
+                stack.push_async_callback(self._hub.close)
+            stack.push_async_callback(self._cancel_tasks)
+            if self._pc is not None:
+                stack.push_async_callback(self._pc.close)
+            if self._recorder is not None:
+                stack.push_async_callback(self._recorder.stop)
+
+    async def _cancel_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._hub is not None:
-            await self._hub.close()
 
 
 def _keyframe_requester(receiver: RTCRtpReceiver) -> Callable[[], None]:
@@ -652,8 +721,10 @@ __all__ = [
     "CallConfig",
     "CallError",
     "CallParts",
+    "CallPhase",
     "CallStats",
     "FrameProtection",
+    "HubNotTrusted",
     "KindStats",
     "SFrameProtection",
 ]

@@ -1,10 +1,8 @@
 """``blindhub call ROOM --hub URL --name NAME``: one end-to-end encrypted call.
 
-Exit codes: the one table, ``client.exit_codes.ExitCode`` (documented in
-docs/reference/cli.md): ``OK`` the call completed; ``USAGE``; a failed call exits with its
-``CallError.exit_code`` (``HUB_UNREACHABLE``, ``VERIFICATION_REFUSED``, ``IDENTITY_MISMATCH``,
-``CALL_FAILED``); ``LOCAL_PROBLEM`` for a bad ``--send``/``--record`` or unreadable identity
-files.
+Exit codes: client/exit_codes.py, documented in docs/reference/cli.md. A failed call exits
+with its ``CallError.exit_code`` (3 to 6, 11 and 12); 2 and 7 are this command's own checks,
+refused before anything connects (7 also when ``--stats-json`` cannot be written after it).
 
 There is no option to weaken a call: every call from this command is the product assembly
 (``client.call.CallParts()``), end-to-end encrypted with verified identities. Only the
@@ -15,13 +13,19 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
+import ssl
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from client.call import Call, CallConfig, CallStats
+from websockets.exceptions import InvalidURI
+from websockets.uri import parse_uri
+
+from client.call import Call, CallConfig, CallPhase, CallStats
 from client.exit_codes import ExitCode
 from client.identity_store import (
     home_directory,
@@ -30,30 +34,108 @@ from client.identity_store import (
     save_known_peers,
 )
 from client.media import MediaSourceError, check_recording_path, open_sources
-from client.session import CallError, ProtectionState, Verify
+from client.session import DEFAULT_REKEY_INTERVAL, CallError, ProtectionState, Verify
 from crypto.errors import CryptoError
-from crypto.identity import MAX_PEER_NAME_LENGTH
-from crypto.messages import name_field
+from crypto.identity import KnownPeers
+from crypto.names import InvalidName, normalize_name
+from signaling.protocol import NAME_PATTERN
+
+
+def own_name(value: str) -> str:
+    """``--name``: signed exactly as typed, so it must already be normal (crypto/names.py);
+    checked here, as a usage error, rather than by the peer during the key agreement."""
+    normal = peer_name(value)
+    if normal != value:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not in the normal form names are signed in (Unicode NFKC, single "
+            f"spaces, none at either end): use {normal!r}"
+        )
+    return value
+
+
+MIN_REKEY_INTERVAL = 1.0
+MAX_REKEY_INTERVAL = 24 * 3600.0
 
 
 def peer_name(value: str) -> str:
-    # Checked here, as a usage error, rather than by the peer during the key agreement.
+    """``--peer``: compared with the name the peer signs, which is normal, so normalised."""
     try:
-        return name_field(value)
+        return normalize_name(value)
+    except InvalidName as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def rekey_interval(value: str) -> float:
+    # Rekeys cannot be switched off from the command line: they are what heals a stolen key.
+    try:
+        seconds = float(value)
     except ValueError:
+        seconds = math.nan
+    if not MIN_REKEY_INTERVAL <= seconds <= MAX_REKEY_INTERVAL:  # also refuses nan
         raise argparse.ArgumentTypeError(
-            f"must be 1 to {MAX_PEER_NAME_LENGTH} printable characters"
-        ) from None
+            f"must be {MIN_REKEY_INTERVAL:g} to {MAX_REKEY_INTERVAL:g} seconds"
+        )
+    return seconds
+
+
+# -- checked before anything connects: a bad value is a usage error (exit 2), and the hub
+# never hears of it
+
+
+def room_name(value: str) -> str:
+    # The hub's own rule (signaling.protocol), so that a room it would refuse is never sent.
+    if NAME_PATTERN.fullmatch(value) is None:
+        raise argparse.ArgumentTypeError("must be 1 to 64 of A-Z a-z 0-9 - _")
+    return value
+
+
+def hub_url(value: str) -> str:
+    try:
+        parse_uri(value)
+    except InvalidURI:
+        raise argparse.ArgumentTypeError("must be ws://HOST:PORT or wss://HOST:PORT") from None
+    return value
+
+
+def call_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("room", help="the room to call in (both peers name the same room)")
-    parser.add_argument("--hub", required=True, help="the hub's URL, ws://HOST:PORT or wss://...")
+    parser.add_argument(
+        "room",
+        type=room_name,
+        help="the room to call in (both peers name the same room): 1 to 64 of A-Z a-z 0-9 - _",
+    )
+    parser.add_argument(
+        "--hub",
+        required=True,
+        type=hub_url,
+        help="the hub's URL, ws://HOST:PORT or wss://HOST:PORT",
+    )
+    parser.add_argument(
+        "--hub-ca",
+        metavar="FILE",
+        help="for a wss:// hub: trust only the certificates in this PEM file (a private CA, or "
+        "the hub's own self-signed certificate) instead of the system's trust store",
+    )
     parser.add_argument(
         "--name",
         required=True,
-        type=peer_name,
+        type=own_name,
         help="your name, signed in the key agreement, shown to and pinned by the peer",
+    )
+    parser.add_argument(
+        "--peer",
+        type=peer_name,
+        help="whom you are calling: any peer that does not sign this name, or whose key "
+        "differs from the one pinned for it, is refused before any media key exists (exit 11)",
     )
     parser.add_argument(
         "--send",
@@ -61,7 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to send: tone[:HZ], pattern, FILE, mic, camera; several joined by commas",
     )
     parser.add_argument("--record", help="record what is received: .wav, .mkv or .mp4")
-    parser.add_argument("--duration", type=float, help="hang up after this many seconds")
+    parser.add_argument(
+        "--duration", type=call_seconds, help="hang up after this many seconds of media"
+    )
     parser.add_argument(
         "--verify",
         choices=[v.value for v in Verify],
@@ -70,6 +154,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--home", help="where your identity and pins live ($BLINDHUB_HOME)")
     parser.add_argument("--stats-json", help="write the end-of-call statistics to this file")
+    parser.add_argument(
+        "--rekey-interval",
+        type=rekey_interval,
+        default=DEFAULT_REKEY_INTERVAL,
+        metavar="SECONDS",
+        help=(
+            "a new epoch of keys this often: forward secrecy and healing after a key is "
+            f"stolen (default {DEFAULT_REKEY_INTERVAL:g}; at least {MIN_REKEY_INTERVAL:g})"
+        ),
+    )
 
 
 async def read_line(prompt: str) -> str:
@@ -117,6 +211,23 @@ def show_protection(state: ProtectionState) -> None:
     print(state.describe(), flush=True)
 
 
+def save_pins(home: Path, known_peers: KnownPeers, loaded: KnownPeers) -> None:
+    """This call's pin changes onto the pin file as it is now (other calls and ``contacts``
+    may have changed it meanwhile); what could not be kept is said, not hidden."""
+    try:
+        dropped = save_known_peers(home, known_peers, loaded=loaded)
+    except (CryptoError, OSError) as error:
+        print(f"blindhub call: this call's pins were not saved: {error}", file=sys.stderr)
+        return
+    for pin in dropped:
+        print(
+            f"blindhub call: {pin.name!r} was pinned to another key by another command during "
+            f"this call; that pin stands and this call's ({pin.public_key.fingerprint()}) was "
+            "not kept",
+            file=sys.stderr,
+        )
+
+
 def print_stats(stats: CallStats) -> None:
     print(f"call ended ({stats.ended_by}) after {stats.duration_seconds:.1f} s")
     for kind in ("audio", "video"):
@@ -125,10 +236,43 @@ def print_stats(stats: CallStats) -> None:
             f"  {kind}: sent {s.sent}, received {s.received}, decrypted {s.decrypted}, "
             f"failed {s.failed}, SFrame bytes added {s.sframe_bytes_added}"
         )
+    print(f"  rekeys completed: {stats.rekeys}")
     if stats.round_trip_seconds is not None:
         print(f"  round-trip time {stats.round_trip_seconds * 1000:.1f} ms")
     if stats.hub_lost:
         print("  the hub went away during the call")
+
+
+class HubCaUnusable(Exception):
+    """``--hub-ca`` names no readable PEM certificate."""
+
+
+def hub_ssl_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """What verifies a wss:// hub: only the certificates in ``ca_file``, or (None) the system's
+    trust store. Hostname checking stays on either way."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        reason = getattr(error, "strerror", None) or str(error)
+        message = f"--hub-ca {ca_file}: not a readable PEM certificate: {reason}"
+        raise HubCaUnusable(message) from None
+
+
+def phase_printer(args: argparse.Namespace) -> Callable[[CallPhase], None]:
+    """One line per phase on stdout, so a call waiting for its peer does not look hung."""
+    lines = {
+        CallPhase.CONNECTING: f"connecting to the hub at {args.hub}",
+        CallPhase.WAITING: f"waiting for a peer in room {args.room}",
+        CallPhase.KEY_AGREEMENT: "a peer joined: agreeing keys",
+        CallPhase.MEDIA: "media flowing, end-to-end encrypted (Ctrl-C hangs up)",
+    }
+
+    def show(phase: CallPhase) -> None:
+        print(lines[phase], flush=True)
+
+    return show
 
 
 async def run_call(call: Call) -> CallStats:
@@ -139,10 +283,19 @@ async def run_call(call: Call) -> CallStats:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hub_ca is not None and not args.hub.lower().startswith("wss:"):
+        print("blindhub call: --hub-ca is for a wss:// hub", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        hub_ssl = hub_ssl_context(args.hub_ca)
+    except HubCaUnusable as error:
+        print(f"blindhub call: {error}", file=sys.stderr)
+        return ExitCode.LOCAL_PROBLEM
     home = home_directory(args.home)
     try:
         identity = open_identity(home)
         known_peers = load_known_peers(home)
+        loaded = known_peers.copy()
         tracks = open_sources(args.send)
         if args.record:
             check_recording_path(args.record)
@@ -159,10 +312,16 @@ def run(args: argparse.Namespace) -> int:
             known_peers=known_peers,
             tracks=tracks,
             verify=verify,
+            peer=args.peer,
             confirm_sas=ask_to_confirm,
             record_path=args.record,
             duration=args.duration,
-            on_protection=None if verify is Verify.PROMPT else show_protection,
+            rekey_interval=args.rekey_interval,
+            # Shown in every mode, once the peer is accepted and before media: in prompt mode
+            # too, so a verified contact other than the one meant does not go unnoticed.
+            on_protection=show_protection,
+            hub_ssl_context=hub_ssl,
+            on_phase=phase_printer(args),
         )
     )
     try:
@@ -171,8 +330,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"blindhub call: {error}", file=sys.stderr)
         return error.exit_code
     finally:
-        save_known_peers(home, known_peers)
+        save_pins(home, known_peers, loaded)
     print_stats(stats)
     if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+        try:
+            Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+        except OSError as error:
+            print(f"blindhub call: cannot write --stats-json: {error}", file=sys.stderr)
+            return ExitCode.LOCAL_PROBLEM
     return ExitCode.OK

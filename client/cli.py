@@ -7,9 +7,14 @@ exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Protocol
+
+from client.exit_codes import ExitCode
+
+TRACEBACK_VARIABLE = "BLINDHUB_TRACEBACK"
 
 # name -> (module, one-line help). Named, not imported: `demo` is the experiment package's,
 # which no product module imports (the import contracts in pyproject.toml).
@@ -52,7 +57,22 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(arguments).parse_args(arguments)
-    exit_code: int = args.run(args)
+    try:
+        exit_code: int = args.run(args)
+    except KeyboardInterrupt:
+        # Ctrl-C where a command set no handler of its own (the call hangs up on its own).
+        return ExitCode.INTERRUPTED
+    except Exception as error:
+        # The last resort: every failure a command expects has its own line and code, so this
+        # is a bug. One line and a code still, never a traceback, unless asked for one.
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        print(
+            f"blindhub {args.command}: internal error: {type(error).__name__}: {error} "
+            f"(set {TRACEBACK_VARIABLE}=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return ExitCode.INTERNAL_ERROR
     return exit_code
 
 

@@ -8,18 +8,29 @@ from client.identity_store import home_directory, load_known_peers, open_identit
 from crypto.errors import CryptoError
 from crypto.identity import Pin, UnknownPeer, safety_number
 
+HOME_HELP = "where your identity and pins live ($BLINDHUB_HOME)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--home", help="where your identity and pins live ($BLINDHUB_HOME)")
+    parser.add_argument("--home", help=HOME_HELP)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
-    actions.add_parser("list", help="list pinned peers (the default)")
+    # --home also after the action; SUPPRESS keeps an absent one from undoing one given before.
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--home", default=argparse.SUPPRESS, help=HOME_HELP)
+    actions.add_parser("list", parents=[home], help="list pinned peers (the default)")
     show = actions.add_parser(
-        "show", help="NAME's fingerprint and the safety number to compare with NAME out of band"
+        "show",
+        parents=[home],
+        help="NAME's fingerprint and the safety number to compare with NAME out of band",
     )
     show.add_argument("contact", metavar="NAME")
-    verify = actions.add_parser("verify", help="record that NAME's key was compared out of band")
+    verify = actions.add_parser(
+        "verify", parents=[home], help="record that NAME's key was compared out of band"
+    )
     verify.add_argument("contact", metavar="NAME")
-    forget = actions.add_parser("forget", help="forget NAME's pin; the next key is pinned anew")
+    forget = actions.add_parser(
+        "forget", parents=[home], help="forget NAME's pin; the next key is pinned anew"
+    )
     forget.add_argument("contact", metavar="NAME")
 
 
@@ -38,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
                 raise UnknownPeer(f"no pinned identity for peer {args.contact!r}")
             show(found, safety_number(open_identity(home).public_key, found.public_key))
             return ExitCode.OK
+        loaded = peers.copy()
         pin = (peers.mark_verified if args.action == "verify" else peers.remove)(args.contact)
-        save_known_peers(home, peers)
+        save_known_peers(home, peers, loaded=loaded)
     except UnknownPeer as error:
         print(f"blindhub contacts: {error}", file=sys.stderr)
         return ExitCode.UNKNOWN_CONTACT

@@ -12,7 +12,14 @@ class ExitCode(enum.IntEnum):
     VERIFICATION_REFUSED = 4  # call: the SAS was declined, or --verify pinned met an unknown peer
     IDENTITY_MISMATCH = 5  # call: a pinned name presented another identity key
     CALL_FAILED = 6  # call: setup, key agreement or the connection failed
-    LOCAL_PROBLEM = 7  # unreadable identity or pin files, a bad --send or --record
+    # A local file, port or device: unreadable identity, pin or certificate files, a port in
+    # use, a directory that cannot be written, a --send device that cannot be opened, no
+    # passphrase to be had
+    LOCAL_PROBLEM = 7
     UNKNOWN_CONTACT = 8  # contacts: no pin for that name
     EXPERIMENT_INVALID = 9  # demo: the control was not intercepted, so the run proves nothing
     EXPERIMENT_UNEXPECTED = 10  # demo: a protected cell did not come out as claimed
+    WRONG_PEER = 11  # call: the peer signed another name than --peer NAME, or our own key
+    HUB_NOT_TRUSTED = 12  # call: the wss:// hub's certificate did not verify (see --hub-ca)
+    INTERNAL_ERROR = 70  # any: a bug (an unexpected exception); as sysexits.h's EX_SOFTWARE
+    INTERRUPTED = 130  # any: Ctrl-C outside a call (128 + SIGINT, as a shell reports it)

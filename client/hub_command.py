@@ -30,9 +30,21 @@ _LIMIT_HELP = {
 }
 
 
+def port_number(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number, 0 to 65535")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
+    parser.add_argument(
+        "--port", type=port_number, default=8765, help="port, 1 to 65535 (0 picks a free one)"
+    )
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve wss")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -61,21 +73,53 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"blindhub hub: {error}", file=sys.stderr)
         return ExitCode.USAGE
-    ssl_context = None
-    if args.tls_cert is not None:
-        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    # Files, then the port: each a one-line error (exit 7) before anything is served.
+    try:
+        ssl_context = _tls_context(args.tls_cert, args.tls_key)
+    except ssl.SSLError:
+        return _local_problem(
+            f"--tls-cert {args.tls_cert} and --tls-key {args.tls_key} are not a PEM "
+            "certificate chain and its private key"
+        )
+    except OSError as error:
+        return _local_problem(f"cannot read --tls-cert or --tls-key: {_reason(error)}")
     _configure_logging(quiet=args.quiet)
     with contextlib.ExitStack() as stack:
         metadata = None
         if args.record_metadata is not None:
-            sink = stack.enter_context(open(args.record_metadata, "a", buffering=1))
+            try:
+                sink = stack.enter_context(open(args.record_metadata, "a", buffering=1))
+            except OSError as error:
+                return _local_problem(
+                    f"cannot append to --record-metadata {args.record_metadata}: {_reason(error)}"
+                )
             metadata = MetadataRecorder(sink)
         server = HubServer(
             Hub(limits), host=args.host, port=args.port, ssl_context=ssl_context, metadata=metadata
         )
-        asyncio.run(_serve_until_signalled(server))
+        try:
+            asyncio.run(_serve_until_signalled(server))
+        except OSError as error:  # only listening raises it: connections fail on their own
+            return _local_problem(f"cannot listen on {args.host}:{args.port}: {_reason(error)}")
     return ExitCode.OK
+
+
+def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _reason(error: Exception) -> str:
+    # An OSError's str() starts with "[Errno N]"; the file name is already in our message.
+    return getattr(error, "strerror", None) or str(error)
+
+
+def _local_problem(message: str) -> int:
+    print(f"blindhub hub: {message}", file=sys.stderr)
+    return ExitCode.LOCAL_PROBLEM
 
 
 async def _serve_until_signalled(server: HubServer) -> None:

@@ -113,7 +113,13 @@ class HubConnection:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         open_timeout: float = 10.0,
     ) -> Self:
-        """Open a websocket to the hub at ``url`` (ws:// or wss://)."""
+        """Open a websocket to the hub at ``url`` (ws:// or wss://).
+
+        A wss:// hub's certificate is verified against ``ssl_context``, by default the
+        system's trust store; a certificate that does not verify raises
+        ``ssl.SSLCertVerificationError`` (an ``OSError``)."""
+        if ssl_context is None and url.lower().startswith("wss:"):
+            ssl_context = ssl.create_default_context()
         websocket = await connect(
             url,
             ssl=ssl_context,

@@ -1,8 +1,9 @@
 """Media sources and sinks for a call, as aiortc MediaStreamTracks.
 
-Sources: a sine tone, a moving test pattern that shows its frame number and carries it as a
-code, a media file, and the platform's microphone and camera. Sinks: a recorder of what was
-received (``.wav``, or ``.mkv`` / ``.mp4`` for audio and video) and a collector that keeps
+Sources: a sine tone, a speech-like signal that alternates with near silence (to measure what
+the wire shows of voice activity), a moving test pattern that shows its frame number and carries
+it as a code, a media file, and the platform's microphone and camera. Sinks: a recorder of what
+was received (``.wav``, or ``.mkv`` / ``.mp4`` for audio and video) and a collector that keeps
 received audio samples and pattern frame numbers in memory for analysis.
 """
 
@@ -13,6 +14,7 @@ import fractions
 import math
 import os
 import platform
+import random
 import time
 from array import array
 from collections.abc import Sequence
@@ -105,13 +107,74 @@ class ToneTrack(_PacedTrack):
     async def recv(self) -> av.AudioFrame:
         index = await self._next_frame_index()
         first = index * AUDIO_FRAME_SAMPLES
-        samples = tone_samples(self.frequency, first, AUDIO_FRAME_SAMPLES)
-        frame = av.AudioFrame(format="s16", layout="mono", samples=AUDIO_FRAME_SAMPLES)
-        frame.planes[0].update(samples.tobytes())
-        frame.pts = first
-        frame.sample_rate = SAMPLE_RATE
-        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
-        return frame
+        return _audio_frame(tone_samples(self.frequency, first, AUDIO_FRAME_SAMPLES), first)
+
+
+def _audio_frame(samples: array[int], first: int) -> av.AudioFrame:
+    """A 48 kHz mono s16 frame of ``samples``, the ``first`` sample of the track at its start."""
+    frame = av.AudioFrame(format="s16", layout="mono", samples=len(samples))
+    frame.planes[0].update(samples.tobytes())
+    frame.pts = first
+    frame.sample_rate = SAMPLE_RATE
+    frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+    return frame
+
+
+BURST_SECONDS = 1  # voiced for this long, then as long near silent, and again
+_VOICE_HARMONICS = 12
+_VOICE_PEAK = 0.3 * 32767
+_SYLLABLES_PER_SECOND = 4
+_NOISE_FLOOR = 30  # about -60 dBFS: a quiet room through a microphone, never digital zero
+
+
+@cache
+def _burst_cycle() -> array[int]:
+    """One voiced second then one quiet second, 48 kHz s16 (a fixed seed: the same each run)."""
+    noise = random.Random(1)
+    samples = array("h")
+    for n in range(2 * BURST_SECONDS * SAMPLE_RATE):
+        t = n / SAMPLE_RATE
+        sample = noise.uniform(-_NOISE_FLOOR, _NOISE_FLOOR)
+        if t < BURST_SECONDS:
+            # A glottal-like buzz (harmonics falling as 1/k) whose pitch glides from 100 to
+            # 160 Hz, its loudness shaped into syllables, with a breath of noise.
+            phase = 2 * math.pi * (100 * t + 30 * t * t)
+            buzz = sum(math.sin(k * phase) / k for k in range(1, _VOICE_HARMONICS + 1))
+            envelope = 0.2 + 0.8 * math.sin(math.pi * _SYLLABLES_PER_SECOND * t) ** 2
+            sample += _VOICE_PEAK * envelope * (0.5 * buzz + 0.1 * noise.uniform(-1, 1))
+        samples.append(max(-32768, min(32767, round(sample))))
+    return samples
+
+
+def burst_samples(first: int, count: int) -> array[int]:
+    """Samples ``first`` to ``first + count`` of what a ``BurstTrack`` sends."""
+    cycle = _burst_cycle()
+    start = first % len(cycle)
+    samples = cycle[start : start + count]
+    while len(samples) < count:
+        samples += cycle[: count - len(samples)]
+    return samples
+
+
+def burst_phase(sample: int) -> str:
+    """ "voiced" or "quiet": which phase of a ``BurstTrack`` sample ``sample`` is in."""
+    return "voiced" if sample // (BURST_SECONDS * SAMPLE_RATE) % 2 == 0 else "quiet"
+
+
+class BurstTrack(_PacedTrack):
+    """48 kHz mono, 20 ms frames: a second of a speech-like voiced signal, then a second of a
+    quiet room's noise floor, and so on (``burst_phase`` says which is which)."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__(SAMPLE_RATE, AUDIO_FRAME_SAMPLES)
+        _burst_cycle()  # made here (once, cached), not in the first recv, mid-call
+
+    async def recv(self) -> av.AudioFrame:
+        index = await self._next_frame_index()
+        first = index * AUDIO_FRAME_SAMPLES
+        return _audio_frame(burst_samples(first, AUDIO_FRAME_SAMPLES), first)
 
 
 class PatternTrack(_PacedTrack):
@@ -203,7 +266,8 @@ def _device_player(kind: str) -> MediaPlayer:
         raise MediaSourceError(f"no {kind} device support on {system}")
     try:
         return MediaPlayer(device, format=format_name)
-    except (av.FFmpegError, OSError) as exc:
+    # ValueError: this FFmpeg build has no such capture format ("no container format 'pulse'").
+    except (av.FFmpegError, OSError, ValueError) as exc:
         name = "microphone" if kind == "audio" else "camera"
         raise MediaSourceError(f"cannot open the {name} ({format_name} {device}): {exc}") from None
 

@@ -7,19 +7,26 @@ A ``CallSession`` never touches a socket, a clock or a peer connection. Its driv
 - ``receive``: a payload that participant relayed through the hub;
 - ``offer_ready`` / ``answer_ready``: the local session description the driver made;
 - ``sas_answer``: what the user said about the SAS;
-- ``rekey``, ``hangup``, ``peer_left``, ``hub_failed``: the driver's and the hub's news;
-- ``handle_timer``: ``now`` has reached ``next_deadline``.
+- ``rekey``, ``hangup``, ``peer_left``, ``hub_failed``, ``abort``: the driver's and the hub's
+  news;
+- ``receive_key_used``: the first frame under a new receive key authenticated (the frame
+  protection's ``on_first_use``), so the peer has switched and older keys can be retired;
+- ``handle_timer``: ``now`` has reached ``next_deadline`` (the setup timeout, a rekey that is
+  due or overdue, a receive key whose grace window is over).
 
 Each returns the actions the driver carries out, in order: ``Send`` a payload to the
 participant, ``InstallKeys`` (epoch 0 and every rekey take this one path), ``RetireReceiveKeys``
 after the grace window, ``AskSas``, ``Protected`` (the call is keyed: show with whom),
 ``MakeOffer``, ``AnswerOffer``, ``ApplyAnswer``, ``MediaStarted`` and, last, ``Ended``.
 
-The flow (docs/explanation/architecture.md, "A call, step by step"): the key agreement
-(crypto/handshake.py) with the pin check inside it, then the SAS question where the user has
-not verified the peer, then the keys, then the SDP offer and answer as sealed messages; in the
-call, sealed rekeys and the bye. One session serves one remote participant, so a peer in a
-room of N holds N-1 sessions.
+The flow (docs/explanation/architecture.md, "A call, step by step"; the argument in
+docs/explanation/protocol.md): the key agreement (crypto/handshake.py) with the pin check
+inside it; the SAS question where the user has not verified the peer; the keys; each side's
+sealed decision ("confirmed" or "declined"), so that neither races the other's SAS question;
+the SDP offer and answer as sealed messages; in the call, a sealed rekey every
+``rekey_interval`` and the bye. The setup timeout covers the network's phases only, never a
+person's decision. One session serves one remote participant, so a peer in a room of N holds
+N-1 sessions.
 
 The experiment's weaker peers (client/experiment/) are subclasses that override the hooks marked
 "experiment hook"; this module builds only the product session, which always agrees keys with
@@ -28,6 +35,7 @@ its real identity, checks the pin and seals every message.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -47,7 +55,7 @@ from crypto.identity import (
     PinnedIdentityMismatch,
     UnknownPeer,
 )
-from crypto.sealed import Received, SealedChannel, SealedReplay
+from crypto.sealed import Received, SealedChannel, SealedGap, SealedReorder, SealedReplay
 from crypto.sframe import CipherSuite
 
 logger = logging.getLogger("blindhub.session")
@@ -55,6 +63,12 @@ logger = logging.getLogger("blindhub.session")
 SUITES = (CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_256_GCM_SHA512_128)
 DEFAULT_GRACE_SECONDS = 2.0
 DEFAULT_SETUP_TIMEOUT = 30.0
+DEFAULT_REKEY_INTERVAL = 60.0
+DEFAULT_REKEY_TIMEOUT = 10.0
+# Receive keys alive at once: the current epoch's and, until the peer has switched and the
+# grace window is over, the one before.
+MAX_RECEIVE_KEYS = 2
+REQUESTER_REKEY_FACTOR = 1.5
 CALL_ID_BYTES = 16
 
 
@@ -99,12 +113,32 @@ class CallFailed(CallError):
     exit_code = ExitCode.CALL_FAILED
 
 
+class WrongPeer(CallError):
+    """The peer signed another name than the one the user meant to call (``--peer``)."""
+
+    exit_code = ExitCode.WRONG_PEER
+
+
+class CallWithSelf(WrongPeer):
+    """The peer signed with our own identity key: the hub spliced two of our own calls."""
+
+
 # -- what the user is shown
 
 
 class PinStatus(enum.Enum):
-    PINNED = "pinned"  # pinned (earlier or in this call), never verified
-    VERIFIED = "verified"  # the SAS or safety number was compared
+    """The one word every call shows next to the peer's signed name and fingerprint."""
+
+    NEW = "NEW"  # pinned during this call: nothing vouches for the key but this call's SAS
+    PINNED = "PINNED"  # pinned in an earlier call, never verified
+    VERIFIED = "VERIFIED"  # the SAS or safety number was compared, in this call or earlier
+
+
+STATUS_MEANING = {
+    PinStatus.NEW.value: "first seen in this call; compare the SAS",
+    PinStatus.PINNED.value: "the key pinned earlier, never verified",
+    PinStatus.VERIFIED.value: "the key verified by comparing the SAS or safety number",
+}
 
 
 @dataclass(frozen=True)
@@ -132,7 +166,8 @@ class ProtectionState:
             if self.sas is not None:
                 lines.append(f"  SAS (nobody compares it at this layer): {self.sas}")
         else:
-            lines.append(f"  fingerprint {self.peer_fingerprint} ({self.pin})")
+            meaning = STATUS_MEANING.get(self.pin or "", "")
+            lines.append(f"  {self.pin} {self.peer_name} {self.peer_fingerprint} ({meaning})")
             lines.append(f"  SAS to read aloud: {self.sas}")
         return "\n".join(lines)
 
@@ -203,8 +238,9 @@ class MediaStarted:
 
 @dataclass(frozen=True)
 class Ended:
-    """The session is over: ``error`` when it failed during setup, else ``reason``
-    ("peer-bye", "peer-left", or what ``hangup`` was told)."""
+    """The session is over. ``error`` is set when the call failed, during setup or in the call
+    (``reason`` then is "rekey-stalled", "signalling-lost" or the error's class name); else
+    ``reason`` is "peer-bye", "peer-left" or what ``hangup`` was told."""
 
     reason: str
     error: CallError | None = None
@@ -227,14 +263,22 @@ Action = (
 class SessionState(enum.Enum):
     KEY_AGREEMENT = "key-agreement"
     AWAIT_SAS = "await-sas"  # no timeout: people are reading digits aloud
+    AWAIT_PEER = "await-peer"  # we accepted the peer; it may still be reading the SAS
     NEGOTIATING = "negotiating"  # the sealed SDP offer and answer
     IN_CALL = "in-call"
     ENDED = "ended"
 
 
 SETUP_STATES = frozenset(
-    {SessionState.KEY_AGREEMENT, SessionState.AWAIT_SAS, SessionState.NEGOTIATING}
+    {
+        SessionState.KEY_AGREEMENT,
+        SessionState.AWAIT_SAS,
+        SessionState.AWAIT_PEER,
+        SessionState.NEGOTIATING,
+    }
 )
+# Where the setup timeout runs: the network's phases, never while a person decides.
+TIMED_STATES = frozenset({SessionState.KEY_AGREEMENT, SessionState.NEGOTIATING})
 
 
 @dataclass(frozen=True)
@@ -243,9 +287,18 @@ class SessionConfig:
     identity: IdentityKey = field(repr=False)
     known_peers: KnownPeers = field(repr=False)
     verify: Verify = Verify.PROMPT
+    # The name the user means to call (``--peer``), normalised: any other is refused.
+    peer: str | None = None
     setup_timeout: float = DEFAULT_SETUP_TIMEOUT
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     suites: Sequence[CipherSuite] = SUITES
+    # A new epoch this often in the call (None: never): forward secrecy and healing happen
+    # only when rekeys do. The side that started the last rekey (at first, the responder)
+    # waits half as long again, so in an honest call the two take turns without colliding,
+    # and either keeps them going if the other stops.
+    rekey_interval: float | None = DEFAULT_REKEY_INTERVAL
+    # A rekey that has not completed by then means the hub is withholding it: the call ends.
+    rekey_timeout: float = DEFAULT_REKEY_TIMEOUT
     random_bytes: Callable[[int], bytes] = field(default=os.urandom, repr=False)
 
 
@@ -266,9 +319,12 @@ class CallSession:
         self._result: HandshakeResult | None = None
         self._channel: SealedChannel | None = None
         self._new_pin: str | None = None  # a peer pinned during this call's key agreement
-        self._held: list[object] = []  # payloads that came while the user compared the SAS
+        self._peer_confirmed = False  # the peer's sealed "confirmed" came
         self._setup_deadline: float | None = now + config.setup_timeout
-        self._receive_kids: frozenset[int] = frozenset()
+        self._next_rekey: float | None = None
+        self._rekey_deadline: float | None = None
+        self._requested_rekey = False  # whether this side started the rekey under way or last
+        self._receive_kids: tuple[int, ...] = ()  # the live receive keys, oldest first
         self._retirements: list[tuple[float, frozenset[int]]] = []
 
     def __repr__(self) -> str:
@@ -298,9 +354,8 @@ class CallSession:
 
     def receive(self, payload: object, now: float) -> list[Action]:
         """A payload the remote participant relayed through the hub."""
-        if self.state is SessionState.AWAIT_SAS:
-            self._held.append(payload)
-            return []
+        if self.state in (SessionState.AWAIT_SAS, SessionState.AWAIT_PEER):
+            return self._on_decision(payload, now)
         if self.state is SessionState.KEY_AGREEMENT:
             return self._on_key_agreement(payload, now)
         if self.state is SessionState.NEGOTIATING:
@@ -314,19 +369,14 @@ class CallSession:
             return []
         assert self.protection is not None
         if not accepted:
-            # A SAS that does not match may mean a man in the middle: nothing stays pinned.
-            return self._fail(
-                VerificationRefused(f"the SAS with {self.peer_name} was not confirmed")
-            )
+            # A SAS that does not match may mean a man in the middle: nothing stays pinned,
+            # and the peer hears of it at once rather than waiting for us.
+            declined = Send(self._seal({"type": "declined"}))
+            return [declined, *self._fail(VerificationRefused("the SAS was not confirmed"))]
         self.config.known_peers.mark_verified(self.protection.peer_name)
         self._new_pin = None
-        actions = self._accept(now)
-        held, self._held = self._held, []
-        for payload in held:
-            if self.ended:
-                break
-            actions += self.receive(payload, now)
-        return actions
+        self.protection = dataclasses.replace(self.protection, pin=PinStatus.VERIFIED.value)
+        return self._accept(now)
 
     def offer_ready(self, sdp: str, now: float) -> list[Action]:
         """The initiator's local offer, asked for by ``MakeOffer``."""
@@ -338,18 +388,20 @@ class CallSession:
         """The responder's local answer, asked for by ``AnswerOffer``."""
         if self.state is not SessionState.NEGOTIATING or self.initiator:
             return []
-        self.state = SessionState.IN_CALL
-        self._setup_deadline = None
-        return [Send(self._seal({"type": "answer", "sdp": sdp})), MediaStarted()]
+        return [Send(self._seal({"type": "answer", "sdp": sdp})), *self._media_started(now)]
 
     def rekey(self, now: float) -> list[Action]:
-        """Start a new epoch (in the call, once no rekey is under way)."""
+        """Start a new epoch now (in the call, once no rekey is under way)."""
         channel = self._channel
         if self.state is not SessionState.IN_CALL or channel is None:
             return []
         if channel.rekey_in_progress:
             return []
-        return [Send(channel.start_rekey())]
+        request = channel.start_rekey()
+        self._rekey_deadline = now + self.config.rekey_timeout
+        self._next_rekey = None
+        self._requested_rekey = True
+        return [Send(request)]
 
     def hangup(self, reason: str, now: float) -> list[Action]:
         """End the session: in the call with a bye to the peer; during setup, abandon it."""
@@ -372,12 +424,30 @@ class CallSession:
             return self._fail(CallFailed(f"the hub failed during setup: {detail}"))
         return []
 
+    def receive_key_used(self, kid: int, now: float) -> list[Action]:
+        """The first frame under receive KID ``kid`` authenticated. When that is the newest
+        key, the peer has switched to it, so the older ones serve only frames still in flight:
+        they are retired after the grace window. (A timer from the rekey alone would let a hub
+        that delays the peer's switch past the window cut that direction of media.)"""
+        kids = self._receive_kids
+        if len(kids) < 2 or kid != kids[-1]:
+            return []
+        self._receive_kids = (kid,)
+        self._retirements.append((now + self.config.grace_seconds, frozenset(kids[:-1])))
+        return []
+
+    def abort(self, error: CallError, now: float) -> list[Action]:
+        """The driver could not carry out an action (e.g. aiortc refused the peer's SDP)."""
+        return self._fail(error)
+
     @property
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must be called next, if at all."""
         deadlines = [deadline for deadline, _ in self._retirements]
-        if self._setup_deadline is not None and self.state is not SessionState.AWAIT_SAS:
+        if self.state in TIMED_STATES and self._setup_deadline is not None:
             deadlines.append(self._setup_deadline)
+        if self.state is SessionState.IN_CALL:
+            deadlines += [d for d in (self._rekey_deadline, self._next_rekey) if d is not None]
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> list[Action]:
@@ -385,13 +455,17 @@ class CallSession:
         due = [kids for deadline, kids in self._retirements if deadline <= now]
         self._retirements = [(d, kids) for d, kids in self._retirements if d > now]
         actions += [RetireReceiveKeys(kids) for kids in due]
-        if (
-            self.state in SETUP_STATES
-            and self.state is not SessionState.AWAIT_SAS
-            and self._setup_deadline is not None
-            and now >= self._setup_deadline
-        ):
-            actions += self._fail(CallFailed("the call was not set up in time"))
+        if self.state in TIMED_STATES and self._setup_deadline is not None:
+            if now >= self._setup_deadline:
+                actions += self._fail(CallFailed("the call was not set up in time"))
+        elif self.state is SessionState.IN_CALL:
+            if self._rekey_deadline is not None and now >= self._rekey_deadline:
+                timeout = self.config.rekey_timeout
+                actions += self._fail(
+                    CallFailed(f"a rekey did not complete within {timeout:g} s"), "rekey-stalled"
+                )
+            elif self._next_rekey is not None and now >= self._next_rekey:
+                actions += self.rekey(now)
         return actions
 
     # -- the key agreement
@@ -410,6 +484,9 @@ class CallSession:
             if self._handshake is None:
                 self._handshake = self._respond_to(payload["call_id"])
             replies = self._handshake.receive(payload)
+        except CallError as error:  # _check_peer: not the peer the user meant
+            self.detections["identity-refused"] += 1
+            return self._fail(error)
         except PinnedIdentityMismatch as error:
             self.detections["identity-refused"] += 1
             return self._fail(IdentityMismatch(str(error)))
@@ -447,28 +524,54 @@ class CallSession:
         return self._accept(now)
 
     def _accept(self, now: float) -> list[Action]:
-        """The peer is accepted: key the call, then negotiate the media."""
+        """We accept the peer: key the call and tell the peer; negotiate the media once the
+        peer has accepted us too."""
         assert self.protection is not None
-        self.state = SessionState.NEGOTIATING
-        self._setup_deadline = now + self.config.setup_timeout
         actions: list[Action] = [Protected(self.protection)]
         actions += self._initial_keys()
-        if self.initiator:
-            actions.append(MakeOffer())
+        actions.append(Send(self._seal({"type": "confirmed"})))
+        self.state = SessionState.AWAIT_PEER
+        if self._peer_confirmed:
+            actions += self._negotiate(now)
         return actions
+
+    def _on_decision(self, payload: object, now: float) -> list[Action]:
+        """The peer's sealed decision about us: "confirmed" or "declined", and nothing else."""
+        try:
+            content = self._open_setup(payload)
+        except CryptoError as error:
+            self.detections["sdp-tampered"] += 1
+            return self._fail(CallFailed(f"a sealed setup message was rejected: {error}"))
+        decision = content.get("type") if isinstance(content, dict) else None
+        if decision == "declined":
+            return self._fail(VerificationRefused(f"{self.peer_name} did not confirm the SAS"))
+        if decision != "confirmed" or self._peer_confirmed:
+            return self._fail(CallFailed(f"expected the peer's decision, got {decision!r}"))
+        self._peer_confirmed = True
+        if self.state is SessionState.AWAIT_PEER:
+            return self._negotiate(now)
+        return []
+
+    def _negotiate(self, now: float) -> list[Action]:
+        """Both sides accepted each other: the sealed offer and answer, under the timeout."""
+        self.state = SessionState.NEGOTIATING
+        self._setup_deadline = now + self.config.setup_timeout
+        return [MakeOffer()] if self.initiator else []
 
     def _initial_keys(self) -> list[Action]:
         assert self._result is not None
-        return [self._install(self._result.suite, self._result.initial_keys, now=None)]
+        return self._install(self._result.suite, self._result.initial_keys)
 
-    def _install(self, suite: CipherSuite, update: KeyUpdate, now: float | None) -> InstallKeys:
+    def _install(self, suite: CipherSuite, update: KeyUpdate) -> list[Action]:
+        actions: list[Action] = [InstallKeys(suite, update)]
         if update.install_receive is not None:
-            previous = self._receive_kids
-            self._receive_kids = frozenset({update.install_receive.kid})
-            if previous and now is not None:
-                # Frames under the old key are still in flight: keep it for the grace window.
-                self._retirements.append((now + self.config.grace_seconds, previous))
-        return InstallKeys(suite, update)
+            self._receive_kids += (update.install_receive.kid,)
+            if len(self._receive_kids) > MAX_RECEIVE_KEYS:
+                # A newer epoch before the peer used the last one: the oldest serves nothing.
+                stale = self._receive_kids[:-MAX_RECEIVE_KEYS]
+                self._receive_kids = self._receive_kids[-MAX_RECEIVE_KEYS:]
+                actions.append(RetireReceiveKeys(frozenset(stale)))
+        return actions
 
     # -- the media negotiation
 
@@ -491,9 +594,15 @@ class CallSession:
             return self._fail(CallFailed("the peer's session description is missing"))
         if not self.initiator:
             return [AnswerOffer(sdp)]
+        return [ApplyAnswer(sdp), *self._media_started(now)]
+
+    def _media_started(self, now: float) -> list[Action]:
         self.state = SessionState.IN_CALL
         self._setup_deadline = None
-        return [ApplyAnswer(sdp), MediaStarted()]
+        # The initiator starts the first rekey: the responder waits as if it had started one.
+        self._requested_rekey = not self.initiator
+        self._schedule_rekey(now)
+        return [MediaStarted()]
 
     # -- in the call
 
@@ -503,20 +612,44 @@ class CallSession:
             return self._on_clear_call_message(payload)
         try:
             received = channel.open(payload)
+        except (SealedGap, SealedReorder) as error:
+            # An authentic message is missing: from now on the channel refuses every message
+            # (a bye, a rekey), so the call cannot go on as the peers believe it does.
+            self.detections["signalling-lost"] += 1
+            return self._fail(CallFailed(f"a sealed message was lost: {error}"), "signalling-lost")
         except CryptoError as error:
             # A forged or replayed copy changes nothing (the channel is as it was): count it.
             replayed = isinstance(error, SealedReplay)
             self.detections["replay-rejected" if replayed else "alteration-rejected"] += 1
             logger.warning("dropped a sealed message that did not open: %s", error)
             return []
-        return self._apply(received, now)
+        actions = self._apply(received, now)
+        self._track_rekey(channel, now)
+        return actions
+
+    def _schedule_rekey(self, now: float) -> None:
+        interval = self.config.rekey_interval
+        if interval is not None and self._channel is not None:
+            factor = REQUESTER_REKEY_FACTOR if self._requested_rekey else 1.0
+            self._next_rekey = now + interval * factor
+
+    def _track_rekey(self, channel: SealedChannel, now: float) -> None:
+        """A rekey under way has a deadline; a completed one restarts the interval."""
+        if channel.rekey_in_progress:
+            if self._rekey_deadline is None:  # the peer started this one
+                self._rekey_deadline = now + self.config.rekey_timeout
+                self._next_rekey = None
+                self._requested_rekey = False
+        elif self._rekey_deadline is not None:
+            self._rekey_deadline = None
+            self._schedule_rekey(now)
 
     def _apply(self, received: Received, now: float) -> list[Action]:
         assert self._result is not None
         actions: list[Action] = [Send(reply) for reply in received.replies]
         update = received.keys
         if update.install_receive is not None or update.switch_send is not None:
-            actions.append(self._install(self._result.suite, update, now))
+            actions += self._install(self._result.suite, update)
         if update.switch_send is not None:
             self.rekeys += 1
         if received.content is not None and received.content.get("type") == "bye":
@@ -529,7 +662,7 @@ class CallSession:
         self.state = SessionState.ENDED
         return [Ended(reason)]
 
-    def _fail(self, error: CallError) -> list[Action]:
+    def _fail(self, error: CallError, reason: str | None = None) -> list[Action]:
         if self.state is SessionState.ENDED:
             return []
         if self.state in SETUP_STATES and self._new_pin is not None:
@@ -539,25 +672,35 @@ class CallSession:
             self._new_pin = None
         self.state = SessionState.ENDED
         self._setup_deadline = None
-        return [Ended(type(error).__name__, error)]
+        return [Ended(reason or type(error).__name__, error)]
 
     # -- pins and the SAS
 
     def _check_peer(self, name: str, key: IdentityPublicKey) -> None:
-        """The handshake's pin check: ``name`` and ``key`` were just signed by the peer."""
+        """The handshake's pin check: ``name`` and ``key`` were just signed by the peer, and
+        no key exists yet, so whatever this refuses never carries a media frame."""
+        if key == self.config.identity.public_key:
+            raise CallWithSelf(
+                f"the peer {name!r} signed with our own identity key {key.fingerprint()}: "
+                "the hub connected this call to another of our own"
+            )
+        if self.config.peer is not None and name != self.config.peer:
+            raise WrongPeer(
+                f"the peer is {name!r} ({key.fingerprint()}), not {self.config.peer!r} "
+                "as asked with --peer"
+            )
         known_peers = self.config.known_peers
-        pin = known_peers.get(name)
-        if self.config.verify is Verify.PINNED:
-            if pin is None:
-                raise UnknownPeer(f"{name} is not pinned and --verify pinned is set")
-            if pin.public_key != key:
-                raise PinnedIdentityMismatch(name, pin.public_key, key)
-            return
-        known_peers.check(name, key)
-        if pin is None:
+        pinned_before = known_peers.get(name) is not None
+        try:
+            known_peers.check(name, key, pin_new=self.config.verify is not Verify.PINNED)
+        except UnknownPeer:
+            raise UnknownPeer(f"{name} is not pinned and --verify pinned is set") from None
+        if not pinned_before:
             self._new_pin = name
 
     def _pin_status(self, name: str) -> PinStatus:
+        if name == self._new_pin:
+            return PinStatus.NEW
         pin = self.config.known_peers.get(name)
         assert pin is not None  # _check_peer pinned or found it
         return PinStatus.VERIFIED if pin.verified else PinStatus.PINNED

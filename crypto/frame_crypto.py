@@ -77,8 +77,13 @@ class MediaKey:
         # A pickle would carry the base key out of the process in the clear.
         raise TypeError("a MediaKey cannot be pickled")
 
-    def _add_to(self, context: SendContext | ReceiveContext) -> None:
+    def _add_to(self, context: SendContext) -> None:
         context.add_key(self._kid, self.__base_key)
+
+    def _add_to_receiver(
+        self, context: ReceiveContext, on_first_use: Callable[[int], None] | None
+    ) -> None:
+        context.add_key(self._kid, self.__base_key, on_first_use=on_first_use)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,8 @@ class KeyUpdate:
     """What the key agreement or a rekey asks of one party's SFrame sender and receiver.
 
     ``install_receive``: accept the peer's frames under this key from now on; keep the
-    previous receive keys for a short grace window (frames in flight), then retire them.
+    previous receive keys until the peer has switched (the first frame under the new key
+    authenticates) and a short grace window has passed (frames in flight), then retire them.
     ``switch_send``: encrypt every frame from now on under this key (the peer holds it).
     The handshake's first update has both; a rekey's updates have one each, in the order
     that never makes a side send under a key its peer lacks (docs/reference/key-agreement.md,
@@ -111,12 +117,6 @@ class FrameCounters:
     dropped_without_key: int = 0
     plaintext_bytes: int = 0
     ciphertext_bytes: int = 0
-
-    def count(self, plaintext: bytes, ciphertext: bytes) -> None:
-        """One frame through SFrame, either way."""
-        self.frames += 1
-        self.plaintext_bytes += len(plaintext)
-        self.ciphertext_bytes += len(ciphertext)
 
     @property
     def bytes_added(self) -> int:
@@ -169,12 +169,17 @@ class SFrameSender:
         counters = self.counters.setdefault(kind, FrameCounters())
         metadata = kind.encode()
 
+        # Runs once a frame in the event loop's thread, with cold caches: the counting is
+        # inline (no method call).
         def protect(frame: bytes) -> bytes | None:
-            if self._kid is None:
+            kid = self._kid
+            if kid is None:
                 counters.dropped_without_key += 1
                 return None
-            protected = self._context.protect(self._kid, frame, metadata)
-            counters.count(frame, protected)
+            protected = self._context.protect(kid, frame, metadata)
+            counters.frames += 1
+            counters.plaintext_bytes += len(frame)
+            counters.ciphertext_bytes += len(protected)
             return protected
 
         return protect
@@ -197,9 +202,10 @@ class SFrameReceiver:
     def kids(self) -> frozenset[int]:
         return self._context.kids
 
-    def add_key(self, key: MediaKey) -> None:
-        """Accept frames under ``key`` too (a KID already held raises ``ValueError``)."""
-        key._add_to(self._context)
+    def add_key(self, key: MediaKey, *, on_first_use: Callable[[int], None] | None = None) -> None:
+        """Accept frames under ``key`` too (a KID already held raises ``ValueError``);
+        ``on_first_use(kid)`` hears once when the first frame under it authenticates."""
+        key._add_to_receiver(self._context, on_first_use)
 
     def remove_key(self, kid: int) -> None:
         self._context.remove_key(kid)
@@ -211,7 +217,7 @@ class SFrameReceiver:
         counters = self.counters.setdefault(kind, FrameCounters())
         metadata = kind.encode()
 
-        def unprotect(frame: bytes) -> bytes | None:
+        def unprotect(frame: bytes) -> bytes | None:  # inline counting, as in protect
             try:
                 plaintext = self._context.unprotect(frame, metadata)
             except SFrameError as error:
@@ -219,7 +225,9 @@ class SFrameReceiver:
                 if on_failure is not None:
                     on_failure(error)
                 return None
-            counters.count(plaintext, frame)
+            counters.frames += 1
+            counters.plaintext_bytes += len(plaintext)
+            counters.ciphertext_bytes += len(frame)
             return plaintext
 
         return unprotect
@@ -229,9 +237,14 @@ class SFrameReceiver:
 
 
 def apply_key_update(
-    update: KeyUpdate, sender: SFrameSender, receiver: SFrameReceiver
+    update: KeyUpdate,
+    sender: SFrameSender,
+    receiver: SFrameReceiver,
+    *,
+    on_first_use: Callable[[int], None] | None = None,
 ) -> frozenset[int]:
-    """Install ``update``; return the receive KIDs to retire once the grace window is over.
+    """Install ``update``; return the receive KIDs to retire once the peer has switched to the
+    new one (``on_first_use`` tells when) and the grace window is over.
 
     The one path for every key of a call: epoch 0's (``HandshakeResult.initial_keys``, with
     nothing to retire) and each rekey's (``Received.keys``).
@@ -239,7 +252,7 @@ def apply_key_update(
     retire: frozenset[int] = frozenset()
     if update.install_receive is not None:
         retire = receiver.kids - {update.install_receive.kid}
-        receiver.add_key(update.install_receive)
+        receiver.add_key(update.install_receive, on_first_use=on_first_use)
     if update.switch_send is not None:
         sender.use_key(update.switch_send)
     return retire

@@ -1,31 +1,36 @@
-"""The authenticated call key agreement: two sans-I/O state machines.
+"""The authenticated, identity-hiding call key agreement: two sans-I/O state machines.
 
 Four JSON messages, relayed by the (untrusted) hub::
 
-    Initiator                                            Responder
-    commit   {call_id, suites, nonce_i, name_i, H(e_i, id_i, name_i)}  -->
-         <--  accept  {call_id, suite, nonce_r, e_r, id_r, name_r}
-    reveal   {call_id, e_i, id_i, sig_i(transcript)}                   -->
-         <--  confirm {call_id, sig_r(transcript)}
+    Initiator                                               Responder
+    commit  {call_id, suites, nonce_i, C = H(call_id, nonce_i, E_i)}  -->
+         <--  accept  {call_id, suite, nonce_r, E_r}
+    reveal  {call_id, E_i, AES-GCM_k_i(ID_i, name_i, sig_i(T_i))}     -->
+         <--  confirm {call_id, AES-GCM_k_r(ID_r, name_r, sig_r(T))}
 
 - ZRTP-style hash commitment (RFC 6189 section 4.4.1.1): the initiator reveals its
   ephemeral last, so it commits to it first; a man in the middle must fix both of its
   ephemerals before learning the honest parties' ones, and gets one SAS guess per call.
-- SIGMA-style authentication (Krawczyk 2003, as in TLS 1.3 and IKEv2): each side signs
-  the transcript hash (version, offered and chosen suites, call id, both nonces, both
-  ephemerals, both identity keys, both names) with its Ed25519 identity key under a role
-  label, and verifies the peer's signature, then the caller's pin check, before deriving
-  any key. Each party's name travels in the key agreement and is signed, so the pin check
-  gets a (name, key) pair the peer vouched for, never a name the hub chose.
-- HKDF (RFC 5869, SHA-256): Extract(salt=transcript hash, X25519 secret), then Expand
-  with distinct labels into the SAS and epoch 0's secret, from which crypto/sealed.py
-  derives both directions' SFrame base keys, KIDs and sealing keys.
+- SIGMA-I (Krawczyk 2003; the shape of IKEv2, TLS 1.3 and Noise XX): the identities travel
+  encrypted under handshake keys from the ephemeral X25519 secret, so a passive hub learns
+  neither; the initiator authenticates first, so an active hub posing as the responder
+  learns the initiator's identity and nothing else, and the responder reveals its own
+  only after it has verified the initiator's signature and run its ``peer_check``.
+- Each side signs, under a role label, a transcript hash covering the version, offered and
+  chosen suites, call id, both nonces, both ephemerals and its own identity key and name
+  (the initiator: all it knows yet, ``T_i``; the responder: both parties', ``T``). Each
+  party's name is signed, so the pin check gets a (name, key) pair the peer vouched for.
+- HKDF (RFC 5869, SHA-256): the handshake keys from Extract(salt = exchange hash, X25519
+  secret); the SAS and epoch 0's secret from Extract(salt = T, X25519 secret), from which
+  crypto/sealed.py derives both directions' SFrame base keys, KIDs and sealing keys.
+
+Only primitives WebCrypto has: X25519, Ed25519, SHA-256, HMAC/HKDF-SHA-256, AES-GCM.
 
 The machines are table-driven: ``HANDLERS`` maps each (state, message type) pair that is
 accepted to its handler; every other pair is ``UnexpectedCallMessage``. The messages are
 the typed ones of crypto/messages.py. Any error moves the machine to FAILED for good and
-no key is ever exposed. docs/reference/key-agreement.md is the specification;
-docs/explanation/protocol.md says why.
+no key is ever exposed. docs/explanation/protocol.md gives the argument,
+docs/reference/key-agreement.md the exact formats.
 """
 
 import enum
@@ -34,7 +39,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto.errors import LocalError, RemoteError
 from crypto.frame_crypto import KeyUpdate
@@ -45,6 +52,7 @@ from crypto.messages import (
     PROTOCOL_VERSION,
     X25519_KEY_SIZE,
     Accept,
+    Auth,
     Commit,
     Confirm,
     HandshakeMessage,
@@ -79,7 +87,12 @@ Reply = dict[str, Any]
 
 
 class CommitmentMismatch(RemoteError):
-    """The initiator's revealed ephemeral and identity do not match its commitment."""
+    """The initiator's revealed ephemeral does not match its commitment."""
+
+
+class HandshakeDecryptionFailed(RemoteError):
+    """A ``reveal``'s or ``confirm``'s encrypted identity does not open under the key this
+    side derived: the peer's ephemeral, nonce, suite or the message itself was changed."""
 
 
 class NoCommonSuite(RemoteError):
@@ -96,19 +109,17 @@ class HandshakeState(enum.Enum):
     FAILED = "failed"
 
 
-def commitment(
-    call_id: str, nonce: bytes, ephemeral: bytes, identity: IdentityPublicKey, name: str
-) -> bytes:
-    """The initiator's hash commitment to its ephemeral, and to who it is (key and name)."""
-    body = length_prefixed(
-        call_id.encode("utf-8"), nonce, ephemeral, identity.raw, name.encode("utf-8")
-    )
+def commitment(call_id: str, nonce: bytes, ephemeral: bytes) -> bytes:
+    """The initiator's hash commitment to its ephemeral. Not to its identity: a hub could
+    test guessed (key, name) pairs against a hash of them once the ephemeral is revealed."""
+    body = length_prefixed(call_id.encode("utf-8"), nonce, ephemeral)
     return hashlib.sha256(LABEL_PREFIX + b"commit" + body).digest()
 
 
 @dataclass(frozen=True)
-class Transcript:
-    """Everything both parties must agree on; its hash is what each side signs."""
+class Exchange:
+    """What both sides know once both ephemerals are out: the unauthenticated part of the
+    transcript, and the salt of the handshake keys."""
 
     offered: tuple[CipherSuite, ...]
     chosen: CipherSuite
@@ -117,13 +128,9 @@ class Transcript:
     responder_nonce: bytes
     initiator_ephemeral: bytes
     responder_ephemeral: bytes
-    initiator_identity: IdentityPublicKey
-    responder_identity: IdentityPublicKey
-    initiator_name: str
-    responder_name: str
 
-    def hash(self) -> bytes:
-        body = length_prefixed(
+    def parts(self) -> tuple[bytes, ...]:
+        return (
             PROTOCOL_VERSION.to_bytes(2, "big"),
             bytes(self.offered),
             bytes([self.chosen]),
@@ -132,17 +139,83 @@ class Transcript:
             self.responder_nonce,
             self.initiator_ephemeral,
             self.responder_ephemeral,
-            self.initiator_identity.raw,
-            self.responder_identity.raw,
-            self.initiator_name.encode("utf-8"),
-            self.responder_name.encode("utf-8"),
         )
-        return hashlib.sha256(LABEL_PREFIX + b"transcript" + body).digest()
+
+    def hash(self) -> bytes:
+        return hashlib.sha256(LABEL_PREFIX + b"exchange" + length_prefixed(*self.parts())).digest()
 
 
-def signed_content(signer: Role, transcript_hash: bytes) -> bytes:
+@dataclass(frozen=True)
+class Party:
+    """Who one side is: its identity key and the name it signs."""
+
+    identity: IdentityPublicKey
+    name: str
+
+    def parts(self) -> tuple[bytes, bytes]:
+        return self.identity.raw, self.name.encode("utf-8")
+
+
+def initiator_transcript_hash(exchange: Exchange, initiator: Party) -> bytes:
+    """T_i, what the initiator signs: the exchange and its own identity and name (it has
+    not yet seen the responder's; the responder's signature of T covers both)."""
+    body = length_prefixed(*exchange.parts(), *initiator.parts())
+    return hashlib.sha256(LABEL_PREFIX + b"transcript initiator" + body).digest()
+
+
+def transcript_hash(exchange: Exchange, initiator: Party, responder: Party) -> bytes:
+    """T, what the responder signs and the call's keys are derived under: everything."""
+    body = length_prefixed(*exchange.parts(), *initiator.parts(), *responder.parts())
+    return hashlib.sha256(LABEL_PREFIX + b"transcript" + body).digest()
+
+
+def signed_content(signer: Role, transcript: bytes) -> bytes:
     """What ``signer`` signs: a role label (so no signature can be reflected) and the hash."""
-    return LABEL_PREFIX + b"signature " + signer.value.encode("ascii") + transcript_hash
+    return LABEL_PREFIX + b"signature " + signer.value.encode("ascii") + transcript
+
+
+@dataclass(frozen=True)
+class HandshakeKeys:
+    """The keys that encrypt each side's identity: one per direction, each used once."""
+
+    initiator: bytes = field(repr=False)
+    responder: bytes = field(repr=False)
+
+    def of(self, sender: Role) -> bytes:
+        return self.initiator if sender is Role.INITIATOR else self.responder
+
+
+def handshake_keys(shared_secret: bytes, exchange_hash: bytes) -> HandshakeKeys:
+    pseudorandom_key = hkdf_extract(exchange_hash, shared_secret)
+    return HandshakeKeys(
+        initiator=hkdf_expand(pseudorandom_key, "auth initiator"),
+        responder=hkdf_expand(pseudorandom_key, "auth responder"),
+    )
+
+
+# Each handshake key encrypts exactly one message, so a fixed nonce never repeats under it.
+AUTH_NONCE = bytes(12)
+
+
+def _auth_associated_data(sender: Role) -> bytes:
+    return LABEL_PREFIX + b"auth " + sender.value.encode("ascii")
+
+
+def seal_auth(keys: HandshakeKeys, sender: Role, auth: Auth) -> bytes:
+    """``sender``'s identity, name and signature under its handshake key (AES-256-GCM)."""
+    return AESGCM(keys.of(sender)).encrypt(AUTH_NONCE, auth.encode(), _auth_associated_data(sender))
+
+
+def open_auth(keys: HandshakeKeys, sender: Role, ciphertext: bytes) -> Auth:
+    try:
+        plaintext = AESGCM(keys.of(sender)).decrypt(
+            AUTH_NONCE, ciphertext, _auth_associated_data(sender)
+        )
+    except InvalidTag as error:
+        raise HandshakeDecryptionFailed(
+            f"the {sender.value}'s identity does not open under this handshake's key"
+        ) from error
+    return Auth.parse(plaintext)
 
 
 def render_sas(sas_key: bytes) -> str:
@@ -159,8 +232,9 @@ class KeySchedule:
     epoch_secret: bytes = field(repr=False)
 
 
-def key_schedule(shared_secret: bytes, transcript_hash: bytes) -> KeySchedule:
-    pseudorandom_key = hkdf_extract(transcript_hash, shared_secret)
+def key_schedule(shared_secret: bytes, transcript: bytes) -> KeySchedule:
+    """The SAS and epoch 0's secret, under the full transcript hash T."""
+    pseudorandom_key = hkdf_extract(transcript, shared_secret)
     return KeySchedule(
         sas=render_sas(hkdf_expand(pseudorandom_key, "sas")),
         epoch_secret=hkdf_expand(pseudorandom_key, "epoch", (0).to_bytes(4, "big")),
@@ -235,11 +309,15 @@ class _Handshake:
             raise LocalError(f"the handshake is not complete (state {self.state.value})")
         return self._result
 
+    @property
+    def _me(self) -> Party:
+        return Party(self._identity.public_key, self.name)
+
     def receive(self, message: object) -> list[Reply]:
         """Process one message from the peer; return the messages to send back, in order.
 
         Any ``Exception`` (the peer's message refused, the ``peer_check`` refusing, or
-        anything unforeseen) moves the machine to FAILED for good, with its ephemeral
+        anything unforeseen) moves the machine to FAILED for good, with its secrets
         erased and no result, and propagates. A ``BaseException`` that is not an
         ``Exception`` (an interrupt, a cancellation) is not the handshake's failure: it
         propagates and the machine stays in the state it was in, still without a result.
@@ -262,6 +340,9 @@ class _Handshake:
 
     def _fail(self) -> None:
         self.state = HandshakeState.FAILED
+        self._erase()
+
+    def _erase(self) -> None:
         self._ephemeral_private = None
 
     def _new_ephemeral(self) -> None:
@@ -270,39 +351,43 @@ class _Handshake:
         self._ephemeral_public = x25519_public_bytes(self._ephemeral_private)
         self._nonce = self._random_bytes(NONCE_SIZE)
 
-    def _authenticate_peer(
-        self, peer_name: str, peer: IdentityPublicKey, signature: bytes, transcript_hash: bytes
-    ) -> None:
-        peer.verify(signed_content(self.role.peer, transcript_hash), signature)
-        # Only now is (peer_name, peer) vouched for by the peer, so only now may it be pinned.
-        if self._peer_check is not None:
-            self._peer_check(peer_name, peer)
-
-    def _finish(
-        self,
-        transcript: Transcript,
-        peer_ephemeral: bytes,
-        peer_name: str,
-        peer: IdentityPublicKey,
-    ) -> None:
+    def _shared_secret(self, peer_ephemeral: bytes) -> bytes:
         assert self._ephemeral_private is not None
-        shared = x25519_shared_secret(self._ephemeral_private, peer_ephemeral)
-        transcript_hash = transcript.hash()
-        schedule = key_schedule(shared, transcript_hash)
-        channel = SealedChannel(self.role, self.call_id, schedule.epoch_secret, self._random_bytes)
+        return x25519_shared_secret(self._ephemeral_private, peer_ephemeral)
+
+    def _authenticate_peer(self, auth: Auth, transcript: bytes) -> Party:
+        """The peer's signature of ``transcript``, then the caller's pin check."""
+        auth.identity.verify(signed_content(self.role.peer, transcript), auth.signature)
+        peer = Party(auth.identity, auth.name)
+        # Only now is (name, key) vouched for by the peer, so only now may it be pinned.
+        if self._peer_check is not None:
+            self._peer_check(peer.name, peer.identity)
+        return peer
+
+    def _finish(self, exchange: Exchange, shared: bytes, transcript: bytes, peer: Party) -> None:
+        schedule = key_schedule(shared, transcript)
+        channel = SealedChannel(
+            self.role,
+            self.call_id,
+            schedule.epoch_secret,
+            self._random_bytes,
+            identity=self._identity,
+            peer_identity=peer.identity,
+            transcript_hash=transcript,
+        )
         keys = channel.keys
         self._result = HandshakeResult(
             role=self.role,
             call_id=self.call_id,
-            suite=transcript.chosen,
+            suite=exchange.chosen,
             initial_keys=KeyUpdate(install_receive=keys.receive, switch_send=keys.send),
             sas=schedule.sas,
-            peer_identity=peer,
-            peer_name=peer_name,
-            transcript_hash=transcript_hash,
+            peer_identity=peer.identity,
+            peer_name=peer.name,
+            transcript_hash=transcript,
             channel=channel,
         )
-        self._ephemeral_private = None
+        self._erase()
         self.state = HandshakeState.DONE
 
 
@@ -321,15 +406,21 @@ class Initiator(_Handshake):
         name: str,
         peer_check: PeerCheck | None = None,
     ) -> None:
-        """``name``: ours, sent in the commit and signed by both sides. ``suites``: offered
-        in order of preference. ``peer_check``: called with the peer's authenticated name
-        and identity key before any key exists; it raises to abort (e.g.
-        ``known_peers.check``)."""
+        """``name``: ours, sent encrypted in the reveal and signed by both sides. ``suites``:
+        offered in order of preference. ``peer_check``: called with the peer's
+        authenticated name and identity key before any call key exists; it raises to abort
+        (e.g. ``known_peers.check``)."""
         super().__init__(identity, name, call_id, random_bytes, peer_check)
         self.suites = _local_suites(suites)
         if not suites or len(set(self.suites)) != len(self.suites):
             raise LocalError("offer at least one suite, each once")
-        self._transcript: Transcript | None = None
+        self._exchange: Exchange | None = None
+        self._shared = b""
+        self._keys: HandshakeKeys | None = None
+
+    def _erase(self) -> None:
+        super()._erase()
+        self._shared, self._keys = b"", None
 
     def start(self) -> Reply:
         """The first message, ``commit``."""
@@ -341,20 +432,13 @@ class Initiator(_Handshake):
             call_id=self.call_id,
             suites=self.suites,
             nonce=self._nonce,
-            name=self.name,
-            commitment=commitment(
-                self.call_id,
-                self._nonce,
-                self._ephemeral_public,
-                self._identity.public_key,
-                self.name,
-            ),
+            commitment=commitment(self.call_id, self._nonce, self._ephemeral_public),
         ).encode()
 
     def _on_accept(self, accept: Accept) -> list[Reply]:
         if accept.suite not in self.suites:
             raise MalformedCallMessage("the responder chose a suite that was not offered")
-        self._transcript = Transcript(
+        exchange = Exchange(
             offered=self.suites,
             chosen=accept.suite,
             call_id=self.call_id,
@@ -362,22 +446,24 @@ class Initiator(_Handshake):
             responder_nonce=accept.nonce,
             initiator_ephemeral=self._ephemeral_public,
             responder_ephemeral=accept.ephemeral,
-            initiator_identity=self._identity.public_key,
-            responder_identity=accept.identity,
-            initiator_name=self.name,
-            responder_name=accept.name,
         )
-        signature = self._identity.sign(signed_content(self.role, self._transcript.hash()))
+        shared = self._shared_secret(accept.ephemeral)
+        keys = handshake_keys(shared, exchange.hash())
+        signature = self._identity.sign(
+            signed_content(self.role, initiator_transcript_hash(exchange, self._me))
+        )
+        auth = seal_auth(keys, self.role, Auth(self._identity.public_key, self.name, signature))
+        self._exchange, self._shared, self._keys = exchange, shared, keys
         self.state = HandshakeState.AWAIT_CONFIRM
-        reveal = Reveal(self.call_id, self._ephemeral_public, self._identity.public_key, signature)
-        return [reveal.encode()]
+        return [Reveal(self.call_id, self._ephemeral_public, auth).encode()]
 
     def _on_confirm(self, confirm: Confirm) -> list[Reply]:
-        transcript = self._transcript
-        assert transcript is not None
-        name, peer = transcript.responder_name, transcript.responder_identity
-        self._authenticate_peer(name, peer, confirm.signature, transcript.hash())
-        self._finish(transcript, transcript.responder_ephemeral, name, peer)
+        exchange, keys = self._exchange, self._keys
+        assert exchange is not None and keys is not None
+        auth = open_auth(keys, self.role.peer, confirm.auth)
+        transcript = transcript_hash(exchange, self._me, Party(auth.identity, auth.name))
+        peer = self._authenticate_peer(auth, transcript)
+        self._finish(exchange, self._shared, transcript, peer)
         return []
 
 
@@ -396,66 +482,53 @@ class Responder(_Handshake):
         name: str,
         peer_check: PeerCheck | None = None,
     ) -> None:
-        """``name``: ours, sent in the accept. ``suites``: the ones this side supports; the
-        initiator's preference decides. ``peer_check``: as for ``Initiator``."""
+        """``name``: ours, sent encrypted in the confirm. ``suites``: the ones this side
+        supports; the initiator's preference decides. ``peer_check``: as for ``Initiator``;
+        it runs before this side's identity leaves, so refusing there reveals nothing."""
         super().__init__(identity, name, call_id, random_bytes, peer_check)
         self.suites = frozenset(_local_suites(suites))
         if not self.suites:
             raise LocalError("support at least one suite")
         self.state = HandshakeState.AWAIT_COMMIT
-        self._offered: tuple[CipherSuite, ...] = ()
+        self._commit: Commit | None = None
         self._chosen: CipherSuite | None = None
-        self._peer_nonce = b""
-        self._peer_name = ""
-        self._peer_commitment = b""
 
     def _on_commit(self, commit: Commit) -> list[Reply]:
         chosen = next((suite for suite in commit.suites if suite in self.suites), None)
         if chosen is None:
             raise NoCommonSuite("no offered SFrame cipher suite is supported here")
-        self._offered, self._chosen = commit.suites, chosen
-        self._peer_nonce, self._peer_commitment = commit.nonce, commit.commitment
-        self._peer_name = commit.name
+        self._commit, self._chosen = commit, chosen
         self._new_ephemeral()
         self.state = HandshakeState.AWAIT_REVEAL
-        accept = Accept(
-            call_id=self.call_id,
-            suite=chosen,
-            nonce=self._nonce,
-            ephemeral=self._ephemeral_public,
-            identity=self._identity.public_key,
-            name=self.name,
-        )
-        return [accept.encode()]
+        return [Accept(self.call_id, chosen, self._nonce, self._ephemeral_public).encode()]
 
     def _on_reveal(self, reveal: Reveal) -> list[Reply]:
-        peer = reveal.identity
-        expected = commitment(
-            self.call_id, self._peer_nonce, reveal.ephemeral, peer, self._peer_name
-        )
-        if expected != self._peer_commitment:
-            raise CommitmentMismatch(
-                "the commit does not match the revealed ephemeral and identity and its name"
-            )
-        assert self._chosen is not None
-        transcript = Transcript(
-            offered=self._offered,
-            chosen=self._chosen,
+        commit, chosen = self._commit, self._chosen
+        assert commit is not None and chosen is not None
+        if commitment(self.call_id, commit.nonce, reveal.ephemeral) != commit.commitment:
+            raise CommitmentMismatch("the commit does not match the revealed ephemeral")
+        exchange = Exchange(
+            offered=commit.suites,
+            chosen=chosen,
             call_id=self.call_id,
-            initiator_nonce=self._peer_nonce,
+            initiator_nonce=commit.nonce,
             responder_nonce=self._nonce,
             initiator_ephemeral=reveal.ephemeral,
             responder_ephemeral=self._ephemeral_public,
-            initiator_identity=peer,
-            responder_identity=self._identity.public_key,
-            initiator_name=self._peer_name,
-            responder_name=self.name,
         )
-        transcript_hash = transcript.hash()
-        self._authenticate_peer(self._peer_name, peer, reveal.signature, transcript_hash)
-        signature = self._identity.sign(signed_content(self.role, transcript_hash))
-        self._finish(transcript, reveal.ephemeral, self._peer_name, peer)
-        return [Confirm(self.call_id, signature).encode()]
+        shared = self._shared_secret(reveal.ephemeral)
+        keys = handshake_keys(shared, exchange.hash())
+        auth = open_auth(keys, self.role.peer, reveal.auth)
+        peer = self._authenticate_peer(
+            auth, initiator_transcript_hash(exchange, Party(auth.identity, auth.name))
+        )
+        # The initiator has proved who it is (and the pin check let it through): only now
+        # does our own identity leave, encrypted, with our signature of everything.
+        transcript = transcript_hash(exchange, peer, self._me)
+        signature = self._identity.sign(signed_content(self.role, transcript))
+        confirm = seal_auth(keys, self.role, Auth(self._identity.public_key, self.name, signature))
+        self._finish(exchange, shared, transcript, peer)
+        return [Confirm(self.call_id, confirm).encode()]
 
 
 _Handler = Callable[[Any, Any], list[Reply]]

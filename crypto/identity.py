@@ -8,7 +8,8 @@ this module owns the formats.
 - A safety number is compared by two people: it covers both keys, is the same on
   both ends, and carries ~116 bits per party so no one can grind a key to match.
 - Key files are JSON, optionally sealed with a passphrase (Argon2id + XSalsa20-Poly1305).
-- Known peers pin the first key seen for a name, like SSH's known_hosts.
+- Known peers pin the first key seen for a name, like SSH's known_hosts; a new name that
+  looks like a pinned one (crypto/names.py) is refused like a changed key.
 """
 
 import base64
@@ -26,6 +27,7 @@ import nacl.signing
 
 from crypto import strict_json
 from crypto.errors import LocalError, RemoteError
+from crypto.names import MAX_NAME_LENGTH, check_normalized, skeleton
 
 PUBLIC_KEY_SIZE = 32
 SEED_SIZE = 32
@@ -44,7 +46,7 @@ KNOWN_PEERS_VERSION = 1
 # Key files are a few hundred bytes; anything much larger is not one of ours.
 MAX_KEY_FILE_SIZE = 4096
 MAX_KNOWN_PEERS_FILE_SIZE = 1 << 20
-MAX_PEER_NAME_LENGTH = 256
+MAX_PEER_NAME_LENGTH = MAX_NAME_LENGTH
 # Argon2id costs read back from a file are bounded, so a tampered file cannot make
 # decoding allocate gigabytes or spin for hours.
 MAX_ARGON2_MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_SENSITIVE
@@ -63,15 +65,42 @@ class PinnedIdentityMismatch(RemoteError):
     """A peer presented an identity key other than the one pinned for its name."""
 
     def __init__(
-        self, name: str, pinned: "IdentityPublicKey", presented: "IdentityPublicKey"
+        self,
+        name: str,
+        pinned: "IdentityPublicKey",
+        presented: "IdentityPublicKey",
+        *,
+        pinned_name: str | None = None,
     ) -> None:
-        super().__init__(
-            f"identity key for peer {name!r} changed: pinned {pinned.fingerprint()}, "
-            f"presented {presented.fingerprint()}; the pin was not replaced"
-        )
         self.name = name
+        self.pinned_name = name if pinned_name is None else pinned_name
         self.pinned = pinned
         self.presented = presented
+        keys = f"pinned {pinned.fingerprint()}, presented {presented.fingerprint()}"
+        if self.pinned_name == name:
+            super().__init__(
+                f"identity key for peer {name!r} changed: {keys}; the pin was not replaced"
+            )
+        else:
+            super().__init__(
+                f"peer name {name!r} looks like the pinned {self.pinned_name!r}: {keys}; "
+                "refused as a changed key, and nothing was pinned"
+            )
+
+
+class ConfusableName(PinnedIdentityMismatch):
+    """A peer's name is not pinned but looks like one that is (the same UTS #39 skeleton):
+    a hub swapping keys under ``bob`` spelt with a Cyrillic o (U+043E) would otherwise get a
+    fresh pin instead of this error."""
+
+    def __init__(
+        self,
+        name: str,
+        pinned_name: str,
+        pinned: "IdentityPublicKey",
+        presented: "IdentityPublicKey",
+    ) -> None:
+        super().__init__(name, pinned, presented, pinned_name=pinned_name)
 
 
 class CorruptKeyFile(LocalError):
@@ -300,6 +329,19 @@ class Pin:
     verified: bool = False
 
 
+@dataclass(frozen=True)
+class PinChanges:
+    """What one holder of a ``KnownPeers`` changed since it was loaded (``changes_since``),
+    to be replayed onto the file as it is now (``apply``) rather than overwriting it."""
+
+    added: tuple[Pin, ...] = ()
+    verified: tuple[Pin, ...] = ()
+    removed: tuple[Pin, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.verified or self.removed)
+
+
 class KnownPeers:
     """Pinned identity keys by peer name: trust on first use, then hard failure on change.
 
@@ -309,16 +351,31 @@ class KnownPeers:
     def __init__(self, pins: dict[str, Pin] | None = None) -> None:
         self._pins: dict[str, Pin] = dict(pins or {})
 
-    def check(self, name: str, public_key: IdentityPublicKey) -> Pin:
-        """Pin on first sight; return the pin; raise ``PinnedIdentityMismatch`` on a change."""
+    def check(self, name: str, public_key: IdentityPublicKey, *, pin_new: bool = True) -> Pin:
+        """Return the pin for ``name``, pinning ``public_key`` on first sight (with
+        ``pin_new``; else ``UnknownPeer``). Raise ``PinnedIdentityMismatch`` if the pin holds
+        another key, and ``ConfusableName`` if ``name`` is new but looks like a pinned name."""
         _check_name(name)
         pin = self._pins.get(name)
-        if pin is None:
-            pin = Pin(name, public_key)
-            self._pins[name] = pin
-        elif pin.public_key != public_key:
-            raise PinnedIdentityMismatch(name, pin.public_key, public_key)
+        if pin is not None:
+            if pin.public_key != public_key:
+                raise PinnedIdentityMismatch(name, pin.public_key, public_key)
+            return pin
+        look_alike = self._look_alike(name)
+        if look_alike is not None:
+            raise ConfusableName(name, look_alike.name, look_alike.public_key, public_key)
+        if not pin_new:
+            raise UnknownPeer(f"no pinned identity for peer {name!r}")
+        pin = Pin(name, public_key)
+        self._pins[name] = pin
         return pin
+
+    def _look_alike(self, name: str) -> Pin | None:
+        wanted = skeleton(name)
+        for pin in self:
+            if pin.name != name and skeleton(pin.name) == wanted:
+                return pin
+        return None
 
     def get(self, name: str) -> Pin | None:
         return self._pins.get(name)
@@ -340,6 +397,50 @@ class KnownPeers:
         pin = self._require(name)
         del self._pins[name]
         return pin
+
+    def copy(self) -> "KnownPeers":
+        return KnownPeers(self._pins)
+
+    def changes_since(self, before: "KnownPeers") -> PinChanges:
+        """What was pinned, verified and removed here since ``before`` (a copy of this)."""
+        added: list[Pin] = []
+        verified: list[Pin] = []
+        for pin in self:
+            old = before.get(pin.name)
+            if old is None or old.public_key != pin.public_key:
+                added.append(pin)
+            elif pin.verified and not old.verified:
+                verified.append(pin)
+        removed = [
+            old
+            for old in before
+            if (now := self.get(old.name)) is None or now.public_key != old.public_key
+        ]
+        return PinChanges(tuple(added), tuple(verified), tuple(removed))
+
+    def apply(self, changes: PinChanges) -> list[Pin]:
+        """Replay ``changes`` made by another holder onto these pins (the file as it is
+        now). A removal or verification applies only to the same key; a pin added there is
+        dropped if this copy pinned that name (or a look-alike) to another key meanwhile, as
+        the first pin stands. Returns the added pins that were dropped."""
+        for old in changes.removed:
+            pin = self._pins.get(old.name)
+            if pin is not None and pin.public_key == old.public_key:
+                del self._pins[old.name]
+        dropped: list[Pin] = []
+        for new in changes.added:
+            try:
+                self.check(new.name, new.public_key)
+            except PinnedIdentityMismatch:
+                dropped.append(new)
+                continue
+            if new.verified:
+                self.mark_verified(new.name)
+        for new in changes.verified:
+            pin = self._pins.get(new.name)
+            if pin is not None and pin.public_key == new.public_key:
+                self.mark_verified(new.name)
+        return dropped
 
     def _require(self, name: str) -> Pin:
         pin = self._pins.get(name)
@@ -381,10 +482,10 @@ class KnownPeers:
                     raise ValueError("bad or duplicate entry")
                 pins[name] = Pin(name, IdentityPublicKey(b64decode(entry["public_key"])), verified)
         except (KeyError, TypeError, ValueError) as error:
-            raise CorruptKeyFile("known-peers file has a malformed entry") from error
+            raise CorruptKeyFile(f"known-peers file has a malformed entry: {error}") from error
         return cls(pins)
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_PEER_NAME_LENGTH:
-        raise LocalError(f"a peer name is 1 to {MAX_PEER_NAME_LENGTH} characters")
+    # Pins are filed under normal names only (crypto/names.py), as the peers sign them.
+    check_normalized(name)

@@ -7,9 +7,9 @@ well-formed message of another type) for anything else, and ``encode() -> dict``
 wire JSON object. docs/reference/key-agreement.md (the key agreement messages, sealed messages
 and rekey) is the specification.
 
-    key agreement   {"v": 1, "type": "commit" | "accept" | "reveal" | "confirm",
+    key agreement   {"v": 2, "type": "commit" | "accept" | "reveal" | "confirm",
                      "call_id": ..., <fields>}
-    sealed          {"v": 1, "type": "sealed", "epoch": n, "seq": s, "ciphertext": b64}
+    sealed          {"v": 2, "type": "sealed", "epoch": n, "seq": s, "ciphertext": b64}
     sealed inner    {"kind": "app" | "rekey" | "rekey-ack" | "rekey-done", <fields>}
 """
 
@@ -20,9 +20,10 @@ from typing import Any, ClassVar, Self
 from crypto import strict_json
 from crypto.errors import RemoteError
 from crypto.identity import MAX_PEER_NAME_LENGTH, IdentityPublicKey, b64decode, b64encode
+from crypto.names import check_normalized
 from crypto.sframe import CipherSuite
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # A message is a JSON object carried as a hub payload; SDP with candidates is a few KiB.
 MAX_MESSAGE_SIZE = 64 * 1024
 MAX_CALL_ID_LENGTH = 128
@@ -34,6 +35,13 @@ HASH_SIZE = 32
 SIGNATURE_SIZE = 64
 X25519_KEY_SIZE = 32
 IDENTITY_KEY_SIZE = 32
+# The encrypted identity of ``reveal`` and ``confirm``: identity key, signature, name length
+# and the name padded to its longest UTF-8 form, so every one has the same size whatever
+# the name; plus the AES-GCM tag.
+NAME_FIELD_SIZE = 2 + 4 * MAX_PEER_NAME_LENGTH
+AUTH_PLAINTEXT_SIZE = IDENTITY_KEY_SIZE + SIGNATURE_SIZE + NAME_FIELD_SIZE
+AUTH_TAG_SIZE = 16
+AUTH_SIZE = AUTH_PLAINTEXT_SIZE + AUTH_TAG_SIZE
 
 
 class MalformedCallMessage(RemoteError):
@@ -163,12 +171,14 @@ def call_id_field(value: Any) -> str:
 
 
 def name_field(value: Any) -> str:
-    """A peer's name: what it is pinned under, so 1 to 256 printable characters."""
+    """A peer's name: what it is pinned under, so 1 to 256 printable characters, normalised
+    (crypto/names.py): a look-alike spelling is refused, never pinned as another peer."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_NAME_LENGTH:
         raise ValueError(f"is 1 to {MAX_PEER_NAME_LENGTH} characters")
     if not value.isprintable():
         # No control characters, line breaks or lone surrogates: the name is shown to users.
         raise ValueError("is printable")
+    check_normalized(value)
     return value
 
 
@@ -199,13 +209,13 @@ def identity_field(value: Any) -> IdentityPublicKey:
 
 @dataclass(frozen=True)
 class Commit:
-    """Initiator to responder: the offer, and a commitment to its ephemeral and identity."""
+    """Initiator to responder: the offer, and a commitment to its ephemeral (nothing of who
+    it is: that travels encrypted in ``reveal``)."""
 
     TYPE: ClassVar[str] = "commit"
     call_id: str
     suites: tuple[CipherSuite, ...]
     nonce: bytes
-    name: str
     commitment: bytes
 
     @classmethod
@@ -218,7 +228,6 @@ class Commit:
                     "call_id": call_id_field,
                     "suites": suites_field,
                     "nonce": bytes_field(NONCE_SIZE),
-                    "name": name_field,
                     "commitment": bytes_field(HASH_SIZE),
                 },
             )
@@ -230,22 +239,20 @@ class Commit:
             call_id=self.call_id,
             suites=[int(suite) for suite in self.suites],
             nonce=b64encode(self.nonce),
-            name=self.name,
             commitment=b64encode(self.commitment),
         )
 
 
 @dataclass(frozen=True)
 class Accept:
-    """Responder to initiator: the chosen suite, its ephemeral, identity and name."""
+    """Responder to initiator: the chosen suite and its ephemeral (its identity comes last,
+    in ``confirm``, once the initiator has authenticated)."""
 
     TYPE: ClassVar[str] = "accept"
     call_id: str
     suite: CipherSuite
     nonce: bytes
     ephemeral: bytes
-    identity: IdentityPublicKey
-    name: str
 
     @classmethod
     def parse(cls, obj: object) -> Self:
@@ -258,8 +265,6 @@ class Accept:
                     "suite": suite_field,
                     "nonce": bytes_field(NONCE_SIZE),
                     "ephemeral": bytes_field(X25519_KEY_SIZE),
-                    "identity": identity_field,
-                    "name": name_field,
                 },
             )
         )
@@ -271,20 +276,18 @@ class Accept:
             suite=int(self.suite),
             nonce=b64encode(self.nonce),
             ephemeral=b64encode(self.ephemeral),
-            identity=b64encode(self.identity.raw),
-            name=self.name,
         )
 
 
 @dataclass(frozen=True)
 class Reveal:
-    """Initiator to responder: the committed ephemeral and identity, and its signature."""
+    """Initiator to responder: the committed ephemeral, and its identity, name and signature
+    encrypted under the initiator's handshake key (``auth``)."""
 
     TYPE: ClassVar[str] = "reveal"
     call_id: str
     ephemeral: bytes
-    identity: IdentityPublicKey
-    signature: bytes
+    auth: bytes
 
     @classmethod
     def parse(cls, obj: object) -> Self:
@@ -295,8 +298,7 @@ class Reveal:
                 {
                     "call_id": call_id_field,
                     "ephemeral": bytes_field(X25519_KEY_SIZE),
-                    "identity": identity_field,
-                    "signature": bytes_field(SIGNATURE_SIZE),
+                    "auth": bytes_field(AUTH_SIZE),
                 },
             )
         )
@@ -306,18 +308,18 @@ class Reveal:
             self.TYPE,
             call_id=self.call_id,
             ephemeral=b64encode(self.ephemeral),
-            identity=b64encode(self.identity.raw),
-            signature=b64encode(self.signature),
+            auth=b64encode(self.auth),
         )
 
 
 @dataclass(frozen=True)
 class Confirm:
-    """Responder to initiator: its signature of the transcript."""
+    """Responder to initiator: its identity, name and signature, encrypted under the
+    responder's handshake key (``auth``)."""
 
     TYPE: ClassVar[str] = "confirm"
     call_id: str
-    signature: bytes
+    auth: bytes
 
     @classmethod
     def parse(cls, obj: object) -> Self:
@@ -325,12 +327,49 @@ class Confirm:
             **_envelope_fields(
                 obj,
                 cls.TYPE,
-                {"call_id": call_id_field, "signature": bytes_field(SIGNATURE_SIZE)},
+                {"call_id": call_id_field, "auth": bytes_field(AUTH_SIZE)},
             )
         )
 
     def encode(self) -> dict[str, Any]:
-        return _envelope(self.TYPE, call_id=self.call_id, signature=b64encode(self.signature))
+        return _envelope(self.TYPE, call_id=self.call_id, auth=b64encode(self.auth))
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The plaintext of a ``reveal``'s or ``confirm``'s ``auth``: who the sender is, and its
+    signature of the transcript. A fixed-size binary layout, so its ciphertext says nothing
+    about the name::
+
+        identity key (32) | signature (64) | name length in bytes (2, big-endian)
+        | name (UTF-8) | zero bytes up to NAME_FIELD_SIZE
+    """
+
+    identity: IdentityPublicKey
+    name: str
+    signature: bytes
+
+    @classmethod
+    def parse(cls, data: bytes) -> Self:
+        if len(data) != AUTH_PLAINTEXT_SIZE:
+            raise MalformedCallMessage(f"an identity plaintext is {AUTH_PLAINTEXT_SIZE} bytes")
+        identity = IdentityPublicKey(data[:IDENTITY_KEY_SIZE])
+        signature = data[IDENTITY_KEY_SIZE : IDENTITY_KEY_SIZE + SIGNATURE_SIZE]
+        name_field_bytes = data[IDENTITY_KEY_SIZE + SIGNATURE_SIZE :]
+        length = int.from_bytes(name_field_bytes[:2], "big")
+        encoded, padding = name_field_bytes[2 : 2 + length], name_field_bytes[2 + length :]
+        if length > NAME_FIELD_SIZE - 2 or any(padding):
+            raise MalformedCallMessage("an identity plaintext pads its name with zero bytes")
+        try:
+            name = name_field(encoded.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise MalformedCallMessage(f"field 'name': {error}") from error
+        return cls(identity, name, signature)
+
+    def encode(self) -> bytes:
+        encoded = self.name.encode("utf-8")
+        name = len(encoded).to_bytes(2, "big") + encoded
+        return self.identity.raw + self.signature + name.ljust(NAME_FIELD_SIZE, b"\0")
 
 
 HandshakeMessage = Commit | Accept | Reveal | Confirm
@@ -399,6 +438,14 @@ def _inner_ephemeral(value: Any) -> bytes:
     return ephemeral
 
 
+def _inner_signature(value: Any) -> bytes:
+    try:
+        signature: bytes = bytes_field(SIGNATURE_SIZE)(value)
+    except ValueError as error:
+        raise MalformedCallMessage("a rekey signature is a 64-byte Ed25519 signature") from error
+    return signature
+
+
 @dataclass(frozen=True)
 class App:
     """The application's message (SDP, candidates, bye): one JSON object."""
@@ -417,38 +464,63 @@ class App:
         return {"kind": self.KIND, "content": self.content}
 
 
+_REKEY_FIELDS = frozenset({"epoch", "ephemeral", "signature"})
+
+
 @dataclass(frozen=True)
 class Rekey:
-    """A request for epoch ``epoch``, with the requester's fresh X25519 public key."""
+    """A request for epoch ``epoch``: the requester's fresh X25519 public key, signed with
+    its identity key (crypto/sealed.py, ``rekey_signed_content``)."""
 
     KIND: ClassVar[str] = "rekey"
     epoch: int
     ephemeral: bytes
+    signature: bytes
 
     @classmethod
     def parse(cls, obj: object) -> Self:
-        fields = _inner_fields(obj, cls.KIND, frozenset({"epoch", "ephemeral"}))
-        return cls(_inner_epoch(cls.KIND, fields["epoch"]), _inner_ephemeral(fields["ephemeral"]))
+        fields = _inner_fields(obj, cls.KIND, _REKEY_FIELDS)
+        return cls(
+            _inner_epoch(cls.KIND, fields["epoch"]),
+            _inner_ephemeral(fields["ephemeral"]),
+            _inner_signature(fields["signature"]),
+        )
 
     def encode(self) -> dict[str, Any]:
-        return {"kind": self.KIND, "epoch": self.epoch, "ephemeral": b64encode(self.ephemeral)}
+        return {
+            "kind": self.KIND,
+            "epoch": self.epoch,
+            "ephemeral": b64encode(self.ephemeral),
+            "signature": b64encode(self.signature),
+        }
 
 
 @dataclass(frozen=True)
 class RekeyAck:
-    """The accepter's answer: its fresh X25519 public key (the last message of epoch n)."""
+    """The accepter's answer: its fresh X25519 public key, signed with its identity key over
+    both ephemerals (the last message of epoch n)."""
 
     KIND: ClassVar[str] = "rekey-ack"
     epoch: int
     ephemeral: bytes
+    signature: bytes
 
     @classmethod
     def parse(cls, obj: object) -> Self:
-        fields = _inner_fields(obj, cls.KIND, frozenset({"epoch", "ephemeral"}))
-        return cls(_inner_epoch(cls.KIND, fields["epoch"]), _inner_ephemeral(fields["ephemeral"]))
+        fields = _inner_fields(obj, cls.KIND, _REKEY_FIELDS)
+        return cls(
+            _inner_epoch(cls.KIND, fields["epoch"]),
+            _inner_ephemeral(fields["ephemeral"]),
+            _inner_signature(fields["signature"]),
+        )
 
     def encode(self) -> dict[str, Any]:
-        return {"kind": self.KIND, "epoch": self.epoch, "ephemeral": b64encode(self.ephemeral)}
+        return {
+            "kind": self.KIND,
+            "epoch": self.epoch,
+            "ephemeral": b64encode(self.ephemeral),
+            "signature": b64encode(self.signature),
+        }
 
 
 @dataclass(frozen=True)

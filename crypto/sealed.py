@@ -4,11 +4,13 @@ A call's keys live in numbered epochs. Each epoch has one secret from which both
 directions' SFrame base keys and signalling sealing keys are derived. The handshake
 (crypto/handshake.py) produces epoch 0; a rekey produces epoch n+1 from a fresh X25519
 exchange mixed with epoch n's secret, which gives forward secrecy (old epochs cannot be
-recomputed once erased) and post-compromise healing (a thief of epoch n who only
-listens cannot follow into epoch n+1). See docs/reference/key-agreement.md.
+recomputed once erased) and post-compromise healing: each rekey message is also signed
+with the sender's identity key, over the call and both fresh keys, so a thief of epoch
+n's secret without the identity keys cannot run either leg, even as an active hub, and
+is locked out of epoch n+1. See docs/explanation/protocol.md.
 
 Every signalling message after the handshake goes through a ``SealedChannel``:
-ChaCha20-Poly1305 under the sending direction's key of the current epoch, with the
+AES-256-GCM under the sending direction's key of the current epoch, with the
 sequence number as nonce and (call id, direction, epoch, sequence number) as associated
 data. The hub can neither read nor rewrite it, and replay, reordering and dropping are
 each detected with their own error.
@@ -26,11 +28,12 @@ from typing import Any, ClassVar
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from crypto.errors import LocalError, RemoteError
 from crypto.frame_crypto import KeyUpdate, MediaKey
+from crypto.identity import IdentityKey, IdentityPublicKey
 from crypto.messages import (
     INNER_MESSAGES,
     MAX_EPOCH,
@@ -52,7 +55,7 @@ from crypto.messages import (
 MAX_SEALED_CONTENT_SIZE = 32 * 1024
 KEY_SIZE = 32
 
-LABEL_PREFIX = b"blindhub-v1 "
+LABEL_PREFIX = b"blindhub-v2 "
 # SFrame KIDs: 2 * epoch + 0 for the handshake initiator's frames, + 1 for the
 # responder's, so the two senders never share a KID and epochs 0-3 fit the one-byte header.
 KIDS_PER_EPOCH = 2
@@ -111,7 +114,9 @@ def hkdf_extract(salt: bytes, input_key_material: bytes) -> bytes:
 
 
 def hkdf_expand(pseudorandom_key: bytes, label: str, context: bytes = b"") -> bytes:
-    """HKDF-Expand with SHA-256 to 32 bytes; info is ``blindhub-v1 <label>`` and context."""
+    """HKDF-Expand with SHA-256 to 32 bytes; info is ``blindhub-v2 <label>`` and context.
+
+    (One HMAC-SHA-256 of info and 0x01 under the key, which WebCrypto's HMAC computes.)"""
     info = LABEL_PREFIX + label.encode("ascii") + context
     return HKDFExpand(hashes.SHA256(), KEY_SIZE, info).derive(pseudorandom_key)
 
@@ -150,6 +155,29 @@ def next_epoch_secret(
     pseudorandom_key = hkdf_extract(epoch_secret, shared_secret)
     context = new_epoch.to_bytes(4, "big") + requester + accepter
     return hkdf_expand(pseudorandom_key, "epoch", context)
+
+
+def rekey_signed_content(
+    kind: str,
+    signer: Role,
+    call_id: str,
+    transcript_hash: bytes,
+    epoch: int,
+    *ephemerals: bytes,
+) -> bytes:
+    """What a ``rekey`` or ``rekey-ack`` signs: its kind and the signer's role (so neither
+    can be reflected nor passed off as the other), the call and its key agreement (the
+    transcript hash T, which covers both identities), the new epoch, and the rekey
+    ephemerals known so far (the requester's; the requester's and the accepter's)."""
+    return (
+        LABEL_PREFIX
+        + kind.encode("ascii")
+        + b" "
+        + signer.value.encode("ascii")
+        + length_prefixed(
+            call_id.encode("utf-8"), transcript_hash, epoch.to_bytes(4, "big"), *ephemerals
+        )
+    )
 
 
 def x25519_shared_secret(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:
@@ -246,10 +274,19 @@ class SealedChannel:
         call_id: str,
         epoch_secret: bytes,
         random_bytes: Callable[[int], bytes],
+        *,
+        identity: IdentityKey,
+        peer_identity: IdentityPublicKey,
+        transcript_hash: bytes,
     ) -> None:
+        """``identity`` signs our rekey messages, ``peer_identity`` verifies the peer's, both
+        over ``transcript_hash``: the key agreement's, which names both parties."""
         check_call_id(call_id)
         self.role = role
         self.call_id = call_id
+        self._identity = identity
+        self.peer_identity = peer_identity
+        self.transcript_hash = transcript_hash
         self._random_bytes = random_bytes
         self._secret = epoch_secret
         self._keys = derive_epoch_keys(epoch_secret, 0, role)
@@ -308,8 +345,26 @@ class SealedChannel:
             raise LocalError("no epochs left in this call")
         private_key = X25519PrivateKey.from_private_bytes(self._random_bytes(X25519_KEY_SIZE))
         request = _Requested(self.epoch + 1, private_key, x25519_public_bytes(private_key))
+        signature = self._sign(Rekey.KIND, request.epoch, request.public_key)
         self._enter(request)
-        return self._seal(Rekey(request.epoch, request.public_key))
+        return self._seal(Rekey(request.epoch, request.public_key, signature))
+
+    def _sign(self, kind: str, epoch: int, *ephemerals: bytes) -> bytes:
+        return self._identity.sign(
+            rekey_signed_content(
+                kind, self.role, self.call_id, self.transcript_hash, epoch, *ephemerals
+            )
+        )
+
+    def _verify(self, kind: str, signature: bytes, epoch: int, *ephemerals: bytes) -> None:
+        """The peer's signature (``BadSignature``): whoever holds only the epoch's secret,
+        and so its sealing keys, cannot make one."""
+        self.peer_identity.verify(
+            rekey_signed_content(
+                kind, self.role.peer, self.call_id, self.transcript_hash, epoch, *ephemerals
+            ),
+            signature,
+        )
 
     def _seal(self, inner: InnerMessage) -> dict[str, Any]:
         return self._seal_inner(inner.encode())
@@ -325,9 +380,7 @@ class SealedChannel:
             raise LocalError("no sequence numbers left in this call")
         sequence = self._send_sequence
         associated = self._associated_data(self.role, self._send_epoch, sequence)
-        ciphertext = ChaCha20Poly1305(self._send_key).encrypt(
-            _nonce(sequence), plaintext, associated
-        )
+        ciphertext = AESGCM(self._send_key).encrypt(_nonce(sequence), plaintext, associated)
         self._send_sequence += 1
         return Sealed(self._send_epoch, sequence, ciphertext).encode()
 
@@ -358,9 +411,7 @@ class SealedChannel:
             raise DecryptionFailed(f"no key for epoch {epoch}")
         associated = self._associated_data(self.role.peer, epoch, sequence)
         try:
-            plaintext = ChaCha20Poly1305(key).decrypt(
-                _nonce(sequence), sealed.ciphertext, associated
-            )
+            plaintext = AESGCM(key).decrypt(_nonce(sequence), sealed.ciphertext, associated)
         except InvalidTag as error:
             raise DecryptionFailed("sealed message does not authenticate") from error
         self._check_sequence(sequence)
@@ -405,10 +456,12 @@ class SealedChannel:
     def _on_rekey(self, message: Rekey) -> Received:
         if message.epoch != self.epoch + 1:
             raise UnexpectedCallMessage(f"a rekey to epoch {message.epoch} is not expected now")
+        self._verify(Rekey.KIND, message.signature, message.epoch, message.ephemeral)
         private_key = X25519PrivateKey.from_private_bytes(self._random_bytes(X25519_KEY_SIZE))
         public_key = x25519_public_bytes(private_key)
         shared = x25519_shared_secret(private_key, message.ephemeral)
-        ack = self._seal(RekeyAck(message.epoch, public_key))
+        signature = self._sign(RekeyAck.KIND, message.epoch, message.ephemeral, public_key)
+        ack = self._seal(RekeyAck(message.epoch, public_key, signature))
         new_keys = self._advance(
             message.epoch, shared, requester=message.ephemeral, accepter=public_key
         )
@@ -423,6 +476,8 @@ class SealedChannel:
         if message.epoch != self.epoch + 1:
             raise UnexpectedCallMessage(f"a rekey to epoch {message.epoch} is not expected now")
         if self.role is Role.INITIATOR:
+            # Ignored, but only if genuine: a forged request is refused like any other.
+            self._verify(Rekey.KIND, message.signature, message.epoch, message.ephemeral)
             return Received()
         return self._on_rekey(message)
 
@@ -431,6 +486,9 @@ class SealedChannel:
         assert isinstance(pending, _Requested)  # the dispatch table's promise
         if message.epoch != pending.epoch:
             raise UnexpectedCallMessage(f"no rekey to epoch {message.epoch} was requested")
+        self._verify(
+            RekeyAck.KIND, message.signature, message.epoch, pending.public_key, message.ephemeral
+        )
         shared = x25519_shared_secret(pending.private_key, message.ephemeral)
         new_keys = self._advance(
             message.epoch, shared, requester=pending.public_key, accepter=message.ephemeral

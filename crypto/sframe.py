@@ -416,6 +416,7 @@ class _KeyState:
         "kid_length",
         "kid_prefix",
         "next_ctr",
+        "on_first_use",
         "salt",
         "seen",
     )
@@ -436,6 +437,8 @@ class _KeyState:
         self.next_ctr = 0  # send side
         self.highest = -1  # receive side: highest CTR accepted
         self.seen = 0  # receive side: bit i set = CTR (highest - i) accepted
+        # Receive side: told the KID when the first frame under this key authenticates.
+        self.on_first_use: Callable[[int], None] | None = None
 
     def __repr__(self) -> str:
         return f"<SFrame key kid={self.kid}>"
@@ -559,16 +562,32 @@ class ReceiveContext:
             f"kids={sorted(self._keys)})"
         )
 
-    def add_key(self, kid: int, base_key: bytes) -> None:
+    def add_key(
+        self, kid: int, base_key: bytes, *, on_first_use: Callable[[int], None] | None = None
+    ) -> None:
+        """Accept frames under ``kid``; ``on_first_use(kid)`` is called once, when the first
+        frame under it authenticates (so a caller knows when the sender has switched to it)."""
         _check_u64("kid", kid)
         _check_base_key(base_key)
         if kid in self._keys:
             raise SFrameUsageError(f"KID {kid} already has a receiving key; remove it first")
-        self._keys[kid] = _KeyState(self._suite, kid, base_key)
+        state = self._keys[kid] = _KeyState(self._suite, kid, base_key)
+        state.on_first_use = on_first_use
 
     def remove_key(self, kid: int) -> None:
         if self._keys.pop(kid, None) is None:
             raise SFrameUsageError(f"no receiving key for KID {kid}")
+
+    def _detach(self, kid: int) -> _KeyState | None:
+        """Take ``kid``'s key out with its replay window (``SenderKeyReceiver`` tries a later
+        ratchet step under a KID that a key in its grace period still holds)."""
+        return self._keys.pop(kid, None)
+
+    def _attach(self, state: _KeyState) -> None:
+        """Put back a key ``_detach`` took out."""
+        if state.kid in self._keys:
+            raise SFrameUsageError(f"KID {state.kid} already has a receiving key; remove it first")
+        self._keys[state.kid] = state
 
     def unprotect(self, sframe_ciphertext: bytes, metadata: bytes = b"") -> bytes:
         """Authenticate and decrypt one SFrame ciphertext; return the plaintext."""
@@ -602,6 +621,9 @@ class ReceiveContext:
             state.highest = ctr
         else:
             state.seen |= 1 << age
+        if state.on_first_use is not None:
+            notify, state.on_first_use = state.on_first_use, None
+            notify(kid)
         return plaintext
 
 
@@ -744,8 +766,11 @@ class SenderKeyReceiver:
     values if that is less) is trial-decrypted under the ratcheted key;
     only if it authenticates does the receiver adopt that key. Older keys are
     then kept, for frames delivered out of order, until ``old_key_grace_frames``
-    frames have been accepted under newer keys, and deleted. New generations arrive by
-    ``add_generation`` (the key was distributed over an E2E channel).
+    frames have been accepted under newer keys, and deleted. With few ratchet bits the
+    step wraps while an old key is still kept: a frame under that KID is tried under the old
+    key, then under the later step, and the later step, once it authenticates, takes the KID
+    over (the old key's grace ends there). New generations arrive by ``add_generation`` (the
+    key was distributed over an E2E channel).
     """
 
     def __init__(
@@ -803,7 +828,17 @@ class SenderKeyReceiver:
         kid, _, _ = _parse_header(sframe_ciphertext)
         if kid not in self._position:
             return self._unprotect_ahead(kid, sframe_ciphertext, metadata)
-        plaintext = self._context.unprotect(sframe_ciphertext, metadata)
+        try:
+            plaintext = self._context.unprotect(sframe_ciphertext, metadata)
+        except SFrameError as error:
+            # The step wraps modulo 2**R, so a superseded key in its grace period holds the KID
+            # of a later step of its chain: the frame may be from that step.
+            if kid not in self._grace_left:
+                raise
+            try:
+                return self._unprotect_ahead(kid, sframe_ciphertext, metadata)
+            except SFrameError:
+                raise error from None  # neither key: the old key's error says most
         self._accepted(kid)
         return plaintext
 
@@ -818,12 +853,18 @@ class SenderKeyReceiver:
         base_key = chain.base_key
         for _ in range(skip):
             base_key = ratchet_base_key(self._suite, base_key)
+        superseded = self._context._detach(kid)  # a key in its grace period, under this KID
         self._context.add_key(kid, base_key)
         try:
             plaintext = self._context.unprotect(sframe_ciphertext, metadata)
         except SFrameError:
             self._context.remove_key(kid)
+            if superseded is not None:
+                self._context._attach(superseded)
             raise
+        if superseded is not None:
+            # Its grace ends early: one KID can hold one key, and the later step is in use.
+            del self._grace_left[kid]
         # Forward secrecy: the chain keeps only its newest base key.
         chain.step += skip
         chain.base_key = base_key

@@ -19,10 +19,9 @@ from crypto.errors import RemoteError
 # Far deeper than any message of ours (the deepest is 3), far shallower than the stack.
 MAX_DEPTH = 32
 
-# A JSON string, escapes included: removed before counting brackets, so that a bracket
-# inside a string does not count. Linear: the two alternatives never match the same text.
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(r"[\[\]{}]")
+# What can change the nesting depth: a bracket outside a string, and the quotes and
+# backslashes that decide where strings begin and end.
+_SPECIAL = re.compile(r'["\\\[\]{}]')
 
 
 class StrictJsonError(RemoteError):
@@ -56,14 +55,32 @@ _DECODER = json.JSONDecoder(
 
 
 def check_depth(text: str, max_depth: int = MAX_DEPTH) -> None:
-    """Refuse a text whose arrays and objects nest deeper than ``max_depth``."""
+    """Refuse a text whose arrays and objects nest deeper than ``max_depth``.
+
+    One pass over the text's special characters, each looked at once, so the work is linear
+    whatever the text (a scan that retries a string at every quote is quadratic on an
+    unterminated one). Brackets inside strings do not count. A backslash outside a string is
+    not JSON: the decoder refuses it, before any bracket after it.
+    """
     depth = 0
-    for bracket in _BRACKET.finditer(_STRING.sub("", text)):
-        if bracket.group() in "[{":
+    in_string = False
+    escaped_until = -1  # the position of the character a backslash escapes
+    for match in _SPECIAL.finditer(text):
+        position, char = match.start(), match.group()
+        if position <= escaped_until:
+            continue
+        if in_string:
+            if char == "\\":
+                escaped_until = position + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
             depth += 1
             if depth > max_depth:
                 raise StrictJsonError(f"nested deeper than {max_depth}")
-        else:
+        elif char in "]}":
             depth -= 1
 
 

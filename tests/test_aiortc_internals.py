@@ -4,28 +4,39 @@ If aiortc moves one of these seams, the structural tests below say which one and
 re-read; the loopback tests then prove the adapter still sees exactly whole frames.
 """
 
+import fractions
 import inspect
+import random
 import struct
-from collections import Counter
+from array import array
+from collections import Counter, deque
 from collections.abc import Callable
 
 import aiortc
+import av
 import pytest
-from aiortc import RTCRtpReceiver, RTCRtpSender
-from aiortc.codecs import vpx
+from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs import HEADER_EXTENSIONS, vpx
+from aiortc.codecs.opus import SAMPLES_PER_FRAME as OPUS_SAMPLES_PER_FRAME
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpsender import RTCEncodedFrame
 from aiortc.rtp import RTCP_PSFB_PLI, AnyRtcpPacket, RtcpPsfbPacket
 
 from client import frame_transform
 from client.frame_transform import (
+    SENDER_ENCODER,
+    EncoderAlreadyChosenError,
     TransformAlreadyInstalledError,
+    install_constant_bitrate_opus,
     install_receiver_transform,
     install_sender_transform,
     request_keyframe,
 )
 from client.media import PatternTrack, ToneTrack
+from client.rtp_policy import AUDIO_BITRATE, AUDIO_LEVEL
 from tests.conftest import wait_for
+from tests.rtp_wire import RawTap
 
 TESTED_VERSIONS = ("1.16.",)
 REREAD = "re-read aiortc's rtcrtpsender.py / rtcrtpreceiver.py and update client/frame_transform.py"
@@ -89,14 +100,78 @@ def test_receiver_decodes_only_what_the_jitter_buffer_returns():
     assert list(inspect.signature(JitterFrame).parameters) == ["data", "timestamp"]
 
 
-def test_vp8_packetizer_and_depayloader_exist():
-    assert callable(vpx.vp8_depayload) and callable(vpx.Vp8Encoder._packetize), REREAD
-    payloads = vpx.Vp8Encoder._packetize(bytes(range(256)) * 20, 1234)
-    descriptor, _ = vpx.VpxPayloadDescriptor.parse(payloads[0])
-    assert descriptor.picture_id == 1234
-    assert b"".join(vpx.vp8_depayload(p) for p in payloads) == bytes(range(256)) * 20
+def test_vp8_packetizer_writes_the_descriptor_layout_the_adapter_reframes():
+    # The adapter takes the frame out of the encoder's VP8 payloads and packetizes the
+    # transformed frame behind the same descriptors, assuming Vp8Encoder._packetize's layout
+    # (frame_transform.VP8_FIRST_DESCRIPTOR): it must give exactly what the packetizer would
+    # have given for the transformed frame, at every picture ID and around every size limit.
+    for method in (vpx.Vp8Encoder.encode, vpx.Vp8Encoder.pack):
+        assert "self._packetize(" in source_of(method), (
+            f"Vp8Encoder.{method.__name__} no longer packetizes with Vp8Encoder._packetize: "
+            f"{REREAD}"
+        )
+    size = vpx.PACKET_MAX - frame_transform.VP8_DESCRIPTOR_LENGTH
+    seen: list[bytes] = []
+
+    def grow(frame: bytes) -> bytes:
+        seen.append(frame)
+        return frame + b"\xee" * 17
+
+    for picture_id in (0, 1, 127, 128, 32767):
+        for length in (1, size - 17, size - 16, size, size + 1, 3 * size + 5):
+            frame = bytes(range(256)) * (length // 256) + bytes(length % 256)
+            encoded = RTCEncodedFrame(vpx.Vp8Encoder._packetize(frame, picture_id), 0, 0)
+            result = frame_transform._transform_vp8(encoded, grow)
+            assert seen.pop() == frame, f"the VP8 depacketization moved: {REREAD}"
+            assert result is not None
+            assert result.payloads == vpx.Vp8Encoder._packetize(grow(frame), picture_id), (
+                f"Vp8Encoder._packetize's descriptor layout moved: {REREAD}"
+            )
 
 
+def test_pre_encoded_vp8_packets_are_reframed_the_same_way():
+    # A track may yield encoded av.Packets; the sender then packs them (Vp8Encoder.pack).
+    encoder = vpx.Vp8Encoder()
+    packet = av.Packet(bytes(range(256)) * 9)
+    packet.pts, packet.time_base = 0, fractions.Fraction(1, 90000)
+    picture_id = encoder.picture_id
+    payloads, _ = encoder.pack(packet)
+    result = frame_transform._transform_vp8(RTCEncodedFrame(payloads, 0, 0), lambda f: f[::-1])
+    assert result is not None
+    assert result.payloads == vpx.Vp8Encoder._packetize(bytes(packet)[::-1], picture_id)
+
+
+def test_vp8_payloads_in_another_layout_stop_the_sender():
+    # Raised inside aiortc's sending task, the error stops the sender: nothing goes out.
+    frame = bytes(3000)
+    for payloads in (
+        [b"\x10" + frame],  # no extended control bits
+        [bytes(vpx.VpxPayloadDescriptor(1, 0, picture_id=5, tl0picidx=1)) + frame],
+        [*vpx.Vp8Encoder._packetize(frame, 5)[:1], *vpx.Vp8Encoder._packetize(frame, 6)[1:]],
+    ):
+        with pytest.raises(frame_transform.UnsupportedCodecError):
+            frame_transform._transform_vp8(RTCEncodedFrame(payloads, 0, 0), bytes)
+
+
+def test_opus_frames_encoded_together_are_sent_one_by_one():
+    pending: deque[RTCEncodedFrame] = deque()
+    encoded = RTCEncodedFrame([b"a", b"b", b"c"], 1000, 7)
+    first = frame_transform._transform_opus(encoded, lambda frame: frame.upper(), pending)
+    assert first is encoded and first.payloads == [b"A"] and first.timestamp == 1000
+    # The encoder's audio level (7) is measured on the plaintext: no frame keeps it.
+    assert first.audio_level is None
+    assert [(f.payloads, f.timestamp, f.audio_level) for f in pending] == [
+        ([b"B"], 1000 + OPUS_SAMPLES_PER_FRAME, None),
+        ([b"C"], 1000 + 2 * OPUS_SAMPLES_PER_FRAME, None),
+    ]
+    pending.clear()
+    encoded = RTCEncodedFrame([b"a", b"b"], 1000, 0)
+    first = frame_transform._transform_opus(encoded, lambda f: None if f == b"a" else f, pending)
+    assert first is not None and first.payloads == [b"b"] and not pending
+    assert frame_transform._transform_opus(encoded, lambda frame: None, pending) is None
+
+
+@pytest.mark.slow
 async def test_private_attributes_exist_on_live_instances(loopback):
     def check(side):
         receiver = side.receivers["video"]
@@ -135,6 +210,7 @@ class Reversing:
         return frame[8:][::-1]
 
 
+@pytest.mark.slow
 async def test_transforms_see_whole_frames_at_the_right_boundaries(loopback):
     senders = {"audio": Reversing(), "video": Reversing()}
     receivers = {"audio": Reversing(), "video": Reversing()}
@@ -172,6 +248,7 @@ async def test_transforms_see_whole_frames_at_the_right_boundaries(loopback):
     assert video_starts and all(p.startswith(MAGIC) for p in video_starts)
 
 
+@pytest.mark.slow
 async def test_dropping_frames_sends_nothing_and_decodes_nothing(loopback):
     dropped: Counter[tuple[str, str]] = Counter()
 
@@ -203,6 +280,7 @@ async def test_dropping_frames_sends_nothing_and_decodes_nothing(loopback):
         assert side.received.audio_frames == 0 and side.received.video_frames == 0
 
 
+@pytest.mark.slow
 async def test_receiver_drop_reaches_no_decoder_and_requests_keyframes(loopback):
     # The sender's encoder makes keyframes of its own now and then (a new target bitrate restarts
     # it), so counting keyframes alone cannot show the requests work. The PLIs can: nothing
@@ -248,6 +326,7 @@ async def test_receiver_drop_reaches_no_decoder_and_requests_keyframes(loopback)
     assert answerer.received.video_frames == 0
 
 
+@pytest.mark.slow
 async def test_a_second_transform_is_refused(loopback):
     errors = []
 
@@ -265,6 +344,7 @@ async def test_a_second_transform_is_refused(loopback):
     assert len(errors) == 4
 
 
+@pytest.mark.slow
 async def test_retransmissions_carry_transformed_payloads(loopback):
     def prepare(side):
         if side.senders["video"].track is not None:
@@ -282,3 +362,87 @@ async def test_retransmissions_carry_transformed_payloads(loopback):
     rtx = next(p for p in video if p.payload_type != original.payload_type)
     assert rtx.payload[2:] == original.payload
     assert vpx.vp8_depayload(rtx.payload[2:]).startswith(MAGIC)
+
+
+# -- what an audio sender shows in clear: its encoder and the audio level
+
+
+def test_sender_makes_its_encoder_only_when_it_has_none():
+    next_frame = source_of(RTCRtpSender._next_encoded_frame)
+    assert "if self.__encoder is None:" in next_frame, (
+        f"RTCRtpSender no longer keeps an encoder it was given ({SENDER_ENCODER}): {REREAD}"
+    )
+    assert "self.__encoder.encode" in next_frame, (
+        f"RTCRtpSender no longer encodes with {SENDER_ENCODER}: {REREAD}"
+    )
+
+
+def test_opus_encoder_is_configured_through_its_codec_context():
+    encoder = OpusEncoder()
+    assert encoder.codec.name == "libopus" and "application" in encoder.codec.options, (
+        f"aiortc's OpusEncoder changed how it configures libopus: {REREAD}"
+    )
+
+
+def test_a_constant_bitrate_encoder_makes_one_size_for_any_audio():
+    encoder = frame_transform._ConstantBitrateOpusEncoder(AUDIO_BITRATE)
+    noise = random.Random(0)
+    loud = [array("h", (noise.randint(-20000, 20000) for _ in range(960))) for _ in range(25)]
+    silent = [array("h", bytes(1920)) for _ in range(25)]
+    sizes = set()
+    for index, samples in enumerate(loud + silent + loud):
+        frame = av.AudioFrame(format="s16", layout="mono", samples=960)
+        frame.planes[0].update(samples.tobytes())
+        frame.pts, frame.sample_rate = index * 960, 48000
+        frame.time_base = fractions.Fraction(1, 48000)
+        sizes |= {len(payload) for payload in encoder.encode(frame)[0]}
+    assert sizes == {AUDIO_BITRATE // 8 // 50}
+
+
+def test_the_audio_level_travels_only_in_the_encoded_frame():
+    run_rtp = source_of(RTCRtpSender._run_rtp)
+    assert "packet.extensions.audio_level = (False, -enc_frame.audio_level)" in run_rtp, (
+        f"RTCRtpSender no longer takes the audio level from RTCEncodedFrame: {REREAD}"
+    )
+    assert run_rtp.count("extensions.audio_level") == 1, (
+        f"RTCRtpSender sets the audio level from a second place: {REREAD}"
+    )
+
+
+def test_transport_hands_every_rtp_packet_to_handle_rtp_data():
+    recv_next = source_of(RTCDtlsTransport._recv_next)
+    assert "data = self._rx_srtp.unprotect(data)" in recv_next, REREAD
+    assert "await self._handle_rtp_data(data, arrival_time_ms=arrival_time_ms)" in recv_next, (
+        f"RTCDtlsTransport no longer passes each RTP packet to _handle_rtp_data: {REREAD}"
+    )
+    assert list(inspect.signature(RTCDtlsTransport._handle_rtp_data).parameters) == [
+        "self",
+        "data",
+        "arrival_time_ms",
+    ]
+
+
+async def test_a_started_sender_keeps_its_encoder(loopback):
+    offerer, _ = await loopback.connect([ToneTrack()], [])
+    sender = offerer.senders["audio"]
+    await wait_for(lambda: getattr(sender, SENDER_ENCODER) is not None)
+    with pytest.raises(EncoderAlreadyChosenError):
+        install_constant_bitrate_opus(sender, AUDIO_BITRATE)
+
+
+async def test_transformed_audio_carries_no_level_even_where_one_was_negotiated(loopback):
+    # Plain aiortc on both sides negotiates ssrc-audio-level; only the offerer's audio goes
+    # through a frame transform, whose frames carry no level: none crosses the wire.
+    taps = {"offerer": RawTap(), "answerer": RawTap()}
+    level_id = next(e.id for e in HEADER_EXTENSIONS["audio"] if e.uri == AUDIO_LEVEL)
+
+    def prepare(side):
+        taps[side.role].install(side.pc)
+        if side.role == "offerer":
+            install_sender_transform(side.senders["audio"], Reversing().protect)
+
+    await loopback.connect([ToneTrack(440)], [ToneTrack(660)], prepare=prepare)
+    await wait_for(lambda: all(len(tap.of_kind("audio")) >= 25 for tap in taps.values()))
+    transformed, control = taps["answerer"].of_kind("audio"), taps["offerer"].of_kind("audio")
+    assert all(key != level_id for packet in transformed for key, _ in packet.extensions)
+    assert all(level_id in dict(packet.extensions) for packet in control)

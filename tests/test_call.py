@@ -19,6 +19,7 @@ from client.experiment.analysis import dominant_frequency, tone_correlation
 from client.experiment.layers import Layers
 from client.frame_transform import FrameTransform, install_packet_observer
 from client.hub_connection import HubConnection, Relayed
+from client.identity_store import load_known_peers, open_identity, save_known_peers
 from client.media import PatternTrack, ToneTrack, read_pattern_number
 from client.session import SUITES, CallFailed, IdentityMismatch, VerificationRefused, Verify
 from crypto.handshake import Initiator
@@ -84,7 +85,7 @@ async def test_a_full_call_both_ways(hub):
         assert len(numbers) >= 10 and numbers == sorted(numbers)
         stats = call.stats
         assert stats.protection is not None and stats.protection.end_to_end_encrypted
-        assert stats.protection.pin == "pinned" and stats.protection.sas
+        assert stats.protection.pin == "NEW" and stats.protection.sas
         for kind in (stats.audio, stats.video):
             assert kind.sent > 0 and kind.decrypted > 0 and kind.failed == 0
             assert kind.sframe_bytes_added > 0
@@ -197,41 +198,39 @@ async def test_a_changed_identity_for_a_pinned_name_refuses_before_media(hub):
     assert alice_tap.wire == {"audio": [], "video": []}
 
 
-class RenamingHub(Hub):
-    """Relays everything, but renames the sender in every message of the given types."""
+class AlteringHub(Hub):
+    """Relays everything, but flips a bit of the encrypted identity in every message of the
+    given types (in protocol version 1 it renamed the sender: names travelled in clear)."""
 
     def __init__(self, message_types: frozenset[str]) -> None:
         super().__init__()
         self.message_types = message_types
-        self.renamed: list[str] = []
+        self.altered: list[str] = []
 
     def handle(self, peer: PeerId, text: str, now: float) -> list[Delivery]:
-        return [self._renamed(delivery) for delivery in super().handle(peer, text, now)]
+        return [self._altered(delivery) for delivery in super().handle(peer, text, now)]
 
-    def _renamed(self, delivery: Delivery) -> Delivery:
+    def _altered(self, delivery: Delivery) -> Delivery:
         relayed = delivery.message
         if not isinstance(relayed, RelayFrom):
             return delivery
         message = json.loads(relayed.payload)
         if message.get("type") not in self.message_types:
             return delivery
-        self.renamed.append(message["type"])
-        payload = JsonText(json.dumps({**message, "name": "eve"}))
+        self.altered.append(message["type"])
+        auth = message["auth"]
+        flipped = auth[:40] + ("B" if auth[40] == "A" else "A") + auth[41:]
+        payload = JsonText(json.dumps({**message, "auth": flipped}))
         return Delivery(delivery.recipient, RelayFrom(relayed.sender, payload), delivery.room)
 
 
-@pytest.mark.parametrize(
-    ("renamed", "bob_refuses"),
-    [("commit", "does not match the revealed"), ("accept", "signature does not verify")],
-)
-async def test_a_hub_that_renames_a_peer_gets_nothing_pinned_under_the_new_name(
-    renamed, bob_refuses
-):
-    # The attack signed names close: the hub calls alice (in the commit) or bob (in the accept)
-    # "eve", so that the other side would pin the real key under a name the hub chose (the call
-    # command saves pins even when the call fails). It would rename a clear hello too, where
-    # names travelled before they were signed; there is none now.
-    hub = RenamingHub(frozenset({renamed, "hello"}))
+@pytest.mark.parametrize(("altered", "refuses"), [("reveal", "bob"), ("confirm", "alice")])
+async def test_a_hub_that_alters_an_encrypted_identity_gets_nothing_pinned(altered, refuses):
+    # The names and keys travel encrypted and authenticated: the hub can neither read nor
+    # change them (in version 1 it could rename a peer, so that the other side would pin the
+    # real key under a name the hub chose). Whoever receives the altered one refuses it, and
+    # the call command saves no pin of a call that failed during setup.
+    hub = AlteringHub(frozenset({altered}))
     alice_pins, bob_pins = KnownPeers(), KnownPeers()
     async with HubServer(hub) as server:
         alice, bob, (alice_result, bob_result) = await run_pair(
@@ -239,12 +238,16 @@ async def test_a_hub_that_renames_a_peer_gets_nothing_pinned_under_the_new_name(
             config(server, "alice", 440, known_peers=alice_pins),
             config(server, "bob", 660, known_peers=bob_pins),
         )
-    assert hub.renamed == [renamed]
-    assert isinstance(bob_result, CallFailed) and bob_refuses in str(bob_result)
-    assert isinstance(alice_result, CallFailed)
+    assert hub.altered == [altered]
+    refusing = alice_result if refuses == "alice" else bob_result
+    assert isinstance(refusing, CallFailed) and "does not open" in str(refusing)
+    assert isinstance(alice_result, CallFailed) and isinstance(bob_result, CallFailed)
     assert list(alice_pins) == [] and list(bob_pins) == []
+    # The refusing side never derived a key. Bob, when his confirm is altered, has his (he
+    # sent it), but no media flows and his new pin is dropped with the failed call.
+    assert (alice if refuses == "alice" else bob).stats.protection is None
     for call in (alice, bob):
-        assert call.stats.protection is None and call.received.audio_frames == 0
+        assert call.received.audio_frames == 0
 
 
 async def test_verify_pinned_refuses_an_unknown_peer(hub):
@@ -266,18 +269,24 @@ async def test_verify_pinned_accepts_the_pinned_peer(hub):
         config(hub, "bob", 660, verify=Verify.PINNED, known_peers=pinned, duration=1.5),
     )
     assert not any(isinstance(result, BaseException) for result in results), results
-    assert bob.stats.protection is not None and bob.stats.protection.pin == "pinned"
+    assert bob.stats.protection is not None and bob.stats.protection.pin == "PINNED"
 
 
-async def test_a_rekey_mid_call_loses_no_frame(hub):
+async def test_rekeys_every_interval_lose_no_frame(hub):
     alice, bob, results = await run_pair(
-        hub, config(hub, "alice", 440, rekey_after=1.0, duration=3.0), config(hub, "bob", 660)
+        hub,
+        config(hub, "alice", 440, rekey_interval=0.8, duration=3.0),
+        config(hub, "bob", 660, rekey_interval=0.8),
     )
     assert not any(isinstance(result, BaseException) for result in results), results
-    for call in (alice, bob):
-        assert call.stats.rekeys == 1
-        # Epoch 1's KIDs: 2 for the initiator, 3 for the responder.
-        assert call.frames.send_kid in (2, 3)
+    # The initiator's rekeys come every 0.8 s; the bye may overtake the last one's done.
+    assert alice.stats.rekeys >= 2 and bob.stats.rekeys in (
+        alice.stats.rekeys - 1,
+        alice.stats.rekeys,
+    )
+    for call, role in ((alice, 0), (bob, 1)):
+        # Epoch n's KIDs: 2n for the initiator, 2n + 1 for the responder.
+        assert call.frames.send_kid == 2 * call.stats.rekeys + role
         for kind in (call.stats.audio, call.stats.video):
             assert kind.failed == 0 and kind.decrypted > 0
         numbers = call.received.pattern_numbers
@@ -300,8 +309,11 @@ async def test_the_call_survives_the_hub_being_stopped_after_setup(start_hub):
             and bob.received.audio_frames - heard[1] >= 20
         )
     )
-    for stats in await asyncio.gather(alice_task, bob_task):
-        assert stats.hub_lost and stats.ended_by == "duration"
+    alice_stats, bob_stats = await asyncio.gather(alice_task, bob_task)
+    assert alice_stats.hub_lost and bob_stats.hub_lost
+    # Bob's duration (2.5 s) ends first; his bye cannot cross the missing hub, but closing his
+    # connection ends alice's side too, before her own duration.
+    assert (bob_stats.ended_by, alice_stats.ended_by) == ("duration", "connection-closed")
 
 
 @pytest.mark.parametrize(
@@ -326,7 +338,7 @@ async def test_experiment_only_layers(hub, layers, encrypted):
         assert protection is not None and protection.end_to_end_encrypted is encrypted
         # The SAS is shown from SEALED on (real identities), though only VERIFIED compares it.
         assert (protection.sas is not None) is layers.seals_signalling
-        assert "verified" not in (protection.pin or "")
+        assert protection.pin != "VERIFIED"
         assert abs(dominant_frequency(call.received.samples, 48000) - heard) < 5
         assert (call.stats.audio.sframe_bytes_added > 0) is encrypted
     assert alice.stats.protection.sas == bob.stats.protection.sas  # an honest hub
@@ -357,16 +369,21 @@ async def test_the_call_command_completes_and_writes_stats(hub, tmp_path):
         )  # fmt: skip
 
     alice = asyncio.create_task(
-        command("alice", "tone:440,pattern", "--stats-json", str(tmp_path / "a.json"))
-    )
+        command(
+            "alice", "tone:440,pattern", "--stats-json", str(tmp_path / "a.json"),
+            "--rekey-interval", "1",
+        )
+    )  # fmt: skip
     await in_the_room(hub)  # alice joins first
     bob = await command("bob", "tone:660", "--record", str(tmp_path / "bob.wav"))
     code, out, err = await alice
     assert (code, bob[0]) == (0, 0), (err, bob[2])
-    assert "end-to-end encrypted" in out and "SAS to read aloud" in out
+    assert "end-to-end encrypted" in out and "SAS to read aloud" in out and "NEW bob SHA256:" in out
     stats = json.loads((tmp_path / "a.json").read_text())
     assert stats["audio"]["decrypted"] > 0 and stats["audio"]["failed"] == 0
     assert stats["protection"]["layers"] == "verified"
+    # Alice, the initiator, started a rekey every second (bob's default interval is longer).
+    assert stats["rekeys"] >= 1 and "rekeys completed:" in out
     # Bob recorded alice's tone, and both pinned each other.
     samples = array("h")
     with av.open(str(tmp_path / "bob.wav")) as recording:
@@ -388,11 +405,67 @@ async def test_the_call_command_has_no_option_to_weaken_a_call(tmp_path, unused_
     assert code == 2 and "unrecognized arguments: --experiment-only-layers plain" in err
 
 
+@pytest.mark.parametrize("interval", ["0", "-5", "nan", "soon"])
+async def test_rekeys_cannot_be_switched_off_from_the_command_line(tmp_path, interval):
+    code, _, err = await blindhub(
+        "call", "room1", "--hub", "ws://127.0.0.1:9", "--name", "alice", "--home", str(tmp_path),
+        "--rekey-interval", interval,
+    )  # fmt: skip
+    assert code == 2 and "argument --rekey-interval: must be 1 to 86400 seconds" in err
+
+
 async def test_a_name_that_cannot_be_signed_is_a_usage_error(tmp_path):
     code, _, err = await blindhub(
         "call", "room1", "--hub", "ws://127.0.0.1:9", "--name", "al\nice", "--home", str(tmp_path)
     )  # fmt: skip
-    assert code == 2 and "argument --name: must be 1 to 256 printable characters" in err
+    assert code == 2 and "argument --name: a name has no control or invisible characters" in err
+    # Signed exactly as typed, so a name not in normal form is refused, with the form to use.
+    code, _, err = await blindhub(
+        "call", "room1", "--hub", "ws://127.0.0.1:9", "--name", "bob ", "--home", str(tmp_path)
+    )  # fmt: skip
+    assert code == 2 and "use 'bob'" in err
+
+
+async def test_the_call_command_shows_whom_and_the_status_in_every_mode(hub, tmp_path):
+    # Bob verified alice earlier: in prompt mode he is not asked, and still sees whom he talks to.
+    alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
+    alice = open_identity(alice_home, environ={})
+    pins = KnownPeers()
+    pins.check("alice", alice.public_key)
+    pins.mark_verified("alice")
+    save_known_peers(bob_home, pins, loaded=KnownPeers())
+
+    def command(name: str, *extra: str):
+        return blindhub(
+            "call", "room1", "--hub", hub.url, "--name", name, "--duration", "1",
+            "--home", str(tmp_path / name), *extra,
+        )  # fmt: skip
+
+    alice_call = asyncio.create_task(command("alice", "--verify", "tofu"))
+    await in_the_room(hub)
+    bob_code, bob_out, bob_err = await command("bob", "--verify", "prompt", "--peer", " alice")
+    code, out, err = await alice_call
+    assert (code, bob_code) == (0, 0), (err, bob_err)
+    assert f"VERIFIED alice {alice.public_key.fingerprint()}" in bob_out
+    assert "Does the peer read the same SAS" not in bob_out
+    bob_key = open_identity(bob_home, environ={}).public_key
+    assert f"NEW bob {bob_key.fingerprint()}" in out
+
+
+async def test_the_call_command_refuses_another_peer_than_asked_exit_11(hub, tmp_path):
+    alice_command = blindhub(
+        "call", "room1", "--hub", hub.url, "--name", "alice", "--verify", "tofu",
+        "--peer", "carol", "--duration", "1", "--home", str(tmp_path / "alice"),
+    )  # fmt: skip
+    alice = asyncio.create_task(alice_command)
+    await in_the_room(hub)  # alice initiates, and checks bob's signed name on his confirm
+    bob = Call(config(hub, "bob", 660, setup_timeout=20))
+    with pytest.raises(CallFailed, match="left during setup"):
+        await bob.run()
+    code, out, err = await alice
+    assert code == 11 and "not 'carol' as asked with --peer" in err, err
+    assert "end-to-end encrypted" not in out
+    assert load_known_peers(tmp_path / "alice").get("bob") is None
 
 
 async def test_a_protected_identity_is_unlocked_before_the_call(tmp_path, unused_tcp_port):
@@ -544,7 +617,9 @@ async def test_an_authenticated_peer_sending_garbage_sdp_fails_the_call(hub, sdp
         if isinstance(event, Relayed):
             for reply in initiator.receive(event.payload):
                 await mallory.relay(bob_id, reply)
-    await mallory.relay(bob_id, initiator.result.channel.seal({"type": "offer", "sdp": sdp}))
+    channel = initiator.result.channel
+    await mallory.relay(bob_id, channel.seal({"type": "confirmed"}))
+    await mallory.relay(bob_id, channel.seal({"type": "offer", "sdp": sdp}))
     with pytest.raises(CallFailed, match="session description"):
         await task
     await mallory.close()

@@ -14,8 +14,9 @@ def pin_each_other(tmp_path: Path) -> tuple[Path, Path, IdentityKey, IdentityKey
         (bob_home, "alice", alice.public_key),
     ):
         peers = load_known_peers(home)
+        loaded = peers.copy()
         peers.check(name, key)
-        save_known_peers(home, peers)
+        save_known_peers(home, peers, loaded=loaded)
     return alice_home, bob_home, alice, bob
 
 

@@ -158,3 +158,21 @@ def test_apply_key_update_installs_both_and_names_the_receive_kids_to_retire():
     )
     assert (sender.kid, receiver.kids) == (2, frozenset({1, 3}))
     assert apply_key_update(KeyUpdate(), sender, receiver) == frozenset()
+
+
+def test_the_first_authenticated_frame_under_a_new_receive_key_is_reported_once():
+    old, new = MediaKey(0, 1, bytes(range(32))), MediaKey(1, 3, bytes(range(1, 33)))
+    sender, receiver = SFrameSender(), SFrameReceiver()
+    used: list[int] = []
+    apply_key_update(KeyUpdate(install_receive=old, switch_send=old), sender, receiver)
+    apply_key_update(KeyUpdate(install_receive=new), sender, receiver, on_first_use=used.append)
+    protect, unprotect = sender.transform("audio"), receiver.transform("audio")
+    assert unprotect(protect(b"under the old key") or b"") == b"under the old key"
+    assert used == []  # the peer has not switched yet
+    sender.use_key(new)
+    frame = protect(b"under the new key")
+    assert frame is not None
+    forged = frame[:-1] + bytes([frame[-1] ^ 1])
+    assert unprotect(forged) is None and used == []  # only an authentic frame counts
+    assert unprotect(frame) == b"under the new key" and used == [3]
+    assert unprotect(protect(b"again") or b"") == b"again" and used == [3]

@@ -1,13 +1,15 @@
 import contextlib
 import copy
 import hashlib
+import hmac
 import json
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,28 +18,36 @@ from crypto.frame_crypto import KeyUpdate, SFrameReceiver, SFrameSender, apply_k
 from crypto.handshake import (
     HANDLERS,
     CommitmentMismatch,
+    Exchange,
+    HandshakeDecryptionFailed,
     HandshakeResult,
     HandshakeState,
     Initiator,
     NoCommonSuite,
+    Party,
     PeerCheck,
     Responder,
-    Transcript,
-    key_schedule,
+    handshake_keys,
+    initiator_transcript_hash,
     render_sas,
+    seal_auth,
     signed_content,
 )
 from crypto.identity import (
     BadSignature,
     IdentityKey,
+    IdentityPublicKey,
     KnownPeers,
     PinnedIdentityMismatch,
     b64decode,
     b64encode,
 )
 from crypto.messages import (
+    AUTH_SIZE,
     HANDSHAKE_MESSAGES,
+    PROTOCOL_VERSION,
     Accept,
+    Auth,
     Commit,
     Confirm,
     MalformedCallMessage,
@@ -46,7 +56,13 @@ from crypto.messages import (
     decode_message,
     encode_message,
 )
-from crypto.sealed import LABEL_PREFIX, Role, WrongCall, length_prefixed
+from crypto.sealed import (
+    LABEL_PREFIX,
+    Role,
+    WrongCall,
+    length_prefixed,
+    rekey_signed_content,
+)
 from crypto.sframe import CipherSuite
 from tests.vectors.make_handshake_vectors import (
     VECTORS_PATH,
@@ -180,24 +196,61 @@ def recording_pins() -> tuple[list[tuple[str, Any]], PeerCheck]:
     return seen, lambda name, key: seen.append((name, key))
 
 
-@pytest.mark.parametrize(
-    ("message", "error"), [("commit", CommitmentMismatch), ("accept", BadSignature)]
-)
-def test_a_hub_that_renames_a_peer_gets_nothing_pinned_under_the_new_name(message, error):
-    # The attack the signed names close: the hub calls bob "eve" (or alice "eve") so that a
-    # trust-on-first-use peer would pin bob's real key under a name of the hub's choosing.
-    def rename(name, relayed):
+def reseal_reveal(
+    reveal: dict[str, Any],
+    commit: dict[str, Any],
+    accept: dict[str, Any],
+    ephemeral: X25519PrivateKey,
+    signer: IdentityKey,
+    name: str,
+    identity: IdentityPublicKey | None = None,
+) -> dict[str, Any]:
+    """A reveal as a dishonest initiator that knows ``ephemeral``'s private key would send
+    it: any name, ``signer``'s signature and (unless another ``identity`` is claimed)
+    public key, under the right handshake key."""
+    exchange = Exchange(
+        offered=tuple(CipherSuite(code) for code in commit["suites"]),
+        chosen=CipherSuite(accept["suite"]),
+        call_id=commit["call_id"],
+        initiator_nonce=b64decode(commit["nonce"]),
+        responder_nonce=b64decode(accept["nonce"]),
+        initiator_ephemeral=ephemeral.public_key().public_bytes_raw(),
+        responder_ephemeral=b64decode(accept["ephemeral"]),
+    )
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(exchange.responder_ephemeral))
+    keys = handshake_keys(shared, exchange.hash())
+    me = Party(signer.public_key, name)
+    signature = signer.sign(signed_content(Role.INITIATOR, initiator_transcript_hash(exchange, me)))
+    claimed = signer.public_key if identity is None else identity
+    auth = seal_auth(keys, Role.INITIATOR, Auth(claimed, name, signature))
+    return dict(
+        reveal,
+        ephemeral=b64encode(exchange.initiator_ephemeral),
+        auth=b64encode(auth),
+    )
+
+
+@pytest.mark.parametrize(("message", "failed"), [("reveal", "responder"), ("confirm", "initiator")])
+def test_a_hub_that_alters_an_encrypted_identity_gets_nothing_pinned_by_the_receiver(
+    message, failed
+):
+    # In v1 the hub could rewrite a clear name (to get bob's key pinned under "eve"); now the
+    # identity and name are encrypted and authenticated: any change fails to open.
+    def alter(name, relayed):
         if name == message:
-            relayed["name"] = "eve"
+            data = bytearray(b64decode(relayed["auth"]))
+            data[len(data) // 2] ^= 0x01
+            relayed["auth"] = b64encode(bytes(data))
         return relayed
 
     alice_seen, alice_check = recording_pins()
     bob_seen, bob_check = recording_pins()
     initiator, responder = pair(alice_check=alice_check, bob_check=bob_check)
-    with pytest.raises(error):
-        run(initiator, responder, rename)
-    assert responder.state is HandshakeState.FAILED
-    assert alice_seen == [] and bob_seen == []
+    with pytest.raises(HandshakeDecryptionFailed):
+        run(initiator, responder, alter)
+    machine = responder if failed == "responder" else initiator
+    assert machine.state is HandshakeState.FAILED
+    assert (alice_seen if failed == "initiator" else bob_seen) == []
 
 
 def test_the_pin_check_gets_the_name_the_peer_signed():
@@ -209,26 +262,107 @@ def test_the_pin_check_gets_the_name_the_peer_signed():
 
 
 @pytest.mark.parametrize(
-    "bad_name", ["", "x" * 257, "bob\nalice", "tab\there", "\x00", "\u202ebob", "\ud800"]
+    "bad_name", ["", "x" * 257, "bob\nalice", "tab\there", "\x00", "\u202ebob"]
 )
 def test_malformed_names_are_rejected(bad_name):
-    def rename(name, message):
-        if name == "commit":
-            message["name"] = bad_name
+    # Only the peer itself can put a name in its encrypted identity: an authenticated but
+    # misbehaving initiator, here, with a valid signature over its bad name.
+    recorded = {}
+
+    def lie(name, message):
+        recorded[name] = message
+        if name == "reveal":
+            ephemeral = X25519PrivateKey.from_private_bytes(seeded_random("s/i")(32))
+            return reseal_reveal(
+                message, recorded["commit"], recorded["accept"], ephemeral, ALICE, bad_name
+            )
         return message
 
     with pytest.raises(MalformedCallMessage, match="'name'"):
-        run(*pair(), rename)
+        run(*pair(), lie)
     with pytest.raises(LocalError, match="own name"):
         Initiator(ALICE, "c", [GCM], seeded_random("x"), name=bad_name)
     with pytest.raises(LocalError, match="own name"):
         Responder(BOB, "c", [GCM], seeded_random("x"), name=bad_name)
+    with pytest.raises(LocalError, match="own name"):
+        Initiator(ALICE, "c", [GCM], seeded_random("x"), name="\ud800")
 
 
-@pytest.mark.parametrize("good_name", ["b", "x" * 256, "Zoë Ångström", "bob@home 2", "名前"])
+@pytest.mark.parametrize(
+    "good_name", ["b", "x" * 256, "Zoë Ångström", "bob@home 2", "名前", "😀" * 256]
+)
 def test_printable_names_up_to_256_characters_are_accepted(good_name):
     mine, theirs = run(*pair(alice_name=good_name, bob_name=good_name))
     assert mine.peer_name == theirs.peer_name == good_name
+
+
+# -- what the hub learns --------------------------------------------------------------------
+
+
+def _relayed_text(tamper_run: Callable[[Tamper], object]) -> list[str]:
+    seen: list[str] = []
+
+    def record(name, message):
+        seen.append(encode_message(message).decode())
+        return message
+
+    tamper_run(record)
+    return seen
+
+
+def _traces(key: IdentityKey, name: str) -> list[str]:
+    raw = key.public_key.raw
+    return [name, b64encode(raw), raw.hex(), b64encode(hashlib.sha256(raw).digest())]
+
+
+def test_a_passive_hub_learns_neither_name_nor_identity_key():
+    wire = _relayed_text(
+        lambda record: run(*pair(alice_name="alice-q7", bob_name="bob-z3"), record)
+    )
+    assert len(wire) == 4
+    for trace in _traces(ALICE, "alice-q7") + _traces(BOB, "bob-z3"):
+        assert all(trace not in text for text in wire)
+
+
+def test_the_encrypted_identities_have_one_size_whatever_the_name():
+    sizes = set()
+    for name in ("b", "x" * 256, "😀" * 256):
+        initiator, responder = pair(alice_name=name, bob_name=name)
+        wire = _relayed_text(partial(run, initiator, responder))
+        sizes.add(tuple(len(text) for text in wire))
+    assert len(sizes) == 1
+
+
+def test_an_active_hub_posing_as_responder_learns_the_initiators_identity_only():
+    # The SIGMA-I trade: the initiator authenticates first, to whoever answered.
+    alice, mallory = pair(bob=MALLORY, bob_name="mallory")
+    mine, theirs = run(alice, mallory)
+    assert (theirs.peer_identity, theirs.peer_name) == (ALICE.public_key, "alice")
+    assert mine.sas == theirs.sas  # an honest call with Mallory, who showed her own key
+
+
+def test_a_responder_that_refuses_the_initiator_reveals_nothing_of_itself():
+    # An active hub posing as the initiator must sign first with a key of its own; a
+    # responder whose pin check refuses it (e.g. it only takes calls from pinned contacts)
+    # never sends its identity.
+    def only_alice(name, key):
+        if key != ALICE.public_key:
+            raise PinnedIdentityMismatch(name, ALICE.public_key, key)
+
+    mallory, bob = pair(alice=MALLORY, alice_name="alice", bob_check=only_alice)
+    sent_by_bob: list[str] = []
+
+    def record(name, message):
+        if name in ("accept", "confirm"):
+            sent_by_bob.append(encode_message(message).decode())
+        return message
+
+    with pytest.raises(PinnedIdentityMismatch):
+        run(mallory, bob, record)
+    assert bob.state is HandshakeState.FAILED
+    assert len(sent_by_bob) == 1  # the accept: suite, nonce and ephemeral only
+    for trace in _traces(BOB, "bob"):
+        assert trace not in sent_by_bob[0]
 
 
 def test_mitm_changing_its_ephemeral_after_seeing_the_other_is_caught_by_the_commitment():
@@ -237,45 +371,56 @@ def test_mitm_changing_its_ephemeral_after_seeing_the_other_is_caught_by_the_com
     [accept] = bob.receive(commit)
     [honest_reveal] = mallory.receive(accept)
     # Mallory now knows Bob's ephemeral and picks another of her own (to steer the SAS),
-    # signing a transcript that is valid for it.
-    other = X25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().public_bytes_raw()
-    transcript = Transcript(
-        offered=(GCM, CTR80),
-        chosen=GCM,
-        call_id="call-1",
-        initiator_nonce=b64decode(commit["nonce"]),
-        responder_nonce=b64decode(accept["nonce"]),
-        initiator_ephemeral=other,
-        responder_ephemeral=b64decode(accept["ephemeral"]),
-        initiator_identity=MALLORY.public_key,
-        responder_identity=BOB.public_key,
-        initiator_name="alice",
-        responder_name="bob",
-    )
-    forged = dict(honest_reveal)
-    forged["ephemeral"] = b64encode(other)
-    forged["signature"] = b64encode(MALLORY.sign(signed_content(Role.INITIATOR, transcript.hash())))
+    # with a reveal that is valid for it in every other respect.
+    other = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+    forged = reseal_reveal(honest_reveal, commit, accept, other, MALLORY, "alice")
     with pytest.raises(CommitmentMismatch):
         bob.receive(forged)
     assert bob.state is HandshakeState.FAILED
 
 
-def test_relaying_identities_but_swapping_ephemerals_breaks_the_signatures():
-    # A MITM that keeps the real identity keys cannot sign; its swap is a bad signature.
+def test_swapping_an_ephemeral_breaks_the_encrypted_identity():
+    # A MITM that swaps an ephemeral but cannot compute the new handshake keys cannot
+    # produce an identity that opens.
     def swap(name, message):
         if name == "accept":
             message["ephemeral"] = b64encode(bytes(range(1, 33)))
         return message
 
     initiator, responder = pair()
-    with pytest.raises(BadSignature):
+    with pytest.raises(HandshakeDecryptionFailed):
         run(initiator, responder, swap)
     assert responder.state is HandshakeState.FAILED
 
 
+def test_a_signature_that_does_not_cover_the_transcript_is_refused():
+    # An initiator (honest about its ephemeral) that signs another transcript: the
+    # encrypted identity opens, the signature does not verify.
+    recorded = {}
+
+    def resign(name, message):
+        recorded[name] = message
+        if name == "reveal":
+            ephemeral = X25519PrivateKey.from_private_bytes(seeded_random("s/i")(32))
+            # Alice's key and name, Mallory's signature.
+            return reseal_reveal(
+                message,
+                recorded["commit"],
+                recorded["accept"],
+                ephemeral,
+                MALLORY,
+                "alice",
+                identity=ALICE.public_key,
+            )
+        return message
+
+    with pytest.raises(BadSignature):
+        run(*pair(), resign)
+
+
 def _flip(field: str, value: Any) -> Any:
-    if field == "name":
-        return "eve"
+    if field == "v":
+        return PROTOCOL_VERSION - 1
     if isinstance(value, str):
         try:
             data = bytearray(b64decode(value))
@@ -285,26 +430,22 @@ def _flip(field: str, value: Any) -> Any:
         return b64encode(bytes(data))
     if isinstance(value, list):
         return list(reversed(value))
-    if value == 1:  # version
-        return 2
     return int(CTR80) if value == int(GCM) else int(GCM)  # a suite
 
 
-# (message, field) -> (error, the party that raises it)
+# (message, field) -> (error, the party that raises it). Whatever changes the exchange
+# (suites, nonces, ephemerals) gives the two sides different handshake keys, so the
+# initiator's encrypted identity no longer opens.
 FLIPS = {
-    ("commit", "suites"): (BadSignature, "responder"),
+    ("commit", "suites"): (HandshakeDecryptionFailed, "responder"),
     ("commit", "nonce"): (CommitmentMismatch, "responder"),
-    ("commit", "name"): (CommitmentMismatch, "responder"),
     ("commit", "commitment"): (CommitmentMismatch, "responder"),
-    ("accept", "suite"): (BadSignature, "responder"),
-    ("accept", "nonce"): (BadSignature, "responder"),
-    ("accept", "ephemeral"): (BadSignature, "responder"),
-    ("accept", "identity"): (BadSignature, "responder"),
-    ("accept", "name"): (BadSignature, "responder"),
+    ("accept", "suite"): (HandshakeDecryptionFailed, "responder"),
+    ("accept", "nonce"): (HandshakeDecryptionFailed, "responder"),
+    ("accept", "ephemeral"): (HandshakeDecryptionFailed, "responder"),
     ("reveal", "ephemeral"): (CommitmentMismatch, "responder"),
-    ("reveal", "identity"): (CommitmentMismatch, "responder"),
-    ("reveal", "signature"): (BadSignature, "responder"),
-    ("confirm", "signature"): (BadSignature, "initiator"),
+    ("reveal", "auth"): (HandshakeDecryptionFailed, "responder"),
+    ("confirm", "auth"): (HandshakeDecryptionFailed, "initiator"),
 }
 RECEIVER = {"commit": "responder", "accept": "initiator", "reveal": "responder"}
 RECEIVER["confirm"] = "initiator"
@@ -335,7 +476,7 @@ def test_flipping_any_field_of_any_message_is_rejected(name, field):
     with pytest.raises(LocalError):
         failed.result  # noqa: B018
     with pytest.raises(LocalError, match="failed"):
-        failed.receive({"v": 1})
+        failed.receive({"v": PROTOCOL_VERSION})
 
 
 def test_every_field_of_every_message_is_covered():
@@ -379,8 +520,8 @@ def test_replaying_a_recorded_handshake_under_the_same_call_id_fails():
     run(*pair(seed="earlier"), record)
     _, bob = pair(seed="later")
     bob.receive(recorded["commit"])  # the commit alone proves nothing
-    with pytest.raises(BadSignature):
-        bob.receive(recorded["reveal"])  # it signed the earlier call's nonces
+    with pytest.raises(HandshakeDecryptionFailed):
+        bob.receive(recorded["reveal"])  # encrypted for the earlier call's ephemeral
 
 
 def test_no_common_suite():
@@ -460,8 +601,8 @@ MESSAGE_FIELDS = {name: {field for message, field in FLIPS if message == name} f
 ANY_FIELD = sorted({field for _, field in FLIPS} | {"x"})
 SUITE_CODES = [int(suite) for suite in CipherSuite]
 WELL_FORMED = (
-    st.binary(min_size=32, max_size=32).map(b64encode)  # nonce, ephemeral, identity, commitment
-    | st.binary(min_size=64, max_size=64).map(b64encode)  # signature
+    st.binary(min_size=32, max_size=32).map(b64encode)  # nonce, ephemeral, commitment
+    | st.binary(min_size=AUTH_SIZE, max_size=AUTH_SIZE).map(b64encode)  # an identity
     | st.sampled_from(SUITE_CODES)
     | st.lists(st.sampled_from(SUITE_CODES), min_size=1, max_size=5)
     | st.sampled_from(["alice", "bob", "mallory", "call-1", "call-2", 1, 2])
@@ -500,58 +641,121 @@ def test_vectors_file_is_reproduced_byte_for_byte():
 def test_vectors_recomputed_from_first_principles():
     # Recompute from the file's inputs with primitives only, not the state machines.
     vectors = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
-    messages = vectors["messages"]
+    messages, call_id = vectors["messages"], vectors["inputs"]["call_id"]
     alice_random, bob_random = seeded_random("alice"), seeded_random("bob")
     alice_ephemeral = X25519PrivateKey.from_private_bytes(alice_random(32))
     bob_ephemeral = X25519PrivateKey.from_private_bytes(bob_random(32))
-    assert alice_random(32) == b64decode(messages["commit"]["nonce"])
-    assert bob_random(32) == b64decode(messages["accept"]["nonce"])
-    names = (vectors["inputs"]["initiator_name"], vectors["inputs"]["responder_name"])
-    assert (messages["commit"]["name"], messages["accept"]["name"]) == names
-    committed = length_prefixed(
-        vectors["inputs"]["call_id"].encode(),
+    e_i = alice_ephemeral.public_key().public_bytes_raw()
+    e_r = bob_ephemeral.public_key().public_bytes_raw()
+    n_i, n_r = alice_random(32), bob_random(32)
+    assert (n_i, n_r) == (
         b64decode(messages["commit"]["nonce"]),
-        alice_ephemeral.public_key().public_bytes_raw(),
-        ALICE.public_key.raw,
-        names[0].encode(),
+        b64decode(messages["accept"]["nonce"]),
     )
-    assert hashlib.sha256(LABEL_PREFIX + b"commit" + committed).digest() == b64decode(
+    assert b64decode(messages["reveal"]["ephemeral"]) == e_i
+    assert b64decode(messages["accept"]["ephemeral"]) == e_r
+    committed = length_prefixed(call_id.encode(), n_i, e_i)
+    assert hashlib.sha256(b"blindhub-v2 commit" + committed).digest() == b64decode(
         messages["commit"]["commitment"]
     )
-    transcript = Transcript(
-        offered=(GCM, CTR80),
-        chosen=GCM,
-        call_id=vectors["inputs"]["call_id"],
-        initiator_nonce=b64decode(messages["commit"]["nonce"]),
-        responder_nonce=b64decode(messages["accept"]["nonce"]),
-        initiator_ephemeral=alice_ephemeral.public_key().public_bytes_raw(),
-        responder_ephemeral=bob_ephemeral.public_key().public_bytes_raw(),
-        initiator_identity=ALICE.public_key,
-        responder_identity=BOB.public_key,
-        initiator_name=names[0],
-        responder_name=names[1],
-    )
-    assert transcript.hash().hex() == vectors["transcript_hash"]
+    exchange_parts = [
+        (2).to_bytes(2, "big"),
+        bytes([int(GCM), int(CTR80)]),
+        bytes([int(GCM)]),
+        call_id.encode(),
+        n_i,
+        n_r,
+        e_i,
+        e_r,
+    ]
+    exchange_hash = hashlib.sha256(
+        b"blindhub-v2 exchange" + length_prefixed(*exchange_parts)
+    ).digest()
     shared = alice_ephemeral.exchange(bob_ephemeral.public_key())
-    assert key_schedule(shared, transcript.hash()).sas == vectors["sas"]
-    BOB.public_key.verify(
-        signed_content(Role.RESPONDER, transcript.hash()),
-        b64decode(messages["confirm"]["signature"]),
+    handshake_prk = hmac.new(exchange_hash, shared, hashlib.sha256).digest()
+
+    def expand(prk: bytes, info: bytes) -> bytes:  # HKDF-Expand to 32 bytes: one HMAC
+        return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+
+    def open_identity(sender: bytes, message: dict[str, Any]) -> tuple[bytes, str, bytes]:
+        key = expand(handshake_prk, b"blindhub-v2 auth " + sender)
+        plaintext = AESGCM(key).decrypt(
+            bytes(12), b64decode(message["auth"]), b"blindhub-v2 auth " + sender
+        )
+        assert len(plaintext) == 32 + 64 + 2 + 1024
+        length = int.from_bytes(plaintext[96:98], "big")
+        assert not any(plaintext[98 + length :])
+        return plaintext[:32], plaintext[98 : 98 + length].decode(), plaintext[32:96]
+
+    names = (vectors["inputs"]["initiator_name"], vectors["inputs"]["responder_name"])
+    id_i, name_i, sig_i = open_identity(b"initiator", messages["reveal"])
+    id_r, name_r, sig_r = open_identity(b"responder", messages["confirm"])
+    assert (id_i, id_r) == (ALICE.public_key.raw, BOB.public_key.raw)
+    assert (name_i, name_r) == names
+    initiator_part = [id_i, name_i.encode()]
+    t_i = hashlib.sha256(
+        b"blindhub-v2 transcript initiator" + length_prefixed(*exchange_parts, *initiator_part)
+    ).digest()
+    ALICE.public_key.verify(b"blindhub-v2 signature initiator" + t_i, sig_i)
+    transcript = hashlib.sha256(
+        b"blindhub-v2 transcript"
+        + length_prefixed(*exchange_parts, *initiator_part, id_r, name_r.encode())
+    ).digest()
+    assert transcript.hex() == vectors["transcript_hash"]
+    BOB.public_key.verify(b"blindhub-v2 signature responder" + transcript, sig_r)
+    prk = hmac.new(transcript, shared, hashlib.sha256).digest()
+    assert render_sas(expand(prk, b"blindhub-v2 sas")) == vectors["sas"]
+    epoch0 = expand(prk, b"blindhub-v2 epoch" + bytes(4))
+    assert (
+        expand(epoch0, b"blindhub-v2 seal initiator").hex() == vectors["epoch0"]["seal_initiator"]
     )
     # The sealed message opens with the published key and the documented nonce and AAD.
     sealed = vectors["sealed"]["message"]
     associated = (
-        LABEL_PREFIX
-        + b"sealed"
-        + length_prefixed(b"call-4f1e2d")
-        + b"I"
-        + (0).to_bytes(4, "big")
-        + (0).to_bytes(8, "big")
+        b"blindhub-v2 sealed" + length_prefixed(call_id.encode()) + b"I" + bytes(4) + bytes(8)
     )
-    plaintext = ChaCha20Poly1305(bytes.fromhex(vectors["epoch0"]["seal_initiator"])).decrypt(
+    plaintext = AESGCM(bytes.fromhex(vectors["epoch0"]["seal_initiator"])).decrypt(
         bytes(12), b64decode(sealed["ciphertext"]), associated
     )
     assert json.loads(plaintext) == {"kind": "app", "content": vectors["sealed"]["content"]}
+    # The rekey legs are signed by the identity keys over the call, T, the epoch and the
+    # ephemerals; each travels sealed under the sender's sealing key (request and ack in
+    # epoch 0, the done in epoch 1).
+    rekey = vectors["rekey"]["messages"]
+
+    def inner(message: dict[str, Any], sender: bytes, epoch: dict[str, Any]) -> Any:
+        seal_key = epoch["seal_initiator" if sender == b"I" else "seal_responder"]
+        aad = (
+            b"blindhub-v2 sealed"
+            + length_prefixed(call_id.encode())
+            + sender
+            + message["epoch"].to_bytes(4, "big")
+            + message["seq"].to_bytes(8, "big")
+        )
+        nonce = bytes(4) + message["seq"].to_bytes(8, "big")
+        return json.loads(
+            AESGCM(bytes.fromhex(seal_key)).decrypt(nonce, b64decode(message["ciphertext"]), aad)
+        )
+
+    request = inner(rekey["rekey"], b"I", vectors["epoch0"])
+    ack = inner(rekey["rekey-ack"], b"R", vectors["epoch0"])
+    assert inner(rekey["rekey-done"], b"I", vectors["rekey"]["epoch1"]) == {
+        "kind": "rekey-done",
+        "epoch": 1,
+    }
+    a_new, b_new = b64decode(request["ephemeral"]), b64decode(ack["ephemeral"])
+    context = [call_id.encode(), transcript, (1).to_bytes(4, "big")]
+    ALICE.public_key.verify(
+        b"blindhub-v2 rekey initiator" + length_prefixed(*context, a_new),
+        b64decode(request["signature"]),
+    )
+    BOB.public_key.verify(
+        b"blindhub-v2 rekey-ack responder" + length_prefixed(*context, a_new, b_new),
+        b64decode(ack["signature"]),
+    )
+    assert rekey_signed_content("rekey", Role.INITIATOR, call_id, transcript, 1, a_new) == (
+        b"blindhub-v2 rekey initiator" + length_prefixed(*context, a_new)
+    )
     # Each epoch's two SFrame base keys are 32 bytes and distinct.
     for epoch in (vectors["epoch0"], vectors["rekey"]["epoch1"]):
         base_keys = {
@@ -562,6 +766,7 @@ def test_vectors_recomputed_from_first_principles():
         vectors["epoch0"]["sframe_initiator"]["base_key"]
         != vectors["rekey"]["epoch1"]["sframe_initiator"]["base_key"]
     )
+    assert LABEL_PREFIX == b"blindhub-v2 "
 
 
 # -- the dispatch table, failures and interruptions ----------------------------------------

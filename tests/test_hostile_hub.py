@@ -22,12 +22,13 @@ from client.experiment.hostile_hub import (
 from client.experiment.media_mitm import Direction, MediaTamper
 from client.hub_connection import HubConnection, Relayed
 from crypto.frame_crypto import MediaKey, SFrameReceiver, SFrameSender
-from crypto.handshake import HandshakeResult, Initiator, PeerCheck, Responder
-from crypto.identity import IdentityKey, KnownPeers, PinnedIdentityMismatch
+from crypto.handshake import HandshakeResult, HandshakeState, Initiator, PeerCheck, Responder
+from crypto.identity import IdentityKey, KnownPeers, PinnedIdentityMismatch, UnknownPeer, b64encode
 from crypto.sealed import DecryptionFailed, Role, SealedChannel, SealedReplay
 from crypto.sframe import CipherSuite
 from signaling.hub import Delivery
 from signaling.protocol import JsonText, PeerId, RelayFrom
+from tests.conftest import wait_for
 
 SUITES = (CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_256_GCM_SHA512_128)
 TIMEOUT = 10.0
@@ -60,9 +61,27 @@ def payloads(deliveries: list[Delivery]) -> list[Any]:
 
 
 def sealed_pair() -> tuple[SealedChannel, SealedChannel]:
+    alice, bob = IdentityKey.generate(os.urandom), IdentityKey.generate(os.urandom)
+    transcript = os.urandom(32)
     return (
-        SealedChannel(Role.INITIATOR, "call-1", SECRET, os.urandom),
-        SealedChannel(Role.RESPONDER, "call-1", SECRET, os.urandom),
+        SealedChannel(
+            Role.INITIATOR,
+            "call-1",
+            SECRET,
+            os.urandom,
+            identity=alice,
+            peer_identity=bob.public_key,
+            transcript_hash=transcript,
+        ),
+        SealedChannel(
+            Role.RESPONDER,
+            "call-1",
+            SECRET,
+            os.urandom,
+            identity=bob,
+            peer_identity=alice.public_key,
+            transcript_hash=transcript,
+        ),
     )
 
 
@@ -82,18 +101,30 @@ def test_without_tamper_relays_are_forwarded_byte_for_byte():
     ]
 
 
-def test_tamper_injects_a_replay_and_an_altered_copy_after_each_sealed_message():
+def in_the_call(hub: HostileHub, first: PeerId, second: PeerId) -> tuple[SealedChannel, ...]:
+    """A sealed pair past the setup: the sender's decision and offer crossed the hub, which
+    spares the setup's sealed messages, untouched."""
+    sender, receiver = sealed_pair()
+    for content in ({"type": "confirmed"}, {"type": "offer", "sdp": "v=0"}):
+        message = sender.seal(content)
+        assert payloads(relay(hub, first, second, message)) == [message]
+        receiver.open(message)
+    return sender, receiver
+
+
+def test_tamper_injects_a_replay_and_an_altered_copy_after_each_sealed_message_of_the_call():
     hub = HostileHub({Capability.TAMPER}, new_peer_id=counter_ids())
     first, second = joined_pair(hub)
-    sender, receiver = sealed_pair()
-    message = sender.seal({"type": "offer", "sdp": "v=0"})
+    sender, receiver = in_the_call(hub, first, second)
+    assert (hub.tampered.replayed, hub.tampered.altered) == (0, 0)
+    message = sender.seal({"type": "note", "text": "in the call"})
 
     genuine, replay, forged = payloads(relay(hub, first, second, message))
     assert genuine == replay == message
     assert forged != message and set(forged) == set(message)
 
     # The recipient's channel takes the genuine one and rejects both copies, unchanged by them.
-    assert receiver.open(genuine).content == {"type": "offer", "sdp": "v=0"}
+    assert receiver.open(genuine).content == {"type": "note", "text": "in the call"}
     with pytest.raises(SealedReplay):
         receiver.open(replay)
     with pytest.raises(DecryptionFailed):
@@ -112,7 +143,7 @@ def test_tamper_drops_the_chosen_types_and_can_inject_only_one_kind_of_copy():
     hub = HostileHub({Capability.TAMPER}, tamper=plan, new_peer_id=counter_ids())
     first, second = joined_pair(hub)
     assert relay(hub, first, second, {"type": "hello", "name": "a"}) == []
-    message = sealed_pair()[0].seal({"type": "bye"})
+    message = in_the_call(hub, first, second)[0].seal({"type": "bye"})
     assert len(payloads(relay(hub, first, second, message))) == 2
     assert (hub.tampered.replayed, hub.tampered.altered, hub.tampered.dropped) == (0, 1, 1)
 
@@ -133,7 +164,7 @@ def test_altered_flips_one_ciphertext_bit_only():
 def test_tamper_forwards_a_sealed_message_it_cannot_alter_with_only_its_replay(ciphertext):
     hub = HostileHub({Capability.TAMPER}, new_peer_id=counter_ids())
     first, second = joined_pair(hub)
-    message = {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ciphertext}
+    message = {"v": 2, "type": "sealed", "epoch": 0, "seq": 2, "ciphertext": ciphertext}
     assert altered(message) is None
     assert payloads(relay(hub, first, second, message)) == [message, message]
     assert (hub.tampered.replayed, hub.tampered.altered, hub.tampered.dropped) == (1, 0, 0)
@@ -201,17 +232,20 @@ async def agree_through(
     alice_check: PeerCheck | None = None,
     bob_check: PeerCheck | None = None,
 ) -> tuple[HandshakeResult, HandshakeResult]:
-    """The call's key agreement between two real machines whose messages cross the hub."""
+    """The call's key agreement between two real machines whose messages cross the hub.
+
+    Each side answers whatever reaches it, in any order: a keyswapping hub finishes its leg
+    with the initiator only after its leg with the responder."""
     initiator = Initiator(alice, "call-1", SUITES, os.urandom, name="alice", peer_check=alice_check)
-    await pair.send(True, initiator.start())
     responder = Responder(bob, "call-1", SUITES, os.urandom, name="bob", peer_check=bob_check)
-    for message in responder.receive(await pair.receive(at_first=False)):  # commit -> accept
-        await pair.send(False, message)
-    for message in initiator.receive(await pair.receive(at_first=True)):  # accept -> reveal
-        await pair.send(True, message)
-    for message in responder.receive(await pair.receive(at_first=False)):  # reveal -> confirm
-        await pair.send(False, message)
-    initiator.receive(await pair.receive(at_first=True))
+
+    async def drive(machine: Initiator | Responder, first: bool) -> None:
+        while machine.state is not HandshakeState.DONE:
+            for message in machine.receive(await pair.receive(at_first=first)):
+                await pair.send(first, message)
+
+    await pair.send(True, initiator.start())
+    await asyncio.gather(drive(initiator, True), drive(responder, False))
     return initiator.result, responder.result
 
 
@@ -252,9 +286,11 @@ async def test_keyswap_agrees_its_own_keys_with_each_peer_and_reseals_between_th
     # An offer whose SDP the hub cannot use makes the attack fail on that message: it is
     # dropped (the peers see a call that does not start), never passed on half-rewritten.
     await pair.send(True, alice_result.channel.seal({"type": "offer", "sdp": "v=0"}))
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(pair.second.next_event(), 0.5)
-    assert attack.events[-1] == "attack-failed: SdpRejected"
+    await wait_for(lambda: attack.events[-1] == "attack-failed: SdpRejected", TIMEOUT)
+    # What alice sends next is the next thing bob gets: the offer did not go on before it.
+    await pair.send(True, alice_result.channel.seal({"type": "note", "text": "after"}))
+    received = bob_result.channel.open(await pair.receive(at_first=False))
+    assert received.content == {"type": "note", "text": "after"}
 
 
 async def test_keyswap_is_refused_by_peers_that_pinned_each_other(hostile):
@@ -264,34 +300,61 @@ async def test_keyswap_is_refused_by_peers_that_pinned_each_other(hostile):
     alice_pins.check("bob", bob.public_key)
     bob_pins.check("alice", alice.public_key)
     initiator = Initiator(
-        alice, "call-1", SUITES, os.urandom, name="alice", peer_check=alice_pins.check
+        alice, "call-1", SUITES, os.urandom, name="alice", peer_check=pinned_only(alice_pins)
     )
-    responder = Responder(bob, "call-1", SUITES, os.urandom, name="bob", peer_check=bob_pins.check)
+    responder = Responder(
+        bob, "call-1", SUITES, os.urandom, name="bob", peer_check=pinned_only(bob_pins)
+    )
+    sent_by_bob: list[Any] = []
     await pair.send(True, initiator.start())
-    for message in responder.receive(await pair.receive(at_first=False)):
-        await pair.send(False, message)
-    for message in initiator.receive(await pair.receive(at_first=True)):
+    for message in initiator.receive(await pair.receive(at_first=True)):  # the hub's accept
         await pair.send(True, message)
-    # Bob refuses the hub's reveal, alice the hub's confirm: neither derives a key.
+    # Alice authenticated first, to the hub; the hub calls Bob under her name, with its key.
+    for message in responder.receive(await pair.receive(at_first=False)):
+        sent_by_bob.append(message)
+        await pair.send(False, message)
     with pytest.raises(PinnedIdentityMismatch):
         responder.receive(await pair.receive(at_first=False))
-    with pytest.raises(PinnedIdentityMismatch):
+    # Bob refused before his identity left: the hub never learns who he is. When he leaves,
+    # it answers Alice under a name of its choosing, which her pins refuse too.
+    await pair.second.close()
+    with pytest.raises(UnknownPeer):
         initiator.receive(await pair.receive(at_first=True))
+    assert [message["type"] for message in sent_by_bob] == ["accept"]
+    assert b64encode(bob.public_key.raw) not in json.dumps(sent_by_bob)
     assert hub.attack("r").mitm is None
 
 
-async def test_dtls_mitm_alters_the_first_sealed_message_each_way_and_nothing_else(hostile):
+def pinned_only(pins: KnownPeers) -> PeerCheck:
+    """A pin check that refuses any name not pinned yet (the product's ``--verify pinned``)."""
+
+    def check(name: str, key: Any) -> None:
+        if pins.get(name) is None:
+            raise UnknownPeer(f"{name} is not pinned")
+        pins.check(name, key)
+
+    return check
+
+
+async def test_dtls_mitm_alters_the_sealed_sdp_each_way_and_nothing_else(hostile):
     hub, pair = await hostile(Capability.DTLS_MITM)
     alice_channel, bob_channel = sealed_pair()
     await pair.send(True, {"type": "hello", "name": "alice"})
     assert await pair.receive(at_first=False) == {"type": "hello", "name": "alice"}
+    # Each side's decision passes; what comes next, the SDP, is altered.
+    for from_alice, sender, receiver in (
+        (True, alice_channel, bob_channel),
+        (False, bob_channel, alice_channel),
+    ):
+        await pair.send(from_alice, sender.seal({"type": "confirmed"}))
+        receiver.open(await pair.receive(at_first=not from_alice))
     await pair.send(True, alice_channel.seal({"type": "offer", "sdp": "v=0"}))
     with pytest.raises(DecryptionFailed):
         bob_channel.open(await pair.receive(at_first=False))
     await pair.send(False, bob_channel.seal({"type": "answer", "sdp": "v=0"}))
     with pytest.raises(DecryptionFailed):
         alice_channel.open(await pair.receive(at_first=True))
-    # Later sealed messages pass unchanged (alice's channel still misses message 0).
+    # Later sealed messages pass unchanged (alice's channel still misses message 1).
     bye = bob_channel.seal({"type": "bye"})
     await pair.send(False, bye)
     assert await pair.receive(at_first=True) == bye
@@ -300,7 +363,7 @@ async def test_dtls_mitm_alters_the_first_sealed_message_each_way_and_nothing_el
 
 async def test_sealed_messages_the_hub_cannot_alter_pass_and_later_relays_still_flow(hostile):
     hub, pair = await hostile(Capability.DTLS_MITM, Capability.TAMPER)
-    empty = {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}
+    empty = {"v": 2, "type": "sealed", "epoch": 0, "seq": 2, "ciphertext": ""}
     garbled = {**empty, "ciphertext": "!!"}
     for message in (empty, garbled, {"type": "hello", "name": "alice"}):
         await pair.send(True, message)

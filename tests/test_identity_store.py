@@ -1,5 +1,7 @@
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import nacl.pwhash
@@ -13,6 +15,7 @@ from client.identity_store import (
     PassphraseRefused,
     UnsafePermissions,
     home_directory,
+    known_peers_lock,
     load_identity,
     load_known_peers,
     load_or_create_identity,
@@ -22,6 +25,8 @@ from client.identity_store import (
 from crypto.identity import (
     CorruptKeyFile,
     IdentityKey,
+    KnownPeers,
+    Pin,
     WrongPassphrase,
     encode_identity_file,
     is_passphrase_protected,
@@ -98,14 +103,183 @@ def test_a_readable_private_key_file_is_refused(tmp_path):
 def test_known_peers_round_trip_with_owner_only_mode(tmp_path):
     assert len(load_known_peers(tmp_path)) == 0
     peers = load_known_peers(tmp_path)
+    loaded = peers.copy()
     peers.check("bob", IdentityKey(bytes(range(32))).public_key)
     peers.mark_verified("bob")
-    stale = tmp_path / (KNOWN_PEERS_FILE + ".tmp")
-    stale.write_bytes(b"stale")
-    stale.chmod(0o644)
-    save_known_peers(tmp_path, peers)
-    assert mode(tmp_path / KNOWN_PEERS_FILE) == 0o600 and not stale.exists()
+    save_known_peers(tmp_path, peers, loaded=loaded)
+    assert mode(tmp_path / KNOWN_PEERS_FILE) == 0o600
     assert list(load_known_peers(tmp_path)) == list(peers)
+    # Written through a temporary file of its own name, renamed over the pins: none is left.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        KNOWN_PEERS_FILE,
+        KNOWN_PEERS_FILE + ".lock",
+    ]
+
+
+def key(number: int):
+    return IdentityKey(bytes([number]) * 32).public_key
+
+
+def pins_in(home: Path) -> dict[str, bool]:
+    return {pin.name: pin.verified for pin in load_known_peers(home)}
+
+
+def write_pins(home: Path, **names: int) -> None:
+    peers = KnownPeers()
+    for name, number in names.items():
+        peers.check(name, key(number))
+    save_known_peers(home, peers, loaded=KnownPeers())
+
+
+def test_a_save_writes_only_its_changes_onto_the_pins_as_they_are_now(tmp_path):
+    write_pins(tmp_path, bob=1, carol=2)
+    call = load_known_peers(tmp_path)  # a call starts
+    loaded = call.copy()
+    # Meanwhile `contacts forget bob`, and another call pins dave.
+    write_pins(tmp_path, dave=3)
+    others = load_known_peers(tmp_path)
+    others_loaded = others.copy()
+    others.remove("bob")
+    save_known_peers(tmp_path, others, loaded=others_loaded)
+    # The call pins erin and verifies carol.
+    call.check("erin", key(4))
+    call.mark_verified("carol")
+    assert save_known_peers(tmp_path, call, loaded=loaded) == []
+    assert pins_in(tmp_path) == {"carol": True, "dave": False, "erin": False}
+
+
+def test_a_pin_made_first_by_another_process_stands(tmp_path):
+    call = load_known_peers(tmp_path)
+    loaded = call.copy()
+    write_pins(tmp_path, bob=1)
+    call.check("bob", key(2))
+    [dropped] = save_known_peers(tmp_path, call, loaded=loaded)
+    assert dropped.public_key == key(2)
+    assert load_known_peers(tmp_path).get("bob") == Pin("bob", key(1))
+
+
+@posix_only
+@pytest.mark.parametrize("which", ["file", "directory"])
+def test_pins_others_can_write_are_refused(tmp_path, which, capsys):
+    write_pins(tmp_path, bob=1)
+    path = tmp_path / KNOWN_PEERS_FILE if which == "file" else tmp_path
+    path.chmod(mode(path) | 0o022)
+    with pytest.raises(UnsafePermissions, match=f"chmod go-w {path}"):
+        load_known_peers(tmp_path)
+    with pytest.raises(UnsafePermissions):
+        write_pins(tmp_path, carol=2)
+    assert main(["contacts", "--home", str(tmp_path), "list"]) == 7
+    error = capsys.readouterr().err
+    assert error.startswith("blindhub contacts: ") and "can be written by other users" in error
+
+
+# One blindhub process, driven line by line on its stdin: each command answers "ok" on stdout
+# once done, so the test orders the processes by what they said, never by waiting.
+PIN_PROCESS = """
+import sys
+from pathlib import Path
+from client.identity_store import load_known_peers, save_known_peers
+from crypto.identity import IdentityKey
+
+home = Path(sys.argv[1])
+peers = loaded = None
+for line in sys.stdin:
+    command, *words = line.split()
+    if command == "load":
+        loaded = load_known_peers(home)
+        peers = loaded.copy()
+    elif command == "pin":
+        peers.check(words[0], IdentityKey(bytes([int(words[1])]) * 32).public_key)
+    elif command == "forget":
+        peers.remove(words[0])
+    elif command == "save":
+        print("saving", flush=True)
+        save_known_peers(home, peers, loaded=loaded)
+    elif command == "pin-many":  # load, pin, save, as fast as it can: races the other process
+        for number in range(int(words[1])):
+            loaded = load_known_peers(home)
+            peers = loaded.copy()
+            peers.check(f"{words[0]}{number}", IdentityKey(bytes([number]) * 32).public_key)
+            save_known_peers(home, peers, loaded=loaded)
+    print("ok", flush=True)
+"""
+
+
+class PinProcess:
+    def __init__(self, home: Path) -> None:
+        root = str(Path(__file__).resolve().parents[1])
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", PIN_PROCESS, str(home)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": root},
+        )
+
+    def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def expect(self, line: str) -> None:
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == line
+
+    def do(self, command: str) -> None:
+        self.send(command)
+        if command == "save":
+            self.expect("saving")
+        self.expect("ok")
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        assert self.process.wait(timeout=30) == 0
+
+
+def test_two_processes_a_forget_and_a_pin_made_during_a_call_are_kept(tmp_path):
+    write_pins(tmp_path, bob=1)
+    call, contacts = PinProcess(tmp_path), PinProcess(tmp_path)
+    call.do("load")  # the call starts with bob pinned
+    for command in ("load", "forget bob", "pin carol 2", "save"):
+        contacts.do(command)
+    call.do("pin dave 3")
+    call.do("save")
+    call.close()
+    contacts.close()
+    assert pins_in(tmp_path) == {"carol": False, "dave": False}
+
+
+def test_a_save_waits_for_the_lock_and_merges_what_the_holder_wrote(tmp_path):
+    other = PinProcess(tmp_path)
+    other.do("load")
+    other.do("pin carol 2")
+    with known_peers_lock(tmp_path):
+        other.send("save")
+        other.expect("saving")  # it is about to take the lock, or waiting for it
+        # The holder replaces the file with a snapshot of its own while the other waits.
+        (tmp_path / KNOWN_PEERS_FILE).write_bytes(write_snapshot(bob=1))
+    other.expect("ok")
+    other.close()
+    assert pins_in(tmp_path) == {"bob": False, "carol": False}
+
+
+def write_snapshot(**names: int) -> bytes:
+    peers = KnownPeers()
+    for name, number in names.items():
+        peers.check(name, key(number))
+    return peers.encode()
+
+
+def test_two_processes_saving_at_once_lose_no_pin(tmp_path):
+    first, second = PinProcess(tmp_path), PinProcess(tmp_path)
+    first.send("pin-many a 40")
+    second.send("pin-many b 40")
+    first.expect("ok")
+    second.expect("ok")
+    first.close()
+    second.close()
+    assert set(pins_in(tmp_path)) == {f"{p}{n}" for p in "ab" for n in range(40)}
 
 
 def never_asked(prompt: str) -> str:

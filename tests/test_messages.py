@@ -7,10 +7,13 @@ import pytest
 
 from crypto.identity import IdentityKey, b64encode
 from crypto.messages import (
+    AUTH_PLAINTEXT_SIZE,
+    AUTH_SIZE,
     HANDSHAKE_MESSAGES,
     INNER_MESSAGES,
     Accept,
     App,
+    Auth,
     Commit,
     Confirm,
     MalformedCallMessage,
@@ -30,14 +33,20 @@ GCM, CTR80 = CipherSuite.AES_128_GCM_SHA256_128, CipherSuite.AES_128_CTR_HMAC_SH
 ALICE = IdentityKey(identity_seed("alice")).public_key
 B32, B64 = bytes(range(32)), bytes(range(64))
 
+AUTH = bytes(AUTH_SIZE)
 ENVELOPED = [
-    Commit("call-1", (GCM, CTR80), B32, "alice", B32),
-    Accept("call-1", GCM, B32, B32, ALICE, "bob"),
-    Reveal("call-1", B32, ALICE, B64),
-    Confirm("call-1", B64),
+    Commit("call-1", (GCM, CTR80), B32, B32),
+    Accept("call-1", GCM, B32, B32),
+    Reveal("call-1", B32, AUTH),
+    Confirm("call-1", AUTH),
     Sealed(3, 7, b"ciphertext"),
 ]
-INNER = [App({"type": "offer", "sdp": "v=0"}), Rekey(1, B32), RekeyAck(1, B32), RekeyDone(1)]
+INNER = [
+    App({"type": "offer", "sdp": "v=0"}),
+    Rekey(1, B32, B64),
+    RekeyAck(1, B32, B64),
+    RekeyDone(1),
+]
 MESSAGES: list[Any] = [*ENVELOPED, *INNER]
 
 
@@ -58,26 +67,26 @@ def test_the_registries_name_every_type_by_its_wire_name():
 
 
 def test_encode_is_todays_wire_object():
-    assert Commit("c", (GCM,), B32, "alice", B32).encode() == {
-        "v": 1,
+    assert Commit("c", (GCM,), B32, B32).encode() == {
+        "v": 2,
         "type": "commit",
         "call_id": "c",
         "suites": [4],
         "nonce": b64encode(B32),
-        "name": "alice",
         "commitment": b64encode(B32),
     }
     assert Sealed(0, 1, b"x").encode() == {
-        "v": 1,
+        "v": 2,
         "type": "sealed",
         "epoch": 0,
         "seq": 1,
         "ciphertext": b64encode(b"x"),
     }
-    assert RekeyAck(2, B32).encode() == {
+    assert RekeyAck(2, B32, B64).encode() == {
         "kind": "rekey-ack",
         "epoch": 2,
         "ephemeral": b64encode(B32),
+        "signature": b64encode(B64),
     }
 
 
@@ -99,8 +108,6 @@ BAD_FIELDS = [
     (Commit, "suites", [True], "field 'suites': is a registered"),
     (Commit, "nonce", b64encode(bytes(31)), "field 'nonce': is 32 bytes"),
     (Commit, "nonce", "not base64!", "field 'nonce': not"),
-    (Commit, "name", "", "field 'name': is 1 to 256 characters"),
-    (Commit, "name", "a\nb", "field 'name': is printable"),
     (Commit, "commitment", b64encode(bytes(33)), "field 'commitment': is 32 bytes"),
     (Accept, "call_id", None, "field 'call_id': a call id"),
     (Reveal, "call_id", "\ud800", "field 'call_id': a call id is encodable as UTF-8"),
@@ -108,12 +115,9 @@ BAD_FIELDS = [
     (Accept, "suite", "4", "field 'suite': is a registered"),
     (Accept, "nonce", 5, "field 'nonce'"),
     (Accept, "ephemeral", b64encode(bytes(16)), "field 'ephemeral': is 32 bytes"),
-    (Accept, "identity", b64encode(bytes(31)), "field 'identity': is 32 bytes"),
-    (Accept, "name", 7, "field 'name': is 1 to 256"),
     (Reveal, "ephemeral", None, "field 'ephemeral'"),
-    (Reveal, "identity", b64encode(bytes(64)), "field 'identity': is 32 bytes"),
-    (Reveal, "signature", b64encode(bytes(63)), "field 'signature': is 64 bytes"),
-    (Confirm, "signature", [], "field 'signature'"),
+    (Reveal, "auth", b64encode(bytes(AUTH_SIZE - 1)), f"field 'auth': is {AUTH_SIZE} bytes"),
+    (Confirm, "auth", [], "field 'auth'"),
     (Confirm, "call_id", 1, "field 'call_id': a call id"),
     (Sealed, "epoch", -1, "field 'epoch': is an integer from 0 to 2147483648"),
     (Sealed, "epoch", True, "field 'epoch': is an integer"),
@@ -124,6 +128,8 @@ BAD_FIELDS = [
     (Rekey, "ephemeral", "AA", "a rekey ephemeral is a 32-byte X25519 key"),
     (RekeyAck, "epoch", 1.0, "the epoch of a 'rekey-ack' message is an integer"),
     (RekeyAck, "ephemeral", b64encode(bytes(31)), "a rekey ephemeral is a 32-byte"),
+    (Rekey, "signature", b64encode(bytes(63)), "a rekey signature is a 64-byte"),
+    (RekeyAck, "signature", 64, "a rekey signature is a 64-byte"),
     (RekeyDone, "epoch", None, "the epoch of a 'rekey-done' message is an integer"),
 ]
 
@@ -180,6 +186,38 @@ def test_what_is_not_an_object_is_malformed(cls, value):
 
 @pytest.mark.parametrize("message", ENVELOPED, ids=lambda message: type(message).__name__)
 def test_a_wrong_version_is_malformed(message):
-    for version in (2, "1", True, None):
+    for version in (1, 3, "2", True, None):
         with pytest.raises(MalformedCallMessage, match="version"):
             type(message).parse(message.encode() | {"v": version})
+
+
+# -- the encrypted identity's plaintext -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["b", "Zoë", "x" * 256, "😀" * 256])
+def test_an_identity_plaintext_has_one_size_and_round_trips(name):
+    auth = Auth(ALICE, name, B64)
+    assert len(auth.encode()) == AUTH_PLAINTEXT_SIZE
+    assert Auth.parse(auth.encode()) == auth
+
+
+def _plaintext(name: bytes, padding: bytes = b"") -> bytes:
+    field = len(name).to_bytes(2, "big") + name + padding
+    return ALICE.raw + B64 + field.ljust(AUTH_PLAINTEXT_SIZE - 96, b"\0")
+
+
+@pytest.mark.parametrize(
+    ("plaintext", "error"),
+    [
+        (_plaintext(b"alice")[:-1], "an identity plaintext is"),
+        (_plaintext(b"alice", b"\x01"), "pads its name with zero bytes"),
+        (ALICE.raw + B64 + (1100).to_bytes(2, "big") + bytes(1024), "pads its name"),
+        (_plaintext(b""), "field 'name': is 1 to 256"),
+        (_plaintext(b"\xff\xfe"), "field 'name'"),
+        (_plaintext(b"a\nb"), "field 'name': is printable"),
+        (_plaintext(b"x" * 257), "field 'name': is 1 to 256"),
+    ],
+)
+def test_a_bad_identity_plaintext_is_malformed(plaintext, error):
+    with pytest.raises(MalformedCallMessage, match=error):
+        Auth.parse(plaintext)

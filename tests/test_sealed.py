@@ -3,7 +3,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +15,7 @@ from crypto.frame_crypto import (
     SFrameSender,
     apply_key_update,
 )
-from crypto.identity import b64decode, b64encode
+from crypto.identity import BadSignature, IdentityKey, b64decode, b64encode
 from crypto.messages import (
     App,
     MalformedCallMessage,
@@ -40,16 +40,40 @@ from crypto.sealed import (
     SealedReplay,
     derive_epoch_keys,
     hkdf_expand,
+    rekey_signed_content,
     x25519_shared_secret,
 )
-from tests.vectors.make_handshake_vectors import seeded_random
+from tests.vectors.make_handshake_vectors import identity_seed, seeded_random
 
 SECRET = bytes(range(32))
+TRANSCRIPT = bytes(range(100, 132))  # the key agreement's transcript hash T
+ALICE = IdentityKey(identity_seed("alice"))
+BOB = IdentityKey(identity_seed("bob"))
+MALLORY = IdentityKey(identity_seed("mallory"))
+
+
+def channel(
+    role: Role,
+    identity: IdentityKey,
+    peer: IdentityKey,
+    random_label: str,
+    call_id: str = "call-1",
+    secret: bytes = SECRET,
+) -> SealedChannel:
+    return SealedChannel(
+        role,
+        call_id,
+        secret,
+        seeded_random(random_label),
+        identity=identity,
+        peer_identity=peer.public_key,
+        transcript_hash=TRANSCRIPT,
+    )
 
 
 def channels(call_id: str = "call-1", secret: bytes = SECRET) -> tuple[SealedChannel, ...]:
-    alice = SealedChannel(Role.INITIATOR, call_id, secret, seeded_random(call_id + "/a"))
-    bob = SealedChannel(Role.RESPONDER, call_id, secret, seeded_random(call_id + "/b"))
+    alice = channel(Role.INITIATOR, ALICE, BOB, call_id + "/a", call_id, secret)
+    bob = channel(Role.RESPONDER, BOB, ALICE, call_id + "/b", call_id, secret)
     return alice, bob
 
 
@@ -158,20 +182,20 @@ def test_messages_are_bound_to_their_direction_and_call():
 @pytest.mark.parametrize(
     ("message", "error"),
     [
-        ({"v": 1, "type": "commit"}, UnexpectedCallMessage),
-        ({"v": 2, "type": "sealed"}, MalformedCallMessage),
-        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0}, MalformedCallMessage),
-        ({"v": 1, "type": "sealed", "epoch": -1, "seq": 0, "ciphertext": ""}, MalformedCallMessage),
+        ({"v": 2, "type": "commit"}, UnexpectedCallMessage),
+        ({"v": 1, "type": "sealed"}, MalformedCallMessage),
+        ({"v": 2, "type": "sealed", "epoch": 0, "seq": 0}, MalformedCallMessage),
+        ({"v": 2, "type": "sealed", "epoch": -1, "seq": 0, "ciphertext": ""}, MalformedCallMessage),
         (
-            {"v": 1, "type": "sealed", "epoch": 0, "seq": True, "ciphertext": ""},
+            {"v": 2, "type": "sealed", "epoch": 0, "seq": True, "ciphertext": ""},
             MalformedCallMessage,
         ),
         (
-            {"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "A="},
+            {"v": 2, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": "A="},
             MalformedCallMessage,
         ),
-        ({"v": 1, "type": "sealed", "epoch": 7, "seq": 0, "ciphertext": ""}, DecryptionFailed),
-        ({"v": 1, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}, DecryptionFailed),
+        ({"v": 2, "type": "sealed", "epoch": 7, "seq": 0, "ciphertext": ""}, DecryptionFailed),
+        ({"v": 2, "type": "sealed", "epoch": 0, "seq": 0, "ciphertext": ""}, DecryptionFailed),
         ([], MalformedCallMessage),
     ],
 )
@@ -263,7 +287,7 @@ def test_old_epoch_messages_are_refused_after_the_rekey():
 def test_a_passive_thief_of_epoch_keys_is_locked_out_by_a_rekey():
     # The thief holds everything Bob held in epoch 0 and sees every message Bob sees.
     alice, bob = channels()
-    thief = SealedChannel(Role.RESPONDER, "call-1", SECRET, seeded_random("thief"))
+    thief = channel(Role.RESPONDER, MALLORY, ALICE, "thief")
     before = alice.seal({"secret": "before"})
     assert bob.open(before).content == thief.open(before).content == {"secret": "before"}
     start = alice.start_rekey()
@@ -276,6 +300,96 @@ def test_a_passive_thief_of_epoch_keys_is_locked_out_by_a_rekey():
     for message in (done, after):
         with pytest.raises(DecryptionFailed):
             thief.open(message)
+
+
+def _inner_of(message: dict[str, Any], sender: Role, secret: bytes = SECRET) -> dict[str, Any]:
+    """The plaintext of an epoch-0 sealed message, opened as a holder of the secret can."""
+    key = derive_epoch_keys(secret, 0, sender).seal_send
+    sequence = message["seq"]
+    call_id = b"call-1"
+    associated = (
+        b"blindhub-v2 sealed"
+        + len(call_id).to_bytes(4, "big")
+        + call_id
+        + sender.wire_byte
+        + bytes(4)
+        + sequence.to_bytes(8, "big")
+    )
+    nonce = bytes(4) + sequence.to_bytes(8, "big")
+    return decode_message(AESGCM(key).decrypt(nonce, b64decode(message["ciphertext"]), associated))
+
+
+def _sealed_at(sender: SealedChannel, sequence: int, inner: dict[str, Any]) -> dict[str, Any]:
+    # The thief can seal under any sequence number: it holds the sealing key.
+    sender._send_sequence = sequence
+    return sender._seal_inner(inner)
+
+
+def test_an_active_thief_of_epoch_keys_cannot_run_a_rekey_leg_and_is_locked_out():
+    # The thief holds epoch 0's secret, so both sealing keys, and sits in the hub: it can
+    # seal anything to either side. It lacks the identity keys, so it signs with its own.
+    alice, bob = channels()
+    as_bob = channel(Role.RESPONDER, MALLORY, ALICE, "thief/b")
+    as_alice = channel(Role.INITIATOR, MALLORY, BOB, "thief/a")
+    # Leg one: a request to Bob, as if from Alice, for an epoch the thief would share.
+    with pytest.raises(BadSignature):
+        bob.open(as_alice.start_rekey())
+    assert bob.rekey_state is RekeyState.IDLE and bob.epoch == 0
+    # Leg two: Alice's genuine request, answered as if by Bob.
+    request = alice.start_rekey()
+    [forged_ack] = as_bob.open(request).replies
+    with pytest.raises(BadSignature):
+        alice.open(forged_ack)
+    assert alice.rekey_state is RekeyState.REQUESTED and alice.epoch == 0
+    # Alice's genuine signature does not carry over to the thief's own ephemeral.
+    genuine = _inner_of(request, Role.INITIATOR)
+    thief_key = X25519PrivateKey.from_private_bytes(bytes(range(32))).public_key()
+    swapped = dict(genuine, ephemeral=b64encode(thief_key.public_bytes_raw()))
+    with pytest.raises(BadSignature):
+        bob.open(_sealed_at(as_alice, 0, swapped))
+    # Nor to an ack: the kind is signed.
+    fresh_thief = channel(Role.RESPONDER, MALLORY, ALICE, "thief/c")
+    with pytest.raises(BadSignature):
+        alice.open(_sealed_at(fresh_thief, 0, dict(genuine, kind="rekey-ack")))
+    # The honest rekey goes through; everything after it is closed to the thief.
+    [ack] = bob.open(request).replies
+    [done] = alice.open(ack).replies
+    bob.open(done)
+    after = alice.seal({"secret": "after"})
+    assert bob.open(after).content == {"secret": "after"}
+    for message in (done, after):
+        with pytest.raises(DecryptionFailed):
+            as_bob.open(message)
+    with pytest.raises(SealedReplay, match="erased"):
+        bob.open(_sealed_at(as_alice, 5, {"kind": "app", "content": {"forged": True}}))
+
+
+def test_rekey_signatures_are_bound_to_the_call_its_key_agreement_and_the_kind():
+    alice, bob = channels()
+    request = relay(alice.start_rekey())
+    # The same identities and secret under another key agreement (another transcript T).
+    other_agreement = SealedChannel(
+        Role.RESPONDER,
+        "call-1",
+        SECRET,
+        seeded_random("y"),
+        identity=BOB,
+        peer_identity=ALICE.public_key,
+        transcript_hash=bytes(32),
+    )
+    with pytest.raises(BadSignature):
+        other_agreement.open(request)
+    # Bob's genuine ack, presented to Bob's peer as Bob's request: the kind is signed.
+    [ack] = bob.open(request).replies
+    inner_ack = _inner_of(ack, Role.RESPONDER)
+    _, fresh_bob = channels()
+    fresh_alice = channel(Role.INITIATOR, ALICE, BOB, "z")
+    with pytest.raises(BadSignature):
+        fresh_alice.open(_sealed_at(fresh_bob, 0, dict(inner_ack, kind="rekey")))
+    # Alice's request reflected to Alice: verified with Bob's key, under Bob's role.
+    genuine = _inner_of(request, Role.INITIATOR)
+    with pytest.raises(BadSignature):
+        fresh_alice.open(_sealed_at(fresh_bob, 0, genuine))
 
 
 def test_epoch_keys_are_distinct_per_direction_and_role_symmetric():
@@ -296,21 +410,58 @@ def _peer_sends(sender: SealedChannel, inner: dict[str, Any]) -> dict[str, Any]:
     return sender._seal_inner(inner)
 
 
+SIG = b64encode(bytes(64))
+# Alice's genuine signature of a request whose ephemeral is a small-order point.
+ALICE_SIGNS_ZERO = b64encode(
+    ALICE.sign(rekey_signed_content("rekey", Role.INITIATOR, "call-1", TRANSCRIPT, 1, bytes(32)))
+)
+
+
 @pytest.mark.parametrize(
     ("inner", "error"),
     [
         (
-            {"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(32))},
+            {"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(32)), "signature": SIG},
             UnexpectedCallMessage,
         ),
         ({"kind": "rekey-done", "epoch": 1}, UnexpectedCallMessage),
         (
-            {"kind": "rekey", "epoch": 5, "ephemeral": b64encode(bytes(range(32)))},
+            {
+                "kind": "rekey",
+                "epoch": 5,
+                "ephemeral": b64encode(bytes(range(32))),
+                "signature": SIG,
+            },
             UnexpectedCallMessage,
         ),
+        (
+            {
+                "kind": "rekey",
+                "epoch": 1,
+                "ephemeral": b64encode(bytes(32)),
+                "signature": ALICE_SIGNS_ZERO,
+            },
+            MalformedCallMessage,
+        ),
+        (
+            {
+                "kind": "rekey",
+                "epoch": 1,
+                "ephemeral": b64encode(bytes(range(32))),
+                "signature": SIG,
+            },
+            BadSignature,
+        ),
+        ({"kind": "rekey", "epoch": 1, "ephemeral": "AA", "signature": SIG}, MalformedCallMessage),
+        (
+            {"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(32)), "signature": "AA"},
+            MalformedCallMessage,
+        ),
         ({"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(32))}, MalformedCallMessage),
-        ({"kind": "rekey", "epoch": 1, "ephemeral": "AA"}, MalformedCallMessage),
-        ({"kind": "rekey", "epoch": "1", "ephemeral": "AA"}, MalformedCallMessage),
+        (
+            {"kind": "rekey", "epoch": "1", "ephemeral": "AA", "signature": SIG},
+            MalformedCallMessage,
+        ),
         ({"kind": "hello"}, MalformedCallMessage),
         ({"kind": "app", "content": [1]}, MalformedCallMessage),
         ({"kind": "app", "content": {}, "extra": 1}, MalformedCallMessage),
@@ -339,7 +490,7 @@ def _peer_seals_text(sender: SealedChannel, plaintext: bytes) -> dict[str, Any]:
     sender._send_sequence += 1
     call_id = sender.call_id.encode()
     associated = (
-        b"blindhub-v1 sealed"
+        b"blindhub-v2 sealed"
         + len(call_id).to_bytes(4, "big")
         + call_id
         + b"I"
@@ -347,9 +498,9 @@ def _peer_seals_text(sender: SealedChannel, plaintext: bytes) -> dict[str, Any]:
         + sequence.to_bytes(8, "big")
     )
     nonce = bytes(4) + sequence.to_bytes(8, "big")
-    ciphertext = ChaCha20Poly1305(sender.keys.seal_send).encrypt(nonce, plaintext, associated)
+    ciphertext = AESGCM(sender.keys.seal_send).encrypt(nonce, plaintext, associated)
     return {
-        "v": 1,
+        "v": 2,
         "type": "sealed",
         "epoch": 0,
         "seq": sequence,
@@ -428,7 +579,7 @@ def test_open_raises_only_typed_errors_on_arbitrary_json(value):
 def test_open_raises_only_typed_errors_on_sealed_shaped_messages(epoch, sequence, ciphertext):
     _, bob = channels()
     message = {
-        "v": 1,
+        "v": 2,
         "type": "sealed",
         "epoch": epoch,
         "seq": sequence,

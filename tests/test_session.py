@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from client.exit_codes import ExitCode
 from client.session import (
     Action,
     AnswerOffer,
@@ -20,6 +21,7 @@ from client.session import (
     AskSas,
     CallFailed,
     CallSession,
+    CallWithSelf,
     Ended,
     IdentityMismatch,
     InstallKeys,
@@ -32,6 +34,7 @@ from client.session import (
     SessionState,
     VerificationRefused,
     Verify,
+    WrongPeer,
 )
 from crypto.identity import IdentityKey, KnownPeers
 
@@ -70,8 +73,8 @@ class Pair:
         self.now = 0.0
         self.tamper = tamper or (lambda sender, payload: [payload])
         self.configs = {
-            "alice": session_config("alice", **(alice or {})),
-            "bob": session_config("bob", **(bob or {})),
+            "alice": session_config(**({"name": "alice"} | (alice or {}))),
+            "bob": session_config(**({"name": "bob"} | (bob or {}))),
         }
         self.sides = {
             "alice": Side(CallSession(self.configs["alice"], initiator=True, now=self.now)),
@@ -79,6 +82,7 @@ class Pair:
         }
         self.in_flight: list[tuple[str, dict[str, Any]]] = []
         self.sas_answers: dict[str, bool] = {}
+        self.media_flows = True
 
     @property
     def alice(self) -> Side:
@@ -94,12 +98,17 @@ class Pair:
         self.run()
 
     def take(self, name: str, actions: list[Action]) -> None:
-        """Record ``name``'s actions and play its driver: relay sends, answer SDP requests."""
+        """Record ``name``'s actions and play its driver: relay sends, answer SDP requests,
+        and (while ``media_flows``) deliver a frame under each new send key to the peer."""
         side = self.sides[name]
+        recipient = "bob" if name == "alice" else "alice"
         for action in actions:
             side.actions.append(action)
+            sends_under = isinstance(action, InstallKeys) and action.update.switch_send
+            if sends_under and self.media_flows:
+                peer = self.sides[recipient].session
+                self.take(recipient, peer.receive_key_used(sends_under.kid, self.now))
             if isinstance(action, Send):
-                recipient = "bob" if name == "alice" else "alice"
                 wire = json.loads(json.dumps(action.payload))  # through the hub as JSON text
                 for payload in self.tamper(name, wire):
                     self.in_flight.append((recipient, payload))
@@ -157,9 +166,10 @@ def test_a_call_is_set_up_keyed_before_any_description_and_both_see_one_sas():
             assert kinds == [Protected, InstallKeys, AnswerOffer, MediaStarted]
         assert side.of(ApplyAnswer) == ([ApplyAnswer(ANSWER)] if side is pair.alice else [])
         protection = side.of(Protected)[0].protection
-        assert protection.end_to_end_encrypted and protection.pin == "pinned"
+        assert protection.end_to_end_encrypted and protection.pin == "NEW"
         assert protection.peer_fingerprint is not None
-        assert side.session.next_deadline is None  # no setup timer left in the call
+        # No setup timer left in the call: the next deadline is the first rekey.
+        assert side.session.next_deadline == (60.0 if side is pair.alice else 90.0)
     assert pair.alice.of(Protected)[0].protection.sas == pair.bob.of(Protected)[0].protection.sas
     # Epoch 0: each installs the other's send key as its receive key.
     alice_keys, bob_keys = pair.alice.of(InstallKeys)[0].update, pair.bob.of(InstallKeys)[0].update
@@ -181,7 +191,8 @@ def test_only_sealed_messages_follow_the_key_agreement():
     pair = Pair(tamper=record)
     pair.start()
     assert seen[:4] == ["commit", "accept", "reveal", "confirm"]
-    assert set(seen[4:]) == {"sealed"} and len(seen) == 6  # the offer and the answer
+    # Each side's decision ("confirmed"), the offer and the answer.
+    assert set(seen[4:]) == {"sealed"} and len(seen) == 8
 
 
 @pytest.mark.parametrize("accepted", [True, False])
@@ -195,7 +206,10 @@ def test_verify_prompt_asks_for_the_sas_with_no_timeout_and_holds_the_offer(acce
     assert bob.next_deadline is None
     pair.at(1000.0)
     assert bob.state is SessionState.AWAIT_SAS
-    # Alice, keyed already, sent her offer: bob holds it until he answers.
+    # Alice accepted bob at once and said so; she waits for his decision, with no timeout
+    # either, and makes no offer before it.
+    assert pair.alice.session.state is SessionState.AWAIT_PEER
+    assert pair.alice.of(MakeOffer) == [] and pair.alice.session.next_deadline is None
     pair.take("bob", bob.sas_answer(accepted, pair.now))
     pair.run()
     pins = pair.configs["bob"].known_peers
@@ -208,6 +222,10 @@ def test_verify_prompt_asks_for_the_sas_with_no_timeout_and_holds_the_offer(acce
         assert ended is not None and isinstance(ended.error, VerificationRefused)
         assert pins.get("alice") is None  # a rejected SAS pins nothing
         assert pair.bob.of(InstallKeys) == []
+        # Alice hears of it at once, from bob's sealed "declined".
+        ended = pair.alice.ended
+        assert ended is not None and isinstance(ended.error, VerificationRefused)
+        assert "bob did not confirm the SAS" in str(ended.error)
 
 
 def test_a_verified_peer_is_not_asked_about_again():
@@ -220,7 +238,7 @@ def test_a_verified_peer_is_not_asked_about_again():
     )
     pair.start()
     assert pair.bob.of(AskSas) == [] and pair.bob.session.state is SessionState.IN_CALL
-    assert pair.bob.of(Protected)[0].protection.pin == "verified"
+    assert pair.bob.of(Protected)[0].protection.pin == "VERIFIED"
 
 
 def test_verify_pinned_refuses_an_unknown_peer_before_any_key():
@@ -265,15 +283,20 @@ def test_hanging_up_during_setup_pins_nothing():
     assert pair.bob.of(Send)[-1].payload["type"] == "confirm"  # no bye during setup
 
 
-def test_a_hub_that_renames_the_initiator_gets_nothing_pinned():
-    def rename(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{**payload, "name": "eve"}] if payload["type"] == "commit" else [payload]
+def test_a_hub_that_alters_the_initiators_identity_gets_nothing_pinned():
+    # The name and key travel encrypted: a hub that changes them (in version 1 it could
+    # rename the initiator in its commit) makes the identity fail to open.
+    def alter(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        if payload["type"] != "reveal":
+            return [payload]
+        auth = payload["auth"]
+        return [{**payload, "auth": ("B" if auth[0] == "A" else "A") + auth[1:]}]
 
-    pair = Pair(tamper=rename)
+    pair = Pair(tamper=alter)
     pair.start()
     ended = pair.bob.ended
     assert ended is not None and isinstance(ended.error, CallFailed)
-    assert "does not match the revealed" in str(ended.error)
+    assert "does not open" in str(ended.error)
     assert len(pair.configs["bob"].known_peers) == 0
 
 
@@ -300,7 +323,7 @@ def test_an_altered_sealed_offer_is_detected_and_fails_the_call():
         ([1, 2], "not an object"),
         ({"type": "offer", "sdp": "v=0"}, "expected 'commit' from the peer, got 'offer'"),
         ({"type": "commit"}, "commit carries no call id"),
-        ({"type": "commit", "call_id": "x", "v": 1}, "key agreement failed"),
+        ({"type": "commit", "call_id": "x", "v": 2}, "key agreement failed"),
     ],
 )
 def test_garbage_in_the_key_agreement_fails_the_call_with_a_reason(payload, reason):
@@ -359,7 +382,9 @@ def test_a_rekey_installs_new_keys_on_both_sides_and_retires_the_old_after_the_g
     pair.at(7.0)
     assert pair.alice.of(RetireReceiveKeys) == [RetireReceiveKeys(frozenset({1}))]
     assert pair.bob.of(RetireReceiveKeys) == [RetireReceiveKeys(frozenset({0}))]
-    assert pair.alice.session.next_deadline is None
+    # The next rekey is an interval after this one, bob's turn; alice started this one.
+    assert pair.alice.session.next_deadline == 95.0
+    assert pair.bob.session.next_deadline == 65.0
 
 
 def test_a_second_rekey_while_one_is_under_way_is_not_started():
@@ -373,12 +398,13 @@ def test_replayed_and_forged_messages_in_the_call_are_counted_and_change_nothing
     sent: list[dict[str, Any]] = []
 
     def keep(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        sent.append(payload)
+        if sender == "alice" and payload["type"] == "sealed":
+            sent.append(payload)
         return [payload]
 
     pair = Pair(tamper=keep)
     pair.start()
-    offer = sent[4]
+    offer = sent[1]  # after her decision
     bob = pair.bob.session
     assert bob.receive(offer, pair.now) == []
     forged = {**offer, "seq": 7}
@@ -407,3 +433,252 @@ def test_descriptions_are_only_taken_when_asked_for():
     assert pair.bob.session.answer_ready(ANSWER, pair.now) == []
     fresh = CallSession(session_config("carol"), initiator=False, now=0.0)
     assert fresh.answer_ready(ANSWER, 0.0) == [] and fresh.rekey(0.0) == []
+
+
+def test_rekeys_come_every_interval_the_two_sides_taking_turns():
+    pair = Pair(alice={"rekey_interval": 10.0}, bob={"rekey_interval": 10.0})
+    pair.start()
+    # The initiator starts the first; the responder waits half as long again.
+    assert (pair.alice.session.next_deadline, pair.bob.session.next_deadline) == (10.0, 15.0)
+    pair.at(10.0)
+    assert pair.alice.session.rekeys == pair.bob.session.rekeys == 1
+    pair.at(12.0)  # each retires the other's old key
+    # Now bob's turn: alice, who started the last one, waits longer.
+    assert (pair.alice.session.next_deadline, pair.bob.session.next_deadline) == (25.0, 20.0)
+    pair.at(20.0)
+    assert pair.alice.session.rekeys == pair.bob.session.rekeys == 2
+    assert (pair.alice.session.next_deadline, pair.bob.session.next_deadline) == (22.0, 22.0)
+    pair.at(22.0)
+    assert (pair.alice.session.next_deadline, pair.bob.session.next_deadline) == (30.0, 35.0)
+    for side, role in ((pair.alice, 0), (pair.bob, 1)):
+        sends = [a.update.switch_send.kid for a in side.of(InstallKeys) if a.update.switch_send]
+        assert sends == [role, 2 + role, 4 + role]
+
+
+@pytest.mark.parametrize("withheld", ["rekey", "ack"])
+def test_a_rekey_the_hub_withholds_ends_the_call_at_its_deadline(withheld):
+    holding = {"on": False}
+    held: list[dict[str, Any]] = []
+
+    def withhold(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        from_requester = sender == "alice"
+        if holding["on"] and from_requester == (withheld == "rekey"):
+            held.append(payload)
+            return []
+        return [payload]
+
+    pair = Pair(tamper=withhold)
+    pair.start()
+    holding["on"] = True
+    pair.at(5.0)
+    pair.take("alice", pair.alice.session.rekey(pair.now))
+    pair.run()
+    assert len(held) == 1 and pair.alice.session.next_deadline == 15.0
+    pair.at(15.0)
+    for side in (pair.alice, pair.bob) if withheld == "ack" else (pair.alice,):
+        ended = side.ended
+        assert ended is not None and ended.reason == "rekey-stalled"
+        assert isinstance(ended.error, CallFailed) and "did not complete within 10 s" in str(
+            ended.error
+        )
+
+
+def test_a_sealed_message_the_hub_drops_in_the_call_ends_it_at_the_next_one():
+    dropping = {"next": False}
+
+    def drop_one(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        if dropping["next"]:
+            dropping["next"] = False
+            return []
+        return [payload]
+
+    pair = Pair(tamper=drop_one)
+    pair.start()
+    dropping["next"] = True
+    pair.take("alice", pair.alice.session.rekey(pair.now))  # dropped
+    pair.take("alice", pair.alice.session.hangup("duration", pair.now))
+    pair.run()
+    ended = pair.bob.ended
+    assert ended is not None and ended.reason == "signalling-lost"
+    assert pair.bob.session.detections == {"signalling-lost": 1}
+
+
+@pytest.mark.parametrize("content", [{"type": "offer", "sdp": "v=0"}, {"type": "bye"}, [1]])
+def test_anything_but_a_decision_after_the_key_agreement_fails_the_call(content):
+    pair = Pair(bob={"verify": Verify.PROMPT})
+    pair.start()
+    # Alice's channel seals what the hub could not: an authentic message out of turn.
+    assert pair.alice.session._channel is not None
+    forged = pair.alice.session._channel.seal(
+        {"content": content} if isinstance(content, list) else content
+    )
+    actions = pair.bob.session.receive(forged, pair.now)
+    ended = actions[-1]
+    assert isinstance(ended, Ended) and isinstance(ended.error, CallFailed)
+    assert "expected the peer's decision" in str(ended.error)
+
+
+# -- whom you are talking to: names, status, --peer, yourself
+
+
+def pinned(name: str, identity: IdentityKey, *, verified: bool = False) -> KnownPeers:
+    pins = KnownPeers()
+    pins.check(name, identity.public_key)
+    if verified:
+        pins.mark_verified(name)
+    return pins
+
+
+@pytest.mark.parametrize(
+    ("before", "verify", "status"),
+    [
+        (None, Verify.TOFU, "NEW"),
+        ("pinned", Verify.TOFU, "PINNED"),
+        ("verified", Verify.TOFU, "VERIFIED"),
+        (None, Verify.PROMPT, "VERIFIED"),  # the SAS compared in this call
+        ("pinned", Verify.PROMPT, "VERIFIED"),
+        ("verified", Verify.PROMPT, "VERIFIED"),  # not asked, and still shown
+        ("pinned", Verify.PINNED, "PINNED"),
+    ],
+)
+def test_every_call_shows_the_signed_name_fingerprint_and_one_status_word(before, verify, status):
+    alice = IdentityKey.generate(os.urandom)
+    pins = KnownPeers() if before is None else pinned("alice", alice, verified=before == "verified")
+    pair = Pair(alice={"identity": alice}, bob={"verify": verify, "known_peers": pins})
+    pair.sas_answers["bob"] = True
+    pair.start()
+    assert pair.bob.session.state is SessionState.IN_CALL
+    [protected] = pair.bob.of(Protected)
+    assert protected.protection.pin == status
+    # Shown before anything is keyed or negotiated, whatever the mode.
+    assert pair.bob.actions.index(protected) < pair.bob.actions.index(pair.bob.of(InstallKeys)[0])
+    shown = protected.protection.describe()
+    assert f"{status} alice {alice.public_key.fingerprint()}" in shown
+
+
+def test_a_look_alike_of_a_pinned_name_is_refused_as_a_changed_key_with_both_fingerprints():
+    # The hub answers with its own key, under "bob" spelt with a Cyrillic o.
+    real_bob, hub = IdentityKey.generate(os.urandom), IdentityKey.generate(os.urandom)
+    pins = pinned("bob", real_bob)
+    pair = Pair(alice={"name": "b\u043eb", "identity": hub}, bob={"known_peers": pins})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, IdentityMismatch)
+    message = str(ended.error)
+    assert "looks like the pinned 'bob'" in message
+    assert real_bob.public_key.fingerprint() in message and hub.public_key.fingerprint() in message
+    assert ended.error.exit_code == ExitCode.IDENTITY_MISMATCH
+    assert pair.bob.of(InstallKeys) == [] and pair.bob.of(Protected) == []
+    assert list(pins) == [pins.get("bob")]  # nothing pinned under the look-alike
+    assert pair.bob.session.detections == {"identity-refused": 1}
+
+
+def test_a_name_not_in_normal_form_is_refused_on_receipt(monkeypatch):
+    # A peer that signs "bob " (as only a modified client would: ours refuses to sign it).
+    monkeypatch.setattr("crypto.handshake.name_field", lambda name: name)
+    pins = pinned("bob", IdentityKey.generate(os.urandom))
+    pair = Pair(alice={"name": "bob "}, bob={"known_peers": pins})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, CallFailed)
+    assert "is not normalised (it would be 'bob')" in str(ended.error)
+    assert pair.bob.of(InstallKeys) == [] and list(pins) == [pins.get("bob")]
+
+
+def test_a_genuinely_new_name_is_pinned_beside_a_pinned_one():
+    pins = pinned("bob", IdentityKey.generate(os.urandom))
+    pair = Pair(alice={"name": "carol"}, bob={"known_peers": pins})
+    pair.start()
+    assert pair.bob.session.state is SessionState.IN_CALL
+    assert pair.bob.of(Protected)[0].protection.pin == "NEW"
+    assert [pin.name for pin in pins] == ["bob", "carol"]
+
+
+def test_peer_name_given_and_signed_the_call_goes_on():
+    alice = IdentityKey.generate(os.urandom)
+    pair = Pair(
+        alice={"identity": alice}, bob={"peer": "alice", "known_peers": pinned("alice", alice)}
+    )
+    pair.start()
+    assert pair.bob.session.state is SessionState.IN_CALL
+    assert pair.bob.of(Protected)[0].protection.pin == "PINNED"
+
+
+def test_a_peer_signing_another_name_than_peer_is_refused_before_any_key():
+    pair = Pair(bob={"peer": "carol"})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, WrongPeer)
+    assert ended.error.exit_code == ExitCode.WRONG_PEER and int(ExitCode.WRONG_PEER) == 11
+    assert "not 'carol' as asked with --peer" in str(ended.error)
+    assert pair.bob.of(InstallKeys) == [] and pair.bob.of(Protected) == []
+    assert len(pair.configs["bob"].known_peers) == 0
+    # The initiator checks too, when the responder's confirm comes.
+    pair = Pair(alice={"peer": "carol"})
+    pair.start()
+    ended = pair.alice.ended
+    assert ended is not None and isinstance(ended.error, WrongPeer)
+    assert pair.alice.of(InstallKeys) == [] and len(pair.configs["alice"].known_peers) == 0
+
+
+def test_peer_with_a_pin_whose_key_differs_is_refused_before_any_key():
+    pins = pinned("alice", IdentityKey.generate(os.urandom))
+    pair = Pair(bob={"peer": "alice", "known_peers": pins})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, IdentityMismatch)
+    assert pair.bob.of(InstallKeys) == []
+
+
+def test_a_call_with_ourselves_is_refused():
+    # The hub spliced two of our own calls: both ends hold one identity.
+    me = IdentityKey.generate(os.urandom)
+    pair = Pair(alice={"identity": me}, bob={"identity": me})
+    pair.start()
+    ended = pair.bob.ended
+    assert ended is not None and isinstance(ended.error, CallWithSelf)
+    assert ended.error.exit_code == ExitCode.WRONG_PEER
+    assert me.public_key.fingerprint() in str(ended.error)
+    assert pair.bob.of(InstallKeys) == [] and len(pair.configs["bob"].known_peers) == 0
+
+
+def test_an_old_receive_key_stays_until_the_peer_has_switched_however_late_the_hub_lets_it():
+    holding = {"on": False}
+    held: list[dict[str, Any]] = []
+
+    def withhold_acks(sender: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        if holding["on"] and sender == "bob":
+            held.append(payload)
+            return []
+        return [payload]
+
+    pair = Pair(tamper=withhold_acks)
+    pair.start()
+    holding["on"] = True
+    pair.at(5.0)
+    pair.take("alice", pair.alice.session.rekey(pair.now))
+    pair.run()
+    # Bob holds alice's new key; alice, without the ack, still sends under her old one, KID 0,
+    # for longer than the grace window: bob must keep it.
+    pair.at(9.0)
+    assert pair.bob.of(RetireReceiveKeys) == []
+    holding["on"] = False
+    pair.in_flight += [("alice", payload) for payload in held]
+    pair.run()  # the ack at last: alice switches, and her first new frame reaches bob
+    pair.at(11.0)
+    assert pair.bob.of(RetireReceiveKeys) == [RetireReceiveKeys(frozenset({0}))]
+    assert pair.alice.of(RetireReceiveKeys) == [RetireReceiveKeys(frozenset({1}))]
+
+
+def test_receive_keys_the_peer_never_used_are_bounded():
+    pair = connected()
+    pair.media_flows = False  # the peer sends no frame at all
+    for second in (5.0, 6.0, 7.0):
+        pair.at(second)
+        pair.take("alice", pair.alice.session.rekey(pair.now))
+        pair.run()
+    # Epochs 0 to 3: bob's KIDs 1, 3, 5, 7; alice keeps the newest two.
+    assert pair.alice.of(RetireReceiveKeys) == [
+        RetireReceiveKeys(frozenset({1})),
+        RetireReceiveKeys(frozenset({3})),
+    ]

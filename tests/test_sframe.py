@@ -483,6 +483,61 @@ def test_ratchet_step_wraps_modulo_r_bits():
     assert receiver.kids == {sender.kid - 1 & 3}
 
 
+def frames_of_a_ratcheting_sender(bits: int, steps: int, per_step: int) -> list[bytes]:
+    """Frames from a sender built here from the section 5.1 definitions (a send context per
+    step, KID and base key computed directly), not from ``SenderKeySender``."""
+    suite = CipherSuite.AES_128_GCM_SHA256_128
+    base_key, frames = KEY, []
+    for step in range(steps):
+        context = SendContext(suite)
+        kid = sender_key_kid(0, step, bits)
+        context.add_key(kid, base_key)
+        frames += [context.protect(kid, b"step %d frame %d" % (step, i)) for i in range(per_step)]
+        base_key = ratchet_base_key(suite, base_key)
+    return frames
+
+
+@pytest.mark.parametrize(
+    ("bits", "per_step"),
+    [
+        *((bits, per_step) for bits in range(1, 11) for per_step in (1, 4)),
+        # Wide steps wrap only after 2**R ratchets, long after any grace period: seconds each.
+        *(pytest.param(bits, 1, marks=pytest.mark.slow) for bits in range(11, 17)),
+    ],
+)
+def test_every_ratchet_width_survives_several_wraps(bits, per_step):
+    # Three wraps of the step around 2**R, a ratchet every frame or every four: with the
+    # default 64-frame grace, a wrapped KID is often still held by a superseded key.
+    steps = 3 << bits
+    receiver = SenderKeyReceiver(CipherSuite.AES_128_GCM_SHA256_128, KEY, ratchet_bits=bits)
+    for index, frame in enumerate(frames_of_a_ratcheting_sender(bits, steps, per_step)):
+        step = index // per_step
+        assert receiver.unprotect(frame) == b"step %d frame %d" % (step, index % per_step)
+    assert receiver.kid == sender_key_kid(0, steps - 1, bits)
+
+
+def test_a_superseded_key_is_kept_until_a_later_step_takes_its_kid():
+    bits = 4
+    sender, receiver = sender_and_receiver(ratchet_bits=bits)
+    receiver.unprotect(sender.protect(b"step 0"))
+    late, later = sender.protect(b"step 0, late"), sender.protect(b"step 0, later")
+    for _ in range(15):
+        sender.ratchet()
+        receiver.unprotect(sender.protect(b"next"))
+    assert receiver.kid == 15
+    assert receiver.unprotect(late) == b"step 0, late"  # KID 0 is still step 0's
+    forged = bytes(SFrameHeader(0, 9)) + bytes(40)  # KID 0 as if from step 16
+    with pytest.raises(AuthenticationError):
+        receiver.unprotect(forged)
+    sender.ratchet()
+    assert sender.kid == 0
+    assert receiver.unprotect(sender.protect(b"step 16")) == b"step 16"
+    assert receiver.kid == 0
+    with pytest.raises(AuthenticationError):  # KID 0 is step 16's now
+        receiver.unprotect(later)
+    assert receiver.unprotect(sender.protect(b"step 16 again")) == b"step 16 again"
+
+
 def test_new_generation_without_new_key_agreement_on_the_wire():
     sender, receiver = sender_and_receiver(old_key_grace_frames=1)
     old = sender.protect(b"generation 0")

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -50,6 +52,40 @@ def test_depth_up_to_the_limit_is_accepted_and_brackets_in_strings_do_not_count(
         strict_json.loads("[" * (limit + 1) + "]" * (limit + 1))
     text = json.dumps({"sdp": "[[[[{{{{" * 100, "escaped": '\\"[[[['})
     assert strict_json.loads(text) == json.loads(text)
+
+
+# Unterminated strings full of escaped quotes: the depth check used to retry a string at every
+# quote, 7.8 s for the 64 KiB one and four times that for twice the size.
+UNTERMINATED = ['"' + '\\"' * 64_000, '["' + "\\\\" * 64_000, '{"a":"' + '\\"[' * 40_000]
+
+
+@pytest.mark.parametrize("index", range(len(UNTERMINATED)))
+def test_the_depth_check_is_linear_on_unterminated_strings(index):
+    # Outcome, not a stopwatch: the refusal comes back at all within a bound that a
+    # quadratic scan misses by an order of magnitude (a linear one needs milliseconds).
+    script = (
+        "from crypto import strict_json\n"
+        "from tests.test_strict_json import UNTERMINATED\n"
+        f"text = UNTERMINATED[{index}]\n"
+        "strict_json.check_depth(text)\n"
+        "try:\n"
+        "    strict_json.loads(text)\n"
+        "except strict_json.StrictJsonError:\n"
+        "    print('refused')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=20, check=True
+    )
+    assert done.stdout == "refused\n"
+
+
+def test_escapes_decide_where_strings_end():
+    # An escaped backslash ends the escape, so the quote after it closes the string.
+    assert strict_json.loads('["\\\\", [1]]') == ["\\", [1]]
+    deep = '["\\\\",' + "[" * strict_json.MAX_DEPTH + "]" * strict_json.MAX_DEPTH + "]"
+    with pytest.raises(strict_json.StrictJsonError, match="nested deeper"):
+        strict_json.loads(deep)
+    assert strict_json.loads('["\\"[[[["]') == ['"[[[[']
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,11 @@ claimed; 2 a usage error.
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -49,11 +51,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cannot_write(directory: Path, error: OSError) -> int:
+    print(
+        f"blindhub demo: cannot write to --out {directory}: {error.strerror or error}",
+        file=sys.stderr,
+    )
+    return ExitCode.LOCAL_PROBLEM
+
+
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        # Before the experiment, not a minute into it.
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            if not os.access(args.out, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable")
+        except OSError as error:
+            return _cannot_write(args.out, error)
     # aiortc logs each frame a peer drops; the report counts them instead.
     logging.basicConfig(level=logging.ERROR)
     report = asyncio.run(run_experiment(args.seconds, progress=_progress))
@@ -62,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report.table())
     if args.out is not None:
-        for path in write_outputs(report, args.out):
+        try:
+            written = write_outputs(report, args.out)
+        except OSError as error:
+            return _cannot_write(args.out, error)
+        for path in written:
             _progress(f"wrote {path}")
     _progress(f"experiment took {report.seconds:.1f} s")
     if not report.valid:

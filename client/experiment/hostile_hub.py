@@ -10,17 +10,23 @@ what a hub operator could do to listen in:
   the media path, every media packet it relays (`MediaMitm.packets` and `.frames`).
 - ``dtls-mitm``: rewrites the SDP it relays so that each peer runs DTLS-SRTP with the hub
   (`client.experiment.media_mitm.MediaMitm`). When the SDP is sealed it cannot read it; it then
-  does the one thing left, alter the first sealed message each way (the offer and the answer),
-  which the peers detect.
+  does the one thing left, alter the sealed message that carries it each way (the offer and the
+  answer), which the peers detect.
 - ``keyswap``: runs the key agreement with each peer itself, with its own identity keys under the
-  peers' real names (`Initiator` toward the responder under the name in the initiator's commit,
-  then `Responder` toward the initiator under the name in the responder's accept). It then
+  peers' real names, as far as it can learn them. The identities travel encrypted (protocol
+  version 2), and the initiator authenticates first: the hub answers the initiator's commit as a
+  responder and learns the initiator's name from its reveal; it then calls the responder under
+  that name (`Initiator`), learns the responder's name from its confirm, and only then confirms
+  to the initiator under it (`Responder`, replaying the random bytes of the first answer so that
+  its accept stays valid). A responder that refuses the hub's key never reveals its name: if it
+  leaves, the hub confirms to the initiator under a name of its own choosing. It then
   holds both legs' SFrame keys and sealing keys: it unseals and reseals the signalling, rewrites
   the SDP as in ``dtls-mitm``, and its `MediaMitm` opens each frame with one leg's key, records
   the plaintext and seals it again for the other leg (`SFrameRelay`). Only the peers comparing
   their SAS, or pinned identities, expose it.
-- ``tamper``: drops relayed messages of chosen types, and after every sealed message it forwards
-  injects a replayed copy and an altered copy. In the media path (with ``dtls-mitm`` or
+- ``tamper``: drops relayed messages of chosen types, and after every sealed message of the call
+  it forwards (the setup's are spared: see `_in_setup`) injects a replayed copy and an altered
+  copy. In the media path (with ``dtls-mitm`` or
   ``keyswap``) it also replays, alters and drops some of the frames it relays (`MediaTamper`
   around the relay's own transform; what it did is `RoomAttack.media_tamper.counts`).
 
@@ -39,7 +45,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +61,7 @@ from client.experiment.media_mitm import (
 from crypto import strict_json
 from crypto.frame_crypto import KeyUpdate, SFrameReceiver, SFrameSender, apply_key_update
 from crypto.handshake import HandshakeResult, HandshakeState, Initiator, Responder
-from crypto.identity import IdentityKey, b64decode, b64encode
+from crypto.identity import IdentityKey, IdentityPublicKey, b64decode, b64encode
 from crypto.sealed import Received, SealedChannel
 from crypto.sframe import CipherSuite
 from signaling.hub import Delivery, Hub, Limits, Metrics, random_peer_id
@@ -64,7 +70,11 @@ from signaling.server import HubServer, MetadataRecorder
 
 logger = logging.getLogger("blindhub.hostile")
 
+# Each side's sealed messages start with its decision ("confirmed"), then its offer or answer.
+SDP_SEQUENCE = 1
 HANDSHAKE_TYPES = frozenset({"commit", "accept", "reveal", "confirm"})
+# The responder's name as the hub claims it when the responder never revealed its own.
+GUESSED_RESPONDER_NAME = "peer"
 SDP_TYPES = frozenset({"offer", "answer"})
 
 
@@ -157,6 +167,47 @@ class _Leg:
         return self.machine.result.channel
 
 
+class _Recorded:
+    """Random bytes drawn once and recorded, so that a second machine can draw the same."""
+
+    def __init__(self, random_bytes: Callable[[int], bytes]) -> None:
+        self._random_bytes = random_bytes
+        self.drawn: list[bytes] = []
+
+    def __call__(self, size: int) -> bytes:
+        data = self._random_bytes(size)
+        self.drawn.append(data)
+        return data
+
+    def replay(self) -> Callable[[int], bytes]:
+        remaining: Iterator[bytes] = iter(self.drawn)
+
+        def random_bytes(size: int) -> bytes:
+            data = next(remaining, None)
+            if data is None:
+                # Past what the first machine drew (a rekey later in the call): fresh bytes.
+                return self._random_bytes(size)
+            assert len(data) == size
+            return data
+
+        return random_bytes
+
+
+@dataclass
+class _HeldInitiator:
+    """The initiator's side of the keyswap until the responder's name is known: its commit
+    (answered at once by ``probe``, whose random bytes are recorded), and its reveal, which
+    ``probe`` opened to learn who the initiator is."""
+
+    peer: PeerId
+    commit: dict[str, Any]
+    identity: IdentityKey
+    randomness: _Recorded
+    probe: Responder
+    learned: list[tuple[str, IdentityPublicKey]] = field(default_factory=list)
+    reveal: dict[str, Any] | None = None
+
+
 @dataclass
 class RoomAttack:
     """What the hub did to one room's call and what it got out of it."""
@@ -164,8 +215,7 @@ class RoomAttack:
     mitm: MediaMitm | None = None
     offerer: PeerId | None = None
     legs: dict[PeerId, _Leg] = field(default_factory=dict)
-    # The initiator's commit, answered once the responder's accept has told the hub its name.
-    held_commit: tuple[PeerId, dict[str, Any]] | None = None
+    held: _HeldInitiator | None = None
     relay: SFrameRelay | None = None
     media_tamper: MediaTamper | None = None
     events: list[str] = field(default_factory=list)
@@ -218,6 +268,14 @@ def _offered(commit: dict[str, Any]) -> list[CipherSuite]:
 
 def _sealed(message: Any) -> bool:
     return _type(message) == "sealed" and isinstance(message.get("ciphertext"), str)
+
+
+def _in_setup(message: dict[str, Any]) -> bool:
+    """One of a side's setup messages: its decision about the peer, then its offer or answer.
+    A copy of one injected there would end the setup (any sealed setup message that does not
+    open does), which the dtls-mitm cells show; the tamper is about the call after it."""
+    sequence = message.get("seq")
+    return message.get("epoch") == 0 and type(sequence) is int and sequence <= SDP_SEQUENCE
 
 
 class HostileHub:
@@ -274,7 +332,15 @@ class HostileHub:
         return self.hub.connect(now)
 
     def disconnect(self, peer: PeerId) -> list[Delivery]:
-        return self.hub.disconnect(peer)
+        # A responder that refused the hub leaves without its name: the hub still answers the
+        # initiator, before the core tells it the peer left.
+        answers = [
+            Delivery(initiator, RelayFrom(peer, _encode(reply)), room)
+            for room, attack in self.attacks.items()
+            if attack.held is not None and peer in attack.legs
+            for initiator, reply in self._confirm_to_initiator(attack, GUESSED_RESPONDER_NAME)
+        ]
+        return answers + self.hub.disconnect(peer)
 
     @property
     def in_media_path(self) -> bool:
@@ -384,10 +450,10 @@ class HostileHub:
             rewritten = await self._rewrite_sdp(attack, sender, message)
             return [to(recipient, payload if rewritten is message else _encode(rewritten))]
         if not attack.legs:
-            # The first sealed message each way is the SDP, which the hub cannot read: all it
-            # can do is send something else in its place.
-            first = message.get("epoch") == 0 and message.get("seq") == 0
-            forged = altered(message) if first else None
+            # The SDP, which the hub cannot read, is each side's second sealed message (after
+            # its decision): all the hub can do is send something else in its place.
+            sdp = message.get("epoch") == 0 and message.get("seq") == SDP_SEQUENCE
+            forged = altered(message) if sdp else None
             if forged is None:
                 return [to(recipient, payload)]
             attack.events.append("sealed-sdp-altered")
@@ -406,44 +472,70 @@ class HostileHub:
     ) -> list[tuple[PeerId, dict[str, Any]]]:
         """Answer a key agreement message on the sender's leg.
 
-        The names are signed, so the hub must claim each peer's real name on the other leg. The
-        initiator's commit carries its name: the hub calls the responder under it and holds the
-        commit. The responder's accept carries its name: only then can the hub answer the held
-        commit as the responder."""
+        The names are signed and encrypted, so the hub learns each from its owner and claims it
+        on the other leg: the initiator's from its reveal (it authenticates first, to whoever
+        answered its commit), the responder's from its confirm, once the hub has called it
+        under the initiator's name."""
         kind = _type(message)
-        if kind == "commit" and not attack.legs:
-            call_id = str(message.get("call_id"))
-            toward_responder = Initiator(
-                self._identity(),
+        call_id = str(message.get("call_id"))
+        if kind == "commit" and attack.held is None and not attack.legs:
+            randomness = _Recorded(self._random_bytes)
+            learned: list[tuple[str, IdentityPublicKey]] = []
+            identity = self._identity()
+            probe = Responder(
+                identity,
                 call_id,
                 _offered(message),
-                self._random_bytes,
-                name=str(message.get("name")),
+                randomness,
+                name=GUESSED_RESPONDER_NAME,
+                peer_check=lambda name, key: learned.append((name, key)),
+            )
+            attack.held = _HeldInitiator(sender, message, identity, randomness, probe, learned)
+            attack.events.append("keyswap-started")
+            return [(sender, reply) for reply in probe.receive(message)]
+        held = attack.held
+        if kind == "reveal" and held is not None and sender == held.peer:
+            held.probe.receive(message)  # its confirm, under a name it made up, is never sent
+            [(name, _key)] = held.learned
+            held.reveal = message
+            attack.events.append("keyswap-initiator-identified")
+            toward_responder = Initiator(
+                self._identity(), call_id, _offered(held.commit), self._random_bytes, name=name
             )
             attack.legs[recipient] = _Leg(toward_responder)
-            attack.held_commit = (sender, message)
-            attack.events.append("keyswap-started")
             return [(recipient, toward_responder.start())]
         leg = attack.legs.get(sender)
         if leg is None:
             return [(recipient, message)]
         replies = [(sender, reply) for reply in leg.machine.receive(message)]
-        if kind == "accept" and attack.held_commit is not None:
-            initiator, commit = attack.held_commit
-            attack.held_commit = None
-            # The accept was just validated by the leg's Initiator, so its name is well formed.
-            toward_initiator = Responder(
-                self._identity(),
-                leg.machine.call_id,
-                _offered(commit),
-                self._random_bytes,
-                name=message["name"],
-            )
-            attack.legs[initiator] = _Leg(toward_initiator)
-            replies += [(initiator, reply) for reply in toward_initiator.receive(commit)]
         if leg.machine.state is HandshakeState.DONE:
             leg.done.set()
             attack.events.append("keyswap-leg-done")
+            if held is not None:
+                replies += self._confirm_to_initiator(attack, leg.result.peer_name)
+        return replies
+
+    def _confirm_to_initiator(
+        self, attack: RoomAttack, responder_name: str
+    ) -> list[tuple[PeerId, dict[str, Any]]]:
+        """The held initiator's leg, finished under ``responder_name``: a responder with the
+        probe's identity and random bytes gives the same accept (not sent again), and a
+        confirm the initiator can open."""
+        held, attack.held = attack.held, None
+        if held is None or held.reveal is None:
+            return []
+        toward_initiator = Responder(
+            held.identity,
+            held.probe.call_id,
+            _offered(held.commit),
+            held.randomness.replay(),
+            name=responder_name,
+        )
+        toward_initiator.receive(held.commit)
+        replies = [(held.peer, reply) for reply in toward_initiator.receive(held.reveal)]
+        leg = attack.legs[held.peer] = _Leg(toward_initiator)
+        leg.done.set()
+        attack.events.append("keyswap-leg-done")
         return replies
 
     def _identity(self) -> IdentityKey:
@@ -501,7 +593,7 @@ class HostileHub:
                 self.tampered.dropped += 1
                 continue
             result.append(delivery)
-            if not _sealed(message):
+            if not _sealed(message) or _in_setup(message):
                 continue
             copies = []
             if plan.replay:

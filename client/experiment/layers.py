@@ -153,7 +153,9 @@ class NoFrameProtection:
 
     send_kid = None
 
-    def install(self, suite: CipherSuite, update: KeyUpdate) -> None:
+    def install(
+        self, suite: CipherSuite, update: KeyUpdate, on_first_use: Callable[[int], None]
+    ) -> None:
         raise AssertionError("a plain call has no keys")
 
     def retire(self, kids: frozenset[int]) -> None:

@@ -67,6 +67,9 @@ NOTHING = 0.1  # tone correlation under which audio counts as not recovered
 MIN_ANALYSED_SECONDS = 0.5
 CORRELATION_WINDOW = SAMPLE_RATE // 10  # 100 ms: whole cycles of both tones
 SETUP_TIMEOUT = 20.0
+# Rekeys in every call, as in the product, but often enough that a few-second call has some:
+# the hub's tamper then has sealed messages of the call to replay and alter.
+REKEY_INTERVAL = 1.0
 DEFAULT_SECONDS = 3.0
 
 # What a logged payload may be: key agreement messages (names, nonces, public keys, a commitment,
@@ -524,6 +527,7 @@ async def run_cell(scenario: Scenario, seconds: float, room: str = "experiment")
                 verify=verify,
                 duration=seconds,
                 setup_timeout=SETUP_TIMEOUT,
+                rekey_interval=REKEY_INTERVAL,
             ),
             scenario.layers.parts(),
         )

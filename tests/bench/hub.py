@@ -101,6 +101,8 @@ async def close_all(pairs: list[Pair]) -> None:
 
 async def memory(server: Server, steps: list[int]) -> dict[int, float]:
     """KiB of hub RSS per idle, joined connection at each total in ``steps``."""
+    # These two sleeps let the hub's RSS settle before it is read: they shape a measurement,
+    # no order or outcome depends on them.
     await asyncio.sleep(0.5)
     baseline = rss_kib(server.pid)
     pairs: list[Pair] = []
@@ -121,6 +123,7 @@ async def latency(server: Server) -> tuple[float, float, float]:
     deadline = time.perf_counter() + LATENCY_SECONDS
 
     async def send(sender: ClientConnection, to: str, offset: float) -> None:
+        # The sleeps here are the load's schedule: each pair sends at RATE / PAIRS, staggered.
         await asyncio.sleep(offset)
         next_at = time.perf_counter()
         while next_at < deadline:

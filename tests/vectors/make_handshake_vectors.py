@@ -1,4 +1,4 @@
-"""Generate tests/vectors/handshake.json: one handshake, sealed message and rekey.
+"""Generate tests/vectors/handshake.json: one v2 handshake, sealed message and signed rekey.
 
 Every random byte comes from ``seeded_random(label)`` (SHA-256 of the label and a
 32-bit counter, concatenated), so another implementation can replay the exact run:
@@ -18,8 +18,16 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from crypto.frame_crypto import MediaKey
-from crypto.handshake import Initiator, Responder, key_schedule
-from crypto.identity import IdentityKey, b64encode
+from crypto.handshake import (
+    Exchange,
+    Initiator,
+    Party,
+    Responder,
+    handshake_keys,
+    initiator_transcript_hash,
+    key_schedule,
+)
+from crypto.identity import IdentityKey, b64decode, b64encode
 from crypto.sealed import (
     EpochKeys,
     Role,
@@ -60,6 +68,31 @@ def seeded_random(label: str) -> Callable[[int], bytes]:
 
 def identity_seed(name: str) -> bytes:
     return hashlib.sha256(f"blindhub vectors {name} identity".encode()).digest()
+
+
+def _handshake_secrets(commit: dict[str, Any], accept: dict[str, Any]) -> dict[str, Any]:
+    """The intermediate values an implementation needs to check step by step: the exchange
+    hash, the initiator's transcript hash T_i and the two keys that encrypt the identities."""
+    alice_random, bob_random = seeded_random("alice"), seeded_random("bob")
+    alice_ephemeral = X25519PrivateKey.from_private_bytes(alice_random(32))
+    bob_ephemeral = X25519PrivateKey.from_private_bytes(bob_random(32))
+    exchange = Exchange(
+        offered=tuple(OFFERED),
+        chosen=CipherSuite(accept["suite"]),
+        call_id=CALL_ID,
+        initiator_nonce=b64decode(commit["nonce"]),
+        responder_nonce=b64decode(accept["nonce"]),
+        initiator_ephemeral=x25519_public_bytes(alice_ephemeral),
+        responder_ephemeral=x25519_public_bytes(bob_ephemeral),
+    )
+    keys = handshake_keys(alice_ephemeral.exchange(bob_ephemeral.public_key()), exchange.hash())
+    alice = Party(IdentityKey(identity_seed("alice")).public_key, INITIATOR_NAME)
+    return {
+        "exchange_hash": exchange.hash().hex(),
+        "initiator_transcript_hash": initiator_transcript_hash(exchange, alice).hex(),
+        "auth_key_initiator": keys.initiator.hex(),
+        "auth_key_responder": keys.responder.hex(),
+    }
 
 
 def _epoch_secrets(transcript_hash: bytes) -> tuple[bytes, bytes]:
@@ -126,8 +159,9 @@ def build_vectors() -> dict[str, Any]:
 
     return {
         "description": (
-            "blindhub handshake v1: Ed25519 identities, X25519 ephemerals, SHA-256 HKDF; "
-            "random bytes from seeded_random(label) in tests/vectors/make_handshake_vectors.py"
+            "blindhub handshake v2: Ed25519 identities, X25519 ephemerals, HKDF-SHA-256, "
+            "AES-256-GCM for the identities and the sealed channel, signed rekeys; random "
+            "bytes from seeded_random(label) in tests/vectors/make_handshake_vectors.py"
         ),
         "inputs": {
             "call_id": CALL_ID,
@@ -145,6 +179,7 @@ def build_vectors() -> dict[str, Any]:
             "responder_public": b64encode(bob.public_key.raw),
         },
         "messages": {"commit": commit, "accept": accept, "reveal": reveal, "confirm": confirm},
+        "handshake": _handshake_secrets(commit, accept),
         "transcript_hash": mine.transcript_hash.hex(),
         "sas": mine.sas,
         "suite": int(mine.suite),
