@@ -9,9 +9,10 @@ the session; this module holds none.
 
 Fail closed: SFrame transforms (client/frame_transform.py) are installed and keyed on every
 sender and receiver before a remote description is applied, so no sender can start or decoder
-receive a frame before then. After setup the hub only carries sealed rekeys and the bye: a call
-survives the hub going away. The hub can still refuse to carry the setup; that makes calls
-fail, never leak.
+receive a frame before then. After setup the hub only carries sealed rekeys and the bye: media
+goes on if the hub goes away, until the next rekey falls due and cannot complete (the session
+then ends the call, "rekey-stalled"). The hub can still refuse to carry the setup or a rekey;
+that makes calls fail, never leak.
 """
 
 from __future__ import annotations
@@ -441,7 +442,8 @@ class Call:
                 return []  # someone else joining or talking is not our call
             case _HubFailed(detail, closed):
                 if closed:
-                    # Media is peer to peer: the call goes on without the hub.
+                    # Media is peer to peer: the call goes on without the hub (until its next
+                    # rekey, which cannot cross).
                     self.stats.hub_lost = True
                 else:
                     logger.warning("ignored a bad message from the hub: %s", detail)

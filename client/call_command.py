@@ -1,7 +1,8 @@
 """``blindhub call ROOM --hub URL --name NAME``: one end-to-end encrypted call.
 
-Exit codes: client/exit_codes.py, documented in docs/reference/cli.md (3 to 6, 11 and 12 are
-the call's own; 2 and 7 are refused before anything connects).
+Exit codes: client/exit_codes.py, documented in docs/reference/cli.md. A failed call exits
+with its ``CallError.exit_code`` (3 to 6, 11 and 12); 2 and 7 are this command's own checks,
+refused before anything connects (7 also when ``--stats-json`` cannot be written after it).
 
 There is no option to weaken a call: every call from this command is the product assembly
 (``client.call.CallParts()``), end-to-end encrypted with verified identities. Only the

@@ -9,6 +9,8 @@ A ``CallSession`` never touches a socket, a clock or a peer connection. Its driv
 - ``sas_answer``: what the user said about the SAS;
 - ``rekey``, ``hangup``, ``peer_left``, ``hub_failed``, ``abort``: the driver's and the hub's
   news;
+- ``receive_key_used``: the first frame under a new receive key authenticated (the frame
+  protection's ``on_first_use``), so the peer has switched and older keys can be retired;
 - ``handle_timer``: ``now`` has reached ``next_deadline`` (the setup timeout, a rekey that is
   due or overdue, a receive key whose grace window is over).
 
@@ -17,10 +19,11 @@ participant, ``InstallKeys`` (epoch 0 and every rekey take this one path), ``Ret
 after the grace window, ``AskSas``, ``Protected`` (the call is keyed: show with whom),
 ``MakeOffer``, ``AnswerOffer``, ``ApplyAnswer``, ``MediaStarted`` and, last, ``Ended``.
 
-The flow (docs/explanation/protocol.md): the key agreement (crypto/handshake.py) with the pin
-check inside it; the SAS question where the user has not verified the peer; the keys; each
-side's sealed decision ("confirmed" or "declined"), so that neither races the other's SAS
-question; the SDP offer and answer as sealed messages; in the call, a sealed rekey every
+The flow (docs/explanation/architecture.md, "A call, step by step"; the argument in
+docs/explanation/protocol.md): the key agreement (crypto/handshake.py) with the pin check
+inside it; the SAS question where the user has not verified the peer; the keys; each side's
+sealed decision ("confirmed" or "declined"), so that neither races the other's SAS question;
+the SDP offer and answer as sealed messages; in the call, a sealed rekey every
 ``rekey_interval`` and the bye. The setup timeout covers the network's phases only, never a
 person's decision. One session serves one remote participant, so a peer in a room of N holds
 N-1 sessions.
@@ -235,8 +238,9 @@ class MediaStarted:
 
 @dataclass(frozen=True)
 class Ended:
-    """The session is over: ``error`` when it failed during setup, else ``reason``
-    ("peer-bye", "peer-left", or what ``hangup`` was told)."""
+    """The session is over. ``error`` is set when the call failed, during setup or in the call
+    (``reason`` then is "rekey-stalled", "signalling-lost" or the error's class name); else
+    ``reason`` is "peer-bye", "peer-left" or what ``hangup`` was told."""
 
     reason: str
     error: CallError | None = None

@@ -91,10 +91,12 @@ class KeyUpdate:
     """What the key agreement or a rekey asks of one party's SFrame sender and receiver.
 
     ``install_receive``: accept the peer's frames under this key from now on; keep the
-    previous receive keys for a short grace window (frames in flight), then retire them.
+    previous receive keys until the peer has switched (the first frame under the new key
+    authenticates) and a short grace window has passed (frames in flight), then retire them.
     ``switch_send``: encrypt every frame from now on under this key (the peer holds it).
     The handshake's first update has both; a rekey's updates have one each, in the order
-    that never makes a side send under a key its peer lacks (docs/protocol.md, section 7).
+    that never makes a side send under a key its peer lacks (docs/reference/key-agreement.md,
+    Rekey).
     """
 
     install_receive: MediaKey | None = None

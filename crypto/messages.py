@@ -4,7 +4,8 @@ Each message is a frozen dataclass with ``parse(obj) -> Self``, which checks the
 (a JSON object of at most ``MAX_MESSAGE_SIZE`` bytes, version, type) and exactly the
 listed fields and raises ``MalformedCallMessage`` (or ``UnexpectedCallMessage`` for a
 well-formed message of another type) for anything else, and ``encode() -> dict``, the
-wire JSON object. docs/protocol.md (sections 4, 6 and 7) is the specification.
+wire JSON object. docs/reference/key-agreement.md (the key agreement messages, sealed messages
+and rekey) is the specification.
 
     key agreement   {"v": 2, "type": "commit" | "accept" | "reveal" | "confirm",
                      "call_id": ..., <fields>}

@@ -211,7 +211,7 @@ class Received:
 
 
 class RekeyState(enum.Enum):
-    """Where this side is in a rekey; docs/protocol.md, section 7, has the table."""
+    """Where this side is in a rekey; docs/reference/key-agreement.md (Rekey) has the table."""
 
     IDLE = "idle"
     REQUESTED = "requested"  # our ``rekey`` is out; the peer's ``rekey-ack`` is due

@@ -42,7 +42,7 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None
 
 
 class RtpLike(Protocol):
-    """An RTP packet as a receiver got it: aiortc's RtpPacket or a call's WirePacket."""
+    """An RTP packet as a receiver got it: aiortc's RtpPacket (install_packet_observer)."""
 
     @property
     def payload_type(self) -> int: ...
