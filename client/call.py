@@ -10,9 +10,8 @@ the session; this module holds none.
 Fail closed: SFrame transforms (client/frame_transform.py) are installed and keyed on every
 sender and receiver before a remote description is applied, so no sender can start or decoder
 receive a frame before then. After setup the hub only carries sealed rekeys and the bye: media
-goes on if the hub goes away, until the next rekey falls due and cannot complete (the session
-then ends the call, "rekey-stalled"). The hub can still refuse to carry the setup or a rekey;
-that makes calls fail, never leak.
+goes on if the hub goes away, in the epoch it has then (no rekey can cross any more). The hub
+can still refuse to carry the setup or a rekey; that makes calls fail, never leak.
 """
 
 from __future__ import annotations
@@ -442,8 +441,7 @@ class Call:
                 return []  # someone else joining or talking is not our call
             case _HubFailed(detail, closed):
                 if closed:
-                    # Media is peer to peer: the call goes on without the hub (until its next
-                    # rekey, which cannot cross).
+                    # Media is peer to peer: the call goes on without the hub, in its epoch.
                     self.stats.hub_lost = True
                 else:
                     logger.warning("ignored a bad message from the hub: %s", detail)
