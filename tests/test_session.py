@@ -196,7 +196,7 @@ def test_only_sealed_messages_follow_the_key_agreement():
 
 
 @pytest.mark.parametrize("accepted", [True, False])
-def test_verify_prompt_asks_for_the_sas_with_no_timeout_and_holds_the_offer(accepted):
+def test_verify_prompt_asks_for_the_sas_and_each_side_waits_for_the_other_decision(accepted):
     pair = Pair(alice={"setup_timeout": 5000.0}, bob={"verify": Verify.PROMPT})
     pair.start()
     bob = pair.bob.session
