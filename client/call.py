@@ -74,6 +74,7 @@ from client.session import (
     RetireReceiveKeys,
     Send,
     SessionConfig,
+    SessionState,
     Verify,
 )
 from crypto.frame_crypto import (
@@ -136,6 +137,7 @@ class CallPhase(enum.Enum):
     WAITING = "waiting"  # for a peer in the room
     KEY_AGREEMENT = "key-agreement"  # the peer is there: keys, identities, the SAS, the SDP
     MEDIA = "media"  # media flows, end-to-end encrypted
+    HUB_LOST = "hub-lost"  # in the call: media goes on, but no rekey can cross any more
 
 
 class HubNotTrusted(CallError):
@@ -440,9 +442,11 @@ class Call:
             case _FromHub():
                 return []  # someone else joining or talking is not our call
             case _HubFailed(detail, closed):
-                if closed:
+                if closed and not self.stats.hub_lost:
                     # Media is peer to peer: the call goes on without the hub, in its epoch.
                     self.stats.hub_lost = True
+                    if session.state is SessionState.IN_CALL:
+                        self._phase(CallPhase.HUB_LOST)
                 else:
                     logger.warning("ignored a bad message from the hub: %s", detail)
                 return session.hub_failed(detail, now, closed=closed)

@@ -268,6 +268,11 @@ def phase_printer(args: argparse.Namespace) -> Callable[[CallPhase], None]:
         CallPhase.WAITING: f"waiting for a peer in room {args.room}",
         CallPhase.KEY_AGREEMENT: "a peer joined: agreeing keys",
         CallPhase.MEDIA: "media flowing, end-to-end encrypted (Ctrl-C hangs up)",
+        # Said at once: a hub that closes its connections stops the rekeys, and with them
+        # forward secrecy and healing for the rest of the call.
+        CallPhase.HUB_LOST: (
+            "the hub went away: media goes on end-to-end encrypted, but without rekeys from now on"
+        ),
     }
 
     def show(phase: CallPhase) -> None:

@@ -14,7 +14,14 @@ import pytest
 from aiortc import RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
-from client.call import Call, CallConfig, CallParts, FrameProtection, SFrameProtection
+from client.call import (
+    Call,
+    CallConfig,
+    CallParts,
+    CallPhase,
+    FrameProtection,
+    SFrameProtection,
+)
 from client.experiment.analysis import dominant_frequency, tone_correlation
 from client.experiment.layers import Layers
 from client.frame_transform import FrameTransform, install_packet_observer
@@ -295,7 +302,9 @@ async def test_rekeys_every_interval_lose_no_frame(hub):
 
 async def test_the_call_survives_the_hub_being_stopped_after_setup(start_hub):
     hub = await start_hub()
-    alice, bob = Call(config(hub, "alice", 440, duration=3.5)), Call(config(hub, "bob", 660))
+    phases: list[CallPhase] = []
+    alice = Call(config(hub, "alice", 440, duration=3.5, on_phase=phases.append))
+    bob = Call(config(hub, "bob", 660))
     alice_task = asyncio.create_task(alice.run())
     await in_the_room(hub)
     bob_task = asyncio.create_task(bob.run())
@@ -314,6 +323,8 @@ async def test_the_call_survives_the_hub_being_stopped_after_setup(start_hub):
     # Bob's duration (2.5 s) ends first; his bye cannot cross the missing hub, but closing his
     # connection ends alice's side too, before her own duration.
     assert (bob_stats.ended_by, alice_stats.ended_by) == ("duration", "connection-closed")
+    # Alice was told at once that the hub went away (no rekeys from then on).
+    assert phases[-2:] == [CallPhase.MEDIA, CallPhase.HUB_LOST]
 
 
 @pytest.mark.parametrize(
