@@ -26,6 +26,7 @@ from websockets.exceptions import InvalidURI
 from websockets.uri import parse_uri
 
 from client.call import Call, CallConfig, CallPhase, CallStats
+from client.cli import seconds_argument
 from client.exit_codes import ExitCode
 from client.identity_store import (
     home_directory,
@@ -65,17 +66,11 @@ def peer_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def rekey_interval(value: str) -> float:
-    # Rekeys cannot be switched off from the command line: they are what heals a stolen key.
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not MIN_REKEY_INTERVAL <= seconds <= MAX_REKEY_INTERVAL:  # also refuses nan
-        raise argparse.ArgumentTypeError(
-            f"must be {MIN_REKEY_INTERVAL:g} to {MAX_REKEY_INTERVAL:g} seconds"
-        )
-    return seconds
+# Rekeys cannot be switched off from the command line: they are what heals a stolen key.
+rekey_interval = seconds_argument(
+    lambda seconds: MIN_REKEY_INTERVAL <= seconds <= MAX_REKEY_INTERVAL,
+    f"must be {MIN_REKEY_INTERVAL:g} to {MAX_REKEY_INTERVAL:g} seconds",
+)
 
 
 # -- checked before anything connects: a bad value is a usage error (exit 2), and the hub
@@ -97,14 +92,9 @@ def hub_url(value: str) -> str:
     return value
 
 
-def call_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not 0 < seconds < math.inf:  # also refuses nan
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return seconds
+call_seconds = seconds_argument(
+    lambda seconds: 0 < seconds < math.inf, "must be a positive number of seconds"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

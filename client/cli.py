@@ -7,9 +7,10 @@ exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
 
 import argparse
 import importlib
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from client.exit_codes import ExitCode
@@ -29,6 +30,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hub": ("client.hub_command", "run the signalling hub (a websocket relay of opaque payloads)"),
     "sframe": ("client.sframe_command", "SFrame (RFC 9605) by hand: inspect, protect, unprotect"),
 }
+
+
+def seconds_argument(is_valid: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type for a number of seconds: anything else, NaN included, is a usage error
+    (exit 2) that states ``rule``, before the command does anything."""
+
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if math.isnan(seconds) or not is_valid(seconds):
+            raise argparse.ArgumentTypeError(rule)
+        return seconds
+
+    return parse
 
 
 class CommandModule(Protocol):

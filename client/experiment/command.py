@@ -10,11 +10,11 @@ import asyncio
 import errno
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
+from client.cli import seconds_argument
 from client.exit_codes import ExitCode
 from client.experiment.runner import DEFAULT_SECONDS, run_experiment, write_outputs
 
@@ -22,17 +22,10 @@ MIN_SECONDS = 1.0
 MAX_SECONDS = 60.0
 
 
-def media_seconds(value: str) -> float:
-    """``--seconds``: checked here, so that a bad value is a usage error (exit 2)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not MIN_SECONDS <= seconds <= MAX_SECONDS:  # also refuses nan
-        raise argparse.ArgumentTypeError(
-            f"must be a number of seconds from {MIN_SECONDS:g} to {MAX_SECONDS:g}"
-        )
-    return seconds
+media_seconds = seconds_argument(
+    lambda seconds: MIN_SECONDS <= seconds <= MAX_SECONDS,
+    f"must be a number of seconds from {MIN_SECONDS:g} to {MAX_SECONDS:g}",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
