@@ -2,8 +2,6 @@
 certificate, and the one line per phase a user sees while a call is set up."""
 
 import asyncio
-import datetime
-import ipaddress
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -11,12 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from client.exit_codes import ExitCode
+from tests.tls import self_signed_certificate
 
 PHASES = [
     "connecting to the hub at ",
@@ -24,40 +19,6 @@ PHASES = [
     "a peer joined: agreeing keys",
     "media flowing, end-to-end encrypted",
 ]
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A P-256 certificate for localhost and 127.0.0.1, signed by its own key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "hub-cert.pem", directory / "hub-key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 async def start(*arguments: str) -> asyncio.subprocess.Process:

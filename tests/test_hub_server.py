@@ -1,11 +1,8 @@
 """A real hub on loopback, real websockets clients: relays, every refusal and close, abuse."""
 
 import asyncio
-import datetime
 import io
-import ipaddress
 import json
-import pathlib
 import re
 import signal
 import socket
@@ -16,10 +13,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import ClientConnection, connect
 
 from client.hub_connection import (
@@ -31,6 +24,7 @@ from signaling.hub import KIB, Limits
 from signaling.protocol import ErrorCode, PeerId, PeerJoined, PeerLeft, Refused
 from signaling.server import MetadataRecorder
 from tests.conftest import wait_for
+from tests.tls import self_signed_certificate
 
 # Generous for a loaded 2-core machine; only bounds how long a failing test hangs.
 TIMEOUT = 10.0
@@ -346,38 +340,8 @@ async def test_the_hub_command_prints_its_url_and_stops_cleanly_with_1001(tmp_pa
     assert (record["type"], record["room"]) == ("welcome", "cli")
 
 
-def self_signed(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_tls_relays_over_wss(start_hub, tmp_path):
-    cert_path, key_path = self_signed(tmp_path)
+    cert_path, key_path = self_signed_certificate(tmp_path)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert_path, key_path)
     hub = await start_hub(ssl_context=server_context)
