@@ -107,12 +107,13 @@ def install_sender_transform(sender: RTCRtpSender, transform: FrameTransform) ->
     async def next_transformed_frame(codec: RTCRtpCodecParameters) -> RTCEncodedFrame | None:
         if pending:
             return pending.popleft()
-        if codec.name not in SUPPORTED_CODECS:
-            raise UnsupportedCodecError(f"no frame transform for codec {codec.name}")
+        name = codec.name
+        if name not in SUPPORTED_CODECS:
+            raise UnsupportedCodecError(f"no frame transform for codec {name}")
         encoded = await next_encoded_frame(codec)
         if encoded is None:
             return None
-        if codec.name == "VP8":
+        if name == "VP8":
             return _transform_vp8(encoded, transform)
         return _transform_opus(encoded, transform, pending)
 
@@ -127,6 +128,7 @@ def install_sender_transform(sender: RTCRtpSender, transform: FrameTransform) ->
 VP8_DESCRIPTOR_LENGTH = 4
 VP8_FIRST_DESCRIPTOR = b"\x90\x80"  # X=1, S=1, partition 0; only I
 VP8_NEXT_DESCRIPTOR = b"\x80\x80"  # the same without S
+VP8_PAYLOAD_SIZE = VP8_PACKET_MAX - VP8_DESCRIPTOR_LENGTH  # frame bytes in one payload
 
 
 def _transform_vp8(encoded: RTCEncodedFrame, transform: FrameTransform) -> RTCEncodedFrame | None:
@@ -138,13 +140,15 @@ def _transform_vp8(encoded: RTCEncodedFrame, transform: FrameTransform) -> RTCEn
         frame = first[VP8_DESCRIPTOR_LENGTH:]
     else:
         following = VP8_NEXT_DESCRIPTOR + first[2:VP8_DESCRIPTOR_LENGTH]
-        if not all(payload.startswith(following) for payload in payloads[1:]):
-            raise UnsupportedCodecError("VP8 payload descriptors differ inside one frame")
+        # A loop, not all() over a generator: one frame object fewer, once a frame.
+        for payload in payloads[1:]:
+            if not payload.startswith(following):
+                raise UnsupportedCodecError("VP8 payload descriptors differ inside one frame")
         frame = b"".join([payload[VP8_DESCRIPTOR_LENGTH:] for payload in payloads])
     transformed = transform(frame)
     if transformed is None:
         return None
-    size = VP8_PACKET_MAX - VP8_DESCRIPTOR_LENGTH
+    size = VP8_PAYLOAD_SIZE
     if len(transformed) <= size:
         encoded.payloads = [first[:VP8_DESCRIPTOR_LENGTH] + transformed]
     else:

@@ -517,17 +517,20 @@ class SendContext:
         if state is None:
             raise SFrameUsageError(f"no sending key for KID {kid}")
         ctr = state.next_ctr
-        if ctr > MAX_COUNTER:  # header_ctr_limit would pass 2**64 only here
-            raise CounterExhaustedError(f"CTR for KID {kid} is exhausted; add a new key")
+        if ctr >= state.header_ctr_limit:
+            # The first frame, or the CTR needs one more byte. The limit of the widest layout
+            # is 2**64, so exhaustion is only ever checked here, not on every frame.
+            if ctr > MAX_COUNTER:
+                raise CounterExhaustedError(f"CTR for KID {kid} is exhausted; add a new key")
+            state.set_header_layout(ctr)
         # Claim the counter before encrypting, so no failure can make it reusable.
         state.next_ctr = ctr + 1
-        if not ctr < state.header_ctr_limit:
-            state.set_header_layout(ctr)
         header = (state.header_base | ctr << state.header_ctr_shift).to_bytes(
             state.header_length, "big"
         )
         nonce = (state.salt ^ ctr).to_bytes(12, "big")
-        return header + state.encrypt(nonce, plaintext, header + metadata if metadata else header)
+        # ``header + b""`` is ``header`` itself: no branch needed for frames without metadata.
+        return header + state.encrypt(nonce, plaintext, header + metadata)
 
 
 class ReceiveContext:
@@ -591,7 +594,21 @@ class ReceiveContext:
 
     def unprotect(self, sframe_ciphertext: bytes, metadata: bytes = b"") -> bytes:
         """Authenticate and decrypt one SFrame ciphertext; return the plaintext."""
-        kid, ctr, header_length = _parse_header(sframe_ciphertext)
+        # The header of nearly every frame in a call: a KID under 8, inline in the config
+        # byte, and an extended CTR. Parsed here (the general parser is two calls deeper and
+        # runs once a frame with cold caches); a header of any other shape, or one that is
+        # truncated or not minimal, goes to the general parser, which raises the right error.
+        config = sframe_ciphertext[0] if sframe_ciphertext else 0
+        header_length = 2 + (config & 0x7)
+        if (
+            config & 0x88 == 0x08
+            and len(sframe_ciphertext) >= header_length
+            and (ctr := int.from_bytes(sframe_ciphertext[1:header_length], "big"))
+            >= _SMALLEST_OF_LENGTH[header_length - 1]
+        ):
+            kid = config >> 4
+        else:
+            kid, ctr, header_length = _parse_header(sframe_ciphertext)
         state = self._keys.get(kid)
         if state is None:
             raise UnknownKeyError(f"no key for KID {kid}")
@@ -601,12 +618,15 @@ class ReceiveContext:
                 raise ReplayError(f"CTR {ctr} for KID {kid} is older than the replay window")
             if (state.seen >> age) & 1:
                 raise ReplayError(f"CTR {ctr} for KID {kid} was already accepted")
-        aad = bytes(sframe_ciphertext[:header_length])
-        if metadata:
-            aad += metadata
         nonce = (state.salt ^ ctr).to_bytes(12, "big")
         try:
-            plaintext = state.decrypt(nonce, memoryview(sframe_ciphertext)[header_length:], aad)
+            # A bytes slice, not a memoryview: pyca reads bytes by a faster path, which more
+            # than pays for the copy (measured at 100 to 20 000 bytes: 0 to 190 ns less).
+            plaintext = state.decrypt(
+                nonce,
+                sframe_ciphertext[header_length:],
+                sframe_ciphertext[:header_length] + metadata,
+            )
         except InvalidTag:
             raise AuthenticationError("SFrame authentication failed") from None
         # Only an authenticated frame moves the window.

@@ -184,6 +184,32 @@ def test_non_minimal_header_rejected(encoded):
         SFrameHeader.parse(h(encoded))
 
 
+# Config bytes with the KID inline and the CTR extended, followed by up to 9 bytes.
+_USUAL_HEADERS = st.builds(
+    lambda config, rest: bytes([config]) + rest,
+    st.sampled_from([config for config in range(0x80) if config & 0x08]),
+    st.binary(max_size=9),
+)
+
+
+@given(st.binary(max_size=12) | _USUAL_HEADERS)
+@settings(max_examples=300)
+def test_receiver_reads_headers_as_the_parser_does(data):
+    # ReceiveContext parses the usual header (inline KID, extended CTR) itself: it must
+    # reject exactly what SFrameHeader.parse rejects, and read the KID that it reads.
+    receiver = ReceiveContext(CipherSuite.AES_128_GCM_SHA256_128)
+    receiver.add_key(3, KEY)
+    try:
+        header, _ = SFrameHeader.parse(data)
+    except MalformedHeaderError:
+        expected: type[SFrameError] = MalformedHeaderError
+    else:
+        expected = AuthenticationError if header.kid == 3 else UnknownKeyError
+    with pytest.raises(SFrameError) as failure:
+        receiver.unprotect(data)
+    assert type(failure.value) is expected
+
+
 @pytest.mark.parametrize("values", [(-1, 0), (0, -1), (2**64, 0), (0, 2**64)])
 def test_header_values_out_of_range(values):
     with pytest.raises(SFrameUsageError):
