@@ -13,8 +13,8 @@ Four JSON messages, relayed by the (untrusted) hub::
   ephemerals before learning the honest parties' ones. The SAS depends on nothing else
   (the exchange hash X and the X25519 secret: not the identities, which a man in the
   middle picks last), so it gets one SAS guess per call.
-- SIGMA-R ordering (Krawczyk 2003, the four-message variant; IKEv2, TLS 1.3 and Noise XX
-  have the other order, where the responder shows its identity first): the identities
+- SIGMA-R ordering (Krawczyk 2003, the four-message variant, as in IKEv2; SIGMA-I, TLS 1.3
+  and Noise XX have the other order, where the responder shows its identity first): the identities
   travel encrypted under handshake keys from the ephemeral X25519 secret, so a passive hub
   learns neither; the initiator authenticates first, so an active hub posing as the
   responder learns the initiator's identity (and the hub decides who initiates), and the
