@@ -10,19 +10,25 @@ Four JSON messages, relayed by the (untrusted) hub::
 
 - ZRTP-style hash commitment (RFC 6189 section 4.4.1.1): the initiator reveals its
   ephemeral last, so it commits to it first; a man in the middle must fix both of its
-  ephemerals before learning the honest parties' ones, and gets one SAS guess per call.
-- SIGMA-I (Krawczyk 2003; the shape of IKEv2, TLS 1.3 and Noise XX): the identities travel
-  encrypted under handshake keys from the ephemeral X25519 secret, so a passive hub learns
-  neither; the initiator authenticates first, so an active hub posing as the responder
-  learns the initiator's identity and nothing else, and the responder reveals its own
-  only after it has verified the initiator's signature and run its ``peer_check``.
+  ephemerals before learning the honest parties' ones. The SAS depends on nothing else
+  (the exchange hash X and the X25519 secret: not the identities, which a man in the
+  middle picks last), so it gets one SAS guess per call.
+- SIGMA-R ordering (Krawczyk 2003, the four-message variant, as in IKEv2; SIGMA-I, TLS 1.3
+  and Noise XX have the other order, where the responder shows its identity first): the identities
+  travel encrypted under handshake keys from the ephemeral X25519 secret, so a passive hub
+  learns neither; the initiator authenticates first, so an active hub posing as the
+  responder learns the initiator's identity (and the hub decides who initiates), and the
+  responder reveals its own only after it has verified the initiator's signature and run
+  its ``peer_check``.
 - Each side signs, under a role label, a transcript hash covering the version, offered and
   chosen suites, call id, both nonces, both ephemerals and its own identity key and name
   (the initiator: all it knows yet, ``T_i``; the responder: both parties', ``T``). Each
   party's name is signed, so the pin check gets a (name, key) pair the peer vouched for.
-- HKDF (RFC 5869, SHA-256): the handshake keys from Extract(salt = exchange hash, X25519
-  secret); the SAS and epoch 0's secret from Extract(salt = T, X25519 secret), from which
-  crypto/sealed.py derives both directions' SFrame base keys, KIDs and sealing keys.
+- HKDF (RFC 5869, SHA-256): the handshake keys and the SAS from Extract(salt = exchange
+  hash X, X25519 secret); epoch 0's secret from Extract(salt = T, X25519 secret), from which
+  crypto/sealed.py derives both directions' SFrame base keys, KIDs and sealing keys. The SAS
+  is under X, not T: X holds nothing a man in the middle can choose after seeing an honest
+  ephemeral, while T holds its identity keys and names (see ``derive_sas``).
 
 Only primitives WebCrypto has: X25519, Ed25519, SHA-256, HMAC/HKDF-SHA-256, AES-GCM.
 
@@ -224,21 +230,24 @@ def render_sas(sas_key: bytes) -> str:
     return " ".join(digits[i : i + SAS_GROUP] for i in range(0, SAS_DIGITS, SAS_GROUP))
 
 
-@dataclass(frozen=True)
-class KeySchedule:
-    """The handshake's outputs before they are split into a result."""
+def derive_sas(shared_secret: bytes, exchange_hash: bytes) -> str:
+    """The SAS, under the exchange hash X: from the same pseudorandom key as the handshake
+    keys, never under the transcript hash T.
 
-    sas: str
-    epoch_secret: bytes = field(repr=False)
+    The SAS must not depend on anything a man in the middle can still choose once it has
+    seen an honest party's ephemeral. Under T, which holds both identity keys and names, a
+    hub running one leg with each peer chose its own identity on each leg last and searched
+    a pool of keys until the two SAS matched. X holds only what each side's counterpart had
+    fixed before that ephemeral was known (ZRTP's rule), so each leg's SAS is one fresh
+    random value to the hub; the identities are bound by the signatures and by T, under
+    which ``epoch0_secret`` derives the call's keys.
+    """
+    return render_sas(hkdf_expand(hkdf_extract(exchange_hash, shared_secret), "sas"))
 
 
-def key_schedule(shared_secret: bytes, transcript: bytes) -> KeySchedule:
-    """The SAS and epoch 0's secret, under the full transcript hash T."""
-    pseudorandom_key = hkdf_extract(transcript, shared_secret)
-    return KeySchedule(
-        sas=render_sas(hkdf_expand(pseudorandom_key, "sas")),
-        epoch_secret=hkdf_expand(pseudorandom_key, "epoch", (0).to_bytes(4, "big")),
-    )
+def epoch0_secret(shared_secret: bytes, transcript: bytes) -> bytes:
+    """Epoch 0's secret, under the full transcript hash T (both identities and names)."""
+    return hkdf_expand(hkdf_extract(transcript, shared_secret), "epoch", (0).to_bytes(4, "big"))
 
 
 @dataclass(frozen=True)
@@ -365,11 +374,10 @@ class _Handshake:
         return peer
 
     def _finish(self, exchange: Exchange, shared: bytes, transcript: bytes, peer: Party) -> None:
-        schedule = key_schedule(shared, transcript)
         channel = SealedChannel(
             self.role,
             self.call_id,
-            schedule.epoch_secret,
+            epoch0_secret(shared, transcript),
             self._random_bytes,
             identity=self._identity,
             peer_identity=peer.identity,
@@ -381,7 +389,7 @@ class _Handshake:
             call_id=self.call_id,
             suite=exchange.chosen,
             initial_keys=KeyUpdate(install_receive=keys.receive, switch_send=keys.send),
-            sas=schedule.sas,
+            sas=derive_sas(shared, exchange.hash()),
             peer_identity=peer.identity,
             peer_name=peer.name,
             transcript_hash=transcript,

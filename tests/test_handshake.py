@@ -168,6 +168,51 @@ def test_mitm_with_its_own_keys_gets_two_different_sas():
     assert (alice_result.peer_name, bob_result.peer_name) == ("bob", "alice")
 
 
+HUB_IDENTITIES = [(IdentityKey(identity_seed(f"hub {k}")), f"peer {k}") for k in range(50)]
+
+
+def test_a_mitm_choosing_its_identities_after_both_ephemerals_cannot_change_either_sas():
+    # The attack on a SAS derived under T: the hub, between alice (initiator) and bob
+    # (responder), fixes its ephemerals, sees both honest ones, and only then picks the
+    # identity key and name it signs with on each leg, from a pool, until the two SAS match.
+    # Here every leg replays the same randomness (so the same four ephemerals) under 50 hub
+    # identities and names: whatever it picks, each leg has one SAS, so there is nothing to
+    # search, and the two legs' SAS differ.
+    alice_sas, bob_sas, transcripts = set(), set(), set()
+    for hub, name in HUB_IDENTITIES:
+        alice, hub_responder = pair(bob=hub, bob_name=name, seed="am")
+        hub_initiator, bob = pair(alice=hub, alice_name=name, seed="mb")
+        alice_result, _ = run(alice, hub_responder)
+        _, bob_result = run(hub_initiator, bob)
+        assert (alice_result.peer_identity, bob_result.peer_identity) == (hub.public_key,) * 2
+        alice_sas.add(alice_result.sas)
+        bob_sas.add(bob_result.sas)
+        transcripts.add(alice_result.transcript_hash)
+    # The hub's choices did reach T (and so the call's keys): a pool of 50 candidates per leg
+    # to search if the SAS were derived under T.
+    assert len(transcripts) == len(HUB_IDENTITIES)
+    assert len(alice_sas) == len(bob_sas) == 1
+    assert alice_sas != bob_sas
+
+
+def test_a_hub_that_makes_both_peers_initiators_cannot_choose_their_sas():
+    # The hub decides who initiates: it can make both peers initiators and answer each as a
+    # responder, so it learns both identities before it signs anything (what it does learn,
+    # see docs/explanation/protocol.md) and picks its own identity on each leg last. With each
+    # leg's ephemerals fixed, its pick changes neither SAS.
+    alice_sas, bob_sas = set(), set()
+    for hub, name in HUB_IDENTITIES:
+        alice, hub_for_alice = pair(bob=hub, bob_name=name, seed="ai")
+        bob, hub_for_bob = pair(alice=BOB, alice_name="bob", bob=hub, bob_name=name, seed="bi")
+        alice_result, hub_a = run(alice, hub_for_alice)
+        bob_result, hub_b = run(bob, hub_for_bob)
+        assert (hub_a.peer_name, hub_b.peer_name) == ("alice", "bob")
+        alice_sas.add(alice_result.sas)
+        bob_sas.add(bob_result.sas)
+    assert len(alice_sas) == len(bob_sas) == 1
+    assert alice_sas != bob_sas
+
+
 def test_mitm_is_stopped_before_any_key_by_a_pinned_peer():
     alice_pins, bob_pins = KnownPeers(), KnownPeers()
     alice_pins.check("bob", BOB.public_key)
@@ -703,8 +748,9 @@ def test_vectors_recomputed_from_first_principles():
     ).digest()
     assert transcript.hex() == vectors["transcript_hash"]
     BOB.public_key.verify(b"blindhub-v2 signature responder" + transcript, sig_r)
+    # The SAS is under X (the handshake keys' PRK), the call's keys under T.
+    assert render_sas(expand(handshake_prk, b"blindhub-v2 sas")) == vectors["sas"]
     prk = hmac.new(transcript, shared, hashlib.sha256).digest()
-    assert render_sas(expand(prk, b"blindhub-v2 sas")) == vectors["sas"]
     epoch0 = expand(prk, b"blindhub-v2 epoch" + bytes(4))
     assert (
         expand(epoch0, b"blindhub-v2 seal initiator").hex() == vectors["epoch0"]["seal_initiator"]

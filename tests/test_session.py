@@ -5,6 +5,7 @@ timeouts) runs here in milliseconds, with no socket, no event loop and no peer c
 pair plays the driver, answering MakeOffer and AnswerOffer with stand-in SDP.
 """
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import pytest
 
 from client.exit_codes import ExitCode
 from client.session import (
+    SUITES,
     Action,
     AnswerOffer,
     ApplyAnswer,
@@ -36,7 +38,9 @@ from client.session import (
     Verify,
     WrongPeer,
 )
+from crypto.handshake import Responder
 from crypto.identity import IdentityKey, KnownPeers
+from tests.vectors.make_handshake_vectors import seeded_random
 
 OFFER, ANSWER = "v=0 offer", "v=0 answer"
 Tamper = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
@@ -179,6 +183,36 @@ def test_a_call_is_set_up_keyed_before_any_description_and_both_see_one_sas():
     for name, peer in (("alice", "bob"), ("bob", "alice")):
         pin = pair.configs[name].known_peers.get(peer)
         assert pin is not None and not pin.verified
+
+
+def test_a_hub_that_makes_both_peers_initiate_learns_both_identities_but_not_a_matching_sas():
+    # The hub decides who initiates (the first in the room): it can tell both they were
+    # first and answer each as a responder. It then learns each one's name and key from its
+    # reveal, at the price of a call that fails verification, and picks its own identity on
+    # each leg last. With each side's randomness replayed, that pick changes neither SAS, and
+    # the two SAS differ.
+    identities = {name: IdentityKey.generate(os.urandom) for name in ("alice", "bob")}
+    shown: dict[str, set[str | None]] = {"alice": set(), "bob": set()}
+    for k in range(10):
+        hub = IdentityKey(hashlib.sha256(f"hub {k}".encode()).digest())
+        for name, identity in identities.items():
+            config = session_config(name, identity=identity, random_bytes=seeded_random(name))
+            session = CallSession(config, initiator=True, now=0.0)
+            [commit] = session.start(0.0)
+            assert isinstance(commit, Send)
+            hub_random = seeded_random(f"hub {name}")
+            call_id = commit.payload["call_id"]
+            leg = Responder(hub, call_id, SUITES, hub_random, name=f"peer {k}")
+            [accept] = leg.receive(commit.payload)
+            [reveal] = session.receive(accept, 0.0)
+            assert isinstance(reveal, Send)
+            [confirm] = leg.receive(reveal.payload)
+            protected = [a for a in session.receive(confirm, 0.0) if isinstance(a, Protected)]
+            assert (leg.result.peer_name, leg.result.peer_identity) == (name, identity.public_key)
+            assert protected[0].protection.peer_name == f"peer {k}"
+            shown[name].add(protected[0].protection.sas)
+    assert len(shown["alice"]) == len(shown["bob"]) == 1 and None not in shown["alice"]
+    assert shown["alice"] != shown["bob"]
 
 
 def test_only_sealed_messages_follow_the_key_agreement():

@@ -23,9 +23,9 @@ from crypto.handshake import (
     Initiator,
     Party,
     Responder,
+    epoch0_secret,
     handshake_keys,
     initiator_transcript_hash,
-    key_schedule,
 )
 from crypto.identity import IdentityKey, b64decode, b64encode
 from crypto.sealed import (
@@ -109,7 +109,7 @@ def _epoch_secrets(transcript_hash: bytes) -> tuple[bytes, bytes]:
     alice_rekey = X25519PrivateKey.from_private_bytes(alice_random(32))
     bob_rekey = X25519PrivateKey.from_private_bytes(bob_random(32))
     shared = alice_ephemeral.exchange(bob_ephemeral.public_key())
-    epoch0 = key_schedule(shared, transcript_hash).epoch_secret
+    epoch0 = epoch0_secret(shared, transcript_hash)
     epoch1 = next_epoch_secret(
         epoch0,
         1,
