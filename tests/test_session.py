@@ -556,11 +556,14 @@ def test_every_call_shows_the_signed_name_fingerprint_and_one_status_word(before
     assert f"{status} alice {alice.public_key.fingerprint()}" in shown
 
 
-def test_a_look_alike_of_a_pinned_name_is_refused_as_a_changed_key_with_both_fingerprints():
-    # The hub answers with its own key, under "bob" spelt with a Cyrillic o.
+@pytest.mark.parametrize("look_alike", ["b\u043eb", "Bob"])
+def test_a_look_alike_of_a_pinned_name_is_refused_as_a_changed_key_with_both_fingerprints(
+    look_alike,
+):
+    # The hub answers with its own key, under "bob" spelt with a Cyrillic o, or capitalised.
     real_bob, hub = IdentityKey.generate(os.urandom), IdentityKey.generate(os.urandom)
     pins = pinned("bob", real_bob)
-    pair = Pair(alice={"name": "b\u043eb", "identity": hub}, bob={"known_peers": pins})
+    pair = Pair(alice={"name": look_alike, "identity": hub}, bob={"known_peers": pins})
     pair.start()
     ended = pair.bob.ended
     assert ended is not None and isinstance(ended.error, IdentityMismatch)
