@@ -38,7 +38,7 @@ _SPOOF_CHECKER = icu.SpoofChecker()
 _ALLOWED = icu.UnicodeSet("[:Identifier_Status=Allowed:]")
 _ALLOWED.freeze()
 # UTS #39 section 5.4: more nonspacing marks than this on one letter are not told apart.
-MAX_MARKS_ON_A_LETTER = 4
+_MAX_MARKS_ON_A_LETTER = 4
 _DOT_ABOVE = "\u0307"
 
 
@@ -117,8 +117,10 @@ def _check_marks(name: str) -> None:
             if char in marks:
                 raise InvalidName(f"a name has no letter with {_named(char)} twice")
             marks.append(char)
-            if len(marks) > MAX_MARKS_ON_A_LETTER:
-                raise InvalidName(f"a name has no letter with more than 4 marks ({base!r})")
+            if len(marks) > _MAX_MARKS_ON_A_LETTER:
+                raise InvalidName(
+                    f"a name has no letter with more than {_MAX_MARKS_ON_A_LETTER} marks ({base!r})"
+                )
         if char == _DOT_ABOVE and icu.Char.hasBinaryProperty(base, icu.UProperty.SOFT_DOTTED):
             raise InvalidName(f"a name has no {_named(char)} on the dotted {base!r}")
 
