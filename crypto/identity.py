@@ -27,7 +27,7 @@ import nacl.signing
 
 from crypto import strict_json
 from crypto.errors import LocalError, RemoteError
-from crypto.names import MAX_NAME_LENGTH, check_normalized, skeleton
+from crypto.names import MAX_NAME_LENGTH, check_normalized, looks_alike
 
 PUBLIC_KEY_SIZE = 32
 SEED_SIZE = 32
@@ -89,9 +89,9 @@ class PinnedIdentityMismatch(RemoteError):
 
 
 class ConfusableName(PinnedIdentityMismatch):
-    """A peer's name is not pinned but looks like one that is (the same UTS #39 skeleton):
-    a hub swapping keys under ``bob`` spelt with a Cyrillic o (U+043E) would otherwise get a
-    fresh pin instead of this error."""
+    """A peer's name is not pinned but looks like one that is (the same UTS #39 skeleton, case
+    ignored): a hub swapping keys under ``bob`` spelt with a Cyrillic o (U+043E), or under
+    ``Bob``, would otherwise get a fresh pin instead of this error."""
 
     def __init__(
         self,
@@ -371,9 +371,8 @@ class KnownPeers:
         return pin
 
     def _look_alike(self, name: str) -> Pin | None:
-        wanted = skeleton(name)
         for pin in self:
-            if pin.name != name and skeleton(pin.name) == wanted:
+            if pin.name != name and looks_alike(name, pin.name):
                 return pin
         return None
 

@@ -333,8 +333,12 @@ def test_malformed_names_are_rejected(bad_name):
         Initiator(ALICE, "c", [GCM], seeded_random("x"), name="\ud800")
 
 
+# 256 characters of 4 bytes each in UTF-8 (a CJK ideograph of Extension B): the longest name.
+BIGGEST_NAME = "\U00020000" * 256
+
+
 @pytest.mark.parametrize(
-    "good_name", ["b", "x" * 256, "Zoë Ångström", "bob@home 2", "名前", "😀" * 256]
+    "good_name", ["b", "x" * 256, "Zoë Ångström", "Bob Smith 2", "名前", BIGGEST_NAME]
 )
 def test_printable_names_up_to_256_characters_are_accepted(good_name):
     mine, theirs = run(*pair(alice_name=good_name, bob_name=good_name))
@@ -371,7 +375,7 @@ def test_a_passive_hub_learns_neither_name_nor_identity_key():
 
 def test_the_encrypted_identities_have_one_size_whatever_the_name():
     sizes = set()
-    for name in ("b", "x" * 256, "😀" * 256):
+    for name in ("b", "x" * 256, BIGGEST_NAME):
         initiator, responder = pair(alice_name=name, bob_name=name)
         wire = _relayed_text(partial(run, initiator, responder))
         sizes.add(tuple(len(text) for text in wire))

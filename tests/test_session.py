@@ -590,11 +590,14 @@ def test_every_call_shows_the_signed_name_fingerprint_and_one_status_word(before
     assert f"{status} alice {alice.public_key.fingerprint()}" in shown
 
 
-def test_a_look_alike_of_a_pinned_name_is_refused_as_a_changed_key_with_both_fingerprints():
-    # The hub answers with its own key, under "bob" spelt with a Cyrillic o.
+@pytest.mark.parametrize("look_alike", ["b\u043eb", "Bob"])
+def test_a_look_alike_of_a_pinned_name_is_refused_as_a_changed_key_with_both_fingerprints(
+    look_alike,
+):
+    # The hub answers with its own key, under "bob" spelt with a Cyrillic o, or capitalised.
     real_bob, hub = IdentityKey.generate(os.urandom), IdentityKey.generate(os.urandom)
     pins = pinned("bob", real_bob)
-    pair = Pair(alice={"name": "b\u043eb", "identity": hub}, bob={"known_peers": pins})
+    pair = Pair(alice={"name": look_alike, "identity": hub}, bob={"known_peers": pins})
     pair.start()
     ended = pair.bob.ended
     assert ended is not None and isinstance(ended.error, IdentityMismatch)
@@ -607,15 +610,23 @@ def test_a_look_alike_of_a_pinned_name_is_refused_as_a_changed_key_with_both_fin
     assert pair.bob.session.detections == {"identity-refused": 1}
 
 
-def test_a_name_not_in_normal_form_is_refused_on_receipt(monkeypatch):
-    # A peer that signs "bob " (as only a modified client would: ours refuses to sign it).
+@pytest.mark.parametrize(
+    ("signed", "refusal"),
+    [
+        ("bob ", "is not normalised (it would be 'bob')"),
+        ("bob\u2800", "not U+2800 BRAILLE PATTERN BLANK"),  # drawn as a blank
+        ("Bob \u0301", "U+0301 COMBINING ACUTE ACCENT has no letter or digit"),
+    ],
+)
+def test_a_name_not_in_normal_form_is_refused_on_receipt(monkeypatch, signed, refusal):
+    # A peer that signs such a name (as only a modified client would: ours refuses to sign it).
     monkeypatch.setattr("crypto.handshake.name_field", lambda name: name)
     pins = pinned("bob", IdentityKey.generate(os.urandom))
-    pair = Pair(alice={"name": "bob "}, bob={"known_peers": pins})
+    pair = Pair(alice={"name": signed}, bob={"known_peers": pins})
     pair.start()
     ended = pair.bob.ended
     assert ended is not None and isinstance(ended.error, CallFailed)
-    assert "is not normalised (it would be 'bob')" in str(ended.error)
+    assert refusal in str(ended.error)
     assert pair.bob.of(InstallKeys) == [] and list(pins) == [pins.get("bob")]
 
 
