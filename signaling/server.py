@@ -5,6 +5,9 @@ The layer is thin: it admits connections, feeds each text frame to
 recipient whose unsent bytes would exceed ``Limits.max_buffered_bytes`` is
 closed (1008, ``slow-reader``) instead, so one client that stops reading can
 neither grow the hub's memory nor stall the peer that sends to it.
+
+Frames for one recipient are framed at once and written together at the end of
+the event loop's turn: under load, one system call carries many relays.
 """
 
 import asyncio
@@ -17,10 +20,11 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Final, Protocol, Self, TextIO
 
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from signaling.hub import Delivery, Hub, Limits, Metrics
 from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
@@ -146,6 +150,9 @@ class HubServer:
         self._connections: dict[PeerId, ServerConnection] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._server: Server | None = None
+        # Bytes framed for each recipient and not yet handed to its transport; written by
+        # _flush, scheduled once per turn of the event loop.
+        self._unflushed: dict[ServerConnection, int] = {}
 
     @property
     def server(self) -> Server:
@@ -201,16 +208,34 @@ class HubServer:
         """Write deliveries without waiting; close recipients that stopped reading."""
         for delivery in deliveries:
             connection = self._connections.get(delivery.recipient)
-            if connection is None:
-                continue  # it disconnected; its disconnect told the room
+            if connection is None or connection.protocol.state is not State.OPEN:
+                continue  # it disconnected or is closing; its disconnect tells the room
             frame = delivery.message.encode()
-            buffered = connection.transport.get_write_buffer_size()
-            if buffered + len(frame) > self.hub.limits.max_buffered_bytes:
+            data = frame.encode()
+            unflushed = self._unflushed.get(connection, 0)
+            buffered = connection.transport.get_write_buffer_size() + unflushed
+            if buffered + len(data) > self.hub.limits.max_buffered_bytes:
                 self._close_slow_reader(connection)
                 continue
             if self._metadata is not None:
                 self._metadata.record(delivery, frame)
-            broadcast([connection], frame)
+            if not self._unflushed:
+                asyncio.get_running_loop().call_soon(self._flush)
+            # The sans-I/O protocol frames it now; the bytes wait in its output until _flush
+            # or until websockets itself writes (a pong, a close), whichever comes first, so
+            # the order of everything sent to one client is kept.
+            connection.protocol.send_text(data)
+            self._unflushed[connection] = unflushed + len(data)
+
+    def _flush(self) -> None:
+        unflushed, self._unflushed = self._unflushed, {}
+        for connection in unflushed:
+            # A connection that left OPEN is written by websockets as it closes; its output
+            # may then end with the half-close marker, which only websockets handles.
+            if connection.protocol.state is State.OPEN:
+                data = b"".join(connection.protocol.data_to_send())
+                if data:
+                    connection.transport.write(data)
 
     def _close_slow_reader(self, connection: ServerConnection) -> None:
         if connection.protocol.close_sent is not None:
@@ -250,8 +275,7 @@ class HubServer:
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(self.hub.join_deadline(peer)):
-                        frame = await connection.recv()
+                    frame = await self._receive(connection, self.hub.join_deadline(peer))
                 except ConnectionClosed:
                     break
                 except TimeoutError:
@@ -268,6 +292,15 @@ class HubServer:
             code = CloseCode.ABNORMAL_CLOSURE if sent is None else sent.code
             self.hub.metrics.closes_total[code] += 1
             self._log("disconnect", peer=peer, code=int(code))
+
+    @staticmethod
+    async def _receive(connection: ServerConnection, deadline: float | None) -> str | bytes:
+        # A peer in a room has no deadline: its frames skip the timeout's set-up and
+        # tear-down, which cost as much as routing the frame.
+        if deadline is None:
+            return await connection.recv()
+        async with asyncio.timeout_at(deadline):
+            return await connection.recv()
 
     def _log(self, event: str, **fields: object) -> None:
         self._logger.info(event, extra={"fields": fields})
