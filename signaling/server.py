@@ -11,6 +11,7 @@ the event loop's turn: under load, one system call carries many relays.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -32,6 +33,7 @@ from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
 CLOSE_SLOW_READER: Final = "slow-reader"
 CLOSE_BINARY_FRAME: Final = "binary-frame"
 CLOSE_JOIN_TIMEOUT: Final = "join-timeout"
+CLOSE_PING_TIMEOUT: Final = "keepalive ping timeout"  # the reason websockets itself gives
 
 
 class RoutingCore(Protocol):
@@ -153,6 +155,7 @@ class HubServer:
         # Bytes framed for each recipient and not yet handed to its transport; written by
         # _flush, scheduled once per turn of the event loop.
         self._unflushed: dict[ServerConnection, int] = {}
+        self._keepalive_task: asyncio.Task[None] | None = None
 
     @property
     def server(self) -> Server:
@@ -169,7 +172,8 @@ class HubServer:
 
     def buffered_bytes(self) -> int:
         """Bytes written to clients that the kernel has not accepted yet, in total."""
-        return sum(c.transport.get_write_buffer_size() for c in self._connections.values())
+        written = sum(c.transport.get_write_buffer_size() for c in self._connections.values())
+        return written + sum(self._unflushed.values())
 
     async def start(self) -> None:
         limits = self.hub.limits
@@ -181,14 +185,18 @@ class HubServer:
             compression=None,
             process_request=self._process_request,
             max_size=limits.max_message_bytes,
-            ping_interval=limits.ping_interval,
-            ping_timeout=limits.ping_timeout,
+            # One keepalive task for the hub (_keepalive) instead of websockets' one per
+            # connection, which is a tenth of an idle connection's memory.
+            ping_interval=None,
             close_timeout=limits.close_timeout,
             logger=self._logger.getChild("websockets"),
         )
+        self._keepalive_task = asyncio.create_task(self._keepalive())
 
     async def close(self) -> None:
         """Stop accepting, close every connection with 1001 and wait for them."""
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
         self.server.close(code=CloseCode.GOING_AWAY)
         await self.server.wait_closed()
 
@@ -215,7 +223,7 @@ class HubServer:
             unflushed = self._unflushed.get(connection, 0)
             buffered = connection.transport.get_write_buffer_size() + unflushed
             if buffered + len(data) > self.hub.limits.max_buffered_bytes:
-                self._close_slow_reader(connection)
+                self._close_soon(connection, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
                 continue
             if self._metadata is not None:
                 self._metadata.record(delivery, frame)
@@ -237,21 +245,44 @@ class HubServer:
                 if data:
                     connection.transport.write(data)
 
-    def _close_slow_reader(self, connection: ServerConnection) -> None:
+    def _close_soon(self, connection: ServerConnection, code: CloseCode, reason: str) -> None:
         if connection.protocol.close_sent is not None:
             return
-        task = asyncio.create_task(self._close_or_abort(connection))
+        task = asyncio.create_task(self._close_or_abort(connection, code, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close_or_abort(self, connection: ServerConnection) -> None:
-        # Its write buffer is full, so close() would wait for a drain that may never
-        # come: give the closing handshake close_timeout, then cut the connection.
+    async def _close_or_abort(
+        self, connection: ServerConnection, code: CloseCode, reason: str
+    ) -> None:
+        # A slow reader's write buffer is full and a silent peer reads nothing, so close()
+        # could wait for a drain that never comes: give the closing handshake
+        # close_timeout, then cut the connection.
         try:
             async with asyncio.timeout(self.hub.limits.close_timeout):
-                await connection.close(CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
+                await connection.close(code, reason)
         except TimeoutError:
             connection.transport.abort()
+
+    async def _keepalive(self) -> None:
+        """Every ``ping_interval``, ping every connection; ``ping_timeout`` later, close
+        those that have not answered (1011, as websockets' own keepalive does)."""
+        limits = self.hub.limits
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(limits.ping_interval)
+            pongs: dict[ServerConnection, asyncio.Future[float]] = {}
+            for connection in list(self._connections.values()):
+                # ping() returns at once on an open connection: it waits for nothing. What it
+                # returns is the future of the pong (ensure_future gives it back as it is).
+                with contextlib.suppress(ConnectionClosed):
+                    pongs[connection] = asyncio.ensure_future(await connection.ping())
+            loop.call_later(limits.ping_timeout, self._close_silent, pongs)
+
+    def _close_silent(self, pongs: dict[ServerConnection, asyncio.Future[float]]) -> None:
+        for connection, pong in pongs.items():
+            if not pong.done() and connection.protocol.state is State.OPEN:
+                self._close_soon(connection, CloseCode.INTERNAL_ERROR, CLOSE_PING_TIMEOUT)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
@@ -272,6 +303,12 @@ class HubServer:
             return
         self._connections[peer] = connection
         self._log("connect", peer=peer, remote=_address(connection))
+        # The opening handshake's headers are a fifth of an idle connection's memory and
+        # nothing reads them once it is open. (websockets reads request being None as
+        # "handshake not done", so the request stays, emptied.)
+        assert connection.request is not None
+        connection.request.headers.clear()
+        connection.response = None
         try:
             while True:
                 try:
