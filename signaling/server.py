@@ -34,6 +34,7 @@ CLOSE_SLOW_READER: Final = "slow-reader"
 CLOSE_BINARY_FRAME: Final = "binary-frame"
 CLOSE_JOIN_TIMEOUT: Final = "join-timeout"
 CLOSE_PING_TIMEOUT: Final = "keepalive ping timeout"  # the reason websockets itself gives
+_PINGS_PER_TURN: Final = 100
 
 
 class RoutingCore(Protocol):
@@ -272,11 +273,17 @@ class HubServer:
         while True:
             await asyncio.sleep(limits.ping_interval)
             pongs: dict[ServerConnection, asyncio.Future[float]] = {}
-            for connection in list(self._connections.values()):
-                # ping() returns at once on an open connection: it waits for nothing. What it
-                # returns is the future of the pong (ensure_future gives it back as it is).
-                with contextlib.suppress(ConnectionClosed):
-                    pongs[connection] = asyncio.ensure_future(await connection.ping())
+            for count, connection in enumerate(list(self._connections.values()), 1):
+                # A ping is a system call: let relays run between batches, so that 10,000
+                # pings are not one long stall of the event loop.
+                if count % _PINGS_PER_TURN == 0:
+                    await asyncio.sleep(0)
+                # On an open connection ping() waits for nothing (on a closing one it would
+                # wait for the close). It returns the future of the pong, which
+                # ensure_future gives back as it is.
+                if connection.protocol.state is State.OPEN:
+                    with contextlib.suppress(ConnectionClosed):
+                        pongs[connection] = asyncio.ensure_future(await connection.ping())
             loop.call_later(limits.ping_timeout, self._close_silent, pongs)
 
     def _close_silent(self, pongs: dict[ServerConnection, asyncio.Future[float]]) -> None:
