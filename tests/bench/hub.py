@@ -311,11 +311,11 @@ def summary(values: list[float]) -> str:
 
 def report(results: dict[str, list[dict[str, float]]]) -> None:
     names = list(results)
-    print(f"{'figure':<22}" + "".join(f"{name + ' min/med/max':>28}" for name in names), end="")
+    print(f"{'figure':<22}" + "".join(f"{name + ' min/med/max':>30}" for name in names), end="")
     print("".join(f"{'hub/' + name:>12}" for name in names[1:]))
     for figure in results["hub"][0]:
         columns = {name: [run[figure] for run in runs] for name, runs in results.items()}
-        line = f"{figure:<22}" + "".join(f"{summary(columns[name]):>28}" for name in names)
+        line = f"{figure:<22}" + "".join(f"{summary(columns[name]):>30}" for name in names)
         hub = statistics.median(columns["hub"])
         print(line + "".join(f"{hub / statistics.median(columns[n]):>12.2f}" for n in names[1:]))
 
