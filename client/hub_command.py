@@ -13,7 +13,7 @@ from dataclasses import fields
 
 from client.exit_codes import ExitCode
 from signaling.hub import Hub, Limits
-from signaling.server import HubServer, JsonLinesFormatter, MetadataRecorder
+from signaling.server import HubServer, JsonLinesFormatter, MetadataRecorder, new_event_loop
 
 _LIMIT_HELP = {
     "max_message_bytes": "largest frame accepted; larger closes with 1009",
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
             Hub(limits), host=args.host, port=args.port, ssl_context=ssl_context, metadata=metadata
         )
         try:
-            asyncio.run(_serve_until_signalled(server))
+            with asyncio.Runner(loop_factory=new_event_loop) as runner:
+                runner.run(_serve_until_signalled(server))
         except OSError as error:  # only listening raises it: connections fail on their own
             return _local_problem(f"cannot listen on {args.host}:{args.port}: {_reason(error)}")
     return ExitCode.OK

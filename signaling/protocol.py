@@ -5,14 +5,21 @@ raises ``MalformedHubMessage`` with a machine-readable ``ErrorCode``. Relay payl
 are never interpreted: the parser only checks that they are well-formed JSON and
 keeps their exact text, so the hub forwards them byte for byte (no re-encoding,
 hence no size amplification and no silent change of numbers or duplicate keys).
+
+A relay frame in the usual layout is checked by a fast path (a pattern for the envelope and
+msgspec's C decoder for the payload) that accepts only what the strict scanner accepts, with
+the same result; everything else, every error included, goes through the strict scanner.
 """
 
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Final, NewType
+
+import msgspec
 
 PeerId = NewType("PeerId", str)
 JsonText = NewType("JsonText", str)
@@ -230,8 +237,61 @@ _RELAY_TO_FIELDS: Final = frozenset({"type", "to", "payload"})
 _LEAVE_FIELDS: Final = frozenset({"type"})
 
 
+# The relay envelope as RelayTo.encode writes it (JSON whitespace allowed between tokens), up
+# to the payload. The "to" string has no escape and no control character, so its text is its
+# value.
+_WS = r"[ \t\n\r]*"
+_RELAY_ENVELOPE: Final = re.compile(
+    rf'{_WS}\{{{_WS}"type"{_WS}:{_WS}"relay"{_WS},{_WS}"to"{_WS}:{_WS}"([^"\\\x00-\x1f]*)"'
+    rf'{_WS},{_WS}"payload"{_WS}:{_WS}'
+)
+_JSON_WHITESPACE: Final = " \t\n\r"
+_PAYLOAD_DECODER: Final = msgspec.json.Decoder()
+# msgspec refuses integers of more than 4,300 digits whatever the interpreter's limit; the
+# strict scanner refuses those over sys.get_int_max_str_digits() (4,300 unless configured, 0
+# for none). The fast path runs only while its limit is no stricter than the scanner's.
+_MSGSPEC_MAX_INT_DIGITS: Final = 4300
+# The strict scanner refuses nesting only near the interpreter's recursion limit (1,000 by
+# default, less the frames below it). A payload with more openings than this, even inside
+# strings, goes to the strict scanner, so the fast path never decides a depth.
+_FAST_MAX_OPENINGS: Final = 64
+
+
+def _fast_relay(text: str) -> RelayTo | None:
+    """The ``RelayTo`` of a relay frame in the usual layout, or None to use the strict scanner.
+
+    Returns a message only if the strict scanner would return the same one: the envelope
+    then has exactly the members type, to and payload, and msgspec accepts the payload as one
+    JSON value (it refuses NaN, infinities, out-of-range numbers, over-long integers, bad
+    escapes, control characters and trailing data, and also lone surrogates, which the
+    strict scanner accepts: those take the strict path).
+    """
+    envelope = _RELAY_ENVELOPE.match(text)
+    if envelope is None:
+        return None
+    end = len(text.rstrip(_JSON_WHITESPACE)) - 1
+    if end < envelope.end() or text[end] != "}":
+        return None
+    payload = text[envelope.end() : end].rstrip(_JSON_WHITESPACE)
+    if payload.count("[") + payload.count("{") > _FAST_MAX_OPENINGS:
+        return None
+    if 0 < sys.get_int_max_str_digits() < _MSGSPEC_MAX_INT_DIGITS:
+        return None
+    try:
+        _PAYLOAD_DECODER.decode(payload)
+    except (ValueError, RecursionError):  # msgspec.DecodeError, UnicodeEncodeError
+        return None
+    return RelayTo(envelope[1], JsonText(payload))
+
+
 def parse_client_message(text: str) -> ClientMessage:
     """Parse a frame a client sent to the hub, or raise ``MalformedHubMessage``."""
+    return _fast_relay(text) or parse_client_message_strictly(text)
+
+
+def parse_client_message_strictly(text: str) -> ClientMessage:
+    """``parse_client_message`` through the strict scanner alone: the reference that its
+    fast path must agree with."""
     fields = split_object(text)
     message_type = _message_type(fields)
     if message_type == "join":

@@ -5,22 +5,30 @@ The layer is thin: it admits connections, feeds each text frame to
 recipient whose unsent bytes would exceed ``Limits.max_buffered_bytes`` is
 closed (1008, ``slow-reader``) instead, so one client that stops reading can
 neither grow the hub's memory nor stall the peer that sends to it.
+
+Frames for one recipient are framed at once and written together at the end of
+the event loop's turn: under load, one system call carries many relays.
+``blindhub hub`` runs on uvloop's event loop (``new_event_loop``) where uvloop exists.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from http import HTTPStatus
 from types import TracebackType
 from typing import Final, Protocol, Self, TextIO
 
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from signaling.hub import Delivery, Hub, Limits, Metrics
 from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
@@ -28,6 +36,18 @@ from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
 CLOSE_SLOW_READER: Final = "slow-reader"
 CLOSE_BINARY_FRAME: Final = "binary-frame"
 CLOSE_JOIN_TIMEOUT: Final = "join-timeout"
+CLOSE_PING_TIMEOUT: Final = "keepalive ping timeout"  # the reason websockets itself gives
+_PINGS_PER_TURN: Final = 100
+
+# uvloop cuts the hub's CPU per relayed message by about a sixth and raises its throughput
+# (docs/benchmarks/hub.md); it is a dependency everywhere but on Windows, where it does
+# not exist.
+if sys.platform == "win32":
+    new_event_loop = asyncio.new_event_loop
+else:
+    import uvloop
+
+    new_event_loop = uvloop.new_event_loop
 
 
 class RoutingCore(Protocol):
@@ -146,6 +166,10 @@ class HubServer:
         self._connections: dict[PeerId, ServerConnection] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._server: Server | None = None
+        # Bytes framed for each recipient and not yet handed to its transport; written by
+        # _flush, scheduled once per turn of the event loop.
+        self._unflushed: dict[ServerConnection, int] = {}
+        self._keepalive_task: asyncio.Task[None] | None = None
 
     @property
     def server(self) -> Server:
@@ -162,7 +186,8 @@ class HubServer:
 
     def buffered_bytes(self) -> int:
         """Bytes written to clients that the kernel has not accepted yet, in total."""
-        return sum(c.transport.get_write_buffer_size() for c in self._connections.values())
+        written = sum(c.transport.get_write_buffer_size() for c in self._connections.values())
+        return written + sum(self._unflushed.values())
 
     async def start(self) -> None:
         limits = self.hub.limits
@@ -174,14 +199,18 @@ class HubServer:
             compression=None,
             process_request=self._process_request,
             max_size=limits.max_message_bytes,
-            ping_interval=limits.ping_interval,
-            ping_timeout=limits.ping_timeout,
+            # One keepalive task for the hub (_keepalive) instead of websockets' one per
+            # connection, which is a tenth of an idle connection's memory.
+            ping_interval=None,
             close_timeout=limits.close_timeout,
             logger=self._logger.getChild("websockets"),
         )
+        self._keepalive_task = asyncio.create_task(self._keepalive())
 
     async def close(self) -> None:
         """Stop accepting, close every connection with 1001 and wait for them."""
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
         self.server.close(code=CloseCode.GOING_AWAY)
         await self.server.wait_closed()
 
@@ -201,32 +230,79 @@ class HubServer:
         """Write deliveries without waiting; close recipients that stopped reading."""
         for delivery in deliveries:
             connection = self._connections.get(delivery.recipient)
-            if connection is None:
-                continue  # it disconnected; its disconnect told the room
+            if connection is None or connection.protocol.state is not State.OPEN:
+                continue  # it disconnected or is closing; its disconnect tells the room
             frame = delivery.message.encode()
-            buffered = connection.transport.get_write_buffer_size()
-            if buffered + len(frame) > self.hub.limits.max_buffered_bytes:
-                self._close_slow_reader(connection)
+            data = frame.encode()
+            unflushed = self._unflushed.get(connection, 0)
+            buffered = connection.transport.get_write_buffer_size() + unflushed
+            if buffered + len(data) > self.hub.limits.max_buffered_bytes:
+                self._close_soon(connection, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
                 continue
             if self._metadata is not None:
                 self._metadata.record(delivery, frame)
-            broadcast([connection], frame)
+            if not self._unflushed:
+                asyncio.get_running_loop().call_soon(self._flush)
+            # The sans-I/O protocol frames it now; the bytes wait in its output until _flush
+            # or until websockets itself writes (a pong, a close), whichever comes first, so
+            # the order of everything sent to one client is kept.
+            connection.protocol.send_text(data)
+            self._unflushed[connection] = unflushed + len(data)
 
-    def _close_slow_reader(self, connection: ServerConnection) -> None:
+    def _flush(self) -> None:
+        unflushed, self._unflushed = self._unflushed, {}
+        for connection in unflushed:
+            # A connection that left OPEN is written by websockets as it closes; its output
+            # may then end with the half-close marker, which only websockets handles.
+            if connection.protocol.state is State.OPEN:
+                data = b"".join(connection.protocol.data_to_send())
+                if data:
+                    connection.transport.write(data)
+
+    def _close_soon(self, connection: ServerConnection, code: CloseCode, reason: str) -> None:
         if connection.protocol.close_sent is not None:
             return
-        task = asyncio.create_task(self._close_or_abort(connection))
+        task = asyncio.create_task(self._close_or_abort(connection, code, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close_or_abort(self, connection: ServerConnection) -> None:
-        # Its write buffer is full, so close() would wait for a drain that may never
-        # come: give the closing handshake close_timeout, then cut the connection.
+    async def _close_or_abort(
+        self, connection: ServerConnection, code: CloseCode, reason: str
+    ) -> None:
+        # A slow reader's write buffer is full and a silent peer reads nothing, so close()
+        # could wait for a drain that never comes: give the closing handshake
+        # close_timeout, then cut the connection.
         try:
             async with asyncio.timeout(self.hub.limits.close_timeout):
-                await connection.close(CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
+                await connection.close(code, reason)
         except TimeoutError:
             connection.transport.abort()
+
+    async def _keepalive(self) -> None:
+        """Every ``ping_interval``, ping every connection; ``ping_timeout`` later, close
+        those that have not answered (1011, as websockets' own keepalive does)."""
+        limits = self.hub.limits
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(limits.ping_interval)
+            pongs: dict[ServerConnection, asyncio.Future[float]] = {}
+            for count, connection in enumerate(list(self._connections.values()), 1):
+                # A ping is a system call: let relays run between batches, so that 10,000
+                # pings are not one long stall of the event loop.
+                if count % _PINGS_PER_TURN == 0:
+                    await asyncio.sleep(0)
+                # On an open connection ping() waits for nothing (on a closing one it would
+                # wait for the close). It returns the future of the pong, which
+                # ensure_future gives back as it is.
+                if connection.protocol.state is State.OPEN:
+                    with contextlib.suppress(ConnectionClosed):
+                        pongs[connection] = asyncio.ensure_future(await connection.ping())
+            loop.call_later(limits.ping_timeout, self._close_silent, pongs)
+
+    def _close_silent(self, pongs: dict[ServerConnection, asyncio.Future[float]]) -> None:
+        for connection, pong in pongs.items():
+            if not pong.done() and connection.protocol.state is State.OPEN:
+                self._close_soon(connection, CloseCode.INTERNAL_ERROR, CLOSE_PING_TIMEOUT)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
@@ -247,11 +323,21 @@ class HubServer:
             return
         self._connections[peer] = connection
         self._log("connect", peer=peer, remote=_address(connection))
+        # asyncio's own loop sets TCP_NODELAY on every TCP connection; uvloop does not on
+        # accepted ones, and Nagle's algorithm then holds small relays back for milliseconds.
+        sock = connection.transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The opening handshake's headers are a fifth of an idle connection's memory and
+        # nothing reads them once it is open. (websockets reads request being None as
+        # "handshake not done", so the request stays, emptied.)
+        assert connection.request is not None
+        connection.request.headers.clear()
+        connection.response = None
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(self.hub.join_deadline(peer)):
-                        frame = await connection.recv()
+                    frame = await self._receive(connection, self.hub.join_deadline(peer))
                 except ConnectionClosed:
                     break
                 except TimeoutError:
@@ -268,6 +354,15 @@ class HubServer:
             code = CloseCode.ABNORMAL_CLOSURE if sent is None else sent.code
             self.hub.metrics.closes_total[code] += 1
             self._log("disconnect", peer=peer, code=int(code))
+
+    @staticmethod
+    async def _receive(connection: ServerConnection, deadline: float | None) -> str | bytes:
+        # A peer in a room has no deadline: its frames skip the timeout's set-up and
+        # tear-down, which cost as much as routing the frame.
+        if deadline is None:
+            return await connection.recv()
+        async with asyncio.timeout_at(deadline):
+            return await connection.recv()
 
     def _log(self, event: str, **fields: object) -> None:
         self._logger.info(event, extra={"fields": fields})

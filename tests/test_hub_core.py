@@ -2,7 +2,8 @@
 
 import itertools
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given
@@ -24,6 +25,7 @@ from signaling.protocol import (
     RelayTo,
     Welcome,
     parse_client_message,
+    parse_client_message_strictly,
     parse_hub_message,
 )
 
@@ -298,8 +300,15 @@ def test_the_hub_forwards_duplicate_names_unread(payload):
     assert parse_hub_message(frame) == RelayFrom(PeerId("p"), JsonText(payload))
 
 
-# 1.5e308 * 10 spelled out in full is the third.
-@pytest.mark.parametrize("number", ["1e400", "-1E999", "15" + "0" * 308 + ".0", "NaN", "Infinity"])
+# 1.5e308 * 10 spelled out in full is the third; the last is the first decimal past the
+# halfway point above the largest double, so it rounds to infinity.
+NOT_FINITE = [
+    "1e400", "-1E999", "15" + "0" * 308 + ".0", "NaN", "Infinity", "-Infinity", "+1", "1E+999",
+    "0.000001e400", "-" + "9" * 400 + ".5", "1.797693134862315808e308",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("number", NOT_FINITE)
 def test_the_hub_refuses_numbers_that_are_not_finite_doubles(number):
     # Python's json reads these as infinity; the hub's scanner refuses them as not JSON.
     for frame in (
@@ -312,7 +321,11 @@ def test_the_hub_refuses_numbers_that_are_not_finite_doubles(number):
 
 
 def test_the_hub_still_forwards_large_finite_numbers_and_integers():
-    for payload in ("1.7976931348623157e308", "-1e-400", "1" + "0" * 400):
+    # The second is the last decimal below the halfway point: it rounds to the largest double.
+    for payload in (
+        "1.7976931348623157e308", "1.797693134862315807e308", "-1e-400", "1" + "0" * 400,
+        "9" * 4300, "-" + "9" * 4300, "0." + "0" * 400 + "1e400",
+    ):  # fmt: skip
         frame = f'{{"type":"relay","to":"p","payload":{payload}}}'
         assert parse_client_message(frame) == RelayTo(PeerId("p"), JsonText(payload))
 
@@ -358,3 +371,88 @@ def test_any_json_payload_is_relayed_as_the_same_text(value, space):
     payload = json.dumps(value, indent=space or None)
     frame = f'{{{space}"type":"relay",{space}"to":"p",{space}"payload":{space}{payload}{space}}}'
     assert parse_client_message(frame) == RelayTo("p", JsonText(payload))
+
+
+def relay_frame(payload: str) -> str:
+    return f'{{"type":"relay","to":"p","payload":{payload}}}'
+
+
+@pytest.mark.parametrize(
+    ("payload", "accepted"),
+    [
+        ("9" * 4301, False),  # over the interpreter's 4,300 digits
+        ("-" + "9" * 4301, False),
+        ("[" * 64 + "]" * 64, True),
+        ("[" * 65 + "]" * 65, True),  # past the fast path's bound: the strict scanner decides
+        ("[" * 900 + "]" * 900, True),
+        ("[" * 5000 + "]" * 5000, False),  # nested too deeply
+        ('{"a":' * 500 + "1" + "}" * 500, True),
+        ('"\\ud800"', True),  # a lone surrogate escape: msgspec refuses it, Python's json not
+        ('"\\udc00\\ud800"', True),
+        ('{"a":1,"a":2}', True),  # duplicate names inside a payload are forwarded unread
+        ('"\x01"', False),  # a raw control character in a string
+        ('"\\x"', False),
+        ("[1,]", False),
+        ("01", False),
+        ("1.", False),
+        ('"a" "b"', False),
+        ("", False),
+    ],
+    ids=lambda value: value[:12] if isinstance(value, str) else str(value),
+)
+def test_the_fast_path_and_the_strict_scanner_agree_on_each_rule(payload, accepted):
+    frame = relay_frame(payload)
+    if accepted:
+        assert parse_client_message(frame) == RelayTo("p", JsonText(payload))
+        assert parse_client_message_strictly(frame) == RelayTo("p", JsonText(payload))
+    else:
+        for parse in (parse_client_message, parse_client_message_strictly):
+            with pytest.raises(MalformedHubMessage) as refused:
+                parse(frame)
+            assert refused.value.code is ErrorCode.INVALID_JSON
+
+
+@pytest.fixture
+def int_digits_limit() -> Iterator[None]:
+    saved = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(1000)
+    yield
+    sys.set_int_max_str_digits(saved)
+
+
+@pytest.mark.usefixtures("int_digits_limit")
+def test_a_lower_integer_limit_of_the_interpreter_is_kept():
+    # msgspec's own limit is 4,300 digits; the hub refuses what the interpreter refuses.
+    with pytest.raises(MalformedHubMessage) as refused:
+        parse_client_message(relay_frame("9" * 2000))
+    assert refused.value.code is ErrorCode.INVALID_JSON
+
+
+def strict_outcome(parse: Callable[[str], object], text: str) -> object:
+    try:
+        return parse(text)
+    except MalformedHubMessage as error:
+        return error.code
+
+
+# Envelopes in and out of the fast path's layout, around payloads that are JSON or nearly.
+envelopes = st.sampled_from(
+    [
+        '{"type":"relay","to":"p","payload":%s}',
+        ' {\t"type" : "relay" ,\n"to":"p q\u00e9","payload":\r%s } \n',
+        '{"type":"relay","to":"p\\n","payload":%s}',
+        '{"to":"p","type":"relay","payload":%s}',
+        '{"type":"relay","to":"p","payload":%s,"to":"q"}',
+        '{"type":"relay","to":"p","payload":%s',
+        '{"type":"relay","to":"p","payload":%s}}',
+    ]
+)
+near_json = st.text(alphabet='[]{}",:0123456789.eE+-tfrunlasNIiy \\\x01u\u00e9', max_size=30)
+
+
+@given(envelopes, st.one_of(near_json, json_values.map(json.dumps)))
+def test_the_fast_path_agrees_with_the_strict_scanner(envelope, payload):
+    frame = envelope.replace("%s", payload)
+    assert strict_outcome(parse_client_message, frame) == strict_outcome(
+        parse_client_message_strictly, frame
+    )

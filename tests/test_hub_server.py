@@ -168,6 +168,22 @@ async def test_a_connection_that_never_joins_is_closed_with_1008(start_hub):
         assert hub.hub.connection_count == 2
 
 
+async def test_a_peer_that_stops_answering_pings_is_closed_with_1011(start_hub):
+    hub = await start_hub(Limits(ping_interval=0.2, ping_timeout=0.3, close_timeout=0.2))
+    async with AsyncExitStack() as stack:
+        healthy = await Pair.join(hub.url, "healthy", stack)
+        silent, _ = await join_raw(hub.url, "silent", ping_interval=None, close_timeout=0.2)
+        await stack.enter_async_context(silent)
+        # It reads nothing from now on, so it answers no ping.
+        silent.transport.pause_reading()
+        await wait_for(lambda: hub.hub.metrics.closes_total[1011] > 0, TIMEOUT)
+        assert hub.hub.metrics.closes_total[1011] == 1
+        assert hub.hub.room_size("silent") == 0
+        # The others answer every ping and stay; two rounds of pings went by meanwhile.
+        await healthy.check_relay()
+        assert hub.hub.room_size("healthy") == 2
+
+
 async def test_healthz_and_metrics(hub):
     async with AsyncExitStack() as stack:
         pair = await Pair.join(hub.url, "m", stack)

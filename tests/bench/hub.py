@@ -1,24 +1,43 @@
-"""Hub benchmark: ``python -m tests.bench.hub [--quick]``.
+"""Hub benchmark: ``python -m tests.bench.hub [--quick] [--peerjs] [--runs N]``.
 
-Starts the hub in a subprocess (``blindhub hub``) and, from this process, measures
-memory per idle connection (RSS difference of the hub process), one-way relay
-latency for 100 concurrent pairs at about 5,000 messages/s, relay throughput, and
-10,000 concurrent connections. The baseline is a bare websockets relay (same
-library, same settings, frames forwarded to the paired connection unparsed) run
-the same way, so every figure is also given as a ratio hub / bare.
+Starts each server in a subprocess and, from this process (one load generator for all),
+measures memory per idle connection (RSS difference of the server process), one-way relay
+latency for 100 concurrent pairs at about 5,000 messages/s and the server's CPU at that
+rate, relay throughput (20 pairs flat out) with the server's CPU per relayed message, and
+10,000 concurrent connections. The servers:
+
+- ``hub``: ``blindhub hub``, limits raised so that the load is not refused;
+- ``bare``: a bare websockets relay (same library and settings, frames forwarded to the
+  paired connection unparsed), the floor of what websockets itself costs;
+- ``peerjs`` (with ``--peerjs``): PeerJS server, npm package ``peer`` 1.0.2, installed from
+  the npm registry into a cache directory outside the repository and run embedded in a small
+  Node script with its connection limit raised to the hub's. Its protocol maps one to one:
+  a pair is two clients with ids of the bench's choosing (connect with ``?key&id&token``,
+  the server answers ``OPEN`` where the hub answers ``welcome``), and a relay is
+  ``{"type":"CANDIDATE","dst":ID,"payload":P}``, which PeerJS forwards to ``dst`` as
+  ``{"type","src","dst","payload"}`` where the hub forwards ``{"type","from","payload"}``.
+  The payloads are the same JSON values.
+
+Every figure is printed as min/median/max over the runs, and the ratios hub / other use
+the medians.
 """
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
@@ -26,12 +45,22 @@ from websockets.asyncio.server import ServerConnection, serve
 PAIRS = 100
 RATE = 5_000  # messages per second over all pairs
 LATENCY_SECONDS = 5.0
+THROUGHPUT_PAIRS = 20
 THROUGHPUT_MESSAGES = 100_000
 PAYLOAD = "x" * 200
+MAX_CONNECTIONS = 20_000
 HUB_FLAGS = [
-    "--max-connections", "20000", "--max-rooms", "20000",
+    "--max-connections", str(MAX_CONNECTIONS), "--max-rooms", str(MAX_CONNECTIONS),
     "--rate-per-second", "1e9", "--rate-burst", "1000000000",
 ]  # fmt: skip
+PEERJS_PACKAGE = "peer@1.0.2"
+PEERJS_RUNNER = f"""\
+import {{ PeerServer }} from "peer";
+PeerServer({{ host: "127.0.0.1", port: 0, concurrent_limit: {MAX_CONNECTIONS} }}, (server) => {{
+  console.log(`listening on ws://127.0.0.1:${{server.address().port}}`);
+}});
+"""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def raise_file_limit() -> None:
@@ -45,9 +74,21 @@ def rss_kib(pid: int) -> int:
     return int(line.split()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name (field 2) may hold spaces; the fields after it are numbers.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 @asynccontextmanager
-async def subprocess_server(command: list[str]) -> AsyncIterator[tuple[str, int]]:
-    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+async def subprocess_server(
+    command: list[str], cwd: Path | None = None
+) -> AsyncIterator[tuple[str, int]]:
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, cwd=cwd
+    )
     try:
         assert process.stdout is not None
         line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
@@ -57,16 +98,25 @@ async def subprocess_server(command: list[str]) -> AsyncIterator[tuple[str, int]
         await process.wait()
 
 
+@dataclass(frozen=True)
+class Pair:
+    """``second`` relays to ``first`` (whose id is ``first_id``) in the measurements."""
+
+    first: ClientConnection
+    second: ClientConnection
+    first_id: str
+
+
 class Server:
-    """Either the hub or the bare relay, spoken to with the hub's wire format."""
+    """The hub or the bare relay, spoken to with the hub's wire format."""
 
     def __init__(self, name: str, url: str, pid: int) -> None:
         self.name, self.url, self.pid = name, url, pid
-        self._rooms = itertools.count()
+        self._pairs = itertools.count()
 
-    async def pair(self) -> "Pair":
+    async def pair(self) -> Pair:
         """Two connections joined in a fresh room; returns them and their peer ids."""
-        room = f"r{next(self._rooms)}"
+        room = f"r{next(self._pairs)}"
         first = await connect(self.url, compression=None, max_size=None)
         await first.send(json.dumps({"type": "join", "room": room}))
         first_id = json.loads(await first.recv())["peer_id"]
@@ -76,14 +126,28 @@ class Server:
         await first.recv()  # peer-joined
         return Pair(first, second, first_id)
 
+    def relay(self, to: str, payload: object) -> str:
+        return json.dumps({"type": "relay", "to": to, "payload": payload})
 
-@dataclass(frozen=True)
-class Pair:
-    """``second`` relays to ``first`` (whose id is ``first_id``) in the measurements."""
 
-    first: ClientConnection
-    second: ClientConnection
-    first_id: str
+class PeerJsServer(Server):
+    """PeerJS: ids chosen by the client, ``OPEN`` on connect, relays addressed by ``dst``."""
+
+    async def pair(self) -> Pair:
+        number = next(self._pairs)
+        first_id, second_id = f"p{number}a", f"p{number}b"
+        first = await self._open(first_id)
+        second = await self._open(second_id)
+        return Pair(first, second, first_id)
+
+    async def _open(self, peer_id: str) -> ClientConnection:
+        url = f"{self.url}/peerjs?key=peerjs&id={peer_id}&token=t{peer_id}"
+        connection = await connect(url, compression=None, max_size=None)
+        assert json.loads(await connection.recv())["type"] == "OPEN"
+        return connection
+
+    def relay(self, to: str, payload: object) -> str:
+        return json.dumps({"type": "CANDIDATE", "dst": to, "payload": payload})
 
 
 async def open_pairs(server: Server, count: int) -> list[Pair]:
@@ -100,7 +164,7 @@ async def close_all(pairs: list[Pair]) -> None:
 
 
 async def memory(server: Server, steps: list[int]) -> dict[int, float]:
-    """KiB of hub RSS per idle, joined connection at each total in ``steps``."""
+    """KiB of server RSS per idle, joined connection at each total in ``steps``."""
     # These two sleeps let the hub's RSS settle before it is read: they shape a measurement,
     # no order or outcome depends on them.
     await asyncio.sleep(0.5)
@@ -115,8 +179,9 @@ async def memory(server: Server, steps: list[int]) -> dict[int, float]:
     return result
 
 
-async def latency(server: Server) -> tuple[float, float, float]:
-    """p50 and p99 one-way relay latency (ms) and the achieved rate (messages/s)."""
+async def latency(server: Server) -> tuple[float, float, float, float]:
+    """p50 and p99 one-way relay latency (ms), the achieved rate (messages/s) and the
+    server's CPU meanwhile (cores)."""
     pairs = await open_pairs(server, PAIRS)
     samples: list[float] = []
     interval = PAIRS / RATE
@@ -127,34 +192,35 @@ async def latency(server: Server) -> tuple[float, float, float]:
         await asyncio.sleep(offset)
         next_at = time.perf_counter()
         while next_at < deadline:
-            message = {"type": "relay", "to": to, "payload": [time.perf_counter_ns(), PAYLOAD]}
-            await sender.send(json.dumps(message))
+            await sender.send(server.relay(to, [time.perf_counter_ns(), PAYLOAD]))
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        await sender.send(json.dumps({"type": "relay", "to": to, "payload": None}))
+        await sender.send(server.relay(to, None))
 
     async def receive(receiver: ClientConnection) -> None:
         while (payload := json.loads(await receiver.recv())["payload"]) is not None:
             samples.append((time.perf_counter_ns() - payload[0]) / 1e6)
 
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds(server.pid)
     await asyncio.gather(
         *(send(pair.second, pair.first_id, i * interval / PAIRS) for i, pair in enumerate(pairs)),
         *(receive(pair.first) for pair in pairs),
     )
     elapsed = time.perf_counter() - started
+    cores = (cpu_seconds(server.pid) - cpu_before) / elapsed
     await close_all(pairs)
     quantiles = statistics.quantiles(samples, n=100)
-    return quantiles[49], quantiles[98], len(samples) / elapsed
+    return quantiles[49], quantiles[98], len(samples) / elapsed, cores
 
 
-async def throughput(server: Server) -> float:
-    """Relayed messages per second, 20 pairs sending as fast as they can."""
-    pairs = await open_pairs(server, 20)
+async def throughput(server: Server) -> tuple[float, float]:
+    """Relayed messages per second, 20 pairs sending as fast as they can, and the server's
+    CPU per relayed message (microseconds)."""
+    pairs = await open_pairs(server, THROUGHPUT_PAIRS)
     per_pair = THROUGHPUT_MESSAGES // len(pairs)
 
     async def run(sender: ClientConnection, receiver: ClientConnection, to: str) -> None:
-        frame = json.dumps({"type": "relay", "to": to, "payload": PAYLOAD})
+        frame = server.relay(to, PAYLOAD)
 
         async def produce() -> None:
             for _ in range(per_pair):
@@ -166,18 +232,25 @@ async def throughput(server: Server) -> float:
 
         await asyncio.gather(produce(), consume())
 
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds(server.pid)
     await asyncio.gather(*(run(pair.second, pair.first, pair.first_id) for pair in pairs))
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(server.pid) - cpu_before
     await close_all(pairs)
-    return per_pair * len(pairs) / elapsed
+    messages = per_pair * len(pairs)
+    return messages / elapsed, cpu / messages * 1e6
 
 
 async def measure(server: Server, steps: list[int]) -> dict[str, float]:
     figures = {f"KiB/conn at {n}": kib for n, kib in (await memory(server, steps)).items()}
-    p50, p99, rate = await latency(server)
-    figures |= {"latency p50 ms": p50, "latency p99 ms": p99, "latency run msg/s": rate}
-    figures["throughput msg/s"] = await throughput(server)
+    p50, p99, rate, cores = await latency(server)
+    figures |= {
+        "latency p50 ms": p50,
+        "latency p99 ms": p99,
+        "latency run msg/s": rate,
+        "CPU cores at 5k msg/s": cores,
+    }
+    figures["throughput msg/s"], figures["CPU us/msg"] = await throughput(server)
     return figures
 
 
@@ -204,29 +277,93 @@ async def bare_relay(port: int) -> None:
         await asyncio.Future()
 
 
-async def main(quick: bool) -> None:
+def peerjs_directory() -> Path:
+    """Where PeerJS is installed: a cache outside the repository, kept between runs."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "blindhub-bench" / "peerjs-1.0.2"
+
+
+def install_peerjs() -> Path | str:
+    """Install PeerJS once into its cache; return the directory, or why it cannot run."""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        return "npm or node not found on PATH"
+    directory = peerjs_directory()
+    if not (directory / "node_modules" / "peer" / "package.json").exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "package.json").write_text('{"private": true, "type": "module"}\n')
+        install = [npm, "install", "--no-audit", "--no-fund", "--save-exact", PEERJS_PACKAGE]
+        done = subprocess.run(install, cwd=directory, capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"npm install {PEERJS_PACKAGE} failed: {done.stderr.strip()[-300:]}"
+    (directory / "run.mjs").write_text(PEERJS_RUNNER)
+    return directory
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    command: list[str]
+    cwd: Path | None
+    server: Callable[[str, str, int], Server]
+
+
+def summary(values: list[float]) -> str:
+    return f"{min(values):.2f}/{statistics.median(values):.2f}/{max(values):.2f}"
+
+
+def report(results: dict[str, list[dict[str, float]]]) -> None:
+    names = list(results)
+    print(f"{'figure':<22}" + "".join(f"{name + ' min/med/max':>30}" for name in names), end="")
+    print("".join(f"{'hub/' + name:>12}" for name in names[1:]))
+    for figure in results["hub"][0]:
+        columns = {name: [run[figure] for run in runs] for name, runs in results.items()}
+        line = f"{figure:<22}" + "".join(f"{summary(columns[name]):>30}" for name in names)
+        hub = statistics.median(columns["hub"])
+        print(line + "".join(f"{hub / statistics.median(columns[n]):>12.2f}" for n in names[1:]))
+
+
+async def main(quick: bool, peerjs: bool, runs: int) -> None:
     raise_file_limit()
     steps = [1_000, 5_000] if quick else [1_000, 5_000, 10_000]
     hub_command = [sys.executable, "-m", "client.cli", "hub", "--port", "0", "--quiet"]
     bare_command = [sys.executable, "-m", "tests.bench.hub", "--bare-relay"]
-    results = {}
-    for name, command in (("hub", hub_command + HUB_FLAGS), ("bare", bare_command)):
-        async with subprocess_server(command) as (url, pid):
-            results[name] = await measure(Server(name, url, pid), steps)
-    print(f"{'figure':<22}{'hub':>12}{'bare relay':>12}{'hub/bare':>10}")
-    for figure, value in results["hub"].items():
-        bare = results["bare"][figure]
-        print(f"{figure:<22}{value:>12.2f}{bare:>12.2f}{value / bare:>10.2f}")
+    contenders = [
+        Contender("hub", hub_command + HUB_FLAGS, None, Server),
+        Contender("bare", bare_command, None, Server),
+    ]
+    if peerjs:
+        installed = install_peerjs()
+        if isinstance(installed, str):
+            print(f"PeerJS: skipped ({installed})")
+        else:
+            node = shutil.which("node")
+            assert node is not None
+            contenders.append(Contender("peerjs", [node, "run.mjs"], installed, PeerJsServer))
+    results: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
+    for run in range(runs):
+        # Alternate the order, so that a drift of the machine's load spreads over all.
+        for contender in contenders if run % 2 == 0 else contenders[::-1]:
+            async with subprocess_server(contender.command, contender.cwd) as (url, pid):
+                server = contender.server(contender.name, url, pid)
+                results[contender.name].append(await measure(server, steps))
+            print(f"run {run + 1}/{runs} {contender.name}: done", file=sys.stderr, flush=True)
+    report(results)
     print(f"(10,000 connections: {'reached' if 10_000 in steps else 'skipped with --quick'})")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="stop at 5,000 connections")
+    parser.add_argument(
+        "--peerjs", action="store_true", help="also PeerJS server (installed with npm)"
+    )
+    parser.add_argument("--runs", type=int, default=1, help="repeat each measurement N times")
     parser.add_argument("--bare-relay", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_relay:
         raise_file_limit()
-        asyncio.run(bare_relay(0))
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(bare_relay(0))
     else:
-        asyncio.run(main(args.quick))
+        asyncio.run(main(args.quick, args.peerjs, args.runs))
