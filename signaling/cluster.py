@@ -24,7 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
-from signaling.hub import Delivery, Limits, Metrics, random_peer_id
+from signaling.hub import (
+    Delivery,
+    Limits,
+    Metrics,
+    TokenBucket,
+    admit,
+    count_error,
+    random_peer_id,
+)
 from signaling.protocol import (
     CodedError,
     ErrorCode,
@@ -106,11 +114,9 @@ class ClusterMetrics:
 @dataclass(slots=True)
 class _Peer:
     room: str | None
-    tokens: float
-    refilled_at: float
+    bucket: TokenBucket
     roomless_since: float | None
     seq: int = 0
-    throttled: bool = False
     # A join sent to the store and not answered yet (the server waits for it).
     joining: bool = False
     # Per sender, the last sequence number delivered to this peer.
@@ -169,16 +175,10 @@ class ClusterCore:
     # -- the connection's life
 
     def connect(self, now: float) -> PeerId:
-        if len(self._peers) >= self.limits.max_connections:
-            self._count_error(ErrorCode.HUB_FULL, peer=None)
-            raise Refused(ErrorCode.HUB_FULL, "the hub has reached its connection limit")
-        peer = self._new_peer_id()
-        if peer in self._peers:
-            raise RuntimeError("the peer id generator repeated an id")
+        peer = admit(self._peers, self.limits, self.metrics, self._logger, self._new_peer_id)
         self._peers[peer] = _Peer(
-            room=None, tokens=self.limits.rate_burst, refilled_at=now, roomless_since=now
+            room=None, bucket=TokenBucket.full(self.limits, now), roomless_since=now
         )
-        self.metrics.connections_total += 1
         return peer
 
     def disconnect(self, peer: PeerId) -> list[Delivery]:
@@ -193,7 +193,7 @@ class ClusterCore:
     def handle(self, peer: PeerId, text: str, now: float) -> list[Delivery]:
         state = self._peers[peer]
         try:
-            self._spend_token(state, now)
+            state.bucket.spend(self.limits, now)
             message = parse_client_message(text)
             if isinstance(message, Join):
                 return self._join(peer, state, message.room)
@@ -268,17 +268,6 @@ class ClusterCore:
 
     # -- the decisions
 
-    def _spend_token(self, state: _Peer, now: float) -> None:
-        elapsed = max(0.0, now - state.refilled_at)
-        state.tokens = min(
-            float(self.limits.rate_burst), state.tokens + elapsed * self.limits.rate_per_second
-        )
-        state.refilled_at = now
-        if state.tokens < 1.0:
-            raise Refused(ErrorCode.RATE_LIMITED, "too many messages; slow down")
-        state.tokens -= 1.0
-        state.throttled = False
-
     def _emit(self, peer: PeerId, state: _Peer, make: Callable[[int], ClusterOp]) -> None:
         state.seq += 1
         self._outbox.setdefault(peer, []).append(make(state.seq))
@@ -330,12 +319,6 @@ class ClusterCore:
         return [Delivery(other, PeerLeft(peer), room) for other in members]
 
     def _error(self, peer: PeerId, state: _Peer, error: CodedError) -> list[Delivery]:
-        flood_continues = error.code is ErrorCode.RATE_LIMITED and state.throttled
-        state.throttled = state.throttled or error.code is ErrorCode.RATE_LIMITED
-        self._count_error(error.code, peer=peer, log=not flood_continues)
+        log = state.bucket.worth_logging(error.code)
+        count_error(self.metrics, self._logger, error.code, peer=peer, log=log)
         return [Delivery(peer, ErrorMessage(error.code, error.message), state.room)]
-
-    def _count_error(self, code: ErrorCode, *, peer: PeerId | None, log: bool = True) -> None:
-        self.metrics.errors_total[code] += 1
-        if log:
-            self._logger.info("error", extra={"fields": {"peer": peer, "code": str(code)}})
