@@ -28,6 +28,7 @@ def joined(hub: ClusterCore, room: str, others: list[tuple[PeerId, str]]) -> Pee
     assert hub.handle(peer, f'{{"type":"join","room":"{room}"}}', 0.0) == []
     [op] = hub.take_ops(peer)
     assert op == JoinOp(peer, room, 1)
+    assert isinstance(op, JoinOp)
     hub.joined(op, others)
     return peer
 
@@ -39,8 +40,10 @@ def test_a_join_waits_for_the_store_and_welcomes_with_the_members_of_every_node(
     hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
     # A second join while the first is with the store is refused at once.
     [refusal] = hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
-    assert refusal.message == ErrorMessage(ErrorCode.ALREADY_JOINED, refusal.message.message)
+    assert isinstance(refusal.message, ErrorMessage)
+    assert refusal.message.code is ErrorCode.ALREADY_JOINED
     [op] = hub.take_ops(peer)
+    assert isinstance(op, JoinOp)
     deliveries = hub.joined(op, [(PeerId("remote"), "n2"), (local, NODE)])
     assert deliveries == [
         Delivery(peer, Welcome(peer, "r", (PeerId("remote"), local)), "r"),
