@@ -165,6 +165,7 @@ class ClusterConfig:
     # ``(presence_beats + 1) * heartbeat_interval`` seconds after its last heartbeat.
     presence_beats: int = 3
     socket_timeout: float = 2.0
+    max_redis_connections: int = 32
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.presence_beats < 2:
@@ -193,8 +194,12 @@ class ClusterLink:
         self.core = core
         self.config = config
         self._logger = logger or logging.getLogger("blindhub.hub")
-        self._redis: redis.Redis = redis.Redis.from_url(
+        # Concurrent connections' operations wait for one of a bounded set of Redis
+        # connections (pipelining them would interleave one connection's replies).
+        pool = redis.BlockingConnectionPool.from_url(
             config.url,
+            max_connections=config.max_redis_connections,
+            timeout=config.socket_timeout,
             decode_responses=True,
             socket_timeout=config.socket_timeout,
             socket_connect_timeout=config.socket_timeout,
@@ -202,6 +207,7 @@ class ClusterLink:
             # written twice, and the recipient's sequence check delivers it once.
             retry=Retry(NoBackoff(), 1),
         )
+        self._redis: redis.Redis = redis.Redis.from_pool(pool)
         self._join = self._redis.register_script(_JOIN)
         self._relay = self._redis.register_script(_RELAY)
         self._leave = self._redis.register_script(_LEAVE)

@@ -56,6 +56,11 @@ class RedisServer:
                 time.sleep(0.01)
         self._process = process
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not running"
+        return self._process.pid
+
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()

@@ -1,4 +1,4 @@
-"""Hub benchmark: ``python -m tests.bench.hub [--quick]``.
+"""Hub benchmark: ``python -m tests.bench.hub [--quick]`` (``--redis``: tests/bench/hub_cluster.py).
 
 Starts the hub in a subprocess (``blindhub hub``) and, from this process, measures
 memory per idle connection (RSS difference of the hub process), one-way relay
@@ -221,8 +221,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="stop at 5,000 connections")
     parser.add_argument("--bare-relay", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--redis", action="store_true", help="the cluster: hub processes sharing a Valkey server"
+    )
     args = parser.parse_args()
-    if args.bare_relay:
+    if args.redis:
+        from tests.bench.hub_cluster import main as cluster_main
+
+        asyncio.run(cluster_main(args.quick))
+    elif args.bare_relay:
         raise_file_limit()
         asyncio.run(bare_relay(0))
     else:
