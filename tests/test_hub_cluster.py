@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from client.cli import main
 from signaling.cluster import ClusterCore
 from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id
 from signaling.hub import Limits
@@ -360,3 +362,21 @@ async def test_a_flood_on_one_process_does_not_slow_relays_between_the_others(
             statistics.median(quiet),
             statistics.median(flooded),
         )
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--redis", "http://example.invalid"], "--redis:"),
+        (["--redis", "redis://127.0.0.1:1", "--heartbeat", "0"], "heartbeat must be positive"),
+    ],
+)
+def test_a_bad_redis_url_or_heartbeat_is_a_usage_error(flags, reason, capsys):
+    assert main(["hub", "--port", "0", *flags]) == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_the_in_memory_hub_does_not_load_the_redis_client():
+    code = "import sys, client.hub_command, signaling.server; print('redis' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout == "False\n", result.stderr
