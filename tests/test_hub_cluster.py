@@ -380,3 +380,25 @@ def test_the_in_memory_hub_does_not_load_the_redis_client():
     code = "import sys, client.hub_command, signaling.server; print('redis' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout == "False\n", result.stderr
+
+
+@pytest.mark.slow
+async def test_a_real_call_between_peers_on_two_hub_processes(redis_server: RedisServer, tmp_path):
+    async with AsyncExitStack() as stack:
+        (url1, _), (url2, _) = [
+            await stack.enter_async_context(hub_process(redis_server)) for _ in range(2)
+        ]
+
+        async def call(url: str, name: str) -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "client.cli", "call", "room1", "--hub", url,
+                "--name", name, "--home", str(tmp_path / name), "--verify", "tofu",
+                "--duration", "2", stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+
+        alice, bob = await call(url1, "alice"), await call(url2, "bob")
+        results = await asyncio.wait_for(asyncio.gather(alice.communicate(), bob.communicate()), 90)
+        for process, (out, err) in zip((alice, bob), results, strict=True):
+            assert process.returncode == 0, err.decode()
+            assert "end-to-end encrypted (" in out.decode(), out.decode()
