@@ -28,14 +28,15 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import redis.asyncio as redis
+from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from signaling.cluster import (
     FINAL_SEQ,
     ClusterCore,
-    ClusterOp,
     Event,
     JoinOp,
     LeaveOp,
@@ -48,6 +49,8 @@ STREAM_MAXLEN: Final = 1024
 """Entries kept per recipient stream: far more than a reader that keeps up ever has waiting."""
 
 _READ_BATCH: Final = 256
+_MAX_BATCH: Final = 1024
+_MAX_QUEUED: Final = 8192
 _STREAMS_PER_READ: Final = 512
 
 _PRELUDE: Final = """
@@ -181,6 +184,26 @@ class ClusterConfig:
         return self.presence_ttl + self.heartbeat_interval
 
 
+def _client(config: ClusterConfig, max_connections: int) -> redis.Redis:
+    # Operations wait for one of a bounded set of Redis connections, as long as it takes:
+    # a busy pool is backpressure (a waiting connection reads no more frames, so TCP slows
+    # its sender), not an outage. A Redis that stops answering fails each command after
+    # socket_timeout instead.
+    pool = redis.BlockingConnectionPool.from_url(
+        config.url,
+        max_connections=max_connections,
+        timeout=None,
+        decode_responses=True,
+        socket_timeout=config.socket_timeout,
+        socket_connect_timeout=config.socket_timeout,
+        # One retry on a broken connection: a write retried after its reply was lost is
+        # written twice, and the recipient's sequence check delivers it once.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+    )
+    return redis.Redis.from_pool(pool)
+
+
 class ClusterLink:
     """Runs a `ClusterCore`'s operations on Redis and feeds back what other nodes sent.
 
@@ -194,20 +217,13 @@ class ClusterLink:
         self.core = core
         self.config = config
         self._logger = logger or logging.getLogger("blindhub.hub")
-        # Concurrent connections' operations wait for one of a bounded set of Redis
-        # connections (pipelining them would interleave one connection's replies).
-        pool = redis.BlockingConnectionPool.from_url(
-            config.url,
-            max_connections=config.max_redis_connections,
-            timeout=config.socket_timeout,
-            decode_responses=True,
-            socket_timeout=config.socket_timeout,
-            socket_connect_timeout=config.socket_timeout,
-            # One retry on a broken connection: a write retried after its reply was lost is
-            # written twice, and the recipient's sequence check delivers it once.
-            retry=Retry(NoBackoff(), 1),
-        )
-        self._redis: redis.Redis = redis.Redis.from_pool(pool)
+        # Three clients, so that neither a flood of relays nor a backlog of reads can delay
+        # the heartbeat past the presence TTL (the others would reap a live process), and
+        # sends cannot starve reads: the connections' operations, the stream reader, and the
+        # control traffic (heartbeat, reaper, hints).
+        self._redis = _client(config, config.max_redis_connections)
+        self._reader = _client(config, 1)
+        self._control = _client(config, 4)
         self._join = self._redis.register_script(_JOIN)
         self._relay = self._redis.register_script(_RELAY)
         self._leave = self._redis.register_script(_LEAVE)
@@ -219,6 +235,12 @@ class ClusterLink:
         self._wake = asyncio.Event()
         self._pending_leaves: list[LeaveOp] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Operations for the next pipeline: a script, its arguments, what to do with its reply
+        # (or its error).
+        self._queue: list[tuple[AsyncScript, list[Any], Callable[[Any], None]]] = []
+        self._queued = asyncio.Event()
+        self._space = asyncio.Event()
+        self._stopping = False
         self._beaten = False
 
     @property
@@ -236,73 +258,122 @@ class ClusterLink:
         self._deliver = deliver
         await self._heartbeat()
         self._log("cluster-start", redis_available=self.core.available)
-        for work in (self._beat_forever(), self._listen_for_hints(), self._read_streams()):
+        works = (
+            self._write_batches(),
+            self._beat_forever(),
+            self._listen_for_hints(),
+            self._read_streams(),
+        )
+        for work in works:
             self._tasks.append(asyncio.create_task(work))
 
     async def close(self) -> None:
         """Stop, and leave the cluster at once (the others need not wait for the TTL)."""
+        # The writer first writes what is queued (the leaves of the closed connections).
+        # Every loop also stops on this flag: redis-py may swallow a cancellation that lands
+        # in the middle of a command, and the task would then wait forever.
+        self._stopping = True
+        self._queued.set()
+        self._wake.set()
+        writer = self._tasks[0]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(writer), 2 * self.config.socket_timeout)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         with contextlib.suppress(RedisError, OSError):
-            await self._redis.delete(self._key("alive", self.node))
-            await self._reap(args=self._args(self.node, FINAL_SEQ))
-        await self._redis.aclose()
+            await self._control.delete(self._key("alive", self.node))
+            await self._reap(args=self._args(self.node, FINAL_SEQ), client=self._control)
+        for client in (self._redis, self._reader, self._control):
+            await client.aclose()
 
     # -- the operations of one connection, in order
 
     async def run(self, peer: PeerId) -> list[Delivery]:
-        """Execute what ``peer``'s last frame (or its disconnect) requires of the cluster."""
+        """Start what ``peer``'s last frame (or its disconnect) requires of the cluster.
+
+        A join is waited for (its welcome comes from Redis). Relays and leaves are queued,
+        in order, for the next pipeline, and the connection reads its next frame at once: its
+        refusals (``unknown-peer``, ``cluster-unavailable``) are delivered when Redis answers.
+        Only a queue at its bound makes the connection wait (backpressure)."""
         deliveries: list[Delivery] = []
         for op in self.core.take_ops(peer):
-            deliveries += await self.run_op(op)
+            if isinstance(op, JoinOp):
+                deliveries += await self._run_join(op)
+            else:
+                self.submit(op)
+        while len(self._queue) >= _MAX_QUEUED:
+            self._space.clear()
+            await self._space.wait()
         return deliveries
 
-    async def run_op(self, op: ClusterOp) -> list[Delivery]:
-        """Execute one operation; what it delivers to local peers now."""
-        if isinstance(op, JoinOp):
-            return await self._run_join(op)
+    def submit(self, op: RelayOp | LeaveOp) -> None:
+        """Queue a relay or a leave for the next pipeline."""
         if isinstance(op, RelayOp):
-            return await self._run_relay(op)
-        await self._run_leave(op)
-        return []
+            args = self._args(op.room, op.sender, op.recipient, op.seq, op.payload)
+            self._queue.append((self._relay, args, lambda reply: self._relayed(op, reply)))
+        else:
+            self._positions.pop(op.peer, None)
+            args = self._args(op.room, op.peer, self.node, op.seq)
+            self._queue.append((self._leave, args, lambda reply: self._left(op, reply)))
+        self._queued.set()
 
     async def _run_join(self, op: JoinOp) -> list[Delivery]:
         limits = self.core.limits
         args = (op.room, op.peer, self.node, limits.max_peers_per_room, limits.max_rooms, op.seq)
-        try:
-            reply = await self._join(args=self._args(*args, "0"))
-        except (RedisError, OSError) as error:
-            self._failed(error)
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((self._join, self._args(*args, "0"), reply.set_result))
+        self._queued.set()
+        outcome = await reply
+        if isinstance(outcome, Exception):
+            self._failed(outcome)
             return self.core.refused(op, ErrorCode.CLUSTER_UNAVAILABLE)
-        if reply[0] != "ok":
-            return self.core.refused(op, ErrorCode(reply[0]))
+        if outcome[0] != "ok":
+            return self.core.refused(op, ErrorCode(outcome[0]))
         self._positions[op.peer] = "0-0"
         self._mark_dirty(op.peer)
-        others = [(PeerId(reply[i]), reply[i + 1]) for i in range(1, len(reply), 2)]
+        others = [(PeerId(outcome[i]), outcome[i + 1]) for i in range(1, len(outcome), 2)]
         return self.core.joined(op, others)
 
-    async def _run_relay(self, op: RelayOp) -> list[Delivery]:
-        args = (op.room, op.sender, op.recipient, op.seq, op.payload)
-        try:
-            reply = await self._relay(args=self._args(*args))
-        except (RedisError, OSError) as error:
-            self._failed(error)
-            return self.core.refused(op, ErrorCode.CLUSTER_UNAVAILABLE)
-        if reply != "ok":
-            return self.core.refused(op, ErrorCode.UNKNOWN_PEER)
-        self.core.relayed(op)
-        return []
+    def _relayed(self, op: RelayOp, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            self._failed(reply)
+            self._deliver(self.core.refused(op, ErrorCode.CLUSTER_UNAVAILABLE))
+        elif reply != "ok":
+            self._deliver(self.core.refused(op, ErrorCode.UNKNOWN_PEER))
+        else:
+            self.core.relayed(op)
 
-    async def _run_leave(self, op: LeaveOp) -> None:
-        self._positions.pop(op.peer, None)
-        try:
-            await self._leave(args=self._args(op.room, op.peer, self.node, op.seq))
-        except (RedisError, OSError) as error:
-            self._failed(error)
-            self._pending_leaves.append(op)  # told when Redis returns
+    def _left(self, op: LeaveOp, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            self._failed(reply)
+            self._pending_leaves.append(op)  # written when Redis returns
+
+    # -- the writes of every connection, pipelined
+
+    async def _write_batches(self) -> None:
+        # One pipeline at a time, of the operations queued meanwhile, in queue order: under
+        # load a round trip carries many, and one connection's operations stay in order.
+        while True:
+            await self._queued.wait()
+            if self._stopping and not self._queue:
+                return
+            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            if not self._queue:
+                self._queued.clear()
+            self._space.set()
+            replies: list[Any]
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for script, args, _ in batch:
+                        await script(args=args, client=pipe)
+                    replies = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as error:
+                replies = [error] * len(batch)
+            for (_, _, done), reply in zip(batch, replies, strict=True):
+                done(reply)
 
     # -- failure and recovery
 
@@ -316,14 +387,18 @@ class ClusterLink:
         try:
             alive = self._key("alive", self.node)
             ttl_ms = int(self.config.presence_ttl * 1000)
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with self._control.pipeline(transaction=False) as pipe:
                 pipe.set(alive, "1", px=ttl_ms, get=True)
                 pipe.sadd(self._key("nodes"), self.node)
                 before, _ = await pipe.execute()
             if before is None and self._beaten:
                 # Redis lost this node (it restarted, or reaped it after missed heartbeats).
+                # The other processes put their peers back at their own next heartbeat, within
+                # one interval: until this node's next one, joins and remote relays get
+                # cluster-unavailable, not an unknown-peer for a peer not yet put back.
+                self.core.available = False
                 await self._restore()
-            if not self.core.available:
+            elif not self.core.available:
                 await self._recover()
             self._beaten = True
             await self._reap_dead_nodes()
@@ -335,43 +410,52 @@ class ClusterLink:
         self._wake.set()
 
     async def _recover(self) -> None:
+        await self._drop_stale_connections()
         while self._pending_leaves:
             op = self._pending_leaves[0]
-            await self._leave(args=self._args(op.room, op.peer, self.node, op.seq))
+            await self._leave(
+                args=self._args(op.room, op.peer, self.node, op.seq), client=self._control
+            )
             self._pending_leaves.pop(0)
         self.core.available = True
         self._log("redis-available")
 
     async def _restore(self) -> None:
         """Put this node's members back into a Redis that lost them; re-read every stream."""
+        await self._drop_stale_connections()
         limits = self.core.limits
         for peer, room in self.core.local_members():
             args = (room, peer, self.node, limits.max_peers_per_room, limits.max_rooms, 0)
-            await self._join(args=self._args(*args, "1"))
+            await self._join(args=self._args(*args, "1"), client=self._control)
         # Entries already delivered are dropped by their sequence numbers.
         for peer in self._positions:
             self._positions[peer] = "0-0"
         self._log("cluster-restored", members=len(self._positions))
 
+    async def _drop_stale_connections(self) -> None:
+        # Connections idle in the pools across an outage are broken: each would fail once.
+        for client in (self._redis, self._reader):
+            await client.connection_pool.disconnect(inuse_connections=False)
+
     async def _reap_dead_nodes(self) -> None:
-        members: set[str] = await self._redis.smembers(self._key("nodes"))  # type: ignore[assignment]
+        members: set[str] = await self._control.smembers(self._key("nodes"))  # type: ignore[assignment]
         nodes = sorted(members - {self.node})
         if not nodes:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._control.pipeline(transaction=False) as pipe:
             for node in nodes:
                 pipe.exists(self._key("alive", node))
             alive = await pipe.execute()
         for node, exists in zip(nodes, alive, strict=True):
             if exists:
                 continue
-            reaped = await self._reap(args=self._args(node, FINAL_SEQ))
+            reaped = await self._reap(args=self._args(node, FINAL_SEQ), client=self._control)
             if reaped >= 0:
                 self.core.cluster_metrics.nodes_reaped_total += 1
                 self._log("node-reaped", dead=node, peers=reaped)
 
     async def _beat_forever(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.config.heartbeat_interval)
             await self._heartbeat()
 
@@ -383,11 +467,11 @@ class ClusterLink:
 
     async def _listen_for_hints(self) -> None:
         channel = self._key("hint", self.node)
-        while True:
+        while not self._stopping:
             try:
-                async with self._redis.pubsub() as pubsub:
+                async with self._control.pubsub() as pubsub:
                     await pubsub.subscribe(channel)
-                    while True:
+                    while not self._stopping:
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=self.config.heartbeat_interval
                         )
@@ -399,7 +483,7 @@ class ClusterLink:
             await asyncio.sleep(self.config.heartbeat_interval)
 
     async def _read_streams(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             peers = [peer for peer in self._dirty if peer in self._positions]
@@ -413,7 +497,7 @@ class ClusterLink:
 
     async def _read(self, peers: list[PeerId]) -> None:
         streams = {self._key("inbox", peer): self._positions[peer] for peer in peers}
-        replies: _XReadReply = await self._redis.xread(streams, count=_READ_BATCH)  # type: ignore[arg-type,assignment]
+        replies: _XReadReply = await self._reader.xread(streams, count=_READ_BATCH)  # type: ignore[arg-type,assignment]
         now = time.time()
         metrics = self.core.cluster_metrics
         prefix_length = len(self._key("inbox", ""))

@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from client.cli import main
-from signaling.cluster import ClusterCore
+from signaling.cluster import ClusterCore, RelayOp
 from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id
 from signaling.hub import Limits
 from signaling.protocol import ErrorCode
@@ -197,9 +197,10 @@ async def test_a_retried_write_is_delivered_once(redis_server: RedisServer):
         frame = json.dumps({"type": "relay", "to": b, "payload": "once"})
         assert link.core.handle(a, frame, asyncio.get_running_loop().time()) == []
         [op] = link.core.take_ops(a)
+        assert isinstance(op, RelayOp)
         # The same write twice, as redis-py's retry does when a reply is lost.
         for _ in range(2):
-            await link.run_op(op)
+            link.submit(op)
         await relay(alice, b, "after")
         assert await recv(bob) == {"type": "relay", "from": a, "payload": "once"}
         assert await recv(bob) == {"type": "relay", "from": a, "payload": "after"}
@@ -240,7 +241,8 @@ async def test_redis_stopped_and_restarted_mid_call(redis_server: RedisServer):
         for n in (3, 4, 5):
             await relay(alice, b, n)
         await relay(bob, a, "back")
-        assert [(await recv(bob))["payload"] for _ in range(3)] == [3, 4, 5]
+        got = [await recv(bob) for _ in range(3)]
+        assert [m.get("payload") for m in got] == [3, 4, 5], got
         assert (await recv(alice))["payload"] == "back"
         await erin.send(json.dumps({"type": "join", "room": "call"}))
         assert (await recv(erin))["code"] == ErrorCode.ROOM_FULL  # the call was restored
