@@ -105,6 +105,7 @@ class ClusterMetrics:
     duplicates_dropped_total: int = 0
     redis_errors_total: int = 0
     nodes_reaped_total: int = 0
+    stream_overflows_total: int = 0
     stream_lag_seconds: float = 0.0
     stream_lag_seconds_sum: float = 0.0
     stream_lag_count: int = 0

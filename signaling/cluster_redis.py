@@ -45,10 +45,11 @@ from signaling.cluster import (
 from signaling.hub import Delivery
 from signaling.protocol import ErrorCode, JsonText, PeerId
 
-STREAM_MAXLEN: Final = 1024
-"""Entries kept per recipient stream: far more than a reader that keeps up ever has waiting."""
+OVERFLOW: Final = "o"
+"""The kind of the stream entry written in place of one that would pass the stream's bound."""
 
 _READ_BATCH: Final = 256
+_MAX_STREAM: Final = 65536
 _MAX_BATCH: Final = 1024
 _MAX_QUEUED: Final = 8192
 _STREAMS_PER_READ: Final = 512
@@ -59,11 +60,16 @@ local maxlen = ARGV[2]
 local inbox_ttl = ARGV[3]
 local function notify(recipient, rnode, kind, sender, room, seq, payload)
   local key = p .. ':inbox:' .. recipient
-  if payload then
-    redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*',
-      'k', kind, 'f', sender, 'r', room, 's', seq, 'd', payload)
+  local unread = redis.call('XLEN', key)
+  if unread >= tonumber(maxlen) then
+    -- Its process is that far behind: one overflow mark, read as "close it" (slow-reader).
+    if unread == tonumber(maxlen) then
+      redis.call('XADD', key, '*', 'k', 'o', 'f', sender, 'r', room, 's', seq)
+    end
+  elseif payload then
+    redis.call('XADD', key, '*', 'k', kind, 'f', sender, 'r', room, 's', seq, 'd', payload)
   else
-    redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'k', kind, 'f', sender, 'r', room, 's', seq)
+    redis.call('XADD', key, '*', 'k', kind, 'f', sender, 'r', room, 's', seq)
   end
   redis.call('PEXPIRE', key, inbox_ttl)
   redis.call('PUBLISH', p .. ':hint:' .. rnode, recipient)
@@ -229,6 +235,12 @@ class ClusterLink:
         self._leave = self._redis.register_script(_LEAVE)
         self._reap = self._redis.register_script(_REAP)
         self._deliver: Callable[[list[Delivery]], None] = lambda deliveries: None
+        self._close_slow_reader: Callable[[PeerId], None] = lambda peer: None
+        # Unread entries per recipient stream: past it the recipient is closed as a slow
+        # reader, as one process closes a client past max_buffered_bytes. Twice what one
+        # sender may burst, so a process that keeps up never reaches it.
+        limits = core.limits
+        self._stream_bound = min(_MAX_STREAM, max(1024, 2 * limits.rate_burst))
         # Per local recipient in a room, the ID of the last entry read from its stream.
         self._positions: dict[PeerId, str] = {}
         self._dirty: set[PeerId] = set()
@@ -249,13 +261,18 @@ class ClusterLink:
 
     def _args(self, *args: object) -> list[Any]:
         ttl_ms = int(max(60.0, 10 * self.config.presence_ttl) * 1000)
-        return [self.config.prefix, STREAM_MAXLEN, ttl_ms, *args]
+        return [self.config.prefix, self._stream_bound, ttl_ms, *args]
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.config.prefix, *parts))
 
-    async def start(self, deliver: Callable[[list[Delivery]], None]) -> None:
+    async def start(
+        self,
+        deliver: Callable[[list[Delivery]], None],
+        close_slow_reader: Callable[[PeerId], None],
+    ) -> None:
         self._deliver = deliver
+        self._close_slow_reader = close_slow_reader
         await self._heartbeat()
         self._log("cluster-start", redis_available=self.core.available)
         works = (
@@ -497,7 +514,14 @@ class ClusterLink:
 
     async def _read(self, peers: list[PeerId]) -> None:
         streams = {self._key("inbox", peer): self._positions[peer] for peer in peers}
-        replies: _XReadReply = await self._reader.xread(streams, count=_READ_BATCH)  # type: ignore[arg-type,assignment]
+        async with self._reader.pipeline(transaction=False) as pipe:
+            # What was delivered leaves the stream, so its length is what is still unread.
+            for key, position in streams.items():
+                if position != "0-0":
+                    pipe.xtrim(key, minid=position)
+            pipe.xread(streams, count=_READ_BATCH)  # type: ignore[arg-type]
+            results = await pipe.execute()
+        replies: _XReadReply = results[-1]
         now = time.time()
         metrics = self.core.cluster_metrics
         prefix_length = len(self._key("inbox", ""))
@@ -506,6 +530,11 @@ class ClusterLink:
             if peer not in self._positions:
                 continue  # it left while the read was under way
             for entry_id, entry in entries:
+                if entry["k"] == OVERFLOW:
+                    self.core.cluster_metrics.stream_overflows_total += 1
+                    self._positions.pop(peer, None)
+                    self._close_slow_reader(peer)
+                    break
                 self._positions[peer] = entry_id
                 lag = max(0.0, now - int(entry_id.split("-")[0]) / 1000)
                 metrics.stream_lag_seconds = lag
@@ -516,7 +545,7 @@ class ClusterLink:
                     JsonText(entry["d"]) if "d" in entry else None,
                 )  # fmt: skip
                 self._deliver(self.core.receive(peer, event))
-            if len(entries) == _READ_BATCH:
+            if len(entries) == _READ_BATCH and peer in self._positions:
                 self._dirty.add(peer)
                 self._wake.set()
 
@@ -550,6 +579,9 @@ class ClusterLink:
             "# HELP blindhub_stream_lag_last_seconds The lag of the last entry read.",
             "# TYPE blindhub_stream_lag_last_seconds gauge",
             f"blindhub_stream_lag_last_seconds {metrics.stream_lag_seconds:.6f}",
+            "# HELP blindhub_stream_overflows_total Peers closed: their process fell behind.",
+            "# TYPE blindhub_stream_overflows_total counter",
+            f"blindhub_stream_overflows_total {metrics.stream_overflows_total}",
             "# HELP blindhub_nodes_reaped_total Dead processes whose peers this one removed.",
             "# TYPE blindhub_nodes_reaped_total counter",
             f"blindhub_nodes_reaped_total {metrics.nodes_reaped_total}",

@@ -191,7 +191,7 @@ class HubServer:
     async def start(self) -> None:
         limits = self.hub.limits
         if self.cluster is not None:
-            await self.cluster.start(self.deliver)
+            await self.cluster.start(self.deliver, self._close_peer_as_slow_reader)
         self._server = await serve(
             self._handle_connection,
             self._host,
@@ -239,6 +239,11 @@ class HubServer:
             if self._metadata is not None:
                 self._metadata.record(delivery, frame)
             broadcast([connection], frame)
+
+    def _close_peer_as_slow_reader(self, peer: PeerId) -> None:
+        connection = self._connections.get(peer)
+        if connection is not None:
+            self._close_slow_reader(connection)
 
     def _close_slow_reader(self, connection: ServerConnection) -> None:
         if connection.protocol.close_sent is not None:
