@@ -47,7 +47,7 @@ MINIMUM_VENV := .venv-minimum
 test-minimum:
 	test -x $(MINIMUM_VENV)/bin/python || $(PYTHON) -m venv $(MINIMUM_VENV)
 	$(MINIMUM_VENV)/bin/python -m pip install --quiet -e '.[test,demo]' aiortc==1.16.0 av==14.0.1 \
-		cryptography==44.0.0 matplotlib==3.11.2 msgspec==0.23.0 pillow==13.0.0 pynacl==1.5.0 uvloop==0.23.0 websockets==16.0
+		cryptography==44.0.0 matplotlib==3.11.2 msgspec==0.23.0 pillow==13.0.0 pynacl==1.5.0 redis==8.1.0 uvloop==0.23.0 websockets==16.0
 	$(MINIMUM_VENV)/bin/pytest
 
 clean:

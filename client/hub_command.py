@@ -10,10 +10,14 @@ import signal
 import ssl
 import sys
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 from client.exit_codes import ExitCode
 from signaling.hub import Hub, Limits
 from signaling.server import HubServer, JsonLinesFormatter, MetadataRecorder, new_event_loop
+
+if TYPE_CHECKING:
+    from signaling.cluster_redis import ClusterLink
 
 _LIMIT_HELP = {
     "max_message_bytes": "largest frame accepted; larger closes with 1009",
@@ -53,6 +57,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="append one JSON line per routed message (metadata and payload as it passed)",
     )
     parser.add_argument("--quiet", action="store_true", help="no connection log on stderr")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share rooms with every hub process using this Redis or Valkey "
+        "(redis://[:password@]host:port/db, rediss:// for TLS); default: this process alone",
+    )
+    parser.add_argument(
+        "--redis-prefix", default="blindhub", help="key prefix of this cluster in Redis"
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=1.0,
+        help="seconds between cluster heartbeats; a killed process is noticed within "
+        "4 heartbeats (default 1.0)",
+    )
     defaults = Limits()
     for limit in fields(Limits):
         default = getattr(defaults, limit.name)
@@ -94,15 +114,43 @@ def run(args: argparse.Namespace) -> int:
                     f"cannot append to --record-metadata {args.record_metadata}: {_reason(error)}"
                 )
             metadata = MetadataRecorder(sink)
-        server = HubServer(
-            Hub(limits), host=args.host, port=args.port, ssl_context=ssl_context, metadata=metadata
-        )
+        if args.redis is None:
+            server = HubServer(
+                Hub(limits),
+                host=args.host,
+                port=args.port,
+                ssl_context=ssl_context,
+                metadata=metadata,
+            )
+        else:
+            try:
+                cluster = _cluster(args, limits)
+            except ValueError as error:
+                print(f"blindhub hub: --redis: {error}", file=sys.stderr)
+                return ExitCode.USAGE
+            _configure_logging(quiet=args.quiet, node=cluster.node)
+            server = HubServer(
+                cluster=cluster,
+                host=args.host,
+                port=args.port,
+                ssl_context=ssl_context,
+                metadata=metadata,
+            )
         try:
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
                 runner.run(_serve_until_signalled(server))
         except OSError as error:  # only listening raises it: connections fail on their own
             return _local_problem(f"cannot listen on {args.host}:{args.port}: {_reason(error)}")
     return ExitCode.OK
+
+
+def _cluster(args: argparse.Namespace, limits: Limits) -> "ClusterLink":
+    # The Redis client is loaded only by a hub that joins a cluster.
+    from signaling.cluster import ClusterCore
+    from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id
+
+    config = ClusterConfig(args.redis, prefix=args.redis_prefix, heartbeat_interval=args.heartbeat)
+    return ClusterLink(ClusterCore(new_node_id(), limits), config)
 
 
 def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
@@ -133,10 +181,11 @@ async def _serve_until_signalled(server: HubServer) -> None:
         await stop.wait()
 
 
-def _configure_logging(*, quiet: bool) -> None:
+def _configure_logging(*, quiet: bool, node: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLinesFormatter())
+    handler.setFormatter(JsonLinesFormatter(None if node is None else {"node": node}))
     hub_logger = logging.getLogger("blindhub.hub")
+    hub_logger.handlers.clear()  # a cluster's node id replaces the first handler
     hub_logger.addHandler(handler)
     hub_logger.setLevel(logging.WARNING if quiet else logging.INFO)
     # websockets' own lines (handshake failures, "server listening") are not structured.

@@ -9,7 +9,7 @@ generator, so the core is deterministic under test. The asyncio server in
 import collections
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from signaling.protocol import (
@@ -84,13 +84,68 @@ class Metrics:
 
 
 @dataclass(slots=True)
-class _Peer:
-    room: str | None
+class TokenBucket:
+    """One connection's message rate: refills at ``rate_per_second`` up to ``rate_burst``."""
+
     tokens: float
     refilled_at: float
+    # Refusing a flood now; it is logged once, when it starts, not once per refused frame.
+    throttled: bool = False
+
+    @classmethod
+    def full(cls, limits: Limits, now: float) -> "TokenBucket":
+        return cls(tokens=limits.rate_burst, refilled_at=now)
+
+    def spend(self, limits: Limits, now: float) -> None:
+        """Take one token, or raise ``Refused`` (``rate-limited``)."""
+        elapsed = max(0.0, now - self.refilled_at)
+        self.tokens = min(float(limits.rate_burst), self.tokens + elapsed * limits.rate_per_second)
+        self.refilled_at = now
+        if self.tokens < 1.0:
+            raise Refused(ErrorCode.RATE_LIMITED, "too many messages; slow down")
+        self.tokens -= 1.0
+        self.throttled = False
+
+    def worth_logging(self, code: ErrorCode) -> bool:
+        """Whether an error with ``code`` should be logged (a continuing flood is not)."""
+        flood_continues = code is ErrorCode.RATE_LIMITED and self.throttled
+        self.throttled = self.throttled or code is ErrorCode.RATE_LIMITED
+        return not flood_continues
+
+
+@dataclass(slots=True)
+class _Peer:
+    room: str | None
+    bucket: TokenBucket
     # When the peer last was in no room: connected, or left one. None while in a room.
     roomless_since: float | None
-    throttled: bool = False
+
+
+def count_error(
+    metrics: Metrics, logger: logging.Logger, code: ErrorCode, *, peer: PeerId | None, log: bool
+) -> None:
+    metrics.errors_total[code] += 1
+    if log:
+        logger.info("error", extra={"fields": {"peer": peer, "code": str(code)}})
+
+
+def admit(
+    peers: Collection[PeerId],
+    limits: Limits,
+    metrics: Metrics,
+    logger: logging.Logger,
+    new_peer_id: Callable[[], PeerId],
+) -> PeerId:
+    """A fresh id for a new connection, or ``Refused`` (``hub-full``) when ``peers``, the
+    connections, are at ``max_connections``."""
+    if len(peers) >= limits.max_connections:
+        count_error(metrics, logger, ErrorCode.HUB_FULL, peer=None, log=True)
+        raise Refused(ErrorCode.HUB_FULL, "the hub has reached its connection limit")
+    peer = new_peer_id()
+    if peer in peers:
+        raise RuntimeError("the peer id generator repeated an id")
+    metrics.connections_total += 1
+    return peer
 
 
 def random_peer_id() -> PeerId:
@@ -142,16 +197,10 @@ class Hub:
 
     def connect(self, now: float) -> PeerId:
         """Admit a new connection, or raise ``Refused`` (``hub-full``)."""
-        if len(self._peers) >= self.limits.max_connections:
-            self._count_error(ErrorCode.HUB_FULL, peer=None)
-            raise Refused(ErrorCode.HUB_FULL, "the hub has reached its connection limit")
-        peer = self._new_peer_id()
-        if peer in self._peers:
-            raise RuntimeError("the peer id generator repeated an id")
+        peer = admit(self._peers, self.limits, self.metrics, self._logger, self._new_peer_id)
         self._peers[peer] = _Peer(
-            room=None, tokens=self.limits.rate_burst, refilled_at=now, roomless_since=now
+            room=None, bucket=TokenBucket.full(self.limits, now), roomless_since=now
         )
-        self.metrics.connections_total += 1
         return peer
 
     def disconnect(self, peer: PeerId) -> list[Delivery]:
@@ -164,7 +213,7 @@ class Hub:
         """Process one text frame from ``peer``; errors become ``error`` deliveries."""
         state = self._peers[peer]
         try:
-            self._spend_token(state, now)
+            state.bucket.spend(self.limits, now)
             message = parse_client_message(text)
             if isinstance(message, Join):
                 return self._join(peer, state, message.room)
@@ -176,23 +225,9 @@ class Hub:
             state.roomless_since = now
             return self._leave(peer)
         except CodedError as error:
-            # A flood is logged once, when it starts, not once per refused frame.
-            flood_continues = error.code is ErrorCode.RATE_LIMITED and state.throttled
-            state.throttled = state.throttled or error.code is ErrorCode.RATE_LIMITED
-            self._count_error(error.code, peer=peer, log=not flood_continues)
+            log = state.bucket.worth_logging(error.code)
+            count_error(self.metrics, self._logger, error.code, peer=peer, log=log)
             return [Delivery(peer, ErrorMessage(error.code, error.message), state.room)]
-
-    def _spend_token(self, state: _Peer, now: float) -> None:
-        # Token bucket: refill at the configured rate up to the burst size.
-        elapsed = max(0.0, now - state.refilled_at)
-        state.tokens = min(
-            float(self.limits.rate_burst), state.tokens + elapsed * self.limits.rate_per_second
-        )
-        state.refilled_at = now
-        if state.tokens < 1.0:
-            raise Refused(ErrorCode.RATE_LIMITED, "too many messages; slow down")
-        state.tokens -= 1.0
-        state.throttled = False
 
     def _join(self, peer: PeerId, state: _Peer, room: str) -> list[Delivery]:
         if state.room is not None:
@@ -235,8 +270,3 @@ class Hub:
         state.room = None
         self._logger.info("leave", extra={"fields": {"peer": peer, "room": room}})
         return [Delivery(other, PeerLeft(peer), room) for other in members]
-
-    def _count_error(self, code: ErrorCode, *, peer: PeerId | None, log: bool = True) -> None:
-        self.metrics.errors_total[code] += 1
-        if log:
-            self._logger.info("error", extra={"fields": {"peer": peer, "code": str(code)}})

@@ -46,6 +46,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_PEER = "unknown-peer"
     RATE_LIMITED = "rate-limited"
     HUB_FULL = "hub-full"
+    CLUSTER_UNAVAILABLE = "cluster-unavailable"
 
 
 class SignalingError(Exception):

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from types import TracebackType
-from typing import Final, Protocol, Self, TextIO
+from typing import TYPE_CHECKING, Final, Protocol, Self, TextIO
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -32,6 +32,10 @@ from websockets.protocol import State
 
 from signaling.hub import Delivery, Hub, Limits, Metrics
 from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
+
+if TYPE_CHECKING:
+    # Only a hub started with a cluster loads the Redis client.
+    from signaling.cluster_redis import ClusterLink
 
 CLOSE_SLOW_READER: Final = "slow-reader"
 CLOSE_BINARY_FRAME: Final = "binary-frame"
@@ -73,12 +77,22 @@ class RoutingCore(Protocol):
 
 
 class JsonLinesFormatter(logging.Formatter):
-    """One JSON object per log line: time, event and the event's fields."""
+    """One JSON object per log line: time, event, ``constant`` fields (the node id of a hub
+    in a cluster) and the event's fields."""
+
+    def __init__(self, constant: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self._constant = constant or {}
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
         return json.dumps(
-            {"time": round(record.created, 6), "event": record.getMessage(), **fields}
+            {
+                "time": round(record.created, 6),
+                "event": record.getMessage(),
+                **self._constant,
+                **fields,
+            }
         )
 
 
@@ -109,8 +123,8 @@ class MetadataRecorder:
         self._sink.write(line + "\n")
 
 
-def render_metrics(hub: RoutingCore, buffered_bytes: int) -> str:
-    """The hub's gauges and counters in the Prometheus text format."""
+def render_metrics(hub: RoutingCore, buffered_bytes: int, extra: list[str] | None = None) -> str:
+    """The hub's gauges and counters in the Prometheus text format (``extra``: more lines)."""
     metrics = hub.metrics
     lines = [
         "# HELP blindhub_connections Open websocket connections.",
@@ -140,24 +154,34 @@ def render_metrics(hub: RoutingCore, buffered_bytes: int) -> str:
             f'blindhub_closes_total{{code="{code}"}} {count}'
             for code, count in sorted(metrics.closes_total.items())
         ),
+        *(extra or []),
     ]
     return "\n".join(lines) + "\n"
 
 
 class HubServer:
-    """A running hub: ``async with HubServer(hub) as server: ... server.url``."""
+    """A running hub: ``async with HubServer(hub) as server: ... server.url``.
+
+    With ``cluster``, the hub is one process of a cluster: its routing core is
+    ``cluster.core`` (``hub`` must be None), and each connection's frames wait for
+    the cluster operations they require, one at a time, so they keep their order.
+    """
 
     def __init__(
         self,
         hub: RoutingCore | None = None,
         *,
+        cluster: "ClusterLink | None" = None,
         host: str = "127.0.0.1",
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         metadata: MetadataRecorder | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
-        self.hub: RoutingCore = hub or Hub()
+        if hub is not None and cluster is not None:
+            raise ValueError("a cluster brings its own routing core")
+        self.cluster = cluster
+        self.hub: RoutingCore = cluster.core if cluster is not None else hub or Hub()
         self._host = host
         self._port = port
         self._ssl_context = ssl_context
@@ -191,6 +215,8 @@ class HubServer:
 
     async def start(self) -> None:
         limits = self.hub.limits
+        if self.cluster is not None:
+            await self.cluster.start(self.deliver, self._close_peer_as_slow_reader)
         self._server = await serve(
             self._handle_connection,
             self._host,
@@ -213,6 +239,8 @@ class HubServer:
             self._keepalive_task.cancel()
         self.server.close(code=CloseCode.GOING_AWAY)
         await self.server.wait_closed()
+        if self.cluster is not None:
+            await self.cluster.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -258,6 +286,12 @@ class HubServer:
                 data = b"".join(connection.protocol.data_to_send())
                 if data:
                     connection.transport.write(data)
+
+    def _close_peer_as_slow_reader(self, peer: PeerId) -> None:
+        """The cluster's word that ``peer``'s stream overflowed: closed as a slow reader."""
+        connection = self._connections.get(peer)
+        if connection is not None:
+            self._close_soon(connection, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
 
     def _close_soon(self, connection: ServerConnection, code: CloseCode, reason: str) -> None:
         if connection.protocol.close_sent is not None:
@@ -308,8 +342,9 @@ class HubServer:
         if request.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if request.path == "/metrics":
+            extra = None if self.cluster is None else self.cluster.metric_lines()
             return connection.respond(
-                HTTPStatus.OK, render_metrics(self.hub, self.buffered_bytes())
+                HTTPStatus.OK, render_metrics(self.hub, self.buffered_bytes(), extra)
             )
         return None
 
@@ -347,9 +382,13 @@ class HubServer:
                     await connection.close(CloseCode.UNSUPPORTED_DATA, CLOSE_BINARY_FRAME)
                     break
                 self.deliver(self.hub.handle(peer, frame, loop.time()))
+                if self.cluster is not None:
+                    self.deliver(await self.cluster.run(peer))
         finally:
             del self._connections[peer]
             self.deliver(self.hub.disconnect(peer))
+            if self.cluster is not None:
+                await self.cluster.run(peer)
             sent = connection.protocol.close_sent
             code = CloseCode.ABNORMAL_CLOSURE if sent is None else sent.code
             self.hub.metrics.closes_total[code] += 1

@@ -1,6 +1,6 @@
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from client.frame_transform import install_packet_observer
 from client.media import ReceivedMedia, collect, left_channel
 from signaling.hub import Hub, Limits
 from signaling.server import HubServer
+from tests.redis_server import RedisServer
 
 OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2)
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000)
@@ -241,3 +242,12 @@ async def start_hub() -> AsyncIterator[StartHub]:
 async def hub(start_hub: StartHub) -> HubServer:
     """A real hub with the default limits: ``hub.url`` (ws://127.0.0.1:PORT), ``hub.server``."""
     return await start_hub()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """A real Valkey server on a free port, for this test alone."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()

@@ -1,4 +1,5 @@
-"""Hub benchmark: ``python -m tests.bench.hub [--quick] [--peerjs] [--runs N]``.
+"""Hub benchmark: ``python -m tests.bench.hub [--quick] [--peerjs] [--runs N]`` (``--redis``:
+tests/bench/hub_cluster.py).
 
 Starts each server in a subprocess and, from this process (one load generator for all),
 measures memory per idle connection (RSS difference of the server process), one-way relay
@@ -360,8 +361,15 @@ if __name__ == "__main__":
     )
     parser.add_argument("--runs", type=int, default=1, help="repeat each measurement N times")
     parser.add_argument("--bare-relay", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--redis", action="store_true", help="the cluster: hub processes sharing a Valkey server"
+    )
     args = parser.parse_args()
-    if args.bare_relay:
+    if args.redis:
+        from tests.bench.hub_cluster import main as cluster_main
+
+        asyncio.run(cluster_main(args.quick))
+    elif args.bare_relay:
         raise_file_limit()
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(bare_relay(0))

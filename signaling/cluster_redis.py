@@ -1,0 +1,591 @@
+"""The cluster's edge: executes `signaling.cluster` operations against Redis (or Valkey).
+
+What lives in Redis, under a key prefix (``blindhub`` by default):
+
+- ``{p}:room:{room}`` (sorted set, members by join order) and ``{p}:where:{room}`` (peer ->
+  node): the members of each room, cluster-wide; ``{p}:rooms``: the rooms, for ``max_rooms``;
+- ``{p}:node-peers:{node}``: the peers of a node (peer -> room), so that a dead node's peers
+  can be removed; ``{p}:nodes``: the nodes; ``{p}:alive:{node}``: a node's presence, a key
+  with a TTL its heartbeat refreshes. A node whose presence expired is reaped by the first
+  other node that notices: its peers leave their rooms and their rooms hear ``peer-left``;
+- ``{p}:inbox:{peer}``: a stream per recipient, for every event that crosses processes
+  (relay, peer-joined, peer-left), bounded by MAXLEN; each entry carries its sender and the
+  sender's sequence number, so a write retried after a lost reply is delivered once;
+- ``{p}:hint:{node}``: a pub/sub channel naming a recipient with new entries. Pub/sub is
+  at-most-once, so a hint only saves time: every heartbeat also reads every local stream.
+
+Every decision that needs the cluster's state (room size, room limit, membership) is one Lua
+script, so it is atomic: two processes cannot both admit the last seat of a room.
+"""
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis.asyncio as redis
+from redis import exceptions as redis_errors
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from signaling.cluster import (
+    FINAL_SEQ,
+    ClusterCore,
+    Event,
+    JoinOp,
+    LeaveOp,
+    RelayOp,
+)
+from signaling.hub import Delivery
+from signaling.protocol import ErrorCode, JsonText, PeerId
+
+OVERFLOW: Final = "o"
+"""The kind of the stream entry written in place of one that would pass the stream's bound."""
+
+_READ_BATCH: Final = 256
+_MAX_STREAM: Final = 65536
+_MAX_BATCH: Final = 1024
+_MAX_QUEUED: Final = 8192
+_STREAMS_PER_READ: Final = 512
+
+_PRELUDE: Final = """
+local p = ARGV[1]
+local maxlen = ARGV[2]
+local inbox_ttl = ARGV[3]
+local function notify(recipient, rnode, kind, sender, room, seq, payload)
+  local key = p .. ':inbox:' .. recipient
+  local unread = redis.call('XLEN', key)
+  if unread >= tonumber(maxlen) then
+    -- Its process is that far behind: one overflow mark, read as "close it" (slow-reader).
+    if unread == tonumber(maxlen) then
+      redis.call('XADD', key, '*', 'k', 'o', 'f', sender, 'r', room, 's', seq)
+    end
+  elseif payload then
+    redis.call('XADD', key, '*', 'k', kind, 'f', sender, 'r', room, 's', seq, 'd', payload)
+  else
+    redis.call('XADD', key, '*', 'k', kind, 'f', sender, 'r', room, 's', seq)
+  end
+  redis.call('PEXPIRE', key, inbox_ttl)
+  redis.call('PUBLISH', p .. ':hint:' .. rnode, recipient)
+end
+local function leave(room, peer, node, seq)
+  local wk = p .. ':where:' .. room
+  if redis.call('HDEL', wk, peer) == 0 then return 0 end
+  redis.call('ZREM', p .. ':room:' .. room, peer)
+  redis.call('HDEL', p .. ':node-peers:' .. node, peer)
+  redis.call('DEL', p .. ':inbox:' .. peer)
+  local rest = redis.call('HGETALL', wk)
+  if #rest == 0 then
+    redis.call('DEL', p .. ':room:' .. room)
+    redis.call('SREM', p .. ':rooms', room)
+  end
+  for i = 1, #rest, 2 do
+    if rest[i + 1] ~= node then notify(rest[i], rest[i + 1], 'l', peer, room, seq, nil) end
+  end
+  return 1
+end
+"""
+
+# ARGV[4..]: room, peer, node, max peers, max rooms, seq, restore ("1": re-add a member the
+# store lost, whatever the limits; nothing if it is there).
+_JOIN: Final = (
+    _PRELUDE
+    + """
+local room, peer, node, seq = ARGV[4], ARGV[5], ARGV[6], ARGV[9]
+local restore = ARGV[10] == '1'
+local rk, wk = p .. ':room:' .. room, p .. ':where:' .. room
+if restore and redis.call('HEXISTS', wk, peer) == 1 then return {'present'} end
+local n = redis.call('ZCARD', rk)
+if n == 0 then
+  if not restore and redis.call('SCARD', p .. ':rooms') >= tonumber(ARGV[8]) then
+    return {'too-many-rooms'}
+  end
+  redis.call('SADD', p .. ':rooms', room)
+elseif not restore and n >= tonumber(ARGV[7]) then
+  return {'room-full'}
+end
+local reply = {'ok'}
+for _, other in ipairs(redis.call('ZRANGE', rk, 0, -1)) do
+  local onode = redis.call('HGET', wk, other)
+  reply[#reply + 1] = other
+  reply[#reply + 1] = onode
+  if onode ~= node then notify(other, onode, 'j', peer, room, seq, nil) end
+end
+redis.call('ZADD', rk, redis.call('INCR', p .. ':order'), peer)
+redis.call('HSET', wk, peer, node)
+redis.call('HSET', p .. ':node-peers:' .. node, peer, room)
+return reply
+"""
+)
+
+# ARGV[4..]: room, sender, recipient, seq, payload.
+_RELAY: Final = (
+    _PRELUDE
+    + """
+local wk = p .. ':where:' .. ARGV[4]
+local rnode = redis.call('HGET', wk, ARGV[6])
+if not rnode or redis.call('HEXISTS', wk, ARGV[5]) == 0 then return 'unknown-peer' end
+notify(ARGV[6], rnode, 'r', ARGV[5], ARGV[4], ARGV[7], ARGV[8])
+return 'ok'
+"""
+)
+
+# ARGV[4..]: room, peer, node, seq.
+_LEAVE: Final = _PRELUDE + "return leave(ARGV[4], ARGV[5], ARGV[6], ARGV[7])\n"
+
+# ARGV[4..]: the node, the seq of its peers' peer-left. Nothing while the node is alive.
+_REAP: Final = (
+    _PRELUDE
+    + """
+local dead = ARGV[4]
+if redis.call('EXISTS', p .. ':alive:' .. dead) == 1 then return -1 end
+local peers = redis.call('HGETALL', p .. ':node-peers:' .. dead)
+for i = 1, #peers, 2 do leave(peers[i + 1], peers[i], dead, ARGV[5]) end
+redis.call('DEL', p .. ':node-peers:' .. dead)
+redis.call('SREM', p .. ':nodes', dead)
+return #peers / 2
+"""
+)
+
+
+# XREAD's reply with decoded responses: per stream, its entries (ID, fields).
+_XReadReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
+
+
+def new_node_id() -> str:
+    """A fresh id for one hub process (a restarted process is a new node)."""
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """How one process takes part in the cluster."""
+
+    url: str
+    prefix: str = "blindhub"
+    heartbeat_interval: float = 1.0
+    # Presence TTL, in heartbeats: a killed process is reaped at most
+    # ``(presence_beats + 1) * heartbeat_interval`` seconds after its last heartbeat.
+    presence_beats: int = 3
+    socket_timeout: float = 2.0
+    max_redis_connections: int = 32
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval <= 0 or self.presence_beats < 2:
+            raise ValueError("the heartbeat must be positive and the presence at least 2 beats")
+
+    @property
+    def presence_ttl(self) -> float:
+        return self.heartbeat_interval * self.presence_beats
+
+    @property
+    def failure_detection_bound(self) -> float:
+        """Seconds from a process's death until the others have reaped it, at most."""
+        return self.presence_ttl + self.heartbeat_interval
+
+
+def _client(config: ClusterConfig, max_connections: int) -> redis.Redis:
+    # Operations wait for one of a bounded set of Redis connections, as long as it takes:
+    # a busy pool is backpressure (a waiting connection reads no more frames, so TCP slows
+    # its sender), not an outage. A Redis that stops answering fails each command after
+    # socket_timeout instead.
+    pool = redis.BlockingConnectionPool.from_url(
+        config.url,
+        max_connections=max_connections,
+        timeout=None,
+        decode_responses=True,
+        socket_timeout=config.socket_timeout,
+        socket_connect_timeout=config.socket_timeout,
+        # One retry on a broken connection: a write retried after its reply was lost is
+        # written twice, and the recipient's sequence check delivers it once.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+    )
+    return redis.Redis.from_pool(pool)
+
+
+class ClusterLink:
+    """Runs a `ClusterCore`'s operations on Redis and feeds back what other nodes sent.
+
+    ``start(deliver)`` connects and starts the heartbeat, the hint listener and the stream
+    reader; ``deliver`` writes deliveries to local connections (`HubServer.deliver`).
+    """
+
+    def __init__(
+        self, core: ClusterCore, config: ClusterConfig, *, logger: logging.Logger | None = None
+    ) -> None:
+        self.core = core
+        self.config = config
+        self._logger = logger or logging.getLogger("blindhub.hub")
+        # Three clients, so that neither a flood of relays nor a backlog of reads can delay
+        # the heartbeat past the presence TTL (the others would reap a live process), and
+        # sends cannot starve reads: the connections' operations, the stream reader, and the
+        # control traffic (heartbeat, reaper, hints).
+        self._redis = _client(config, config.max_redis_connections)
+        self._reader = _client(config, 1)
+        self._control = _client(config, 4)
+        self._join = self._redis.register_script(_JOIN)
+        self._relay = self._redis.register_script(_RELAY)
+        self._leave = self._redis.register_script(_LEAVE)
+        self._reap = self._redis.register_script(_REAP)
+        self._deliver: Callable[[list[Delivery]], None] = lambda deliveries: None
+        self._close_slow_reader: Callable[[PeerId], None] = lambda peer: None
+        # Unread entries per recipient stream: past it the recipient is closed as a slow
+        # reader, as one process closes a client past max_buffered_bytes. Twice what one
+        # sender may burst, so a process that keeps up never reaches it.
+        limits = core.limits
+        self._stream_bound = min(_MAX_STREAM, max(1024, 2 * limits.rate_burst))
+        # Per local recipient in a room, the ID of the last entry read from its stream.
+        self._positions: dict[PeerId, str] = {}
+        self._dirty: set[PeerId] = set()
+        self._wake = asyncio.Event()
+        self._pending_leaves: list[LeaveOp] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        # Operations for the next pipeline: a script, its arguments, what to do with its reply
+        # (or its error).
+        self._queue: list[tuple[AsyncScript, list[Any], Callable[[Any], None]]] = []
+        self._queued = asyncio.Event()
+        self._space = asyncio.Event()
+        self._stopping = False
+        self._beaten = False
+
+    @property
+    def node(self) -> str:
+        return self.core.node
+
+    def _args(self, *args: object) -> list[Any]:
+        ttl_ms = int(max(60.0, 10 * self.config.presence_ttl) * 1000)
+        return [self.config.prefix, self._stream_bound, ttl_ms, *args]
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.config.prefix, *parts))
+
+    async def start(
+        self,
+        deliver: Callable[[list[Delivery]], None],
+        close_slow_reader: Callable[[PeerId], None],
+    ) -> None:
+        self._deliver = deliver
+        self._close_slow_reader = close_slow_reader
+        await self._heartbeat()
+        self._log("cluster-start", redis_available=self.core.available)
+        works = (
+            self._write_batches(),
+            self._beat_forever(),
+            self._listen_for_hints(),
+            self._read_streams(),
+        )
+        for work in works:
+            self._tasks.append(asyncio.create_task(work))
+
+    async def close(self) -> None:
+        """Stop, and leave the cluster at once (the others need not wait for the TTL)."""
+        # The writer first writes what is queued (the leaves of the closed connections).
+        # Every loop also stops on this flag: redis-py may swallow a cancellation that lands
+        # in the middle of a command, and the task would then wait forever.
+        self._stopping = True
+        self._queued.set()
+        self._wake.set()
+        writer = self._tasks[0]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(writer), 2 * self.config.socket_timeout)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(RedisError, OSError):
+            await self._control.delete(self._key("alive", self.node))
+            await self._reap(args=self._args(self.node, FINAL_SEQ), client=self._control)
+        for client in (self._redis, self._reader, self._control):
+            await client.aclose()
+
+    # -- the operations of one connection, in order
+
+    async def run(self, peer: PeerId) -> list[Delivery]:
+        """Start what ``peer``'s last frame (or its disconnect) requires of the cluster.
+
+        A join is waited for (its welcome comes from Redis). Relays and leaves are queued,
+        in order, for the next pipeline, and the connection reads its next frame at once: its
+        refusals (``unknown-peer``, ``cluster-unavailable``) are delivered when Redis answers.
+        Only a queue at its bound makes the connection wait (backpressure)."""
+        deliveries: list[Delivery] = []
+        for op in self.core.take_ops(peer):
+            if isinstance(op, JoinOp):
+                deliveries += await self._run_join(op)
+            else:
+                self.submit(op)
+        while len(self._queue) >= _MAX_QUEUED:
+            self._space.clear()
+            await self._space.wait()
+        return deliveries
+
+    def submit(self, op: RelayOp | LeaveOp) -> None:
+        """Queue a relay or a leave for the next pipeline."""
+        if isinstance(op, RelayOp):
+            args = self._args(op.room, op.sender, op.recipient, op.seq, op.payload)
+            self._queue.append((self._relay, args, lambda reply: self._relayed(op, reply)))
+        else:
+            self._positions.pop(op.peer, None)
+            args = self._args(op.room, op.peer, self.node, op.seq)
+            self._queue.append((self._leave, args, lambda reply: self._left(op, reply)))
+        self._queued.set()
+
+    async def _run_join(self, op: JoinOp) -> list[Delivery]:
+        limits = self.core.limits
+        args = (op.room, op.peer, self.node, limits.max_peers_per_room, limits.max_rooms, op.seq)
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((self._join, self._args(*args, "0"), reply.set_result))
+        self._queued.set()
+        outcome = await reply
+        if isinstance(outcome, Exception):
+            self._failed(outcome)
+            return self.core.refused(op, ErrorCode.CLUSTER_UNAVAILABLE)
+        if outcome[0] != "ok":
+            return self.core.refused(op, ErrorCode(outcome[0]))
+        self._positions[op.peer] = "0-0"
+        self._mark_dirty(op.peer)
+        others = [(PeerId(outcome[i]), outcome[i + 1]) for i in range(1, len(outcome), 2)]
+        return self.core.joined(op, others)
+
+    def _relayed(self, op: RelayOp, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            self._failed(reply)
+            self._deliver(self.core.refused(op, ErrorCode.CLUSTER_UNAVAILABLE))
+        elif reply != "ok":
+            self._deliver(self.core.refused(op, ErrorCode.UNKNOWN_PEER))
+        else:
+            self.core.relayed(op)
+
+    def _left(self, op: LeaveOp, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            self._failed(reply)
+            self._pending_leaves.append(op)  # written when Redis returns
+
+    # -- the writes of every connection, pipelined
+
+    async def _write_batches(self) -> None:
+        # One pipeline at a time, of the operations queued meanwhile, in queue order: under
+        # load a round trip carries many, and one connection's operations stay in order.
+        while True:
+            await self._queued.wait()
+            if self._stopping and not self._queue:
+                return
+            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            if not self._queue:
+                self._queued.clear()
+            self._space.set()
+            replies: list[Any]
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for script, args, _ in batch:
+                        await script(args=args, client=pipe)
+                    replies = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as error:
+                replies = [error] * len(batch)
+            for (_, _, done), reply in zip(batch, replies, strict=True):
+                done(reply)
+
+    # -- failure and recovery
+
+    def _failed(self, error: Exception) -> None:
+        self.core.cluster_metrics.redis_errors_total += 1
+        if self.core.available:
+            self._log("redis-unavailable", error=f"{type(error).__name__}: {error}")
+        self.core.available = False
+
+    async def _heartbeat(self) -> None:
+        try:
+            alive = self._key("alive", self.node)
+            ttl_ms = int(self.config.presence_ttl * 1000)
+            async with self._control.pipeline(transaction=False) as pipe:
+                pipe.set(alive, "1", px=ttl_ms, get=True)
+                pipe.sadd(self._key("nodes"), self.node)
+                before, _ = await pipe.execute()
+            if before is None and self._beaten:
+                # Redis lost this node (it restarted, or reaped it after missed heartbeats).
+                # The other processes put their peers back at their own next heartbeat, within
+                # one interval: until this node's next one, joins and remote relays get
+                # cluster-unavailable, not an unknown-peer for a peer not yet put back.
+                self.core.available = False
+                await self._restore()
+            elif not self.core.available:
+                await self._recover()
+            self._beaten = True
+            await self._reap_dead_nodes()
+        except (RedisError, OSError) as error:
+            self._failed(error)
+            return
+        # The sweep: every local stream is read, whatever hints were lost.
+        self._dirty.update(self._positions)
+        self._wake.set()
+
+    async def _recover(self) -> None:
+        await self._drop_stale_connections()
+        while self._pending_leaves:
+            op = self._pending_leaves[0]
+            await self._leave(
+                args=self._args(op.room, op.peer, self.node, op.seq), client=self._control
+            )
+            self._pending_leaves.pop(0)
+        self.core.available = True
+        self._log("redis-available")
+
+    async def _restore(self) -> None:
+        """Put this node's members back into a Redis that lost them; re-read every stream."""
+        await self._drop_stale_connections()
+        limits = self.core.limits
+        for peer, room in self.core.local_members():
+            args = (room, peer, self.node, limits.max_peers_per_room, limits.max_rooms, 0)
+            await self._join(args=self._args(*args, "1"), client=self._control)
+        # Entries already delivered are dropped by their sequence numbers.
+        for peer in self._positions:
+            self._positions[peer] = "0-0"
+        self._log("cluster-restored", members=len(self._positions))
+
+    async def _drop_stale_connections(self) -> None:
+        # Connections idle in the pools across an outage are broken: each would fail once.
+        for client in (self._redis, self._reader):
+            await client.connection_pool.disconnect(inuse_connections=False)
+
+    async def _reap_dead_nodes(self) -> None:
+        members: set[str] = await self._control.smembers(self._key("nodes"))  # type: ignore[assignment]
+        nodes = sorted(members - {self.node})
+        if not nodes:
+            return
+        async with self._control.pipeline(transaction=False) as pipe:
+            for node in nodes:
+                pipe.exists(self._key("alive", node))
+            alive = await pipe.execute()
+        for node, exists in zip(nodes, alive, strict=True):
+            if exists:
+                continue
+            reaped = await self._reap(args=self._args(node, FINAL_SEQ), client=self._control)
+            if reaped >= 0:
+                self.core.cluster_metrics.nodes_reaped_total += 1
+                self._log("node-reaped", dead=node, peers=reaped)
+
+    async def _beat_forever(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            await self._heartbeat()
+
+    # -- what other nodes sent
+
+    def _mark_dirty(self, peer: PeerId) -> None:
+        self._dirty.add(peer)
+        self._wake.set()
+
+    async def _listen_for_hints(self) -> None:
+        channel = self._key("hint", self.node)
+        while not self._stopping:
+            try:
+                async with self._control.pubsub() as pubsub:
+                    await pubsub.subscribe(channel)
+                    while not self._stopping:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=self.config.heartbeat_interval
+                        )
+                        if message is not None and message["data"] in self._positions:
+                            self._mark_dirty(PeerId(message["data"]))
+            except (RedisError, OSError) as error:
+                self._failed(error)
+            # Resubscribe after a heartbeat; the sweep reads whatever was hinted meanwhile.
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    async def _read_streams(self) -> None:
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            peers = [peer for peer in self._dirty if peer in self._positions]
+            self._dirty.clear()
+            for start in range(0, len(peers), _STREAMS_PER_READ):
+                chunk = peers[start : start + _STREAMS_PER_READ]
+                try:
+                    await self._read(chunk)
+                except (RedisError, OSError) as error:
+                    self._failed(error)  # the next heartbeat's sweep reads them again
+
+    async def _read(self, peers: list[PeerId]) -> None:
+        streams = {self._key("inbox", peer): self._positions[peer] for peer in peers}
+        async with self._reader.pipeline(transaction=False) as pipe:
+            # What was delivered leaves the stream, so its length is what is still unread.
+            for key, position in streams.items():
+                if position != "0-0":
+                    pipe.xtrim(key, minid=position)
+            pipe.xread(streams, count=_READ_BATCH)  # type: ignore[arg-type]
+            results = await pipe.execute()
+        replies: _XReadReply = results[-1]
+        now = time.time()
+        metrics = self.core.cluster_metrics
+        prefix_length = len(self._key("inbox", ""))
+        for key, entries in replies:
+            peer = PeerId(key[prefix_length:])
+            if peer not in self._positions:
+                continue  # it left while the read was under way
+            for entry_id, entry in entries:
+                if entry["k"] == OVERFLOW:
+                    self.core.cluster_metrics.stream_overflows_total += 1
+                    self._positions.pop(peer, None)
+                    self._close_slow_reader(peer)
+                    break
+                self._positions[peer] = entry_id
+                lag = max(0.0, now - int(entry_id.split("-")[0]) / 1000)
+                metrics.stream_lag_seconds = lag
+                metrics.stream_lag_seconds_sum += lag
+                metrics.stream_lag_count += 1
+                event = Event(
+                    entry["k"], PeerId(entry["f"]), entry["r"], int(entry["s"]),
+                    JsonText(entry["d"]) if "d" in entry else None,
+                )  # fmt: skip
+                self._deliver(self.core.receive(peer, event))
+            if len(entries) == _READ_BATCH and peer in self._positions:
+                self._dirty.add(peer)
+                self._wake.set()
+
+    # -- what /metrics adds
+
+    def metric_lines(self) -> list[str]:
+        metrics = self.core.cluster_metrics
+        return [
+            "# HELP blindhub_node_info The id of this hub process in its cluster.",
+            "# TYPE blindhub_node_info gauge",
+            f'blindhub_node_info{{node="{self.node}"}} 1',
+            "# HELP blindhub_redis_available 1 while the shared state (Redis) answers.",
+            "# TYPE blindhub_redis_available gauge",
+            f"blindhub_redis_available {int(self.core.available)}",
+            "# HELP blindhub_redis_errors_total Redis commands that failed.",
+            "# TYPE blindhub_redis_errors_total counter",
+            f"blindhub_redis_errors_total {metrics.redis_errors_total}",
+            "# HELP blindhub_cross_node_relays_sent_total Relays written to another process.",
+            "# TYPE blindhub_cross_node_relays_sent_total counter",
+            f"blindhub_cross_node_relays_sent_total {metrics.relays_sent_total}",
+            "# HELP blindhub_cross_node_relays_received_total Relays read from another process.",
+            "# TYPE blindhub_cross_node_relays_received_total counter",
+            f"blindhub_cross_node_relays_received_total {metrics.relays_received_total}",
+            "# HELP blindhub_duplicates_dropped_total Stream entries delivered before.",
+            "# TYPE blindhub_duplicates_dropped_total counter",
+            f"blindhub_duplicates_dropped_total {metrics.duplicates_dropped_total}",
+            "# HELP blindhub_stream_lag_seconds From a stream entry's write to its read.",
+            "# TYPE blindhub_stream_lag_seconds summary",
+            f"blindhub_stream_lag_seconds_sum {metrics.stream_lag_seconds_sum:.6f}",
+            f"blindhub_stream_lag_seconds_count {metrics.stream_lag_count}",
+            "# HELP blindhub_stream_lag_last_seconds The lag of the last entry read.",
+            "# TYPE blindhub_stream_lag_last_seconds gauge",
+            f"blindhub_stream_lag_last_seconds {metrics.stream_lag_seconds:.6f}",
+            "# HELP blindhub_stream_overflows_total Peers closed: their process fell behind.",
+            "# TYPE blindhub_stream_overflows_total counter",
+            f"blindhub_stream_overflows_total {metrics.stream_overflows_total}",
+            "# HELP blindhub_nodes_reaped_total Dead processes whose peers this one removed.",
+            "# TYPE blindhub_nodes_reaped_total counter",
+            f"blindhub_nodes_reaped_total {metrics.nodes_reaped_total}",
+        ]
+
+    def _log(self, event: str, **fields: object) -> None:
+        self._logger.info(event, extra={"fields": {"node": self.node, **fields}})

@@ -1,0 +1,116 @@
+"""The cluster's routing core alone: what it decides, and the operations it asks the edge for."""
+
+import itertools
+
+from signaling.cluster import FINAL_SEQ, ClusterCore, Event, JoinOp, LeaveOp, RelayOp
+from signaling.hub import Delivery, Limits
+from signaling.protocol import (
+    ErrorCode,
+    ErrorMessage,
+    JsonText,
+    PeerId,
+    PeerJoined,
+    PeerLeft,
+    RelayFrom,
+    Welcome,
+)
+
+NODE = "n1"
+
+
+def core(**limits) -> ClusterCore:
+    ids = (PeerId(f"p{n}") for n in itertools.count(1))
+    return ClusterCore(NODE, Limits(**limits), new_peer_id=lambda: next(ids))
+
+
+def joined(hub: ClusterCore, room: str, others: list[tuple[PeerId, str]]) -> PeerId:
+    peer = hub.connect(0.0)
+    assert hub.handle(peer, f'{{"type":"join","room":"{room}"}}', 0.0) == []
+    [op] = hub.take_ops(peer)
+    assert op == JoinOp(peer, room, 1)
+    assert isinstance(op, JoinOp)
+    hub.joined(op, others)
+    return peer
+
+
+def test_a_join_waits_for_the_store_and_welcomes_with_the_members_of_every_node():
+    hub = core()
+    local = joined(hub, "r", [])
+    peer = hub.connect(0.0)
+    hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
+    # A second join while the first is with the store is refused at once.
+    [refusal] = hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
+    assert isinstance(refusal.message, ErrorMessage)
+    assert refusal.message.code is ErrorCode.ALREADY_JOINED
+    [op] = hub.take_ops(peer)
+    assert isinstance(op, JoinOp)
+    deliveries = hub.joined(op, [(PeerId("remote"), "n2"), (local, NODE)])
+    assert deliveries == [
+        Delivery(peer, Welcome(peer, "r", (PeerId("remote"), local)), "r"),
+        Delivery(local, PeerJoined(peer), "r"),  # the store told the remote one
+    ]
+
+
+def test_relays_between_local_peers_never_reach_the_store_and_others_do_in_order():
+    hub = core()
+    alice = joined(hub, "r", [])
+    bob = joined(hub, "r", [(alice, NODE)])
+    assert hub.handle(alice, f'{{"type":"relay","to":"{bob}","payload":1}}', 0.0) == [
+        Delivery(bob, RelayFrom(alice, JsonText("1")), "r")
+    ]
+    assert hub.take_ops(alice) == []
+    for n in (2, 3):
+        assert hub.handle(alice, f'{{"type":"relay","to":"far","payload":{n}}}', 0.0) == []
+    assert hub.take_ops(alice) == [
+        RelayOp(alice, "far", "r", JsonText("2"), 2),
+        RelayOp(alice, "far", "r", JsonText("3"), 3),
+    ]
+
+
+def test_without_the_store_joins_and_remote_relays_are_refused_and_leaves_are_kept():
+    hub = core()
+    alice = joined(hub, "r", [])
+    bob = joined(hub, "r", [(alice, NODE)])
+    hub.available = False
+    newcomer = hub.connect(0.0)
+    [refusal] = hub.handle(newcomer, '{"type":"join","room":"s"}', 0.0)
+    assert isinstance(refusal.message, ErrorMessage)
+    assert refusal.message.code is ErrorCode.CLUSTER_UNAVAILABLE
+    [refusal] = hub.handle(alice, '{"type":"relay","to":"far","payload":1}', 0.0)
+    assert isinstance(refusal.message, ErrorMessage)
+    assert refusal.message.code is ErrorCode.CLUSTER_UNAVAILABLE
+    [local] = hub.handle(alice, f'{{"type":"relay","to":"{bob}","payload":1}}', 0.0)
+    assert local.recipient == bob
+    assert hub.disconnect(alice) == [Delivery(bob, PeerLeft(alice), "r")]
+    assert hub.take_ops(alice) == [LeaveOp(alice, "r", 2)]
+
+
+def test_an_event_read_twice_is_delivered_once_and_a_left_room_hears_nothing():
+    hub = core()
+    alice = joined(hub, "r", [])
+    remote = PeerId("remote")
+    joined_event = Event(Event.JOINED, remote, "r", 1)
+    relay = Event(Event.RELAY, remote, "r", 2, JsonText('"hi"'))
+    assert hub.receive(alice, joined_event) == [Delivery(alice, PeerJoined(remote), "r")]
+    assert hub.receive(alice, relay) == [Delivery(alice, RelayFrom(remote, JsonText('"hi"')), "r")]
+    assert hub.receive(alice, relay) == []
+    assert hub.receive(alice, joined_event) == []
+    assert hub.cluster_metrics.duplicates_dropped_total == 2
+    left = Event(Event.LEFT, remote, "r", FINAL_SEQ)
+    assert hub.receive(alice, left) == [Delivery(alice, PeerLeft(remote), "r")]
+    assert hub.receive(alice, Event(Event.RELAY, remote, "r", 3, JsonText("1"))) == []
+    hub.handle(alice, '{"type":"leave"}', 0.0)
+    assert hub.receive(alice, Event(Event.RELAY, PeerId("x"), "r", 1, JsonText("1"))) == []
+
+
+def test_store_refusals_become_the_single_process_errors():
+    hub = core()
+    peer = hub.connect(0.0)
+    hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
+    [op] = hub.take_ops(peer)
+    for code in (ErrorCode.ROOM_FULL, ErrorCode.TOO_MANY_ROOMS, ErrorCode.CLUSTER_UNAVAILABLE):
+        [error] = hub.refused(op, code)
+        assert isinstance(error.message, ErrorMessage)
+        assert error.message.code is code
+    assert hub.room_of(peer) is None
+    assert hub.metrics.errors_total[ErrorCode.ROOM_FULL] == 1

@@ -1,0 +1,406 @@
+"""Hub processes sharing rooms through a real Valkey server (tests/redis_server.py).
+
+In-process hubs (several `HubServer`s on one event loop, each its own node) where a test
+reads internals; real ``blindhub hub --redis`` subprocesses where a process must die or
+be flooded on its own cores.
+"""
+
+import asyncio
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from client.cli import main
+from signaling.cluster import ClusterCore, RelayOp
+from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id
+from signaling.hub import Limits
+from signaling.protocol import ErrorCode
+from signaling.server import HubServer
+from tests.conftest import wait_for
+from tests.redis_server import RedisServer
+
+TIMEOUT = 10.0
+HEARTBEAT = 0.2
+
+
+async def recv(websocket: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(websocket.recv(), TIMEOUT))
+    return message
+
+
+async def join(url: str, room: str) -> tuple[ClientConnection, dict[str, Any]]:
+    websocket = await connect(url, compression=None)
+    await websocket.send(json.dumps({"type": "join", "room": room}))
+    return websocket, await recv(websocket)
+
+
+async def relay(websocket: ClientConnection, to: str, payload: object) -> None:
+    await websocket.send(json.dumps({"type": "relay", "to": to, "payload": payload}))
+
+
+@asynccontextmanager
+async def hubs(
+    redis: RedisServer, count: int, limits: Limits | None = None
+) -> AsyncIterator[list[HubServer]]:
+    async with AsyncExitStack() as stack:
+        servers = []
+        for _ in range(count):
+            link = ClusterLink(
+                ClusterCore(new_node_id(), limits),
+                ClusterConfig(redis.url, heartbeat_interval=HEARTBEAT),
+            )
+            servers.append(await stack.enter_async_context(HubServer(cluster=link)))
+        yield servers
+
+
+def available(server: HubServer) -> bool:
+    assert server.cluster is not None
+    return server.cluster.core.available
+
+
+async def test_two_peers_on_two_processes_call_each_other(redis_server: RedisServer):
+    async with hubs(redis_server, 2) as (one, two):
+        alice, welcome_a = await join(one.url, "call")
+        bob, welcome_b = await join(two.url, "call")
+        assert welcome_a["peers"] == []
+        assert welcome_b["peers"] == [welcome_a["peer_id"]]
+        a, b = welcome_a["peer_id"], welcome_b["peer_id"]
+        assert await recv(alice) == {"type": "peer-joined", "peer_id": b}
+        await relay(bob, a, {"sdp": "offer", "n": 1.50})
+        # Forwarded byte for byte, as one process does.
+        assert await asyncio.wait_for(alice.recv(), TIMEOUT) == (
+            f'{{"type":"relay","from":"{b}","payload":{{"sdp": "offer", "n": 1.5}}}}'
+        )
+        await relay(alice, b, "answer")
+        assert await recv(bob) == {"type": "relay", "from": a, "payload": "answer"}
+        await bob.close()
+        assert await recv(alice) == {"type": "peer-left", "peer_id": b}
+        await alice.close()
+        metrics = one.cluster.metric_lines() if one.cluster else []
+        assert "blindhub_cross_node_relays_received_total 1" in metrics
+        assert "blindhub_cross_node_relays_sent_total 1" in metrics
+
+
+async def test_a_relay_storm_across_three_processes_arrives_once_and_in_order(
+    redis_server: RedisServer,
+):
+    count = 200
+    limits = Limits(max_peers_per_room=3, rate_per_second=1e6, rate_burst=10**6)
+    async with hubs(redis_server, 3, limits) as servers:
+        peers = []
+        for server in servers:
+            websocket, welcome = await join(server.url, "storm")
+            peers.append((websocket, welcome["peer_id"]))
+        ids = [peer_id for _, peer_id in peers]
+        for index, (websocket, _) in enumerate(peers):
+            for _ in range(2 - index):  # each hears those who came after it
+                assert (await recv(websocket))["type"] == "peer-joined"
+
+        async def send(websocket: ClientConnection, me: str) -> None:
+            for n in range(count):
+                for other in ids:
+                    if other != me:
+                        await relay(websocket, other, n)
+
+        async def hear(websocket: ClientConnection) -> dict[str, list[int]]:
+            heard: dict[str, list[int]] = {}
+            for _ in range(2 * count):
+                message = await recv(websocket)
+                heard.setdefault(message["from"], []).append(message["payload"])
+            return heard
+
+        results = await asyncio.gather(
+            *(send(ws, me) for ws, me in peers), *(hear(ws) for ws, _ in peers)
+        )
+        for (_, me), heard in zip(peers, results[3:], strict=True):
+            assert heard == {other: list(range(count)) for other in ids if other != me}
+        for websocket, _ in peers:
+            await websocket.close()
+
+
+async def test_every_refusal_holds_across_processes(redis_server: RedisServer):
+    limits = Limits(max_rooms=1, max_connections=2, rate_burst=3, rate_per_second=0.001)
+    async with hubs(redis_server, 2, limits) as (one, two):
+        alice, welcome = await join(one.url, "only")
+        bob, _ = await join(two.url, "only")
+        assert (await recv(alice))["type"] == "peer-joined"
+        # room-full: the room's two seats are on two processes.
+        carol, refusal = await join(two.url, "only")
+        assert refusal["code"] == ErrorCode.ROOM_FULL
+        # too-many-rooms: the one room of the cluster is on the other process.
+        await carol.send(json.dumps({"type": "join", "room": "second"}))
+        assert (await recv(carol))["code"] == ErrorCode.TOO_MANY_ROOMS
+        await carol.send(json.dumps({"type": "leave"}))
+        assert (await recv(carol))["code"] == ErrorCode.NOT_JOINED
+        # rate-limited: carol's fourth message (the burst is 3).
+        await carol.send(json.dumps({"type": "leave"}))
+        assert (await recv(carol))["code"] == ErrorCode.RATE_LIMITED
+        # hub-full: two connections on process two already.
+        extra = await connect(two.url)
+        await asyncio.wait_for(extra.wait_closed(), TIMEOUT)
+        assert (extra.close_code, extra.close_reason) == (1013, ErrorCode.HUB_FULL)
+        await carol.close()
+        await alice.close()
+        assert (await recv(bob))["type"] == "peer-left"
+        dave, _ = await join(one.url, "only")
+        assert (await recv(bob))["type"] == "peer-joined"
+        # unknown-peer: an id of the cluster that is not in the room, and one that never was.
+        await relay(dave, welcome["peer_id"], 1)  # alice left
+        assert (await recv(dave))["code"] == ErrorCode.UNKNOWN_PEER
+        # already-joined, then the parse errors and not-joined, answered by the process.
+        await dave.send(json.dumps({"type": "join", "room": "only"}))
+        assert (await recv(dave))["code"] == ErrorCode.ALREADY_JOINED
+        erin = await connect(one.url)
+        for frame, code in [
+            ("{", ErrorCode.INVALID_JSON),
+            ("[]", ErrorCode.NOT_AN_OBJECT),
+        ]:
+            await erin.send(frame)
+            assert (await recv(erin))["code"] == code
+        await erin.close()
+        frank = await connect(one.url)
+        for frame, code in [
+            ('{"type":"dance"}', ErrorCode.UNKNOWN_TYPE),
+            ('{"type":"join"}', ErrorCode.INVALID_FIELD),
+            ('{"type":"join","room":"a b"}', ErrorCode.INVALID_ROOM),
+        ]:
+            await frank.send(frame)
+            assert (await recv(frank))["code"] == code
+        await frank.close()
+        grace = await connect(two.url)  # bob's process has one free seat now
+        # cluster-unavailable: Redis stops; a join is refused, with the documented code.
+        redis_server.stop()
+        await wait_for(lambda: not available(one))
+        await grace.send(json.dumps({"type": "join", "room": "other"}))
+        assert (await recv(grace))["code"] == ErrorCode.CLUSTER_UNAVAILABLE
+        for websocket in (bob, dave, grace):
+            await websocket.close()
+
+
+async def test_a_retried_write_is_delivered_once(redis_server: RedisServer):
+    async with hubs(redis_server, 2) as (one, two):
+        alice, welcome_a = await join(one.url, "r")
+        bob, welcome_b = await join(two.url, "r")
+        a, b = welcome_a["peer_id"], welcome_b["peer_id"]
+        await recv(alice)
+        assert one.cluster is not None
+        link = one.cluster
+        frame = json.dumps({"type": "relay", "to": b, "payload": "once"})
+        assert link.core.handle(a, frame, asyncio.get_running_loop().time()) == []
+        [op] = link.core.take_ops(a)
+        assert isinstance(op, RelayOp)
+        # The same write twice, as redis-py's retry does when a reply is lost.
+        for _ in range(2):
+            link.submit(op)
+        await relay(alice, b, "after")
+        assert await recv(bob) == {"type": "relay", "from": a, "payload": "once"}
+        assert await recv(bob) == {"type": "relay", "from": a, "payload": "after"}
+        await wait_for(lambda: "blindhub_duplicates_dropped_total 1" in two_metrics(two))
+        await alice.close()
+        await bob.close()
+
+
+def two_metrics(server: HubServer) -> list[str]:
+    assert server.cluster is not None
+    return server.cluster.metric_lines()
+
+
+async def test_redis_stopped_and_restarted_mid_call(redis_server: RedisServer):
+    async with hubs(redis_server, 2) as (one, two):
+        alice, welcome_a = await join(one.url, "call")
+        bob, welcome_b = await join(two.url, "call")
+        a, b = welcome_a["peer_id"], welcome_b["peer_id"]
+        await recv(alice)
+        carol, _ = await join(one.url, "local")
+        dave, welcome_d = await join(one.url, "local")
+        await recv(carol)
+        await relay(alice, b, 1)
+        assert (await recv(bob))["payload"] == 1
+
+        redis_server.stop()
+        await wait_for(lambda: not available(one) and not available(two))
+        # New joins are refused; what one process can do alone goes on.
+        erin, refusal = await join(two.url, "new")
+        assert refusal["code"] == ErrorCode.CLUSTER_UNAVAILABLE
+        await relay(carol, welcome_d["peer_id"], "local")
+        assert (await recv(dave))["payload"] == "local"
+        await relay(alice, b, 2)
+        assert (await recv(alice))["code"] == ErrorCode.CLUSTER_UNAVAILABLE
+
+        redis_server.start()  # empty: it had no persistence
+        await wait_for(lambda: available(one) and available(two))
+        for n in (3, 4, 5):
+            await relay(alice, b, n)
+        await relay(bob, a, "back")
+        got = [await recv(bob) for _ in range(3)]
+        assert [m.get("payload") for m in got] == [3, 4, 5], got
+        assert (await recv(alice))["payload"] == "back"
+        await erin.send(json.dumps({"type": "join", "room": "call"}))
+        assert (await recv(erin))["code"] == ErrorCode.ROOM_FULL  # the call was restored
+        for websocket in (alice, bob, carol, dave, erin):
+            await websocket.close()
+
+
+# -- real processes
+
+
+@asynccontextmanager
+async def hub_process(redis: RedisServer, *flags: str) -> AsyncIterator[tuple[str, Any]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client.cli", "hub", "--port", "0", "--quiet",
+        "--redis", redis.url, "--heartbeat", str(HEARTBEAT), *flags,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert line.startswith("listening on "), line
+        yield line.removeprefix("listening on ").strip(), process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+
+
+@pytest.mark.slow
+async def test_a_killed_process_is_noticed_and_its_peers_leave(redis_server: RedisServer):
+    flags = ("--max-peers-per-room", "3")
+    async with AsyncExitStack() as stack:
+        processes = [
+            await stack.enter_async_context(hub_process(redis_server, *flags)) for _ in range(3)
+        ]
+        (url1, doomed), (url2, _), (url3, _) = processes
+        alice, welcome_a = await join(url1, "call")
+        bob, welcome_b = await join(url2, "call")
+        carol, welcome_c = await join(url3, "call")
+        a, b, c = welcome_a["peer_id"], welcome_b["peer_id"], welcome_c["peer_id"]
+        assert (await recv(bob))["peer_id"] == c
+        await relay(alice, b, "mid-call")
+        assert (await recv(bob))["payload"] == "mid-call"
+        doomed.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert await recv(bob) == {"type": "peer-left", "peer_id": a}
+        assert await recv(carol) == {"type": "peer-left", "peer_id": a}
+        # The bound: presence TTL (3 heartbeats) plus one heartbeat, and delivery.
+        bound = ClusterConfig("redis://", heartbeat_interval=HEARTBEAT).failure_detection_bound
+        assert time.monotonic() - killed_at < bound + 1.0
+        await relay(bob, c, "still here")
+        assert await recv(carol) == {"type": "relay", "from": b, "payload": "still here"}
+        # The dead process's seat is free again.
+        _dave, welcome_d = await join(url2, "call")
+        assert welcome_d["peers"] == [b, c]
+
+
+FLOODER = """
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+async def main(url, count):
+    sink = await connect(url, compression=None)
+    await sink.send('{"type":"join","room":"flood"}')
+    sink_id = json.loads(await sink.recv())["peer_id"]
+    source = await connect(url, compression=None)
+    await source.send('{"type":"join","room":"flood"}')
+    await source.recv()
+    frame = json.dumps({"type": "relay", "to": sink_id, "payload": "x" * 1000})
+    async def drain():
+        for _ in range(count):
+            await sink.recv()
+    reader = asyncio.create_task(drain())
+    print("flooding", flush=True)
+    for _ in range(count):
+        await source.send(frame)
+    await reader
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.mark.slow
+async def test_a_flood_on_one_process_does_not_slow_relays_between_the_others(
+    redis_server: RedisServer,
+):
+    flags = ("--rate-per-second", "1e9", "--rate-burst", "1000000000")
+    async with AsyncExitStack() as stack:
+        (url1, _), (url2, _), (url3, _) = [
+            await stack.enter_async_context(hub_process(redis_server, *flags)) for _ in range(3)
+        ]
+        bob, welcome_b = await join(url2, "quiet")
+        carol, welcome_c = await join(url3, "quiet")
+        await recv(bob)
+        b, c = welcome_b["peer_id"], welcome_c["peer_id"]
+
+        async def round_trips(count: int) -> list[float]:
+            times = []
+            for n in range(count):
+                started = time.perf_counter()
+                await relay(bob, c, n)
+                assert (await recv(carol))["payload"] == n
+                await relay(carol, b, n)
+                assert (await recv(bob))["payload"] == n
+                times.append(time.perf_counter() - started)
+            return times
+
+        quiet = await round_trips(100)
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FLOODER, url1, "200000", stdout=asyncio.subprocess.PIPE
+        )
+        assert flooder.stdout is not None
+        assert await asyncio.wait_for(flooder.stdout.readline(), TIMEOUT) == b"flooding\n"
+        flooded = await round_trips(100)
+        still_flooding = flooder.returncode is None
+        flooder.kill()
+        await flooder.wait()
+        assert still_flooding, "the flood ended before the measurement"
+        # The flooded process shares the machine's two cores, not the others' event loops.
+        assert statistics.median(flooded) < 3 * statistics.median(quiet) + 0.02, (
+            statistics.median(quiet),
+            statistics.median(flooded),
+        )
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--redis", "http://example.invalid"], "--redis:"),
+        (["--redis", "redis://127.0.0.1:1", "--heartbeat", "0"], "heartbeat must be positive"),
+    ],
+)
+def test_a_bad_redis_url_or_heartbeat_is_a_usage_error(flags, reason, capsys):
+    assert main(["hub", "--port", "0", *flags]) == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_the_in_memory_hub_does_not_load_the_redis_client():
+    code = "import sys, client.hub_command, signaling.server; print('redis' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout == "False\n", result.stderr
+
+
+@pytest.mark.slow
+async def test_a_real_call_between_peers_on_two_hub_processes(redis_server: RedisServer, tmp_path):
+    async with AsyncExitStack() as stack:
+        (url1, _), (url2, _) = [
+            await stack.enter_async_context(hub_process(redis_server)) for _ in range(2)
+        ]
+
+        async def call(url: str, name: str) -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "client.cli", "call", "room1", "--hub", url,
+                "--name", name, "--home", str(tmp_path / name), "--verify", "tofu",
+                "--duration", "2", stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+
+        alice, bob = await call(url1, "alice"), await call(url2, "bob")
+        results = await asyncio.wait_for(asyncio.gather(alice.communicate(), bob.communicate()), 90)
+        for process, (out, err) in zip((alice, bob), results, strict=True):
+            assert process.returncode == 0, err.decode()
+            assert "end-to-end encrypted (" in out.decode(), out.decode()
