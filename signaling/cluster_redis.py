@@ -341,7 +341,7 @@ class ClusterLink:
         limits = self.core.limits
         args = (op.room, op.peer, self.node, limits.max_peers_per_room, limits.max_rooms, op.seq)
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((self._join, self._args(*args, "0"), reply.set_result))
+        self._queue.append((self._join, self._args(*args, "0"), _settle(reply)))
         self._queued.set()
         outcome = await reply
         if isinstance(outcome, Exception):
@@ -589,3 +589,15 @@ class ClusterLink:
 
     def _log(self, event: str, **fields: object) -> None:
         self._logger.info(event, extra={"fields": {"node": self.node, **fields}})
+
+
+def _settle(future: asyncio.Future[Any]) -> Callable[[Any], None]:
+    """The writer's answer to a join. A join whose connection task was cancelled meanwhile has
+    nobody waiting: setting its result would raise inside the writer, which serves every
+    connection of this process."""
+
+    def settle(reply: Any) -> None:
+        if not future.done():
+            future.set_result(reply)
+
+    return settle

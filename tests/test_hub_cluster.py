@@ -20,10 +20,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from client.cli import main
-from signaling.cluster import ClusterCore, RelayOp
+from signaling.cluster import ClusterCore, JoinOp, RelayOp
 from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id
 from signaling.hub import Limits
-from signaling.protocol import ErrorCode
+from signaling.protocol import ErrorCode, PeerId
 from signaling.server import HubServer
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
@@ -404,3 +404,20 @@ async def test_a_real_call_between_peers_on_two_hub_processes(redis_server: Redi
         for process, (out, err) in zip((alice, bob), results, strict=True):
             assert process.returncode == 0, err.decode()
             assert "end-to-end encrypted (" in out.decode(), out.decode()
+
+
+async def test_a_join_abandoned_while_queued_does_not_stop_the_writer(redis_server: RedisServer):
+    # A connection task cancelled while its join waits in the writer's queue leaves a cancelled
+    # future behind; answering it must not end the writer that serves every connection (which
+    # would leave every later join, and the hub's own close, waiting for good).
+    async with asyncio.timeout(TIMEOUT), hubs(redis_server, 1) as [server]:
+        link = server.cluster
+        assert link is not None
+        abandoned = asyncio.create_task(link._run_join(JoinOp(PeerId("abandoned"), "room", 0)))
+        await asyncio.sleep(0)  # it has queued its join and awaits the reply
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        websocket, welcome = await join(server.url, "after")
+        assert welcome["type"] == "welcome"
+        await websocket.close()
