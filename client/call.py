@@ -50,7 +50,7 @@ from client.frame_transform import (
     install_sender_transform,
     request_keyframe,
 )
-from client.hub_connection import HubClosed, HubConnection, Relayed
+from client.hub_connection import HubClosed, HubConnection, HubEvent, Relayed
 from client.media import ReceivedMedia, collect, open_recorder, recordable
 from client.rtp_policy import AUDIO_BITRATE, strip_header_extensions
 from client.session import (
@@ -86,7 +86,7 @@ from crypto.frame_crypto import (
 )
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import CipherSuite
-from signaling.protocol import PeerId, PeerJoined, PeerLeft, SignalingError
+from signaling.protocol import PeerId, PeerJoined, PeerLeft, SignalingError, Welcome
 
 logger = logging.getLogger("blindhub.call")
 
@@ -311,8 +311,11 @@ _Event = _FromHub | _HubFailed | _Hangup | _SasAnswered | _KeyUsed
 class Call:
     """``stats = await Call(config).run()``; ``hangup()`` ends it from elsewhere (Ctrl-C)."""
 
-    def __init__(self, config: CallConfig, parts: CallParts | None = None) -> None:
+    def __init__(
+        self, config: CallConfig, parts: CallParts | None = None, *, joined: JoinedHub | None = None
+    ) -> None:
         self.config = config
+        self._joined = joined  # a hub connection already in the room (the call command's)
         self.parts = parts or CallParts()
         self.stats = CallStats()
         self.received = ReceivedMedia()
@@ -357,22 +360,9 @@ class Call:
 
     async def _join(self) -> None:
         config = self.config
-        self._phase(CallPhase.CONNECTING)
-        try:
-            async with asyncio.timeout(config.setup_timeout):
-                self._hub = await HubConnection.connect(
-                    config.hub_url, ssl_context=config.hub_ssl_context
-                )
-                self._join_time = time.monotonic()
-                welcome = await self._hub.join(config.room)
-        except ssl.SSLCertVerificationError as error:
-            raise HubNotTrusted(
-                f"the hub at {config.hub_url} is not trusted: {error.verify_message}"
-            ) from None
-        except (OSError, InvalidURI, InvalidHandshake, TimeoutError, SignalingError) as error:
-            raise HubUnreachable(
-                f"cannot join {config.room!r} at {config.hub_url}: {error}"
-            ) from None
+        joined = self._joined or await join_hub(config, self._phase)
+        self._hub, self._join_time = joined.hub, joined.join_time
+        welcome = joined.welcome
         if len(welcome.peers) > 1:
             raise CallFailed(f"room {config.room!r} already has a call")
         # The peer that was in the room first initiates; both sides see the same order.
@@ -382,7 +372,9 @@ class Call:
             # applied: make it while the peer joins and keys are agreed.
             self._offer = asyncio.create_task(self._create_offer())
             self._tasks.append(self._offer)
-        self._tasks.append(asyncio.create_task(self._read_hub()))
+        self._tasks.append(
+            asyncio.create_task(read_hub_events(joined.hub, self._from_hub, self._hub_failed))
+        )
         if welcome.peers:
             self._events.put_nowait(_FromHub(PeerJoined(welcome.peers[0])))
         else:
@@ -392,18 +384,14 @@ class Call:
         if self.config.on_phase is not None:
             self.config.on_phase(phase)
 
-    async def _read_hub(self) -> None:
-        assert self._hub is not None
-        while True:
-            try:
-                event = await self._hub.next_event()
-            except HubClosed as error:
-                self._events.put_nowait(_HubFailed(str(error), closed=True))
-                return
-            except SignalingError as error:
-                self._events.put_nowait(_HubFailed(str(error), closed=False))
-                continue
+    def _from_hub(self, event: HubEvent) -> None:
+        if isinstance(event, PeerJoined | PeerLeft | Relayed):
             self._events.put_nowait(_FromHub(event))
+        else:
+            self._events.put_nowait(_HubFailed(f"{event.TYPE} in a peer-to-peer room", False))
+
+    def _hub_failed(self, detail: str, closed: bool) -> None:
+        self._events.put_nowait(_HubFailed(detail, closed))
 
     # -- feeding the session
 
@@ -513,7 +501,7 @@ class Call:
                 answer = await self._answer(sdp)
                 return session.answer_ready(answer, now())
             case ApplyAnswer(sdp):
-                with _rejecting_bad_sdp():
+                with rejecting_bad_sdp("the peer's"):
                     await self._connection().setRemoteDescription(
                         RTCSessionDescription(strip_header_extensions(sdp), "answer")
                     )
@@ -538,9 +526,7 @@ class Call:
         return []
 
     async def _ask_sas(self, protection: ProtectionState) -> None:
-        confirm = self.config.confirm_sas
-        accepted = confirm is not None and await confirm(protection)
-        self._events.put_nowait(_SasAnswered(accepted))
+        self._events.put_nowait(_SasAnswered(await ask_sas(self.config, protection)))
 
     # -- the peer connection
 
@@ -558,7 +544,7 @@ class Call:
         for kind in KINDS:
             track = tracks.get(kind)
             pc.addTransceiver(track or kind, direction="sendrecv" if track else "recvonly")
-        self._prefer_codecs(pc)
+        prefer_supported_codecs(pc)
         offer = await pc.createOffer()
         await pc.setLocalDescription(
             RTCSessionDescription(strip_header_extensions(offer.sdp), offer.type)
@@ -567,26 +553,17 @@ class Call:
     async def _answer(self, offer: str) -> str:
         pc = self._new_connection()
         # The answer is derived from the offer: aiortc can also fail on the offer there.
-        with _rejecting_bad_sdp():
+        with rejecting_bad_sdp("the peer's"):
             await pc.setRemoteDescription(
                 RTCSessionDescription(strip_header_extensions(offer), "offer")
             )
             for track in self.config.tracks:
                 pc.addTrack(track)
-            self._prefer_codecs(pc)
+            prefer_supported_codecs(pc)
             self._install_transforms(pc)
             await pc.setLocalDescription(await pc.createAnswer())
         sdp: str = pc.localDescription.sdp
         return sdp
-
-    @staticmethod
-    def _prefer_codecs(pc: RTCPeerConnection) -> None:
-        """Opus and VP8 only: the codecs the frame transforms can frame."""
-        for transceiver in pc.getTransceivers():
-            capabilities = RTCRtpSender.getCapabilities(transceiver.kind)
-            transceiver.setCodecPreferences(
-                [c for c in capabilities.codecs if c.name in SUPPORTED_CODECS or c.name == "rtx"]
-            )
 
     def _install_transforms(self, pc: RTCPeerConnection) -> None:
         """The frame protection on every sender and receiver, and the constant-bitrate audio
@@ -712,14 +689,79 @@ def _keyframe_requester(receiver: RTCRtpReceiver) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def _rejecting_bad_sdp() -> Iterator[None]:
+def rejecting_bad_sdp(whose: str) -> Iterator[None]:
     """Even an authenticated peer's SDP is input: aiortc rejects bad SDP with untyped errors
-    (client/frame_transform.py's SDP_ERRORS); they become ``CallFailed``."""
+    (client/frame_transform.py's SDP_ERRORS); they become ``CallFailed``. ``whose`` names
+    the description's author in the message ("the peer's", "the hub's")."""
     try:
         yield
     except SDP_ERRORS as error:
         reason = str(error) or type(error).__name__
-        raise CallFailed(f"the peer's session description was rejected: {reason}") from None
+        raise CallFailed(f"{whose} session description was rejected: {reason}") from None
+
+
+def prefer_supported_codecs(pc: RTCPeerConnection) -> None:
+    """Opus and VP8 only: the codecs the frame transforms can frame."""
+    for transceiver in pc.getTransceivers():
+        capabilities = RTCRtpSender.getCapabilities(transceiver.kind)
+        transceiver.setCodecPreferences(
+            [c for c in capabilities.codecs if c.name in SUPPORTED_CODECS or c.name == "rtx"]
+        )
+
+
+@dataclass(frozen=True)
+class JoinedHub:
+    """A hub connection that has joined ``config.room``, and the hub's welcome."""
+
+    hub: HubConnection
+    welcome: Welcome
+    join_time: float  # time.monotonic() when the join was sent
+
+
+async def join_hub(config: CallConfig, on_phase: Callable[[CallPhase], None]) -> JoinedHub:
+    """Connect to the hub and join the room, or raise the call error that says why not."""
+    on_phase(CallPhase.CONNECTING)
+    try:
+        async with asyncio.timeout(config.setup_timeout):
+            hub = await HubConnection.connect(config.hub_url, ssl_context=config.hub_ssl_context)
+            join_time = time.monotonic()
+            try:
+                welcome = await hub.join(config.room)
+            except BaseException:
+                await hub.close()
+                raise
+    except ssl.SSLCertVerificationError as error:
+        raise HubNotTrusted(
+            f"the hub at {config.hub_url} is not trusted: {error.verify_message}"
+        ) from None
+    except (OSError, InvalidURI, InvalidHandshake, TimeoutError, SignalingError) as error:
+        raise HubUnreachable(f"cannot join {config.room!r} at {config.hub_url}: {error}") from None
+    return JoinedHub(hub, welcome, join_time)
+
+
+async def read_hub_events(
+    hub: HubConnection,
+    on_event: Callable[[HubEvent], None],
+    on_failure: Callable[[str, bool], None],
+) -> None:
+    """Hand each hub event to ``on_event`` until the connection closes; a bad message is
+    ``on_failure(detail, closed=False)``, the close ``on_failure(detail, closed=True)``."""
+    while True:
+        try:
+            event = await hub.next_event()
+        except HubClosed as error:
+            on_failure(str(error), True)
+            return
+        except SignalingError as error:
+            on_failure(str(error), False)
+            continue
+        on_event(event)
+
+
+async def ask_sas(config: CallConfig, protection: ProtectionState) -> bool:
+    """The user's answer to the SAS question; no answer without a ``confirm_sas``."""
+    confirm = config.confirm_sas
+    return confirm is not None and await confirm(protection)
 
 
 __all__ = [
@@ -731,6 +773,7 @@ __all__ = [
     "CallStats",
     "FrameProtection",
     "HubNotTrusted",
+    "JoinedHub",
     "KindStats",
     "SFrameProtection",
 ]

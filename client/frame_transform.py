@@ -13,7 +13,10 @@ adapters below wrap two internal seams, per instance and never by patching a cla
   retransmitted.
 - receiver: the jitter buffer's ``add`` returns each reassembled frame just before the receiver
   queues it for the decoder thread. The adapter wraps that ``add`` on the receiver's own jitter
-  buffer so that it transforms that frame or withholds it.
+  buffer so that it transforms that frame or withholds it. A group call's receivers may hold a
+  frame whose key has not arrived yet and pass it on later: ``LateDelivery`` puts it on the
+  receiver's decoder queue (``__decoder_queue``) as the receiver itself would have, with the
+  codec of its payload type (``__codecs``) and its timestamp mapped (``__timestamp_mapper``).
 
 Both run once per frame in the event loop's thread, between the encoder's or the network's
 work, where every step finds the caches cold: so each does as few steps as it can (no
@@ -49,6 +52,10 @@ FrameTransform = Callable[[bytes], bytes | None]
 PacketObserver = Callable[[RtpPacket], None]
 """Sees each RTP packet a receiver gets (after SRTP, before RTX unwrapping); must not alter it."""
 
+HoldingTransform = Callable[[bytes, int], bytes | None]
+"""Takes one encoded frame and its RTP timestamp; returns the bytes to pass on, or None to pass
+nothing on now (the frame is dropped, or held and handed to the receiver's ``LateDelivery``)."""
+
 RtpDataObserver = Callable[[bytes], None]
 """Sees each RTP packet a transport gets, as bytes after SRTP: the header and its extensions
 exactly as they crossed the wire in clear, then the payload SRTP decrypted."""
@@ -59,6 +66,10 @@ SUPPORTED_CODECS = frozenset({"opus", "VP8"})
 RECEIVER_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 RECEIVER_DECODER_ERROR = "_RTCRtpReceiver__decoder_error"
 SENDER_ENCODER = "_RTCRtpSender__encoder"
+RECEIVER_CODECS = "_RTCRtpReceiver__codecs"
+RECEIVER_DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"
+RECEIVER_DECODER_THREAD = "_RTCRtpReceiver__decoder_thread"
+RECEIVER_TIMESTAMP_MAPPER = "_RTCRtpReceiver__timestamp_mapper"
 
 # What aiortc raises for SDP it cannot apply. Its parser validates with `assert`, indexing and
 # `next()`, so malformed text also surfaces as AssertionError, IndexError, KeyError, and as
@@ -204,6 +215,54 @@ def install_receiver_transform(receiver: RTCRtpReceiver, transform: FrameTransfo
 
     # Per instance on purpose, as for the sender.
     jitter_buffer.add = add_and_transform  # type: ignore[method-assign]
+
+
+class LateDelivery:
+    """Passes a frame that a holding transform withheld to its receiver's decoder, later.
+
+    Called in the event loop's thread, like the transform. A frame is passed on only once the
+    receiver has decoded before (it knows the payload type) and while its decoder runs.
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver) -> None:
+        self._receiver = receiver
+        self.payload_type: int | None = None  # of the last frame the receiver reassembled
+
+    def __call__(self, frame: bytes, timestamp: int) -> bool:
+        """Queue ``frame`` (RTP timestamp ``timestamp``) for decoding; False if it cannot be."""
+        receiver = self._receiver
+        codec = getattr(receiver, RECEIVER_CODECS).get(self.payload_type)
+        if codec is None or getattr(receiver, RECEIVER_DECODER_THREAD) is None:
+            return False
+        mapped = getattr(receiver, RECEIVER_TIMESTAMP_MAPPER).map(timestamp)
+        getattr(receiver, RECEIVER_DECODER_QUEUE).put((codec, JitterFrame(frame, mapped)))
+        return True
+
+
+def install_holding_receiver_transform(
+    receiver: RTCRtpReceiver, transform: HoldingTransform
+) -> LateDelivery:
+    """Run ``transform`` on every frame ``receiver`` reassembles, with its RTP timestamp;
+    return what passes the frames it held on later. The same rules as
+    ``install_receiver_transform``."""
+    jitter_buffer: JitterBuffer = getattr(receiver, RECEIVER_JITTER_BUFFER)
+    if "add" in vars(jitter_buffer):
+        raise TransformAlreadyInstalledError("this receiver already has a frame transform")
+    add = jitter_buffer.add
+    late = LateDelivery(receiver)
+
+    def add_and_transform(packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        pli_flag, frame = add(packet)
+        if frame is not None:
+            late.payload_type = packet.payload_type
+            transformed = transform(frame.data, frame.timestamp)
+            if transformed is None:
+                return pli_flag, None
+            frame.data = transformed
+        return pli_flag, frame
+
+    jitter_buffer.add = add_and_transform  # type: ignore[method-assign]
+    return late
 
 
 def request_keyframe(receiver: RTCRtpReceiver) -> None:

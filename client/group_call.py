@@ -1,0 +1,542 @@
+"""The peer's asyncio driver for a group call through a hub that routes media.
+
+``GroupCall`` does the I/O of one group call and nothing else. The hub terminates this peer's
+one WebRTC connection (it offers, we answer: ``media-offer``/``media-answer``) and forwards
+every frame of every other member on pre-allocated slots, which ``media-tracks`` maps to
+members. Every protocol decision lives in ``client.group_session.GroupSession``: the pairwise
+key agreements, the SAS questions, the sender keys, the roster and the group security code.
+This module feeds it the hub's events, the SAS answers and the timer expiries, and carries out
+its actions: relay a payload, ask a SAS question, send under a new sender key, give a member's
+receiver a key, show the roster and the code.
+
+Fail closed as in a two-party call: the SFrame transforms are installed on every sender and
+receiver before the answer is made, so nothing can be sent before we hold a sender key, and
+nothing reaches a decoder that did not decrypt under the key of the member its slot belongs
+to. The slot map is the hub's word, so it is only a hint: a frame under another member's key
+fails to authenticate and is counted. A frame whose key has not arrived yet is held (bounded)
+and passed to the decoder when the key comes (``client.frame_transform.LateDelivery``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+
+from client.call import (
+    KINDS,
+    CallConfig,
+    CallPhase,
+    HubNotTrusted,
+    JoinedHub,
+    ask_sas,
+    join_hub,
+    prefer_supported_codecs,
+    read_hub_events,
+    rejecting_bad_sdp,
+)
+from client.frame_transform import (
+    FrameTransform,
+    LateDelivery,
+    install_constant_bitrate_opus,
+    install_holding_receiver_transform,
+    install_sender_transform,
+    request_keyframe,
+)
+from client.group_session import (
+    AddReceiveKey,
+    AskSas,
+    Ended,
+    GroupAction,
+    GroupSession,
+    MemberJoined,
+    MemberLeft,
+    RetireReceiveGenerations,
+    Roster,
+    RosterChanged,
+    SecurityCode,
+    SendTo,
+    UseSendKey,
+)
+from client.hub_connection import HubClosed, Relayed
+from client.media import GroupRecorder, ReceivedMedia, keep_frame
+from client.rtp_policy import AUDIO_BITRATE
+from client.session import CallError, CallFailed, ProtectionState
+from crypto.frame_crypto import FrameCounters, SFrameSender
+from crypto.sender_keys import SenderKeyReceiver
+from signaling.protocol import (
+    MediaOffer,
+    MediaTracks,
+    PeerId,
+    PeerJoined,
+    PeerLeft,
+    SignalingError,
+)
+
+logger = logging.getLogger("blindhub.group")
+
+# A held frame whose key has not come by then is dropped (and counted): long enough for a key
+# that crosses the hub a little after the first frame under it, short enough that audio
+# released late is still worth playing.
+HOLD_SECONDS = 1.0
+
+
+@dataclass
+class MemberStats:
+    """What this peer received from one remote member (``--stats-json``: ``members``)."""
+
+    peer_id: str
+    name: str | None = None
+    fingerprint: str | None = None
+    status: str | None = None
+    audio: dict[str, int] = field(default_factory=dict)
+    video: dict[str, int] = field(default_factory=dict)
+    generations: list[int] = field(default_factory=list)
+    left: bool = False
+
+
+@dataclass
+class GroupStats:
+    """The end-of-call summary of a group call (``--stats-json`` writes ``as_dict()``)."""
+
+    members: dict[str, MemberStats] = field(default_factory=dict)
+    sent: dict[str, dict[str, int]] = field(default_factory=dict)
+    security_code: str | None = None
+    setup_seconds: float | None = None  # join to the first decrypted audio frame of a member
+    duration_seconds: float = 0.0
+    unmapped_frames: int = 0  # frames on a slot the hub had not given to a member
+    hub_lost: bool = False
+    ended_by: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- the driver's events
+
+
+@dataclass(frozen=True)
+class _FromHub:
+    event: object
+
+
+@dataclass(frozen=True)
+class _HubFailed:
+    detail: str
+    closed: bool
+
+
+@dataclass(frozen=True)
+class _Hangup:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _SasAnswered:
+    peer: PeerId
+    accepted: bool
+
+
+_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered
+
+
+@dataclass
+class GroupCallbacks:
+    """What the user is shown as the group changes (the call command prints each)."""
+
+    on_member_joined: Callable[[PeerId, ProtectionState], None] | None = None
+    on_member_left: Callable[[PeerId, str | None, str], None] | None = None
+    on_roster: Callable[[Roster], None] | None = None
+    on_security_code: Callable[[str], None] | None = None
+
+
+class _Slot:
+    """One receiving transceiver: its mid, kind, and the frames it holds for a key."""
+
+    def __init__(self, transceiver: RTCRtpTransceiver) -> None:
+        self.mid: str = transceiver.mid or ""
+        self.kind: str = transceiver.kind
+        self.receiver = transceiver.receiver
+        self.late: LateDelivery | None = None
+
+
+class GroupCall:
+    """``stats = await GroupCall(config).run()``; ``hangup()`` ends it from elsewhere."""
+
+    def __init__(
+        self,
+        config: CallConfig,
+        callbacks: GroupCallbacks | None = None,
+        *,
+        joined: JoinedHub | None = None,
+    ) -> None:
+        self.config = config
+        self.callbacks = callbacks or GroupCallbacks()
+        self.stats = GroupStats()
+        # What was decoded from each member, by peer id.
+        self.received: dict[PeerId, ReceivedMedia] = {}
+        self.session: GroupSession | None = None
+        self._joined = joined
+        self._events: asyncio.Queue[_Event] = asyncio.Queue()
+        self._sender: SFrameSender | None = None
+        self._receivers: dict[PeerId, SenderKeyReceiver] = {}
+        self._unprotect: dict[tuple[PeerId, str], Callable[[bytes, object], bytes | None]] = {}
+        self._slot_owner: dict[str, PeerId] = {}  # mid -> member, as the hub says
+        self._slots: dict[str, _Slot] = {}
+        self._pc: RTCPeerConnection | None = None
+        self._recorder: GroupRecorder | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._timers: list[asyncio.TimerHandle] = []
+        self._join_time = 0.0
+        self._media_started = 0.0
+
+    def hangup(self, reason: str = "hangup") -> None:
+        self._events.put_nowait(_Hangup(reason))
+
+    async def run(self) -> GroupStats:
+        ended: Ended | None = None
+        try:
+            joined = self._joined or await join_hub(self.config, self._phase)
+            self._joined = joined
+            self._join_time = joined.join_time
+            if joined.welcome.media != "routed":
+                raise CallFailed("the hub does not route media: a group call needs --route-media")
+            loop = asyncio.get_running_loop()
+            self.session = GroupSession(self.config.session_config(), now=loop.time())
+            self._tasks.append(
+                asyncio.create_task(read_hub_events(joined.hub, self._hub_event, self._hub_failed))
+            )
+            self._phase(CallPhase.WAITING if not joined.welcome.peers else CallPhase.KEY_AGREEMENT)
+            first = self.session.welcome(list(joined.welcome.peers), loop.time())
+            ended = await self._carry_out(first) or await self._drive()
+            await self._finish(ended.reason)
+        finally:
+            await self._close()
+        if ended.error is not None:
+            raise ended.error
+        return self.stats
+
+    def _phase(self, phase: CallPhase) -> None:
+        if self.config.on_phase is not None:
+            self.config.on_phase(phase)
+
+    def _hub_event(self, event: object) -> None:
+        self._events.put_nowait(_FromHub(event))
+
+    def _hub_failed(self, detail: str, closed: bool) -> None:
+        self._events.put_nowait(_HubFailed(detail, closed))
+
+    # -- feeding the session
+
+    async def _drive(self) -> Ended:
+        loop = asyncio.get_running_loop()
+        session = self.session
+        assert session is not None
+        while True:
+            deadline = session.next_deadline
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                event = await asyncio.wait_for(self._events.get(), timeout)
+            except TimeoutError:
+                actions = session.handle_timer(loop.time())
+            else:
+                actions = await self._handle(event, loop.time())
+            ended = await self._carry_out(actions)
+            if ended is not None:
+                return ended
+
+    async def _handle(self, event: _Event, now: float) -> list[GroupAction]:
+        session = self.session
+        assert session is not None
+        match event:
+            case _FromHub(PeerJoined(peer_id)):
+                return session.peer_joined(peer_id, now)
+            case _FromHub(PeerLeft(peer_id)):
+                return session.peer_left(peer_id, now)
+            case _FromHub(Relayed(sender, payload)):
+                return session.receive(sender, payload, now)
+            case _FromHub(MediaOffer(sdp)):
+                await self._answer(sdp)
+            case _FromHub(MediaTracks(tracks)):
+                self._map_slots({mid: peer_id for mid, _kind, peer_id in tracks})
+            case _HubFailed(detail, closed):
+                # The hub carries the media too: without it there is no call.
+                self.stats.hub_lost = self.stats.hub_lost or closed
+                if not closed:
+                    logger.warning("ignored a bad message from the hub: %s", detail)
+                return session.hub_failed(detail, now, closed=closed)
+            case _Hangup(reason):
+                return session.hangup(reason, now)
+            case _SasAnswered(peer, accepted):
+                return session.sas_answer(peer, accepted, now)
+        return []
+
+    async def _carry_out(self, actions: list[GroupAction]) -> Ended | None:
+        pending = deque(actions)
+        while pending:
+            action = pending.popleft()
+            if isinstance(action, Ended):
+                return action
+            pending.extend(await self._carry_out_one(action))
+        return None
+
+    async def _carry_out_one(self, action: GroupAction) -> list[GroupAction]:
+        session = self.session
+        assert session is not None
+        match action:
+            case SendTo(peer, payload):
+                return await self._send(peer, payload)
+            case AskSas(peer, protection):
+                self._tasks.append(asyncio.create_task(self._ask_sas(peer, protection)))
+            case UseSendKey(key):
+                if self._sender is None:
+                    self._sender = SFrameSender(key.suite)
+                self._sender.use_key(key.media_key())
+            case AddReceiveKey(peer, key):
+                self._add_receive_key(peer, key)
+            case RetireReceiveGenerations(peer, below):
+                receiver = self._receivers.get(peer)
+                if receiver is not None:
+                    receiver.retire_generations_below(below)
+            case MemberJoined(peer, protection):
+                self._phase(CallPhase.MEDIA)
+                if self.callbacks.on_member_joined is not None:
+                    self.callbacks.on_member_joined(peer, protection)
+            case MemberLeft(peer, name, reason):
+                self._member_left(peer)
+                if self.callbacks.on_member_left is not None:
+                    self.callbacks.on_member_left(peer, name, reason)
+            case RosterChanged(roster):
+                if self.callbacks.on_roster is not None:
+                    self.callbacks.on_roster(roster)
+            case SecurityCode(code):
+                self.stats.security_code = code
+                if self.callbacks.on_security_code is not None:
+                    self.callbacks.on_security_code(code)
+        return []
+
+    async def _send(self, peer: PeerId, payload: dict[str, Any]) -> list[GroupAction]:
+        assert self._joined is not None and self.session is not None
+        try:
+            await self._joined.hub.relay(peer, payload)
+        except SignalingError as error:  # includes HubClosed
+            closed = isinstance(error, HubClosed)
+            self.stats.hub_lost = self.stats.hub_lost or closed
+            now = asyncio.get_running_loop().time()
+            return self.session.hub_failed(str(error), now, closed=closed)
+        return []
+
+    async def _ask_sas(self, peer: PeerId, protection: ProtectionState) -> None:
+        accepted = await ask_sas(self.config, protection)
+        self._events.put_nowait(_SasAnswered(peer, accepted))
+
+    # -- keys and frames
+
+    def _add_receive_key(self, peer: PeerId, key: Any) -> None:
+        receiver = self._receivers.get(peer)
+        if receiver is None:
+            receiver = self._receivers[peer] = SenderKeyReceiver(key.suite)
+        released = receiver.add_key(key)
+        for kind, tag, plaintext in released:
+            mid, timestamp = tag
+            slot = self._slots.get(mid)
+            if slot is not None and slot.late is not None:
+                slot.late(plaintext, timestamp)
+
+    def _member_left(self, peer: PeerId) -> None:
+        receiver = self._receivers.pop(peer, None)
+        for kind in KINDS:
+            self._unprotect.pop((peer, kind), None)
+        if receiver is not None:
+            self._member_stats(peer, receiver).left = True
+
+    def _map_slots(self, owners: dict[str, PeerId]) -> None:
+        previous = self._slot_owner
+        self._slot_owner = owners
+        for mid, owner in owners.items():
+            slot = self._slots.get(mid)
+            if slot is not None and previous.get(mid) != owner and slot.kind == "video":
+                # A new sender on this slot: the decoder needs a keyframe to start from.
+                request_keyframe(slot.receiver)
+
+    def _slot_transform(self, slot: _Slot) -> Callable[[bytes, int], bytes | None]:
+        kind, mid = slot.kind, slot.mid
+        stats = self.stats
+
+        def unprotect(frame: bytes, timestamp: int) -> bytes | None:
+            owner = self._slot_owner.get(mid)
+            if owner is None:
+                stats.unmapped_frames += 1
+                return None
+            transform = self._unprotect.get((owner, kind))
+            if transform is None:
+                receiver = self._receivers.get(owner)
+                if receiver is None:
+                    receiver = self._receivers[owner] = self._new_receiver()
+                transform = self._unprotect[(owner, kind)] = receiver.transform(
+                    kind, on_failure=lambda _error: request_keyframe(slot.receiver)
+                )
+            plaintext = transform(frame, (mid, timestamp))
+            if plaintext is not None and kind == "audio" and stats.setup_seconds is None:
+                stats.setup_seconds = time.monotonic() - self._join_time
+            return plaintext
+
+        return unprotect
+
+    def _new_receiver(self) -> SenderKeyReceiver:
+        # Frames can come before the member's first key: held until it arrives.
+        assert self.session is not None
+        return SenderKeyReceiver(self.session.suite)
+
+    def _send_transform(self, kind: str) -> FrameTransform:
+        def protect(frame: bytes) -> bytes | None:
+            sender = self._sender
+            if sender is None:
+                return None  # no key, no frame
+            return sender.transform(kind)(frame)
+
+        return protect
+
+    # -- the connection to the hub
+
+    async def _answer(self, offer: str) -> None:
+        if self._pc is not None:
+            logger.warning("ignored a second media offer from the hub")
+            return
+        assert self._joined is not None
+        pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.config.ice_servers)))
+        with rejecting_bad_sdp("the hub's"):
+            await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            self._attach_tracks(pc, self.config.tracks)
+            prefer_supported_codecs(pc)
+            self._install_transforms(pc)
+            await pc.setLocalDescription(await pc.createAnswer())
+        await self._joined.hub.send_media_answer(pc.localDescription.sdp)
+        self._start_media(pc)
+
+    @staticmethod
+    def _attach_tracks(pc: RTCPeerConnection, tracks: Sequence[MediaStreamTrack]) -> None:
+        """Our tracks on the hub's first transceiver of each kind (mids 0 and 1), where it
+        receives what we publish; every other transceiver only receives."""
+        by_kind = {track.kind: track for track in tracks}
+        seen: set[str] = set()
+        for transceiver in pc.getTransceivers():
+            kind = transceiver.kind
+            if kind in seen:
+                transceiver.direction = "recvonly"
+                continue
+            seen.add(kind)
+            track = by_kind.get(kind)
+            if track is not None:
+                transceiver.sender.replaceTrack(track)
+                transceiver.direction = "sendonly"
+            else:
+                transceiver.direction = "inactive"
+
+    def _install_transforms(self, pc: RTCPeerConnection) -> None:
+        for transceiver in pc.getTransceivers():
+            kind = transceiver.kind
+            if transceiver.direction == "sendonly" or transceiver.direction == "inactive":
+                if kind == "audio":
+                    install_constant_bitrate_opus(transceiver.sender, AUDIO_BITRATE)
+                install_sender_transform(transceiver.sender, self._send_transform(kind))
+            else:
+                slot = _Slot(transceiver)
+                self._slots[slot.mid] = slot
+                slot.late = install_holding_receiver_transform(
+                    transceiver.receiver, self._slot_transform(slot)
+                )
+            # Neither a publishing sender nor a slot: also closed.
+
+    def _start_media(self, pc: RTCPeerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        self._media_started = time.monotonic()
+        for slot in self._slots.values():
+            track = slot.receiver.track
+            if track is not None:
+                self._tasks.append(asyncio.create_task(self._collect(slot, track)))
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                self.hangup(f"connection-{pc.connectionState}")
+
+        if self.config.duration is not None:
+            self._timers.append(loop.call_later(self.config.duration, self.hangup, "duration"))
+        if self.config.record_path is not None:
+            self._recorder = GroupRecorder(self.config.record_path)
+
+    async def _collect(self, slot: _Slot, track: MediaStreamTrack) -> None:
+        """Keep what each slot decodes, under the member the slot belongs to now."""
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            owner = self._slot_owner.get(slot.mid)
+            if owner is None:
+                continue
+            keep_frame(frame, self.received.setdefault(owner, ReceivedMedia()))
+            if self._recorder is not None:
+                self._recorder.add(owner, frame)
+
+    # -- the end
+
+    def _member_stats(self, peer: PeerId, receiver: SenderKeyReceiver) -> MemberStats:
+        stats = self.stats.members.setdefault(peer, MemberStats(peer_id=peer))
+        for kind in KINDS:
+            counters: FrameCounters = receiver.counters.get(kind) or FrameCounters()
+            setattr(stats, kind, counters.as_dict())
+        stats.generations = sorted(receiver.generations)
+        member = self.session.member(peer) if self.session is not None else None
+        if member is not None:
+            stats.name, stats.fingerprint, stats.status = member.name, member.fingerprint, member.status
+        return stats
+
+    async def _finish(self, reason: str) -> None:
+        stats = self.stats
+        stats.ended_by = reason
+        if self._media_started:
+            stats.duration_seconds = time.monotonic() - self._media_started
+        for peer, receiver in self._receivers.items():
+            self._member_stats(peer, receiver)
+        if self._sender is not None:
+            stats.sent = {kind: c.as_dict() for kind, c in self._sender.counters.items()}
+
+    async def _close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        async with contextlib.AsyncExitStack() as stack:
+            if self._joined is not None:
+                stack.push_async_callback(self._joined.hub.close)
+            stack.push_async_callback(self._cancel_tasks)
+            if self._pc is not None:
+                stack.push_async_callback(self._pc.close)
+            if self._recorder is not None:
+                stack.push_async_callback(self._recorder.close, self._names())
+
+    def _names(self) -> dict[PeerId, str]:
+        return {peer: m.name or peer for peer, m in self.stats.members.items()}
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+__all__ = ["GroupCall", "GroupCallbacks", "GroupStats", "HubNotTrusted", "MemberStats", "CallError"]
