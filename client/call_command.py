@@ -25,7 +25,9 @@ from pathlib import Path
 from websockets.exceptions import InvalidURI
 from websockets.uri import parse_uri
 
-from client.call import Call, CallConfig, CallPhase, CallStats
+from client.call import Call, CallConfig, CallPhase, CallStats, join_hub
+from client.group_call import GroupCall, GroupCallbacks, GroupStats
+from client.group_session import Roster
 from client.cli import seconds_argument
 from client.exit_codes import ExitCode
 from client.identity_store import (
@@ -35,7 +37,13 @@ from client.identity_store import (
     save_known_peers,
 )
 from client.media import MediaSourceError, check_recording_path, open_sources
-from client.session import DEFAULT_REKEY_INTERVAL, CallError, ProtectionState, Verify
+from client.session import (
+    DEFAULT_REKEY_INTERVAL,
+    STATUS_MEANING,
+    CallError,
+    ProtectionState,
+    Verify,
+)
 from crypto.errors import CryptoError
 from crypto.identity import KnownPeers
 from crypto.names import InvalidName, normalize_name
@@ -271,11 +279,65 @@ def phase_printer(args: argparse.Namespace) -> Callable[[CallPhase], None]:
     return show
 
 
-async def run_call(call: Call) -> CallStats:
+def show_member_joined(peer: str, state: ProtectionState) -> None:
+    print(f"joined: {state.describe()}", flush=True)
+
+
+def show_member_left(peer: str, name: str | None, reason: str) -> None:
+    print(f"left: {name or 'a member not yet authenticated'} ({reason})", flush=True)
+
+
+def show_roster(roster: Roster) -> None:
+    """The members we share keys with: the hub decides who is in the room, not who gets keys."""
+    print(f"roster: {len(roster)} other member(s) hold our key", flush=True)
+    for member in roster:
+        meaning = STATUS_MEANING.get(member.status, "")
+        print(f"  {member.status} {member.name} {member.fingerprint} ({meaning})", flush=True)
+
+
+def show_security_code(code: str) -> None:
+    print(
+        f"group security code: {code} (the same on every member's screen exactly when all see "
+        "the same members and keys: compare it aloud)",
+        flush=True,
+    )
+
+
+GROUP_CALLBACKS = GroupCallbacks(
+    on_member_joined=show_member_joined,
+    on_member_left=show_member_left,
+    on_roster=show_roster,
+    on_security_code=show_security_code,
+)
+
+
+async def run_call(config: CallConfig) -> CallStats | GroupStats:
+    """Join the room, then call as the hub allows: peer to peer with the one other peer, or a
+    group call whose media the hub routes."""
+    joined = await join_hub(config, config.on_phase or (lambda _phase: None))
+    call: Call | GroupCall
+    if joined.welcome.media == "routed":
+        call = GroupCall(config, GROUP_CALLBACKS, joined=joined)
+    else:
+        call = Call(config, joined=joined)
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
         loop.add_signal_handler(signal.SIGINT, call.hangup, "ctrl-c")
     return await call.run()
+
+
+def print_group_stats(stats: GroupStats) -> None:
+    print(f"call ended ({stats.ended_by}) after {stats.duration_seconds:.1f} s")
+    for kind, counters in stats.sent.items():
+        print(f"  sent {kind}: {counters.get('frames', 0)} frames")
+    for member in stats.members.values():
+        who = member.name or member.peer_id
+        for kind in ("audio", "video"):
+            c = getattr(member, kind)
+            print(
+                f"  from {who} {kind}: decrypted {c.get('frames', 0)}, held for a key "
+                f"{c.get('held', 0)}, failed {c.get('failed', 0)}"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -299,8 +361,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"blindhub call: {error}", file=sys.stderr)
         return ExitCode.LOCAL_PROBLEM
     verify = Verify(args.verify)
-    call = Call(
-        CallConfig(
+    config = CallConfig(
             room=args.room,
             hub_url=args.hub,
             name=args.name,
@@ -319,15 +380,17 @@ def run(args: argparse.Namespace) -> int:
             hub_ssl_context=hub_ssl,
             on_phase=phase_printer(args),
         )
-    )
     try:
-        stats = asyncio.run(run_call(call))
+        stats = asyncio.run(run_call(config))
     except CallError as error:
         print(f"blindhub call: {error}", file=sys.stderr)
         return error.exit_code
     finally:
         save_pins(home, known_peers, loaded)
-    print_stats(stats)
+    if isinstance(stats, GroupStats):
+        print_group_stats(stats)
+    else:
+        print_stats(stats)
     if args.stats_json:
         try:
             Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=2) + "\n")

@@ -28,6 +28,9 @@ from signaling.protocol import (
     JsonText,
     Leave,
     MalformedHubMessage,
+    MediaAnswer,
+    MediaOffer,
+    MediaTracks,
     PeerId,
     PeerJoined,
     PeerLeft,
@@ -82,7 +85,8 @@ class Relayed:
     payload: Any
 
 
-HubEvent = PeerJoined | PeerLeft | Relayed
+HubEvent = PeerJoined | PeerLeft | Relayed | MediaOffer | MediaTracks
+"""What the hub tells a peer in a room; the media messages only in a routed room."""
 
 
 def encode_payload(payload: Any) -> JsonText:
@@ -103,6 +107,7 @@ class HubConnection:
         # After leave(): the peers of the room left, until the hub's next answer to a join.
         # The hub may have sent events of that room before it saw the leave.
         self._left_room_peers: set[PeerId] | None = None
+        self._routed = False
 
     @classmethod
     async def connect(
@@ -173,6 +178,7 @@ class HubConnection:
         finally:
             self._joining = None
         self.peer_id, self.room, self.peers = message.peer_id, room, set(message.peers)
+        self._routed = message.media == "routed"
         return message
 
     async def relay(self, to: PeerId, payload: Any) -> None:
@@ -211,9 +217,32 @@ class HubConnection:
             return Relayed(message.sender, decode_payload(message.payload))
         return message
 
-    def _check_event(self, peers: set[PeerId], message: PeerJoined | PeerLeft | RelayFrom) -> None:
+    async def send_media_answer(self, sdp: str) -> None:
+        """Answer the routing hub's ``media-offer``."""
+        if self.room is None or not self.routed:
+            raise UnexpectedHubMessage("a media answer outside a routed room")
+        await self._send(MediaAnswer(sdp).encode())
+
+    @property
+    def routed(self) -> bool:
+        """Whether the room joined is one whose media the hub routes."""
+        return self._routed
+
+    def _check_event(
+        self, peers: set[PeerId], message: PeerJoined | PeerLeft | RelayFrom | MediaOffer | MediaTracks
+    ) -> None:
         """Check an event against ``peers``, the room it concerns, then track who is there."""
-        if isinstance(message, PeerJoined):
+        if isinstance(message, MediaOffer | MediaTracks):
+            if not self._routed:
+                raise UnexpectedHubMessage(f"{message.TYPE} in a room whose media is peer to peer")
+            if isinstance(message, MediaTracks):
+                # Only members of the room; the slot map itself is a hint (see GroupCall).
+                mids = [mid for mid, _kind, _peer in message.tracks]
+                if len(set(mids)) != len(mids):
+                    raise UnexpectedHubMessage("media-tracks names one slot twice")
+                if any(peer not in peers for _mid, _kind, peer in message.tracks):
+                    raise UnexpectedHubMessage("media-tracks names a peer not in this room")
+        elif isinstance(message, PeerJoined):
             if message.peer_id == self.peer_id or message.peer_id in peers:
                 raise UnexpectedHubMessage("peer-joined for a peer already here")
             peers.add(message.peer_id)

@@ -353,14 +353,19 @@ async def collect(track: MediaStreamTrack, into: ReceivedMedia) -> None:
             frame = await track.recv()
         except MediaStreamError:
             return
-        if isinstance(frame, av.AudioFrame):
-            into.audio_frames += 1
-            into.sample_rate = frame.sample_rate
-            channels = len(frame.layout.channels)
-            interleaved = bytes(frame.planes[0])[: frame.samples * channels * 2]
-            into.samples.extend(left_channel(interleaved, channels))
-        elif isinstance(frame, av.VideoFrame):
-            into.video_frames += 1
-            number = read_pattern_number(frame)
-            if number is not None:
-                into.pattern_numbers.append(number)
+        keep_frame(frame, into)
+
+
+def keep_frame(frame: object, into: ReceivedMedia) -> None:
+    """Keep one decoded frame's audio samples or pattern number in ``into``."""
+    if isinstance(frame, av.AudioFrame):
+        into.audio_frames += 1
+        into.sample_rate = frame.sample_rate
+        channels = len(frame.layout.channels)
+        interleaved = bytes(frame.planes[0])[: frame.samples * channels * 2]
+        into.samples.extend(left_channel(interleaved, channels))
+    elif isinstance(frame, av.VideoFrame):
+        into.video_frames += 1
+        number = read_pattern_number(frame)
+        if number is not None:
+            into.pattern_numbers.append(number)
