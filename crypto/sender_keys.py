@@ -17,16 +17,18 @@ without it. docs/reference/sframe.md (Sender keys) and docs/reference/key-agreem
 (Sender keys) are the specification.
 """
 
+import hashlib
 import hmac
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, final
 
-from crypto.errors import RemoteError
+from crypto.errors import LocalError, RemoteError
 from crypto.frame_crypto import DEFAULT_SUITE, FrameCounters, FrameTransform, MediaKey
+from crypto.identity import IdentityPublicKey, decimal_groups
 from crypto.sframe import (
     DEFAULT_REPLAY_WINDOW,
     CipherSuite,
@@ -489,3 +491,40 @@ def _failed(state: _Kind, error: SFrameError) -> None:
     state.counters.reject(error)
     if state.on_failure is not None:
         state.on_failure(error)
+
+
+# -- the group security code -------------------------------------------------------------------
+
+GROUP_CODE_LABEL: Final = b"blindhub-v2 group security code"
+# 20 digits (66 bits) in 4 groups of 5, read aloud once for the whole group.
+GROUP_CODE_DIGITS: Final = 20
+# The code is SHA-256 iterated like the safety number's hash (crypto/identity.py): a hub that
+# controls members of its own in two views can grind their keys and generations for a match,
+# a birthday search over 2**33 codes; each try then costs 5,200 hashes, not one.
+GROUP_CODE_ITERATIONS: Final = 5200
+
+
+def group_security_code(members: Iterable[tuple[IdentityPublicKey, int]]) -> str:
+    """The code every member of a group call shows: the same exactly when the same identity
+    keys, each with the same current sender-key generation, are in the call (ours included).
+
+    Order-independent (sorted by identity key bytes) and domain-separated::
+
+        d_0 = SHA-256(GROUP_CODE_LABEL || count (4 bytes) || key_1 || generation_1 (8 bytes)
+                      || ... || key_n || generation_n (8 bytes))
+        d_i+1 = SHA-256(d_i || d_0), 5,200 times; the code is 20 digits of d_5200 in groups of 5
+    """
+    entries = sorted((key.raw, generation) for key, generation in members)
+    if len({raw for raw, _ in entries}) != len(entries):
+        raise LocalError("each member of a group security code is listed once")
+    if any(type(g) is not int or not 0 <= g <= MAX_GENERATION for _, g in entries):
+        raise LocalError(f"a key generation is an integer from 0 to {MAX_GENERATION}")
+    transcript = (
+        GROUP_CODE_LABEL
+        + len(entries).to_bytes(4, "big")
+        + b"".join(raw + generation.to_bytes(8, "big") for raw, generation in entries)
+    )
+    first = digest = hashlib.sha256(transcript).digest()
+    for _ in range(GROUP_CODE_ITERATIONS):
+        digest = hashlib.sha256(digest + first).digest()
+    return decimal_groups(digest, GROUP_CODE_DIGITS)

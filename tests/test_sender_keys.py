@@ -4,12 +4,15 @@ key object whose base key stays inside."""
 import copy
 import hashlib
 import pickle
+import re
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from crypto.errors import LocalError
 from crypto.frame_crypto import FrameTransform, SFrameReceiver, SFrameSender
+from crypto.identity import IdentityKey, IdentityPublicKey
 from crypto.sender_keys import (
     MAX_GENERATION,
     MAX_HELD_FRAMES,
@@ -20,6 +23,7 @@ from crypto.sender_keys import (
     SenderKey,
     SenderKeyReceiver,
     SenderKeyRejected,
+    group_security_code,
 )
 from crypto.sframe import (
     AuthenticationError,
@@ -359,3 +363,57 @@ def test_garbage_fails_closed_as_malformed_and_a_late_transform_has_every_key():
 def test_the_receivers_repr_names_no_key():
     receiver, _, _ = receiver_of(SenderKey(GCM, 1, 2, KEY))
     assert repr(receiver) == "SenderKeyReceiver(suite=AES_128_GCM_SHA256_128, kids=[258], held=0)"
+
+
+# -- the group security code --------------------------------------------------------------------
+
+
+def identity(name: str) -> IdentityPublicKey:
+    return IdentityKey(hashlib.sha256(name.encode()).digest()).public_key
+
+
+ALICE, BOB, CAROL, MALLORY = (identity(name) for name in ("alice", "bob", "carol", "mallory"))
+
+
+def test_the_group_code_is_twenty_digits_in_four_groups_and_ignores_order():
+    code = group_security_code([(ALICE, 0), (BOB, 2), (CAROL, 1)])
+    assert re.fullmatch(r"\d{5} \d{5} \d{5} \d{5}", code)
+    assert group_security_code([(CAROL, 1), (ALICE, 0), (BOB, 2)]) == code
+    assert group_security_code(iter([(BOB, 2), (CAROL, 1), (ALICE, 0)])) == code
+
+
+def test_the_group_code_follows_its_definition():
+    members = sorted([(ALICE, 0), (BOB, 2)], key=lambda member: member[0].raw)
+    first = digest = hashlib.sha256(
+        b"blindhub-v2 group security code"
+        + (2).to_bytes(4, "big")
+        + b"".join(key.raw + g.to_bytes(8, "big") for key, g in members)
+    ).digest()
+    for _ in range(5200):
+        digest = hashlib.sha256(digest + first).digest()
+    digits = f"{int.from_bytes(digest, 'big') % 10**20:020d}"
+    expected = " ".join(digits[i : i + 5] for i in range(0, 20, 5))
+    assert group_security_code([(BOB, 2), (ALICE, 0)]) == expected
+
+
+def test_the_group_code_differs_when_a_member_or_a_generation_differs():
+    views = [
+        [(ALICE, 0), (BOB, 0), (CAROL, 0)],
+        [(ALICE, 0), (BOB, 0)],  # the hub hid Carol
+        [(ALICE, 0), (BOB, 0), (CAROL, 0), (MALLORY, 0)],  # the hub added Mallory
+        [(ALICE, 0), (BOB, 0), (MALLORY, 0)],  # Mallory instead of Carol
+        [(ALICE, 0), (BOB, 1), (CAROL, 0)],  # Bob's generation is another one
+        [(ALICE, 1), (BOB, 0), (CAROL, 0)],
+        [(ALICE, 0)],
+        [],
+    ]
+    codes = [group_security_code(view) for view in views]
+    assert len(set(codes)) == len(codes)
+
+
+def test_a_member_listed_twice_or_a_bad_generation_is_refused():
+    with pytest.raises(LocalError):
+        group_security_code([(ALICE, 0), (ALICE, 1)])
+    for generation in (-1, MAX_GENERATION + 1, True):
+        with pytest.raises(LocalError):
+            group_security_code([(ALICE, generation)])
