@@ -53,7 +53,7 @@ MAX_GENERATION: Final = 2**31
 MAX_STEP: Final = 2**31
 # How many ratchet steps ahead of the newest it knows a receiver follows for one frame. A
 # sender ratchets once per join and may skip steps when several members join before it switches
-# (crypto/sender_keys.py is used with a switch bound of 0.5 s); 16 is far above that, keeps the
+# (the group session switches within 0.5 s of a change); 16 is far above that, keeps the
 # work a forged KID can cause to 16 cached derivations, and stays below 2**(RATCHET_BITS - 1),
 # so a KID behind the newest step is never read as ahead.
 MAX_RATCHET_STEPS: Final = 16
