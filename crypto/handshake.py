@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto.errors import LocalError, RemoteError
 from crypto.frame_crypto import KeyUpdate
-from crypto.identity import IdentityKey, IdentityPublicKey
+from crypto.identity import IdentityKey, IdentityPublicKey, decimal_groups
 from crypto.messages import (
     HANDSHAKE_MESSAGES,
     NONCE_SIZE,
@@ -226,8 +226,7 @@ def open_auth(keys: HandshakeKeys, sender: Role, ciphertext: bytes) -> Auth:
 
 def render_sas(sas_key: bytes) -> str:
     """15 decimal digits in groups of five, from the SAS key (bias below 2^-200)."""
-    digits = f"{int.from_bytes(sas_key, 'big') % 10**SAS_DIGITS:0{SAS_DIGITS}d}"
-    return " ".join(digits[i : i + SAS_GROUP] for i in range(0, SAS_DIGITS, SAS_GROUP))
+    return decimal_groups(sas_key, SAS_DIGITS, SAS_GROUP)
 
 
 def derive_sas(shared_secret: bytes, exchange_hash: bytes) -> str:

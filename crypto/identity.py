@@ -203,6 +203,14 @@ def _party_digits(public_key: IdentityPublicKey) -> str:
     return " ".join(groups)
 
 
+def decimal_groups(value: bytes, digits: int, group: int = 5) -> str:
+    """``value`` as ``digits`` decimal digits (its big-endian integer modulo 10**digits) in
+    groups of ``group``, the form people read aloud (the SAS, the group security code). From
+    a 32-byte hash, 30 digits or fewer are biased by less than 2**-156."""
+    text = f"{int.from_bytes(value, 'big') % 10**digits:0{digits}d}"
+    return " ".join(text[i : i + group] for i in range(0, digits, group))
+
+
 def safety_number(first: IdentityPublicKey, second: IdentityPublicKey) -> str:
     """Both parties' digits, lower half first, so both ends show the same 70 digits."""
     halves = sorted([_party_digits(first), _party_digits(second)])

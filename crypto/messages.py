@@ -10,7 +10,8 @@ and rekey) is the specification.
     key agreement   {"v": 2, "type": "commit" | "accept" | "reveal" | "confirm",
                      "call_id": ..., <fields>}
     sealed          {"v": 2, "type": "sealed", "epoch": n, "seq": s, "ciphertext": b64}
-    sealed inner    {"kind": "app" | "rekey" | "rekey-ack" | "rekey-done", <fields>}
+    sealed inner    {"kind": "app" | "rekey" | "rekey-ack" | "rekey-done"
+                             | "sender-key" | "sender-key-ack", <fields>}
 """
 
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ from crypto import strict_json
 from crypto.errors import RemoteError
 from crypto.identity import MAX_PEER_NAME_LENGTH, IdentityPublicKey, b64decode, b64encode
 from crypto.names import check_normalized
+from crypto.sender_keys import MAX_GENERATION, MAX_STEP, RATCHET_BITS, STEP_MASK, SenderKey
 from crypto.sframe import CipherSuite
 
 PROTOCOL_VERSION = 2
@@ -539,7 +541,75 @@ class RekeyDone:
         return {"kind": self.KIND, "epoch": self.epoch}
 
 
-InnerMessage = App | Rekey | RekeyAck | RekeyDone
+def _inner_parsed(obj: object, kind: str, parsers: Mapping[str, FieldParser]) -> dict[str, Any]:
+    """A sealed plaintext object of ``kind`` with exactly ``parsers``' fields, each parsed."""
+    fields = _inner_fields(obj, kind, frozenset(parsers))
+    parsed = {}
+    for name, parse in parsers.items():
+        try:
+            parsed[name] = parse(fields[name])
+        except (TypeError, ValueError) as error:
+            raise MalformedCallMessage(f"field {name!r} of a {kind!r} message: {error}") from error
+    return parsed
+
+
+# The largest KID of a sender key (crypto/sender_keys.py), well inside JSON's exact integers.
+MAX_SENDER_KEY_KID = (MAX_GENERATION << RATCHET_BITS) | STEP_MASK
+
+
+@dataclass(frozen=True)
+class SenderKeyMessage:
+    """The sender's SFrame key for group frames (crypto/sender_keys.py): suite, generation,
+    ratchet step and base key. Only ever sent sealed: its encoding holds the base key."""
+
+    KIND: ClassVar[str] = "sender-key"
+    key: SenderKey
+
+    @classmethod
+    def parse(cls, obj: object) -> Self:
+        fields = _inner_parsed(
+            obj,
+            cls.KIND,
+            {
+                "suite": suite_field,
+                "generation": int_field(0, MAX_GENERATION),
+                "step": int_field(0, MAX_STEP),
+                "base_key": b64decode,
+            },
+        )
+        suite, base_key = fields["suite"], fields["base_key"]
+        if len(base_key) != suite.nh:
+            raise MalformedCallMessage(
+                f"field 'base_key' of a {cls.KIND!r} message: is {suite.nh} bytes for its suite"
+            )
+        return cls(SenderKey(suite, fields["generation"], fields["step"], base_key))
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "kind": self.KIND,
+            "suite": int(self.key.suite),
+            "generation": self.key.generation,
+            "step": self.key.step,
+            "base_key": b64encode(self.key._sealable_base_key()),
+        }
+
+
+@dataclass(frozen=True)
+class SenderKeyAck:
+    """The receiver of a ``sender-key`` holds it: the sender may switch to it (its KID)."""
+
+    KIND: ClassVar[str] = "sender-key-ack"
+    kid: int
+
+    @classmethod
+    def parse(cls, obj: object) -> Self:
+        return cls(**_inner_parsed(obj, cls.KIND, {"kid": int_field(0, MAX_SENDER_KEY_KID)}))
+
+    def encode(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "kid": self.kid}
+
+
+InnerMessage = App | Rekey | RekeyAck | RekeyDone | SenderKeyMessage | SenderKeyAck
 INNER_MESSAGES: Mapping[str, type[InnerMessage]] = {
-    cls.KIND: cls for cls in (App, Rekey, RekeyAck, RekeyDone)
+    cls.KIND: cls for cls in (App, Rekey, RekeyAck, RekeyDone, SenderKeyMessage, SenderKeyAck)
 }

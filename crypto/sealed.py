@@ -46,11 +46,14 @@ from crypto.messages import (
     RekeyAck,
     RekeyDone,
     Sealed,
+    SenderKeyAck,
+    SenderKeyMessage,
     UnexpectedCallMessage,
     check_call_id,
     decode_message,
     encode_message,
 )
+from crypto.sender_keys import SenderKey
 
 MAX_SEALED_CONTENT_SIZE = 32 * 1024
 KEY_SIZE = 32
@@ -203,11 +206,16 @@ class Received:
     ``replies``: wire messages to send to the peer now, in order.
     ``keys``: what to install in the SFrame sender and receiver now (``apply_key_update``),
     the same kind of object as the handshake's ``initial_keys``.
+    ``sender_key``: the peer's group sender key (crypto/sender_keys.py), to add to its
+    ``SenderKeyReceiver`` and acknowledge; ``sender_key_ack``: the KID of one of our sender
+    keys that the peer now holds.
     """
 
     content: dict[str, Any] | None = None
     replies: list[dict[str, Any]] = field(default_factory=list)
     keys: KeyUpdate = field(default_factory=KeyUpdate)
+    sender_key: SenderKey | None = None
+    sender_key_ack: int | None = None
 
 
 class RekeyState(enum.Enum):
@@ -337,6 +345,17 @@ class SealedChannel:
             raise LocalError("sealed content is a JSON object")
         return self._seal(App(dict(content)))
 
+    def seal_sender_key(self, key: SenderKey) -> dict[str, Any]:
+        """The wire message giving the peer our group sender key ``key``; its base key exists
+        outside this process only inside the sealed ciphertext."""
+        if not isinstance(key, SenderKey):
+            raise LocalError("a sender key is a crypto.sender_keys.SenderKey")
+        return self._seal(SenderKeyMessage(key))
+
+    def seal_sender_key_ack(self, kid: int) -> dict[str, Any]:
+        """The wire message telling the peer we hold its sender key of KID ``kid``."""
+        return self._seal(SenderKeyAck(kid))
+
     def start_rekey(self) -> dict[str, Any]:
         """Ask the peer for a new epoch; the keys arrive in a later ``Received``."""
         if self.rekey_in_progress:
@@ -453,6 +472,12 @@ class SealedChannel:
     def _on_app(self, message: App) -> Received:
         return Received(content=message.content)
 
+    def _on_sender_key(self, message: SenderKeyMessage) -> Received:
+        return Received(sender_key=message.key)
+
+    def _on_sender_key_ack(self, message: SenderKeyAck) -> Received:
+        return Received(sender_key_ack=message.kid)
+
     def _on_rekey(self, message: Rekey) -> Received:
         if message.epoch != self.epoch + 1:
             raise UnexpectedCallMessage(f"a rekey to epoch {message.epoch} is not expected now")
@@ -518,14 +543,22 @@ class SealedChannel:
         return self._keys
 
 
-# What each inner message does in each rekey state; a pair not listed is unexpected.
+# What each inner message does in each rekey state; a pair not listed is unexpected. The
+# application's and the group sender keys' messages are accepted in every state: they do not
+# touch the pairwise epochs.
 INNER_HANDLERS: Mapping[tuple[RekeyState, type[InnerMessage]], _Handler] = {
-    (RekeyState.IDLE, App): SealedChannel._on_app,
+    **{
+        (state, kind): handler
+        for state in RekeyState
+        for kind, handler in (
+            (App, SealedChannel._on_app),
+            (SenderKeyMessage, SealedChannel._on_sender_key),
+            (SenderKeyAck, SealedChannel._on_sender_key_ack),
+        )
+    },
     (RekeyState.IDLE, Rekey): SealedChannel._on_rekey,
-    (RekeyState.REQUESTED, App): SealedChannel._on_app,
     (RekeyState.REQUESTED, Rekey): SealedChannel._on_rekey_while_requested,
     (RekeyState.REQUESTED, RekeyAck): SealedChannel._on_rekey_ack,
-    (RekeyState.AWAITING_DONE, App): SealedChannel._on_app,
     (RekeyState.AWAITING_DONE, RekeyDone): SealedChannel._on_rekey_done,
 }
 

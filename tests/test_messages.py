@@ -22,10 +22,13 @@ from crypto.messages import (
     RekeyDone,
     Reveal,
     Sealed,
+    SenderKeyAck,
+    SenderKeyMessage,
     UnexpectedCallMessage,
     decode_message,
     encode_message,
 )
+from crypto.sender_keys import SenderKey
 from crypto.sframe import CipherSuite
 from tests.vectors.make_handshake_vectors import VECTORS_PATH, identity_seed
 
@@ -46,6 +49,8 @@ INNER = [
     Rekey(1, B32, B64),
     RekeyAck(1, B32, B64),
     RekeyDone(1),
+    SenderKeyMessage(SenderKey(GCM, 2, 3, B32)),
+    SenderKeyAck((2 << 8) | 3),
 ]
 MESSAGES: list[Any] = [*ENVELOPED, *INNER]
 
@@ -63,7 +68,14 @@ def test_the_registries_name_every_type_by_its_wire_name():
         "reveal": "reveal",
         "confirm": "confirm",
     }
-    assert sorted(INNER_MESSAGES) == ["app", "rekey", "rekey-ack", "rekey-done"]
+    assert sorted(INNER_MESSAGES) == [
+        "app",
+        "rekey",
+        "rekey-ack",
+        "rekey-done",
+        "sender-key",
+        "sender-key-ack",
+    ]
 
 
 def test_encode_is_todays_wire_object():
@@ -88,6 +100,14 @@ def test_encode_is_todays_wire_object():
         "ephemeral": b64encode(B32),
         "signature": b64encode(B64),
     }
+    assert SenderKeyMessage(SenderKey(GCM, 2, 3, B32)).encode() == {
+        "kind": "sender-key",
+        "suite": 4,
+        "generation": 2,
+        "step": 3,
+        "base_key": b64encode(B32),
+    }
+    assert SenderKeyAck(515).encode() == {"kind": "sender-key-ack", "kid": 515}
 
 
 def test_the_published_vectors_parse_and_encode_back_exactly():
@@ -131,6 +151,24 @@ BAD_FIELDS = [
     (Rekey, "signature", b64encode(bytes(63)), "a rekey signature is a 64-byte"),
     (RekeyAck, "signature", 64, "a rekey signature is a 64-byte"),
     (RekeyDone, "epoch", None, "the epoch of a 'rekey-done' message is an integer"),
+    (SenderKeyMessage, "suite", 6, "field 'suite' of a 'sender-key' message: is a registered"),
+    (SenderKeyMessage, "suite", True, "field 'suite' of a 'sender-key' message"),
+    (SenderKeyMessage, "generation", -1, "field 'generation' of a 'sender-key' message: is an"),
+    (SenderKeyMessage, "generation", 2**31 + 1, "field 'generation' of a 'sender-key' message"),
+    (SenderKeyMessage, "generation", 1.0, "field 'generation' of a 'sender-key' message"),
+    (SenderKeyMessage, "step", 2**31 + 1, "field 'step' of a 'sender-key' message: is an"),
+    (SenderKeyMessage, "step", "3", "field 'step' of a 'sender-key' message"),
+    (SenderKeyMessage, "base_key", "not base64!", "field 'base_key' of a 'sender-key' message: n"),
+    (
+        SenderKeyMessage,
+        "base_key",
+        b64encode(B64),
+        "field 'base_key' of a 'sender-key' message: is 32",
+    ),
+    (SenderKeyMessage, "base_key", b64encode(bytes(16)), "field 'base_key' of a 'sender-key'"),
+    (SenderKeyAck, "kid", -1, "field 'kid' of a 'sender-key-ack' message: is an integer"),
+    (SenderKeyAck, "kid", 2**39 + 256, "field 'kid' of a 'sender-key-ack' message"),
+    (SenderKeyAck, "kid", None, "field 'kid' of a 'sender-key-ack' message"),
 ]
 
 
@@ -149,6 +187,14 @@ def test_each_bad_field_is_malformed_with_its_reason(cls, field, value, error):
     with pytest.raises(MalformedCallMessage) as refused:
         cls.parse(wire)
     assert str(refused.value).startswith(error)
+
+
+def test_a_sender_keys_base_key_has_the_size_of_its_suites_hash():
+    wide = SenderKey(CipherSuite.AES_256_GCM_SHA512_128, 0, 0, B64)
+    assert SenderKeyMessage.parse(SenderKeyMessage(wide).encode()).key == wide
+    narrow = SenderKeyMessage(SenderKey(GCM, 0, 0, B32)).encode() | {"suite": 5}
+    with pytest.raises(MalformedCallMessage, match=r"'base_key' .* is 64 bytes for its suite"):
+        SenderKeyMessage.parse(narrow)
 
 
 def test_every_field_of_every_message_has_a_bad_value_above():

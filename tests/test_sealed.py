@@ -22,6 +22,8 @@ from crypto.messages import (
     Rekey,
     RekeyAck,
     RekeyDone,
+    SenderKeyAck,
+    SenderKeyMessage,
     UnexpectedCallMessage,
     decode_message,
     encode_message,
@@ -43,6 +45,8 @@ from crypto.sealed import (
     rekey_signed_content,
     x25519_shared_secret,
 )
+from crypto.sender_keys import SenderKey
+from crypto.sframe import CipherSuite
 from tests.vectors.make_handshake_vectors import identity_seed, seeded_random
 
 SECRET = bytes(range(32))
@@ -597,6 +601,14 @@ INNER_SAMPLES: dict[type, dict[str, Any]] = {
     Rekey: {"kind": "rekey", "epoch": 1, "ephemeral": b64encode(bytes(range(32)))},
     RekeyAck: {"kind": "rekey-ack", "epoch": 1, "ephemeral": b64encode(bytes(range(32)))},
     RekeyDone: {"kind": "rekey-done", "epoch": 1},
+    SenderKeyMessage: {
+        "kind": "sender-key",
+        "suite": 4,
+        "generation": 0,
+        "step": 0,
+        "base_key": b64encode(bytes(32)),
+    },
+    SenderKeyAck: {"kind": "sender-key-ack", "kid": 0},
 }
 
 
@@ -612,13 +624,13 @@ def bob_in(state: RekeyState) -> tuple[SealedChannel, SealedChannel]:
 
 
 def test_the_dispatch_table_is_exactly_the_documented_one():
-    assert set(INNER_HANDLERS) == {
-        (RekeyState.IDLE, App),
+    in_every_state = {
+        (state, kind) for state in RekeyState for kind in (App, SenderKeyMessage, SenderKeyAck)
+    }
+    assert set(INNER_HANDLERS) == in_every_state | {
         (RekeyState.IDLE, Rekey),
-        (RekeyState.REQUESTED, App),
         (RekeyState.REQUESTED, Rekey),
         (RekeyState.REQUESTED, RekeyAck),
-        (RekeyState.AWAITING_DONE, App),
         (RekeyState.AWAITING_DONE, RekeyDone),
     }
 
@@ -710,3 +722,85 @@ def test_a_rekeys_key_updates_go_through_the_one_apply_function():
         protected = frames[source][0].transform("audio")(b"frame")
         assert protected is not None
         assert frames[destination][1].transform("audio")(protected) == b"frame"
+
+
+# -- group sender keys through the sealed channel ---------------------------------------------
+
+
+def test_a_sender_key_and_its_ack_cross_the_channel_in_every_rekey_state():
+    key = SenderKey.fresh(CipherSuite.AES_128_GCM_SHA256_128, 3).ratcheted()
+    for state in RekeyState:
+        alice, bob = bob_in(state)
+        received = bob.open(relay(alice.seal_sender_key(key)))
+        assert received == Received(sender_key=key) and received.sender_key is not None
+        assert received.sender_key.kid == key.kid == (3 << 8) | 1
+        ack = alice.seal_sender_key_ack(key.kid)
+        assert bob.open(relay(ack)) == Received(sender_key_ack=key.kid)
+        assert bob.rekey_state is state  # sender keys do not touch the pairwise epochs
+
+
+def test_the_hub_sees_no_base_key_of_a_sender_key():
+    alice, _ = channels()
+    base_key = bytes(range(7, 39))
+    message = alice.seal_sender_key(SenderKey(CipherSuite.AES_128_GCM_SHA256_128, 0, 0, base_key))
+    wire = encode_message(message).decode()
+    assert set(message) == {"v", "type", "epoch", "seq", "ciphertext"}
+    assert b64encode(base_key) not in wire and base_key.hex() not in wire
+    assert "sender-key" not in wire and '"generation"' not in wire
+
+
+@pytest.mark.parametrize("field", ["epoch", "seq", "ciphertext"])
+def test_a_tampered_sender_key_is_refused_and_changes_nothing(field):
+    alice, bob = channels()
+    key = SenderKey.fresh(CipherSuite.AES_128_GCM_SHA256_128, 0)
+    genuine = alice.seal_sender_key(key)
+    message = dict(genuine)
+    if field == "ciphertext":
+        data = bytearray(b64decode(message["ciphertext"]))
+        data[-20] ^= 0x01
+        message["ciphertext"] = b64encode(bytes(data))
+    else:
+        message[field] += 1
+    with pytest.raises(DecryptionFailed):
+        bob.open(message)
+    assert bob.open(genuine).sender_key == key
+
+
+GOOD_SENDER_KEY = {
+    "kind": "sender-key",
+    "suite": 4,
+    "generation": 1,
+    "step": 2,
+    "base_key": b64encode(bytes(32)),
+}
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        GOOD_SENDER_KEY | {"suite": 0},
+        GOOD_SENDER_KEY | {"generation": -1},
+        GOOD_SENDER_KEY | {"generation": 2**31 + 1},
+        GOOD_SENDER_KEY | {"step": 1.5},
+        GOOD_SENDER_KEY | {"base_key": b64encode(bytes(31))},
+        GOOD_SENDER_KEY | {"base_key": b64encode(bytes(32)) + "="},
+        GOOD_SENDER_KEY | {"suite": 5},  # a 32-byte base key for a SHA-512 suite
+        GOOD_SENDER_KEY | {"extra": 1},
+        {name: value for name, value in GOOD_SENDER_KEY.items() if name != "step"},
+        {"kind": "sender-key-ack", "kid": -1},
+        {"kind": "sender-key-ack", "kid": "515"},
+        {"kind": "sender-key-ack", "kid": 2**39 + 256},
+        {"kind": "sender-key-ack"},
+        {"kind": "sender-key-ack", "kid": 1, "generation": 0},
+    ],
+)
+def test_malformed_sender_key_messages_are_refused(inner):
+    alice, bob = channels()
+    with pytest.raises(MalformedCallMessage):
+        bob.open(_peer_sends(alice, inner))
+
+
+def test_seal_sender_key_takes_only_a_sender_key():
+    alice, _ = channels()
+    with pytest.raises(LocalError):
+        alice.seal_sender_key(MediaKey(0, 0, bytes(32)))  # type: ignore[arg-type]
