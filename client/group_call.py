@@ -75,8 +75,8 @@ from client.hub_connection import HubClosed, Relayed
 from client.media import GroupRecorder, ReceivedMedia, keep_frame
 from client.rtp_policy import AUDIO_BITRATE
 from client.session import CallError, CallFailed, ProtectionState
-from crypto.frame_crypto import FrameCounters, SFrameSender
-from crypto.sender_keys import SenderKeyReceiver
+from crypto.frame_crypto import SFrameSender
+from crypto.sender_keys import HoldingFrameTransform, SenderKey, SenderKeyCounters, SenderKeyReceiver
 from signaling.protocol import (
     MediaOffer,
     MediaTracks,
@@ -193,7 +193,7 @@ class GroupCall:
         self._events: asyncio.Queue[_Event] = asyncio.Queue()
         self._sender: SFrameSender | None = None
         self._receivers: dict[PeerId, SenderKeyReceiver] = {}
-        self._unprotect: dict[tuple[PeerId, str], Callable[[bytes, object], bytes | None]] = {}
+        self._unprotect: dict[tuple[PeerId, str], HoldingFrameTransform] = {}
         self._slot_owner: dict[str, PeerId] = {}  # mid -> member, as the hub says
         self._slots: dict[str, _Slot] = {}
         self._pc: RTCPeerConnection | None = None
@@ -345,16 +345,14 @@ class GroupCall:
 
     # -- keys and frames
 
-    def _add_receive_key(self, peer: PeerId, key: Any) -> None:
+    def _add_receive_key(self, peer: PeerId, key: SenderKey) -> None:
         receiver = self._receivers.get(peer)
         if receiver is None:
             receiver = self._receivers[peer] = SenderKeyReceiver(key.suite)
-        released = receiver.add_key(key)
-        for kind, tag, plaintext in released:
-            mid, timestamp = tag
-            slot = self._slots.get(mid)
-            if slot is not None and slot.late is not None:
-                slot.late(plaintext, timestamp)
+        for released in receiver.add_key(key):
+            slot, timestamp = released.tag  # type: ignore[misc]  # as _slot_transform tags it
+            if slot.late is not None:
+                slot.late(released.plaintext, timestamp)
 
     def _member_left(self, peer: PeerId) -> None:
         receiver = self._receivers.pop(peer, None)
@@ -389,7 +387,7 @@ class GroupCall:
                 transform = self._unprotect[(owner, kind)] = receiver.transform(
                     kind, on_failure=lambda _error: request_keyframe(slot.receiver)
                 )
-            plaintext = transform(frame, (mid, timestamp))
+            plaintext = transform(frame, (slot, timestamp))
             if plaintext is not None and kind == "audio" and stats.setup_seconds is None:
                 stats.setup_seconds = time.monotonic() - self._join_time
             return plaintext
@@ -499,10 +497,12 @@ class GroupCall:
 
     def _member_stats(self, peer: PeerId, receiver: SenderKeyReceiver) -> MemberStats:
         stats = self.stats.members.setdefault(peer, MemberStats(peer_id=peer))
+        generations: set[int] = set()
         for kind in KINDS:
-            counters: FrameCounters = receiver.counters.get(kind) or FrameCounters()
+            counters = receiver.counters.get(kind) or SenderKeyCounters()
             setattr(stats, kind, counters.as_dict())
-        stats.generations = sorted(receiver.generations)
+            generations |= counters.generations
+        stats.generations = sorted(generations)
         member = self.session.member(peer) if self.session is not None else None
         if member is not None:
             stats.name, stats.fingerprint, stats.status = member.name, member.fingerprint, member.status
