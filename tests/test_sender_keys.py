@@ -4,14 +4,37 @@ key object whose base key stays inside."""
 import copy
 import hashlib
 import pickle
+import re
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from crypto.frame_crypto import SFrameReceiver, SFrameSender
-from crypto.sender_keys import MAX_GENERATION, MAX_STEP, RATCHET_BITS, SenderKey
-from crypto.sframe import CipherSuite, SFrameHeader, SFrameUsageError
+from crypto.errors import LocalError
+from crypto.frame_crypto import FrameTransform, SFrameReceiver, SFrameSender
+from crypto.identity import IdentityKey, IdentityPublicKey
+from crypto.sender_keys import (
+    MAX_GENERATION,
+    MAX_HELD_FRAMES,
+    MAX_OLD_STEPS,
+    MAX_RATCHET_STEPS,
+    MAX_STEP,
+    RATCHET_BITS,
+    SenderKey,
+    SenderKeyReceiver,
+    SenderKeyRejected,
+    group_security_code,
+)
+from crypto.sframe import (
+    AuthenticationError,
+    CipherSuite,
+    ReplayError,
+    SFrameError,
+    SFrameHeader,
+    SFrameUsageError,
+    UnknownKeyError,
+    sender_key_kid,
+)
 
 GCM = CipherSuite.AES_128_GCM_SHA256_128
 KEY = bytes(range(32))
@@ -123,3 +146,274 @@ def test_sender_keys_are_equal_by_suite_generation_step_and_base_key():
     assert key != SenderKey(CipherSuite.AES_128_CTR_HMAC_SHA256_80, 0, 4, KEY)
     assert len({key, SenderKey(GCM, 0, 4, KEY)}) == 1
     assert key != key.media_key()
+
+
+# -- receiving: SenderKeyReceiver -------------------------------------------------------------
+
+
+class Sender:
+    """A group member's sending side as a call builds it: one SFrameSender, its two kinds."""
+
+    def __init__(self, key: SenderKey) -> None:
+        self.sframe = SFrameSender(key.suite)
+        self.key = key
+        self.sframe.use_key(key.media_key())
+        self.audio, self.video = self.sframe.transform("audio"), self.sframe.transform("video")
+
+    def switch(self, key: SenderKey) -> None:
+        self.key = key
+        self.sframe.use_key(key.media_key())
+
+    def send(self, kind: str, frame: bytes) -> bytes:
+        protected = (self.audio if kind == "audio" else self.video)(frame)
+        assert protected is not None
+        return protected
+
+
+def receiver_of(
+    *keys: SenderKey,
+) -> tuple[SenderKeyReceiver, dict[str, FrameTransform], list[SFrameError]]:
+    receiver, failures = SenderKeyReceiver(GCM), list[SFrameError]()
+    transforms = {kind: receiver.transform(kind, failures.append) for kind in ("audio", "video")}
+    for key in keys:
+        receiver.add_key(key)
+    return receiver, transforms, failures
+
+
+def counts(receiver: SenderKeyReceiver, kind: str, *names: str) -> tuple[int, ...]:
+    counters = receiver.counters[kind]
+    return tuple(getattr(counters, name) for name in names)
+
+
+def test_frames_of_an_sframe_sender_under_a_sender_key_decrypt_with_their_kind_bound():
+    key = SenderKey(GCM, 2, 0, KEY)
+    sender = Sender(key)
+    receiver, transforms, failures = receiver_of(key)
+    assert transforms["audio"](sender.send("audio", b"a0")) == b"a0"
+    assert transforms["video"](sender.send("video", b"v0")) == b"v0"
+    moved = sender.send("audio", b"a1")
+    assert transforms["video"](moved) is None  # the kind is authenticated metadata
+    assert [type(error) for error in failures] == [AuthenticationError]
+    audio = receiver.counters["audio"]
+    assert (audio.frames, audio.failed, audio.generations) == (1, 0, {2})
+    assert receiver.counters["video"].unauthenticated == 1
+    assert audio.as_dict()["generations"] == [2] and audio.as_dict()["held"] == 0
+
+
+def test_a_replayed_frame_fails_as_a_replay():
+    key = SenderKey(GCM, 0, 0, KEY)
+    _, transforms, failures = receiver_of(key)
+    frame = Sender(key).send("audio", b"once")
+    assert transforms["audio"](frame) == b"once"
+    assert transforms["audio"](frame) is None
+    assert [type(error) for error in failures] == [ReplayError]
+
+
+def test_the_receiver_follows_the_ratchet_and_keeps_recent_steps_for_late_frames():
+    key = SenderKey(GCM, 0, 0, KEY)
+    sender = Sender(key)
+    receiver, transforms, failures = receiver_of(key)
+    late = [sender.send("audio", b"step 0")]
+    for step in range(1, 7):
+        sender.switch(sender.key.ratcheted())
+        late.append(sender.send("audio", b"step %d" % step))
+        assert transforms["video"](sender.send("video", b"v%d" % step)) == b"v%d" % step
+    # The audio frames arrive late, after video moved on: the newest MAX_OLD_STEPS + 1 steps'
+    # keys are still there, the older ones are not.
+    kept = MAX_OLD_STEPS + 1
+    assert [transforms["audio"](frame) for frame in late[-kept:]] == [
+        b"step %d" % step for step in range(7 - kept, 7)
+    ]
+    assert transforms["audio"](late[0]) is None
+    assert [type(error) for error in failures] == [UnknownKeyError]
+    assert receiver.kids == {sender_key_kid(0, step, RATCHET_BITS) for step in range(2, 7)}
+    assert receiver.counters["audio"].generations == {0}
+
+
+def test_the_receiver_follows_up_to_max_ratchet_steps_ahead_and_no_further():
+    key = SenderKey(GCM, 0, 0, KEY)
+    far = key
+    for _ in range(MAX_RATCHET_STEPS):
+        far = far.ratcheted()
+    _, transforms, failures = receiver_of(key)
+    assert transforms["audio"](Sender(far).send("audio", b"far")) == b"far"
+    beyond = far.ratcheted()
+    for _ in range(MAX_RATCHET_STEPS):
+        beyond = beyond.ratcheted()
+    assert transforms["audio"](Sender(beyond).send("audio", b"beyond")) is None
+    assert [type(error) for error in failures] == [UnknownKeyError]
+
+
+def test_a_forged_frame_under_the_next_step_does_not_make_the_receiver_ratchet():
+    key = SenderKey(GCM, 0, 0, KEY)
+    receiver, transforms, failures = receiver_of(key)
+    forged = Sender(SenderKey(GCM, 0, 1, OTHER_KEY)).send("audio", b"forged")
+    assert transforms["audio"](forged) is None
+    assert [type(error) for error in failures] == [AuthenticationError]
+    assert receiver.kids == {key.kid}
+    genuine = Sender(key.ratcheted())
+    assert transforms["audio"](genuine.send("audio", b"genuine")) == b"genuine"
+    assert transforms["video"](genuine.send("video", b"video")) == b"video"
+    assert receiver.kids == {key.kid, key.ratcheted().kid}
+
+
+def test_frames_under_a_generation_not_yet_received_are_held_and_released_in_order():
+    old, new = SenderKey(GCM, 0, 0, KEY), SenderKey(GCM, 1, 0, OTHER_KEY)
+    sender = Sender(old)
+    receiver, transforms, failures = receiver_of(old)
+    assert transforms["audio"](sender.send("audio", b"old")) == b"old"
+    sender.switch(new)  # the sender switched before this receiver got the key (bound expired)
+    frames = [("audio", b"a1"), ("video", b"v1"), ("audio", b"a2"), ("video", b"v2")]
+    assert [transforms[kind](sender.send(kind, data)) for kind, data in frames] == [None] * 4
+    assert counts(receiver, "audio", "held", "failed") == (2, 0)
+    assert receiver.add_key(new) == frames
+    assert failures == []
+    assert counts(receiver, "audio", "held", "released", "frames", "failed") == (2, 2, 3, 0)
+    assert receiver.counters["video"].generations == {1}
+    assert receiver.counters["audio"].generations == {0, 1}
+    assert transforms["audio"](sender.send("audio", b"a3")) == b"a3"  # and on from there
+
+
+def test_frames_before_any_key_are_held_too():
+    key = SenderKey(GCM, 0, 0, KEY)
+    sender = Sender(key)
+    receiver, transforms, failures = receiver_of()
+    assert transforms["video"](sender.send("video", b"first")) is None
+    assert receiver.add_key(key) == [("video", b"first")]
+    assert failures == []
+
+
+def test_held_frames_are_bounded_oldest_first_and_expire_when_told():
+    receiver, transforms, failures = receiver_of(SenderKey(GCM, 0, 0, KEY))
+    new = SenderKey(GCM, 1, 0, OTHER_KEY)
+    sender = Sender(new)
+    sent = [b"%d" % index for index in range(MAX_HELD_FRAMES + 3)]
+    for data in sent:
+        assert transforms["audio"](sender.send("audio", data)) is None
+    assert counts(receiver, "audio", "held", "overflowed") == (MAX_HELD_FRAMES + 3, 3)
+    assert receiver.add_key(new) == [("audio", data) for data in sent[3:]]
+    newer = Sender(SenderKey(GCM, 2, 0, KEY))
+    transforms["audio"](newer.send("audio", b"x"))
+    transforms["video"](newer.send("video", b"y"))
+    assert receiver.expire_held("audio") == 1 and receiver.expire_held("audio") == 0
+    assert receiver.expire_held("screen") == 0
+    assert counts(receiver, "audio", "expired", "failed") == (1, 0)
+    assert receiver.add_key(SenderKey(GCM, 2, 0, KEY)) == [("video", b"y")]
+    assert failures == []
+
+
+def test_a_joiner_drops_what_was_sent_before_it_joined_without_failures():
+    # The member was at generation 1, step 3; the joiner got step 4 (the ratchet on its join).
+    before = SenderKey(GCM, 1, 3, KEY)
+    joined = before.ratcheted()
+    earlier_generation = Sender(SenderKey(GCM, 0, 9, OTHER_KEY))
+    sender = Sender(before)
+    receiver, transforms, failures = receiver_of()
+    in_flight = sender.send("audio", b"sent before the join")
+    assert transforms["audio"](in_flight) is None  # no key yet: held
+    assert receiver.add_key(joined) == []  # ... and now known to be from before the join
+    assert transforms["audio"](sender.send("audio", b"still before")) is None
+    assert transforms["audio"](earlier_generation.send("audio", b"long before")) is None
+    sender.switch(joined)
+    assert transforms["audio"](sender.send("audio", b"after")) == b"after"
+    assert counts(receiver, "audio", "before_join", "failed", "frames") == (3, 0, 1)
+    assert failures == []
+
+
+def test_retired_generations_fail_as_unknown_keys():
+    old, new = SenderKey(GCM, 0, 0, KEY), SenderKey(GCM, 1, 0, OTHER_KEY)
+    receiver, transforms, failures = receiver_of(old, new)
+    late_old = Sender(old.ratcheted()).send("audio", b"late")
+    receiver.retire_generations_below(1)
+    assert receiver.kids == {new.kid}
+    assert transforms["audio"](Sender(old).send("audio", b"old")) is None
+    assert transforms["audio"](late_old) is None
+    assert [type(error) for error in failures] == [UnknownKeyError, UnknownKeyError]
+    with pytest.raises(SenderKeyRejected):
+        receiver.add_key(SenderKey(GCM, 0, 5, KEY))
+
+
+def test_keys_that_do_not_fit_are_rejected_and_the_same_key_again_is_nothing():
+    key = SenderKey(GCM, 3, 0, KEY)
+    receiver, _, _ = receiver_of(key)
+    assert receiver.add_key(key) == []
+    for wrong in (
+        SenderKey(GCM, 3, 0, OTHER_KEY),
+        SenderKey(GCM, 3, 1, KEY),
+        SenderKey(GCM, 2, 0, KEY),
+        SenderKey(CipherSuite.AES_128_CTR_HMAC_SHA256_80, 4, 0, KEY),
+    ):
+        with pytest.raises(SenderKeyRejected):
+            receiver.add_key(wrong)
+    assert receiver.kids == {key.kid}
+
+
+def test_garbage_fails_closed_as_malformed_and_a_late_transform_has_every_key():
+    key = SenderKey(GCM, 0, 0, KEY)
+    receiver, transforms, failures = receiver_of(key)
+    for garbage in (b"", b"\x9f", b"\x0f\x00"):
+        assert transforms["audio"](garbage) is None
+    assert receiver.counters["audio"].malformed == 3 and len(failures) == 3
+    screen = receiver.transform("screen")
+    frame = SFrameSender(GCM)
+    frame.use_key(key.media_key())
+    assert screen(frame.transform("screen")(b"shared") or b"") == b"shared"
+
+
+def test_the_receivers_repr_names_no_key():
+    receiver, _, _ = receiver_of(SenderKey(GCM, 1, 2, KEY))
+    assert repr(receiver) == "SenderKeyReceiver(suite=AES_128_GCM_SHA256_128, kids=[258], held=0)"
+
+
+# -- the group security code --------------------------------------------------------------------
+
+
+def identity(name: str) -> IdentityPublicKey:
+    return IdentityKey(hashlib.sha256(name.encode()).digest()).public_key
+
+
+ALICE, BOB, CAROL, MALLORY = (identity(name) for name in ("alice", "bob", "carol", "mallory"))
+
+
+def test_the_group_code_is_twenty_digits_in_four_groups_and_ignores_order():
+    code = group_security_code([(ALICE, 0), (BOB, 2), (CAROL, 1)])
+    assert re.fullmatch(r"\d{5} \d{5} \d{5} \d{5}", code)
+    assert group_security_code([(CAROL, 1), (ALICE, 0), (BOB, 2)]) == code
+    assert group_security_code(iter([(BOB, 2), (CAROL, 1), (ALICE, 0)])) == code
+
+
+def test_the_group_code_follows_its_definition():
+    members = sorted([(ALICE, 0), (BOB, 2)], key=lambda member: member[0].raw)
+    first = digest = hashlib.sha256(
+        b"blindhub-v2 group security code"
+        + (2).to_bytes(4, "big")
+        + b"".join(key.raw + g.to_bytes(8, "big") for key, g in members)
+    ).digest()
+    for _ in range(5200):
+        digest = hashlib.sha256(digest + first).digest()
+    digits = f"{int.from_bytes(digest, 'big') % 10**20:020d}"
+    expected = " ".join(digits[i : i + 5] for i in range(0, 20, 5))
+    assert group_security_code([(BOB, 2), (ALICE, 0)]) == expected
+
+
+def test_the_group_code_differs_when_a_member_or_a_generation_differs():
+    views = [
+        [(ALICE, 0), (BOB, 0), (CAROL, 0)],
+        [(ALICE, 0), (BOB, 0)],  # the hub hid Carol
+        [(ALICE, 0), (BOB, 0), (CAROL, 0), (MALLORY, 0)],  # the hub added Mallory
+        [(ALICE, 0), (BOB, 0), (MALLORY, 0)],  # Mallory instead of Carol
+        [(ALICE, 0), (BOB, 1), (CAROL, 0)],  # Bob's generation is another one
+        [(ALICE, 1), (BOB, 0), (CAROL, 0)],
+        [(ALICE, 0)],
+        [],
+    ]
+    codes = [group_security_code(view) for view in views]
+    assert len(set(codes)) == len(codes)
+
+
+def test_a_member_listed_twice_or_a_bad_generation_is_refused():
+    with pytest.raises(LocalError):
+        group_security_code([(ALICE, 0), (ALICE, 1)])
+    for generation in (-1, MAX_GENERATION + 1, True):
+        with pytest.raises(LocalError):
+            group_security_code([(ALICE, generation)])
