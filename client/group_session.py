@@ -72,6 +72,7 @@ from client.session import (
     SessionConfig,
 )
 from crypto.sender_keys import SenderKey, group_security_code
+from crypto.sframe import CipherSuite
 from signaling.protocol import PeerId
 
 logger = logging.getLogger("blindhub.group")
@@ -245,6 +246,12 @@ class GroupSession:
         return self._ended
 
     @property
+    def suite(self) -> CipherSuite:
+        """The SFrame suite of every sender key in the call, ours and the members' (the first of
+        ``SessionConfig.suites``): a member's receiver is made for it."""
+        return self._suite
+
+    @property
     def send_key(self) -> SenderKey:
         """The key our frames go under now."""
         return self._current
@@ -368,7 +375,7 @@ class GroupSession:
         for peer, state in list(self._peers.items()):
             if state.ack_deadline is not None and state.ack_deadline <= now:
                 timeout = self.config.rekey_timeout
-                error = CallFailed(f"{peer} did not acknowledge our sender key within {timeout:g} s")
+                error = CallFailed(f"our sender key was not acknowledged within {timeout:g} s")
                 actions += self._take(peer, state.session.abort(error, now), now)
         due = [(peer, below) for deadline, peer, below in self._retirements if deadline <= now]
         self._retirements = [item for item in self._retirements if item[0] > now]
@@ -417,6 +424,14 @@ class GroupSession:
 
     def _joined(self, peer: PeerId, state: _Peer, now: float) -> list[Action]:
         assert state.protection is not None
+        identity = state.session.peer_identity
+        if any(
+            other.member and other.session.peer_identity == identity
+            for other in self._peers.values()
+        ):
+            # One identity, one member: the roster and the security code list each key once.
+            error = CallFailed(f"{state.protection.peer_name} is already in the call")
+            return self._take(peer, state.session.abort(error, now), now)
         state.member = True
         logger.info("%s joined (%s)", state.protection.peer_name, peer)
         self._current = self._current.ratcheted()
@@ -434,12 +449,16 @@ class GroupSession:
         return self._take(peer, state.session.send_sender_key(key, now), now)
 
     def _key_arrived(self, peer: PeerId, state: _Peer, key: SenderKey, now: float) -> list[Action]:
-        if state.generation is not None and key.generation < state.generation:
-            # Authentic, yet a generation this member already left behind: it would bring
-            # back a key we retire.
-            logger.warning("dropped %s's sender key of an older generation: %r", peer, key)
+        if key.suite is not self._suite or (
+            state.generation is not None and key.generation <= state.generation
+        ):
+            # Authentic, yet not what an honest member sends: every member's keys are of the
+            # group's suite, one key per generation, each generation newer (a receiver refuses
+            # anything else: crypto.sender_keys.SenderKeyRejected). Unacknowledged, it ends
+            # the pair at the member's side if it insists.
+            logger.warning("dropped a sender key from %s that does not fit: %r", peer, key)
             return []
-        if state.generation is not None and key.generation > state.generation:
+        if state.generation is not None:
             deadline = now + self.config.grace_seconds
             self._retirements.append((deadline, peer, key.generation))
         state.generation = key.generation
