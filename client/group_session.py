@@ -299,7 +299,9 @@ class GroupSession:
             return None
         deadlines = [deadline for deadline, _, _ in self._retirements]
         for state in self._peers.values():
-            deadlines += [d for d in (state.session.next_deadline, state.ack_deadline) if d]
+            deadlines += [
+                d for d in (state.session.next_deadline, state.ack_deadline) if d is not None
+            ]
         if self._pending is not None:
             deadlines.append(self._pending_since + self.switch_bound)
         return min(deadlines, default=None)
@@ -425,13 +427,16 @@ class GroupSession:
     def _joined(self, peer: PeerId, state: _Peer, now: float) -> list[Action]:
         assert state.protection is not None
         identity = state.session.peer_identity
-        if any(
-            other.member and other.session.peer_identity == identity
-            for other in self._peers.values()
-        ):
-            # One identity, one member: the roster and the security code list each key once.
-            error = CallFailed(f"{state.protection.peer_name} is already in the call")
-            return self._take(peer, state.session.abort(error, now), now)
+        for other in self._peers.values():
+            if other.member and other.session.peer_identity == identity:
+                # One identity, one member: the roster and the security code list each key
+                # once. (Two devices of one person: the second waits for the first to leave.)
+                assert other.protection is not None
+                error = CallFailed(
+                    f"{state.protection.peer_name}'s identity key is already in the call, as "
+                    f"{other.protection.peer_name}"
+                )
+                return self._take(peer, state.session.abort(error, now), now)
         state.member = True
         logger.info("%s joined (%s)", state.protection.peer_name, peer)
         self._current = self._current.ratcheted()

@@ -37,6 +37,7 @@ from client.group_session import (
 from client.session import (
     CallFailed,
     CallSession,
+    CallWithSelf,
     Keyed,
     Protected,
     SenderKeyAcked,
@@ -655,6 +656,21 @@ def test_verify_pinned_refuses_an_unpinned_member_alone():
     assert not [a for a in room["carol"].of(AddReceiveKey) if a.peer == "dave"]
     assert not [a for a in room["dave"].of(AddReceiveKey) if a.peer == "carol"]
     assert room["alice"].roster == ["bob", "carol", "dave"]
+
+
+def test_one_identity_is_one_member():
+    room = room_of("alice", "bob")
+    room.join("bob2", identity=room["bob"].group.config.identity)
+    room.run()
+    [failed] = room["alice"].of(MemberFailed)
+    assert failed.peer == "bob2" and "identity key is already in the call, as bob" in str(
+        failed.error
+    )
+    assert room["alice"].roster == ["bob"]
+    # Alice's bye tells bob2 at once; bob2 and bob refuse each other as a call with oneself.
+    assert room["bob2"].of(MemberLeft) == [MemberLeft(PeerId("alice"), "peer-bye")]
+    [failed] = room["bob2"].of(MemberFailed)
+    assert failed.peer == "bob" and isinstance(failed.error, CallWithSelf)
 
 
 def test_a_declined_sas_drops_that_pair_alone():
