@@ -206,7 +206,7 @@ def _party_digits(public_key: IdentityPublicKey) -> str:
 def decimal_groups(value: bytes, digits: int, group: int = 5) -> str:
     """``value`` as ``digits`` decimal digits (its big-endian integer modulo 10**digits) in
     groups of ``group``, the form people read aloud (the SAS, the group security code). From
-    a 32-byte hash, 20 digits or fewer are biased by less than 2**-189."""
+    a 32-byte hash, 30 digits or fewer are biased by less than 2**-156."""
     text = f"{int.from_bytes(value, 'big') % 10**digits:0{digits}d}"
     return " ".join(text[i : i + group] for i in range(0, digits, group))
 

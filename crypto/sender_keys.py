@@ -24,10 +24,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, final
+from typing import Any, Final, NamedTuple, Protocol, final
 
 from crypto.errors import LocalError, RemoteError
-from crypto.frame_crypto import DEFAULT_SUITE, FrameCounters, FrameTransform, MediaKey
+from crypto.frame_crypto import DEFAULT_SUITE, FrameCounters, MediaKey
 from crypto.identity import IdentityPublicKey, decimal_groups
 from crypto.sframe import (
     DEFAULT_REPLAY_WINDOW,
@@ -223,6 +223,22 @@ class _Chain:
         return f"<sender-key chain step={self.step}>"
 
 
+class ReleasedFrame(NamedTuple):
+    """A held frame that decrypted once its key came: its kind, plaintext and the caller's tag
+    (for example where and when it arrived, to pass it to the decoder late)."""
+
+    kind: str
+    plaintext: bytes
+    tag: object = None
+
+
+class HoldingFrameTransform(Protocol):
+    """A receiver's frame transform that may hold a frame: ``tag`` comes back with it when it is
+    released."""
+
+    def __call__(self, frame: bytes, tag: object = None, /) -> bytes | None: ...
+
+
 class _Kind:
     """One kind of media (audio, video) of the sender: its own receive context, so a key's first
     use is heard per kind, with the kind bound as SFrame metadata as ``SFrameSender`` does."""
@@ -234,7 +250,7 @@ class _Kind:
         self.counters = SenderKeyCounters()
         self.metadata = kind.encode()
         self.on_failure: Callable[[SFrameError], None] | None = None
-        self.held: deque[tuple[int, bytes]] = deque()  # (arrival number, frame)
+        self.held: deque[tuple[int, bytes, object]] = deque()  # (arrival number, frame, tag)
 
 
 class SenderKeyReceiver:
@@ -286,10 +302,10 @@ class SenderKeyReceiver:
 
     # -- keys
 
-    def add_key(self, key: SenderKey) -> list[tuple[str, bytes]]:
-        """Install the sender's ``key``; return the held frames that now decrypt, as (kind,
-        plaintext) in the order they arrived. The same key again changes nothing; a key that
-        does not fit raises ``SenderKeyRejected`` (and changes nothing)."""
+    def add_key(self, key: SenderKey) -> list[ReleasedFrame]:
+        """Install the sender's ``key``; return the held frames that now decrypt, in the order
+        they arrived, each with the tag the caller gave it. The same key again changes nothing;
+        a key that does not fit raises ``SenderKeyRejected`` (and changes nothing)."""
         generation, step = key.generation, key.step
         if key.suite is not self._suite:
             raise SenderKeyRejected(f"a {key.suite.name} key for a {self._suite.name} receiver")
@@ -350,7 +366,7 @@ class SenderKeyReceiver:
 
     def transform(
         self, kind: str, on_failure: Callable[[SFrameError], None] | None = None
-    ) -> FrameTransform:
+    ) -> HoldingFrameTransform:
         """The frame transform for the sender's ``kind`` stream; ``on_failure`` hears of each
         frame that fails (not of those held, expired or sent before we joined)."""
         state = self._kinds.get(kind)
@@ -367,11 +383,11 @@ class SenderKeyReceiver:
 
         # Runs once a frame in the event loop: the path of a frame whose key is held is the
         # same as SFrameReceiver's (one context call, inline counting); the rest is rare.
-        def unprotect(frame: bytes) -> bytes | None:
+        def unprotect(frame: bytes, tag: object = None) -> bytes | None:
             try:
                 plaintext = unprotect_with_key(frame, metadata)
             except UnknownKeyError:
-                return without_key(state, frame, None)
+                return without_key(state, frame, None, tag)
             except SFrameError as error:
                 _failed(state, error)
                 return None
@@ -382,14 +398,16 @@ class SenderKeyReceiver:
 
         return unprotect
 
-    def _without_key(self, state: _Kind, frame: bytes, arrival: int | None) -> bytes | None:
+    def _without_key(
+        self, state: _Kind, frame: bytes, arrival: int | None, tag: object
+    ) -> bytes | None:
         """A frame whose KID has no key installed (``arrival`` is set for a held frame tried
         again): follow the ratchet, hold it, or drop it as sent before we joined, or as failed."""
         counters = state.counters
         try:
             kid = SFrameHeader.parse(frame)[0].kid
             if self._join is None or kid >> RATCHET_BITS > self._newest_generation:
-                self._hold(state, frame, arrival)
+                self._hold(state, frame, arrival, tag)
                 return None
             if self._before_join(kid):
                 counters.before_join += 1
@@ -400,11 +418,11 @@ class SenderKeyReceiver:
             return None
         return _decrypted(counters, frame, plaintext)
 
-    def _hold(self, state: _Kind, frame: bytes, arrival: int | None) -> None:
+    def _hold(self, state: _Kind, frame: bytes, arrival: int | None, tag: object) -> None:
         if arrival is None:
             arrival, self._arrivals = self._arrivals, self._arrivals + 1
             state.counters.held += 1
-        state.held.append((arrival, frame))
+        state.held.append((arrival, frame, tag))
         if len(state.held) > MAX_HELD_FRAMES:
             state.held.popleft()
             state.counters.overflowed += 1
@@ -454,23 +472,23 @@ class SenderKeyReceiver:
             self._uninstall(chain.old_kids.popleft())
         return plaintext
 
-    def _release(self) -> list[tuple[str, bytes]]:
-        released: list[tuple[int, str, bytes]] = []
+    def _release(self) -> list[ReleasedFrame]:
+        released: list[tuple[int, ReleasedFrame]] = []
         for kind, state in self._kinds.items():
             waiting, state.held = state.held, deque()
-            for arrival, frame in waiting:
-                plaintext = self._retry(state, frame, arrival)
+            for arrival, frame, tag in waiting:
+                plaintext = self._retry(state, frame, arrival, tag)
                 if plaintext is not None:
                     state.counters.released += 1
-                    released.append((arrival, kind, plaintext))
-        released.sort()
-        return [(kind, plaintext) for _, kind, plaintext in released]
+                    released.append((arrival, ReleasedFrame(kind, plaintext, tag)))
+        released.sort(key=lambda entry: entry[0])
+        return [frame for _, frame in released]
 
-    def _retry(self, state: _Kind, frame: bytes, arrival: int) -> bytes | None:
+    def _retry(self, state: _Kind, frame: bytes, arrival: int, tag: object) -> bytes | None:
         try:
             plaintext = state.context.unprotect(frame, state.metadata)
         except UnknownKeyError:
-            return self._without_key(state, frame, arrival)
+            return self._without_key(state, frame, arrival, tag)
         except SFrameError as error:
             _failed(state, error)
             return None
@@ -496,11 +514,12 @@ def _failed(state: _Kind, error: SFrameError) -> None:
 # -- the group security code -------------------------------------------------------------------
 
 GROUP_CODE_LABEL: Final = b"blindhub-v2 group security code"
-# 20 digits (66 bits) in 4 groups of 5, read aloud once for the whole group.
-GROUP_CODE_DIGITS: Final = 20
-# The code is SHA-256 iterated like the safety number's hash (crypto/identity.py): a hub that
-# controls members of its own in two views can grind their keys and generations for a match,
-# a birthday search over 2**33 codes; each try then costs 5,200 hashes, not one.
+# 30 digits (99 bits) in 6 groups of 5, read aloud once for the whole group. A hub that puts
+# members of its own into two different views chooses their keys and generations, so it can
+# search for two views with one code: a birthday search, about 2**50 tries for 99 bits (2**33
+# for 20 digits would be within reach of a determined operator).
+GROUP_CODE_DIGITS: Final = 30
+# Each try also costs 5,200 hashes, as the safety number's (crypto/identity.py): 2**62 in all.
 GROUP_CODE_ITERATIONS: Final = 5200
 
 
@@ -512,7 +531,7 @@ def group_security_code(members: Iterable[tuple[IdentityPublicKey, int]]) -> str
 
         d_0 = SHA-256(GROUP_CODE_LABEL || count (4 bytes) || key_1 || generation_1 (8 bytes)
                       || ... || key_n || generation_n (8 bytes))
-        d_i+1 = SHA-256(d_i || d_0), 5,200 times; the code is 20 digits of d_5200 in groups of 5
+        d_i+1 = SHA-256(d_i || d_0), 5,200 times; the code is 30 digits of d_5200 in groups of 5
     """
     entries = sorted((key.raw, generation) for key, generation in members)
     if len({raw for raw, _ in entries}) != len(entries):

@@ -93,7 +93,7 @@ def test_the_security_code_from_primitives():
     ).digest()
     for _ in range(5200):
         digest = hashlib.sha256(digest + first).digest()
-    digits = f"{int.from_bytes(digest, 'big') % 10**20:020d}"
-    assert vector["code"] == " ".join(digits[i : i + 5] for i in range(0, 20, 5))
+    digits = f"{int.from_bytes(digest, 'big') % 10**30:030d}"
+    assert vector["code"] == " ".join(digits[i : i + 5] for i in range(0, 30, 5))
     keys = [(IdentityPublicKey(raw), generation) for raw, generation in reversed(members)]
     assert group_security_code(keys) == vector["code"]

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from crypto.errors import LocalError
-from crypto.frame_crypto import FrameTransform, SFrameReceiver, SFrameSender
+from crypto.frame_crypto import SFrameReceiver, SFrameSender
 from crypto.identity import IdentityKey, IdentityPublicKey
 from crypto.sender_keys import (
     MAX_GENERATION,
@@ -20,6 +20,8 @@ from crypto.sender_keys import (
     MAX_RATCHET_STEPS,
     MAX_STEP,
     RATCHET_BITS,
+    HoldingFrameTransform,
+    ReleasedFrame,
     SenderKey,
     SenderKeyReceiver,
     SenderKeyRejected,
@@ -172,7 +174,7 @@ class Sender:
 
 def receiver_of(
     *keys: SenderKey,
-) -> tuple[SenderKeyReceiver, dict[str, FrameTransform], list[SFrameError]]:
+) -> tuple[SenderKeyReceiver, dict[str, HoldingFrameTransform], list[SFrameError]]:
     receiver, failures = SenderKeyReceiver(GCM), list[SFrameError]()
     transforms = {kind: receiver.transform(kind, failures.append) for kind in ("audio", "video")}
     for key in keys:
@@ -257,6 +259,19 @@ def test_a_forged_frame_under_the_next_step_does_not_make_the_receiver_ratchet()
     assert receiver.kids == {key.kid, key.ratcheted().kid}
 
 
+def plain(released: list[ReleasedFrame]) -> list[tuple[str, bytes]]:
+    return [(frame.kind, frame.plaintext) for frame in released]
+
+
+def test_a_held_frame_comes_back_with_the_tag_it_was_given():
+    old, new = SenderKey(GCM, 0, 0, KEY), SenderKey(GCM, 1, 0, KEY)
+    sender, receiver = Sender(old), SenderKeyReceiver(GCM)
+    receiver.add_key(old)
+    sender.switch(new)
+    assert receiver.transform("audio")(sender.send("audio", b"late"), ("slot 2", 960)) is None
+    assert receiver.add_key(new) == [ReleasedFrame("audio", b"late", ("slot 2", 960))]
+
+
 def test_frames_under_a_generation_not_yet_received_are_held_and_released_in_order():
     old, new = SenderKey(GCM, 0, 0, KEY), SenderKey(GCM, 1, 0, OTHER_KEY)
     sender = Sender(old)
@@ -266,7 +281,7 @@ def test_frames_under_a_generation_not_yet_received_are_held_and_released_in_ord
     frames = [("audio", b"a1"), ("video", b"v1"), ("audio", b"a2"), ("video", b"v2")]
     assert [transforms[kind](sender.send(kind, data)) for kind, data in frames] == [None] * 4
     assert counts(receiver, "audio", "held", "failed") == (2, 0)
-    assert receiver.add_key(new) == frames
+    assert plain(receiver.add_key(new)) == frames
     assert failures == []
     assert counts(receiver, "audio", "held", "released", "frames", "failed") == (2, 2, 3, 0)
     assert receiver.counters["video"].generations == {1}
@@ -279,7 +294,7 @@ def test_frames_before_any_key_are_held_too():
     sender = Sender(key)
     receiver, transforms, failures = receiver_of()
     assert transforms["video"](sender.send("video", b"first")) is None
-    assert receiver.add_key(key) == [("video", b"first")]
+    assert plain(receiver.add_key(key)) == [("video", b"first")]
     assert failures == []
 
 
@@ -291,14 +306,14 @@ def test_held_frames_are_bounded_oldest_first_and_expire_when_told():
     for data in sent:
         assert transforms["audio"](sender.send("audio", data)) is None
     assert counts(receiver, "audio", "held", "overflowed") == (MAX_HELD_FRAMES + 3, 3)
-    assert receiver.add_key(new) == [("audio", data) for data in sent[3:]]
+    assert plain(receiver.add_key(new)) == [("audio", data) for data in sent[3:]]
     newer = Sender(SenderKey(GCM, 2, 0, KEY))
     transforms["audio"](newer.send("audio", b"x"))
     transforms["video"](newer.send("video", b"y"))
     assert receiver.expire_held("audio") == 1 and receiver.expire_held("audio") == 0
     assert receiver.expire_held("screen") == 0
     assert counts(receiver, "audio", "expired", "failed") == (1, 0)
-    assert receiver.add_key(SenderKey(GCM, 2, 0, KEY)) == [("video", b"y")]
+    assert plain(receiver.add_key(SenderKey(GCM, 2, 0, KEY))) == [("video", b"y")]
     assert failures == []
 
 
@@ -311,7 +326,7 @@ def test_a_joiner_drops_what_was_sent_before_it_joined_without_failures():
     receiver, transforms, failures = receiver_of()
     in_flight = sender.send("audio", b"sent before the join")
     assert transforms["audio"](in_flight) is None  # no key yet: held
-    assert receiver.add_key(joined) == []  # ... and now known to be from before the join
+    assert plain(receiver.add_key(joined)) == []  # ... and now known to be from before the join
     assert transforms["audio"](sender.send("audio", b"still before")) is None
     assert transforms["audio"](earlier_generation.send("audio", b"long before")) is None
     sender.switch(joined)
@@ -336,7 +351,7 @@ def test_retired_generations_fail_as_unknown_keys():
 def test_keys_that_do_not_fit_are_rejected_and_the_same_key_again_is_nothing():
     key = SenderKey(GCM, 3, 0, KEY)
     receiver, _, _ = receiver_of(key)
-    assert receiver.add_key(key) == []
+    assert plain(receiver.add_key(key)) == []
     for wrong in (
         SenderKey(GCM, 3, 0, OTHER_KEY),
         SenderKey(GCM, 3, 1, KEY),
@@ -375,9 +390,9 @@ def identity(name: str) -> IdentityPublicKey:
 ALICE, BOB, CAROL, MALLORY = (identity(name) for name in ("alice", "bob", "carol", "mallory"))
 
 
-def test_the_group_code_is_twenty_digits_in_four_groups_and_ignores_order():
+def test_the_group_code_is_thirty_digits_in_six_groups_and_ignores_order():
     code = group_security_code([(ALICE, 0), (BOB, 2), (CAROL, 1)])
-    assert re.fullmatch(r"\d{5} \d{5} \d{5} \d{5}", code)
+    assert re.fullmatch(r"\d{5}( \d{5}){5}", code)
     assert group_security_code([(CAROL, 1), (ALICE, 0), (BOB, 2)]) == code
     assert group_security_code(iter([(BOB, 2), (CAROL, 1), (ALICE, 0)])) == code
 
@@ -391,8 +406,8 @@ def test_the_group_code_follows_its_definition():
     ).digest()
     for _ in range(5200):
         digest = hashlib.sha256(digest + first).digest()
-    digits = f"{int.from_bytes(digest, 'big') % 10**20:020d}"
-    expected = " ".join(digits[i : i + 5] for i in range(0, 20, 5))
+    digits = f"{int.from_bytes(digest, 'big') % 10**30:030d}"
+    expected = " ".join(digits[i : i + 5] for i in range(0, 30, 5))
     assert group_security_code([(BOB, 2), (ALICE, 0)]) == expected
 
 

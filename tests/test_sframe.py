@@ -18,9 +18,6 @@ from crypto.sframe import (
     ReceiveContext,
     ReplayError,
     SendContext,
-    SenderKeyRatchet,
-    SenderKeyReceiver,
-    SenderKeySender,
     SFrameError,
     SFrameHeader,
     SFrameUsageError,
@@ -442,152 +439,6 @@ def test_sender_key_kid_layout():
         sender_key_kid(0, 0, 0)
 
 
-def test_sender_key_ratchet_steps():
-    suite = CipherSuite.AES_128_GCM_SHA256_128
-    ratchet = SenderKeyRatchet(suite, KEY, ratchet_bits=4, generation=2)
-    assert (ratchet.kid, ratchet.export_base_key()) == (0x20, KEY)
-    ratchet.ratchet()
-    assert (ratchet.step, ratchet.kid) == (1, 0x21)
-    assert ratchet.export_base_key() == ratchet_base_key(suite, KEY)
-    ratchet.rekey(OTHER_KEY)
-    assert (ratchet.generation, ratchet.step, ratchet.kid) == (3, 0, 0x30)
-
-
-def sender_and_receiver(
-    suite: CipherSuite = CipherSuite.AES_128_GCM_SHA256_128, **receiver_options: int
-) -> tuple[SenderKeySender, SenderKeyReceiver]:
-    bits = receiver_options.pop("ratchet_bits", 8)
-    sender = SenderKeySender(suite, KEY, ratchet_bits=bits)
-    receiver = SenderKeyReceiver(suite, KEY, ratchet_bits=bits, **receiver_options)
-    return sender, receiver
-
-
-def test_receiver_follows_the_ratchet_and_forgets_old_keys():
-    sender, receiver = sender_and_receiver(old_key_grace_frames=3)
-    before = sender.protect(b"step 0")
-    late = sender.protect(b"step 0, late")
-    assert receiver.unprotect(before) == b"step 0"
-    sender.ratchet()
-    sender.ratchet()  # the receiver skips a step it never saw
-    assert sender.kid == 2
-    assert receiver.unprotect(sender.protect(b"step 2")) == b"step 2"
-    assert receiver.kid == 2
-    assert receiver.unprotect(late) == b"step 0, late"  # old key kept briefly
-    for i in range(2):
-        receiver.unprotect(sender.protect(b"more %d" % i))
-    assert receiver.kids == {2}  # three frames under the new key: the old one is gone
-    with pytest.raises(UnknownKeyError):
-        receiver.unprotect(late)
-
-
-def test_ratchet_is_adopted_only_after_authentication():
-    sender, receiver = sender_and_receiver()
-    receiver.unprotect(sender.protect(b"step 0"))
-    forged = bytes(SFrameHeader(5, 0)) + bytes(40)  # claims ratchet step 5
-    with pytest.raises(AuthenticationError):
-        receiver.unprotect(forged)
-    assert (receiver.kid, set(receiver.kids)) == (0, {0})
-    assert receiver.unprotect(sender.protect(b"still step 0")) == b"still step 0"
-
-
-def test_ratchet_skip_is_bounded():
-    sender, receiver = sender_and_receiver(max_ratchet_skip=4)
-    for _ in range(5):
-        sender.ratchet()
-    with pytest.raises(UnknownKeyError):
-        receiver.unprotect(sender.protect(b"too far ahead"))
-
-
-def test_ratchet_step_wraps_modulo_r_bits():
-    sender, receiver = sender_and_receiver(ratchet_bits=2, old_key_grace_frames=0)
-    seen = []
-    for step in range(9):
-        receiver.unprotect(sender.protect(b"step %d" % step))
-        seen.append(receiver.kid)
-        sender.ratchet()
-    assert seen == [0, 1, 2, 3, 0, 1, 2, 3, 0]
-    assert receiver.kids == {sender.kid - 1 & 3}
-
-
-def frames_of_a_ratcheting_sender(bits: int, steps: int, per_step: int) -> list[bytes]:
-    """Frames from a sender built here from the section 5.1 definitions (a send context per
-    step, KID and base key computed directly), not from ``SenderKeySender``."""
-    suite = CipherSuite.AES_128_GCM_SHA256_128
-    base_key, frames = KEY, []
-    for step in range(steps):
-        context = SendContext(suite)
-        kid = sender_key_kid(0, step, bits)
-        context.add_key(kid, base_key)
-        frames += [context.protect(kid, b"step %d frame %d" % (step, i)) for i in range(per_step)]
-        base_key = ratchet_base_key(suite, base_key)
-    return frames
-
-
-@pytest.mark.parametrize(
-    ("bits", "per_step"),
-    [
-        *((bits, per_step) for bits in range(1, 11) for per_step in (1, 4)),
-        # Wide steps wrap only after 2**R ratchets, long after any grace period: seconds each.
-        *(pytest.param(bits, 1, marks=pytest.mark.slow) for bits in range(11, 17)),
-    ],
-)
-def test_every_ratchet_width_survives_several_wraps(bits, per_step):
-    # Three wraps of the step around 2**R, a ratchet every frame or every four: with the
-    # default 64-frame grace, a wrapped KID is often still held by a superseded key.
-    steps = 3 << bits
-    receiver = SenderKeyReceiver(CipherSuite.AES_128_GCM_SHA256_128, KEY, ratchet_bits=bits)
-    for index, frame in enumerate(frames_of_a_ratcheting_sender(bits, steps, per_step)):
-        step = index // per_step
-        assert receiver.unprotect(frame) == b"step %d frame %d" % (step, index % per_step)
-    assert receiver.kid == sender_key_kid(0, steps - 1, bits)
-
-
-def test_a_superseded_key_is_kept_until_a_later_step_takes_its_kid():
-    bits = 4
-    sender, receiver = sender_and_receiver(ratchet_bits=bits)
-    receiver.unprotect(sender.protect(b"step 0"))
-    late, later = sender.protect(b"step 0, late"), sender.protect(b"step 0, later")
-    for _ in range(15):
-        sender.ratchet()
-        receiver.unprotect(sender.protect(b"next"))
-    assert receiver.kid == 15
-    assert receiver.unprotect(late) == b"step 0, late"  # KID 0 is still step 0's
-    forged = bytes(SFrameHeader(0, 9)) + bytes(40)  # KID 0 as if from step 16
-    with pytest.raises(AuthenticationError):
-        receiver.unprotect(forged)
-    sender.ratchet()
-    assert sender.kid == 0
-    assert receiver.unprotect(sender.protect(b"step 16")) == b"step 16"
-    assert receiver.kid == 0
-    with pytest.raises(AuthenticationError):  # KID 0 is step 16's now
-        receiver.unprotect(later)
-    assert receiver.unprotect(sender.protect(b"step 16 again")) == b"step 16 again"
-
-
-def test_new_generation_without_new_key_agreement_on_the_wire():
-    sender, receiver = sender_and_receiver(old_key_grace_frames=1)
-    old = sender.protect(b"generation 0")
-    sender.rekey(OTHER_KEY)  # distributed to receivers over the E2E channel
-    new = sender.protect(b"generation 1")
-    with pytest.raises(UnknownKeyError):
-        receiver.unprotect(new)
-    receiver.add_generation(1, OTHER_KEY)
-    assert receiver.unprotect(new) == b"generation 1"
-    assert receiver.kid == 1 << 8
-    with pytest.raises(UnknownKeyError):  # grace of one frame, used by `new`
-        receiver.unprotect(old)
-
-
-def test_sender_forgets_previous_key():
-    sender = SenderKeySender(CipherSuite.AES_128_GCM_SHA256_128, KEY)
-    sender.ratchet()
-    assert sender.export_base_key() != KEY
-    assert KEY.hex() not in repr(sender)
-
-
-# --- errors and reprs -------------------------------------------------------------------
-
-
 def test_error_hierarchy():
     remote = [MalformedHeaderError, UnknownKeyError, AuthenticationError, ReplayError]
     local = [CounterExhaustedError, SFrameUsageError]
@@ -603,9 +454,7 @@ def test_error_hierarchy():
 def test_reprs_hold_no_key_material(suite):
     sender, receiver = pair(suite)
     key, salt = derive_key_salt(suite, 7, KEY)
-    ratchet = SenderKeyRatchet(suite, KEY)
-    key_sender, key_receiver = sender_and_receiver(suite)
-    objects = [sender, receiver, ratchet, key_sender, key_receiver, make_aead(suite, key)]
+    objects = [sender, receiver, make_aead(suite, key)]
     objects += list(sender._keys.values()) + list(receiver._keys.values())
     secrets = [KEY, key, salt, key[:16], ratchet_base_key(suite, KEY)]
     for thing in objects:
