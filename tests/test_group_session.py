@@ -277,8 +277,8 @@ class Room:
                 case UseSendKey(key):
                     member.sender.use_key(key.media_key())
                 case AddReceiveKey(peer, key):
-                    for _, plaintext in member.receivers[peer].add_key(key):
-                        member.decrypted.setdefault(peer, set()).add(plaintext)
+                    for released in member.receivers[peer].add_key(key):
+                        member.decrypted.setdefault(peer, set()).add(released.plaintext)
                 case RetireReceiveGenerations(peer, below):
                     member.receivers[peer].retire_generations_below(below)
                 case MemberLeft(peer) | MemberFailed(peer):
