@@ -513,6 +513,55 @@ def test_a_leave_switches_at_the_bound_when_a_member_does_not_ack():
     assert len(set(room.codes().values())) == 1
 
 
+def test_a_joiner_during_a_leave_gets_both_keys_ratcheted_and_waits_for_no_switch():
+    room = room_of("alice", "bob", "carol", frames=True)
+    room.at(3.0)
+    held: list[tuple[str, dict[str, Any]]] = []
+
+    def hold_bob_to_alice(sender: str, recipient: str, payload: dict[str, Any]):
+        if (sender, recipient) == ("bob", "alice"):
+            held.append((sender, payload))
+            return []
+        return [payload]
+
+    room.tamper = hold_bob_to_alice
+    room.leave("carol")  # alice's fresh key waits for bob's ack, which the hub withholds
+    room.run()
+    old, pending = room["alice"].group.send_key, room["alice"].group.pending_key
+    assert pending is not None and (old.generation, pending.generation) == (0, 1)
+    room.join("dave")
+    room.run()
+    given = [
+        (a.key.generation, a.key.step) for a in room["dave"].of(AddReceiveKey) if a.peer == "alice"
+    ]
+    assert given == [(0, old.step + 1), (1, 1)]
+    # Alice sends under the ratcheted current key at once; the fresh one still waits.
+    assert room["alice"].group.send_key.kid == (0 << 8) | (old.step + 1)
+    room.at(3.0 + SWITCH_BOUND)
+    assert room["alice"].group.send_key.kid == (1 << 8) | 1
+    room.send_frames()
+    room.tamper = lambda sender, recipient, payload: [payload]
+    room.queues[("bob", "alice")] = deque(payload for _, payload in held)
+    room.run()
+    room.check_frames()
+    holds_keys_of_everyone(room)
+
+
+def test_a_sender_key_that_does_not_fit_is_dropped_unacknowledged():
+    room = room_of("alice", "bob")
+    channel = room["bob"].group.sessions[PeerId("alice")]._channel
+    assert channel is not None
+    acks = len(room["alice"].sent_to("bob"))
+    for key in (
+        SenderKey.fresh(CipherSuite.AES_256_GCM_SHA512_128, 5),  # another suite
+        SenderKey.fresh(SUITE, 0),  # a second key for a generation alice holds
+    ):
+        room.deliver("bob", "alice", channel.seal_sender_key(key))
+    assert len(room["alice"].of(AddReceiveKey)) == 1
+    assert len(room["alice"].sent_to("bob")) == acks
+    assert room["alice"].roster == ["bob"]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_ten_joins_and_leaves_in_a_four_party_call_never_fail_a_frame(seed):
     room = room_of("m0", "m1", "m2", "m3", shuffle=seed, step=0.2, frames=True)
