@@ -223,8 +223,7 @@ class GroupSession:
     ) -> None:
         self.config = dataclasses.replace(config, routed=True)
         self.switch_bound = switch_bound
-        # What every pairwise session was caught doing, those that ended included.
-        self.detections: Counter[str] = Counter()
+        self._past_detections: Counter[str] = Counter()  # of the sessions that ended
         self._peers: dict[PeerId, _Peer] = {}
         self._suite = self.config.suites[0]
         self._current = SenderKey.fresh(self._suite, 0, random_bytes=self.config.random_bytes)
@@ -261,6 +260,12 @@ class GroupSession:
         """A leave's fresh key, which we switch to once its members acknowledged it (or at
         the bound)."""
         return self._pending
+
+    @property
+    def detections(self) -> Counter[str]:
+        """What the pairwise sessions caught the hub doing, those that ended included."""
+        live = (state.session.detections for state in self._peers.values())
+        return sum(live, Counter(self._past_detections))
 
     @property
     def sessions(self) -> Mapping[PeerId, CallSession]:
@@ -346,7 +351,6 @@ class GroupSession:
             return []
         actions: list[Action] = []
         for peer, state in self._peers.items():
-            self._count(state.session)
             for action in state.session.hangup(reason, now):
                 if isinstance(action, pair.Send):
                     actions.append(Send(peer, action.payload))
@@ -363,7 +367,6 @@ class GroupSession:
             return []
         for state in self._peers.values():
             state.session.hub_failed(detail, now, closed=True)
-            self._count(state.session)
         return self._end("hub-lost", CallFailed(f"the hub connection was lost: {detail}"))
 
     def handle_timer(self, now: float) -> list[Action]:
@@ -480,7 +483,7 @@ class GroupSession:
         self, peer: PeerId, state: _Peer, reason: str, error: CallError | None, now: float
     ) -> list[Action]:
         del self._peers[peer]
-        self._count(state.session)
+        self._past_detections.update(state.session.detections)
         self._awaiting.discard(peer)
         self._retirements = [item for item in self._retirements if item[1] != peer]
         if not state.member:
@@ -505,10 +508,6 @@ class GroupSession:
                 self._awaiting.add(peer)
                 actions += self._give_key(peer, state, self._pending, now)
         return actions
-
-    def _count(self, session: CallSession) -> None:
-        self.detections.update(session.detections)
-        session.detections.clear()
 
     # -- after every event
 
@@ -536,6 +535,8 @@ class GroupSession:
 
     def _end(self, reason: str, error: CallError | None = None) -> list[Action]:
         self._ended = True
+        for state in self._peers.values():
+            self._past_detections.update(state.session.detections)
         self._peers.clear()
         self._pending = None
         self._retirements = []
