@@ -12,12 +12,15 @@ A ``CallSession`` never touches a socket, a clock or a peer connection. Its driv
 - ``receive_key_used``: the first frame under a new receive key authenticated (the frame
   protection's ``on_first_use``), so the peer has switched and older keys can be retired;
 - ``handle_timer``: ``now`` has reached ``next_deadline`` (the setup timeout, a rekey that is
-  due or overdue, a receive key whose grace window is over).
+  due or overdue, a receive key whose grace window is over);
+- routed mode only: ``send_sender_key`` and ``ack_sender_key``, our group sender key and the
+  acknowledgement of the peer's (client/group_session.py decides when).
 
 Each returns the actions the driver carries out, in order: ``Send`` a payload to the
 participant, ``InstallKeys`` (epoch 0 and every rekey take this one path), ``RetireReceiveKeys``
 after the grace window, ``AskSas``, ``Protected`` (the call is keyed: show with whom),
-``MakeOffer``, ``AnswerOffer``, ``ApplyAnswer``, ``MediaStarted`` and, last, ``Ended``.
+``MakeOffer``, ``AnswerOffer``, ``ApplyAnswer``, ``MediaStarted`` and, last, ``Ended``; in routed
+mode ``Keyed``, ``SenderKeyArrived`` and ``SenderKeyAcked`` instead of the keys and the SDP.
 
 The flow (docs/explanation/architecture.md, "A call, step by step"; the argument in
 docs/explanation/protocol.md): the key agreement (crypto/handshake.py) with the pin check
@@ -27,6 +30,29 @@ the SDP offer and answer as sealed messages; in the call, a sealed rekey every
 ``rekey_interval`` and the bye. The setup timeout covers the network's phases only, never a
 person's decision. One session serves one remote participant, so a peer in a room of N holds
 N-1 sessions.
+
+Routed mode (``SessionConfig.routed``, a group call through a hub that routes the media): the
+same key agreement, pin check, SAS and sealed decisions, then straight to the call. Media goes
+to the hub, not to this peer, so there is no SDP here and no pairwise media key: each member
+sends under its own sender key (crypto/sender_keys.py), handed to the peer over this session's
+sealed channel. The states, with what moves between them in each mode:
+
+    state          peer to peer                           routed
+    KEY_AGREEMENT  -> AWAIT_SAS (AskSas) or AWAIT_PEER    the same
+                   (Protected, InstallKeys)               (Protected, no keys)
+    AWAIT_SAS      -> AWAIT_PEER on sas_answer(True)      the same
+    AWAIT_PEER     -> NEGOTIATING on the peer's           -> IN_CALL on the peer's "confirmed"
+                   "confirmed" (MakeOffer)                (Keyed)
+    NEGOTIATING    -> IN_CALL (MediaStarted)              never entered
+    IN_CALL        sealed rekeys, the bye                 sender keys and their acks
+                                                          (SenderKeyArrived, SenderKeyAcked), the
+                                                          bye; a pairwise rekey is refused
+    any            -> ENDED (Ended)                       the same; a failure in the call also
+                                                          sends the bye (see ``_fail``)
+
+The setup timeout, the refusals, the error classes and the experiment hooks are the same in
+both modes. Each mode refuses the other's messages from the peer: a sender key in a peer-to-peer
+call, a pairwise rekey in a routed one.
 
 The experiment's weaker peers (client/experiment/) are subclasses that override the hooks marked
 "experiment hook"; this module builds only the product session, which always agrees keys with
@@ -45,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.exit_codes import ExitCode
-from crypto.errors import CryptoError
+from crypto.errors import CryptoError, LocalError
 from crypto.frame_crypto import KeyUpdate
 from crypto.handshake import HandshakeResult, HandshakeState, Initiator, Responder
 from crypto.identity import (
@@ -56,6 +82,7 @@ from crypto.identity import (
     UnknownPeer,
 )
 from crypto.sealed import Received, SealedChannel, SealedGap, SealedReorder, SealedReplay
+from crypto.sender_keys import SenderKey
 from crypto.sframe import CipherSuite
 
 logger = logging.getLogger("blindhub.session")
@@ -237,6 +264,27 @@ class MediaStarted:
 
 
 @dataclass(frozen=True)
+class Keyed:
+    """Routed mode: both sides accepted each other and the sealed channel is ready: the peer
+    may get our sender key from now on (``send_sender_key``)."""
+
+
+@dataclass(frozen=True)
+class SenderKeyArrived:
+    """Routed mode: the peer's sender key, authenticated by the sealed channel: decrypt the
+    peer's frames under it, and acknowledge it (``ack_sender_key``)."""
+
+    key: SenderKey
+
+
+@dataclass(frozen=True)
+class SenderKeyAcked:
+    """Routed mode: the peer holds our sender key of KID ``kid``."""
+
+    kid: int
+
+
+@dataclass(frozen=True)
 class Ended:
     """The session is over. ``error`` is set when the call failed, during setup or in the call
     (``reason`` then is "rekey-stalled", "signalling-lost" or the error's class name); else
@@ -256,6 +304,9 @@ Action = (
     | AnswerOffer
     | ApplyAnswer
     | MediaStarted
+    | Keyed
+    | SenderKeyArrived
+    | SenderKeyAcked
     | Ended
 )
 
@@ -300,6 +351,9 @@ class SessionConfig:
     # A rekey that has not completed by then means the hub is withholding it: the call ends.
     rekey_timeout: float = DEFAULT_REKEY_TIMEOUT
     random_bytes: Callable[[int], bytes] = field(default=os.urandom, repr=False)
+    # A group call through a media-routing hub (see the module docstring): no SDP, no pairwise
+    # media keys or rekeys; sender keys over the sealed channel instead.
+    routed: bool = False
 
 
 class CallSession:
@@ -334,6 +388,11 @@ class CallSession:
     @property
     def ended(self) -> bool:
         return self.state is SessionState.ENDED
+
+    @property
+    def peer_identity(self) -> IdentityPublicKey | None:
+        """The identity key the peer signed the key agreement with, once it is done."""
+        return None if self._result is None else self._result.peer_identity
 
     # -- events
 
@@ -396,13 +455,31 @@ class CallSession:
         channel = self._channel
         if self.state is not SessionState.IN_CALL or channel is None or self._hub_gone:
             return []
-        if channel.rekey_in_progress:
+        if channel.rekey_in_progress or self.config.routed:
             return []
         request = channel.start_rekey()
         self._rekey_deadline = now + self.config.rekey_timeout
         self._next_rekey = None
         self._requested_rekey = True
         return [Send(request)]
+
+    def send_sender_key(self, key: SenderKey, now: float) -> list[Action]:
+        """Routed mode, in the call: give the peer our sender key ``key``."""
+        channel = self._routed_channel()
+        return [] if channel is None else [Send(channel.seal_sender_key(key))]
+
+    def ack_sender_key(self, kid: int, now: float) -> list[Action]:
+        """Routed mode, in the call: tell the peer we hold its sender key of KID ``kid``."""
+        channel = self._routed_channel()
+        return [] if channel is None else [Send(channel.seal_sender_key_ack(kid))]
+
+    def _routed_channel(self) -> SealedChannel | None:
+        """The channel sender keys go through, once the session is keyed and can still send."""
+        if not self.config.routed:
+            raise LocalError("sender keys go only through a routed session")
+        if self.state is not SessionState.IN_CALL or self._hub_gone:
+            return None
+        return self._channel
 
     def hangup(self, reason: str, now: float) -> list[Action]:
         """End the session: in the call with a bye to the peer; during setup, abandon it."""
@@ -534,11 +611,12 @@ class CallSession:
         peer has accepted us too."""
         assert self.protection is not None
         actions: list[Action] = [Protected(self.protection)]
-        actions += self._initial_keys()
+        if not self.config.routed:
+            actions += self._initial_keys()
         actions.append(Send(self._seal({"type": "confirmed"})))
         self.state = SessionState.AWAIT_PEER
         if self._peer_confirmed:
-            actions += self._negotiate(now)
+            actions += self._both_accepted(now)
         return actions
 
     def _on_decision(self, payload: object, now: float) -> list[Action]:
@@ -555,8 +633,16 @@ class CallSession:
             return self._fail(CallFailed(f"expected the peer's decision, got {decision!r}"))
         self._peer_confirmed = True
         if self.state is SessionState.AWAIT_PEER:
-            return self._negotiate(now)
+            return self._both_accepted(now)
         return []
+
+    def _both_accepted(self, now: float) -> list[Action]:
+        if self.config.routed:
+            # No media of ours flows through this session: the call starts now.
+            self.state = SessionState.IN_CALL
+            self._setup_deadline = None
+            return [Keyed()]
+        return self._negotiate(now)
 
     def _negotiate(self, now: float) -> list[Action]:
         """Both sides accepted each other: the sealed offer and answer, under the timeout."""
@@ -635,6 +721,8 @@ class CallSession:
 
     def _schedule_rekey(self, now: float) -> None:
         interval = self.config.rekey_interval
+        if self.config.routed:
+            return  # sender keys change with the membership, not on a pairwise schedule
         if interval is not None and self._channel is not None and not self._hub_gone:
             factor = REQUESTER_REKEY_FACTOR if self._requested_rekey else 1.0
             self._next_rekey = now + interval * factor
@@ -652,12 +740,23 @@ class CallSession:
 
     def _apply(self, received: Received, now: float) -> list[Action]:
         assert self._result is not None
-        actions: list[Action] = [Send(reply) for reply in received.replies]
         update = received.keys
-        if update.install_receive is not None or update.switch_send is not None:
+        new_keys = update.install_receive is not None or update.switch_send is not None
+        pairwise_rekey = bool(received.replies) or new_keys
+        group_keys = received.sender_key is not None or received.sender_key_ack is not None
+        if self.config.routed and pairwise_rekey:
+            return self._fail(CallFailed("the peer started a pairwise rekey in a routed call"))
+        if not self.config.routed and group_keys:
+            return self._fail(CallFailed("the peer sent a group sender key in a two-party call"))
+        actions: list[Action] = [Send(reply) for reply in received.replies]
+        if new_keys:
             actions += self._install(self._result.suite, update)
         if update.switch_send is not None:
             self.rekeys += 1
+        if received.sender_key is not None:
+            actions.append(SenderKeyArrived(received.sender_key))
+        if received.sender_key_ack is not None:
+            actions.append(SenderKeyAcked(received.sender_key_ack))
         if received.content is not None and received.content.get("type") == "bye":
             actions += self._end("peer-bye")
         return actions
@@ -676,9 +775,16 @@ class CallSession:
             # confirmed (perhaps the hub's, stalling until the user gives up) stays unpinned.
             self.config.known_peers.remove(self._new_pin)
             self._new_pin = None
+        actions: list[Action] = []
+        if self.config.routed and self.state is SessionState.IN_CALL and not self._hub_gone:
+            # Only this pair ends, and the rest of the group call goes on: the bye makes the
+            # peer drop us too (and move to a sender key we never get) instead of handing keys
+            # to a member that no longer takes them. Our sending direction still works even
+            # when what the peer sent was lost.
+            actions.append(Send(self._seal({"type": "bye"})))
         self.state = SessionState.ENDED
         self._setup_deadline = None
-        return [Ended(reason or type(error).__name__, error)]
+        return [*actions, Ended(reason or type(error).__name__, error)]
 
     # -- pins and the SAS
 
