@@ -86,23 +86,19 @@ def web_server(hub_url: str) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def chromium(
-    executable: str, user_data_dir: Path, extra_args: Sequence[str] = ()
-) -> AsyncIterator[Any]:
-    """A fresh persistent Chromium context (its own profile, so IndexedDB is empty)."""
+async def chromium(executable: str, extra_args: Sequence[str] = ()) -> AsyncIterator[Any]:
+    """One headless Chromium with a fresh temporary profile; each ``new_context()`` of it is a
+    separate peer (its own IndexedDB, so its own identity and pins)."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
-        context = await playwright.chromium.launch_persistent_context(
-            str(user_data_dir),
-            executable_path=executable,
-            headless=True,
-            args=[*CHROMIUM_ARGS, *extra_args],
+        browser = await playwright.chromium.launch(
+            executable_path=executable, headless=True, args=[*CHROMIUM_ARGS, *extra_args]
         )
         try:
-            yield context
+            yield browser
         finally:
-            await context.close()
+            await browser.close()
 
 
 def fake_media_args(tone_wav: Path) -> list[str]:
@@ -110,4 +106,6 @@ def fake_media_args(tone_wav: Path) -> list[str]:
         "--use-fake-device-for-media-stream",
         "--use-fake-ui-for-media-stream",
         f"--use-file-for-fake-audio-capture={tone_wav}",
+        # The page plays what it receives without a click (a person's click on Join allows it).
+        "--autoplay-policy=no-user-gesture-required",
     ]

@@ -28,7 +28,7 @@ def as_text(case: dict[str, object]) -> dict[str, object]:
     return {key: str(value) if key in ("kid", "ctr") else value for key, value in case.items()}
 
 
-async def test_the_javascript_runs_every_published_vector(tmp_path):
+async def test_the_javascript_runs_every_published_vector():
     executable = require_chromium()
     handshake = json.loads((VECTORS / "handshake.json").read_text())
     sframe = json.loads((VECTORS / "sframe" / "test-vectors.json").read_text())
@@ -47,7 +47,7 @@ async def test_the_javascript_runs_every_published_vector(tmp_path):
         },
     }
     with web_server("ws://127.0.0.1:9") as url:
-        async with chromium(executable, tmp_path / "profile") as browser:
+        async with chromium(executable) as browser:
             page = await browser.new_page()
             await page.goto(url)
             result = await page.evaluate(CHECK.read_text(), arguments)
