@@ -12,12 +12,15 @@ import json
 import os
 import re
 import sys
+import wave
+from array import array
 from pathlib import Path
 
 import pytest
 
 from client.experiment.analysis import dominant_frequency
 from tests.browser import chromium, fake_media_args, require_chromium, web_server, write_tone
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +93,9 @@ async def test_browser_to_browser(hub, tmp_path):
             assert sas_alice == sas_bob and re.fullmatch(r"\d{5} \d{5} \d{5}", sas_alice)
             for page, peer in ((alice, "bob"), (bob, "alice")):
                 state = await secure_state(page)
-                assert f"End-to-end encrypted (AES_128_GCM_SHA256_128) with {peer}, VERIFIED" in state
+                assert (
+                    f"End-to-end encrypted (AES_128_GCM_SHA256_128) with {peer}, VERIFIED" in state
+                )
                 assert sas_alice in state
                 await hearing(page, BROWSER_TONE)
             shot = DOCS / "howto" / "browser-peer-call.png"
@@ -99,3 +104,97 @@ async def test_browser_to_browser(hub, tmp_path):
             for page in (alice, bob):
                 seen = await counters(page)
                 assert seen["sent"] > 0 and seen["decrypted"] > 0 and seen["failed"] == 0, seen
+
+
+def read_wav(path: Path) -> tuple[list[float], int]:
+    """The first channel of a 16-bit WAV and its rate."""
+    with wave.open(str(path), "rb") as recording:
+        channels, rate = recording.getnchannels(), recording.getframerate()
+        data = array("h", recording.readframes(recording.getnframes()))
+    return [float(sample) for sample in data[::channels]], rate
+
+
+async def start_python_peer(hub_url: str, room: str, home: Path, out: Path):
+    """``blindhub call`` as its own process: tone 440 Hz, six seconds of media, TOFU (the
+    browser side compares the SAS), recording what it receives."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "client.cli",
+        "call",
+        room,
+        "--hub",
+        hub_url,
+        "--name",
+        "python",
+        "--verify",
+        "tofu",
+        "--send",
+        f"tone:{PYTHON_TONE:g}",
+        "--duration",
+        "6",
+        "--home",
+        str(home),
+        "--record",
+        str(out / "received.wav"),
+        "--stats-json",
+        str(out / "stats.json"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+
+
+async def python_sas(process) -> str:
+    assert process.stdout is not None
+    while line := await process.stdout.readline():
+        found = SAS.search(line.decode())
+        if found:
+            return found.group(1)
+    raise AssertionError("the Python peer printed no SAS")
+
+
+async def check_python_side(process, out: Path) -> dict:
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, (stdout.decode(), stderr.decode())
+    samples, rate = read_wav(out / "received.wav")
+    assert abs(dominant_frequency(samples, rate) - BROWSER_TONE) <= TOLERANCE
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["audio"]["decrypted"] > 0 and stats["audio"]["failed"] == 0, stats["audio"]
+    return stats
+
+
+@pytest.mark.parametrize(
+    "browser_first", [True, False], ids=["browser-calls-python", "python-calls-browser"]
+)
+async def test_browser_and_python_peer(hub, tmp_path, browser_first):
+    """The peer in the room first initiates: the browser is the initiator, then the responder."""
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            if browser_first:
+                page = await open_peer(browser, url, "interop", "browser")
+                await page.locator("#state", has_text="Waiting for a peer").wait_for()
+                process = await start_python_peer(hub.url, "interop", tmp_path / "home", tmp_path)
+            else:
+                process = await start_python_peer(hub.url, "interop", tmp_path / "home", tmp_path)
+                await wait_for(lambda: hub.hub.room_size("interop") == 1)
+                page = await open_peer(browser, url, "interop", "browser")
+            try:
+                browser_sas, sas = await asyncio.gather(confirm_sas(page), python_sas(process))
+                assert browser_sas == sas
+                state = await secure_state(page)
+                assert (
+                    "End-to-end encrypted (AES_128_GCM_SHA256_128) with python, VERIFIED" in state
+                )
+                await hearing(page, PYTHON_TONE)
+                seen = await counters(page)
+                assert seen["decrypted"] > 0 and seen["failed"] == 0, seen
+                await check_python_side(process, tmp_path)
+                # The Python peer hung up after its six seconds: a sealed bye.
+                await page.locator("#state", has_text="ended (peer-bye)").wait_for(timeout=10_000)
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()

@@ -37,27 +37,32 @@ onmessage = async ({ data }) => {
 
 setInterval(() => postMessage({ type: "counters", ...counters, reasons: { ...counters.reasons } }), 500);
 
-async function protect(frame, controller) {
+// The media kind is bound as SFrame metadata (RFC 9605 section 4.4.3), as the Python peer
+// binds it (crypto/frame_crypto.py): a frame moved from the audio stream to the video stream
+// does not authenticate.
+const METADATA = { audio: new TextEncoder().encode("audio"), video: new TextEncoder().encode("video") };
+
+const protecting = (kind) => async (frame, controller) => {
   if (sendKid === null) {
     counters.dropped++;
     return; // no key, no frame
   }
   try {
-    frame.data = (await sender.protect(sendKid, new Uint8Array(frame.data))).buffer;
+    frame.data = (await sender.protect(sendKid, new Uint8Array(frame.data), METADATA[kind])).buffer;
   } catch {
     counters.dropped++;
     return;
   }
   counters.sent++;
   controller.enqueue(frame);
-}
+};
 
 function unprotecting(kind) {
   return async (frame, controller) => {
     let plaintext;
     try {
       if (!receiver) throw Object.assign(new Error("no key yet"), { kind: "UnknownKeyError" });
-      plaintext = await receiver.unprotect(new Uint8Array(frame.data));
+      plaintext = await receiver.unprotect(new Uint8Array(frame.data), METADATA[kind]);
     } catch (error) {
       counters.failed++;
       const reason = error.kind || "MalformedHeaderError";
@@ -73,6 +78,6 @@ function unprotecting(kind) {
 
 onrtctransform = ({ transformer }) => {
   const { side, kind } = transformer.options;
-  const transform = side === "send" ? protect : unprotecting(kind);
+  const transform = side === "send" ? protecting(kind) : unprotecting(kind);
   transformer.readable.pipeThrough(new TransformStream({ transform })).pipeTo(transformer.writable);
 };
