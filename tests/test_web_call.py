@@ -154,14 +154,13 @@ async def python_sas(process) -> str:
     raise AssertionError("the Python peer printed no SAS")
 
 
-async def check_python_side(process, out: Path) -> dict:
+async def check_python_side(process, out: Path) -> None:
     stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, (stdout.decode(), stderr.decode())
     samples, rate = read_wav(out / "received.wav")
     assert abs(dominant_frequency(samples, rate) - BROWSER_TONE) <= TOLERANCE
     stats = json.loads((out / "stats.json").read_text())
     assert stats["audio"]["decrypted"] > 0 and stats["audio"]["failed"] == 0, stats["audio"]
-    return stats
 
 
 @pytest.mark.parametrize(
