@@ -2,7 +2,7 @@
 
 The page and its JavaScript come from the files installed with blindhub (client/web/), never
 from the hub: an end-to-end encrypted web app served by the operator of its relay can be
-changed by that operator to read the keys, call by call (docs/explanation/browser-peer.md). The
+changed by that operator to read the keys, call by call (docs/howto/browser-peer.md). The
 server sends a fixed set of files, each with a Content-Security-Policy that allows scripts from
 this origin only (no inline script, no eval, no other origin) and network connections to this
 origin and the one hub named on the command line. The page learns the hub's URL from a
