@@ -106,6 +106,7 @@ class ClusterMetrics:
     redis_errors_total: int = 0
     nodes_reaped_total: int = 0
     stream_overflows_total: int = 0
+    task_failures_total: int = 0
     stream_lag_seconds: float = 0.0
     stream_lag_seconds_sum: float = 0.0
     stream_lag_count: int = 0
@@ -233,6 +234,11 @@ class ClusterCore:
             return []
         if isinstance(op, JoinOp):
             state.joining = False
+            if code is ErrorCode.CLUSTER_UNAVAILABLE:
+                # The store may have run the join before its reply was lost: undone by a leave
+                # (which changes nothing if it was not run), written before any later join of
+                # the peer, so no seat is held by a peer that was told it has none.
+                self._emit(sender, state, lambda seq: LeaveOp(sender, op.room, seq))
         messages = {
             ErrorCode.ROOM_FULL: "the room is full",
             ErrorCode.TOO_MANY_ROOMS: "the hub has reached its room limit",

@@ -19,11 +19,12 @@ script, so it is atomic: two processes cannot both admit the last seat of a room
 """
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -154,6 +155,8 @@ return #peers / 2
 )
 
 
+_Queued = tuple[AsyncScript, list[Any], Callable[[Any], None]]
+
 # XREAD's reply with decoded responses: per stream, its entries (ID, fields).
 _XReadReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
@@ -249,7 +252,11 @@ class ClusterLink:
         self._tasks: list[asyncio.Task[None]] = []
         # Operations for the next pipeline: a script, its arguments, what to do with its reply
         # (or its error).
-        self._queue: list[tuple[AsyncScript, list[Any], Callable[[Any], None]]] = []
+        self._queue: list[_Queued] = []
+        # The pipeline being written, and the replies not yet acted on: what a writer that
+        # failed leaves for its restart (every operation is answered once, none is lost).
+        self._in_flight: list[_Queued] = []
+        self._answers: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
         self._queued = asyncio.Event()
         self._space = asyncio.Event()
         self._stopping = False
@@ -276,13 +283,13 @@ class ClusterLink:
         await self._heartbeat()
         self._log("cluster-start", redis_available=self.core.available)
         works = (
-            self._write_batches(),
-            self._beat_forever(),
-            self._listen_for_hints(),
-            self._read_streams(),
+            ("writer", self._write_batches),
+            ("heartbeat", self._beat_forever),
+            ("hints", self._listen_for_hints),
+            ("reader", self._read_streams),
         )
-        for work in works:
-            self._tasks.append(asyncio.create_task(work))
+        for name, work in works:
+            self._tasks.append(asyncio.create_task(self._supervise(name, work)))
 
     async def close(self) -> None:
         """Stop, and leave the cluster at once (the others need not wait for the TTL)."""
@@ -346,7 +353,11 @@ class ClusterLink:
         outcome = await reply
         if isinstance(outcome, Exception):
             self._failed(outcome)
-            return self.core.refused(op, ErrorCode.CLUSTER_UNAVAILABLE)
+            refusal = self.core.refused(op, ErrorCode.CLUSTER_UNAVAILABLE)
+            for undo in self.core.take_ops(op.peer):  # the leave that undoes it, if it was run
+                assert isinstance(undo, LeaveOp)
+                self.submit(undo)
+            return refusal
         if outcome[0] != "ok":
             return self.core.refused(op, ErrorCode(outcome[0]))
         self._positions[op.peer] = "0-0"
@@ -373,6 +384,7 @@ class ClusterLink:
     async def _write_batches(self) -> None:
         # One pipeline at a time, of the operations queued meanwhile, in queue order: under
         # load a round trip carries many, and one connection's operations stay in order.
+        self._answer()  # what a failed run left unanswered, first
         while True:
             await self._queued.wait()
             if self._stopping and not self._queue:
@@ -381,6 +393,7 @@ class ClusterLink:
             if not self._queue:
                 self._queued.clear()
             self._space.set()
+            self._in_flight = batch
             replies: list[Any]
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -389,8 +402,50 @@ class ClusterLink:
                     replies = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as error:
                 replies = [error] * len(batch)
-            for (_, _, done), reply in zip(batch, replies, strict=True):
-                done(reply)
+            self._in_flight = []
+            self._answers.extend(
+                (done, reply) for (_, _, done), reply in zip(batch, replies, strict=True)
+            )
+            self._answer()
+
+    def _answer(self) -> None:
+        # Each reply leaves the queue before it is acted on: if acting on it raises, the
+        # restarted writer goes on with the next one and never acts on one twice.
+        while self._answers:
+            done, reply = self._answers.popleft()
+            done(reply)
+
+    async def _supervise(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the link's loops, and restart it after an unexpected exception.
+
+        Restarted, not left to end: an ended writer (or reader, or heartbeat) would fail in
+        silence, every later join of the process waiting for good; and not ended with the
+        process either, which would drop all its connections for a fault that one operation
+        or one stream entry hit. The failure is logged (with the node id and the traceback)
+        and counted; until the next heartbeat that reaches Redis the process refuses joins
+        and remote relays with ``cluster-unavailable``, so new work fails fast with the
+        documented code rather than waiting on a loop being restarted; operations the writer
+        had sent get the error as their reply (a join is then refused, a leave kept for
+        later); and the loop restarts a heartbeat later, so a fault that recurs cannot spin.
+        """
+        while True:
+            try:
+                await work()
+                return
+            except Exception as error:  # any fault: what this is for
+                metrics = self.core.cluster_metrics
+                metrics.task_failures_total += 1
+                self.core.available = False
+                fields = {
+                    "node": self.node,
+                    "task": name,
+                    "error": f"{type(error).__name__}: {error}",
+                }
+                self._logger.error("cluster-task-failed", exc_info=error, extra={"fields": fields})
+                self._answers.extend((done, error) for _, _, done in self._in_flight)
+                self._in_flight = []
+            if not self._stopping:
+                await asyncio.sleep(self.config.heartbeat_interval)
 
     # -- failure and recovery
 
@@ -582,6 +637,9 @@ class ClusterLink:
             "# HELP blindhub_stream_overflows_total Peers closed: their process fell behind.",
             "# TYPE blindhub_stream_overflows_total counter",
             f"blindhub_stream_overflows_total {metrics.stream_overflows_total}",
+            "# HELP blindhub_cluster_task_failures_total Cluster loops restarted after a fault.",
+            "# TYPE blindhub_cluster_task_failures_total counter",
+            f"blindhub_cluster_task_failures_total {metrics.task_failures_total}",
             "# HELP blindhub_nodes_reaped_total Dead processes whose peers this one removed.",
             "# TYPE blindhub_nodes_reaped_total counter",
             f"blindhub_nodes_reaped_total {metrics.nodes_reaped_total}",

@@ -77,8 +77,8 @@ class RoutingCore(Protocol):
 
 
 class JsonLinesFormatter(logging.Formatter):
-    """One JSON object per log line: time, event, ``constant`` fields (the node id of a hub
-    in a cluster) and the event's fields."""
+    """One JSON object per log line: time, event, a fault's traceback, ``constant`` fields
+    (the node id of a hub in a cluster) and the event's fields."""
 
     def __init__(self, constant: dict[str, str] | None = None) -> None:
         super().__init__()
@@ -86,14 +86,11 @@ class JsonLinesFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
-        return json.dumps(
-            {
-                "time": round(record.created, 6),
-                "event": record.getMessage(),
-                **self._constant,
-                **fields,
-            }
-        )
+        line = {"time": round(record.created, 6), "event": record.getMessage()}
+        # A fault's traceback, in the line (one line per event, still).
+        if record.exc_info is not None:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps({**line, **self._constant, **fields})
 
 
 class MetadataRecorder:

@@ -114,3 +114,20 @@ def test_store_refusals_become_the_single_process_errors():
         assert error.message.code is code
     assert hub.room_of(peer) is None
     assert hub.metrics.errors_total[ErrorCode.ROOM_FULL] == 1
+
+
+def test_a_join_whose_outcome_is_unknown_is_undone_before_anything_else_of_the_peer():
+    hub = core()
+    peer = hub.connect(0.0)
+    hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
+    [op] = hub.take_ops(peer)
+    assert isinstance(op, JoinOp)
+    # Redis may have run the join before the reply was lost: a leave undoes it, if so.
+    hub.refused(op, ErrorCode.CLUSTER_UNAVAILABLE)
+    assert hub.take_ops(peer) == [LeaveOp(peer, "r", 2)]
+    # A definite refusal leaves nothing to undo.
+    hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
+    [op] = hub.take_ops(peer)
+    assert isinstance(op, JoinOp)
+    hub.refused(op, ErrorCode.ROOM_FULL)
+    assert hub.take_ops(peer) == []

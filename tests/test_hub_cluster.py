@@ -7,6 +7,7 @@ be flooded on its own cores.
 
 import asyncio
 import json
+import logging
 import signal
 import statistics
 import subprocess
@@ -17,14 +18,15 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from client.cli import main
 from signaling.cluster import ClusterCore, JoinOp, RelayOp
 from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id
-from signaling.hub import Limits
-from signaling.protocol import ErrorCode, PeerId
-from signaling.server import HubServer
+from signaling.hub import Delivery, Limits
+from signaling.protocol import ErrorCode, ErrorMessage, PeerId
+from signaling.server import HubServer, JsonLinesFormatter
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
 
@@ -421,3 +423,127 @@ async def test_a_join_abandoned_while_queued_does_not_stop_the_writer(redis_serv
         websocket, welcome = await join(server.url, "after")
         assert welcome["type"] == "welcome"
         await websocket.close()
+
+
+class Records(logging.Handler):
+    """The hub's log records, each with whether its process served joins when it was
+    written."""
+
+    def __init__(self, link: ClusterLink) -> None:
+        super().__init__()
+        self.link = link
+        self.seen: list[tuple[str, dict[str, Any], bool]] = []
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {})
+        self.records.append(record)
+        self.seen.append((record.getMessage(), fields, self.link.core.available))
+
+    def events(self, name: str) -> list[tuple[dict[str, Any], bool]]:
+        return [(fields, available) for event, fields, available in self.seen if event == name]
+
+
+class DeliveryFailsOnce(HubServer):
+    """A hub whose first delivery of an ``unknown-peer`` error raises: a fault in what the
+    cluster's writer runs for a reply (it delivers the refusals Redis answers), which the
+    writer cannot foresee."""
+
+    failed = False
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            message = delivery.message
+            refusal = isinstance(message, ErrorMessage) and message.code is ErrorCode.UNKNOWN_PEER
+            if refusal and not self.failed:
+                self.failed = True
+                raise RuntimeError("injected delivery fault")
+        super().deliver(deliveries)
+
+
+@asynccontextmanager
+async def logged_link(redis: RedisServer, name: str) -> AsyncIterator[tuple[ClusterLink, Records]]:
+    logger = logging.getLogger(f"blindhub.test.{name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    link = ClusterLink(
+        ClusterCore(new_node_id(), logger=logger),
+        ClusterConfig(redis.url, heartbeat_interval=HEARTBEAT),
+        logger=logger,
+    )
+    records = Records(link)
+    logger.addHandler(records)
+    try:
+        yield link, records
+    finally:
+        logger.removeHandler(records)
+
+
+async def test_a_fault_in_the_writer_is_logged_refuses_joins_and_the_writer_restarts(
+    redis_server: RedisServer,
+):
+    async with (
+        asyncio.timeout(TIMEOUT),
+        logged_link(redis_server, "writer") as (link, records),
+        DeliveryFailsOnce(cluster=link) as one,
+        hubs(redis_server, 1) as [two],
+    ):
+        alice, welcome_a = await join(one.url, "r")
+        bob, welcome_b = await join(two.url, "r")
+        b = welcome_b["peer_id"]
+        await recv(alice)
+        # Redis answers unknown-peer; delivering that refusal raises inside the writer.
+        await relay(alice, "nobody", 1)
+        await relay(alice, b, "after the fault")
+        await wait_for(lambda: bool(records.events("cluster-task-failed")))
+        [(fields, serving)] = records.events("cluster-task-failed")
+        assert fields["node"] == link.node
+        assert fields["task"] == "writer"
+        assert fields["error"] == "RuntimeError: injected delivery fault"
+        assert not serving  # joins were refused with cluster-unavailable from then on
+        [record] = [r for r in records.records if r.getMessage() == "cluster-task-failed"]
+        line = json.loads(JsonLinesFormatter({"node": link.node}).format(record))
+        assert "raise RuntimeError" in line["traceback"]
+        assert "blindhub_cluster_task_failures_total 1" in link.metric_lines()
+        # Nothing after the fault is lost, and the restarted writer serves joins again.
+        assert await recv(bob) == {
+            "type": "relay", "from": welcome_a["peer_id"], "payload": "after the fault"
+        }  # fmt: skip
+        await wait_for(lambda: link.core.available)
+        carol, welcome_c = await join(one.url, "s")
+        assert welcome_c["type"] == "welcome"
+        await relay(alice, b, "again")
+        assert (await recv(bob))["payload"] == "again"
+        for websocket in (alice, bob, carol):
+            await websocket.close()
+
+
+async def test_a_script_that_redis_fails_refuses_that_relay_and_the_process_recovers(
+    redis_server: RedisServer,
+):
+    async with (
+        asyncio.timeout(TIMEOUT),
+        logged_link(redis_server, "script") as (link, records),
+        HubServer(cluster=link) as one,
+        hubs(redis_server, 1) as [two],
+    ):
+        alice, _ = await join(one.url, "r")
+        bob, welcome_b = await join(two.url, "r")
+        b = welcome_b["peer_id"]
+        await recv(alice)
+        # A key of the wrong type where bob's stream belongs: the relay script fails in Redis.
+        control = redis.Redis.from_url(redis_server.url)
+        await control.delete(f"blindhub:inbox:{b}")
+        await control.set(f"blindhub:inbox:{b}", "not a stream")
+        await relay(alice, b, "refused")
+        assert (await recv(alice))["code"] == ErrorCode.CLUSTER_UNAVAILABLE
+        [(fields, _)] = records.events("redis-unavailable")[:1]
+        assert fields["node"] == link.node
+        assert "WRONGTYPE" in fields["error"]
+        await control.delete(f"blindhub:inbox:{b}")
+        await control.aclose()
+        await wait_for(lambda: link.core.available)
+        await relay(alice, b, "delivered")
+        assert (await recv(bob))["payload"] == "delivered"
+        for websocket in (alice, bob):
+            await websocket.close()
