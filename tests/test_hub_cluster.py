@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from client.cli import main
 from signaling.cluster import ClusterCore, JoinOp, RelayOp
@@ -547,3 +549,102 @@ async def test_a_script_that_redis_fails_refuses_that_relay_and_the_process_reco
         assert (await recv(bob))["payload"] == "delivered"
         for websocket in (alice, bob):
             await websocket.close()
+
+
+async def test_a_reader_that_stops_on_one_process_is_closed_there_and_others_go_on(
+    redis_server: RedisServer,
+):
+    limits = Limits(
+        rate_per_second=1e6, rate_burst=1000, max_buffered_bytes=128 * 1024, close_timeout=0.2
+    )
+    async with asyncio.timeout(4 * TIMEOUT), hubs(redis_server, 2, limits) as (one, two):
+        # Bystanders on both processes, in a room that crosses them too.
+        carol, welcome_c = await join(one.url, "calm")
+        dave, welcome_d = await join(two.url, "calm")
+        await recv(carol)
+        c, d = welcome_c["peer_id"], welcome_d["peer_id"]
+        # The reader, on process two, pushes back at once (a small buffer, a one-frame queue)
+        # and never reads; its sender floods it from process one.
+        sock = socket.create_connection(("127.0.0.1", two.server.sockets[0].getsockname()[1]))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader = await connect(two.url, sock=sock, max_queue=1, max_size=None, close_timeout=0.2)
+        await reader.send('{"type":"join","room":"slow"}')
+        reader_id = (await recv(reader))["peer_id"]
+        sender, _ = await join(one.url, "slow")
+        frame = json.dumps({"type": "relay", "to": reader_id, "payload": "y" * 60_000})
+        closes = two.hub.metrics.closes_total
+        peak = sent = 0
+        while not closes[1008]:
+            await sender.send(frame)
+            sent += 1
+            # A yield, not a wait: both processes run between two sends, so every buffer size
+            # process two reaches is sampled.
+            await asyncio.sleep(0)
+            peak = max(peak, two.buffered_bytes())
+            if sent % 10 == 0:
+                await relay(carol, d, sent)
+                assert (await recv(dave))["payload"] == sent
+        # Closed on its own process with the close code of one process; that process's
+        # buffers never held more than one client's bound.
+        assert closes[1008] == 1 and closes[1006] == 0
+        assert peak <= limits.max_buffered_bytes
+        assert "blindhub_stream_overflows_total 0" in two_metrics(two)
+        # The sender hears it left; the bystanders on both processes were never held up.
+        left = {"type": "peer-left", "peer_id": reader_id}
+        while await recv(sender) != left:
+            pass
+        await relay(dave, c, "after")
+        assert (await recv(carol))["payload"] == "after"
+        for websocket in (carol, dave, sender, reader):
+            await websocket.close()
+
+
+@pytest.mark.slow
+async def test_a_stream_past_its_bound_closes_its_recipient_and_loses_nothing_silently(
+    redis_server: RedisServer,
+):
+    # Process two stops (SIGSTOP) while a peer of process one floods a peer of two past the
+    # stream's bound (1,024 entries: twice the burst); when it resumes, its peer gets what
+    # the stream held, in order, then a close: never a relay after a gap.
+    flags = ("--rate-per-second", "1e9", "--rate-burst", "512", "--heartbeat", "1")
+    bound = 1024
+    async with AsyncExitStack() as stack:
+        (url1, _), (url2, paused) = [
+            await stack.enter_async_context(hub_process(redis_server, *flags)) for _ in range(2)
+        ]
+        recipient, welcome_r = await join(url2, "flood")
+        sender, _ = await join(url1, "flood")
+        assert (await recv(recipient))["type"] == "peer-joined"
+        bystander, welcome_b = await join(url2, "calm")
+        partner, _ = await join(url1, "calm")
+        await recv(bystander)
+        control = redis.Redis.from_url(redis_server.url)
+        stream = f"blindhub:inbox:{welcome_r['peer_id']}"
+        paused.send_signal(signal.SIGSTOP)
+        try:
+            # In chunks under the burst, each confirmed written (process one answers the relay
+            # to nobody after the chunk's relays); between two, the bucket refills, which
+            # takes a tick of uvloop's clock (it counts milliseconds). A pause for the rate
+            # limit, not for an order.
+            for chunk in range(0, 1200, 200):
+                for n in range(chunk, chunk + 200):
+                    await relay(sender, welcome_r["peer_id"], n)
+                await relay(sender, "nobody", None)
+                reply = await recv(sender)
+                assert reply["code"] == ErrorCode.UNKNOWN_PEER, (chunk, reply)
+                await asyncio.sleep(0.002)
+            # The stream stopped growing at its bound and one overflow mark.
+            assert await control.xlen(stream) == bound + 1
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        heard = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                heard.append((await recv(recipient))["payload"])
+        assert (recipient.close_code, recipient.close_reason) == (1008, "slow-reader")
+        assert heard == list(range(len(heard))) and len(heard) >= bound - 2
+        assert await recv(sender) == {"type": "peer-left", "peer_id": welcome_r["peer_id"]}
+        # The process's other peers were untouched.
+        await relay(partner, welcome_b["peer_id"], "still here")
+        assert (await recv(bystander))["payload"] == "still here"
+        await control.aclose()
