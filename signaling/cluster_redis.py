@@ -5,9 +5,10 @@ What lives in Redis, under a key prefix (``blindhub`` by default):
 - ``{p}:room:{room}`` (sorted set, members by join order) and ``{p}:where:{room}`` (peer ->
   node): the members of each room, cluster-wide; ``{p}:rooms``: the rooms, for ``max_rooms``;
 - ``{p}:node-peers:{node}``: the peers of a node (peer -> room), so that a dead node's peers
-  can be removed; ``{p}:nodes``: the nodes; ``{p}:alive:{node}``: a node's presence, a key
-  with a TTL its heartbeat refreshes. A node whose presence expired is reaped by the first
-  other node that notices: its peers leave their rooms and their rooms hear ``peer-left``;
+  can be removed; ``{p}:beats`` (sorted set): each node's last heartbeat, by Redis's own
+  clock. A node silent for longer than `ClusterConfig.reap_after` is reaped by the first other
+  node that notices: its peers leave their rooms, their rooms hear ``peer-left``, and
+  ``{p}:reaped:{node}`` tells the node, should it be alive after all, that it was;
 - ``{p}:inbox:{peer}``: a stream per recipient, for every event that crosses processes
   (relay, peer-joined, peer-left), bounded by MAXLEN; each entry carries its sender and the
   sender's sequence number, so a write retried after a lost reply is delivered once;
@@ -34,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from redis.retry import Retry
+from websockets.frames import CloseCode
 
 from signaling.cluster import (
     FINAL_SEQ,
@@ -45,8 +47,11 @@ from signaling.cluster import (
 )
 from signaling.hub import Delivery
 from signaling.protocol import ErrorCode, JsonText, PeerId
+from signaling.server import CLOSE_SLOW_READER
 
 OVERFLOW: Final = "o"
+CLOSE_NODE_REAPED: Final = "node-reaped"
+"""The close reason (with 1012) of the peers of a process that the others took for dead."""
 """The kind of the stream entry written in place of one that would pass the stream's bound."""
 
 _READ_BATCH: Final = 256
@@ -140,17 +145,47 @@ return 'ok'
 # ARGV[4..]: room, peer, node, seq.
 _LEAVE: Final = _PRELUDE + "return leave(ARGV[4], ARGV[5], ARGV[6], ARGV[7])\n"
 
-# ARGV[4..]: the node, the seq of its peers' peer-left. Nothing while the node is alive.
+# ARGV[4..]: the node. Its heartbeat, by Redis's clock (no two hub clocks are compared);
+# whether Redis knew it ('known'), had reaped it ('reaped') or had never seen it ('new': a
+# first beat, or a Redis that lost everything).
+_BEAT: Final = """
+local p, node = ARGV[1], ARGV[4]
+local beats = p .. ':beats'
+local t = redis.call('TIME')
+local known = redis.call('ZSCORE', beats, node)
+redis.call('ZADD', beats, t[1] * 1000 + math.floor(t[2] / 1000), node)
+if known then return 'known' end
+if redis.call('DEL', p .. ':reaped:' .. node) == 1 then return 'reaped' end
+return 'new'
+"""
+
+# ARGV[4..]: the seq of the reaped peers' peer-left, the silence in ms past which a node is
+# dead, and a node to reap whatever its silence (a node leaving on purpose), or ''. Returns
+# each reaped node and its number of peers.
 _REAP: Final = (
     _PRELUDE
     + """
-local dead = ARGV[4]
-if redis.call('EXISTS', p .. ':alive:' .. dead) == 1 then return -1 end
-local peers = redis.call('HGETALL', p .. ':node-peers:' .. dead)
-for i = 1, #peers, 2 do leave(peers[i + 1], peers[i], dead, ARGV[5]) end
-redis.call('DEL', p .. ':node-peers:' .. dead)
-redis.call('SREM', p .. ':nodes', dead)
-return #peers / 2
+local beats = p .. ':beats'
+local dead = {}
+if ARGV[6] ~= '' then
+  dead = {ARGV[6]}
+else
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  dead = redis.call('ZRANGEBYSCORE', beats, '-inf', '(' .. (now - tonumber(ARGV[5])))
+end
+local reply = {}
+for _, node in ipairs(dead) do
+  local peers = redis.call('HGETALL', p .. ':node-peers:' .. node)
+  for i = 1, #peers, 2 do leave(peers[i + 1], peers[i], node, ARGV[4]) end
+  redis.call('DEL', p .. ':node-peers:' .. node)
+  redis.call('ZREM', beats, node)
+  -- Kept a day: a node that comes back later than that takes Redis for restarted.
+  if ARGV[6] == '' then redis.call('SET', p .. ':reaped:' .. node, '1', 'EX', 86400) end
+  reply[#reply + 1] = node
+  reply[#reply + 1] = #peers / 2
+end
+return reply
 """
 )
 
@@ -173,8 +208,9 @@ class ClusterConfig:
     url: str
     prefix: str = "blindhub"
     heartbeat_interval: float = 1.0
-    # Presence TTL, in heartbeats: a killed process is reaped at most
-    # ``(presence_beats + 1) * heartbeat_interval`` seconds after its last heartbeat.
+    # The presence TTL, in heartbeats. A process is reaped once silent for the TTL and a
+    # margin of one more heartbeat (`reap_after`): a beat that is late by up to an interval (a
+    # loaded event loop, a slow round trip) is lateness, not death.
     presence_beats: int = 3
     socket_timeout: float = 2.0
     max_redis_connections: int = 32
@@ -188,9 +224,21 @@ class ClusterConfig:
         return self.heartbeat_interval * self.presence_beats
 
     @property
-    def failure_detection_bound(self) -> float:
-        """Seconds from a process's death until the others have reaped it, at most."""
+    def reap_after(self) -> float:
+        """Seconds without a heartbeat (by Redis's clock) after which a process is dead."""
         return self.presence_ttl + self.heartbeat_interval
+
+    @property
+    def stall_tolerance(self) -> float:
+        """A live process whose event loop stalls for less than this is never reaped (its
+        last beat may be an interval old when the stall begins; it beats as the stall ends)."""
+        return self.reap_after - self.heartbeat_interval
+
+    @property
+    def failure_detection_bound(self) -> float:
+        """Seconds from a process's death until the others have reaped it, at most (each
+        looks at every heartbeat)."""
+        return self.reap_after + self.heartbeat_interval
 
 
 def _client(config: ClusterConfig, max_connections: int) -> redis.Redis:
@@ -237,8 +285,9 @@ class ClusterLink:
         self._relay = self._redis.register_script(_RELAY)
         self._leave = self._redis.register_script(_LEAVE)
         self._reap = self._redis.register_script(_REAP)
+        self._beat = self._redis.register_script(_BEAT)
         self._deliver: Callable[[list[Delivery]], None] = lambda deliveries: None
-        self._close_slow_reader: Callable[[PeerId], None] = lambda peer: None
+        self._close_peer: Callable[[PeerId, CloseCode, str], None] = lambda *close: None
         # Unread entries per recipient stream: past it the recipient is closed as a slow
         # reader, as one process closes a client past max_buffered_bytes. Twice what one
         # sender may burst, so a process that keeps up never reaches it.
@@ -276,10 +325,11 @@ class ClusterLink:
     async def start(
         self,
         deliver: Callable[[list[Delivery]], None],
-        close_slow_reader: Callable[[PeerId], None],
+        close_peer: Callable[[PeerId, CloseCode, str], None],
     ) -> None:
+        """``close_peer(peer, code, reason)`` closes a local connection."""
         self._deliver = deliver
-        self._close_slow_reader = close_slow_reader
+        self._close_peer = close_peer
         await self._heartbeat()
         self._log("cluster-start", redis_available=self.core.available)
         works = (
@@ -308,8 +358,7 @@ class ClusterLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         with contextlib.suppress(RedisError, OSError):
-            await self._control.delete(self._key("alive", self.node))
-            await self._reap(args=self._args(self.node, FINAL_SEQ), client=self._control)
+            await self._reap(args=self._args(FINAL_SEQ, 0, self.node), client=self._control)
         for client in (self._redis, self._reader, self._control):
             await client.aclose()
 
@@ -457,17 +506,17 @@ class ClusterLink:
 
     async def _heartbeat(self) -> None:
         try:
-            alive = self._key("alive", self.node)
-            ttl_ms = int(self.config.presence_ttl * 1000)
-            async with self._control.pipeline(transaction=False) as pipe:
-                pipe.set(alive, "1", px=ttl_ms, get=True)
-                pipe.sadd(self._key("nodes"), self.node)
-                before, _ = await pipe.execute()
-            if before is None and self._beaten:
-                # Redis lost this node (it restarted, or reaped it after missed heartbeats).
-                # The other processes put their peers back at their own next heartbeat, within
-                # one interval: until this node's next one, joins and remote relays get
-                # cluster-unavailable, not an unknown-peer for a peer not yet put back.
+            # The beat first, alone: one round trip, whatever else this heartbeat does.
+            state = await self._beat(args=self._args(self.node), client=self._control)
+            if state == "reaped":
+                # Taken for dead (a stall or a cut longer than the stall tolerance): its
+                # peers' partners heard peer-left, and Redis no longer holds its peers.
+                self._taken_for_dead()
+            elif state == "new" and self._beaten:
+                # Redis lost this node (it restarted empty). The other processes put their
+                # peers back at their own next heartbeat, within one interval: until this
+                # node's next one, joins and remote relays get cluster-unavailable, not an
+                # unknown-peer for a peer not yet put back.
                 self.core.available = False
                 await self._restore()
             elif not self.core.available:
@@ -480,6 +529,16 @@ class ClusterLink:
         # The sweep: every local stream is read, whatever hints were lost.
         self._dirty.update(self._positions)
         self._wake.set()
+
+    def _taken_for_dead(self) -> None:
+        """Close every local peer in a room, as if this process had died (which the others
+        believe): their clients reconnect, to any process, as new peers. Until the next
+        heartbeat, joins are refused (cluster-unavailable)."""
+        self.core.available = False
+        members = self.core.local_members()
+        for peer, _ in members:
+            self._close_peer(peer, CloseCode.SERVICE_RESTART, CLOSE_NODE_REAPED)
+        self._log("node-taken-for-dead", closed=len(members))
 
     async def _recover(self) -> None:
         await self._drop_stale_connections()
@@ -510,25 +569,20 @@ class ClusterLink:
             await client.connection_pool.disconnect(inuse_connections=False)
 
     async def _reap_dead_nodes(self) -> None:
-        members: set[str] = await self._control.smembers(self._key("nodes"))  # type: ignore[assignment]
-        nodes = sorted(members - {self.node})
-        if not nodes:
-            return
-        async with self._control.pipeline(transaction=False) as pipe:
-            for node in nodes:
-                pipe.exists(self._key("alive", node))
-            alive = await pipe.execute()
-        for node, exists in zip(nodes, alive, strict=True):
-            if exists:
-                continue
-            reaped = await self._reap(args=self._args(node, FINAL_SEQ), client=self._control)
-            if reaped >= 0:
-                self.core.cluster_metrics.nodes_reaped_total += 1
-                self._log("node-reaped", dead=node, peers=reaped)
+        silence_ms = int(self.config.reap_after * 1000)
+        reply = await self._reap(args=self._args(FINAL_SEQ, silence_ms, ""), client=self._control)
+        for index in range(0, len(reply), 2):
+            self.core.cluster_metrics.nodes_reaped_total += 1
+            self._log("node-reaped", dead=reply[index], peers=reply[index + 1])
 
     async def _beat_forever(self) -> None:
+        # At a fixed rate, not an interval after the last beat ended: a heartbeat slowed by
+        # load or by a restore does not push every later one back.
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while not self._stopping:
-            await asyncio.sleep(self.config.heartbeat_interval)
+            due = max(due + self.config.heartbeat_interval, loop.time())
+            await asyncio.sleep(due - loop.time())
             await self._heartbeat()
 
     # -- what other nodes sent
@@ -588,7 +642,7 @@ class ClusterLink:
                 if entry["k"] == OVERFLOW:
                     self.core.cluster_metrics.stream_overflows_total += 1
                     self._positions.pop(peer, None)
-                    self._close_slow_reader(peer)
+                    self._close_peer(peer, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
                     break
                 self._positions[peer] = entry_id
                 lag = max(0.0, now - int(entry_id.split("-")[0]) / 1000)

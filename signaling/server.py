@@ -213,7 +213,7 @@ class HubServer:
     async def start(self) -> None:
         limits = self.hub.limits
         if self.cluster is not None:
-            await self.cluster.start(self.deliver, self._close_peer_as_slow_reader)
+            await self.cluster.start(self.deliver, self._close_peer)
         self._server = await serve(
             self._handle_connection,
             self._host,
@@ -284,11 +284,11 @@ class HubServer:
                 if data:
                     connection.transport.write(data)
 
-    def _close_peer_as_slow_reader(self, peer: PeerId) -> None:
-        """The cluster's word that ``peer``'s stream overflowed: closed as a slow reader."""
+    def _close_peer(self, peer: PeerId, code: CloseCode, reason: str) -> None:
+        """The cluster's word to close ``peer`` (its stream overflowed: ``slow-reader``)."""
         connection = self._connections.get(peer)
         if connection is not None:
-            self._close_soon(connection, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
+            self._close_soon(connection, code, reason)
 
     def _close_soon(self, connection: ServerConnection, code: CloseCode, reason: str) -> None:
         if connection.protocol.close_sent is not None:

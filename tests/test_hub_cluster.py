@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -294,7 +295,7 @@ async def test_a_killed_process_is_noticed_and_its_peers_leave(redis_server: Red
         killed_at = time.monotonic()
         assert await recv(bob) == {"type": "peer-left", "peer_id": a}
         assert await recv(carol) == {"type": "peer-left", "peer_id": a}
-        # The bound: presence TTL (3 heartbeats) plus one heartbeat, and delivery.
+        # The bound: 4 heartbeats of silence, one more until a look, and delivery.
         bound = ClusterConfig("redis://", heartbeat_interval=HEARTBEAT).failure_detection_bound
         assert time.monotonic() - killed_at < bound + 1.0
         await relay(bob, c, "still here")
@@ -648,3 +649,98 @@ async def test_a_stream_past_its_bound_closes_its_recipient_and_loses_nothing_si
         await relay(partner, welcome_b["peer_id"], "still here")
         assert (await recv(bystander))["payload"] == "still here"
         await control.aclose()
+
+
+async def metric(url: str, name: str) -> float:
+    """One value of a hub process's /metrics."""
+    http = url.replace("ws://", "http://") + "/metrics"
+    with await asyncio.to_thread(urllib.request.urlopen, http, timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    [value] = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
+async def node_of(control: redis.Redis, room: str, peer: str) -> str:
+    node = await control.hget(f"blindhub:where:{room}", peer)
+    assert isinstance(node, bytes)
+    return node.decode()
+
+
+@pytest.mark.slow
+async def test_a_process_stalled_for_less_than_its_stated_tolerance_is_not_reaped(
+    redis_server: RedisServer,
+):
+    heartbeat = 0.5
+    config = ClusterConfig("redis://", heartbeat_interval=heartbeat)
+    # Longer than a heartbeat, and than the 2 heartbeats a stall could last before the
+    # reaper had its margin; half a heartbeat short of the stated tolerance (3).
+    stall = config.stall_tolerance - heartbeat / 2
+    assert stall > 2 * heartbeat
+    flags = ("--heartbeat", str(heartbeat))
+    async with AsyncExitStack() as stack:
+        (url1, _), (url2, stalled) = [
+            await stack.enter_async_context(hub_process(redis_server, *flags)) for _ in range(2)
+        ]
+        alice, welcome_a = await join(url1, "call")
+        bob, welcome_b = await join(url2, "call")
+        a, b = welcome_a["peer_id"], welcome_b["peer_id"]
+        await recv(alice)
+        control = redis.Redis.from_url(redis_server.url)
+        node = await node_of(control, "call", b)
+        stalled.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(stall)  # the stall itself
+        stalled.send_signal(signal.SIGCONT)
+        seconds, micros = await control.time()
+        resumed = seconds * 1000 + micros // 1000
+
+        async def beat() -> float:
+            return await control.zscore("blindhub:beats", node) or 0.0
+
+        # Once it has beaten again, no reaper can take it for dead for this stall.
+        deadline = time.monotonic() + TIMEOUT
+        while await beat() < resumed:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert await metric(url1, "blindhub_nodes_reaped_total") == 0
+        await relay(alice, b, "through")
+        assert await recv(bob) == {"type": "relay", "from": a, "payload": "through"}
+        await relay(bob, a, "back")
+        assert await recv(alice) == {"type": "relay", "from": b, "payload": "back"}
+        await control.aclose()
+
+
+@pytest.mark.slow
+async def test_a_process_taken_for_dead_closes_its_peers_when_it_resumes_and_serves_again(
+    redis_server: RedisServer,
+):
+    async with AsyncExitStack() as stack:
+        (url1, _), (url2, stalled) = [
+            await stack.enter_async_context(hub_process(redis_server)) for _ in range(2)
+        ]
+        alice, _ = await join(url1, "call")
+        bob, welcome_b = await join(url2, "call")
+        await recv(alice)
+        stalled.send_signal(signal.SIGSTOP)
+        try:
+            # Stopped past the bound: the other process reaps it.
+            assert await recv(alice) == {"type": "peer-left", "peer_id": welcome_b["peer_id"]}
+        finally:
+            stalled.send_signal(signal.SIGCONT)
+        # When it resumes, its peers are closed as if it had died (their partners were told
+        # they left), so their clients reconnect as new peers.
+        with pytest.raises(ConnectionClosed):
+            await recv(bob)
+        assert (bob.close_code, bob.close_reason) == (1012, "node-reaped")
+        # And it serves again, after at most a heartbeat of cluster-unavailable.
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            carol, answer = await join(url2, "again")
+            if answer["type"] == "welcome":
+                break
+            assert answer["code"] == ErrorCode.CLUSTER_UNAVAILABLE
+            assert time.monotonic() < deadline
+            await carol.close()
+        dave, welcome_d = await join(url1, "again")
+        assert await recv(carol) == {"type": "peer-joined", "peer_id": welcome_d["peer_id"]}
+        await relay(carol, welcome_d["peer_id"], "hello")
+        assert (await recv(dave))["payload"] == "hello"
