@@ -40,13 +40,13 @@ from websockets.frames import CloseCode
 from signaling.cluster import (
     FINAL_SEQ,
     ClusterCore,
-    Event,
     JoinOp,
     LeaveOp,
     RelayOp,
+    parse_event,
 )
 from signaling.hub import Delivery
-from signaling.protocol import ErrorCode, JsonText, PeerId
+from signaling.protocol import ErrorCode, PeerId
 from signaling.server import CLOSE_SLOW_READER
 
 OVERFLOW: Final = "o"
@@ -633,13 +633,14 @@ class ClusterLink:
         replies: _XReadReply = results[-1]
         now = time.time()
         metrics = self.core.cluster_metrics
+        max_payload = self.core.limits.max_message_bytes
         prefix_length = len(self._key("inbox", ""))
         for key, entries in replies:
             peer = PeerId(key[prefix_length:])
             if peer not in self._positions:
                 continue  # it left while the read was under way
             for entry_id, entry in entries:
-                if entry["k"] == OVERFLOW:
+                if entry.get("k") == OVERFLOW:
                     self.core.cluster_metrics.stream_overflows_total += 1
                     self._positions.pop(peer, None)
                     self._close_peer(peer, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
@@ -649,10 +650,11 @@ class ClusterLink:
                 metrics.stream_lag_seconds = lag
                 metrics.stream_lag_seconds_sum += lag
                 metrics.stream_lag_count += 1
-                event = Event(
-                    entry["k"], PeerId(entry["f"]), entry["r"], int(entry["s"]),
-                    JsonText(entry["d"]) if "d" in entry else None,
-                )  # fmt: skip
+                event = parse_event(entry, max_payload)
+                if event is None:
+                    metrics.stream_entries_rejected_total += 1
+                    self._log("stream-entry-rejected", peer=peer, entry=entry_id)
+                    continue
                 self._deliver(self.core.receive(peer, event))
             if len(entries) == _READ_BATCH and peer in self._positions:
                 self._dirty.add(peer)
@@ -691,6 +693,9 @@ class ClusterLink:
             "# HELP blindhub_stream_overflows_total Peers closed: their process fell behind.",
             "# TYPE blindhub_stream_overflows_total counter",
             f"blindhub_stream_overflows_total {metrics.stream_overflows_total}",
+            "# HELP blindhub_stream_entries_rejected_total Stream entries no hub process writes.",
+            "# TYPE blindhub_stream_entries_rejected_total counter",
+            f"blindhub_stream_entries_rejected_total {metrics.stream_entries_rejected_total}",
             "# HELP blindhub_cluster_task_failures_total Cluster loops restarted after a fault.",
             "# TYPE blindhub_cluster_task_failures_total counter",
             f"blindhub_cluster_task_failures_total {metrics.task_failures_total}",

@@ -744,3 +744,46 @@ async def test_a_process_taken_for_dead_closes_its_peers_when_it_resumes_and_ser
         assert await recv(carol) == {"type": "peer-joined", "peer_id": welcome_d["peer_id"]}
         await relay(carol, welcome_d["peer_id"], "hello")
         assert (await recv(dave))["payload"] == "hello"
+
+
+async def test_forged_stream_entries_are_dropped_and_the_reader_goes_on(
+    redis_server: RedisServer,
+):
+    async with asyncio.timeout(TIMEOUT), hubs(redis_server, 2) as (one, two):
+        alice, welcome_a = await join(one.url, "r")
+        bob, welcome_b = await join(two.url, "r")
+        a, b = welcome_a["peer_id"], welcome_b["peer_id"]
+        await recv(alice)
+        # What one process (or anyone with Redis) could write into bob's stream.
+        control = redis.Redis.from_url(redis_server.url)
+        stream = f"blindhub:inbox:{b}"
+        for forged in [
+            {"junk": "1"},
+            {"k": "r", "f": a, "r": "r", "s": "x", "d": "1"},
+            {"k": "r", "f": a, "r": "r", "s": str(2**53), "d": "1"},  # would silence alice
+            {"k": "r", "f": a, "r": "r", "s": "9", "d": "x" * (Limits().max_message_bytes + 1)},
+        ]:
+            await control.xadd(stream, forged)  # type: ignore[arg-type]
+        await relay(alice, b, "real")
+        assert await recv(bob) == {"type": "relay", "from": a, "payload": "real"}
+        assert "blindhub_stream_entries_rejected_total 4" in two_metrics(two)
+        assert "blindhub_cluster_task_failures_total 0" in two_metrics(two)
+        await control.aclose()
+        await alice.close()
+        await bob.close()
+
+
+async def test_joins_racing_for_the_last_seats_from_three_processes_get_exactly_them(
+    redis_server: RedisServer,
+):
+    async with asyncio.timeout(TIMEOUT), hubs(redis_server, 3) as servers:
+        sockets = [await connect(server.url) for server in servers for _ in range(4)]
+        frame = json.dumps({"type": "join", "room": "contested"})
+        await asyncio.gather(*(websocket.send(frame) for websocket in sockets))
+        answers = [await recv(websocket) for websocket in sockets]
+        welcomes = [answer for answer in answers if answer["type"] == "welcome"]
+        assert len(welcomes) == 2
+        assert sorted(len(w["peers"]) for w in welcomes) == [0, 1]
+        assert [a["code"] for a in answers if a["type"] == "error"] == [ErrorCode.ROOM_FULL] * 10
+        for websocket in sockets:
+            await websocket.close()
