@@ -106,6 +106,9 @@ _JOIN: Final = (
 local room, peer, node, seq = ARGV[4], ARGV[5], ARGV[6], ARGV[9]
 local restore = ARGV[10] == '1'
 local rk, wk = p .. ':room:' .. room, p .. ':where:' .. room
+-- A node the others reaped (or that Redis lost) admits no one before its heartbeat learns it:
+-- its peer would be a member whose node no reaper will ever look at again.
+if not redis.call('ZSCORE', p .. ':beats', node) then return {'cluster-unavailable'} end
 if restore and redis.call('HEXISTS', wk, peer) == 1 then return {'present'} end
 local n = redis.call('ZCARD', rk)
 if n == 0 then

@@ -787,3 +787,22 @@ async def test_joins_racing_for_the_last_seats_from_three_processes_get_exactly_
         assert [a["code"] for a in answers if a["type"] == "error"] == [ErrorCode.ROOM_FULL] * 10
         for websocket in sockets:
             await websocket.close()
+
+
+async def test_a_process_taken_for_dead_admits_no_join_before_it_knows(
+    redis_server: RedisServer,
+):
+    # A heartbeat long enough that this process does not beat during the test: Redis has
+    # reaped it (as another process would) and it does not know yet.
+    link = ClusterLink(
+        ClusterCore(new_node_id()), ClusterConfig(redis_server.url, heartbeat_interval=60)
+    )
+    async with asyncio.timeout(TIMEOUT), HubServer(cluster=link) as server:
+        control = redis.Redis.from_url(redis_server.url)
+        await control.zrem("blindhub:beats", link.node)
+        await control.set(f"blindhub:reaped:{link.node}", "1")
+        refused, answer = await join(server.url, "r")
+        assert answer["code"] == ErrorCode.CLUSTER_UNAVAILABLE
+        assert await control.hlen("blindhub:where:r") == 0
+        await refused.close()
+        await control.aclose()
