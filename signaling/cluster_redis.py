@@ -55,6 +55,10 @@ CLOSE_NODE_REAPED: Final = "node-reaped"
 """The kind of the stream entry written in place of one that would pass the stream's bound."""
 
 _READ_BATCH: Final = 256
+# What one read of the streams may bring into memory at most: entries times the largest
+# payload. Without it, a process behind on many streams (each up to its bound) would read
+# 512 streams of 256 entries of 64 KiB, 8 GiB, in one reply.
+_READ_BYTES: Final = 64 * 1024 * 1024
 _MAX_STREAM: Final = 65536
 _MAX_BATCH: Final = 1024
 _MAX_QUEUED: Final = 8192
@@ -617,8 +621,9 @@ class ClusterLink:
             self._wake.clear()
             peers = [peer for peer in self._dirty if peer in self._positions]
             self._dirty.clear()
-            for start in range(0, len(peers), _STREAMS_PER_READ):
-                chunk = peers[start : start + _STREAMS_PER_READ]
+            streams, _ = read_plan(len(peers), self.core.limits.max_message_bytes)
+            for start in range(0, len(peers), streams):
+                chunk = peers[start : start + streams]
                 try:
                     await self._read(chunk)
                 except (RedisError, OSError) as error:
@@ -631,7 +636,8 @@ class ClusterLink:
             for key, position in streams.items():
                 if position != "0-0":
                     pipe.xtrim(key, minid=position)
-            pipe.xread(streams, count=_READ_BATCH)  # type: ignore[arg-type]
+            _, count = read_plan(len(peers), self.core.limits.max_message_bytes)
+            pipe.xread(streams, count=count)  # type: ignore[arg-type]
             results = await pipe.execute()
         replies: _XReadReply = results[-1]
         now = time.time()
@@ -659,7 +665,7 @@ class ClusterLink:
                     self._log("stream-entry-rejected", peer=peer, entry=entry_id)
                     continue
                 self._deliver(self.core.receive(peer, event))
-            if len(entries) == _READ_BATCH and peer in self._positions:
+            if len(entries) == count and peer in self._positions:
                 self._dirty.add(peer)
                 self._wake.set()
 
@@ -709,6 +715,14 @@ class ClusterLink:
 
     def _log(self, event: str, **fields: object) -> None:
         self._logger.info(event, extra={"fields": {"node": self.node, **fields}})
+
+
+def read_plan(dirty: int, max_payload: int) -> tuple[int, int]:
+    """For ``dirty`` streams to read: how many streams one read takes, and how many entries of
+    each, so that a read holds at most `_READ_BYTES` of payloads (at least one entry)."""
+    entries = max(1, _READ_BYTES // max_payload)
+    streams = max(1, min(_STREAMS_PER_READ, entries, dirty))
+    return streams, max(1, min(_READ_BATCH, entries // streams))
 
 
 def _settle(future: asyncio.Future[Any]) -> Callable[[Any], None]:

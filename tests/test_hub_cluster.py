@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from client.cli import main
 from signaling.cluster import ClusterCore, JoinOp, RelayOp
-from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id
+from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id, read_plan
 from signaling.hub import Delivery, Limits
 from signaling.protocol import ErrorCode, ErrorMessage, PeerId
 from signaling.server import HubServer, JsonLinesFormatter
@@ -806,3 +806,14 @@ async def test_a_process_taken_for_dead_admits_no_join_before_it_knows(
         assert await control.hlen("blindhub:where:r") == 0
         await refused.close()
         await control.aclose()
+
+
+def test_one_read_of_the_streams_holds_a_bounded_number_of_payload_bytes():
+    for max_payload in (1, 1024, 64 * 1024, 16 * 1024 * 1024, 128 * 1024 * 1024):
+        for dirty in (1, 7, 100, 512, 10_000):
+            streams, count = read_plan(dirty, max_payload)
+            assert 1 <= streams <= dirty and 1 <= count <= 256
+            # Within the budget, or one entry at a time when a single one is larger.
+            assert streams * count * max_payload <= max(64 * 1024 * 1024, max_payload)
+    assert read_plan(1, 64 * 1024) == (1, 256)  # one busy stream: full batches
+    assert read_plan(10_000, 256) == (512, 256)  # small payloads: as before
