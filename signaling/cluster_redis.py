@@ -152,16 +152,21 @@ return 'ok'
 # ARGV[4..]: room, peer, node, seq.
 _LEAVE: Final = _PRELUDE + "return leave(ARGV[4], ARGV[5], ARGV[6], ARGV[7])\n"
 
-# ARGV[4..]: the node. Its heartbeat, by Redis's clock (no two hub clocks are compared);
-# whether Redis knew it ('known'), had reaped it ('reaped') or had never seen it ('new': a
+# ARGV[4..]: the node, the silence in ms past which a node is dead. Its heartbeat, by Redis's
+# clock (no two hub clocks are compared); whether Redis knew it ('known'; 'late' if its last
+# beat is older than that silence), had reaped it ('reaped') or had never seen it ('new': a
 # first beat, or a Redis that lost everything).
 _BEAT: Final = """
 local p, node = ARGV[1], ARGV[4]
 local beats = p .. ':beats'
 local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local known = redis.call('ZSCORE', beats, node)
-redis.call('ZADD', beats, t[1] * 1000 + math.floor(t[2] / 1000), node)
-if known then return 'known' end
+redis.call('ZADD', beats, now, node)
+if known then
+  if now - tonumber(known) > tonumber(ARGV[5]) then return 'late' end
+  return 'known'
+end
 if redis.call('DEL', p .. ':reaped:' .. node) == 1 then return 'reaped' end
 return 'new'
 """
@@ -514,7 +519,8 @@ class ClusterLink:
     async def _heartbeat(self) -> None:
         try:
             # The beat first, alone: one round trip, whatever else this heartbeat does.
-            state = await self._beat(args=self._args(self.node), client=self._control)
+            silence_ms = int(self.config.reap_after * 1000)
+            state = await self._beat(args=self._args(self.node, silence_ms), client=self._control)
             if state == "reaped":
                 # Taken for dead (a stall or a cut longer than the stall tolerance): its
                 # peers' partners heard peer-left, and Redis no longer holds its peers.
@@ -529,7 +535,12 @@ class ClusterLink:
             elif not self.core.available:
                 await self._recover()
             self._beaten = True
-            await self._reap_dead_nodes()
+            # A node that could not beat for that long either stalled or lost Redis, and
+            # then the others likely lost it too (a Redis that restarted from its persisted
+            # data still has their old beats): they get one heartbeat to beat again before
+            # this node reaps anyone.
+            if state != "late":
+                await self._reap_dead_nodes()
         except (RedisError, OSError) as error:
             self._failed(error)
             return

@@ -817,3 +817,34 @@ def test_one_read_of_the_streams_holds_a_bounded_number_of_payload_bytes():
             assert streams * count * max_payload <= max(64 * 1024 * 1024, max_payload)
     assert read_plan(1, 64 * 1024) == (1, 256)  # one busy stream: full batches
     assert read_plan(10_000, 256) == (512, 256)  # small payloads: as before
+
+
+async def test_a_persistent_redis_back_after_an_outage_longer_than_the_bound_reaps_no_one(
+    tmp_path,
+):
+    # Redis comes back with the beats it had: every process looks silent for the whole
+    # outage, and the first to beat must not take the others for dead before they beat.
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    try:
+        async with asyncio.timeout(4 * TIMEOUT), hubs(server, 2) as (one, two):
+            alice, welcome_a = await join(one.url, "call")
+            bob, welcome_b = await join(two.url, "call")
+            a, b = welcome_a["peer_id"], welcome_b["peer_id"]
+            await recv(alice)
+            server.stop()
+            await wait_for(lambda: not available(one) and not available(two))
+            bound = ClusterConfig("redis://", heartbeat_interval=HEARTBEAT).failure_detection_bound
+            await asyncio.sleep(bound)  # the outage itself
+            server.start()
+            await wait_for(lambda: available(one) and available(two))
+            await relay(alice, b, "after")
+            assert await recv(bob) == {"type": "relay", "from": a, "payload": "after"}
+            await relay(bob, a, "back")
+            assert await recv(alice) == {"type": "relay", "from": b, "payload": "back"}
+            for server_ in (one, two):
+                assert "blindhub_nodes_reaped_total 0" in two_metrics(server_)
+            await alice.close()
+            await bob.close()
+    finally:
+        server.kill()
