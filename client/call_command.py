@@ -26,10 +26,10 @@ from websockets.exceptions import InvalidURI
 from websockets.uri import parse_uri
 
 from client.call import Call, CallConfig, CallPhase, CallStats, join_hub
-from client.group_call import GroupCall, GroupCallbacks, GroupStats
-from client.group_session import Roster
 from client.cli import seconds_argument
 from client.exit_codes import ExitCode
+from client.group_call import GroupCall, GroupCallbacks, GroupStats
+from client.group_session import RosterEntry
 from client.identity_store import (
     home_directory,
     load_known_peers,
@@ -47,7 +47,7 @@ from client.session import (
 from crypto.errors import CryptoError
 from crypto.identity import KnownPeers
 from crypto.names import InvalidName, normalize_name
-from signaling.protocol import NAME_PATTERN
+from signaling.protocol import NAME_PATTERN, MediaMode
 
 
 def own_name(value: str) -> str:
@@ -287,12 +287,12 @@ def show_member_left(peer: str, name: str | None, reason: str) -> None:
     print(f"left: {name or 'a member not yet authenticated'} ({reason})", flush=True)
 
 
-def show_roster(roster: Roster) -> None:
+def show_roster(roster: tuple[RosterEntry, ...]) -> None:
     """The members we share keys with: the hub decides who is in the room, not who gets keys."""
     print(f"roster: {len(roster)} other member(s) hold our key", flush=True)
     for member in roster:
-        meaning = STATUS_MEANING.get(member.status, "")
-        print(f"  {member.status} {member.name} {member.fingerprint} ({meaning})", flush=True)
+        meaning = STATUS_MEANING.get(member.status.value, "")
+        print(f"  {member.status.value} {member.name} {member.fingerprint} ({meaning})", flush=True)
 
 
 def show_security_code(code: str) -> None:
@@ -316,7 +316,7 @@ async def run_call(config: CallConfig) -> CallStats | GroupStats:
     group call whose media the hub routes."""
     joined = await join_hub(config, config.on_phase or (lambda _phase: None))
     call: Call | GroupCall
-    if joined.welcome.media == "routed":
+    if joined.welcome.media is MediaMode.ROUTED:
         call = GroupCall(config, GROUP_CALLBACKS, joined=joined)
     else:
         call = Call(config, joined=joined)
@@ -362,24 +362,24 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.LOCAL_PROBLEM
     verify = Verify(args.verify)
     config = CallConfig(
-            room=args.room,
-            hub_url=args.hub,
-            name=args.name,
-            identity=identity,
-            known_peers=known_peers,
-            tracks=tracks,
-            verify=verify,
-            peer=args.peer,
-            confirm_sas=ask_to_confirm,
-            record_path=args.record,
-            duration=args.duration,
-            rekey_interval=args.rekey_interval,
-            # Shown in every mode, once the peer is accepted and before media: in prompt mode
-            # too, so a verified contact other than the one meant does not go unnoticed.
-            on_protection=show_protection,
-            hub_ssl_context=hub_ssl,
-            on_phase=phase_printer(args),
-        )
+        room=args.room,
+        hub_url=args.hub,
+        name=args.name,
+        identity=identity,
+        known_peers=known_peers,
+        tracks=tracks,
+        verify=verify,
+        peer=args.peer,
+        confirm_sas=ask_to_confirm,
+        record_path=args.record,
+        duration=args.duration,
+        rekey_interval=args.rekey_interval,
+        # Shown in every mode, once the peer is accepted and before media: in prompt mode
+        # too, so a verified contact other than the one meant does not go unnoticed.
+        on_protection=show_protection,
+        hub_ssl_context=hub_ssl,
+        on_phase=phase_printer(args),
+    )
     try:
         stats = asyncio.run(run_call(config))
     except CallError as error:

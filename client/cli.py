@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "hub": ("client.hub_command", "run the signalling hub (a websocket relay of opaque payloads)"),
     "sframe": ("client.sframe_command", "SFrame (RFC 9605) by hand: inspect, protect, unprotect"),
+    "web": ("client.web_command", "serve the browser client from this install on 127.0.0.1"),
 }
 
 

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiortc import (
     MediaStreamTrack,
@@ -48,6 +48,7 @@ from client.call import (
     read_hub_events,
     rejecting_bad_sdp,
 )
+from client.exit_codes import ExitCode
 from client.frame_transform import (
     FrameTransform,
     LateDelivery,
@@ -57,27 +58,34 @@ from client.frame_transform import (
     request_keyframe,
 )
 from client.group_session import (
+    Action,
     AddReceiveKey,
     AskSas,
     Ended,
-    GroupAction,
     GroupSession,
+    MemberFailed,
     MemberJoined,
     MemberLeft,
     RetireReceiveGenerations,
-    Roster,
     RosterChanged,
+    RosterEntry,
     SecurityCode,
-    SendTo,
+    Send,
     UseSendKey,
 )
 from client.hub_connection import HubClosed, Relayed
-from client.media import GroupRecorder, ReceivedMedia, keep_frame
+from client.media import GroupRecorder, MediaSourceError, ReceivedMedia, keep_frame
 from client.rtp_policy import AUDIO_BITRATE
 from client.session import CallError, CallFailed, ProtectionState
 from crypto.frame_crypto import SFrameSender
-from crypto.sender_keys import HoldingFrameTransform, SenderKey, SenderKeyCounters, SenderKeyReceiver
+from crypto.sender_keys import (
+    HoldingFrameTransform,
+    SenderKey,
+    SenderKeyCounters,
+    SenderKeyReceiver,
+)
 from signaling.protocol import (
+    MediaMode,
     MediaOffer,
     MediaTracks,
     PeerId,
@@ -92,6 +100,12 @@ logger = logging.getLogger("blindhub.group")
 # that crosses the hub a little after the first frame under it, short enough that audio
 # released late is still worth playing.
 HOLD_SECONDS = 1.0
+
+
+class RecordingRefused(CallError):
+    """``--record`` names a file a group call cannot record to (it needs .mkv)."""
+
+    exit_code = ExitCode.LOCAL_PROBLEM
 
 
 @dataclass
@@ -159,8 +173,13 @@ class GroupCallbacks:
 
     on_member_joined: Callable[[PeerId, ProtectionState], None] | None = None
     on_member_left: Callable[[PeerId, str | None, str], None] | None = None
-    on_roster: Callable[[Roster], None] | None = None
+    on_member_failed: Callable[[PeerId, CallError], None] | None = None
+    on_roster: Callable[[tuple[RosterEntry, ...]], None] | None = None
     on_security_code: Callable[[str], None] | None = None
+
+
+_HeldTag = tuple[PeerId, "_Slot", int]
+"""What a held frame carries: its member, the slot it came on and its RTP timestamp."""
 
 
 class _Slot:
@@ -212,8 +231,13 @@ class GroupCall:
             joined = self._joined or await join_hub(self.config, self._phase)
             self._joined = joined
             self._join_time = joined.join_time
-            if joined.welcome.media != "routed":
+            if joined.welcome.media is not MediaMode.ROUTED:
                 raise CallFailed("the hub does not route media: a group call needs --route-media")
+            if self.config.record_path is not None:
+                try:
+                    self._recorder = GroupRecorder(self.config.record_path)
+                except MediaSourceError as error:
+                    raise RecordingRefused(str(error)) from None
             loop = asyncio.get_running_loop()
             self.session = GroupSession(self.config.session_config(), now=loop.time())
             self._tasks.append(
@@ -258,7 +282,7 @@ class GroupCall:
             if ended is not None:
                 return ended
 
-    async def _handle(self, event: _Event, now: float) -> list[GroupAction]:
+    async def _handle(self, event: _Event, now: float) -> list[Action]:
         session = self.session
         assert session is not None
         match event:
@@ -271,7 +295,7 @@ class GroupCall:
             case _FromHub(MediaOffer(sdp)):
                 await self._answer(sdp)
             case _FromHub(MediaTracks(tracks)):
-                self._map_slots({mid: peer_id for mid, _kind, peer_id in tracks})
+                self._map_slots({track.mid: track.peer_id for track in tracks})
             case _HubFailed(detail, closed):
                 # The hub carries the media too: without it there is no call.
                 self.stats.hub_lost = self.stats.hub_lost or closed
@@ -284,7 +308,7 @@ class GroupCall:
                 return session.sas_answer(peer, accepted, now)
         return []
 
-    async def _carry_out(self, actions: list[GroupAction]) -> Ended | None:
+    async def _carry_out(self, actions: list[Action]) -> Ended | None:
         pending = deque(actions)
         while pending:
             action = pending.popleft()
@@ -293,11 +317,11 @@ class GroupCall:
             pending.extend(await self._carry_out_one(action))
         return None
 
-    async def _carry_out_one(self, action: GroupAction) -> list[GroupAction]:
+    async def _carry_out_one(self, action: Action) -> list[Action]:
         session = self.session
         assert session is not None
         match action:
-            case SendTo(peer, payload):
+            case Send(peer, payload):
                 return await self._send(peer, payload)
             case AskSas(peer, protection):
                 self._tasks.append(asyncio.create_task(self._ask_sas(peer, protection)))
@@ -315,10 +339,14 @@ class GroupCall:
                 self._phase(CallPhase.MEDIA)
                 if self.callbacks.on_member_joined is not None:
                     self.callbacks.on_member_joined(peer, protection)
-            case MemberLeft(peer, name, reason):
-                self._member_left(peer)
+            case MemberLeft(peer, reason):
+                name = self._member_left(peer)
                 if self.callbacks.on_member_left is not None:
                     self.callbacks.on_member_left(peer, name, reason)
+            case MemberFailed(peer, error):
+                self._member_left(peer)
+                if self.callbacks.on_member_failed is not None:
+                    self.callbacks.on_member_failed(peer, error)
             case RosterChanged(roster):
                 if self.callbacks.on_roster is not None:
                     self.callbacks.on_roster(roster)
@@ -328,7 +356,7 @@ class GroupCall:
                     self.callbacks.on_security_code(code)
         return []
 
-    async def _send(self, peer: PeerId, payload: dict[str, Any]) -> list[GroupAction]:
+    async def _send(self, peer: PeerId, payload: dict[str, Any]) -> list[Action]:
         assert self._joined is not None and self.session is not None
         try:
             await self._joined.hub.relay(peer, payload)
@@ -350,16 +378,27 @@ class GroupCall:
         if receiver is None:
             receiver = self._receivers[peer] = SenderKeyReceiver(key.suite)
         for released in receiver.add_key(key):
-            slot, timestamp = released.tag  # type: ignore[misc]  # as _slot_transform tags it
+            owner, slot, timestamp = cast(_HeldTag, released.tag)
+            self._decrypted(owner, released.kind, released.plaintext, timestamp)
             if slot.late is not None:
                 slot.late(released.plaintext, timestamp)
 
-    def _member_left(self, peer: PeerId) -> None:
+    def _decrypted(self, member: PeerId, kind: str, plaintext: bytes, timestamp: int) -> None:
+        if kind == "audio" and self.stats.setup_seconds is None:
+            self.stats.setup_seconds = time.monotonic() - self._join_time
+        if self._recorder is not None:
+            self._recorder.add(member, kind, plaintext, timestamp)
+
+    def _member_left(self, peer: PeerId) -> str | None:
+        """Drop ``peer``'s receiver; its name, if it was a member."""
         receiver = self._receivers.pop(peer, None)
         for kind in KINDS:
             self._unprotect.pop((peer, kind), None)
-        if receiver is not None:
-            self._member_stats(peer, receiver).left = True
+        if receiver is None:
+            return None
+        stats = self._member_stats(peer, receiver)
+        stats.left = True
+        return stats.name
 
     def _map_slots(self, owners: dict[str, PeerId]) -> None:
         previous = self._slot_owner
@@ -387,9 +426,10 @@ class GroupCall:
                 transform = self._unprotect[(owner, kind)] = receiver.transform(
                     kind, on_failure=lambda _error: request_keyframe(slot.receiver)
                 )
-            plaintext = transform(frame, (slot, timestamp))
-            if plaintext is not None and kind == "audio" and stats.setup_seconds is None:
-                stats.setup_seconds = time.monotonic() - self._join_time
+            tag: _HeldTag = (owner, slot, timestamp)
+            plaintext = transform(frame, tag)
+            if plaintext is not None:
+                self._decrypted(owner, kind, plaintext, timestamp)
             return plaintext
 
         return unprotect
@@ -415,7 +455,9 @@ class GroupCall:
             logger.warning("ignored a second media offer from the hub")
             return
         assert self._joined is not None
-        pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.config.ice_servers)))
+        pc = self._pc = RTCPeerConnection(
+            RTCConfiguration(iceServers=list(self.config.ice_servers))
+        )
         with rejecting_bad_sdp("the hub's"):
             await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
             self._attach_tracks(pc, self.config.tracks)
@@ -474,8 +516,6 @@ class GroupCall:
 
         if self.config.duration is not None:
             self._timers.append(loop.call_later(self.config.duration, self.hangup, "duration"))
-        if self.config.record_path is not None:
-            self._recorder = GroupRecorder(self.config.record_path)
 
     async def _collect(self, slot: _Slot, track: MediaStreamTrack) -> None:
         """Keep what each slot decodes, under the member the slot belongs to now."""
@@ -490,8 +530,6 @@ class GroupCall:
             if owner is None:
                 continue
             keep_frame(frame, self.received.setdefault(owner, ReceivedMedia()))
-            if self._recorder is not None:
-                self._recorder.add(owner, frame)
 
     # -- the end
 
@@ -503,9 +541,11 @@ class GroupCall:
             setattr(stats, kind, counters.as_dict())
             generations |= counters.generations
         stats.generations = sorted(generations)
-        member = self.session.member(peer) if self.session is not None else None
-        if member is not None:
-            stats.name, stats.fingerprint, stats.status = member.name, member.fingerprint, member.status
+        if self.session is not None:
+            for member in self.session.roster:
+                if member.peer == peer:
+                    stats.name, stats.fingerprint = member.name, member.fingerprint
+                    stats.status = member.status.value
         return stats
 
     async def _finish(self, reason: str) -> None:
@@ -528,9 +568,9 @@ class GroupCall:
             if self._pc is not None:
                 stack.push_async_callback(self._pc.close)
             if self._recorder is not None:
-                stack.push_async_callback(self._recorder.close, self._names())
+                stack.callback(self._recorder.close, self._names())
 
-    def _names(self) -> dict[PeerId, str]:
+    def _names(self) -> dict[str, str]:
         return {peer: m.name or peer for peer, m in self.stats.members.items()}
 
     async def _cancel_tasks(self) -> None:
@@ -539,4 +579,4 @@ class GroupCall:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-__all__ = ["GroupCall", "GroupCallbacks", "GroupStats", "HubNotTrusted", "MemberStats", "CallError"]
+__all__ = ["CallError", "GroupCall", "GroupCallbacks", "GroupStats", "HubNotTrusted", "MemberStats"]

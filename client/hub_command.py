@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="seconds between cluster heartbeats; a killed process is noticed within "
-        "4 heartbeats (default 1.0)",
+        "5 heartbeats, a stall shorter than 3 is not taken for death (default 1.0)",
     )
     defaults = Limits()
     for limit in fields(Limits):

@@ -29,6 +29,7 @@ from signaling.protocol import (
     Leave,
     MalformedHubMessage,
     MediaAnswer,
+    MediaMode,
     MediaOffer,
     MediaTracks,
     PeerId,
@@ -178,7 +179,7 @@ class HubConnection:
         finally:
             self._joining = None
         self.peer_id, self.room, self.peers = message.peer_id, room, set(message.peers)
-        self._routed = message.media == "routed"
+        self._routed = message.media is MediaMode.ROUTED
         return message
 
     async def relay(self, to: PeerId, payload: Any) -> None:
@@ -229,19 +230,19 @@ class HubConnection:
         return self._routed
 
     def _check_event(
-        self, peers: set[PeerId], message: PeerJoined | PeerLeft | RelayFrom | MediaOffer | MediaTracks
+        self,
+        peers: set[PeerId],
+        message: PeerJoined | PeerLeft | RelayFrom | MediaOffer | MediaTracks,
     ) -> None:
         """Check an event against ``peers``, the room it concerns, then track who is there."""
         if isinstance(message, MediaOffer | MediaTracks):
             if not self._routed:
                 raise UnexpectedHubMessage(f"{message.TYPE} in a room whose media is peer to peer")
-            if isinstance(message, MediaTracks):
-                # Only members of the room; the slot map itself is a hint (see GroupCall).
-                mids = [mid for mid, _kind, _peer in message.tracks]
-                if len(set(mids)) != len(mids):
-                    raise UnexpectedHubMessage("media-tracks names one slot twice")
-                if any(peer not in peers for _mid, _kind, peer in message.tracks):
-                    raise UnexpectedHubMessage("media-tracks names a peer not in this room")
+            # Only members of the room; the slot map itself is a hint (see GroupCall).
+            if isinstance(message, MediaTracks) and any(
+                track.peer_id not in peers for track in message.tracks
+            ):
+                raise UnexpectedHubMessage("media-tracks names a peer not in this room")
         elif isinstance(message, PeerJoined):
             if message.peer_id == self.peer_id or message.peer_id in peers:
                 raise UnexpectedHubMessage("peer-joined for a peer already here")

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import json
 import math
 import os
 import platform
 import random
+import shutil
+import tempfile
 import time
 from array import array
 from collections.abc import Sequence
@@ -29,6 +32,8 @@ from aiortc.mediastreams import MediaStreamError
 from PIL import Image, ImageDraw, ImageFont
 
 from client.pattern import BLACK, WHITE, draw_pattern_code, read_pattern_code
+from signaling.protocol import PeerId
+from signaling.recording import MediaRecorder as EncodedFrameRecorder
 
 SAMPLE_RATE = 48000
 AUDIO_FRAME_SAMPLES = 960  # 20 ms, one Opus frame
@@ -326,6 +331,81 @@ def open_recorder(path: str) -> MediaRecorder:
     """A recorder of received tracks: ``.wav`` takes audio; ``.mkv``/``.mp4`` audio and video."""
     check_recording_path(path)
     return MediaRecorder(path)
+
+
+class GroupRecorder:
+    """``--record FILE.mkv`` in a group call: one audio and one video track per remote member,
+    each titled with the member's name.
+
+    It keeps the frames as they decrypted (Opus and VP8, never re-encoded), first one file per
+    member and kind in a directory beside ``path`` (the members and their names are known only
+    as the call goes on, and a Matroska file declares its tracks up front), then, on ``close``,
+    puts them into ``path`` side by side, each track starting at the time its first frame came.
+    """
+
+    def __init__(self, path: str) -> None:
+        if Path(path).suffix.lower() != ".mkv":
+            raise MediaSourceError(
+                f"a group call records to .mkv (a track per member, named), not {path!r}"
+            )
+        check_recording_path(path)
+        self.path = Path(path)
+        self._directory = Path(
+            tempfile.mkdtemp(prefix=".blindhub-recording-", dir=self.path.parent)
+        )
+        self._frames = EncodedFrameRecorder(self._directory)
+
+    def add(self, member: str, kind: str, frame: bytes, rtp_timestamp: int) -> None:
+        """One decrypted frame of ``member``'s ``kind`` stream."""
+        self._frames.write(GROUP_RECORDING_ROOM, PeerId(member), kind, frame, rtp_timestamp)
+
+    def close(self, names: dict[str, str]) -> None:
+        """Write ``path`` with a track per member and kind, titled ``names[member]``."""
+        self._frames.close()
+        try:
+            parts = sorted(self._directory.glob(f"{GROUP_RECORDING_ROOM}.*.mkv"))
+            if parts:
+                _combine(parts, names, self.path)
+        finally:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+
+GROUP_RECORDING_ROOM = "call"
+
+
+def _combine(parts: list[Path], names: dict[str, str], path: Path) -> None:
+    """Copy the packets of every part into one Matroska file, each part's track titled with
+    its member's name, shifted so that all share the time of the earliest first frame."""
+    inputs = [av.open(str(part)) for part in parts]
+    try:
+        starts = [_first_arrival(part) for part in parts]
+        origin = min(starts)
+        with av.open(str(path), "w", format="matroska") as output:
+            tracks = []
+            for part, source in zip(parts, inputs, strict=True):
+                member, kind = part.name.split(".")[1:3]
+                stream = output.add_stream_from_template(source.streams[0])
+                stream.metadata["title"] = f"{names.get(member, member)} {kind}"
+                tracks.append(stream)
+            for source, track, start in zip(inputs, tracks, starts, strict=True):
+                shift = round((start - origin) / track.time_base) if track.time_base else 0
+                for packet in source.demux(source.streams[0]):
+                    if packet.size == 0:
+                        continue
+                    assert packet.pts is not None
+                    packet.pts = packet.dts = packet.pts + shift
+                    packet.stream = track
+                    output.mux(packet)
+    finally:
+        for source in inputs:
+            source.close()
+
+
+def _first_arrival(part: Path) -> float:
+    """When the first frame of a part came (its sidecar's first line)."""
+    with part.with_suffix(".jsonl").open() as sidecar:
+        first = sidecar.readline()
+    return float(json.loads(first)["arrival"]) if first else 0.0
 
 
 def recordable(path: str, tracks: Sequence[MediaStreamTrack]) -> list[MediaStreamTrack]:

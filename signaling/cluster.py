@@ -20,7 +20,7 @@ arrived, so a recipient sees each sender's events in order.
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
@@ -34,6 +34,7 @@ from signaling.hub import (
     random_peer_id,
 )
 from signaling.protocol import (
+    NAME_PATTERN,
     CodedError,
     ErrorCode,
     ErrorMessage,
@@ -96,6 +97,34 @@ class Event:
     RELAY: ClassVar[str] = "r"
 
 
+def parse_event(fields: Mapping[str, str], max_payload: int) -> Event | None:
+    """The event a stream entry holds, or None for an entry no hub process writes.
+
+    What another process wrote is checked as a frame from a client is: a malformed entry
+    would otherwise stop the reader of every stream of this process, and a sequence number
+    past the last one a peer can use would make its recipient drop everything later of that
+    sender as a repeat."""
+    kind, sender, room, seq = fields.get("k"), fields.get("f"), fields.get("r"), fields.get("s")
+    payload = fields.get("d")
+    if kind not in (Event.JOINED, Event.LEFT, Event.RELAY):
+        return None
+    if (payload is not None) != (kind == Event.RELAY):
+        return None
+    if payload is not None and len(payload) > max_payload:
+        return None
+    if sender is None or NAME_PATTERN.fullmatch(sender) is None:
+        return None
+    if room is None or NAME_PATTERN.fullmatch(room) is None:
+        return None
+    # At most 16 digits: FINAL_SEQ has 16, and int() of a long string costs.
+    if seq is None or not (seq.isascii() and seq.isdigit()) or len(seq) > 16:
+        return None
+    number = int(seq)
+    if number > FINAL_SEQ or (number == FINAL_SEQ and kind != Event.LEFT):
+        return None
+    return Event(kind, PeerId(sender), room, number, None if payload is None else JsonText(payload))
+
+
 @dataclass
 class ClusterMetrics:
     """The cluster's counters, next to the process's own `Metrics`."""
@@ -106,6 +135,8 @@ class ClusterMetrics:
     redis_errors_total: int = 0
     nodes_reaped_total: int = 0
     stream_overflows_total: int = 0
+    stream_entries_rejected_total: int = 0
+    task_failures_total: int = 0
     stream_lag_seconds: float = 0.0
     stream_lag_seconds_sum: float = 0.0
     stream_lag_count: int = 0
@@ -233,6 +264,11 @@ class ClusterCore:
             return []
         if isinstance(op, JoinOp):
             state.joining = False
+            if code is ErrorCode.CLUSTER_UNAVAILABLE:
+                # The store may have run the join before its reply was lost: undone by a leave
+                # (which changes nothing if it was not run), written before any later join of
+                # the peer, so no seat is held by a peer that was told it has none.
+                self._emit(sender, state, lambda seq: LeaveOp(sender, op.room, seq))
         messages = {
             ErrorCode.ROOM_FULL: "the room is full",
             ErrorCode.TOO_MANY_ROOMS: "the hub has reached its room limit",

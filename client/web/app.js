@@ -1,0 +1,249 @@
+// The page: room and name, join and leave, the roster with each peer's status, fingerprint,
+// SAS and frame counters, and one state line that says whether the call is end-to-end
+// encrypted and with whom, or why not. ?room=R&name=N&autojoin=1 joins without a click.
+
+import { Call } from "./call.js";
+import { HubConnection } from "./hub.js";
+import { fingerprint, normalizeName } from "./protocol.js";
+import { loadIdentity } from "./store.js";
+
+const $ = (id) => document.getElementById(id);
+const hubUrl = document.querySelector('meta[name="blindhub-hub"]').content;
+let identity = null;
+let hub = null;
+let call = null;
+let localStream = null;
+const rows = new Map();
+const analysers = new Map();
+let audioContext = null;
+
+function setState(kind, text) {
+  const line = $("state");
+  line.className = `state state-${kind}`;
+  line.textContent = text;
+}
+
+function log(text) {
+  const item = document.createElement("li");
+  item.textContent = `${new Date().toLocaleTimeString()} ${text}`;
+  $("log").append(item);
+  $("log").scrollTop = $("log").scrollHeight;
+}
+
+function row(peerId) {
+  let entry = rows.get(peerId);
+  if (!entry) {
+    const tr = document.createElement("tr");
+    tr.dataset.peer = peerId;
+    const cells = {};
+    for (const name of ["peer", "status", "fingerprint", "sas", "sent", "decrypted", "failed"]) {
+      cells[name] = document.createElement("td");
+      cells[name].className = name;
+      tr.append(cells[name]);
+    }
+    cells.peer.textContent = `(unauthenticated ${peerId})`;
+    cells.status.textContent = "…";
+    $("roster").tBodies[0].append(tr);
+    entry = { tr, cells };
+    rows.set(peerId, entry);
+  }
+  return entry;
+}
+
+function removeRow(peerId) {
+  const entry = rows.get(peerId);
+  if (entry) entry.tr.remove();
+  rows.delete(peerId);
+  const analyser = analysers.get(peerId);
+  if (analyser) clearInterval(analyser.timer);
+  analysers.delete(peerId);
+}
+
+// The received audio's strongest frequency, shown next to the counters: a listener's check
+// that sound arrives, and what the tests read.
+function listen(peerId, stream) {
+  if (analysers.has(peerId) || stream.getAudioTracks().length === 0) return;
+  const element = new Audio();
+  element.srcObject = stream;
+  element.play().catch(() => log("the browser did not let the audio play: click the page"));
+  audioContext = audioContext || new AudioContext({ sampleRate: 48000 });
+  const analyser = audioContext.createAnalyser();
+  analyser.fftSize = 16384;
+  analyser.smoothingTimeConstant = 0;
+  audioContext.createMediaStreamSource(stream).connect(analyser);
+  const bins = new Float32Array(analyser.frequencyBinCount);
+  const timer = setInterval(() => {
+    analyser.getFloatFrequencyData(bins);
+    let peak = 1;
+    for (let i = 2; i < bins.length - 1; i++) if (bins[i] > bins[peak]) peak = i;
+    const [left, centre, right] = [bins[peak - 1], bins[peak], bins[peak + 1]];
+    const denominator = left - 2 * centre + right;
+    const offset = denominator === 0 ? 0 : (0.5 * (left - right)) / denominator;
+    const hertz = ((peak + offset) * audioContext.sampleRate) / analyser.fftSize;
+    const cell = row(peerId).cells.decrypted;
+    cell.dataset.hearing = centre > -90 ? hertz.toFixed(1) : "";
+    cell.title = centre > -90 ? `hearing about ${hertz.toFixed(0)} Hz` : "silence";
+  }, 250);
+  analysers.set(peerId, { analyser, timer, element });
+}
+
+function onCallUpdate(update) {
+  const { peerId, state } = update;
+  const { cells } = row(peerId);
+  const name = update.peerName;
+  if (name) {
+    cells.peer.textContent = name;
+    const code = document.createElement("code");
+    code.textContent = update.fingerprint;
+    cells.fingerprint.replaceChildren(code);
+    cells.sas.textContent = update.sas;
+  }
+  if (update.pin) {
+    cells.status.textContent = update.pin;
+    cells.status.className = `status pin-${update.pin}`;
+  }
+  if (update.counters) {
+    cells.sent.textContent = update.counters.sent;
+    cells.decrypted.textContent = update.counters.decrypted;
+    cells.failed.textContent = update.counters.failed;
+    if (update.setupMs !== null && !cells.decrypted.dataset.setupMs) {
+      cells.decrypted.dataset.setupMs = update.setupMs.toFixed(0);
+      log(`first decrypted audio ${(update.setupMs / 1000).toFixed(2)} s after joining`);
+    }
+  }
+  if (update.remoteStream) listen(peerId, update.remoteStream);
+  if (update.log) log(update.log);
+  $("sas-box").hidden = !(state === "await-sas");
+  if (update.askSas) {
+    $("sas-peer").textContent = name;
+    $("sas").textContent = update.sas;
+    $("sas-yes").focus();
+  }
+  if (update.error) {
+    setState("failed", `NOT end-to-end encrypted: the call failed (${update.error.kind}): ${update.error.message}. No media is sent.`);
+    log(`call failed: ${update.error.kind}: ${update.error.message}`);
+    return finishCall();
+  }
+  if (update.ended) {
+    setState("idle", `Call with ${call && call.result ? call.result.peerName : "the peer"} ended (${update.ended}). No media is sent.`);
+    log(`call ended: ${update.ended}`);
+    return finishCall();
+  }
+  const who = call && call.result ? call.result.peerName : null;
+  switch (state) {
+    case "key-agreement":
+      return setState("progress", "Agreeing keys with the peer… no media is sent yet.");
+    case "await-sas":
+      return setState("progress", `Compare the SAS with ${who} (${update.pin}): ${update.sas}. No media until you both confirm.`);
+    case "await-peer":
+      return setState("progress", `Waiting for ${who} to confirm the SAS… no media is sent yet.`);
+    case "negotiating":
+      return setState("progress", `Setting up encrypted media with ${who}…`);
+    case "in-call":
+      return setState("secure", `End-to-end encrypted (${call.protection.suite}) with ${who}, ${call.pin} ${call.fingerprint}. SAS ${call.protection.sas}.`);
+  }
+}
+
+function finishCall() {
+  $("sas-box").hidden = true;
+  for (const peerId of [...analysers.keys()]) {
+    clearInterval(analysers.get(peerId).timer);
+    analysers.delete(peerId);
+  }
+  if (hub) hub.close();
+  hub = null;
+  if (localStream) for (const track of localStream.getTracks()) track.stop();
+  localStream = null;
+  $("join").disabled = false;
+  $("leave").disabled = true;
+}
+
+function startCall(peerId, initiator, joinTime) {
+  call = new Call({ hub, peerId, initiator, identity, name: $("name").value, localStream, ui: onCallUpdate, joinTime });
+  row(peerId);
+  call.start();
+}
+
+async function join() {
+  const joinTime = performance.timeOrigin + performance.now();
+  const room = $("room").value;
+  let name;
+  try {
+    name = normalizeName($("name").value);
+  } catch (error) {
+    setState("failed", `Not joined: ${error.message}.`);
+    return;
+  }
+  $("name").value = name;
+  $("join").disabled = true;
+  $("leave").disabled = false;
+  for (const peerId of [...rows.keys()]) removeRow(peerId);
+  call = null;
+  setState("progress", `Connecting to the hub ${hubUrl}…`);
+  try {
+    localStream = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
+    hub = new HubConnection(hubUrl, onHubEvent);
+    const welcome = await hub.join(room);
+    log(`joined room ${room} as ${welcome.peerId}`);
+    if (welcome.peers.length > 1) throw new Error(`room '${room}' already has a call`);
+    // The peer that was in the room first initiates; both sides see the same order.
+    if (welcome.peers.length === 1) startCall(welcome.peers[0], false, joinTime);
+    else setState("progress", `Waiting for a peer in room ${room}… no media is sent.`);
+    hub.joinTime = joinTime;
+  } catch (error) {
+    setState("failed", `NOT in a call: ${error.message}. No media is sent.`);
+    finishCall();
+  }
+}
+
+function onHubEvent(event) {
+  switch (event.type) {
+    case "peer-joined":
+      if (call === null) return startCall(event.peerId, true, hub.joinTime);
+      return log(`${event.peerId} joined, but this call already has a peer`);
+    case "peer-left":
+      if (call && call.peerId === event.peerId) call.peerLeft();
+      return;
+    case "relay":
+      if (call && call.peerId === event.from) call.receive(event.payload);
+      return;
+    case "error":
+      return log(event.message);
+    case "closed":
+      if (call && call.state !== "in-call") call.peerLeft();
+      return log(`the hub connection closed (${event.code})`);
+  }
+}
+
+function leave() {
+  if (call) call.hangup("hangup");
+  else {
+    finishCall();
+    setState("idle", "Not in a call: no media is sent.");
+  }
+}
+
+async function main() {
+  $("hub").textContent = hubUrl;
+  const params = new URLSearchParams(location.search);
+  $("room").value = params.get("room") || "";
+  $("name").value = params.get("name") || "";
+  $("join-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    join();
+  });
+  $("leave").addEventListener("click", leave);
+  $("sas-yes").addEventListener("click", () => call && call.sasAnswer(true));
+  $("sas-no").addEventListener("click", () => call && call.sasAnswer(false));
+  try {
+    identity = await loadIdentity();
+  } catch (error) {
+    setState("failed", `No identity: ${error.message}. This browser cannot keep a non-extractable Ed25519 key.`);
+    return;
+  }
+  $("fingerprint").textContent = await fingerprint(identity.publicKey);
+  document.body.dataset.ready = "1";
+  if (params.get("autojoin") === "1" && $("room").value && $("name").value) join();
+}
+
+main();

@@ -1,0 +1,395 @@
+// One call with one remote peer: the flow of client/session.py in the browser.
+//
+// The key agreement (the pin check inside it); the SAS question unless the peer is already
+// verified; epoch 0's keys to the SFrame worker; each side's sealed decision ("confirmed" or
+// "declined"); the sealed SDP offer and answer; in the call, a sealed rekey every
+// `rekeyInterval` seconds (the side that started the last one waits half as long again) and
+// the sealed bye. Every failure ends the call and says why; a key the user never confirmed
+// stays unpinned. `ui` receives {state, ...} updates for the page (app.js).
+
+import { Initiator, Responder, SUITES, SUITE_NAMES, fingerprint, randomBytes } from "./protocol.js";
+import { pins } from "./store.js";
+
+const CALL_ID_BYTES = 16;
+const SETUP_TIMEOUT = 30_000;
+const REKEY_INTERVAL = 60_000;
+const REKEY_TIMEOUT = 10_000;
+const REQUESTER_REKEY_FACTOR = 1.5;
+const GRACE = 2_000;
+const MAX_RECEIVE_KEYS = 2;
+// The RTP header extensions negotiated (client/rtp_policy.py): none reveals media content.
+const CLEAR_HEADER_EXTENSIONS = new Set(["urn:ietf:params:rtp-hdrext:sdes:mid", "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"]);
+
+export function stripHeaderExtensions(sdp) {
+  return sdp
+    .split(/(?<=\r\n)/)
+    .filter((line) => !line.startsWith("a=extmap:") || CLEAR_HEADER_EXTENSIONS.has(line.slice(9).split(/\s+/)[1]))
+    .join("");
+}
+
+const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+
+export class CallEnded extends Error {
+  constructor(kind, message) {
+    super(message);
+    this.kind = kind;
+  }
+}
+
+export class Call {
+  constructor({ hub, peerId, initiator, identity, name, localStream, ui, joinTime }) {
+    Object.assign(this, { hub, peerId, initiator, identity, name, localStream, ui, joinTime });
+    this.state = "key-agreement";
+    this.handshake = null;
+    this.result = null;
+    this.newPin = null;
+    this.peerConfirmed = false;
+    this.receiveKids = [];
+    this.requestedRekey = false;
+    this.timers = new Set();
+    this.queue = Promise.resolve();
+    this.worker = new Worker("worker.js", { type: "module", name: "sframe" });
+    this.worker.onmessage = ({ data }) => this.onWorker(data);
+    this.counters = { sent: 0, decrypted: 0, failed: 0 };
+    this.setupTimer = this.after(SETUP_TIMEOUT, () => this.fail("CallFailed", "the call was not set up in time"));
+  }
+
+  after(ms, action) {
+    const timer = setTimeout(() => {
+      this.timers.delete(timer);
+      this.serialize(action);
+    }, ms);
+    this.timers.add(timer);
+    return timer;
+  }
+
+  cancel(timer) {
+    if (timer !== null && timer !== undefined) {
+      clearTimeout(timer);
+      this.timers.delete(timer);
+    }
+  }
+
+  // Events run one at a time, in arrival order: every step awaits WebCrypto.
+  serialize(step) {
+    this.queue = this.queue.then(async () => {
+      if (this.state === "ended") return;
+      try {
+        await step();
+      } catch (error) {
+        await this.fail(error.kind || "CallFailed", error.message);
+      }
+    });
+    return this.queue;
+  }
+
+  send(payload) {
+    this.hub.relay(this.peerId, payload);
+  }
+
+  update(fields) {
+    this.ui({ peerId: this.peerId, state: this.state, ...fields });
+  }
+
+  // -- events from the page and the hub
+
+  start() {
+    return this.serialize(async () => {
+      this.update({});
+      if (!this.initiator) return;
+      const callId = hex(randomBytes(CALL_ID_BYTES));
+      this.handshake = new Initiator(this.identity, callId, SUITES, randomBytes, { name: this.name, peerCheck: (n, k) => this.checkPeer(n, k) });
+      this.send(await this.handshake.start());
+    });
+  }
+
+  receive(payload) {
+    return this.serialize(async () => {
+      if (this.state === "key-agreement") return this.onKeyAgreement(payload);
+      if (this.state === "await-sas" || this.state === "await-peer") return this.onDecision(payload);
+      if (this.state === "negotiating") return this.onNegotiation(payload);
+      if (this.state === "in-call") return this.onCallMessage(payload);
+    });
+  }
+
+  sasAnswer(accepted) {
+    return this.serialize(async () => {
+      if (this.state !== "await-sas") return;
+      if (!accepted) {
+        this.send(await this.result.channel.seal({ type: "declined" }));
+        return this.fail("VerificationRefused", "the SAS was not confirmed");
+      }
+      await pins.markVerified(this.result.peerName);
+      this.newPin = null;
+      this.pin = "VERIFIED";
+      return this.accept();
+    });
+  }
+
+  hangup(reason = "hangup") {
+    return this.serialize(async () => {
+      if (this.state !== "in-call") return this.fail("CallFailed", "hung up before the call was set up");
+      try {
+        this.send(await this.result.channel.seal({ type: "bye" }));
+      } catch {
+        // the hub is gone: the peer sees the connection close
+      }
+      return this.end(reason);
+    });
+  }
+
+  peerLeft() {
+    return this.serialize(async () => (this.state === "in-call" ? this.end("peer-left") : this.fail("CallFailed", "the peer left during setup")));
+  }
+
+  // -- the key agreement
+
+  async checkPeer(name, key) {
+    if (hex(key) === hex(this.identity.publicKey)) {
+      throw new CallEnded("CallWithSelf", `the peer '${name}' signed with our own identity key: the hub connected this call to another of our own`);
+    }
+    const { pin, isNew } = await pins.check(name, key);
+    if (isNew) this.newPin = name;
+    this.pin = isNew ? "NEW" : pin.verified ? "VERIFIED" : "PINNED";
+  }
+
+  async onKeyAgreement(payload) {
+    if (this.handshake === null) {
+      if (payload === null || typeof payload !== "object" || payload.type !== "commit" || typeof payload.call_id !== "string") {
+        return this.fail("CallFailed", `expected 'commit' from the peer, got '${payload && payload.type}'`);
+      }
+      this.handshake = new Responder(this.identity, payload.call_id, SUITES, randomBytes, { name: this.name, peerCheck: (n, k) => this.checkPeer(n, k) });
+    }
+    let replies;
+    try {
+      replies = await this.handshake.receive(payload);
+    } catch (error) {
+      if (error.kind === "PinnedIdentityMismatch" || error.kind === "CallWithSelf") return this.fail("IdentityMismatch", error.message);
+      return this.fail("CallFailed", `key agreement failed: ${error.kind || "error"}: ${error.message}`);
+    }
+    for (const reply of replies) this.send(reply);
+    if (this.handshake.state !== "done") return;
+    const result = (this.result = this.handshake.result);
+    this.fingerprint = await fingerprint(result.peerIdentity);
+    this.protection = { suite: SUITE_NAMES[result.suite], peerName: result.peerName, fingerprint: this.fingerprint, sas: result.sas };
+    if (this.pin !== "VERIFIED") {
+      this.state = "await-sas";
+      return this.update({ ...this.protection, pin: this.pin, askSas: true });
+    }
+    return this.accept();
+  }
+
+  // We accept the peer: key the call, tell the peer, negotiate once it accepted us too.
+  async accept() {
+    this.install(this.result.initialKeys);
+    this.send(await this.result.channel.seal({ type: "confirmed" }));
+    this.state = "await-peer";
+    this.update({ ...this.protection, pin: this.pin, askSas: false });
+    if (this.peerConfirmed) await this.negotiate();
+  }
+
+  async onDecision(payload) {
+    let content;
+    try {
+      content = (await this.result.channel.open(payload)).content;
+    } catch (error) {
+      return this.fail("CallFailed", `a sealed setup message was rejected: ${error.kind}: ${error.message}`);
+    }
+    const decision = content && content.type;
+    if (decision === "declined") return this.fail("VerificationRefused", `${this.result.peerName} did not confirm the SAS`);
+    if (decision !== "confirmed" || this.peerConfirmed) return this.fail("CallFailed", `expected the peer's decision, got '${decision}'`);
+    this.peerConfirmed = true;
+    if (this.state === "await-peer") await this.negotiate();
+  }
+
+  // -- the media negotiation
+
+  async negotiate() {
+    this.state = "negotiating";
+    this.cancel(this.setupTimer);
+    this.setupTimer = this.after(SETUP_TIMEOUT, () => this.fail("CallFailed", "the media was not set up in time"));
+    this.update({ ...this.protection, pin: this.pin });
+    if (!this.initiator) return;
+    const pc = this.newConnection();
+    for (const track of this.localStream.getAudioTracks()) pc.addTrack(track, this.localStream);
+    this.preferCodecs(pc);
+    this.installTransforms(pc);
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription({ type: "offer", sdp: stripHeaderExtensions(offer.sdp) });
+    await this.gathered(pc);
+    this.send(await this.result.channel.seal({ type: "offer", sdp: pc.localDescription.sdp }));
+  }
+
+  async onNegotiation(payload) {
+    let content;
+    try {
+      content = (await this.result.channel.open(payload)).content;
+    } catch (error) {
+      return this.fail("CallFailed", `a sealed setup message was rejected: ${error.kind}: ${error.message}`);
+    }
+    const expected = this.initiator ? "answer" : "offer";
+    if (!content || content.type !== expected) return this.fail("CallFailed", `expected '${expected}' from the peer, got '${content && content.type}'`);
+    if (typeof content.sdp !== "string") return this.fail("CallFailed", "the peer's session description is missing");
+    if (this.initiator) {
+      await this.pc.setRemoteDescription({ type: "answer", sdp: stripHeaderExtensions(content.sdp) });
+      return this.mediaStarted();
+    }
+    const pc = this.newConnection();
+    await pc.setRemoteDescription({ type: "offer", sdp: stripHeaderExtensions(content.sdp) });
+    // addTrack takes the offer's audio transceiver, as aiortc's does.
+    for (const track of this.localStream.getAudioTracks()) pc.addTrack(track, this.localStream);
+    // Video is not sent from the browser yet: its sections are answered receive-only.
+    this.preferCodecs(pc);
+    this.installTransforms(pc);
+    const answer = await pc.createAnswer();
+    await pc.setLocalDescription(answer);
+    await this.gathered(pc);
+    this.send(await this.result.channel.seal({ type: "answer", sdp: pc.localDescription.sdp }));
+    return this.mediaStarted();
+  }
+
+  newConnection() {
+    this.pc = new RTCPeerConnection({ iceServers: [] });
+    this.pc.ontrack = (event) => this.update({ remoteStream: event.streams[0] || new MediaStream([event.track]) });
+    this.pc.onconnectionstatechange = () => {
+      if (["failed", "closed"].includes(this.pc.connectionState)) this.serialize(() => this.end(`connection-${this.pc.connectionState}`));
+    };
+    return this.pc;
+  }
+
+  // Opus only (the codec both peers frame the same way); VP8 for the video sections.
+  preferCodecs(pc) {
+    for (const transceiver of pc.getTransceivers()) {
+      const kind = transceiver.receiver.track.kind;
+      const { codecs } = RTCRtpReceiver.getCapabilities(kind);
+      const wanted = kind === "audio" ? ["audio/opus"] : ["video/VP8", "video/rtx"];
+      transceiver.setCodecPreferences(codecs.filter((codec) => wanted.includes(codec.mimeType)));
+    }
+  }
+
+  // SFrame on every sender and receiver before any media can flow.
+  installTransforms(pc) {
+    for (const transceiver of pc.getTransceivers()) {
+      const kind = transceiver.receiver.track.kind;
+      transceiver.sender.transform = new RTCRtpScriptTransform(this.worker, { side: "send", kind });
+      transceiver.receiver.transform = new RTCRtpScriptTransform(this.worker, { side: "receive", kind });
+    }
+  }
+
+  gathered(pc) {
+    // No trickle ICE: every candidate travels inside the sealed description.
+    return new Promise((resolve) => {
+      if (pc.iceGatheringState === "complete") return resolve();
+      pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && resolve());
+    });
+  }
+
+  mediaStarted() {
+    this.state = "in-call";
+    this.cancel(this.setupTimer);
+    this.setupTimer = null;
+    this.requestedRekey = !this.initiator;
+    this.scheduleRekey();
+    this.update({ ...this.protection, pin: this.pin });
+  }
+
+  // -- keys
+
+  install(keys) {
+    const message = { type: "install", suite: this.result.suite };
+    if (keys.installReceive) {
+      message.installReceive = { kid: keys.installReceive.kid, baseKey: keys.installReceive.baseKey };
+      this.receiveKids.push(keys.installReceive.kid);
+      if (this.receiveKids.length > MAX_RECEIVE_KEYS) {
+        this.worker.postMessage({ type: "retire", kids: this.receiveKids.slice(0, -MAX_RECEIVE_KEYS) });
+        this.receiveKids = this.receiveKids.slice(-MAX_RECEIVE_KEYS);
+      }
+    }
+    if (keys.switchSend) {
+      message.switchSend = { kid: keys.switchSend.kid, baseKey: keys.switchSend.baseKey };
+      this.epoch = keys.switchSend.kid >> 1;
+    }
+    this.worker.postMessage(message);
+  }
+
+  onWorker(data) {
+    if (data.type === "counters") {
+      this.counters = data;
+      this.update({ counters: data, setupMs: data.firstDecryptedAudio === null ? null : data.firstDecryptedAudio - this.joinTime });
+    } else if (data.type === "first-use") {
+      // The peer switched to its newest key: older ones serve only frames in flight.
+      const kids = this.receiveKids;
+      if (kids.length >= 2 && data.kid === kids[kids.length - 1]) {
+        this.receiveKids = [data.kid];
+        setTimeout(() => this.worker.postMessage({ type: "retire", kids: kids.slice(0, -1) }), GRACE);
+      }
+    }
+  }
+
+  scheduleRekey() {
+    this.cancel(this.rekeyTimer);
+    const delay = REKEY_INTERVAL * (this.requestedRekey ? REQUESTER_REKEY_FACTOR : 1);
+    this.rekeyTimer = this.after(delay, () => this.rekey());
+  }
+
+  async rekey() {
+    const channel = this.result.channel;
+    if (this.state !== "in-call" || channel.rekeyInProgress) return;
+    this.send(await channel.startRekey());
+    this.requestedRekey = true;
+    this.rekeyDeadline = this.after(REKEY_TIMEOUT, () => this.fail("CallFailed", `a rekey did not complete within ${REKEY_TIMEOUT / 1000} s`));
+  }
+
+  async onCallMessage(payload) {
+    const channel = this.result.channel;
+    let received;
+    try {
+      received = await channel.open(payload);
+    } catch (error) {
+      if (error.kind === "SealedGap" || error.kind === "SealedReorder") return this.fail("CallFailed", `a sealed message was lost: ${error.message}`);
+      // A forged or replayed copy changes nothing: count it.
+      this.update({ log: `dropped a sealed message that did not open: ${error.kind}` });
+      return;
+    }
+    for (const reply of received.replies) this.send(reply);
+    if (received.keys.installReceive || received.keys.switchSend) this.install(received.keys);
+    if (received.keys.switchSend) this.update({ log: `rekeyed: now epoch ${this.epoch}` });
+    if (channel.rekeyInProgress && !this.rekeyDeadline) {
+      this.requestedRekey = false;
+      this.cancel(this.rekeyTimer);
+      this.rekeyDeadline = this.after(REKEY_TIMEOUT, () => this.fail("CallFailed", "a rekey did not complete in time"));
+    } else if (!channel.rekeyInProgress && this.rekeyDeadline) {
+      this.cancel(this.rekeyDeadline);
+      this.rekeyDeadline = null;
+      this.scheduleRekey();
+    }
+    if (received.content && received.content.type === "bye") return this.end("peer-bye");
+  }
+
+  // -- the end
+
+  async fail(kind, message) {
+    if (this.state === "ended") return;
+    if (this.newPin !== null && this.state !== "in-call") {
+      // Never accepted: a key the user did not confirm stays unpinned.
+      await pins.remove(this.newPin);
+      this.newPin = null;
+    }
+    this.close();
+    this.update({ error: { kind, message } });
+  }
+
+  end(reason) {
+    if (this.state === "ended") return;
+    this.close();
+    this.update({ ended: reason });
+  }
+
+  close() {
+    this.state = "ended";
+    for (const timer of this.timers) clearTimeout(timer);
+    this.timers.clear();
+    if (this.pc) this.pc.close();
+    this.worker.terminate();
+  }
+}

@@ -1,0 +1,111 @@
+"""Chromium for the browser-peer tests: found on the system, never downloaded.
+
+Playwright drives the system's Chromium (``executable_path``); without one every browser test
+is skipped with one line naming the package to install, and with ``CI=true`` that skip is a
+failure, so CI cannot pass without having run them (``.ci/run`` installs the package).
+"""
+
+import contextlib
+import os
+import shutil
+import threading
+import wave
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.media import tone_samples
+from client.web_command import make_server
+
+CHROMIUM_NAMES = ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome")
+INSTALL_HINT = "apt-get install chromium (Debian's chromium or chromium-headless-shell package)"
+
+# A closed network and a shared machine: nothing reaches out, nothing extra runs.
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    # Host candidates on the loopback interface, for calls within this machine.
+    "--allow-loopback-in-peer-connection",
+)
+
+
+def chromium_path() -> str | None:
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    return None
+
+
+def require_chromium() -> str:
+    """The Chromium to run, or skip (fail on CI) saying which package to install."""
+    path = chromium_path()
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        path = None
+    if path is None:
+        message = f"no Chromium or no playwright: {INSTALL_HINT}; pip install playwright"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and the browser tests cannot run: {message}")
+        pytest.skip(message)
+    return path
+
+
+def write_tone(path: Path, frequency: float, seconds: float = 10.0) -> Path:
+    """A mono 16-bit sine WAV at 48 kHz, the fake microphone's input."""
+    samples = tone_samples(frequency, 0, int(seconds * 48_000))
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(48_000)
+        out.writeframes(samples.tobytes())
+    return path
+
+
+@contextlib.contextmanager
+def web_server(hub_url: str) -> Iterator[str]:
+    """``blindhub web``'s server on a free port, in a thread; yields its base URL."""
+    server = make_server(hub_url, 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = str(server.server_address[0]), server.server_address[1]
+        yield f"http://{host}:{port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.asynccontextmanager
+async def chromium(executable: str, extra_args: Sequence[str] = ()) -> AsyncIterator[Any]:
+    """One headless Chromium with a fresh temporary profile; each ``new_context()`` of it is a
+    separate peer (its own IndexedDB, so its own identity and pins)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=executable, headless=True, args=[*CHROMIUM_ARGS, *extra_args]
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+def fake_media_args(tone_wav: Path) -> list[str]:
+    return [
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-audio-capture={tone_wav}",
+        # The page plays what it receives without a click (a person's click on Join allows it).
+        "--autoplay-policy=no-user-gesture-required",
+    ]

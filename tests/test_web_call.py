@@ -1,0 +1,199 @@
+"""Browser peers in real calls through a real hub: browser to browser, and browser to the
+Python peer (``blindhub call``) in both directions.
+
+Each Chromium peer is a context of one headless Chromium whose fake microphone plays a tone WAV
+the test wrote; the page shows the strongest frequency it receives (a WebAudio analyser on the
+decrypted remote track), which the test reads. Both sides must show the same SAS, and every
+frame must decrypt.
+"""
+
+import asyncio
+import json
+import os
+import re
+import sys
+import wave
+from array import array
+from pathlib import Path
+
+import pytest
+
+from client.experiment.analysis import dominant_frequency
+from tests.browser import chromium, fake_media_args, require_chromium, web_server, write_tone
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+DOCS = Path(__file__).parent.parent / "docs"
+BROWSER_TONE = 660.0
+PYTHON_TONE = 440.0
+TOLERANCE = 5.0
+SAS = re.compile(r"SAS to read aloud: (\d{5} \d{5} \d{5})")
+
+
+async def open_peer(browser, url: str, room: str, name: str):
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(f"{url}?room={room}&name={name}&autojoin=1")
+    return page
+
+
+async def confirm_sas(page) -> str:
+    await page.locator("#sas-box").wait_for(state="visible", timeout=20_000)
+    sas = await page.locator("#sas").text_content()
+    await page.locator("#sas-yes").click()
+    return sas or ""
+
+
+async def hearing(page, expected: float, timeout: float = 20.0) -> float:
+    """The frequency the page hears from its peer, once it is within the tolerance."""
+    cell = page.locator("#roster tbody td.decrypted").first
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    heard = ""
+    while loop.time() < deadline:
+        heard = await cell.get_attribute("data-hearing") or ""
+        if heard and abs(float(heard) - expected) <= TOLERANCE:
+            return float(heard)
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"the page heard {heard or 'nothing'} Hz, not {expected} Hz")
+
+
+async def counters(page) -> dict[str, int]:
+    """The page's frame counters for its peer, once frames have gone both ways (the worker
+    reports them twice a second)."""
+    row = page.locator("#roster tbody tr").first
+    seen: dict[str, int] = {}
+    for _ in range(40):
+        seen = {
+            name: int(await row.locator(f"td.{name}").text_content() or "0")
+            for name in ("sent", "decrypted", "failed")
+        }
+        if seen["sent"] and seen["decrypted"]:
+            break
+        await asyncio.sleep(0.25)
+    return seen
+
+
+async def secure_state(page) -> str:
+    state = page.locator("#state.state-secure")
+    await state.wait_for(timeout=20_000)
+    return await state.text_content() or ""
+
+
+async def test_browser_to_browser(hub, tmp_path):
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            alice = await open_peer(browser, url, "b2b", "alice")
+            await alice.locator("#state", has_text="Waiting for a peer").wait_for()
+            bob = await open_peer(browser, url, "b2b", "bob")
+            sas_alice, sas_bob = await asyncio.gather(confirm_sas(alice), confirm_sas(bob))
+            assert sas_alice == sas_bob and re.fullmatch(r"\d{5} \d{5} \d{5}", sas_alice)
+            for page, peer in ((alice, "bob"), (bob, "alice")):
+                state = await secure_state(page)
+                assert (
+                    f"End-to-end encrypted (AES_128_GCM_SHA256_128) with {peer}, VERIFIED" in state
+                )
+                assert sas_alice in state
+                await hearing(page, BROWSER_TONE)
+            shot = DOCS / "howto" / "browser-peer-call.png"
+            await alice.screenshot(path=str(shot), full_page=True)
+            assert "End-to-end encrypted" in (await alice.locator("#state").text_content() or "")
+            for page in (alice, bob):
+                seen = await counters(page)
+                assert seen["sent"] > 0 and seen["decrypted"] > 0 and seen["failed"] == 0, seen
+
+
+def read_wav(path: Path) -> tuple[list[float], int]:
+    """The first channel of a 16-bit WAV and its rate."""
+    with wave.open(str(path), "rb") as recording:
+        channels, rate = recording.getnchannels(), recording.getframerate()
+        data = array("h", recording.readframes(recording.getnframes()))
+    return [float(sample) for sample in data[::channels]], rate
+
+
+async def start_python_peer(hub_url: str, room: str, home: Path, out: Path):
+    """``blindhub call`` as its own process: tone 440 Hz, six seconds of media, TOFU (the
+    browser side compares the SAS), recording what it receives."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "client.cli",
+        "call",
+        room,
+        "--hub",
+        hub_url,
+        "--name",
+        "python",
+        "--verify",
+        "tofu",
+        "--send",
+        f"tone:{PYTHON_TONE:g}",
+        "--duration",
+        "6",
+        "--home",
+        str(home),
+        "--record",
+        str(out / "received.wav"),
+        "--stats-json",
+        str(out / "stats.json"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+
+
+async def python_sas(process) -> str:
+    assert process.stdout is not None
+    while line := await process.stdout.readline():
+        found = SAS.search(line.decode())
+        if found:
+            return found.group(1)
+    raise AssertionError("the Python peer printed no SAS")
+
+
+async def check_python_side(process, out: Path) -> None:
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, (stdout.decode(), stderr.decode())
+    samples, rate = read_wav(out / "received.wav")
+    assert abs(dominant_frequency(samples, rate) - BROWSER_TONE) <= TOLERANCE
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["audio"]["decrypted"] > 0 and stats["audio"]["failed"] == 0, stats["audio"]
+
+
+@pytest.mark.parametrize(
+    "browser_first", [True, False], ids=["browser-calls-python", "python-calls-browser"]
+)
+async def test_browser_and_python_peer(hub, tmp_path, browser_first):
+    """The peer in the room first initiates: the browser is the initiator, then the responder."""
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            if browser_first:
+                page = await open_peer(browser, url, "interop", "browser")
+                await page.locator("#state", has_text="Waiting for a peer").wait_for()
+                process = await start_python_peer(hub.url, "interop", tmp_path / "home", tmp_path)
+            else:
+                process = await start_python_peer(hub.url, "interop", tmp_path / "home", tmp_path)
+                await wait_for(lambda: hub.hub.room_size("interop") == 1)
+                page = await open_peer(browser, url, "interop", "browser")
+            try:
+                browser_sas, sas = await asyncio.gather(confirm_sas(page), python_sas(process))
+                assert browser_sas == sas
+                state = await secure_state(page)
+                assert (
+                    "End-to-end encrypted (AES_128_GCM_SHA256_128) with python, VERIFIED" in state
+                )
+                await hearing(page, PYTHON_TONE)
+                seen = await counters(page)
+                assert seen["decrypted"] > 0 and seen["failed"] == 0, seen
+                await check_python_side(process, tmp_path)
+                # The Python peer hung up after its six seconds: a sealed bye.
+                await page.locator("#state", has_text="ended (peer-bye)").wait_for(timeout=10_000)
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
