@@ -30,6 +30,7 @@ from typing import Any, cast
 
 from aiortc import (
     MediaStreamTrack,
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCPeerConnection,
     RTCRtpTransceiver,
@@ -336,6 +337,9 @@ class GroupCall:
                 if receiver is not None:
                     receiver.retire_generations_below(below)
             case MemberJoined(peer, protection):
+                joined = self.stats.members.setdefault(peer, MemberStats(peer_id=peer))
+                joined.name, joined.fingerprint = protection.peer_name, protection.peer_fingerprint
+                joined.status, joined.left = protection.pin, False
                 self._phase(CallPhase.MEDIA)
                 if self.callbacks.on_member_joined is not None:
                     self.callbacks.on_member_joined(peer, protection)
@@ -456,7 +460,11 @@ class GroupCall:
             return
         assert self._joined is not None
         pc = self._pc = RTCPeerConnection(
-            RTCConfiguration(iceServers=list(self.config.ice_servers))
+            # One transport for every m-line: aiortc's default (balanced) leaves a second m-line
+            # of a kind on a transport the hub's BUNDLE discards, so its media never arrives.
+            RTCConfiguration(
+                iceServers=list(self.config.ice_servers), bundlePolicy=RTCBundlePolicy.MAX_BUNDLE
+            )
         )
         with rejecting_bad_sdp("the hub's"):
             await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
@@ -541,11 +549,6 @@ class GroupCall:
             setattr(stats, kind, counters.as_dict())
             generations |= counters.generations
         stats.generations = sorted(generations)
-        if self.session is not None:
-            for member in self.session.roster:
-                if member.peer == peer:
-                    stats.name, stats.fingerprint = member.name, member.fingerprint
-                    stats.status = member.status.value
         return stats
 
     async def _finish(self, reason: str) -> None:
