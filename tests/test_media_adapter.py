@@ -100,7 +100,7 @@ async def test_seams_are_installed_per_instance_and_the_decoder_gets_nothing():
         # Two one-packet frames: the first is complete when the second starts.
         for sequence, timestamp, data in ((1, 960, b"first"), (2, 1920, b"second")):
             packet = aiortc.rtp.RtpPacket(sequence_number=sequence, timestamp=timestamp)
-            packet._data = data  # what the depacketizer leaves for the jitter buffer
+            packet._data = data  # type: ignore[attr-defined]  # as the depacketizer leaves it
             assert buffer.add(packet) == (False, None)
         assert taken == [(b"first", 960)]
         pli = aiortc.rtp.RtcpPsfbPacket(fmt=aiortc.rtp.RTCP_PSFB_PLI, ssrc=1, media_ssrc=2)

@@ -5,6 +5,7 @@ import pytest
 from signaling.media_routing import (
     ApplyAnswer,
     CloseMedia,
+    MediaCommand,
     MediaRouter,
     RequestKeyframe,
     SendOffer,
@@ -28,7 +29,7 @@ def tracks(*publishers: PeerId | None) -> MediaTracks:
     )
 
 
-def connect(router: MediaRouter, peer: PeerId, now: float, room: str = "r") -> list:
+def connect(router: MediaRouter, peer: PeerId, now: float, room: str = "r") -> list[MediaCommand]:
     (offer,) = router.join(peer, room, now)
     assert isinstance(offer, SendOffer)
     (apply,) = router.answer(peer, "sdp")
@@ -61,6 +62,7 @@ def test_a_leave_frees_slots_and_the_next_member_takes_the_lowest():
         connect(router, peer, float(number))
     assert router.slots_of(C) == (A, B, None)
     session = router.session_of(B)
+    assert session is not None
     assert router.leave(B) == [
         CloseMedia(B, session),
         SlotChanged(A, 0, None),
@@ -88,6 +90,7 @@ def test_an_unexpected_answer_is_refused_and_a_failed_one_may_be_retried():
         router.answer(A, "sdp")
     assert refused.value.code is ErrorCode.UNEXPECTED_MEDIA
     (offer,) = router.join(A, "r", 5.0)
+    assert isinstance(offer, SendOffer)
     assert router.answer_deadline(A) == 15.0
     router.answer(A, "bad")
     with pytest.raises(Refused):
@@ -103,6 +106,7 @@ def test_an_unexpected_answer_is_refused_and_a_failed_one_may_be_retried():
 def test_a_stale_result_is_ignored():
     router = MediaRouter(2, answer_timeout=10)
     (offer,) = router.join(A, "r", 0.0)
+    assert isinstance(offer, SendOffer)
     router.answer(A, "sdp")
     assert router.leave(A) == [CloseMedia(A, offer.session)]
     router.join(A, "r", 1.0)

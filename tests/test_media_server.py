@@ -75,7 +75,7 @@ class Peer:
 
     async def answer(self) -> None:
         offer = self.first(MediaOffer)
-        assert offer is not None
+        assert isinstance(offer, MediaOffer)
         await self.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
         self.pc.addTrack(ToneTrack(self.tone))
         video_sender = self.pc.addTrack(PatternTrack())
@@ -174,7 +174,7 @@ async def metrics(server: HubServer) -> str:
 
     def get() -> str:
         with urllib.request.urlopen(url) as response:
-            return response.read().decode()
+            return str(response.read().decode())
 
     return await asyncio.to_thread(get)
 
