@@ -28,6 +28,8 @@ from signaling.protocol import (
     JsonText,
     Leave,
     MalformedHubMessage,
+    MediaOffer,
+    MediaTracks,
     PeerId,
     PeerJoined,
     PeerLeft,
@@ -209,10 +211,19 @@ class HubConnection:
         self._check_event(self.peers, message)
         if isinstance(message, RelayFrom):
             return Relayed(message.sender, decode_payload(message.payload))
+        assert isinstance(message, PeerJoined | PeerLeft)  # _check_event refused the rest
         return message
 
-    def _check_event(self, peers: set[PeerId], message: PeerJoined | PeerLeft | RelayFrom) -> None:
+    def _check_event(
+        self,
+        peers: set[PeerId],
+        message: PeerJoined | PeerLeft | RelayFrom | MediaOffer | MediaTracks,
+    ) -> None:
         """Check an event against ``peers``, the room it concerns, then track who is there."""
+        if isinstance(message, MediaOffer | MediaTracks):
+            # Media messages come only from a hub that routes media, which this connection
+            # does not handle yet: refused, as every message that contradicts the state.
+            raise UnexpectedHubMessage(f"{message.TYPE} from a hub this client does not expect")
         if isinstance(message, PeerJoined):
             if message.peer_id == self.peer_id or message.peer_id in peers:
                 raise UnexpectedHubMessage("peer-joined for a peer already here")

@@ -11,6 +11,7 @@ import logging
 import secrets
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from signaling.protocol import (
     CodedError,
@@ -20,6 +21,8 @@ from signaling.protocol import (
     Join,
     JsonText,
     Leave,
+    MediaAnswer,
+    MediaMode,
     PeerId,
     PeerJoined,
     PeerLeft,
@@ -113,6 +116,19 @@ class TokenBucket:
         return not flood_continues
 
 
+class MediaSink(Protocol):
+    """What a hub that routes media (``blindhub hub --route-media``) tells its media side.
+
+    Called inside ``Hub.handle`` and ``Hub.disconnect``; each call must return at once (the
+    media side does its I/O later). ``answered`` raises ``Refused`` (``unexpected-media``) for
+    an answer it does not expect."""
+
+    def joined(self, peer: PeerId, room: str, now: float) -> None: ...
+    def left(self, peer: PeerId) -> None: ...
+    def answered(self, peer: PeerId, sdp: str) -> None: ...
+    def answer_deadline(self, peer: PeerId) -> float | None: ...
+
+
 @dataclass(slots=True)
 class _Peer:
     room: str | None
@@ -162,8 +178,12 @@ class Hub:
         *,
         new_peer_id: Callable[[], PeerId] = random_peer_id,
         logger: logging.Logger | None = None,
+        media: MediaSink | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        # With a media sink every room is routed: the hub terminates each member's media.
+        self._media = media
+        self._media_mode = MediaMode.PEER_TO_PEER if media is None else MediaMode.ROUTED
         self.metrics = Metrics()
         self._new_peer_id = new_peer_id
         self._logger = logger or logging.getLogger("blindhub.hub")
@@ -193,7 +213,11 @@ class Hub:
         slots for as long as it answers pings.
         """
         since = self._peers[peer].roomless_since
-        return None if since is None else since + self.limits.join_timeout
+        if since is not None:
+            return since + self.limits.join_timeout
+        # In a routed room, a member that never answers the media offer holds a slot of every
+        # other member: it is closed as one that never joins.
+        return None if self._media is None else self._media.answer_deadline(peer)
 
     def connect(self, now: float) -> PeerId:
         """Admit a new connection, or raise ``Refused`` (``hub-full``)."""
@@ -216,9 +240,11 @@ class Hub:
             state.bucket.spend(self.limits, now)
             message = parse_client_message(text)
             if isinstance(message, Join):
-                return self._join(peer, state, message.room)
+                return self._join(peer, state, message.room, now)
             if isinstance(message, RelayTo):
                 return self._relay(peer, state, message.to, message.payload)
+            if isinstance(message, MediaAnswer):
+                return self._media_answer(peer, state, message.sdp)
             assert isinstance(message, Leave)
             if state.room is None:
                 raise Refused(ErrorCode.NOT_JOINED, "leave before join")
@@ -229,7 +255,7 @@ class Hub:
             count_error(self.metrics, self._logger, error.code, peer=peer, log=log)
             return [Delivery(peer, ErrorMessage(error.code, error.message), state.room)]
 
-    def _join(self, peer: PeerId, state: _Peer, room: str) -> list[Delivery]:
+    def _join(self, peer: PeerId, state: _Peer, room: str, now: float) -> list[Delivery]:
         if state.room is not None:
             raise Refused(ErrorCode.ALREADY_JOINED, "already in a room; leave first")
         members = self._rooms.get(room)
@@ -244,8 +270,18 @@ class Hub:
         state.room = room
         state.roomless_since = None
         self._logger.info("join", extra={"fields": {"peer": peer, "room": room}})
-        welcome = Delivery(peer, Welcome(peer, room, others), room)
+        welcome = Delivery(peer, Welcome(peer, room, others, self._media_mode), room)
+        if self._media is not None:
+            self._media.joined(peer, room, now)
         return [welcome, *(Delivery(other, PeerJoined(peer), room) for other in others)]
+
+    def _media_answer(self, peer: PeerId, state: _Peer, sdp: str) -> list[Delivery]:
+        if self._media is None:
+            raise Refused(ErrorCode.UNEXPECTED_MEDIA, "this hub does not route media")
+        if state.room is None:
+            raise Refused(ErrorCode.NOT_JOINED, "media-answer before join")
+        self._media.answered(peer, sdp)
+        return []
 
     def _relay(
         self, peer: PeerId, state: _Peer, recipient: str, payload: JsonText
@@ -268,5 +304,7 @@ class Hub:
         if not members:
             del self._rooms[room]
         state.room = None
+        if self._media is not None:
+            self._media.left(peer)
         self._logger.info("leave", extra={"fields": {"peer": peer, "room": room}})
         return [Delivery(other, PeerLeft(peer), room) for other in members]

@@ -47,6 +47,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate-limited"
     HUB_FULL = "hub-full"
     CLUSTER_UNAVAILABLE = "cluster-unavailable"
+    INVALID_SDP = "invalid-sdp"
+    UNEXPECTED_MEDIA = "unexpected-media"
 
 
 class SignalingError(Exception):
@@ -231,11 +233,22 @@ class Leave:
         return '{"type":"leave"}'
 
 
-ClientMessage = Join | RelayTo | Leave
+@dataclass(frozen=True, slots=True)
+class MediaAnswer:
+    """The client's SDP answer to the hub's ``media-offer`` (routed rooms only)."""
+
+    sdp: str
+
+    def encode(self) -> str:
+        return json.dumps({"type": "media-answer", "sdp": self.sdp}, separators=(",", ":"))
+
+
+ClientMessage = Join | RelayTo | Leave | MediaAnswer
 
 _JOIN_FIELDS: Final = frozenset({"type", "room"})
 _RELAY_TO_FIELDS: Final = frozenset({"type", "to", "payload"})
 _LEAVE_FIELDS: Final = frozenset({"type"})
+_SDP_FIELDS: Final = frozenset({"type", "sdp"})
 
 
 # The relay envelope as RelayTo.encode writes it (JSON whitespace allowed between tokens), up
@@ -305,10 +318,22 @@ def parse_client_message_strictly(text: str) -> ClientMessage:
     if message_type == "leave":
         _check_members(fields, message_type, _LEAVE_FIELDS)
         return Leave()
-    raise MalformedHubMessage(ErrorCode.UNKNOWN_TYPE, "type must be join, relay or leave")
+    if message_type == "media-answer":
+        _check_members(fields, message_type, _SDP_FIELDS)
+        return MediaAnswer(_string(fields, "sdp"))
+    raise MalformedHubMessage(
+        ErrorCode.UNKNOWN_TYPE, "type must be join, relay, leave or media-answer"
+    )
 
 
 # Hub to client.
+
+
+class MediaMode(StrEnum):
+    """How media flows in a room: straight between the peers, or through the hub."""
+
+    PEER_TO_PEER = "peer-to-peer"
+    ROUTED = "routed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,10 +342,13 @@ class Welcome:
     peer_id: PeerId
     room: str
     peers: tuple[PeerId, ...]
+    media: MediaMode = MediaMode.PEER_TO_PEER
 
     def encode(self) -> str:
         message = {"type": "welcome", "peer_id": self.peer_id, "room": self.room}
-        return json.dumps({**message, "peers": list(self.peers)}, separators=(",", ":"))
+        return json.dumps(
+            {**message, "peers": list(self.peers), "media": self.media}, separators=(",", ":")
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,9 +391,52 @@ class ErrorMessage:
         )
 
 
-HubMessage = Welcome | PeerJoined | PeerLeft | RelayFrom | ErrorMessage
+MEDIA_KINDS: Final = ("audio", "video")
 
-_WELCOME_FIELDS: Final = frozenset({"type", "peer_id", "room", "peers"})
+
+@dataclass(frozen=True, slots=True)
+class MediaOffer:
+    """The hub's SDP offer for a member of a routed room, sent right after ``welcome``."""
+
+    TYPE: ClassVar[str] = "media-offer"
+    sdp: str
+
+    def encode(self) -> str:
+        return json.dumps({"type": "media-offer", "sdp": self.sdp}, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class MediaTrack:
+    """One receiving transceiver of a member (its ``mid``) and whose media it carries."""
+
+    mid: str
+    kind: str
+    peer_id: PeerId
+
+
+@dataclass(frozen=True, slots=True)
+class MediaTracks:
+    """The full current map of a member's receiving slots in use (a hint: the hub is not
+    trusted to name who sent a frame)."""
+
+    TYPE: ClassVar[str] = "media-tracks"
+    tracks: tuple[MediaTrack, ...]
+
+    def encode(self) -> str:
+        tracks = [
+            {"mid": track.mid, "kind": track.kind, "peer_id": track.peer_id}
+            for track in self.tracks
+        ]
+        return json.dumps({"type": "media-tracks", "tracks": tracks}, separators=(",", ":"))
+
+
+HubMessage = Welcome | PeerJoined | PeerLeft | RelayFrom | ErrorMessage | MediaOffer | MediaTracks
+
+_WELCOME_FIELDS: Final = frozenset({"type", "peer_id", "room", "peers", "media"})
+_MEDIA_TRACKS_FIELDS: Final = frozenset({"type", "tracks"})
+_TRACK_FIELDS: Final = frozenset({"mid", "kind", "peer_id"})
+# A mid is what aiortc and browsers write: a short run of letters and digits.
+_MID_PATTERN: Final = re.compile(r"[A-Za-z0-9]{1,16}")
 _PEER_FIELDS: Final = frozenset({"type", "peer_id"})
 _RELAY_FROM_FIELDS: Final = frozenset({"type", "from", "payload"})
 _ERROR_FIELDS: Final = frozenset({"type", "code", "message"})
@@ -375,11 +446,45 @@ def _welcome(fields: dict[str, Field]) -> Welcome:
     peers = fields["peers"].value
     if not isinstance(peers, list):
         raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "field 'peers' must be a list")
+    try:
+        media = MediaMode(_string(fields, "media"))
+    except ValueError:
+        raise MalformedHubMessage(
+            ErrorCode.INVALID_FIELD, "field 'media' must be peer-to-peer or routed"
+        ) from None
     return Welcome(
         _peer_id(fields["peer_id"].value, "peer_id"),
         _room(fields),
         tuple(_peer_id(peer, "every entry of peers") for peer in peers),
+        media,
     )
+
+
+def _media_track(value: object) -> MediaTrack:
+    if not isinstance(value, dict):
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "every track must be an object")
+    missing = sorted(_TRACK_FIELDS - value.keys())
+    unexpected = sorted(value.keys() - _TRACK_FIELDS)
+    if missing or unexpected:
+        raise MalformedHubMessage(
+            ErrorCode.INVALID_FIELD, "a track has exactly the fields mid, kind and peer_id"
+        )
+    mid, kind = value["mid"], value["kind"]
+    if not isinstance(mid, str) or _MID_PATTERN.fullmatch(mid) is None:
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "a track's mid must be a mid")
+    if kind not in MEDIA_KINDS:
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "a track's kind is audio or video")
+    return MediaTrack(mid, kind, _peer_id(value["peer_id"], "a track's peer_id"))
+
+
+def _media_tracks(fields: dict[str, Field]) -> MediaTracks:
+    tracks = fields["tracks"].value
+    if not isinstance(tracks, list):
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "field 'tracks' must be a list")
+    parsed = tuple(_media_track(track) for track in tracks)
+    if len({track.mid for track in parsed}) != len(parsed):
+        raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "a mid appears twice in tracks")
+    return MediaTracks(parsed)
 
 
 def _error(fields: dict[str, Field]) -> ErrorMessage:
@@ -407,4 +512,10 @@ def parse_hub_message(text: str) -> HubMessage:
     if message_type == "error":
         _check_members(fields, message_type, _ERROR_FIELDS)
         return _error(fields)
+    if message_type == "media-offer":
+        _check_members(fields, message_type, _SDP_FIELDS)
+        return MediaOffer(_string(fields, "sdp"))
+    if message_type == "media-tracks":
+        _check_members(fields, message_type, _MEDIA_TRACKS_FIELDS)
+        return _media_tracks(fields)
     raise MalformedHubMessage(ErrorCode.UNKNOWN_TYPE, "unknown hub message type")

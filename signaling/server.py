@@ -34,8 +34,10 @@ from signaling.hub import Delivery, Hub, Limits, Metrics
 from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
 
 if TYPE_CHECKING:
-    # Only a hub started with a cluster loads the Redis client.
+    # Only a hub started with a cluster loads the Redis client, and only a hub that routes
+    # media loads aiortc.
     from signaling.cluster_redis import ClusterLink
+    from signaling.media_server import MediaServer
 
 CLOSE_SLOW_READER: Final = "slow-reader"
 CLOSE_BINARY_FRAME: Final = "binary-frame"
@@ -162,6 +164,9 @@ class HubServer:
     With ``cluster``, the hub is one process of a cluster: its routing core is
     ``cluster.core`` (``hub`` must be None), and each connection's frames wait for
     the cluster operations they require, one at a time, so they keep their order.
+
+    With ``media``, the hub routes media (``blindhub hub --route-media``): its routing core is
+    ``media.hub`` (``hub`` and ``cluster`` must be None).
     """
 
     def __init__(
@@ -174,11 +179,19 @@ class HubServer:
         ssl_context: ssl.SSLContext | None = None,
         metadata: MetadataRecorder | None = None,
         logger: logging.Logger | None = None,
+        media: "MediaServer | None" = None,
     ) -> None:
-        if hub is not None and cluster is not None:
-            raise ValueError("a cluster brings its own routing core")
+        if sum(x is not None for x in (hub, cluster, media)) > 1:
+            raise ValueError("a cluster or a media server brings its own routing core")
         self.cluster = cluster
-        self.hub: RoutingCore = cluster.core if cluster is not None else hub or Hub()
+        self.media = media
+        self.hub: RoutingCore
+        if cluster is not None:
+            self.hub = cluster.core
+        elif media is not None:
+            self.hub = media.hub
+        else:
+            self.hub = hub or Hub()
         self._host = host
         self._port = port
         self._ssl_context = ssl_context
@@ -214,6 +227,8 @@ class HubServer:
         limits = self.hub.limits
         if self.cluster is not None:
             await self.cluster.start(self.deliver, self._close_peer)
+        if self.media is not None:
+            self.media.start(self.deliver)
         self._server = await serve(
             self._handle_connection,
             self._host,
@@ -238,6 +253,8 @@ class HubServer:
         await self.server.wait_closed()
         if self.cluster is not None:
             await self.cluster.close()
+        if self.media is not None:
+            await self.media.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -340,6 +357,8 @@ class HubServer:
             return connection.respond(HTTPStatus.OK, "ok\n")
         if request.path == "/metrics":
             extra = None if self.cluster is None else self.cluster.metric_lines()
+            if self.media is not None:
+                extra = self.media.metric_lines()
             return connection.respond(
                 HTTPStatus.OK, render_metrics(self.hub, self.buffered_bytes(), extra)
             )

@@ -1,0 +1,92 @@
+"""``blindhub hub --record-media DIR``: every stream the hub forwarded, as an operator keeps it.
+
+One Matroska file per stream (a publisher's audio or video in one room), holding each frame
+exactly as the hub received and forwarded it, muxed by PyAV without decoding or encoding, so
+ffmpeg, PyAV and media players open it. Next to it a JSON-lines sidecar with one line per frame:
+its arrival time (Unix seconds), its RTP timestamp and its size, which Matroska's millisecond
+timestamps would round.
+
+Files are named ``ROOM.PEER.KIND.mkv`` and ``ROOM.PEER.KIND.jsonl`` (rooms and peer ids are
+letters, digits, ``-`` and ``_``); a peer that joins the same room again records to
+``ROOM.PEER.KIND.2.mkv``, and so on. A video file's dimensions are placeholders: the hub
+cannot read them from frames it cannot decrypt.
+"""
+
+import fractions
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, TextIO
+
+import av
+
+from signaling.media_adapter import CLOCK_RATES
+from signaling.protocol import PeerId
+
+# PyAV's names for a stream that only carries packets of each codec.
+_CODEC_NAMES: Final = {"audio": "libopus", "video": "libvpx"}
+
+
+class _StreamFile:
+    def __init__(self, path: Path, kind: str) -> None:
+        self._container = av.open(str(path), "w", format="matroska")
+        self._stream = self._container.add_stream(_CODEC_NAMES[kind], rate=CLOCK_RATES[kind])
+        self._time_base = fractions.Fraction(1, CLOCK_RATES[kind])
+        self._first: int | None = None
+        # Open as long as the stream is; closed in close().
+        self._sidecar: TextIO = open(path.with_suffix(".jsonl"), "w", buffering=1)  # noqa: SIM115
+
+    def write(self, frame: bytes, rtp_timestamp: int, arrival: float) -> None:
+        if self._first is None:
+            self._first = rtp_timestamp
+        packet = av.Packet(frame)
+        # RTP timestamps start anywhere and wrap at 2**32: the file counts from the first.
+        packet.pts = packet.dts = (rtp_timestamp - self._first) % 2**32
+        packet.time_base = self._time_base
+        packet.stream = self._stream
+        self._container.mux(packet)
+        line = {"arrival": round(arrival, 6), "rtp_timestamp": rtp_timestamp, "size": len(frame)}
+        self._sidecar.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._container.close()
+        self._sidecar.close()
+
+
+class MediaRecorder:
+    """Writes every forwarded frame to its stream's file in ``directory`` (which must exist)."""
+
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self._clock = clock
+        self._files: dict[tuple[str, PeerId, str], _StreamFile] = {}
+        self._used: set[str] = set()
+
+    def write(self, room: str, publisher: PeerId, kind: str, frame: bytes, timestamp: int) -> None:
+        key = (room, publisher, kind)
+        stream = self._files.get(key)
+        if stream is None:
+            stream = self._files[key] = _StreamFile(self._path(room, publisher, kind), kind)
+        stream.write(frame, timestamp, self._clock())
+
+    def end(self, room: str, publisher: PeerId) -> None:
+        """``publisher`` left ``room``: close its files."""
+        for kind in CLOCK_RATES:
+            stream = self._files.pop((room, publisher, kind), None)
+            if stream is not None:
+                stream.close()
+
+    def close(self) -> None:
+        for stream in self._files.values():
+            stream.close()
+        self._files.clear()
+
+    def _path(self, room: str, publisher: PeerId, kind: str) -> Path:
+        stem = f"{room}.{publisher}.{kind}"
+        name, count = stem, 1
+        while name in self._used or (self.directory / f"{name}.mkv").exists():
+            count += 1
+            name = f"{stem}.{count}"
+        self._used.add(name)
+        return self.directory / f"{name}.mkv"
