@@ -5,19 +5,24 @@ The command line lives with the other commands; the hub it runs imports nothing 
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
 import ssl
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.exit_codes import ExitCode
 from signaling.hub import Hub, Limits
+from signaling.media_routing import ROUTED_MAX_PEERS_PER_ROOM
 from signaling.server import HubServer, JsonLinesFormatter, MetadataRecorder, new_event_loop
 
 if TYPE_CHECKING:
     from signaling.cluster_redis import ClusterLink
+    from signaling.media_server import MediaServer
 
 _LIMIT_HELP = {
     "max_message_bytes": "largest frame accepted; larger closes with 1009",
@@ -58,6 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no connection log on stderr")
     parser.add_argument(
+        "--route-media",
+        action="store_true",
+        help="terminate each peer's WebRTC connection and forward its encoded media to the "
+        "others of its room, never decoding it (default: media flows peer to peer)",
+    )
+    parser.add_argument(
+        "--record-media",
+        metavar="DIR",
+        help="with --route-media: write every forwarded stream to DIR (one Matroska file and "
+        "one JSON-lines sidecar per stream)",
+    )
+    parser.add_argument(
         "--redis",
         metavar="URL",
         help="share rooms with every hub process using this Redis or Valkey "
@@ -76,11 +93,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Limits()
     for limit in fields(Limits):
         default = getattr(defaults, limit.name)
+        help_default = f"default {default}"
+        if limit.name == "max_peers_per_room":
+            help_default += f", {ROUTED_MAX_PEERS_PER_ROOM} with --route-media"
         parser.add_argument(
             "--" + limit.name.replace("_", "-"),
             type=type(default),
-            default=default,
-            help=f"{_LIMIT_HELP[limit.name]} (default {default})",
+            # Left unset so that --route-media can choose its own default.
+            default=None if limit.name == "max_peers_per_room" else default,
+            help=f"{_LIMIT_HELP[limit.name]} ({help_default})",
         )
 
 
@@ -88,6 +109,15 @@ def run(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         print("blindhub hub: --tls-cert and --tls-key go together", file=sys.stderr)
         return ExitCode.USAGE
+    if args.record_media is not None and not args.route_media:
+        print("blindhub hub: --record-media needs --route-media", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.route_media and args.redis is not None:
+        print("blindhub hub: --route-media works in one process, without --redis", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.max_peers_per_room is None:
+        routed = ROUTED_MAX_PEERS_PER_ROOM if args.route_media else Limits().max_peers_per_room
+        args.max_peers_per_room = routed
     try:
         limits = Limits(**{limit.name: getattr(args, limit.name) for limit in fields(Limits)})
     except ValueError as error:
@@ -114,7 +144,19 @@ def run(args: argparse.Namespace) -> int:
                     f"cannot append to --record-metadata {args.record_metadata}: {_reason(error)}"
                 )
             metadata = MetadataRecorder(sink)
-        if args.redis is None:
+        if args.route_media:
+            try:
+                media = _media_server(limits, args.record_media)
+            except (OSError, ValueError) as error:
+                return _local_problem(f"--record-media {args.record_media}: {_reason(error)}")
+            server = HubServer(
+                media=media,
+                host=args.host,
+                port=args.port,
+                ssl_context=ssl_context,
+                metadata=metadata,
+            )
+        elif args.redis is None:
             server = HubServer(
                 Hub(limits),
                 host=args.host,
@@ -151,6 +193,21 @@ def _cluster(args: argparse.Namespace, limits: Limits) -> "ClusterLink":
 
     config = ClusterConfig(args.redis, prefix=args.redis_prefix, heartbeat_interval=args.heartbeat)
     return ClusterLink(ClusterCore(new_node_id(), limits), config)
+
+
+def _media_server(limits: Limits, record_media: str | None) -> "MediaServer":
+    # aiortc and PyAV are loaded only by a hub that routes media.
+    from signaling.media_server import MediaServer
+    from signaling.recording import MediaRecorder
+
+    recorder = None
+    if record_media is not None:
+        directory = Path(record_media)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+        recorder = MediaRecorder(directory)
+    return MediaServer(limits, recorder=recorder)
 
 
 def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:

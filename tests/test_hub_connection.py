@@ -31,7 +31,10 @@ from tests.conftest import wait_for
 
 TIMEOUT = 10.0
 ME, FRIEND = "me", "friend"
-WELCOME = json.dumps({"type": "welcome", "peer_id": ME, "room": "r", "peers": [FRIEND]})
+P2P = "peer-to-peer"
+WELCOME = json.dumps(
+    {"type": "welcome", "peer_id": ME, "room": "r", "peers": [FRIEND], "media": "peer-to-peer"}
+)
 RELAY_OK = '{"type":"relay","from":"friend","payload":{"ok":true}}'
 
 
@@ -65,9 +68,9 @@ async def test_a_well_behaved_hub_gives_typed_events():
 @pytest.mark.parametrize(
     "welcome",
     [
-        {"type": "welcome", "peer_id": ME, "room": "elsewhere", "peers": []},
-        {"type": "welcome", "peer_id": ME, "room": "r", "peers": [ME]},
-        {"type": "welcome", "peer_id": ME, "room": "r", "peers": [FRIEND, FRIEND]},
+        {"type": "welcome", "peer_id": ME, "room": "elsewhere", "peers": [], "media": P2P},
+        {"type": "welcome", "peer_id": ME, "room": "r", "peers": [ME], "media": P2P},
+        {"type": "welcome", "peer_id": ME, "room": "r", "peers": [FRIEND, FRIEND], "media": P2P},
         {"type": "peer-joined", "peer_id": FRIEND},
     ],
     ids=["other-room", "lists-me", "duplicate", "not-a-welcome"],

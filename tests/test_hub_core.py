@@ -17,6 +17,11 @@ from signaling.protocol import (
     JsonText,
     Leave,
     MalformedHubMessage,
+    MediaAnswer,
+    MediaMode,
+    MediaOffer,
+    MediaTrack,
+    MediaTracks,
     PeerId,
     PeerJoined,
     PeerLeft,
@@ -28,6 +33,8 @@ from signaling.protocol import (
     parse_client_message_strictly,
     parse_hub_message,
 )
+
+INVALID = ErrorCode.INVALID_FIELD
 
 
 def counter_ids() -> Callable[[], PeerId]:
@@ -278,6 +285,11 @@ HUB_MESSAGES = [
     PeerLeft(PeerId("a")),
     RelayFrom(PeerId("a"), JsonText('{"x": [1, 2.5e3, "\\u0000"]}')),
     ErrorMessage(ErrorCode.ROOM_FULL, "the room is full"),
+    Welcome(PeerId("a"), "r", (), MediaMode.ROUTED),
+    MediaOffer("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n"),
+    MediaTracks((MediaTrack("2", "audio", PeerId("b")), MediaTrack("3", "video", PeerId("b")))),
+    MediaTracks(()),
+    ErrorMessage(ErrorCode.INVALID_SDP, "cannot apply the media-answer"),
 ]
 
 
@@ -287,7 +299,7 @@ def test_hub_messages_round_trip(message):
 
 
 @pytest.mark.parametrize(
-    "message", [Join("room_1"), RelayTo("p", JsonText("[]")), Leave()], ids=repr
+    "message", [Join("room_1"), RelayTo("p", JsonText("[]")), Leave(), MediaAnswer("v=0")], ids=repr
 )
 def test_client_messages_round_trip(message):
     assert parse_client_message(message.encode()) == message
@@ -333,8 +345,22 @@ def test_the_hub_still_forwards_large_finite_numbers_and_integers():
 @pytest.mark.parametrize(
     ("frame", "code"),
     [
-        ('{"type":"welcome","peer_id":"a","room":"r","peers":"b"}', ErrorCode.INVALID_FIELD),
-        ('{"type":"welcome","peer_id":"a","room":"r","peers":["b c"]}', ErrorCode.INVALID_FIELD),
+        ('{"type":"welcome","peer_id":"a","room":"r","peers":"b","media":"routed"}', INVALID),
+        ('{"type":"welcome","peer_id":"a","room":"r","peers":["b c"],"media":"routed"}', INVALID),
+        ('{"type":"welcome","peer_id":"a","room":"r","peers":[]}', INVALID),
+        ('{"type":"welcome","peer_id":"a","room":"r","peers":[],"media":"sfu"}', INVALID),
+        ('{"type":"media-offer","sdp":1}', INVALID),
+        ('{"type":"media-offer","sdp":"v=0","x":1}', INVALID),
+        ('{"type":"media-tracks","tracks":{}}', INVALID),
+        ('{"type":"media-tracks","tracks":[{"mid":"2","kind":"audio"}]}', INVALID),
+        ('{"type":"media-tracks","tracks":[{"mid":"2","kind":"data","peer_id":"a"}]}', INVALID),
+        ('{"type":"media-tracks","tracks":[{"mid":"2 ","kind":"audio","peer_id":"a"}]}', INVALID),
+        ('{"type":"media-tracks","tracks":[{"mid":"2","kind":"audio","peer_id":"a b"}]}', INVALID),
+        (
+            '{"type":"media-tracks","tracks":[{"mid":"2","kind":"audio","peer_id":"a"},'
+            '{"mid":"2","kind":"video","peer_id":"b"}]}',
+            INVALID,
+        ),
         ('{"type":"peer-joined","peer_id":""}', ErrorCode.INVALID_FIELD),
         ('{"type":"relay","to":"a","payload":1}', ErrorCode.INVALID_FIELD),
         ('{"type":"error","code":"made-up","message":"m"}', ErrorCode.INVALID_FIELD),
@@ -456,3 +482,24 @@ def test_the_fast_path_agrees_with_the_strict_scanner(envelope, payload):
     assert strict_outcome(parse_client_message, frame) == strict_outcome(
         parse_client_message_strictly, frame
     )
+
+
+def test_welcome_text_names_the_media_mode():
+    assert Welcome(PeerId("a"), "r", (PeerId("b"),)).encode() == (
+        '{"type":"welcome","peer_id":"a","room":"r","peers":["b"],"media":"peer-to-peer"}'
+    )
+
+
+def test_a_hub_that_does_not_route_media_refuses_a_media_answer():
+    hub = make_hub()
+    peer = hub.connect(0.0)
+    answer = MediaAnswer("v=0").encode()
+    for frame in (answer, Join("r").encode(), answer):
+        deliveries = hub.handle(peer, frame, 0.0)
+    assert deliveries == [
+        Delivery(
+            peer, ErrorMessage(ErrorCode.UNEXPECTED_MEDIA, "this hub does not route media"), "r"
+        )
+    ]
+    assert hub.metrics.errors_total[ErrorCode.UNEXPECTED_MEDIA] == 2
+    assert hub.join_deadline(peer) is None

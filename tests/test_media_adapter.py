@@ -1,0 +1,157 @@
+"""The aiortc internals signaling/media_adapter.py relies on, checked loudly; and the recorder.
+
+If aiortc moves a seam, the structural tests below say which one; tests/test_media_server.py
+then proves the routing hub still forwards whole frames end to end."""
+
+import asyncio
+import fractions
+import inspect
+import json
+
+import aiortc
+import av
+import pytest
+from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs.opus import OpusEncoder
+from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.jitterbuffer import JitterBuffer
+
+from signaling.media_adapter import (
+    RECEIVER_DECODER_ERROR,
+    RECEIVER_JITTER_BUFFER,
+    ForwardTrack,
+    add_transceiver,
+    hub_peer_connection,
+    on_keyframe_wanted,
+    take_frames,
+)
+from signaling.protocol import PeerId
+from signaling.recording import MediaRecorder
+
+REREAD = (
+    "re-read aiortc's rtcrtpsender.py / rtcrtpreceiver.py and update signaling/media_adapter.py"
+)
+
+
+def source_of(function) -> str:
+    return inspect.getsource(function)
+
+
+def test_aiortc_version_is_one_the_adapter_was_written_for():
+    assert aiortc.__version__.startswith("1.16."), f"aiortc {aiortc.__version__}: {REREAD}"
+
+
+def test_taking_frames_seam_the_receiver_queues_what_its_jitter_buffer_returns():
+    handle = source_of(RTCRtpReceiver._handle_rtp_packet)
+    assert "pli_flag, encoded_frame = self.__jitter_buffer.add(packet)" in handle, (
+        f"RTCRtpReceiver no longer takes frames from __jitter_buffer.add: {REREAD}"
+    )
+    assert "if encoded_frame is not None and self.__decoder_thread:" in handle, (
+        f"RTCRtpReceiver queues frames for its decoder some other way: {REREAD}"
+    )
+    assert "self._prefetch" in source_of(JitterBuffer._remove_frame), (
+        f"JitterBuffer no longer holds frames back by _prefetch: {REREAD}"
+    )
+
+
+def test_asking_for_a_keyframe_seam_the_decoder_error_sends_a_pli():
+    handle = source_of(RTCRtpReceiver._handle_rtp_packet)
+    assert "if self.__decoder_error.is_set():" in handle, (
+        f"RTCRtpReceiver no longer sends a PLI on {RECEIVER_DECODER_ERROR}: {REREAD}"
+    )
+    assert "await self._send_rtcp_pli(packet.ssrc)" in handle, REREAD
+
+
+def test_forwarding_seam_a_sender_packs_packets_without_encoding():
+    next_frame = source_of(RTCRtpSender._next_encoded_frame)
+    assert "payloads, timestamp = self.__encoder.pack(data)" in next_frame, (
+        f"RTCRtpSender no longer packs pre-encoded av.Packet data: {REREAD}"
+    )
+    for encoder in (OpusEncoder, Vp8Encoder):
+        assert "convert_timebase(packet.pts, packet.time_base" in source_of(encoder.pack), (
+            f"{encoder.__name__}.pack no longer takes the timestamp from the packet: {REREAD}"
+        )
+
+
+def test_keyframe_wanted_seam_plis_reach_handle_rtcp_packet():
+    handle = source_of(RTCRtpSender._handle_rtcp_packet)
+    assert "RTCP_PSFB_PLI" in handle and "self._send_keyframe()" in handle, (
+        f"RTCRtpSender no longer handles PLIs in _handle_rtcp_packet: {REREAD}"
+    )
+    assert "await self._retransmit(seq)" in handle, (
+        f"RTCRtpSender no longer answers NACKs in _handle_rtcp_packet: {REREAD}"
+    )
+
+
+async def test_seams_are_installed_per_instance_and_the_decoder_gets_nothing():
+    pc = hub_peer_connection()
+    try:
+        receiver = add_transceiver(pc, "audio", "recvonly").receiver
+        other = add_transceiver(pc, "audio", "recvonly").receiver
+        sender = add_transceiver(pc, "video", "sendonly").sender
+        taken: list[tuple[bytes, int]] = []
+        take_frames(receiver, lambda frame, timestamp: taken.append((frame, timestamp)))
+        wanted: list[None] = []
+        on_keyframe_wanted(sender, lambda: wanted.append(None))
+        buffer = getattr(receiver, RECEIVER_JITTER_BUFFER)
+        assert buffer._prefetch == 0
+        assert "add" in vars(buffer) and "add" not in vars(getattr(other, RECEIVER_JITTER_BUFFER))
+        assert "_handle_rtcp_packet" in vars(sender)
+        # Two one-packet frames: the first is complete when the second starts.
+        for sequence, timestamp, data in ((1, 960, b"first"), (2, 1920, b"second")):
+            packet = aiortc.rtp.RtpPacket(sequence_number=sequence, timestamp=timestamp)
+            packet._data = data  # type: ignore[attr-defined]  # as the depacketizer leaves it
+            assert buffer.add(packet) == (False, None)
+        assert taken == [(b"first", 960)]
+        pli = aiortc.rtp.RtcpPsfbPacket(fmt=aiortc.rtp.RTCP_PSFB_PLI, ssrc=1, media_ssrc=2)
+        await sender._handle_rtcp_packet(pli)
+        assert wanted == [None]
+    finally:
+        await pc.close()
+
+
+async def test_a_forward_track_gives_the_frames_as_packets():
+    track = ForwardTrack("video")
+    assert track.put(b"frame", 4_000_000_000) is False
+    packet = await track.recv()
+    assert (bytes(packet), packet.pts, packet.time_base) == (
+        b"frame",
+        4_000_000_000,
+        fractions.Fraction(1, 90000),
+    )
+    dropped = [track.put(bytes([n]), n) for n in range(40)]
+    assert dropped.count(True) == 8
+    assert bytes(await track.recv()) == bytes([8])
+    track.stop()
+    track.clear()
+    with pytest.raises(aiortc.mediastreams.MediaStreamError):
+        await asyncio.wait_for(track.recv(), 1)
+
+
+def test_recordings_hold_the_frames_byte_for_byte(tmp_path):
+    times = iter(float(n) for n in range(100))
+    recorder = MediaRecorder(tmp_path, clock=lambda: next(times))
+    audio = [bytes([0xFC, n]) * (n + 3) for n in range(5)]
+    video = [bytes([n]) * (100 + n) for n in range(3)]
+    for n, frame in enumerate(audio):
+        recorder.write("r", PeerId("p"), "audio", frame, 2**32 - 960 + n * 960)
+    for n, frame in enumerate(video):
+        recorder.write("r", PeerId("p"), "video", frame, 3000 * n)
+    recorder.end("r", PeerId("p"))
+    recorder.write("r", PeerId("p"), "audio", b"again", 0)  # the same peer joined again
+    recorder.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "r.p.audio.2.jsonl",
+        "r.p.audio.2.mkv",
+        "r.p.audio.jsonl",
+        "r.p.audio.mkv",
+        "r.p.video.jsonl",
+        "r.p.video.mkv",
+    ]
+    for name, frames in (("r.p.audio", audio), ("r.p.video", video)):
+        with av.open(str(tmp_path / f"{name}.mkv")) as container:
+            assert [bytes(p) for p in container.demux() if p.size] == frames
+        sidecar = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").open()]
+        assert [line["size"] for line in sidecar] == [len(frame) for frame in frames]
+    first_audio = json.loads((tmp_path / "r.p.audio.jsonl").open().readline())
+    assert first_audio == {"arrival": 0.0, "rtp_timestamp": 2**32 - 960, "size": 6}
