@@ -300,6 +300,10 @@ class SenderKeyReceiver:
             f"held={sum(len(state.held) for state in self._kinds.values())})"
         )
 
+    def __reduce__(self) -> str | tuple[object, ...]:
+        # It keeps the base keys as bytes: a pickle would carry them out in the clear.
+        raise TypeError("a SenderKeyReceiver cannot be pickled")
+
     # -- keys
 
     def add_key(self, key: SenderKey) -> list[ReleasedFrame]:

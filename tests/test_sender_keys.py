@@ -380,6 +380,15 @@ def test_the_receivers_repr_names_no_key():
     assert repr(receiver) == "SenderKeyReceiver(suite=AES_128_GCM_SHA256_128, kids=[258], held=0)"
 
 
+def test_a_receiver_is_never_pickled_even_before_its_first_transform():
+    # Keys may arrive before the first frame: then no AEAD object stands in pickle's way, and
+    # the base keys would go out in the clear.
+    receiver = SenderKeyReceiver(GCM)
+    receiver.add_key(SenderKey(GCM, 1, 2, KEY))
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(receiver)
+
+
 # -- the group security code --------------------------------------------------------------------
 
 
