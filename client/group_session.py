@@ -233,6 +233,7 @@ class GroupSession:
         self._awaiting: set[PeerId] = set()  # whose acks the pending key waits for
         self._retirements: list[tuple[float, PeerId, int]] = []
         self._ended = False
+        self._code: tuple[frozenset[tuple[bytes, int | None]], str] | None = None
         self._shown_roster = self.roster
         self._shown_code = self.security_code
 
@@ -301,7 +302,12 @@ class GroupSession:
             identity = state.session.peer_identity
             if state.member and identity is not None:
                 members.append((identity, state.generation))
-        return group_security_code(members)
+        # Computed again only when what it covers changed: it costs 5,200 hashes, and every
+        # event asks for it, a relay the hub injects included.
+        covered = frozenset((identity.raw, generation) for identity, generation in members)
+        if self._code is None or self._code[0] != covered:
+            self._code = (covered, group_security_code(members))
+        return self._code[1]
 
     @property
     def next_deadline(self) -> float | None:
