@@ -465,9 +465,15 @@ class SenderKeyReceiver:
             state.context.remove_key(kid)
             raise
         # Adopted. This kind's context keeps the key it authenticated with (and so its replay
-        # window); the other kinds get it now.
+        # window); the other kinds get it now. The steps skipped on the way stay as old steps
+        # too: the sender used them, and their frames may still be on their way (audio and
+        # video travel apart, and one frame under a later step can overtake them).
         state.counters.generations.add(generation)
         chain.old_kids.append(sender_key_kid(generation, chain.step, RATCHET_BITS))
+        for skipped in range(1, ahead):
+            skipped_kid = sender_key_kid(generation, chain.step + skipped, RATCHET_BITS)
+            self._install(skipped_kid, chain.ahead[skipped - 1])
+            chain.old_kids.append(skipped_kid)
         chain.step += ahead
         chain.base_key = base_key
         del chain.ahead[:ahead]

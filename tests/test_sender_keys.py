@@ -232,6 +232,20 @@ def test_the_receiver_follows_the_ratchet_and_keeps_recent_steps_for_late_frames
     assert receiver.counters["audio"].generations == {0}
 
 
+def test_a_frame_under_a_step_the_receiver_skipped_still_decrypts():
+    # The sender ratcheted twice (two joins) and sent under both steps; a video frame under the
+    # second overtook the audio under the first.
+    key = SenderKey(GCM, 0, 0, KEY)
+    sender = Sender(key)
+    _, transforms, failures = receiver_of(key)
+    sender.switch(key.ratcheted())
+    skipped = sender.send("audio", b"under step 1")
+    sender.switch(sender.key.ratcheted())
+    assert transforms["video"](sender.send("video", b"under step 2")) == b"under step 2"
+    assert transforms["audio"](skipped) == b"under step 1"
+    assert failures == []
+
+
 def test_the_receiver_follows_up_to_max_ratchet_steps_ahead_and_no_further():
     key = SenderKey(GCM, 0, 0, KEY)
     far = key
