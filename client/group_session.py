@@ -71,6 +71,7 @@ from client.session import (
     ProtectionState,
     SessionConfig,
 )
+from crypto.identity import IdentityPublicKey
 from crypto.sender_keys import SenderKey, group_security_code
 from crypto.sframe import CipherSuite
 from signaling.protocol import PeerId
@@ -232,6 +233,7 @@ class GroupSession:
         self._awaiting: set[PeerId] = set()  # whose acks the pending key waits for
         self._retirements: list[tuple[float, PeerId, int]] = []
         self._ended = False
+        self._code: tuple[frozenset[tuple[bytes, int | None]], str] | None = None
         self._shown_roster = self.roster
         self._shown_code = self.security_code
 
@@ -287,15 +289,25 @@ class GroupSession:
 
     @property
     def security_code(self) -> str:
-        """Over ourselves and every member whose sender key we hold, each with the newest
-        generation of its key (ours: the newest we made)."""
+        """Over ourselves and every member of the roster, each with the newest generation of
+        its key (ours: the newest we made; a member's whose key has not reached us: None). A
+        member holds our key from the moment it is on the roster, so it counts from then on,
+        key or not: a code over fewer members than the roster shows would match the screen of
+        someone who does not see that member at all."""
         newest = self._pending or self._current
-        members = [(self.config.identity.public_key, newest.generation)]
+        members: list[tuple[IdentityPublicKey, int | None]] = [
+            (self.config.identity.public_key, newest.generation)
+        ]
         for state in self._peers.values():
             identity = state.session.peer_identity
-            if state.member and state.generation is not None and identity is not None:
+            if state.member and identity is not None:
                 members.append((identity, state.generation))
-        return group_security_code(members)
+        # Computed again only when what it covers changed: it costs 5,200 hashes, and every
+        # event asks for it, a relay the hub injects included.
+        covered = frozenset((identity.raw, generation) for identity, generation in members)
+        if self._code is None or self._code[0] != covered:
+            self._code = (covered, group_security_code(members))
+        return self._code[1]
 
     @property
     def next_deadline(self) -> float | None:

@@ -300,6 +300,10 @@ class SenderKeyReceiver:
             f"held={sum(len(state.held) for state in self._kinds.values())})"
         )
 
+    def __reduce__(self) -> str | tuple[object, ...]:
+        # It keeps the base keys as bytes: a pickle would carry them out in the clear.
+        raise TypeError("a SenderKeyReceiver cannot be pickled")
+
     # -- keys
 
     def add_key(self, key: SenderKey) -> list[ReleasedFrame]:
@@ -461,9 +465,15 @@ class SenderKeyReceiver:
             state.context.remove_key(kid)
             raise
         # Adopted. This kind's context keeps the key it authenticated with (and so its replay
-        # window); the other kinds get it now.
+        # window); the other kinds get it now. The steps skipped on the way stay as old steps
+        # too: the sender used them, and their frames may still be on their way (audio and
+        # video travel apart, and one frame under a later step can overtake them).
         state.counters.generations.add(generation)
         chain.old_kids.append(sender_key_kid(generation, chain.step, RATCHET_BITS))
+        for skipped in range(1, ahead):
+            skipped_kid = sender_key_kid(generation, chain.step + skipped, RATCHET_BITS)
+            self._install(skipped_kid, chain.ahead[skipped - 1])
+            chain.old_kids.append(skipped_kid)
         chain.step += ahead
         chain.base_key = base_key
         del chain.ahead[:ahead]
@@ -521,23 +531,33 @@ GROUP_CODE_LABEL: Final = b"blindhub-v2 group security code"
 GROUP_CODE_DIGITS: Final = 30
 # Each try also costs 5,200 hashes, as the safety number's (crypto/identity.py): 2**62 in all.
 GROUP_CODE_ITERATIONS: Final = 5200
+# The generation field of a member whose sender key has not reached us: no generation has it.
+# Such a member holds our key, so it must count in the code all the same; left out, a screen
+# that lists it would show the code of one that does not.
+GROUP_CODE_NO_KEY: Final = 2**64 - 1
 
 
-def group_security_code(members: Iterable[tuple[IdentityPublicKey, int]]) -> str:
+def group_security_code(members: Iterable[tuple[IdentityPublicKey, int | None]]) -> str:
     """The code every member of a group call shows: the same exactly when the same identity
     keys, each with the same current sender-key generation, are in the call (ours included).
+    A member listed with generation None is one whose key we do not hold yet.
 
     Order-independent (sorted by identity key bytes) and domain-separated::
 
         d_0 = SHA-256(GROUP_CODE_LABEL || count (4 bytes) || key_1 || generation_1 (8 bytes)
                       || ... || key_n || generation_n (8 bytes))
         d_i+1 = SHA-256(d_i || d_0), 5,200 times; the code is 30 digits of d_5200 in groups of 5
+
+    where a generation None is written as ``GROUP_CODE_NO_KEY``.
     """
-    entries = sorted((key.raw, generation) for key, generation in members)
-    if len({raw for raw, _ in entries}) != len(entries):
+    listed = [(key.raw, generation) for key, generation in members]
+    if len({raw for raw, _ in listed}) != len(listed):
         raise LocalError("each member of a group security code is listed once")
-    if any(type(g) is not int or not 0 <= g <= MAX_GENERATION for _, g in entries):
-        raise LocalError(f"a key generation is an integer from 0 to {MAX_GENERATION}")
+    if any(
+        g is not None and (type(g) is not int or not 0 <= g <= MAX_GENERATION) for _, g in listed
+    ):
+        raise LocalError(f"a key generation is an integer from 0 to {MAX_GENERATION}, or None")
+    entries = sorted((raw, GROUP_CODE_NO_KEY if g is None else g) for raw, g in listed)
     transcript = (
         GROUP_CODE_LABEL
         + len(entries).to_bytes(4, "big")

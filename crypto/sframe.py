@@ -578,17 +578,6 @@ class ReceiveContext:
         if self._keys.pop(kid, None) is None:
             raise SFrameUsageError(f"no receiving key for KID {kid}")
 
-    def _detach(self, kid: int) -> _KeyState | None:
-        """Take ``kid``'s key out with its replay window (``SenderKeyReceiver`` tries a later
-        ratchet step under a KID that a key in its grace period still holds)."""
-        return self._keys.pop(kid, None)
-
-    def _attach(self, state: _KeyState) -> None:
-        """Put back a key ``_detach`` took out."""
-        if state.kid in self._keys:
-            raise SFrameUsageError(f"KID {state.kid} already has a receiving key; remove it first")
-        self._keys[state.kid] = state
-
     def unprotect(self, sframe_ciphertext: bytes, metadata: bytes = b"") -> bytes:
         """Authenticate and decrypt one SFrame ciphertext; return the plaintext."""
         # The header of nearly every frame in a call: a KID under 8, inline in the config

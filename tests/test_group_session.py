@@ -48,7 +48,7 @@ from client.session import (
 )
 from crypto.errors import LocalError
 from crypto.frame_crypto import SFrameSender
-from crypto.sender_keys import SenderKey, SenderKeyReceiver
+from crypto.sender_keys import SenderKey, SenderKeyReceiver, group_security_code
 from crypto.sframe import CipherSuite
 from signaling.protocol import PeerId
 from tests.test_session import Pair, session_config
@@ -629,6 +629,64 @@ def test_a_member_the_hub_hides_from_another_makes_the_codes_differ():
     # The same three, honestly introduced, agree.
     honest = room_of("alice", "bob", "carol")
     assert len(set(honest.codes().values())) == 1
+
+
+def test_a_member_whose_key_the_hub_withholds_still_counts_in_the_code():
+    # The hub hides carol from bob and lets nothing of carol's reach alice after her
+    # decision: alice is keyed with carol (carol holds alice's key) but lacks carol's key.
+    room = room_of("alice", "bob")
+    room.hidden.add(frozenset({"bob", "carol"}))
+    sealed: list[dict[str, Any]] = []
+
+    def withhold_carols_key_from_alice(sender: str, recipient: str, payload: dict[str, Any]):
+        if (sender, recipient) == ("carol", "alice") and payload["type"] == "sealed":
+            sealed.append(payload)
+            return sealed[:1] if len(sealed) == 1 else []
+        return [payload]
+
+    room.tamper = withhold_carols_key_from_alice
+    room.join("carol")
+    room.run()
+    assert room["alice"].roster == ["bob", "carol"] and room["bob"].roster == ["alice"]
+    assert [a.peer for a in room["carol"].of(AddReceiveKey)] == ["alice"]
+    assert not [a for a in room["alice"].of(AddReceiveKey) if a.peer == "carol"]
+    # Alice's screen lists carol, bob's does not: the codes they read aloud must differ.
+    codes = room.codes()
+    assert codes["alice"] != codes["bob"]
+    assert room["alice"].of(SecurityCode)[-1].code == codes["alice"]
+    # Carol's key, once it arrives, changes alice's code; the three views still differ.
+    room.tamper = lambda sender, recipient, payload: [payload]
+    room.queues[("carol", "alice")] = deque(sealed[1:])
+    room.run()
+    assert [a.peer for a in room["alice"].of(AddReceiveKey)] == ["bob", "carol"]
+    assert room.codes()["alice"] != codes["alice"]
+    assert len(set(room.codes().values())) == 3
+
+
+def test_relays_the_hub_injects_cost_no_security_code_each(monkeypatch):
+    # The code costs 5,200 hashes (milliseconds): computed on every event, each garbage relay
+    # the hub sends would cost that much of the loop that also decrypts the media.
+    room = room_of("alice", "bob", "carol")
+    computed: list[object] = []
+
+    def counted(members: Any) -> str:
+        computed.append(members)
+        return group_security_code(members)
+
+    monkeypatch.setattr("client.group_session.group_security_code", counted)
+    alice = room["alice"].group
+    shown = alice.security_code
+    garbage = {"v": 2, "type": "sealed", "epoch": 0, "seq": 10**6, "ciphertext": "AAAA"}
+    for _ in range(100):
+        assert alice.receive(PeerId("bob"), garbage, room.now) == []
+        assert alice.handle_timer(room.now) == []
+    assert alice.detections == {"alteration-rejected": 100}
+    assert alice.security_code == shown and len(computed) <= 1
+    # A change is still shown at once.
+    room.leave("carol")
+    room.run()
+    assert alice.security_code != shown
+    assert alice.security_code == room["alice"].of(SecurityCode)[-1].code
 
 
 def test_a_relay_the_hub_drops_ends_that_pair_alone():

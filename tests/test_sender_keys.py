@@ -232,6 +232,20 @@ def test_the_receiver_follows_the_ratchet_and_keeps_recent_steps_for_late_frames
     assert receiver.counters["audio"].generations == {0}
 
 
+def test_a_frame_under_a_step_the_receiver_skipped_still_decrypts():
+    # The sender ratcheted twice (two joins) and sent under both steps; a video frame under the
+    # second overtook the audio under the first.
+    key = SenderKey(GCM, 0, 0, KEY)
+    sender = Sender(key)
+    _, transforms, failures = receiver_of(key)
+    sender.switch(key.ratcheted())
+    skipped = sender.send("audio", b"under step 1")
+    sender.switch(sender.key.ratcheted())
+    assert transforms["video"](sender.send("video", b"under step 2")) == b"under step 2"
+    assert transforms["audio"](skipped) == b"under step 1"
+    assert failures == []
+
+
 def test_the_receiver_follows_up_to_max_ratchet_steps_ahead_and_no_further():
     key = SenderKey(GCM, 0, 0, KEY)
     far = key
@@ -380,6 +394,15 @@ def test_the_receivers_repr_names_no_key():
     assert repr(receiver) == "SenderKeyReceiver(suite=AES_128_GCM_SHA256_128, kids=[258], held=0)"
 
 
+def test_a_receiver_is_never_pickled_even_before_its_first_transform():
+    # Keys may arrive before the first frame: then no AEAD object stands in pickle's way, and
+    # the base keys would go out in the clear.
+    receiver = SenderKeyReceiver(GCM)
+    receiver.add_key(SenderKey(GCM, 1, 2, KEY))
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(receiver)
+
+
 # -- the group security code --------------------------------------------------------------------
 
 
@@ -426,9 +449,29 @@ def test_the_group_code_differs_when_a_member_or_a_generation_differs():
     assert len(set(codes)) == len(codes)
 
 
+def test_a_member_whose_key_we_lack_counts_with_a_generation_no_key_has():
+    without_key = group_security_code([(ALICE, 0), (BOB, None)])
+    assert without_key not in {
+        group_security_code([(ALICE, 0)]),
+        *(group_security_code([(ALICE, 0), (BOB, g)]) for g in (0, 1, MAX_GENERATION)),
+    }
+    first = digest = hashlib.sha256(
+        b"blindhub-v2 group security code"
+        + (1).to_bytes(4, "big")
+        + BOB.raw
+        + (2**64 - 1).to_bytes(8, "big")
+    ).digest()
+    for _ in range(5200):
+        digest = hashlib.sha256(digest + first).digest()
+    digits = f"{int.from_bytes(digest, 'big') % 10**30:030d}"
+    assert group_security_code([(BOB, None)]) == " ".join(
+        digits[i : i + 5] for i in range(0, 30, 5)
+    )
+
+
 def test_a_member_listed_twice_or_a_bad_generation_is_refused():
     with pytest.raises(LocalError):
         group_security_code([(ALICE, 0), (ALICE, 1)])
-    for generation in (-1, MAX_GENERATION + 1, True):
+    for generation in (-1, MAX_GENERATION + 1, 2**64 - 1, True):
         with pytest.raises(LocalError):
             group_security_code([(ALICE, generation)])
