@@ -85,6 +85,7 @@ from crypto.sender_keys import (
     SenderKeyCounters,
     SenderKeyReceiver,
 )
+from crypto.sframe import SFrameError
 from signaling.protocol import (
     MediaMode,
     MediaOffer,
@@ -121,6 +122,16 @@ class MemberStats:
     video: dict[str, int] = field(default_factory=dict)
     generations: list[int] = field(default_factory=list)
     left: bool = False
+    first_audio_seconds: float | None = None  # from our join to its first decrypted audio
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """We started sending under a new sender key (``seconds`` after our join)."""
+
+    seconds: float
+    generation: int
+    step: int
 
 
 @dataclass
@@ -133,6 +144,9 @@ class GroupStats:
     setup_seconds: float | None = None  # join to the first decrypted audio frame of a member
     duration_seconds: float = 0.0
     unmapped_frames: int = 0  # frames on a slot the hub had not given to a member
+    key_changes: list[KeyChange] = field(default_factory=list)
+    # When the hub announced each leave (seconds after our join), by peer id.
+    leaves_announced: dict[str, float] = field(default_factory=dict)
     hub_lost: bool = False
     ended_by: str = ""
 
@@ -179,8 +193,27 @@ class GroupCallbacks:
     on_security_code: Callable[[str], None] | None = None
 
 
-_HeldTag = tuple[PeerId, "_Slot", int]
-"""What a held frame carries: its member, the slot it came on and its RTP timestamp."""
+_HeldTag = tuple["_Slot", int]
+"""What a held frame carries: the slot it came on and its RTP timestamp."""
+
+
+class _MemberFrames:
+    """One remote member's receiver, its per-kind transforms, and when each kind started
+    holding frames for a key (``HOLD_SECONDS`` later, what is still held is dropped)."""
+
+    def __init__(self, receiver: SenderKeyReceiver) -> None:
+        self.receiver = receiver
+        self.transforms: dict[str, tuple[HoldingFrameTransform, SenderKeyCounters]] = {}
+        self.holding: dict[str, float] = {}
+
+    def kind(
+        self, kind: str, on_failure: Callable[[SFrameError], None]
+    ) -> tuple[HoldingFrameTransform, SenderKeyCounters]:
+        entry = self.transforms.get(kind)
+        if entry is None:
+            transform = self.receiver.transform(kind, on_failure)
+            entry = self.transforms[kind] = (transform, self.receiver.counters[kind])
+        return entry
 
 
 class _Slot:
@@ -212,8 +245,9 @@ class GroupCall:
         self._joined = joined
         self._events: asyncio.Queue[_Event] = asyncio.Queue()
         self._sender: SFrameSender | None = None
-        self._receivers: dict[PeerId, SenderKeyReceiver] = {}
-        self._unprotect: dict[tuple[PeerId, str], HoldingFrameTransform] = {}
+        self._members: dict[PeerId, _MemberFrames] = {}
+        self._departed: set[PeerId] = set()  # members whose frames are refused from now on
+        self._protect: dict[str, FrameTransform] = {}
         self._slot_owner: dict[str, PeerId] = {}  # mid -> member, as the hub says
         self._slots: dict[str, _Slot] = {}
         self._pc: RTCPeerConnection | None = None
@@ -290,6 +324,7 @@ class GroupCall:
             case _FromHub(PeerJoined(peer_id)):
                 return session.peer_joined(peer_id, now)
             case _FromHub(PeerLeft(peer_id)):
+                self.stats.leaves_announced[peer_id] = time.monotonic() - self._join_time
                 return session.peer_left(peer_id, now)
             case _FromHub(Relayed(sender, payload)):
                 return session.receive(sender, payload, now)
@@ -329,13 +364,17 @@ class GroupCall:
             case UseSendKey(key):
                 if self._sender is None:
                     self._sender = SFrameSender(key.suite)
+                    self._protect = {kind: self._sender.transform(kind) for kind in KINDS}
                 self._sender.use_key(key.media_key())
+                self.stats.key_changes.append(
+                    KeyChange(time.monotonic() - self._join_time, key.generation, key.step)
+                )
             case AddReceiveKey(peer, key):
                 self._add_receive_key(peer, key)
             case RetireReceiveGenerations(peer, below):
-                receiver = self._receivers.get(peer)
-                if receiver is not None:
-                    receiver.retire_generations_below(below)
+                member = self._members.get(peer)
+                if member is not None:
+                    member.receiver.retire_generations_below(below)
             case MemberJoined(peer, protection):
                 joined = self.stats.members.setdefault(peer, MemberStats(peer_id=peer))
                 joined.name, joined.fingerprint = protection.peer_name, protection.peer_fingerprint
@@ -378,29 +417,40 @@ class GroupCall:
     # -- keys and frames
 
     def _add_receive_key(self, peer: PeerId, key: SenderKey) -> None:
-        receiver = self._receivers.get(peer)
-        if receiver is None:
-            receiver = self._receivers[peer] = SenderKeyReceiver(key.suite)
-        for released in receiver.add_key(key):
-            owner, slot, timestamp = cast(_HeldTag, released.tag)
-            self._decrypted(owner, released.kind, released.plaintext, timestamp)
+        member = self._member_frames(peer)
+        for released in member.receiver.add_key(key):
+            slot, timestamp = cast(_HeldTag, released.tag)
+            member.holding.pop(released.kind, None)
+            self._decrypted(peer, released.kind, released.plaintext, timestamp)
             if slot.late is not None:
                 slot.late(released.plaintext, timestamp)
 
-    def _decrypted(self, member: PeerId, kind: str, plaintext: bytes, timestamp: int) -> None:
-        if kind == "audio" and self.stats.setup_seconds is None:
-            self.stats.setup_seconds = time.monotonic() - self._join_time
+    def _decrypted(self, peer: PeerId, kind: str, plaintext: bytes, timestamp: int) -> None:
+        if kind == "audio":
+            stats = self.stats.members.setdefault(peer, MemberStats(peer_id=peer))
+            if stats.first_audio_seconds is None:
+                stats.first_audio_seconds = time.monotonic() - self._join_time
+                if self.stats.setup_seconds is None:
+                    self.stats.setup_seconds = stats.first_audio_seconds
         if self._recorder is not None:
-            self._recorder.add(member, kind, plaintext, timestamp)
+            self._recorder.add(peer, kind, plaintext, timestamp)
+
+    def _member_frames(self, peer: PeerId) -> _MemberFrames:
+        """``peer``'s receiver, made when the hub first names it (its frames may come before
+        its first key: they are held until it arrives)."""
+        member = self._members.get(peer)
+        if member is None:
+            assert self.session is not None
+            member = self._members[peer] = _MemberFrames(SenderKeyReceiver(self.session.suite))
+        return member
 
     def _member_left(self, peer: PeerId) -> str | None:
-        """Drop ``peer``'s receiver; its name, if it was a member."""
-        receiver = self._receivers.pop(peer, None)
-        for kind in KINDS:
-            self._unprotect.pop((peer, kind), None)
-        if receiver is None:
+        """Drop ``peer``'s receiver (its frames are refused from now on); its name, if any."""
+        self._departed.add(peer)
+        member = self._members.pop(peer, None)
+        if member is None:
             return None
-        stats = self._member_stats(peer, receiver)
+        stats = self._member_stats(peer, member.receiver)
         stats.left = True
         return stats.name
 
@@ -416,39 +466,43 @@ class GroupCall:
     def _slot_transform(self, slot: _Slot) -> Callable[[bytes, int], bytes | None]:
         kind, mid = slot.kind, slot.mid
         stats = self.stats
+        loop = asyncio.get_running_loop()
+
+        def on_failure(_error: SFrameError) -> None:
+            request_keyframe(slot.receiver)
 
         def unprotect(frame: bytes, timestamp: int) -> bytes | None:
             owner = self._slot_owner.get(mid)
-            if owner is None:
+            if owner is None or owner in self._departed:
                 stats.unmapped_frames += 1
                 return None
-            transform = self._unprotect.get((owner, kind))
-            if transform is None:
-                receiver = self._receivers.get(owner)
-                if receiver is None:
-                    receiver = self._receivers[owner] = self._new_receiver()
-                transform = self._unprotect[(owner, kind)] = receiver.transform(
-                    kind, on_failure=lambda _error: request_keyframe(slot.receiver)
-                )
-            tag: _HeldTag = (owner, slot, timestamp)
-            plaintext = transform(frame, tag)
+            member = self._member_frames(owner)
+            transform, counters = member.kind(kind, on_failure)
+            held = counters.held
+            plaintext = transform(frame, (slot, timestamp))
             if plaintext is not None:
                 self._decrypted(owner, kind, plaintext, timestamp)
+            elif counters.held > held and kind not in member.holding:
+                # The first frame held for a key: the rest of its wait starts with it.
+                started = member.holding[kind] = loop.time()
+                loop.call_later(HOLD_SECONDS, self._expire_held, owner, kind, started)
             return plaintext
 
         return unprotect
 
-    def _new_receiver(self) -> SenderKeyReceiver:
-        # Frames can come before the member's first key: held until it arrives.
-        assert self.session is not None
-        return SenderKeyReceiver(self.session.suite)
+    def _expire_held(self, peer: PeerId, kind: str, started: float) -> None:
+        """The hold window of ``peer``'s ``kind`` frames that started at ``started`` is over."""
+        member = self._members.get(peer)
+        if member is not None and member.holding.get(kind) == started:
+            del member.holding[kind]
+            member.receiver.expire_held(kind)
 
     def _send_transform(self, kind: str) -> FrameTransform:
         def protect(frame: bytes) -> bytes | None:
-            sender = self._sender
-            if sender is None:
+            transform = self._protect.get(kind)
+            if transform is None:
                 return None  # no key, no frame
-            return sender.transform(kind)(frame)
+            return transform(frame)
 
         return protect
 
@@ -556,8 +610,8 @@ class GroupCall:
         stats.ended_by = reason
         if self._media_started:
             stats.duration_seconds = time.monotonic() - self._media_started
-        for peer, receiver in self._receivers.items():
-            self._member_stats(peer, receiver)
+        for peer, member in self._members.items():
+            self._member_stats(peer, member.receiver)
         if self._sender is not None:
             stats.sent = {kind: c.as_dict() for kind, c in self._sender.counters.items()}
 

@@ -50,8 +50,8 @@ async def start_routed_hub() -> AsyncIterator[Callable[..., Awaitable[HubServer]
         await server.close()
 
 
-def member(hub: HubServer, name: str, **options) -> CallConfig:
-    defaults = dict(
+def member(hub: HubServer, name: str, **options: Any) -> CallConfig:
+    defaults: dict[str, Any] = dict(
         room="group",
         hub_url=hub.url,
         name=name,
@@ -100,4 +100,4 @@ async def test_every_member_hears_every_other_on_its_own_track(start_routed_hub,
             heard = dominant_frequency(media.samples, media.sample_rate)
             assert abs(heard - TONES[name]) < 5, (call.config.name, name, heard)
             assert media.pattern_numbers
-            assert summary.members[peer].audio["failed"] == 0, summary.members[peer].audio
+            assert summary.members[peer].audio["failed"] == 0, str(summary.members[peer].audio)
