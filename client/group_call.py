@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -259,6 +259,11 @@ class GroupCall:
 
     def hangup(self, reason: str = "hangup") -> None:
         self._events.put_nowait(_Hangup(reason))
+
+    @property
+    def receivers(self) -> Mapping[PeerId, SenderKeyReceiver]:
+        """What decrypts each present member's frames (the keys stay inside)."""
+        return {peer: member.receiver for peer, member in self._members.items()}
 
     async def run(self) -> GroupStats:
         ended: Ended | None = None

@@ -6,6 +6,11 @@ ffmpeg, PyAV and media players open it. Next to it a JSON-lines sidecar with one
 its arrival time (Unix seconds), its RTP timestamp and its size, which Matroska's millisecond
 timestamps would round.
 
+The frames are SFrame ciphertext, which FFmpeg's Opus parser, run by default when a file is
+read, takes for broken Opus packets and drops (a few in a hundred): read them exactly with the
+parsers off (``ffprobe -fflags +noparse+nofillin``; PyAV ``av.open(path, options={"fflags":
+"+noparse+nofillin"})``).
+
 Files are named ``ROOM.PEER.KIND.mkv`` and ``ROOM.PEER.KIND.jsonl`` (rooms and peer ids are
 letters, digits, ``-`` and ``_``); a peer that joins the same room again records to
 ``ROOM.PEER.KIND.2.mkv``, and so on. A video file's dimensions are placeholders: the hub

@@ -5,11 +5,14 @@ SFrame-encrypted under its sender's key, the hub forwarding and recording what i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import av
 import pytest
 
 from client.call import CallConfig
@@ -20,6 +23,7 @@ from client.session import Verify
 from crypto.identity import IdentityKey, KnownPeers
 from signaling.hub import Limits
 from signaling.media_server import MediaServer
+from signaling.protocol import PeerId
 from signaling.recording import MediaRecorder
 from signaling.server import HubServer
 from tests.conftest import wait_for
@@ -38,7 +42,8 @@ async def start_routed_hub() -> AsyncIterator[Callable[..., Awaitable[HubServer]
     servers: list[HubServer] = []
 
     async def start(record: Path | None = None, **limits: Any) -> HubServer:
-        recorder = None if record is None else MediaRecorder(record)
+        # The recorder keeps the test's clock, so that arrivals compare with its own times.
+        recorder = None if record is None else MediaRecorder(record, clock=time.monotonic)
         media = MediaServer(Limits(max_peers_per_room=8, **limits), recorder=recorder)
         server = HubServer(media=media)
         await server.start()
@@ -101,3 +106,108 @@ async def test_every_member_hears_every_other_on_its_own_track(start_routed_hub,
             assert abs(heard - TONES[name]) < 5, (call.config.name, name, heard)
             assert media.pattern_numbers
             assert summary.members[peer].audio["failed"] == 0, str(summary.members[peer].audio)
+
+
+# Without FFmpeg's parsers, which drop what does not parse as Opus (all of it is ciphertext).
+EXACT_FRAMES = {"fflags": "+noparse+nofillin"}
+
+
+def recorded(directory: Path, peer: str, kind: str) -> list[tuple[float, bytes]]:
+    """(arrival, frame) of every frame the hub forwarded from ``peer``'s ``kind`` stream."""
+    [part] = directory.glob(f"group.{peer}.{kind}.mkv")
+    arrivals = [json.loads(line)["arrival"] for line in part.with_suffix(".jsonl").open()]
+    with av.open(str(part), options=EXACT_FRAMES) as container:
+        frames = [bytes(packet) for packet in container.demux() if packet.size]
+    assert len(frames) == len(arrivals)
+    return list(zip(arrivals, frames, strict=True))
+
+
+def peer_named(call: GroupCall, name: str) -> PeerId:
+    return PeerId(next(peer for peer, m in call.stats.members.items() if m.name == name))
+
+
+def key_failures(stats: GroupStats) -> dict[str, int]:
+    """Frames lost for a reason of keys or tampering, by member and kind (held ones that came
+    through are not losses)."""
+    return {
+        f"{member.name} {kind}": sum(
+            getattr(member, kind).get(reason, 0) for reason in ("failed", "expired", "overflowed")
+        )
+        for member in stats.members.values()
+        for kind in ("audio", "video")
+    }
+
+
+def samples_from(call: GroupCall, name: str) -> int:
+    peer = peer_named(call, name)
+    return len(call.received[peer].samples) if peer in call.received else 0
+
+
+async def test_churn_a_joiner_reads_nothing_from_before_and_a_leaver_nothing_after(
+    start_routed_hub, tmp_path
+):
+    hub = await start_routed_hub(record=tmp_path)
+    alice, bob, carol = (GroupCall(member(hub, name)) for name in ("alice", "bob", "carol"))
+    tasks = {call.config.name: asyncio.create_task(call.run()) for call in (alice, bob, carol)}
+    await wait_for(lambda: all(heard_everyone(c, 2) for c in (alice, bob, carol)), timeout=60)
+    dave = GroupCall(member(hub, "dave"))
+    dave_joined = time.monotonic()
+    tasks["dave"] = asyncio.create_task(dave.run())
+    await wait_for(lambda: all(heard_everyone(c, 3) for c in (alice, bob, carol, dave)), 60)
+    # What bob holds when he leaves: his receivers, keys inside.
+    bob_holds = {bob.stats.members[peer].name: r for peer, r in bob.receivers.items()}
+    bob_id = peer_named(alice, "bob")
+    bob.hangup("leaving")
+    await tasks.pop("bob")
+    stayed = (alice, carol, dave)
+    await wait_for(lambda: all(bob_id in call.stats.leaves_announced for call in stayed))
+    announced = time.monotonic()  # at most one poll (10 ms) after the last announcement
+    # Three more seconds of alice's media at carol and dave, and of carol's at alice.
+    heard = [(carol, "alice"), (dave, "alice"), (alice, "carol")]
+    marks = [samples_from(call, name) for call, name in heard]
+    await wait_for(
+        lambda: all(
+            samples_from(call, name) >= mark + 3 * 48_000
+            for (call, name), mark in zip(heard, marks, strict=True)
+        ),
+        timeout=30,
+    )
+    dave_holds = {dave.stats.members[peer].name: r for peer, r in dave.receivers.items()}
+    for call in stayed:
+        call.hangup("done")
+    stats = {name: await task for name, task in tasks.items()}
+    await hub.close()  # and so its recordings
+
+    # The members that stayed lost no frame to a key's timing, through the join and the leave.
+    for name in ("alice", "carol", "dave"):
+        assert set(key_failures(stats[name]).values()) == {0}, (name, key_failures(stats[name]))
+    # Every sender that stayed moved to a fresh generation within a second of the hub's
+    # announcement (or before it: bob's sealed bye may come first).
+    for name in ("alice", "carol", "dave"):
+        summary = stats[name]
+        left_at = summary.leaves_announced[bob_id]
+        fresh = [change for change in summary.key_changes if change.generation > 0]
+        assert fresh and fresh[0].seconds - left_at <= 1.0, (name, summary.key_changes, left_at)
+    # The joiner's keys: nothing the others sent before dave joined decrypts under them ...
+    for name, publisher in (
+        ("alice", peer_named(carol, "alice")),
+        ("carol", peer_named(alice, "carol")),
+    ):
+        before = [frame for at, frame in recorded(tmp_path, publisher, "audio") if at < dave_joined]
+        assert len(before) > 20
+        unprotect = dave_holds[name].transform("audio")
+        assert [unprotect(frame) for frame in before] == [None] * len(before)
+        # ... while what they sent after it did.
+        assert stats["dave"].members[publisher].audio["frames"] > 50
+    # The leaver's keys: nothing sent more than 1 s after the hub announced the leave.
+    for name, publisher in (
+        ("alice", peer_named(carol, "alice")),
+        ("carol", peer_named(alice, "carol")),
+        ("dave", peer_named(alice, "dave")),
+    ):
+        after = [
+            frame for at, frame in recorded(tmp_path, publisher, "audio") if at > announced + 1
+        ]
+        assert len(after) > 50
+        unprotect = bob_holds[name].transform("audio")
+        assert [unprotect(frame) for frame in after] == [None] * len(after)
