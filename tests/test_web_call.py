@@ -8,6 +8,7 @@ Both sides must show the same SAS, and every frame, audio and video, must decryp
 """
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -22,7 +23,9 @@ from aiortc import RTCPeerConnection
 from client.call import Call, CallParts
 from client.experiment.analysis import dominant_frequency, tone_correlation
 from client.rtp_policy import AUDIO_BITRATE, MID
+from client.session import CallFailed, IdentityMismatch
 from crypto.frame_crypto import DEFAULT_SUITE
+from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameHeader
 from tests.browser import chromium, fake_media_args, require_chromium, web_server, write_tone
 from tests.conftest import VP8, decode_all, decoded_audio, wait_for, wire_frames
@@ -294,3 +297,96 @@ async def test_the_browsers_media_on_the_wire(hub, tmp_path, browser_first):
     extensions = negotiated_extensions(connections[0].localDescription.sdp)
     used = {extensions.get(key) for packet in audio for key, _ in packet.extensions}
     assert used <= {MID}, used
+
+
+PIN = """async ([name, key]) => {
+  const { pins } = await import("/store.js");
+  await pins.check(name, new Uint8Array(key));
+}"""
+PINNED_KEY = """async (name) => {
+  const { pins } = await import("/store.js");
+  const pin = await pins.get(name);
+  return pin ? pin.publicKey : null;
+}"""
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+async def test_the_browser_refuses_a_changed_key_for_a_pinned_name_before_any_key(hub, tmp_path):
+    """The page holds a pin for ``python`` under another key: the key agreement stops at the
+    peer's signature, before any call key (no SAS), the state line says why with both
+    fingerprints, the roster shows CHANGED and the key presented, and the pin stays."""
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    pinned, identity = (IdentityKey.generate(os.urandom) for _ in range(2))
+    python = Call(call_config(hub, "python", PYTHON_TONE, room="changed", identity=identity))
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            page = await (await browser.new_context()).new_page()
+            await page.goto(url)
+            await page.locator("body[data-ready='1']").wait_for()
+            await page.evaluate(PIN, ["python", list(pinned.public_key.raw)])
+            await page.goto(f"{url}?room=changed&name=browser&autojoin=1")
+            await page.locator("#state", has_text="Waiting for a peer").wait_for()
+            (result,) = await asyncio.gather(python.run(), return_exceptions=True)
+            state = await page.locator("#state.state-failed").text_content() or ""
+            row = page.locator("#roster tbody tr").first
+            shown = {
+                cell: await row.locator(f"td.{cell}").text_content() or ""
+                for cell in ("peer", "status", "fingerprint", "sas", "sent", "decrypted")
+            }
+            kept = await page.evaluate(PINNED_KEY, "python")
+            sas_shown = await page.locator("#sas-box").is_visible()
+    presented = identity.public_key.fingerprint()
+    assert (
+        "NOT end-to-end encrypted: the call failed (IdentityMismatch): identity key for peer "
+        f"'python' changed: pinned {pinned.public_key.fingerprint()}, presented {presented}; "
+        "the pin was not replaced. No media is sent."
+    ) in state
+    assert shown == {
+        "peer": "python",
+        "status": "CHANGED",
+        "fingerprint": presented,
+        "sas": "",
+        "sent": "",
+        "decrypted": "",
+    }
+    assert not sas_shown
+    assert kept == b64url(pinned.public_key.raw)
+    # The Python peer (the responder, done with its side first) never got the page's
+    # confirmation: the page left, and not one frame reached it.
+    assert isinstance(result, CallFailed), result
+    assert python.received.audio_frames == python.received.video_frames == 0
+
+
+async def test_the_python_peer_refuses_a_browser_whose_pinned_key_changed(hub, tmp_path):
+    """The Python peer holds a pin for ``browser`` under another key: it refuses with exit
+    status 5's error naming both fingerprints; the page says the peer left during setup, and
+    pins nothing for a call that never began."""
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    pinned = IdentityKey.generate(os.urandom).public_key
+    known = KnownPeers()
+    known.check("browser", pinned)
+    python = Call(call_config(hub, "python", PYTHON_TONE, room="changed", known_peers=known))
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            page = await open_peer(browser, url, "changed", "browser")
+            await page.locator("#state", has_text="Waiting for a peer").wait_for()
+            own = await page.locator("#fingerprint").text_content()
+            (result,) = await asyncio.gather(python.run(), return_exceptions=True)
+            state = page.locator("#state.state-failed")
+            await state.wait_for(timeout=10_000)
+            shown = await state.text_content() or ""
+            kept = await page.evaluate(PINNED_KEY, "python")
+    assert isinstance(result, IdentityMismatch), result
+    assert str(result) == (
+        f"identity key for peer 'browser' changed: pinned {pinned.fingerprint()}, "
+        f"presented {own}; the pin was not replaced"
+    )
+    assert "NOT end-to-end encrypted: the call failed (CallFailed)" in shown, shown
+    assert kept is None
+    kept_in_python = known.get("browser")
+    assert kept_in_python is not None and kept_in_python.public_key == pinned

@@ -100,7 +100,7 @@ function onCallUpdate(update) {
     const code = document.createElement("code");
     code.textContent = update.fingerprint;
     cells.fingerprint.replaceChildren(code);
-    cells.sas.textContent = update.sas;
+    cells.sas.textContent = update.sas || "";
   }
   if (update.pin) {
     cells.status.textContent = update.pin;

@@ -196,7 +196,12 @@ export class Call {
     try {
       replies = await this.handshake.receive(payload);
     } catch (error) {
-      if (error.kind === "PinnedIdentityMismatch" || error.kind === "CallWithSelf") return this.fail("IdentityMismatch", error.message);
+      if (error.kind === "PinnedIdentityMismatch") {
+        // The warning, in the roster too: the name it signed, CHANGED, the key it presented.
+        this.update({ peerName: error.name, fingerprint: error.presented, pin: "CHANGED" });
+        return this.fail("IdentityMismatch", error.message);
+      }
+      if (error.kind === "CallWithSelf") return this.fail("IdentityMismatch", error.message);
       return this.fail("CallFailed", `key agreement failed: ${error.kind || "error"}: ${error.message}`);
     }
     for (const reply of replies) this.send(reply);
