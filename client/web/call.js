@@ -316,12 +316,14 @@ export class Call {
     }
   }
 
-  gathered(pc) {
+  async gathered(pc) {
     // No trickle ICE: every candidate travels inside the sealed description.
-    return new Promise((resolve) => {
+    const start = performance.now();
+    await new Promise((resolve) => {
       if (pc.iceGatheringState === "complete") return resolve();
       pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && resolve());
     });
+    this.update({ log: `ICE candidates gathered in ${(performance.now() - start).toFixed(0)} ms` });
   }
 
   mediaStarted() {
