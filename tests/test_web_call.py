@@ -3,11 +3,12 @@ Python peer (``blindhub call``) in both directions.
 
 Each Chromium peer is a context of one headless Chromium whose fake microphone plays a tone WAV
 the test wrote; the page shows the strongest frequency it receives (a WebAudio analyser on the
-decrypted remote track), which the test reads. Both sides must show the same SAS, and every
-frame must decrypt.
+decrypted remote track), which the test reads; its fake camera sends Chromium's test pattern.
+Both sides must show the same SAS, and every frame, audio and video, must decrypt.
 """
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -17,10 +18,19 @@ from array import array
 from pathlib import Path
 
 import pytest
+from aiortc import RTCPeerConnection
 
-from client.experiment.analysis import dominant_frequency
+from client.call import Call, CallParts
+from client.experiment.analysis import dominant_frequency, tone_correlation
+from client.rtp_policy import AUDIO_BITRATE, MID
+from client.session import CallFailed, IdentityMismatch
+from crypto.frame_crypto import DEFAULT_SUITE
+from crypto.identity import IdentityKey, KnownPeers
+from crypto.sframe import SFrameHeader
 from tests.browser import chromium, fake_media_args, require_chromium, web_server, write_tone
-from tests.conftest import wait_for
+from tests.conftest import VP8, decode_all, decoded_audio, wait_for, wire_frames
+from tests.rtp_wire import RawTap, describe, sframe_body_size
+from tests.test_call import config as call_config
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +39,8 @@ BROWSER_TONE = 660.0
 PYTHON_TONE = 440.0
 TOLERANCE = 5.0
 SAS = re.compile(r"SAS to read aloud: (\d{5} \d{5} \d{5})")
+OPUS_FRAME_BYTES = AUDIO_BITRATE // 8 * 20 // 1000
+DECODED_PICTURE = "() => document.getElementById('remote-video').videoWidth > 0"
 
 
 async def open_peer(browser, url: str, room: str, name: str):
@@ -59,16 +71,20 @@ async def hearing(page, expected: float, timeout: float = 20.0) -> float:
     raise AssertionError(f"the page heard {heard or 'nothing'} Hz, not {expected} Hz")
 
 
-async def counters(page) -> dict[str, int]:
-    """The page's frame counters for its peer, once frames have gone both ways (the worker
-    reports them twice a second)."""
+async def counters(page, kind: str | None = None) -> dict[str, int]:
+    """The page's frame counters for its peer (of one media kind, or all), once frames have
+    gone both ways (the worker reports them twice a second)."""
     row = page.locator("#roster tbody tr").first
     seen: dict[str, int] = {}
     for _ in range(40):
-        seen = {
-            name: int(await row.locator(f"td.{name}").text_content() or "0")
-            for name in ("sent", "decrypted", "failed")
-        }
+        seen = {}
+        for name in ("sent", "decrypted", "failed"):
+            cell = row.locator(f"td.{name}")
+            if kind is None:
+                shown = await cell.text_content()
+            else:
+                shown = await cell.get_attribute(f"data-{kind}")
+            seen[name] = int(shown or "0")
         if seen["sent"] and seen["decrypted"]:
             break
         await asyncio.sleep(0.25)
@@ -98,12 +114,15 @@ async def test_browser_to_browser(hub, tmp_path):
                 )
                 assert sas_alice in state
                 await hearing(page, BROWSER_TONE)
-            shot = DOCS / "howto" / "browser-peer-call.png"
-            await alice.screenshot(path=str(shot), full_page=True)
-            assert "End-to-end encrypted" in (await alice.locator("#state").text_content() or "")
             for page in (alice, bob):
                 seen = await counters(page)
                 assert seen["sent"] > 0 and seen["decrypted"] > 0 and seen["failed"] == 0, seen
+                video = await counters(page, "video")
+                assert video["decrypted"] > 0 and video["failed"] == 0, video
+                await page.wait_for_function(DECODED_PICTURE, timeout=10_000)
+            shot = DOCS / "howto" / "browser-peer-call.png"
+            await alice.screenshot(path=str(shot), full_page=True)
+            assert "End-to-end encrypted" in (await alice.locator("#state").text_content() or "")
 
 
 def read_wav(path: Path) -> tuple[list[float], int]:
@@ -197,3 +216,177 @@ async def test_browser_and_python_peer(hub, tmp_path, browser_first):
                 if process.returncode is None:
                     process.kill()
                     await process.wait()
+
+
+def negotiated_extensions(sdp: str) -> dict[int, str]:
+    """The RTP header extension ids of a session description and their URIs (RFC 8285)."""
+    found = {}
+    for line in sdp.splitlines():
+        if line.startswith("a=extmap:"):
+            number, uri = line[len("a=extmap:") :].split()[:2]
+            found[int(number.split("/")[0])] = uri
+    return found
+
+
+@pytest.mark.parametrize(
+    "browser_first", [True, False], ids=["browser-calls-python", "python-calls-browser"]
+)
+async def test_the_browsers_media_on_the_wire(hub, tmp_path, browser_first):
+    """What the Python peer's transports get from the browser, as every relay on the path sees
+    it: each audio payload and each reassembled VP8 frame is SFrame under the browser's KID,
+    nothing in them decodes, every audio frame has the constant-bitrate size, and no header
+    extension but the MID. Decrypted, the tone and the camera's video arrive both ways."""
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    tap, connections = RawTap(), []
+
+    def prepare(pc: RTCPeerConnection) -> None:
+        tap.install(pc)
+        connections.append(pc)
+
+    parts = CallParts(prepare_connection=prepare)
+    python = Call(call_config(hub, "python", PYTHON_TONE, room="wire", duration=6.0), parts)
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            if browser_first:
+                page = await open_peer(browser, url, "wire", "browser")
+                await page.locator("#state", has_text="Waiting for a peer").wait_for()
+                running = asyncio.create_task(python.run())
+            else:
+                running = asyncio.create_task(python.run())
+                await wait_for(lambda: hub.hub.room_size("wire") == 1)
+                page = await open_peer(browser, url, "wire", "browser")
+            try:
+                await confirm_sas(page)
+                await secure_state(page)
+                await hearing(page, PYTHON_TONE)
+                seen = await counters(page, "video")
+                # The decrypted frames reach the decoder: the page's video shows a picture.
+                await page.wait_for_function(DECODED_PICTURE, timeout=10_000)
+                stats = await running
+            finally:
+                python.hangup()
+                await asyncio.gather(running, return_exceptions=True)
+    assert seen["decrypted"] > 0 and seen["failed"] == 0, seen
+    assert stats.video.decrypted > 0 and stats.audio.failed == stats.video.failed == 0, stats
+
+    # The browser's KID: the other one of epoch 0's pair (2n for the initiator, 2n + 1 for
+    # the responder; the call is shorter than a rekey interval).
+    assert python.frames.send_kid == (1 if browser_first else 0)
+    kid = 1 - python.frames.send_kid
+    # Chromium probes the bandwidth with RTP padding alone (RFC 3550 section 5.1): packets
+    # with no payload, nothing to protect. Every other packet carries SFrame.
+    audio, video = ([p for p in tap.of_kind(kind) if p.payload] for kind in ("audio", "video"))
+    video_frames = wire_frames(video, "video")
+    assert len(audio) >= 100 and len(video_frames) >= 20
+    for frame in [packet.payload for packet in audio] + video_frames:
+        assert SFrameHeader.parse(frame)[0].kid == kid
+
+    # Decrypted, the tone (the control); as it crossed, an Opus decoder hears no tone and a
+    # VP8 decoder makes not one picture (no keyframe's start code is in clear).
+    received = python.received
+    assert abs(dominant_frequency(received.samples, received.sample_rate) - BROWSER_TONE) <= 5
+    wire_audio = decoded_audio(wire_frames(audio, "audio"))
+    assert tone_correlation(wire_audio or [0.0], 48000, BROWSER_TONE) < 0.1
+    assert decode_all(VP8, video_frames) == []
+
+    # Constant-bitrate Opus: one size for every frame (the SFrame header before it grows with
+    # the counter alone), and no audio level or any extension but the MID.
+    sizes = [sframe_body_size(packet) for packet in audio]
+    assert set(sizes) == {OPUS_FRAME_BYTES + DEFAULT_SUITE.nt}, describe(sizes)
+    extensions = negotiated_extensions(connections[0].localDescription.sdp)
+    used = {extensions.get(key) for packet in audio for key, _ in packet.extensions}
+    assert used <= {MID}, used
+
+
+PIN = """async ([name, key]) => {
+  const { pins } = await import("/store.js");
+  await pins.check(name, new Uint8Array(key));
+}"""
+PINNED_KEY = """async (name) => {
+  const { pins } = await import("/store.js");
+  const pin = await pins.get(name);
+  return pin ? pin.publicKey : null;
+}"""
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+async def test_the_browser_refuses_a_changed_key_for_a_pinned_name_before_any_key(hub, tmp_path):
+    """The page holds a pin for ``python`` under another key: the key agreement stops at the
+    peer's signature, before any call key (no SAS), the state line says why with both
+    fingerprints, the roster shows CHANGED and the key presented, and the pin stays."""
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    pinned, identity = (IdentityKey.generate(os.urandom) for _ in range(2))
+    python = Call(call_config(hub, "python", PYTHON_TONE, room="changed", identity=identity))
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            page = await (await browser.new_context()).new_page()
+            await page.goto(url)
+            await page.locator("body[data-ready='1']").wait_for()
+            await page.evaluate(PIN, ["python", list(pinned.public_key.raw)])
+            await page.goto(f"{url}?room=changed&name=browser&autojoin=1")
+            await page.locator("#state", has_text="Waiting for a peer").wait_for()
+            (result,) = await asyncio.gather(python.run(), return_exceptions=True)
+            state = await page.locator("#state.state-failed").text_content() or ""
+            row = page.locator("#roster tbody tr").first
+            shown = {
+                cell: await row.locator(f"td.{cell}").text_content() or ""
+                for cell in ("peer", "status", "fingerprint", "sas", "sent", "decrypted")
+            }
+            kept = await page.evaluate(PINNED_KEY, "python")
+            sas_shown = await page.locator("#sas-box").is_visible()
+    presented = identity.public_key.fingerprint()
+    assert (
+        "NOT end-to-end encrypted: the call failed (IdentityMismatch): identity key for peer "
+        f"'python' changed: pinned {pinned.public_key.fingerprint()}, presented {presented}; "
+        "the pin was not replaced. No media is sent."
+    ) in state
+    assert shown == {
+        "peer": "python",
+        "status": "CHANGED",
+        "fingerprint": presented,
+        "sas": "",
+        "sent": "",
+        "decrypted": "",
+    }
+    assert not sas_shown
+    assert kept == b64url(pinned.public_key.raw)
+    # The Python peer (the responder, done with its side first) never got the page's
+    # confirmation: the page left, and not one frame reached it.
+    assert isinstance(result, CallFailed), result
+    assert python.received.audio_frames == python.received.video_frames == 0
+
+
+async def test_the_python_peer_refuses_a_browser_whose_pinned_key_changed(hub, tmp_path):
+    """The Python peer holds a pin for ``browser`` under another key: it refuses with exit
+    status 5's error naming both fingerprints; the page says the peer left during setup, and
+    pins nothing for a call that never began."""
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    pinned = IdentityKey.generate(os.urandom).public_key
+    known = KnownPeers()
+    known.check("browser", pinned)
+    python = Call(call_config(hub, "python", PYTHON_TONE, room="changed", known_peers=known))
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            page = await open_peer(browser, url, "changed", "browser")
+            await page.locator("#state", has_text="Waiting for a peer").wait_for()
+            own = await page.locator("#fingerprint").text_content()
+            (result,) = await asyncio.gather(python.run(), return_exceptions=True)
+            state = page.locator("#state.state-failed")
+            await state.wait_for(timeout=10_000)
+            shown = await state.text_content() or ""
+            kept = await page.evaluate(PINNED_KEY, "python")
+    assert isinstance(result, IdentityMismatch), result
+    assert str(result) == (
+        f"identity key for peer 'browser' changed: pinned {pinned.fingerprint()}, "
+        f"presented {own}; the pin was not replaced"
+    )
+    assert "NOT end-to-end encrypted: the call failed (CallFailed)" in shown, shown
+    assert kept is None
+    kept_in_python = known.get("browser")
+    assert kept_in_python is not None and kept_in_python.public_key == pinned

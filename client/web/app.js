@@ -62,6 +62,10 @@ function removeRow(peerId) {
 // The received audio's strongest frequency, shown next to the counters: a listener's check
 // that sound arrives, and what the tests read.
 function listen(peerId, stream) {
+  if (stream.getVideoTracks().length > 0) {
+    $("remote-video").srcObject = stream;
+    $("remote-video").hidden = false;
+  }
   if (analysers.has(peerId) || stream.getAudioTracks().length === 0) return;
   const element = new Audio();
   element.srcObject = stream;
@@ -96,16 +100,21 @@ function onCallUpdate(update) {
     const code = document.createElement("code");
     code.textContent = update.fingerprint;
     cells.fingerprint.replaceChildren(code);
-    cells.sas.textContent = update.sas;
+    cells.sas.textContent = update.sas || "";
   }
   if (update.pin) {
     cells.status.textContent = update.pin;
     cells.status.className = `status pin-${update.pin}`;
   }
   if (update.counters) {
-    cells.sent.textContent = update.counters.sent;
-    cells.decrypted.textContent = update.counters.decrypted;
-    cells.failed.textContent = update.counters.failed;
+    for (const counter of ["sent", "decrypted", "failed"]) {
+      const { audio, video } = update.counters;
+      cells[counter].textContent = update.counters[counter];
+      Object.assign(cells[counter].dataset, { audio: audio[counter], video: video[counter] });
+      cells[counter].title = `audio ${audio[counter]}, video ${video[counter]}`;
+    }
+    const reasons = Object.entries(update.counters.reasons).map(([reason, times]) => `${reason} ${times}`);
+    if (reasons.length > 0) cells.failed.title += `: ${reasons.join(", ")}`;
     if (update.setupMs !== null && !cells.decrypted.dataset.setupMs) {
       cells.decrypted.dataset.setupMs = update.setupMs.toFixed(0);
       log(`first decrypted audio ${(update.setupMs / 1000).toFixed(2)} s after joining`);
@@ -150,6 +159,8 @@ function finishCall() {
     clearInterval(analysers.get(peerId).timer);
     analysers.delete(peerId);
   }
+  $("remote-video").srcObject = null;
+  $("remote-video").hidden = true;
   if (hub) hub.close();
   hub = null;
   if (localStream) for (const track of localStream.getTracks()) track.stop();
@@ -162,6 +173,17 @@ function startCall(peerId, initiator, joinTime) {
   call = new Call({ hub, peerId, initiator, identity, name: $("name").value, localStream, ui: onCallUpdate, joinTime });
   row(peerId);
   call.start();
+}
+
+// The microphone and the camera, or the microphone alone where there is no camera.
+async function camera() {
+  try {
+    return await navigator.mediaDevices.getUserMedia({ audio: true, video: true });
+  } catch (error) {
+    if (error.name !== "NotFoundError" && error.name !== "NotReadableError") throw error;
+    log(`no camera (${error.name}): audio only`);
+    return navigator.mediaDevices.getUserMedia({ audio: true, video: false });
+  }
 }
 
 async function join() {
@@ -181,7 +203,7 @@ async function join() {
   call = null;
   setState("progress", `Connecting to the hub ${hubUrl}…`);
   try {
-    localStream = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
+    localStream = await camera();
     hub = new HubConnection(hubUrl, onHubEvent);
     const welcome = await hub.join(room);
     log(`joined room ${room} as ${welcome.peerId}`);

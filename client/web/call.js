@@ -20,11 +20,43 @@ const MAX_RECEIVE_KEYS = 2;
 // The RTP header extensions negotiated (client/rtp_policy.py): none reveals media content.
 const CLEAR_HEADER_EXTENSIONS = new Set(["urn:ietf:params:rtp-hdrext:sdes:mid", "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"]);
 
-export function stripHeaderExtensions(sdp) {
-  return sdp
-    .split(/(?<=\r\n)/)
-    .filter((line) => !line.startsWith("a=extmap:") || CLEAR_HEADER_EXTENSIONS.has(line.slice(9).split(/\s+/)[1]))
+// Opus at a constant 32 kbit/s (client/rtp_policy.py's AUDIO_BITRATE): every 20 ms frame has
+// the same size, whatever is said. An Opus encoder follows the parameters in the description
+// of the side that receives (RFC 7587 section 7), so both our own descriptions and the peer's
+// are given them: the Python peer's carry none (aiortc fixes its own encoder).
+const OPUS_PARAMETERS = { cbr: "1", maxaveragebitrate: "32000", usedtx: "0" };
+
+// The session description a blindhub peer applies, its own or the peer's: no RTP header
+// extension that is not allowed in clear, and constant-bitrate Opus.
+export function mediaPolicy(sdp) {
+  const lines = sdp.split(/(?<=\r\n)/).filter((line) => !line.startsWith("a=extmap:") || CLEAR_HEADER_EXTENSIONS.has(line.slice(9).split(/\s+/)[1]));
+  const opus = new Set(lines.map((line) => /^a=rtpmap:(\d+) opus\/48000/i.exec(line)).filter(Boolean).map((found) => found[1]));
+  const fmtp = new Set();
+  const result = lines.map((line) => {
+    const found = /^a=fmtp:(\d+) (.*?)(\r\n)?$/.exec(line);
+    if (!found || !opus.has(found[1])) return line;
+    fmtp.add(found[1]);
+    return `a=fmtp:${found[1]} ${opusParameters(found[2])}${found[3] || ""}`;
+  });
+  // An Opus payload type without parameters gets its own line, after its rtpmap.
+  return result
+    .flatMap((line) => {
+      const found = /^a=rtpmap:(\d+) opus\/48000/i.exec(line);
+      return found && !fmtp.has(found[1]) ? [line, `a=fmtp:${found[1]} ${opusParameters("")}\r\n`] : [line];
+    })
     .join("");
+}
+
+function opusParameters(given) {
+  const parameters = new Map(
+    given
+      .split(";")
+      .map((item) => item.trim())
+      .filter(Boolean)
+      .map((item) => [item.split("=")[0].trim().toLowerCase(), item.slice(item.indexOf("=") + 1).trim()]),
+  );
+  for (const [name, value] of Object.entries(OPUS_PARAMETERS)) parameters.set(name, value);
+  return Array.from(parameters, ([name, value]) => `${name}=${value}`).join(";");
 }
 
 const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
@@ -164,7 +196,12 @@ export class Call {
     try {
       replies = await this.handshake.receive(payload);
     } catch (error) {
-      if (error.kind === "PinnedIdentityMismatch" || error.kind === "CallWithSelf") return this.fail("IdentityMismatch", error.message);
+      if (error.kind === "PinnedIdentityMismatch") {
+        // The warning, in the roster too: the name it signed, CHANGED, the key it presented.
+        this.update({ peerName: error.name, fingerprint: error.presented, pin: "CHANGED" });
+        return this.fail("IdentityMismatch", error.message);
+      }
+      if (error.kind === "CallWithSelf") return this.fail("IdentityMismatch", error.message);
       return this.fail("CallFailed", `key agreement failed: ${error.kind || "error"}: ${error.message}`);
     }
     for (const reply of replies) this.send(reply);
@@ -211,11 +248,11 @@ export class Call {
     this.update({ ...this.protection, pin: this.pin });
     if (!this.initiator) return;
     const pc = this.newConnection();
-    for (const track of this.localStream.getAudioTracks()) pc.addTrack(track, this.localStream);
+    for (const track of this.localStream.getTracks()) pc.addTrack(track, this.localStream);
     this.preferCodecs(pc);
     this.installTransforms(pc);
     const offer = await pc.createOffer();
-    await pc.setLocalDescription({ type: "offer", sdp: stripHeaderExtensions(offer.sdp) });
+    await pc.setLocalDescription({ type: "offer", sdp: mediaPolicy(offer.sdp) });
     await this.gathered(pc);
     this.send(await this.result.channel.seal({ type: "offer", sdp: pc.localDescription.sdp }));
   }
@@ -231,18 +268,18 @@ export class Call {
     if (!content || content.type !== expected) return this.fail("CallFailed", `expected '${expected}' from the peer, got '${content && content.type}'`);
     if (typeof content.sdp !== "string") return this.fail("CallFailed", "the peer's session description is missing");
     if (this.initiator) {
-      await this.pc.setRemoteDescription({ type: "answer", sdp: stripHeaderExtensions(content.sdp) });
+      await this.pc.setRemoteDescription({ type: "answer", sdp: mediaPolicy(content.sdp) });
       return this.mediaStarted();
     }
     const pc = this.newConnection();
-    await pc.setRemoteDescription({ type: "offer", sdp: stripHeaderExtensions(content.sdp) });
-    // addTrack takes the offer's audio transceiver, as aiortc's does.
-    for (const track of this.localStream.getAudioTracks()) pc.addTrack(track, this.localStream);
-    // Video is not sent from the browser yet: its sections are answered receive-only.
+    await pc.setRemoteDescription({ type: "offer", sdp: mediaPolicy(content.sdp) });
+    // addTrack takes the offer's transceiver of the track's kind, as aiortc's does; a kind
+    // this side has no track of is answered receive-only.
+    for (const track of this.localStream.getTracks()) pc.addTrack(track, this.localStream);
     this.preferCodecs(pc);
     this.installTransforms(pc);
     const answer = await pc.createAnswer();
-    await pc.setLocalDescription(answer);
+    await pc.setLocalDescription({ type: "answer", sdp: mediaPolicy(answer.sdp) });
     await this.gathered(pc);
     this.send(await this.result.channel.seal({ type: "answer", sdp: pc.localDescription.sdp }));
     return this.mediaStarted();
@@ -257,12 +294,15 @@ export class Call {
     return this.pc;
   }
 
-  // Opus only (the codec both peers frame the same way); VP8 for the video sections.
+  // Opus only (the codec both peers frame the same way); VP8 for the video sections, without
+  // RTX: Chromium probes the bandwidth by resending recent video packets on the RTX stream, and
+  // a receiving Chromium then assembles some frames a second time, which anti-replay drops as
+  // failures. Lost packets are still resent (NACK), on the video stream itself.
   preferCodecs(pc) {
     for (const transceiver of pc.getTransceivers()) {
       const kind = transceiver.receiver.track.kind;
       const { codecs } = RTCRtpReceiver.getCapabilities(kind);
-      const wanted = kind === "audio" ? ["audio/opus"] : ["video/VP8", "video/rtx"];
+      const wanted = kind === "audio" ? ["audio/opus"] : ["video/VP8"];
       transceiver.setCodecPreferences(codecs.filter((codec) => wanted.includes(codec.mimeType)));
     }
   }
@@ -276,12 +316,14 @@ export class Call {
     }
   }
 
-  gathered(pc) {
+  async gathered(pc) {
     // No trickle ICE: every candidate travels inside the sealed description.
-    return new Promise((resolve) => {
+    const start = performance.now();
+    await new Promise((resolve) => {
       if (pc.iceGatheringState === "complete") return resolve();
       pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && resolve());
     });
+    this.update({ log: `ICE candidates gathered in ${(performance.now() - start).toFixed(0)} ms` });
   }
 
   mediaStarted() {

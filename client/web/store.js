@@ -42,10 +42,12 @@ export async function loadIdentity() {
   return identity;
 }
 
+// A name pinned to another key (or a look-alike of one): the call is refused before any call
+// key exists. `name` is the name the peer signed, `presented` the fingerprint of its key.
 export class PinnedIdentityMismatch extends Error {
-  constructor(message) {
+  constructor(message, name, presented) {
     super(message);
-    this.kind = "PinnedIdentityMismatch";
+    Object.assign(this, { kind: "PinnedIdentityMismatch", name, presented });
   }
 }
 
@@ -62,8 +64,11 @@ export const pins = {
     if (pin) {
       const pinned = b64decode(pin.publicKey);
       if (b64encode(pinned) !== b64encode(publicKey)) {
+        const presented = await fingerprint(publicKey);
         throw new PinnedIdentityMismatch(
-          `identity key for peer '${name}' changed: pinned ${await fingerprint(pinned)}, presented ${await fingerprint(publicKey)}; the pin was not replaced`,
+          `identity key for peer '${name}' changed: pinned ${await fingerprint(pinned)}, presented ${presented}; the pin was not replaced`,
+          name,
+          presented,
         );
       }
       return { pin, isNew: false };
@@ -73,7 +78,12 @@ export const pins = {
     const folded = name.toLowerCase();
     const lookAlike = (await pins.all()).find((other) => other.name.toLowerCase() === folded);
     if (lookAlike) {
-      throw new PinnedIdentityMismatch(`peer name '${name}' looks like the pinned '${lookAlike.name}'; refused as a changed key, and nothing was pinned`);
+      const [pinned, presented] = [await fingerprint(b64decode(lookAlike.publicKey)), await fingerprint(publicKey)];
+      throw new PinnedIdentityMismatch(
+        `peer name '${name}' looks like the pinned '${lookAlike.name}': pinned ${pinned}, presented ${presented}; refused as a changed key, and nothing was pinned`,
+        name,
+        presented,
+      );
     }
     const created = { name, publicKey: b64encode(publicKey), verified: false };
     await transaction("pins", "readwrite", (store) => store.add(created));

@@ -13,7 +13,13 @@ import { ReceiveContext, SendContext } from "./sframe.js";
 let sender = null;
 let receiver = null;
 let sendKid = null;
-const counters = { sent: 0, dropped: 0, decrypted: 0, failed: 0, firstDecryptedAudio: null, reasons: {} };
+// Totals and the same counts by media kind (the page shows the totals, each kind in a title).
+const counters = { sent: 0, dropped: 0, decrypted: 0, failed: 0, empty: 0, firstDecryptedAudio: null, reasons: {} };
+const byKind = { audio: { sent: 0, decrypted: 0, failed: 0 }, video: { sent: 0, decrypted: 0, failed: 0 } };
+const count = (kind, name) => {
+  counters[name]++;
+  byKind[kind][name]++;
+};
 
 onmessage = async ({ data }) => {
   if (data.type === "install") {
@@ -35,7 +41,7 @@ onmessage = async ({ data }) => {
   }
 };
 
-setInterval(() => postMessage({ type: "counters", ...counters, reasons: { ...counters.reasons } }), 500);
+setInterval(() => postMessage({ type: "counters", ...counters, reasons: { ...counters.reasons }, audio: { ...byKind.audio }, video: { ...byKind.video } }), 500);
 
 // The media kind is bound as SFrame metadata (RFC 9605 section 4.4.3), as the Python peer
 // binds it (crypto/frame_crypto.py): a frame moved from the audio stream to the video stream
@@ -53,24 +59,30 @@ const protecting = (kind) => async (frame, controller) => {
     counters.dropped++;
     return;
   }
-  counters.sent++;
+  count(kind, "sent");
   controller.enqueue(frame);
 };
 
 function unprotecting(kind) {
   return async (frame, controller) => {
+    // Chromium hands its receiver's padding up as empty frames: nothing to decrypt, nothing
+    // to decode, and no failure.
+    if (frame.data.byteLength === 0) {
+      counters.empty++;
+      return;
+    }
     let plaintext;
     try {
       if (!receiver) throw Object.assign(new Error("no key yet"), { kind: "UnknownKeyError" });
       plaintext = await receiver.unprotect(new Uint8Array(frame.data), METADATA[kind]);
     } catch (error) {
-      counters.failed++;
+      count(kind, "failed");
       const reason = error.kind || "MalformedHeaderError";
       counters.reasons[reason] = (counters.reasons[reason] || 0) + 1;
       return; // never reaches the decoder
     }
     frame.data = plaintext.buffer;
-    counters.decrypted++;
+    count(kind, "decrypted");
     if (kind === "audio" && counters.firstDecryptedAudio === null) counters.firstDecryptedAudio = performance.timeOrigin + performance.now();
     controller.enqueue(frame);
   };

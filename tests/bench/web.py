@@ -5,8 +5,9 @@ Run: ``python -m tests.bench.web [--runs N]`` (needs Chromium; see tests/browser
 - Setup: from joining the hub to the first decrypted audio frame, for the peer that joins
   second (the responder), through a real hub on this machine: a browser calling the Python
   peer (``blindhub call``) against two Python peers. Each side's own clock: the page's
-  ``data-setup-ms``, the Python peer's ``setup_seconds`` (``--stats-json``). The browser
-  compares the SAS (the script clicks at once); the Python peers use ``--verify tofu``.
+  ``data-setup-ms``, the Python peer's ``setup_seconds`` (``--stats-json``). No one is asked
+  anything: the Python peers use ``--verify tofu``, and the page holds a verified pin of the
+  Python peer's key (made before, as after an earlier call), so it asks no SAS question.
 - SFrame: ``SendContext.protect`` + ``ReceiveContext.unprotect`` of client/web/sframe.js on
   an 80-byte frame (32 kbit/s Opus, 20 ms) and a 10 000-byte one (a video frame), against
   WebCrypto's AES-GCM encrypt + decrypt alone of the same bytes under one imported key, in the
@@ -21,11 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from client.identity_store import open_identity
 from signaling.hub import Hub
 from signaling.server import HubServer
 from tests.browser import chromium, fake_media_args, require_chromium, web_server, write_tone
 from tests.conftest import wait_for
-from tests.test_web_call import confirm_sas, open_peer, start_python_peer
+from tests.test_web_call import start_python_peer
 
 SFRAME_BENCH = """
 async ([size, rounds]) => {
@@ -66,11 +68,22 @@ async def python_to_python(hub: HubServer, out: Path) -> float:
     return float(stats["setup_seconds"]) * 1000
 
 
+PIN_VERIFIED = """async ([name, key]) => {
+  const { pins } = await import("/store.js");
+  await pins.check(name, new Uint8Array(key));
+  await pins.markVerified(name);
+}"""
+
+
 async def browser_to_python(browser, url: str, hub: HubServer, out: Path) -> float:
-    page = await open_peer(browser, url, "bench-web", "browser")
+    python = open_identity(out / "home", environ={})
+    page = await (await browser.new_context()).new_page()
+    await page.goto(url)
+    await page.locator("body[data-ready='1']").wait_for()
+    await page.evaluate(PIN_VERIFIED, ["python", list(python.public_key.raw)])
+    await page.goto(f"{url}?room=bench-web&name=browser&autojoin=1")
     await page.locator("#state", has_text="Waiting for a peer").wait_for()
     process = await start_python_peer(hub.url, "bench-web", out / "home", out)
-    await confirm_sas(page)
     await process.communicate()
     await page.context.close()
     return float(json.loads((out / "stats.json").read_text())["setup_seconds"]) * 1000
