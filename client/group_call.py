@@ -605,7 +605,11 @@ class GroupCall:
         generations: set[int] = set()
         for kind in KINDS:
             counters = receiver.counters.get(kind) or SenderKeyCounters()
-            setattr(stats, kind, counters.as_dict())
+            # Every frame that came: decrypted at once, held (then released, expired or pushed
+            # out), failed, or sent before we joined.
+            received = counters.frames - counters.released + counters.held
+            received += counters.failed + counters.before_join
+            setattr(stats, kind, counters.as_dict() | {"received": received})
             generations |= counters.generations
         stats.generations = sorted(generations)
         return stats
