@@ -256,6 +256,7 @@ class GroupCall:
         self._timers: list[asyncio.TimerHandle] = []
         self._join_time = 0.0
         self._media_started = 0.0
+        self._media_phase_shown = False
 
     def hangup(self, reason: str = "hangup") -> None:
         self._events.put_nowait(_Hangup(reason))
@@ -384,7 +385,9 @@ class GroupCall:
                 joined = self.stats.members.setdefault(peer, MemberStats(peer_id=peer))
                 joined.name, joined.fingerprint = protection.peer_name, protection.peer_fingerprint
                 joined.status, joined.left = protection.pin, False
-                self._phase(CallPhase.MEDIA)
+                if not self._media_phase_shown:
+                    self._media_phase_shown = True
+                    self._phase(CallPhase.MEDIA)
                 if self.callbacks.on_member_joined is not None:
                     self.callbacks.on_member_joined(peer, protection)
             case MemberLeft(peer, reason):
