@@ -36,6 +36,7 @@ from aiortc import (
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
+from aiortc.mediastreams import MediaStreamError
 
 from client.call import (
     KINDS,
@@ -217,7 +218,8 @@ class _MemberFrames:
 
 
 class _Slot:
-    """One receiving transceiver: its mid, kind, and the frames it holds for a key."""
+    """One receiving transceiver: its mid, its kind, and what passes the frames its members'
+    receivers held for a key on to its decoder."""
 
     def __init__(self, transceiver: RTCRtpTransceiver) -> None:
         self.mid: str = transceiver.mid or ""
@@ -569,7 +571,6 @@ class GroupCall:
                 slot.late = install_holding_receiver_transform(
                     transceiver.receiver, self._slot_transform(slot)
                 )
-            # Neither a publishing sender nor a slot: also closed.
 
     def _start_media(self, pc: RTCPeerConnection) -> None:
         loop = asyncio.get_running_loop()
@@ -589,8 +590,6 @@ class GroupCall:
 
     async def _collect(self, slot: _Slot, track: MediaStreamTrack) -> None:
         """Keep what each slot decodes, under the member the slot belongs to now."""
-        from aiortc.mediastreams import MediaStreamError
-
         while True:
             try:
                 frame = await track.recv()
