@@ -42,6 +42,8 @@ from client.call import (
     KINDS,
     CallConfig,
     CallPhase,
+    Hangup,
+    HubFailed,
     HubNotTrusted,
     JoinedHub,
     ask_sas,
@@ -164,23 +166,12 @@ class _FromHub:
 
 
 @dataclass(frozen=True)
-class _HubFailed:
-    detail: str
-    closed: bool
-
-
-@dataclass(frozen=True)
-class _Hangup:
-    reason: str
-
-
-@dataclass(frozen=True)
 class _SasAnswered:
     peer: PeerId
     accepted: bool
 
 
-_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered
+_Event = _FromHub | HubFailed | Hangup | _SasAnswered
 
 
 @dataclass
@@ -261,7 +252,7 @@ class GroupCall:
         self._media_phase_shown = False
 
     def hangup(self, reason: str = "hangup") -> None:
-        self._events.put_nowait(_Hangup(reason))
+        self._events.put_nowait(Hangup(reason))
 
     @property
     def receivers(self) -> Mapping[PeerId, SenderKeyReceiver]:
@@ -304,7 +295,7 @@ class GroupCall:
         self._events.put_nowait(_FromHub(event))
 
     def _hub_failed(self, detail: str, closed: bool) -> None:
-        self._events.put_nowait(_HubFailed(detail, closed))
+        self._events.put_nowait(HubFailed(detail, closed))
 
     # -- feeding the session
 
@@ -340,13 +331,13 @@ class GroupCall:
                 await self._answer(sdp)
             case _FromHub(MediaTracks(tracks)):
                 self._map_slots({track.mid: track.peer_id for track in tracks})
-            case _HubFailed(detail, closed):
+            case HubFailed(detail, closed):
                 # The hub carries the media too: without it there is no call.
                 self.stats.hub_lost = self.stats.hub_lost or closed
                 if not closed:
                     logger.warning("ignored a bad message from the hub: %s", detail)
                 return session.hub_failed(detail, now, closed=closed)
-            case _Hangup(reason):
+            case Hangup(reason):
                 return session.hangup(reason, now)
             case _SasAnswered(peer, accepted):
                 return session.sas_answer(peer, accepted, now)
