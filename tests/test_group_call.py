@@ -23,7 +23,7 @@ from client.experiment.analysis import dominant_frequency, tone_correlation
 from client.group_call import GroupCall, GroupCallbacks, GroupStats
 from client.hub_connection import HubConnection
 from client.media import PatternTrack, ToneTrack, read_pattern_number
-from client.session import Verify
+from client.session import CallError, VerificationRefused, Verify
 from crypto.identity import IdentityKey, KnownPeers
 from signaling.hub import Limits
 from signaling.media_server import MediaServer
@@ -367,3 +367,41 @@ async def test_a_group_call_records_only_to_matroska(start_routed_hub, tmp_path)
         "--home", str(tmp_path / "alice"), "--record", str(tmp_path / "alice.wav"),
     )  # fmt: skip
     assert code == ExitCode.LOCAL_PROBLEM and "records to .mkv" in err
+
+
+async def test_verify_pinned_keeps_an_unpinned_member_out_and_the_call_goes_on(
+    start_routed_hub,
+):
+    hub = await start_routed_hub()
+    bob_identity = IdentityKey.generate(os.urandom)
+    alice_pins = KnownPeers()
+    alice_pins.check("bob", bob_identity.public_key)
+    failed: list[CallError] = []
+    alice = GroupCall(
+        member(hub, "alice", known_peers=alice_pins, verify=Verify.PINNED),
+        GroupCallbacks(on_member_failed=lambda _peer, error: failed.append(error)),
+    )
+    bob = GroupCall(member(hub, "bob", identity=bob_identity))
+    mallory = GroupCall(member(hub, "carol"))  # a stranger to alice
+    tasks = [asyncio.create_task(call.run()) for call in (alice, bob, mallory)]
+    try:
+        await wait_for(
+            lambda: (
+                heard_everyone(alice, 1)
+                and heard_everyone(bob, 2)
+                and heard_everyone(mallory, 1)
+                and bool(failed)
+            ),
+            timeout=60,
+        )
+    finally:
+        for call in (alice, bob, mallory):
+            call.hangup("done")
+        stats = await asyncio.gather(*tasks)
+    assert [type(error) for error in failed] == [VerificationRefused]
+    alice_sees = {m.name for m in stats[0].members.values() if m.name}
+    assert alice_sees == {"bob"}
+    # Mallory got no key from alice, so nothing of alice's ever decrypted at mallory.
+    at_mallory = {m.name: m for m in stats[2].members.values() if m.name}
+    assert set(at_mallory) == {"bob"}
+    assert all(m.audio.get("frames", 0) == 0 for m in stats[2].members.values() if not m.name)
