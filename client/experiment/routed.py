@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fractions
 import json
 import os
 import time
@@ -192,7 +193,7 @@ def _vp8_keyframe() -> bytes:
     """A VP8 keyframe of the hub's own making (a grey picture), as an SFU could send one."""
     encoder = av.CodecContext.create("libvpx", "w")
     encoder.width, encoder.height, encoder.pix_fmt = 320, 240, "yuv420p"
-    encoder.time_base = av.Fraction(1, 30)  # type: ignore[attr-defined]
+    encoder.time_base = fractions.Fraction(1, 30)
     picture = av.VideoFrame(320, 240, "yuv420p")
     for plane in picture.planes:
         plane.update(bytes([128]) * plane.buffer_size)
@@ -276,7 +277,11 @@ class SpliceFrames(FrameAttack):
 class ReplayAndReorder(FrameAttack):
     """In ``target``'s streams at every subscriber: every ``every`` frames, a frame already
     forwarded ``back`` frames ago again (a replay), and, in between, two frames swapped (a
-    reorder well inside the receivers' replay window)."""
+    reorder well inside the receivers' replay window).
+
+    The swapped and replayed frames go straight to the subscribers' slots: the hub's recorder
+    (the honest one's) refuses a stream whose timestamps go backwards, and the recording is not
+    what this cell measures."""
 
     every = 10
     back = 5
@@ -305,10 +310,10 @@ class ReplayAndReorder(FrameAttack):
         held = self._held.pop(kind, None)
         if held is not None:
             forward(frame, timestamp)  # the later frame first ...
-            forward(*held)  # ... then the one the hub held back
-            for subscriber in server.subscribers(publisher):
-                self.counts[subscriber, kind, "reordered"] += 1
-            history.extend(((frame, timestamp), held))
+            for subscriber in server.subscribers(publisher):  # ... then the one held back
+                if server.put(subscriber, publisher, kind, *held):
+                    self.counts[subscriber, kind, "reordered"] += 1
+            history.extend((held, (frame, timestamp)))
             return
         self._seen[kind] += 1
         turn = self._seen[kind] % self.every
@@ -521,6 +526,16 @@ class RoutedCell:
             for kind, count in kinds.items()
         )
 
+    def attacked_rejected_at_most(self) -> bool:
+        """Every member rejected some of the target's frames of each kind, and no more than
+        the hub made toward it (a frame lost on the way is neither)."""
+        toward = self.attack.get("toward", {})
+        return bool(toward) and all(
+            0 < self.members[name].rejected(self.attack["target"], kind) <= count
+            for name, kinds in toward.items()
+            for kind, count in kinds.items()
+        )
+
     def judge(self) -> tuple[bool, str]:
         attack = self.scenario.attack
         heard = self.peer_audio_correlation >= RECOVERED and self.all_completed
@@ -546,9 +561,9 @@ class RoutedCell:
             )
         if attack is RoutedAttack.INJECT:
             made = self.attack["counts"]
-            ok = heard and nothing and all(made.values()) and self.attacked_all_rejected()
+            ok = heard and nothing and all(made.values()) and self.attacked_rejected_at_most()
             return ok, (
-                "PROTECTED: every frame the hub made (silence, keyframe, one bit changed) was "
+                "PROTECTED: the frames the hub made (silence, keyframe, one bit changed) were "
                 "rejected and counted at every receiver, none decoded"
             )
         if attack is RoutedAttack.SPLICE:
