@@ -511,7 +511,8 @@ class RoutedCell:
                         found.add("media-alteration-rejected")
                     if counters.get("malformed") or counters.get("unknown_key"):
                         found.add("media-foreign-frame-rejected")
-        codes = {m.security_code for m in self.members.values() if m.completed}
+        # Among the members in the call at its end (one who left saw a roster that had changed).
+        codes = {m.security_code for m in self.members.values() if m.outcome == "duration"}
         if len(codes) > 1:
             found.add("security-code-mismatch")
         return sorted(found)
