@@ -88,7 +88,7 @@ from crypto.sender_keys import (
     SenderKeyCounters,
     SenderKeyReceiver,
 )
-from crypto.sframe import SFrameError
+from crypto.sframe import CipherSuite, SFrameError
 from signaling.protocol import (
     MediaMode,
     MediaOffer,
@@ -174,6 +174,16 @@ class _SasAnswered:
 _Event = _FromHub | HubFailed | Hangup | _SasAnswered
 
 
+@dataclass(frozen=True)
+class GroupParts:
+    """How a group call protects its frames: the product's SFrame sender and sender-key
+    receivers. A seam for the experiment alone (client/experiment/ composes weaker peers from
+    it); the product never builds anything else."""
+
+    sender: Callable[[CipherSuite], SFrameSender] = SFrameSender
+    receiver: Callable[[CipherSuite], SenderKeyReceiver] = SenderKeyReceiver
+
+
 @dataclass
 class GroupCallbacks:
     """What the user is shown as the group changes (the call command prints each)."""
@@ -228,8 +238,10 @@ class GroupCall:
         callbacks: GroupCallbacks | None = None,
         *,
         joined: JoinedHub | None = None,
+        parts: GroupParts | None = None,
     ) -> None:
         self.config = config
+        self._parts = parts or GroupParts()
         self.callbacks = callbacks or GroupCallbacks()
         self.stats = GroupStats()
         # What was decoded from each member, by peer id.
@@ -362,7 +374,7 @@ class GroupCall:
                 self._tasks.append(asyncio.create_task(self._ask_sas(peer, protection)))
             case UseSendKey(key):
                 if self._sender is None:
-                    self._sender = SFrameSender(key.suite)
+                    self._sender = self._parts.sender(key.suite)
                     self._protect = {kind: self._sender.transform(kind) for kind in KINDS}
                 self._sender.use_key(key.media_key())
                 self.stats.key_changes.append(
@@ -442,7 +454,7 @@ class GroupCall:
         member = self._members.get(peer)
         if member is None:
             assert self.session is not None
-            member = self._members[peer] = _MemberFrames(SenderKeyReceiver(self.session.suite))
+            member = self._members[peer] = _MemberFrames(self._parts.receiver(self.session.suite))
         return member
 
     def _member_left(self, peer: PeerId) -> str | None:
