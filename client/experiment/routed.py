@@ -279,9 +279,8 @@ class ReplayAndReorder(FrameAttack):
     forwarded ``back`` frames ago again (a replay), and, in between, two frames swapped (a
     reorder well inside the receivers' replay window).
 
-    The swapped and replayed frames go straight to the subscribers' slots: the hub's recorder
-    (the honest one's) refuses a stream whose timestamps go backwards, and the recording is not
-    what this cell measures."""
+    The swapped and replayed frames go straight to the subscribers' slots, not into the hub's
+    recording: the recording is not what this cell measures."""
 
     every = 10
     back = 5
