@@ -140,6 +140,10 @@ class MediaServer:
             "throttle (one per publisher per 200 ms).",
             "# TYPE blindhub_media_plis_throttled_total counter",
             f"blindhub_media_plis_throttled_total {counters.plis_throttled}",
+            "# HELP blindhub_media_recording_errors_total Streams --record-media stopped "
+            "recording because their file could not be written.",
+            "# TYPE blindhub_media_recording_errors_total counter",
+            f"blindhub_media_recording_errors_total {self._recorder.errors if self._recorder else 0}",
         ]
 
     # Carrying out the router's commands.

@@ -19,6 +19,7 @@ cannot read them from frames it cannot decrypt.
 
 import fractions
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,8 @@ import av
 
 from signaling.media_adapter import CLOCK_RATES
 from signaling.protocol import PeerId
+
+logger = logging.getLogger("blindhub.hub")
 
 # PyAV's names for a stream that only carries packets of each codec.
 _CODEC_NAMES: Final = {"audio": "libopus", "video": "libvpx"}
@@ -80,13 +83,25 @@ class MediaRecorder:
         self._clock = clock
         self._files: dict[tuple[str, PeerId, str], _StreamFile] = {}
         self._used: set[str] = set()
+        self._failed: set[tuple[str, PeerId, str]] = set()  # streams no longer recorded
+        self.errors = 0
 
     def write(self, room: str, publisher: PeerId, kind: str, frame: bytes, timestamp: int) -> None:
+        """Record one forwarded frame. Never raises: it runs in the forwarding path, and a
+        recording that cannot be written (a full disk, a directory gone) must not stop the
+        call; that stream is logged, counted and not recorded any further."""
         key = (room, publisher, kind)
-        stream = self._files.get(key)
-        if stream is None:
-            stream = self._files[key] = _StreamFile(self._path(room, publisher, kind), kind)
-        stream.write(frame, timestamp, self._clock())
+        if key in self._failed:
+            return
+        try:
+            stream = self._files.get(key)
+            if stream is None:
+                stream = self._files[key] = _StreamFile(self._path(room, publisher, kind), kind)
+            stream.write(frame, timestamp, self._clock())
+        except (OSError, av.FFmpegError) as error:
+            self.errors += 1
+            self._failed.add(key)
+            logger.error("no longer recording %s of %s in %s: %s", kind, publisher, room, error)
 
     def end(self, room: str, publisher: PeerId) -> None:
         """``publisher`` left ``room``: close its files."""

@@ -149,6 +149,14 @@ def test_a_stream_whose_timestamps_go_back_is_recorded_whole_and_in_order(tmp_pa
     assert [line["rtp_timestamp"] for line in sidecar] == stamps
 
 
+def test_a_recording_that_cannot_be_written_never_raises_into_the_forwarding(tmp_path):
+    recorder = MediaRecorder(tmp_path / "gone")  # no such directory
+    recorder.write("r", PeerId("p"), "audio", b"frame", 0)
+    recorder.write("r", PeerId("p"), "audio", b"frame", 960)
+    recorder.close()
+    assert recorder.errors == 1  # logged once; the stream is not tried again
+
+
 def test_recordings_hold_the_frames_byte_for_byte(tmp_path):
     times = iter(float(n) for n in range(100))
     recorder = MediaRecorder(tmp_path, clock=lambda: next(times))
