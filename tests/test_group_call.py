@@ -329,13 +329,21 @@ async def test_the_call_command_in_a_routed_room_shows_roster_code_and_members(
 ):
     hub = await start_routed_hub()
     shown_by: dict[str, list[str]] = {"bob": [], "carol": []}
-    # Bob leaves after 2 s of media, while alice (4 s) and carol (6 s) go on.
-    calls = [
+    bob, carol = (
         GroupCall(
             member(hub, name, duration=duration), GroupCallbacks(on_security_code=codes.append)
         )
-        for (name, codes), duration in zip(shown_by.items(), (2, 6), strict=True)
-    ]
+        for (name, codes), duration in zip(shown_by.items(), (None, 8), strict=True)
+    )
+    calls = [bob, carol]
+
+    async def bob_leaves_after_a_second_of_alice() -> None:
+        # While alice (4 s) and carol go on.
+        await wait_for(lambda: any(m.name == "alice" for m in bob.stats.members.values()), 30)
+        await wait_for(lambda: samples_from(bob, "alice") >= 48_000, 30)
+        bob.hangup("leaving")
+
+    leaving = asyncio.create_task(bob_leaves_after_a_second_of_alice())
     tasks = [asyncio.create_task(call.run()) for call in calls]
     code, out, err = await blindhub(
         "call", "group", "--hub", hub.url, "--name", "alice", "--send", "tone:440,pattern",
@@ -343,6 +351,7 @@ async def test_the_call_command_in_a_routed_room_shows_roster_code_and_members(
         "--stats-json", str(tmp_path / "alice.json"), "--record", str(tmp_path / "alice.mkv"),
     )  # fmt: skip
     stats = await asyncio.gather(*tasks)
+    await leaving
     assert code == 0, err
     # A line for each member that joined, the roster with statuses, and the code, which is the
     # one bob and carol showed.
@@ -350,7 +359,7 @@ async def test_the_call_command_in_a_routed_room_shows_roster_code_and_members(
     assert "NEW bob SHA256:" in out and "NEW carol SHA256:" in out
     shown = [line.split(": ", 1)[1].split(" (")[0] for line in out.splitlines() if "code:" in line]
     assert set(shown) & set(shown_by["bob"]) & set(shown_by["carol"])
-    assert all(s.ended_by == "duration" for s in stats)
+    assert [s.ended_by for s in stats] == ["leaving", "duration"]
     assert "left: bob (" in out
     summary = json.loads((tmp_path / "alice.json").read_text())
     members = {m["name"]: m for m in summary["members"].values()}
