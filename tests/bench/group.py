@@ -382,7 +382,8 @@ async def forwarding(members: int, kinds: str, sframe: bool, window: float) -> F
             load += [str(share), "--kinds", kinds] + (["--sframe"] if sframe else [])
             _, pid = await stack.enter_async_context(line_process(load, "ready"))
             load_pids.append(pid)
-        deadline = time.monotonic() + 30
+        # Generous: on the shared machine the members' connections can take a while.
+        deadline = time.monotonic() + 90
         while (await fetch_metrics(url)).get("blindhub_media_subscribers", 0) < members:
             if time.monotonic() > deadline:
                 raise TimeoutError("not every member's media reached the hub")
