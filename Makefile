@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.call
 	$(BIN)/python -m tests.bench.hub
 	$(BIN)/python -m tests.bench.audio_sizes
+	$(BIN)/python -m tests.bench.group
 
 # The suite against the oldest dependency versions pyproject.toml allows.
 MINIMUM_VENV := .venv-minimum
