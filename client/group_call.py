@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +45,6 @@ from client.call import (
     CallPhase,
     Hangup,
     HubFailed,
-    HubNotTrusted,
     JoinedHub,
     ask_sas,
     join_hub,
@@ -105,6 +105,9 @@ logger = logging.getLogger("blindhub.group")
 # that crosses the hub a little after the first frame under it, short enough that audio
 # released late is still worth playing.
 HOLD_SECONDS = 1.0
+# How long after the hub gives a slot to another member the previous member's last frames may
+# still come out of it; past that, a frame is the new member's or nobody's.
+STALE_SECONDS = 2.0
 
 
 class RecordingRefused(CallError):
@@ -147,6 +150,9 @@ class GroupStats:
     setup_seconds: float | None = None  # join to the first decrypted audio frame of a member
     duration_seconds: float = 0.0
     unmapped_frames: int = 0  # frames on a slot the hub had not given to a member
+    # Frames on a slot just given to another member that decrypted under the previous one's
+    # key: its last frames, still in the slot's buffer; dropped, counted against no one.
+    stale_frames: int = 0
     key_changes: list[KeyChange] = field(default_factory=list)
     # When the hub announced each leave (seconds after our join), by peer id.
     leaves_announced: dict[str, float] = field(default_factory=dict)
@@ -227,6 +233,30 @@ class _Slot:
         self.kind: str = transceiver.kind
         self.receiver = transceiver.receiver
         self.late: LateDelivery | None = None
+        # The member the slot carried before, and until when its last frames may still come
+        # out of the slot (aiortc's jitter buffer keeps a frame until the next packet arrives:
+        # the next member's first, however long the slot stays free).
+        self.previous: PeerId | None = None
+        self.previous_until = 0.0
+
+
+def attach_tracks(pc: RTCPeerConnection, tracks: Sequence[MediaStreamTrack]) -> None:
+    """Our tracks on the hub's first transceiver of each kind (mids 0 and 1), where it
+    receives what we publish; every other transceiver only receives."""
+    by_kind = {track.kind: track for track in tracks}
+    seen: set[str] = set()
+    for transceiver in pc.getTransceivers():
+        kind = transceiver.kind
+        if kind in seen:
+            transceiver.direction = "recvonly"
+            continue
+        seen.add(kind)
+        track = by_kind.get(kind)
+        if track is not None:
+            transceiver.sender.replaceTrack(track)
+            transceiver.direction = "sendonly"
+        else:
+            transceiver.direction = "inactive"
 
 
 class GroupCall:
@@ -252,6 +282,7 @@ class GroupCall:
         self._sender: SFrameSender | None = None
         self._members: dict[PeerId, _MemberFrames] = {}
         self._departed: set[PeerId] = set()  # members whose frames are refused from now on
+        self._former: dict[PeerId, _MemberFrames] = {}
         self._protect: dict[str, FrameTransform] = {}
         self._slot_owner: dict[str, PeerId] = {}  # mid -> member, as the hub says
         self._slots: dict[str, _Slot] = {}
@@ -463,6 +494,8 @@ class GroupCall:
         member = self._members.pop(peer, None)
         if member is None:
             return None
+        # Kept only to recognise its last frames on a slot the hub gives to someone else.
+        self._former[peer] = member
         stats = self._member_stats(peer, member.receiver)
         stats.left = True
         return stats.name
@@ -470,11 +503,21 @@ class GroupCall:
     def _map_slots(self, owners: dict[str, PeerId]) -> None:
         previous = self._slot_owner
         self._slot_owner = owners
-        for mid, owner in owners.items():
-            slot = self._slots.get(mid)
-            if slot is not None and previous.get(mid) != owner and slot.kind == "video":
-                # A new sender on this slot: the decoder needs a keyframe to start from.
-                request_keyframe(slot.receiver)
+        now = asyncio.get_running_loop().time()
+        for mid, slot in self._slots.items():
+            before, after = previous.get(mid), owners.get(mid)
+            if before is not None and before != after:
+                # Its last frame may stay in the slot's buffer until the next packet arrives,
+                # however long the slot stays free: the new member's first packet.
+                slot.previous, slot.previous_until = before, math.inf
+            if after is not None and after != before:
+                slot.previous_until = now + STALE_SECONDS
+                if slot.kind == "video":
+                    # A new sender on this slot: the decoder needs a keyframe to start from.
+                    request_keyframe(slot.receiver)
+        # A former member's receiver is kept only while a slot may still deliver its frames.
+        expected = {slot.previous for slot in self._slots.values() if slot.previous_until >= now}
+        self._former = {peer: m for peer, m in self._former.items() if peer in expected}
 
     def _slot_transform(self, slot: _Slot) -> Callable[[bytes, int], bytes | None]:
         kind, mid = slot.kind, slot.mid
@@ -486,6 +529,9 @@ class GroupCall:
 
         def unprotect(frame: bytes, timestamp: int) -> bytes | None:
             owner = self._slot_owner.get(mid)
+            if slot.previous is not None and self._from_previous_owner(slot, frame, loop.time()):
+                stats.stale_frames += 1
+                return None
             if owner is None or owner in self._departed:
                 stats.unmapped_frames += 1
                 return None
@@ -502,6 +548,17 @@ class GroupCall:
             return plaintext
 
         return unprotect
+
+    def _from_previous_owner(self, slot: _Slot, frame: bytes, now: float) -> bool:
+        """Whether ``frame`` is one of the last frames of the member ``slot`` carried before:
+        it decrypts under that member's key (which stays, for this, after it left). Such a
+        frame is dropped, never decoded into the new member's stream nor counted against it."""
+        if now > slot.previous_until:
+            slot.previous = None
+            return False
+        assert slot.previous is not None
+        member = self._members.get(slot.previous) or self._former.get(slot.previous)
+        return member is not None and member.receiver.try_unprotect(slot.kind, frame) is not None
 
     def _expire_held(self, peer: PeerId, kind: str, started: float) -> None:
         """The hold window of ``peer``'s ``kind`` frames that started at ``started`` is over."""
@@ -535,31 +592,12 @@ class GroupCall:
         )
         with rejecting_bad_sdp("the hub's"):
             await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
-            self._attach_tracks(pc, self.config.tracks)
+            attach_tracks(pc, self.config.tracks)
             prefer_supported_codecs(pc)
             self._install_transforms(pc)
             await pc.setLocalDescription(await pc.createAnswer())
         await self._joined.hub.send_media_answer(pc.localDescription.sdp)
         self._start_media(pc)
-
-    @staticmethod
-    def _attach_tracks(pc: RTCPeerConnection, tracks: Sequence[MediaStreamTrack]) -> None:
-        """Our tracks on the hub's first transceiver of each kind (mids 0 and 1), where it
-        receives what we publish; every other transceiver only receives."""
-        by_kind = {track.kind: track for track in tracks}
-        seen: set[str] = set()
-        for transceiver in pc.getTransceivers():
-            kind = transceiver.kind
-            if kind in seen:
-                transceiver.direction = "recvonly"
-                continue
-            seen.add(kind)
-            track = by_kind.get(kind)
-            if track is not None:
-                transceiver.sender.replaceTrack(track)
-                transceiver.direction = "sendonly"
-            else:
-                transceiver.direction = "inactive"
 
     def _install_transforms(self, pc: RTCPeerConnection) -> None:
         for transceiver in pc.getTransceivers():
@@ -650,4 +688,13 @@ class GroupCall:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-__all__ = ["CallError", "GroupCall", "GroupCallbacks", "GroupStats", "HubNotTrusted", "MemberStats"]
+__all__ = [
+    "GroupCall",
+    "GroupCallbacks",
+    "GroupParts",
+    "GroupStats",
+    "KeyChange",
+    "MemberStats",
+    "RecordingRefused",
+    "attach_tracks",
+]

@@ -36,7 +36,7 @@ from tests.test_call import blindhub
 pytestmark = pytest.mark.slow
 
 NAMES = ("alice", "bob", "carol", "dave")
-TONES = {"alice": 440, "bob": 550, "carol": 660, "dave": 770}
+TONES = {"alice": 440, "bob": 550, "carol": 660, "dave": 770, "erin": 880}
 # Enough audio for a dominant-frequency estimate (16,384 samples) with margin.
 AUDIO_SAMPLES = 30_000
 
@@ -179,13 +179,24 @@ async def test_churn_a_joiner_reads_nothing_from_before_and_a_leaver_nothing_aft
         timeout=30,
     )
     dave_holds = {dave.stats.members[peer].name: r for peer, r in dave.receivers.items()}
-    for call in stayed:
+    # Erin joins and gets the slot bob had at each of the others: bob's last frames, still in
+    # that slot's buffer, must not count against her.
+    erin = GroupCall(member(hub, "erin"))
+    tasks["erin"] = asyncio.create_task(erin.run())
+    await wait_for(
+        lambda: (
+            heard_everyone(erin, 3)
+            and all(samples_from(call, "erin") >= AUDIO_SAMPLES for call in stayed)
+        ),
+        timeout=60,
+    )
+    for call in (*stayed, erin):
         call.hangup("done")
     stats = {name: await task for name, task in tasks.items()}
     await hub.close()  # and so its recordings
 
-    # The members that stayed lost no frame to a key's timing, through the join and the leave.
-    for name in ("alice", "carol", "dave"):
+    # The members that stayed lost no frame to a key's timing, through the joins and the leave.
+    for name in ("alice", "carol", "dave", "erin"):
         assert set(key_failures(stats[name]).values()) == {0}, (name, key_failures(stats[name]))
     # Every sender that stayed moved to a fresh generation within a second of the hub's
     # announcement (or before it: bob's sealed bye may come first).

@@ -61,7 +61,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from client.call import CallConfig, prefer_supported_codecs
 from client.frame_transform import install_receiver_transform, install_sender_transform
-from client.group_call import GroupCall, GroupStats
+from client.group_call import GroupCall, GroupStats, attach_tracks
 from client.media import (
     PATTERN_HEIGHT,
     PATTERN_WIDTH,
@@ -250,7 +250,7 @@ async def synthetic_member(
     await pc.setRemoteDescription(RTCSessionDescription(message["sdp"], "offer"))
     tracks = [PacketTrack(kind, media[kind]) for kind in kinds]
     # The member's own transceivers, chosen exactly as a real member's are.
-    GroupCall._attach_tracks(pc, tracks)
+    attach_tracks(pc, tracks)
     prefer_supported_codecs(pc)
     sender = SFrameSender(SUITE)
     sender.use_key(SenderKey.fresh(SUITE, 0).media_key())
