@@ -33,8 +33,12 @@ def report() -> Report:
     return asyncio.run(run_experiment(SECONDS))
 
 
-def routed(report: Report, attack: str) -> RoutedCell:
-    [found] = [c for c in report.routed if c.scenario.attack_name == f"routed-{attack}"]
+def routed(report: Report, attack: str, layers: str = "verified") -> RoutedCell:
+    [found] = [
+        c
+        for c in report.routed
+        if c.scenario.attack_name == f"routed-{attack}" and c.scenario.layers.value == layers
+    ]
     return found
 
 
@@ -67,6 +71,9 @@ def test_the_matrix_has_every_cell_and_the_control_first(report):
         ("verified", "routed-splice"),
         ("verified", "routed-replay+reorder"),
         ("verified", "routed-leave-collusion"),
+        ("verified", "routed-ghost"),
+        ("sealed", "routed-ghost"),
+        ("verified", "routed-roster-split"),
     ]
     assert len(ROUTED_SCENARIOS) == len(report.routed)
     # The default run, every cell, stays within what `make demo` promises on this machine.
@@ -274,6 +281,61 @@ def test_routed_leave_collusion_the_leavers_keys_open_nothing_sent_after_the_lea
 
 
 @slow
+def test_routed_ghost_with_pinned_identities_is_refused_before_any_key(report):
+    result = routed(report, "ghost")
+    ghost = result.ghost
+    assert ghost is not None and ghost["shown_to"] == ["alice", "bob"]
+    assert result.attack["hidden"]["pairs"] == [["carol", "ghost"]]
+    # Each member it was shown to refused it (not pinned, --verify pinned), and no one let it in.
+    for name in ("alice", "bob"):
+        assert result.members[name].detections["identity-refused"] == 1
+    assert all("ghost" not in member.roster for member in result.members.values())
+    assert ghost["on_rosters"] == {}
+    # It decrypted nothing, and its keys (none) open nothing the hub recorded before it joined.
+    assert ghost["decrypted"] == {"alice": 0, "bob": 0, "carol": 0}
+    assert ghost["before_join"]["frames"] > 50 and ghost["before_join"]["decrypted"] == 0
+    # The call went on for the members: they heard each other and agree on one code.
+    assert result.all_completed and result.peer_audio_correlation >= 0.9
+    assert result.distinct_codes == 1
+    assert result.hub_audio_correlation < 0.1 and result.hub_decoded_video_frames == 0
+
+
+@slow
+def test_routed_ghost_with_unverified_identities_shows_new_and_splits_the_codes(report):
+    result = routed(report, "ghost", "sealed")
+    ghost = result.ghost
+    assert ghost is not None and ghost["shown_to"] == ["alice", "bob"]
+    # Those it was shown to let it in, as NEW; carol never saw it.
+    assert ghost["on_rosters"] == {"alice": "NEW", "bob": "NEW"}
+    assert "ghost" not in result.members["carol"].roster
+    codes = {name: member.security_code for name, member in result.members.items()}
+    assert codes["alice"] == codes["bob"] != codes["carol"]
+    assert result.distinct_codes == 2 and "security-code-mismatch" in result.detected
+    # It decrypts what alice and bob sent after it joined (they accepted it), nothing of
+    # carol's, and nothing the hub recorded before it joined.
+    assert ghost["decrypted"]["alice"] > 50 and ghost["decrypted"]["bob"] > 50
+    assert ghost["decrypted"]["carol"] == 0
+    assert ghost["before_join"]["frames"] > 50 and ghost["before_join"]["decrypted"] == 0
+    assert result.all_completed and result.peer_audio_correlation >= 0.9
+
+
+@slow
+def test_routed_roster_split_gives_each_view_its_own_security_code(report):
+    result = routed(report, "roster-split")
+    assert result.attack["hidden"]["pairs"] == [["bob", "carol"]]
+    assert result.attack["hidden"]["dropped"]["peer-joined"] >= 1
+    assert set(result.members["alice"].roster) == {"bob", "carol"}
+    assert set(result.members["bob"].roster) == {"alice"}
+    assert set(result.members["carol"].roster) == {"alice"}
+    codes = [member.security_code for member in result.members.values()]
+    assert None not in codes and len(set(codes)) == 3 == result.distinct_codes
+    assert "security-code-mismatch" in result.detected
+    # Each heard everyone it was shown; the hub still recovers nothing.
+    assert result.peer_audio_correlation >= 0.9
+    assert result.hub_audio_correlation < 0.1 and result.hub_decoded_video_frames == 0
+
+
+@slow
 def test_every_cell_as_expected_and_the_json_report(report):
     document = report.as_dict()
     assert document["valid"] is True and document["all_as_expected"] is True
@@ -353,11 +415,11 @@ def test_metadata_check_finds_unsealed_sdp_candidates_and_addresses():
 
 
 def test_cells_choose_cells_and_always_add_each_familys_control():
-    assert cell_selection("all") == (list(range(8)), list(range(6)))
+    assert cell_selection("all") == (list(range(8)), list(range(9)))
     assert cell_selection("R3,5") == ([0, 4], [0, 2])
-    assert cell_selection("routed") == ([], list(range(6)))
+    assert cell_selection("routed") == ([], list(range(9)))
     assert cell_selection("two-party") == (list(range(8)), [])
-    for bad in ("9", "R7", "x", "R"):
+    for bad in ("9", "R10", "x", "R"):
         with pytest.raises(Exception, match="is not a cell"):
             cell_selection(bad)
 

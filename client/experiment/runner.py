@@ -464,6 +464,21 @@ class Report:
                     f"      the leaver's keys open {leave['decrypted']} of {leave['frames']} "
                     f"frames sent more than 1 s after the leave"
                 )
+            hidden = cell.attack.get("hidden")
+            if hidden is not None:
+                pairs = "; ".join(" and ".join(pair) for pair in hidden["pairs"])
+                dropped = ", ".join(f"{what} x{n}" for what, n in hidden["dropped"].items())
+                lines.append(f"      hub hid from each other: {pairs} (dropped {dropped})")
+            if cell.ghost is not None:
+                ghost = cell.ghost
+                rosters = ", ".join(f"{n} {s}" for n, s in ghost["on_rosters"].items()) or "none"
+                opened = ", ".join(f"{n} {c}" for n, c in ghost["decrypted"].items())
+                before = ghost["before_join"]
+                lines.append(
+                    f"      ghost shown to {', '.join(ghost['shown_to'])}; on the rosters of: "
+                    f"{rosters}; frames it decrypted: {opened}; its keys open "
+                    f"{before['decrypted']} of the {before['frames']} recorded before it joined"
+                )
             codes = {name: m.security_code for name, m in cell.members.items() if m.completed}
             if codes:
                 lines.append(
