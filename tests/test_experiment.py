@@ -3,8 +3,10 @@ hub), each cell asserted from its measured figures, never from its verdict strin
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import wave
+from html.parser import HTMLParser
 from typing import Any
 
 import av
@@ -392,6 +394,48 @@ def test_outputs_are_written_and_readable(report, tmp_path):
         with av.open(str(tmp_path / f"R1-plain-routed-record-hub-{name}.png")) as png:
             assert read_pattern_number(next(png.decode(video=0))) is not None
     assert not list(tmp_path.glob("R2-*.png"))
+    assert tmp_path / "index.html" in paths
+
+
+class _References(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, list[str]] = {"audio": [], "img": []}
+        self.other: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "href") and value is not None:
+                self.files.get(tag, self.other).append(value)
+
+
+@slow
+def test_the_page_is_self_contained_and_every_sound_plays(report, tmp_path):
+    write_outputs(report, tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    references = _References()
+    references.feed(page)
+    assert references.other == []  # no stylesheet, script or link: the style is inline
+    # The figure and the hub's pictures; each cell's sounds: each peer heard, the hub recovered.
+    assert "figure.png" in references.files["img"]
+    for name in references.files["img"]:
+        assert "/" not in name and (tmp_path / name).is_file()
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG"
+    sounds = references.files["audio"]
+    assert len(sounds) == len(set(sounds)) > len(report.cells) + len(report.routed)
+    for name in sounds:
+        assert "/" not in name and (tmp_path / name).is_file()
+        with av.open(str(tmp_path / name)) as container:
+            assert sum(frame.samples for frame in container.decode(audio=0)) > 0
+    # Every cell has its section, the control's tone against a protected cell's noise.
+    for number in [*map(str, range(1, len(report.cells) + 1)), "R1", "R2"]:
+        assert f'id="{number}"' in page
+    assert "R1-plain-routed-record-hub-alice.wav" in sounds
+    assert "R2-verified-routed-record-hub-alice.wav" in sounds
+    for listener, speaker in itertools.permutations(("alice", "bob", "carol"), 2):
+        assert f"R2-verified-routed-record-{listener}-heard-{speaker}.wav" in sounds
 
 
 def test_metadata_check_finds_unsealed_sdp_candidates_and_addresses():

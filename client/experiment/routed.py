@@ -713,10 +713,9 @@ class RoutedCell:
         ok = ok and not any(n for name, n in decrypted.items() if name not in ghost["shown_to"])
         ok = ok and self.distinct_codes > 1
         return ok, (
-            "DETECTED, not prevented: with unverified identities the hub's own member is in "
-            "the call for those it was shown to, NEW on their rosters, and their security code "
-            "differs from the others'; it decrypts nothing of the others' and nothing sent "
-            "before it joined"
+            "DETECTED, not prevented: the hub's member is NEW on the rosters of those it was "
+            "shown to, whose security code then differs; it opens nothing of the others' or "
+            "from before it joined"
         )
 
     @property
