@@ -111,7 +111,7 @@ def draw_figure(rows: Sequence[FigureRow], valid: bool) -> Figure:
         va="center",
     )
     columns = (
-        ("sent by alice (20 ms of 440 Hz)", WAVE_WIDTH),
+        ("sent by alice (20 ms of 440 Hz), or each", WAVE_WIDTH),
         ("heard by bob", WAVE_WIDTH),
         ("recovered by the hub", WAVE_WIDTH),
         ("video the hub decoded", PICTURE_WIDTH),
@@ -160,7 +160,16 @@ def _draw_senders(figure: Figure, width: float, height: float, top: float, row: 
         ):
             axes = place(left, strip_top, WAVE_WIDTH, strip)
             _draw_wave(axes, samples, color, empty, small=True)
-            axes.text(0.01, 0.95, name, fontsize=8, color=QUIET, va="top", transform=axes.transAxes)
+            axes.text(
+                0.01,
+                0.95,
+                name,
+                fontsize=8,
+                color=QUIET,
+                va="top",
+                transform=axes.transAxes,
+                bbox={"facecolor": PANEL_BACKGROUND, "edgecolor": "none", "pad": 1},
+            )
             left += WAVE_WIDTH + GAP
     picture_width = (PICTURE_WIDTH - STRIP_GAP * (count - 1)) / count
     left = LABEL_WIDTH + 3 * (WAVE_WIDTH + GAP)
