@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        help="write report.json, recovered WAV/PNG files and figure.png and figure.svg here",
+        help="write report.json, WAV/PNG files, figure.png, figure.svg and index.html here",
     )
     parser.add_argument(
         "--seconds",
