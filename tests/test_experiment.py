@@ -3,8 +3,10 @@ hub), each cell asserted from its measured figures, never from its verdict strin
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import wave
+from html.parser import HTMLParser
 from typing import Any
 
 import av
@@ -33,8 +35,12 @@ def report() -> Report:
     return asyncio.run(run_experiment(SECONDS))
 
 
-def routed(report: Report, attack: str) -> RoutedCell:
-    [found] = [c for c in report.routed if c.scenario.attack_name == f"routed-{attack}"]
+def routed(report: Report, attack: str, layers: str = "verified") -> RoutedCell:
+    [found] = [
+        c
+        for c in report.routed
+        if c.scenario.attack_name == f"routed-{attack}" and c.scenario.layers.value == layers
+    ]
     return found
 
 
@@ -67,6 +73,9 @@ def test_the_matrix_has_every_cell_and_the_control_first(report):
         ("verified", "routed-splice"),
         ("verified", "routed-replay+reorder"),
         ("verified", "routed-leave-collusion"),
+        ("verified", "routed-ghost"),
+        ("sealed", "routed-ghost"),
+        ("verified", "routed-roster-split"),
     ]
     assert len(ROUTED_SCENARIOS) == len(report.routed)
     # The default run, every cell, stays within what `make demo` promises on this machine.
@@ -274,6 +283,61 @@ def test_routed_leave_collusion_the_leavers_keys_open_nothing_sent_after_the_lea
 
 
 @slow
+def test_routed_ghost_with_pinned_identities_is_refused_before_any_key(report):
+    result = routed(report, "ghost")
+    ghost = result.ghost
+    assert ghost is not None and ghost["shown_to"] == ["alice", "bob"]
+    assert result.attack["hidden"]["pairs"] == [["carol", "ghost"]]
+    # Each member it was shown to refused it (not pinned, --verify pinned), and no one let it in.
+    for name in ("alice", "bob"):
+        assert result.members[name].detections["identity-refused"] == 1
+    assert all("ghost" not in member.roster for member in result.members.values())
+    assert ghost["on_rosters"] == {}
+    # It decrypted nothing, and its keys (none) open nothing the hub recorded before it joined.
+    assert ghost["decrypted"] == {"alice": 0, "bob": 0, "carol": 0}
+    assert ghost["before_join"]["frames"] > 50 and ghost["before_join"]["decrypted"] == 0
+    # The call went on for the members: they heard each other and agree on one code.
+    assert result.all_completed and result.peer_audio_correlation >= 0.9
+    assert result.distinct_codes == 1
+    assert result.hub_audio_correlation < 0.1 and result.hub_decoded_video_frames == 0
+
+
+@slow
+def test_routed_ghost_with_unverified_identities_shows_new_and_splits_the_codes(report):
+    result = routed(report, "ghost", "sealed")
+    ghost = result.ghost
+    assert ghost is not None and ghost["shown_to"] == ["alice", "bob"]
+    # Those it was shown to let it in, as NEW; carol never saw it.
+    assert ghost["on_rosters"] == {"alice": "NEW", "bob": "NEW"}
+    assert "ghost" not in result.members["carol"].roster
+    codes = {name: member.security_code for name, member in result.members.items()}
+    assert codes["alice"] == codes["bob"] != codes["carol"]
+    assert result.distinct_codes == 2 and "security-code-mismatch" in result.detected
+    # It decrypts what alice and bob sent after it joined (they accepted it), nothing of
+    # carol's, and nothing the hub recorded before it joined.
+    assert ghost["decrypted"]["alice"] > 50 and ghost["decrypted"]["bob"] > 50
+    assert ghost["decrypted"]["carol"] == 0
+    assert ghost["before_join"]["frames"] > 50 and ghost["before_join"]["decrypted"] == 0
+    assert result.all_completed and result.peer_audio_correlation >= 0.9
+
+
+@slow
+def test_routed_roster_split_gives_each_view_its_own_security_code(report):
+    result = routed(report, "roster-split")
+    assert result.attack["hidden"]["pairs"] == [["bob", "carol"]]
+    assert result.attack["hidden"]["dropped"]["peer-joined"] >= 1
+    assert set(result.members["alice"].roster) == {"bob", "carol"}
+    assert set(result.members["bob"].roster) == {"alice"}
+    assert set(result.members["carol"].roster) == {"alice"}
+    codes = [member.security_code for member in result.members.values()]
+    assert None not in codes and len(set(codes)) == 3 == result.distinct_codes
+    assert "security-code-mismatch" in result.detected
+    # Each heard everyone it was shown; the hub still recovers nothing.
+    assert result.peer_audio_correlation >= 0.9
+    assert result.hub_audio_correlation < 0.1 and result.hub_decoded_video_frames == 0
+
+
+@slow
 def test_every_cell_as_expected_and_the_json_report(report):
     document = report.as_dict()
     assert document["valid"] is True and document["all_as_expected"] is True
@@ -330,6 +394,48 @@ def test_outputs_are_written_and_readable(report, tmp_path):
         with av.open(str(tmp_path / f"R1-plain-routed-record-hub-{name}.png")) as png:
             assert read_pattern_number(next(png.decode(video=0))) is not None
     assert not list(tmp_path.glob("R2-*.png"))
+    assert tmp_path / "index.html" in paths
+
+
+class _References(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, list[str]] = {"audio": [], "img": []}
+        self.other: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "href") and value is not None:
+                self.files.get(tag, self.other).append(value)
+
+
+@slow
+def test_the_page_is_self_contained_and_every_sound_plays(report, tmp_path):
+    write_outputs(report, tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    references = _References()
+    references.feed(page)
+    assert references.other == []  # no stylesheet, script or link: the style is inline
+    # The figure and the hub's pictures; each cell's sounds: each peer heard, the hub recovered.
+    assert "figure.png" in references.files["img"]
+    for name in references.files["img"]:
+        assert "/" not in name and (tmp_path / name).is_file()
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG"
+    sounds = references.files["audio"]
+    assert len(sounds) == len(set(sounds)) > len(report.cells) + len(report.routed)
+    for name in sounds:
+        assert "/" not in name and (tmp_path / name).is_file()
+        with av.open(str(tmp_path / name)) as container:
+            assert sum(frame.samples for frame in container.decode(audio=0)) > 0
+    # Every cell has its section, the control's tone against a protected cell's noise.
+    for number in [*map(str, range(1, len(report.cells) + 1)), "R1", "R2"]:
+        assert f'id="{number}"' in page
+    assert "R1-plain-routed-record-hub-alice.wav" in sounds
+    assert "R2-verified-routed-record-hub-alice.wav" in sounds
+    for listener, speaker in itertools.permutations(("alice", "bob", "carol"), 2):
+        assert f"R2-verified-routed-record-{listener}-heard-{speaker}.wav" in sounds
 
 
 def test_metadata_check_finds_unsealed_sdp_candidates_and_addresses():
@@ -353,11 +459,11 @@ def test_metadata_check_finds_unsealed_sdp_candidates_and_addresses():
 
 
 def test_cells_choose_cells_and_always_add_each_familys_control():
-    assert cell_selection("all") == (list(range(8)), list(range(6)))
+    assert cell_selection("all") == (list(range(8)), list(range(9)))
     assert cell_selection("R3,5") == ([0, 4], [0, 2])
-    assert cell_selection("routed") == ([], list(range(6)))
+    assert cell_selection("routed") == ([], list(range(9)))
     assert cell_selection("two-party") == (list(range(8)), [])
-    for bad in ("9", "R7", "x", "R"):
+    for bad in ("9", "R10", "x", "R"):
         with pytest.raises(Exception, match="is not a cell"):
             cell_selection(bad)
 

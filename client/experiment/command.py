@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        help="write report.json, recovered WAV/PNG files and figure.png and figure.svg here",
+        help="write report.json, WAV/PNG files, figure.png, figure.svg and index.html here",
     )
     parser.add_argument(
         "--seconds",
@@ -50,15 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=cell_selection,
         default=cell_selection("all"),
         help=(
-            "the cells to run, comma-separated: 1 to 8 (two peers), R1 to R6 (a group call "
-            "through a routing hub), two-party, routed or all (default); each family's control "
-            "always runs"
+            f"the cells to run, comma-separated: 1 to {len(SCENARIOS)} (two peers), R1 to "
+            f"R{len(ROUTED_SCENARIOS)} (a group call through a routing hub), two-party, routed "
+            "or all (default); each family's control always runs"
         ),
     )
 
 
 def cell_selection(text: str) -> tuple[list[int], list[int]]:
-    """``--cells``: comma-separated cell numbers (``1``..``8``, ``R1``..``R6``), ``two-party``,
+    """``--cells``: comma-separated cell numbers (``1``..``8``, ``R1``..``R9``), ``two-party``,
     ``routed`` or ``all``; the indexes of the two-party and routed cells chosen, each family's
     control added (without it a family proves nothing)."""
     classic: set[int] = set()

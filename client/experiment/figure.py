@@ -2,7 +2,10 @@
 
 One row per cell: what the experiment measured and its verdict, then 20 ms of alice's tone as
 she sent it, as bob heard it and as the hub recovered it, and the last picture of her test
-pattern that the hub decoded, large enough to read its frame number (or "no frame").
+pattern that the hub decoded, large enough to read its frame number (or "no frame"). A row
+with more than one sender (a routed cell: three members) splits each of those panels into one
+strip per sender, named in the strip: each member's tone as sent, as another member heard it
+and as the hub recovered it, and the hub's last picture of each member's pattern.
 
 Only the experiment imports this module: matplotlib is the ``demo`` extra, which no product
 command needs. It uses matplotlib's object API (``Figure``), not pyplot, so that drawing keeps
@@ -40,6 +43,7 @@ ROW_HEIGHT = 2.2
 PANEL_HEIGHT = 1.8
 HEADER_HEIGHT = 1.0
 GAP = 0.2
+STRIP_GAP = 0.06  # between the strips of a row with several senders
 FILES = ("figure.png", "figure.svg")
 LABEL_CHARACTERS = 46  # of 10-point text in a line of the label column
 LINE_SPACING = 1.3
@@ -58,6 +62,21 @@ class FigureRow:
     recovered: Sequence[int]
     picture: Image.Image | None  # the hub's last decoded picture of alice's pattern
     picture_caption: str
+    # With more than one, the row shows these instead of sent, heard, recovered and picture.
+    senders: Sequence[SenderPanels] = ()
+
+
+@dataclass(frozen=True)
+class SenderPanels:
+    """One sender of a row with several: its tone as sent, as ``listener`` heard it and as
+    the hub recovered it, and the hub's last picture of its pattern."""
+
+    name: str
+    sent: Sequence[int]
+    listener: str | None
+    heard: Sequence[int]
+    recovered: Sequence[int]
+    picture: Image.Image | None
 
 
 def window(samples: Sequence[int]) -> list[float]:
@@ -92,7 +111,7 @@ def draw_figure(rows: Sequence[FigureRow], valid: bool) -> Figure:
         va="center",
     )
     columns = (
-        ("sent by alice (20 ms of 440 Hz)", WAVE_WIDTH),
+        ("sent by alice (20 ms of 440 Hz), or each", WAVE_WIDTH),
         ("heard by bob", WAVE_WIDTH),
         ("recovered by the hub", WAVE_WIDTH),
         ("video the hub decoded", PICTURE_WIDTH),
@@ -105,6 +124,9 @@ def draw_figure(rows: Sequence[FigureRow], valid: bool) -> Figure:
         top = HEADER_HEIGHT + index * ROW_HEIGHT
         _draw_label(place(GAP, top, LABEL_WIDTH - 2 * GAP), row)
         left = LABEL_WIDTH
+        if len(row.senders) > 1:
+            _draw_senders(figure, width, height, top, row)
+            continue
         for samples, color, empty in (
             (row.sent, SENT, ""),
             (row.heard, HEARD, "nothing heard"),
@@ -114,6 +136,46 @@ def draw_figure(rows: Sequence[FigureRow], valid: bool) -> Figure:
             left += WAVE_WIDTH + GAP
         _draw_picture(place(left, top, PICTURE_WIDTH), row.picture, row.picture_caption)
     return figure
+
+
+def _draw_senders(figure: Figure, width: float, height: float, top: float, row: FigureRow) -> None:
+    """Each column's panel as one strip per sender (stacked; side by side for the pictures)."""
+    count = len(row.senders)
+    strip = (PANEL_HEIGHT - STRIP_GAP * (count - 1)) / count
+
+    def place(left: float, strip_top: float, panel_width: float, panel_height: float) -> Axes:
+        bottom = height - strip_top - panel_height
+        return figure.add_axes(
+            (left / width, bottom / height, panel_width / width, panel_height / height)
+        )
+
+    for index, sender in enumerate(row.senders):
+        strip_top = top + index * (strip + STRIP_GAP)
+        left = LABEL_WIDTH
+        heard_as = f"{sender.name} at {sender.listener}" if sender.listener else sender.name
+        for samples, color, empty, name in (
+            (sender.sent, SENT, "", sender.name),
+            (sender.heard, HEARD, "nothing heard", heard_as),
+            (sender.recovered, RECOVERED, "nothing recovered", sender.name),
+        ):
+            axes = place(left, strip_top, WAVE_WIDTH, strip)
+            _draw_wave(axes, samples, color, empty, small=True)
+            axes.text(
+                0.01,
+                0.95,
+                name,
+                fontsize=8,
+                color=QUIET,
+                va="top",
+                transform=axes.transAxes,
+                bbox={"facecolor": PANEL_BACKGROUND, "edgecolor": "none", "pad": 1},
+            )
+            left += WAVE_WIDTH + GAP
+    picture_width = (PICTURE_WIDTH - STRIP_GAP * (count - 1)) / count
+    left = LABEL_WIDTH + 3 * (WAVE_WIDTH + GAP)
+    for index, sender in enumerate(row.senders):
+        axes = place(left + index * (picture_width + STRIP_GAP), top, picture_width, PANEL_HEIGHT)
+        _draw_picture(axes, sender.picture, sender.name, small=True)
 
 
 def _draw_label(axes: Axes, row: FigureRow) -> None:
@@ -153,7 +215,9 @@ def _draw_label(axes: Axes, row: FigureRow) -> None:
         below += (text.count("\n") + 1) * size * LINE_SPACING + size * 0.6
 
 
-def _draw_wave(axes: Axes, samples: Sequence[int], color: str, empty: str) -> None:
+def _draw_wave(
+    axes: Axes, samples: Sequence[int], color: str, empty: str, *, small: bool = False
+) -> None:
     axes.set_facecolor(PANEL_BACKGROUND)
     axes.set_xticks([])
     axes.set_yticks([])
@@ -162,12 +226,22 @@ def _draw_wave(axes: Axes, samples: Sequence[int], color: str, empty: str) -> No
     axes.axhline(0, color=QUIET, linewidth=0.5)
     values = window(samples)
     if values:
-        axes.plot(values, color=color, linewidth=1.2)
+        axes.plot(values, color=color, linewidth=0.8 if small else 1.2)
     else:
-        axes.text(0.5, 0.7, empty, color=QUIET, fontsize=11, ha="center", transform=axes.transAxes)
+        axes.text(
+            0.5,
+            0.4 if small else 0.7,
+            empty,
+            color=QUIET,
+            fontsize=8 if small else 11,
+            ha="center",
+            transform=axes.transAxes,
+        )
 
 
-def _draw_picture(axes: Axes, picture: Image.Image | None, caption: str) -> None:
+def _draw_picture(
+    axes: Axes, picture: Image.Image | None, caption: str, *, small: bool = False
+) -> None:
     axes.set_xticks([])
     axes.set_yticks([])
     if picture is not None:
@@ -177,9 +251,9 @@ def _draw_picture(axes: Axes, picture: Image.Image | None, caption: str) -> None
         axes.text(
             0.5,
             0.5,
-            "no frame",
+            "no\nframe" if small else "no frame",
             color=NOT_AS_EXPECTED,
-            fontsize=16,
+            fontsize=11 if small else 16,
             fontweight="bold",
             ha="center",
             va="center",

@@ -14,9 +14,10 @@ contracts in pyproject.toml forbid product modules to import this package):
   no pin check and nobody compares the SAS.
 - ``VERIFIED``: plus pinned identities and the SAS: the product itself.
 
-A group call (``client.group_call.GroupCall``) has two of these: ``VERIFIED``, the product's
-``GroupParts()``, and ``PLAIN``, whose members still run the key agreements and hand each other
-sender keys but send and accept every frame in the clear (the routed cells' control).
+A group call (``client.group_call.GroupCall``) has three of these: ``VERIFIED``, the product's
+``GroupParts()`` with pinned identities; ``SEALED``, the same with identities nobody pinned
+(``--verify tofu``); and ``PLAIN``, whose members still run the key agreements and hand each
+other sender keys but send and accept every frame in the clear (the routed cells' control).
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ class Layers(enum.Enum):
         return CallParts(session=session.make)
 
     def group_parts(self) -> GroupParts:
-        """The group call's frame protection for these layers: ``PLAIN`` or the product's."""
+        """The group call's frame protection for these layers: ``PLAIN``, or the product's for
+        ``SEALED`` (the members then accept unpinned keys, ``--verify tofu``, and nobody
+        compares the security code) and ``VERIFIED``."""
         if self is Layers.PLAIN:
             return GroupParts(sender=PlainGroupSender, receiver=PlainGroupReceiver)
-        if self is Layers.VERIFIED:
+        if self in (Layers.SEALED, Layers.VERIFIED):
             return GroupParts()
         raise ValueError(f"a group call has no {self.value} layers")
 

@@ -21,6 +21,7 @@ control does not give back every member's tone and picture, the routed cells pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import fractions
 import json
@@ -29,7 +30,7 @@ import time
 from array import array
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,11 @@ from client.group_call import GroupCall, GroupStats
 from client.media import SAMPLE_RATE, PatternTrack, ToneTrack, read_pattern_number
 from client.session import CallError, Verify
 from crypto.identity import IdentityKey, KnownPeers
-from signaling.hub import Limits
+from crypto.sender_keys import SenderKeyReceiver
+from signaling.hub import Delivery, Limits
 from signaling.media_routing import MediaRouter
 from signaling.media_server import MediaServer
-from signaling.protocol import PeerId
+from signaling.protocol import MediaTracks, PeerId, PeerJoined, PeerLeft, RelayFrom, Welcome
 from signaling.recording import MediaRecorder
 from signaling.server import HubServer
 
@@ -79,6 +81,8 @@ class RoutedAttack(enum.Enum):
     SPLICE = "splice"
     REPLAY = "replay+reorder"
     LEAVE = "leave-collusion"
+    GHOST = "ghost"
+    SPLIT = "roster-split"
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,18 @@ ROUTED_SCENARIOS: tuple[RoutedScenario, ...] = (
     RoutedScenario(Layers.VERIFIED, RoutedAttack.SPLICE),
     RoutedScenario(Layers.VERIFIED, RoutedAttack.REPLAY),
     RoutedScenario(Layers.VERIFIED, RoutedAttack.LEAVE),
+    RoutedScenario(Layers.VERIFIED, RoutedAttack.GHOST),
+    RoutedScenario(Layers.SEALED, RoutedAttack.GHOST),
+    RoutedScenario(Layers.VERIFIED, RoutedAttack.SPLIT),
 )
+GHOST = "ghost"
+# Who the hub keeps out of whose view, by order of joining (alice 0, bob 1, carol 2, the ghost
+# 3), both ways: the ghost is shown to alice and bob but not to carol; in the split, bob and
+# carol never learn of each other.
+HIDDEN: dict[RoutedAttack, frozenset[frozenset[int]]] = {
+    RoutedAttack.GHOST: frozenset({frozenset({2, 3})}),
+    RoutedAttack.SPLIT: frozenset({frozenset({1, 2})}),
+}
 
 
 # -- the hostile routing hub
@@ -123,6 +138,7 @@ class FrameAttack:
         self.target: PeerId | None = None
         # (subscriber, kind, what) -> frames; what: "silence", "keyframe", "bit-flip", ...
         self.counts: dict[tuple[PeerId, str, str], int] = defaultdict(int)
+        self.hidden: Callable[[PeerId, PeerId], bool] = lambda recipient, subject: False
 
     def frame(
         self,
@@ -138,7 +154,8 @@ class FrameAttack:
     def routes(
         self, publisher: PeerId, routes: tuple[tuple[PeerId, int], ...]
     ) -> tuple[tuple[PeerId, int], ...]:
-        return routes
+        """No frames of a member to those the hub hides it from."""
+        return tuple(route for route in routes if not self.hidden(route[0], publisher))
 
     def total(self, what: str) -> int:
         return sum(count for (_, _, done), count in self.counts.items() if done == what)
@@ -187,6 +204,53 @@ class HostileMediaServer(MediaServer):
 
     def subscribers(self, publisher: PeerId) -> list[PeerId]:
         return [subscriber for subscriber, _ in MediaRouter.routes(self.router, publisher)]
+
+
+class HidingHubServer(HubServer):
+    """The honest websockets server of a routing hub, except that it keeps members out of each
+    other's view (``hide``: pairs of join positions, 0 for the first member to join): it drops
+    the ``peer-joined``, ``peer-left`` and relays between a hidden pair, takes each out of the
+    other's ``welcome`` and ``media-tracks``, and (through ``FrameAttack.hidden``) its media off
+    the other's routes. The routing core and the media server stay the honest ones."""
+
+    def __init__(self, media: HostileMediaServer, hide: frozenset[frozenset[int]]) -> None:
+        super().__init__(media=media)
+        self.joined: list[PeerId] = []  # in the order they joined
+        self.dropped: dict[str, int] = defaultdict(int)  # by message type
+        self._hide = hide
+        media.attack.hidden = self.hidden
+
+    def hidden(self, recipient: PeerId, subject: PeerId) -> bool:
+        if recipient not in self.joined or subject not in self.joined:
+            return False
+        pair = frozenset({self.joined.index(recipient), self.joined.index(subject)})
+        return pair in self._hide
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        kept = [shown for shown in map(self._shown, deliveries) if shown is not None]
+        super().deliver(kept)
+
+    def _shown(self, delivery: Delivery) -> Delivery | None:
+        message, recipient = delivery.message, delivery.recipient
+        if isinstance(message, Welcome):
+            self.joined.append(recipient)
+            peers = tuple(peer for peer in message.peers if not self.hidden(recipient, peer))
+            self.dropped["welcome-peers"] += len(message.peers) - len(peers)
+            return replace(delivery, message=replace(message, peers=peers))
+        if isinstance(message, MediaTracks):
+            tracks = tuple(t for t in message.tracks if not self.hidden(recipient, t.peer_id))
+            return replace(delivery, message=MediaTracks(tracks))
+        subject = (
+            message.peer_id
+            if isinstance(message, PeerJoined | PeerLeft)
+            else message.sender
+            if isinstance(message, RelayFrom)
+            else None
+        )
+        if subject is not None and self.hidden(recipient, subject):
+            self.dropped[message.TYPE] += 1
+            return None
+        return delivery
 
 
 def _vp8_keyframe() -> bytes:
@@ -334,6 +398,8 @@ ATTACKS: dict[RoutedAttack, Callable[[], FrameAttack]] = {
     RoutedAttack.SPLICE: SpliceFrames,
     RoutedAttack.REPLAY: ReplayAndReorder,
     RoutedAttack.LEAVE: FrameAttack,
+    RoutedAttack.GHOST: FrameAttack,
+    RoutedAttack.SPLIT: FrameAttack,
 }
 
 
@@ -434,6 +500,7 @@ class MemberOutcome:
     roster: dict[str, str]  # name -> pin status, as the member saw it
     received: dict[str, dict[str, dict[str, Any]]]  # from -> kind -> receiver counters
     samples: dict[str, array[int]] = field(repr=False, default_factory=dict)
+    detections: dict[str, int] = field(default_factory=dict)  # of its pairwise sessions
 
     def rejected(self, name: str, kind: str) -> int:
         """Frames of ``name``'s ``kind`` this member never decoded: failed to decrypt, or held
@@ -450,6 +517,7 @@ class MemberOutcome:
             "security_code": self.security_code,
             "roster": self.roster,
             "received": self.received,
+            "detections": self.detections,
         }
 
 
@@ -465,6 +533,9 @@ class RoutedCell:
     # Leave collusion: frames the leaver's keys decrypted among those sent more than 1 s after
     # the hub announced the leave, and what the hub made of them.
     after_leave: dict[str, Any] | None = None
+    # Ghost participant: what the hub's own member got (rosters that show it, frames it
+    # decrypted, what its keys open of what the hub recorded before it joined).
+    ghost: dict[str, Any] | None = None
 
     @property
     def senders(self) -> list[str]:
@@ -510,11 +581,20 @@ class RoutedCell:
                         found.add("media-alteration-rejected")
                     if counters.get("malformed") or counters.get("unknown_key"):
                         found.add("media-foreign-frame-rejected")
-        # Among the members in the call at its end (one who left saw a roster that had changed).
-        codes = {m.security_code for m in self.members.values() if m.outcome == "duration"}
-        if len(codes) > 1:
+            found |= set(member.detections)
+        if self.distinct_codes > 1:
             found.add("security-code-mismatch")
         return sorted(found)
+
+    @property
+    def distinct_codes(self) -> int:
+        """How many different security codes the members in the call at its end were shown (one
+        who left saw a roster that had changed): more than one is what comparing them exposes."""
+        return len({m.security_code for m in self.members.values() if m.outcome == "duration"})
+
+    def roster_of(self, name: str) -> set[str]:
+        member = self.members.get(name)
+        return set(member.roster) if member is not None else set()
 
     def attacked_all_rejected(self) -> bool:
         """Every member rejected, of the target's streams, exactly the frames the hub made or
@@ -583,6 +663,19 @@ class RoutedCell:
                 "PROTECTED: every replayed frame rejected, every reordered one decrypted; "
                 "counts exact"
             )
+        if attack is RoutedAttack.GHOST:
+            return self._judge_ghost(heard and nothing)
+        if attack is RoutedAttack.SPLIT:
+            split = (
+                self.roster_of(ALICE) == {BOB, CAROL}
+                and self.roster_of(BOB) == {ALICE}
+                and self.roster_of(CAROL) == {ALICE}
+            )
+            ok = heard and nothing and split and self.distinct_codes == len(MEMBERS)
+            return ok, (
+                "DETECTED: the hub hid bob and carol from each other; the three members were "
+                "shown three different security codes, which comparing them aloud exposes"
+            )
         assert attack is RoutedAttack.LEAVE
         leave = self.after_leave or {}
         ok = (
@@ -595,6 +688,34 @@ class RoutedCell:
         return ok, (
             "PROTECTED: with the keys of the member who left, the hub decrypts nothing sent "
             "more than 1 s after the leave was announced"
+        )
+
+    def _judge_ghost(self, protected: bool) -> tuple[bool, str]:
+        ghost = self.ghost or {}
+        before = ghost.get("before_join", {})
+        # What the hub recorded before the ghost joined stays closed to the ghost's keys.
+        untouched = before.get("frames", 0) > 0 and before.get("decrypted") == 0
+        decrypted = ghost.get("decrypted", {})
+        if self.scenario.layers is Layers.VERIFIED:
+            refused = all(
+                self.members[name].detections.get("identity-refused", 0) > 0
+                for name in ghost.get("shown_to", ())
+            )
+            ok = protected and untouched and refused and bool(ghost.get("shown_to"))
+            ok = ok and not ghost.get("on_rosters") and not any(decrypted.values())
+            ok = ok and self.distinct_codes == 1
+            return ok, (
+                "REFUSED before any key: members with pinned identities refused the hub's own "
+                "member; it decrypted nothing, no roster shows it, the security codes agree"
+            )
+        shown = ghost.get("on_rosters") == {name: "NEW" for name in ghost.get("shown_to", ())}
+        ok = protected and untouched and shown and bool(ghost.get("shown_to"))
+        ok = ok and not any(n for name, n in decrypted.items() if name not in ghost["shown_to"])
+        ok = ok and self.distinct_codes > 1
+        return ok, (
+            "DETECTED, not prevented: the hub's member is NEW on the rosters of those it was "
+            "shown to, whose security code then differs; it opens nothing of the others' or "
+            "from before it joined"
         )
 
     @property
@@ -628,6 +749,8 @@ class RoutedCell:
             "hub": {name: stream.as_dict() for name, stream in self.hub.items()},
             "hub_attack": self.attack,
             "after_leave": self.after_leave,
+            "ghost": self.ghost,
+            "security_codes_distinct": self.distinct_codes,
             "seconds": round(self.seconds, 2),
         }
 
@@ -647,9 +770,10 @@ def _identities(layers: Layers) -> dict[str, tuple[IdentityKey, KnownPeers]]:
     return {name: (keys[name], known[name]) for name in MEMBERS}
 
 
-def _heard_everyone(call: GroupCall) -> bool:
+def _heard_everyone(call: GroupCall, visible: int) -> bool:
+    """``call`` heard each of the ``visible`` other members (those the hub does not hide)."""
     received = call.received
-    return len(received) == len(MEMBERS) - 1 and all(
+    return len(received) == visible and all(
         len(media.samples) >= HEARD_SAMPLES and media.pattern_numbers for media in received.values()
     )
 
@@ -693,6 +817,7 @@ def _member_outcome(
             for peer, m in stats.members.items()
         },
         samples=samples,
+        detections=dict(call.session.detections) if call.session is not None else {},
     )
 
 
@@ -744,35 +869,57 @@ async def run_routed_cell(
         recorder=MediaRecorder(directory, clock=time.monotonic),
         attack=attack,
     )
-    server = HubServer(media=media)
+    hide = HIDDEN.get(scenario.attack, frozenset())
+    server = HidingHubServer(media, hide)
     await server.start()
     identities = _identities(scenario.layers)
     verify = Verify.PINNED if scenario.layers is Layers.VERIFIED else Verify.TOFU
-    calls = {
-        name: GroupCall(
-            CallConfig(
-                room=room,
-                hub_url=server.url,
-                name=name,
-                identity=identities[name][0],
-                known_peers=identities[name][1],
-                tracks=[ToneTrack(GROUP_TONES[name]), PatternTrack()],
-                verify=verify,
-                setup_timeout=SETUP_TIMEOUT,
-            ),
-            parts=scenario.layers.group_parts(),
+    parts = scenario.layers.group_parts()
+
+    def member(
+        name: str,
+        identity: IdentityKey,
+        known: KnownPeers,
+        tracks: list[Any],
+        verify: Verify = verify,
+    ) -> GroupCall:
+        config = CallConfig(
+            room=room,
+            hub_url=server.url,
+            name=name,
+            identity=identity,
+            known_peers=known,
+            tracks=tracks,
+            verify=verify,
+            setup_timeout=SETUP_TIMEOUT,
         )
+        return GroupCall(config, parts=parts)
+
+    calls = {
+        name: member(name, *identities[name], [ToneTrack(GROUP_TONES[name]), PatternTrack()])
         for name in MEMBERS
     }
-    tasks = {name: asyncio.create_task(call.run()) for name, call in calls.items()}
+    visible = {
+        name: sum(1 for j in range(len(MEMBERS)) if j != i and frozenset({i, j}) not in hide)
+        for i, name in enumerate(MEMBERS)
+    }
+    tasks: dict[str, asyncio.Task[GroupStats]] = {}
     results: dict[str, GroupStats | BaseException] = {}
     extra: dict[str, Any] = {}
     leaver: dict[str, Any] = {}
     ids: dict[str, PeerId] = {}
+    ghost: _Ghost | None = None
     try:
+        for name, call in calls.items():
+            tasks[name] = asyncio.create_task(call.run())
+            if hide:
+                # One after the other, so that the hub tells the members apart by when they
+                # joined. (Only here: a member that joins later gets a frame or two of the
+                # others' under the key before its join, which the other cells would count.)
+                await _until(lambda: len(server.joined) == len(tasks), SETUP_TIMEOUT)
         await _until(
             lambda: (
-                all(_heard_everyone(c) for c in calls.values())
+                all(_heard_everyone(c, visible[n]) for n, c in calls.items())
                 or any(t.done() for t in tasks.values())
             ),
             SETUP_TIMEOUT,
@@ -781,6 +928,20 @@ async def run_routed_cell(
         ids = {name: peer for peer, name in names.items()}
         if scenario.attack is RoutedAttack.LEAVE:
             leaver = await _leave(calls, tasks, results, ids, seconds)
+        elif scenario.attack is RoutedAttack.GHOST:
+            # The hub's own member: its own identity key, which nobody pinned, no media, and
+            # it accepts anyone (it wants the members' keys).
+            key = IdentityKey.generate(os.urandom)
+            ghost = _Ghost(member(GHOST, key, KnownPeers(), [], Verify.TOFU))
+            ghost.task = asyncio.create_task(ghost.call.run())
+            await _until(lambda: len(server.joined) > len(MEMBERS), SETUP_TIMEOUT)
+            ghost.peer = server.joined[len(MEMBERS)]
+            shown = [name for name in MEMBERS if not server.hidden(ids[name], ghost.peer)]
+            with contextlib.suppress(TimeoutError):  # judged from the numbers either way
+                await _until(lambda: all(ghost.settled(calls[n]) for n in shown), SETUP_TIMEOUT)
+            await asyncio.sleep(seconds)
+            ghost.receivers = dict(ghost.call.receivers)
+            ghost.shown_to = shown
         else:
             attack.target = ids.get(ALICE)
             if isinstance(attack, SpliceFrames):
@@ -793,6 +954,10 @@ async def run_routed_cell(
     finally:
         for call in calls.values():
             call.hangup("duration")
+        if ghost is not None:
+            ghost.call.hangup("duration")
+            with contextlib.suppress(CallError):
+                await ghost.task
         for name, task in tasks.items():
             if name not in results:
                 try:
@@ -812,6 +977,14 @@ async def run_routed_cell(
         summary["victim_heard_source_as_target"] = round(_most_of(samples, GROUP_TONES[BOB]), 4)
     after_leave = _after_leave(directory, room, ids, leaver) if leaver else None
     extra.update(summary)
+    if hide:
+        extra["hidden"] = {
+            "pairs": [
+                sorted((*MEMBERS, GHOST)[position] for position in pair)
+                for pair in sorted(hide, key=sorted)
+            ],
+            "dropped": dict(server.dropped),
+        }
     return RoutedCell(
         scenario=scenario,
         members=members,
@@ -819,7 +992,78 @@ async def run_routed_cell(
         attack=extra,
         seconds=time.monotonic() - started,
         after_leave=after_leave,
+        ghost=None if ghost is None else ghost.outcome(directory, room, ids, members),
     )
+
+
+@dataclass
+class _Ghost:
+    """The member the hub adds to the room itself, and what it got."""
+
+    call: GroupCall
+    task: asyncio.Task[GroupStats] = field(init=False)
+    peer: PeerId = field(init=False)
+    joined: float = field(default_factory=time.monotonic)  # before it joined, in fact
+    shown_to: list[str] = field(default_factory=list)
+    receivers: dict[PeerId, SenderKeyReceiver] = field(default_factory=dict)
+
+    def settled(self, member: GroupCall) -> bool:
+        """``member`` let the ghost in, or refused it."""
+        session = member.session
+        return session is not None and (
+            any(entry.peer == self.peer for entry in session.roster)
+            or session.detections["identity-refused"] > 0
+        )
+
+    def outcome(
+        self, directory: Path, room: str, ids: dict[str, PeerId], members: dict[str, MemberOutcome]
+    ) -> dict[str, Any]:
+        stats = self.call.stats.members
+        # Frames it decrypted of each member's (a frame counts once decrypted, held first or not).
+        decrypted = {
+            name: stats[peer].audio.get("frames", 0) + stats[peer].video.get("frames", 0)
+            if (peer := ids.get(name, PeerId(""))) in stats
+            else 0
+            for name in MEMBERS
+        }
+        heard = {
+            name: round(_heard(self.call.received[ids[name]].samples, GROUP_TONES[name]), 4)
+            for name in MEMBERS
+            if ids.get(name) in self.call.received
+        }
+        return {
+            "shown_to": self.shown_to,
+            "on_rosters": {
+                name: member.roster[GHOST]
+                for name, member in members.items()
+                if GHOST in member.roster
+            },
+            "decrypted": decrypted,
+            "heard": heard,
+            "before_join": self._before_join(directory, room, ids),
+        }
+
+    def _before_join(self, directory: Path, room: str, ids: dict[str, PeerId]) -> dict[str, int]:
+        """What the ghost's keys open of every frame the hub recorded before it joined."""
+        frames = decrypted = 0
+        for name in MEMBERS:
+            for kind in KINDS:
+                path = directory / f"{room}.{ids.get(name)}.{kind}.mkv"
+                if not path.exists():
+                    continue
+                sidecar = path.with_suffix(".jsonl").read_text().splitlines()
+                arrivals = [json.loads(line)["arrival"] for line in sidecar]
+                before = [
+                    frame
+                    for at, frame in zip(arrivals, recorded_frames(path), strict=True)
+                    if at < self.joined
+                ]
+                frames += len(before)
+                receiver = self.receivers.get(ids[name])
+                if receiver is not None:
+                    unprotect = receiver.transform(kind)
+                    decrypted += sum(unprotect(frame) is not None for frame in before)
+        return {"frames": frames, "decrypted": decrypted}
 
 
 def _attack_summary(attack: FrameAttack, names: dict[PeerId, str]) -> dict[str, Any]:

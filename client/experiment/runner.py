@@ -32,7 +32,7 @@ from typing import Any
 
 from client.call import Call, CallConfig, CallStats
 from client.experiment.analysis import middle_second, tone_correlation
-from client.experiment.figure import FigureRow, draw_figure, write_figure
+from client.experiment.figure import FigureRow, SenderPanels, draw_figure, write_figure
 from client.experiment.hostile_hub import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
 from client.experiment.layers import Layers
 from client.experiment.media_mitm import (
@@ -45,6 +45,7 @@ from client.experiment.media_mitm import (
     RecoveredVideo,
     write_wav,
 )
+from client.experiment.page import CellSection, Media, render, write_page
 from client.experiment.routed import (
     GROUP_TONES,
     MEMBERS,
@@ -180,6 +181,8 @@ class Cell:
     heard: array[int] = field(repr=False)
     hub_recovered: dict[Direction, tuple[RecoveredAudio, RecoveredVideo]] = field(repr=False)
     mitm: MediaMitm | None = field(repr=False, default=None)
+    # What each peer heard of the other, for the files and the page.
+    heard_by: dict[str, array[int]] = field(repr=False, default_factory=dict)
 
     @property
     def recovered(self) -> array[int]:
@@ -309,6 +312,32 @@ class Cell:
         }
 
 
+TABLE_HEADER: tuple[str, ...] = (
+    "#",
+    "layers",
+    "attack",
+    "peers",
+    "hub audio",
+    "hub s",
+    "hub video",
+    "detected",
+)
+
+
+def table_row(number: str, cell: Cell | RoutedCell) -> tuple[str, ...]:
+    """A cell's row of the table (text and HTML alike)."""
+    return (
+        number,
+        cell.scenario.layers.value,
+        cell.scenario.attack_name,
+        f"{cell.peer_audio_correlation:.2f}",
+        f"{cell.hub_audio_correlation:.2f}",
+        f"{cell.hub_audio_seconds:.1f}",
+        str(cell.hub_decoded_video_frames),
+        ", ".join(cell.detected) or "-",
+    )
+
+
 @dataclass
 class Report:
     cells: list[Cell]
@@ -352,22 +381,10 @@ class Report:
         }
 
     def table(self) -> str:
-        header = ("#", "layers", "attack", "peers", "hub audio", "hub s", "hub video", "detected")
-        rows = [header]
+        rows = [TABLE_HEADER]
         for index, cell in enumerate(self.cells, 1):
-            rows.append(
-                (
-                    str(index),
-                    cell.scenario.layers.value,
-                    cell.scenario.attack_name,
-                    f"{cell.peer_audio_correlation:.2f}",
-                    f"{cell.hub_audio_correlation:.2f}",
-                    f"{cell.hub_audio_seconds:.1f}",
-                    str(cell.hub_decoded_video_frames),
-                    ", ".join(cell.detected) or "-",
-                )
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+            rows.append(table_row(str(index), cell))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
         lines = [
             "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
             for row in rows
@@ -412,22 +429,10 @@ class Report:
         return "\n".join(lines)
 
     def _routed_table(self) -> list[str]:
-        header = ("#", "layers", "attack", "peers", "hub audio", "hub s", "hub video", "detected")
-        rows = [header]
+        rows = [TABLE_HEADER]
         for index, cell in enumerate(self.routed, 1):
-            rows.append(
-                (
-                    f"R{index}",
-                    cell.scenario.layers.value,
-                    cell.scenario.attack_name,
-                    f"{cell.peer_audio_correlation:.2f}",
-                    f"{cell.hub_audio_correlation:.2f}",
-                    f"{cell.hub_audio_seconds:.1f}",
-                    str(cell.hub_decoded_video_frames),
-                    ", ".join(cell.detected) or "-",
-                )
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+            rows.append(table_row(f"R{index}", cell))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
         lines = [
             "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
             for row in rows
@@ -463,6 +468,21 @@ class Report:
                 lines.append(
                     f"      the leaver's keys open {leave['decrypted']} of {leave['frames']} "
                     f"frames sent more than 1 s after the leave"
+                )
+            hidden = cell.attack.get("hidden")
+            if hidden is not None:
+                pairs = "; ".join(" and ".join(pair) for pair in hidden["pairs"])
+                dropped = ", ".join(f"{what} x{n}" for what, n in hidden["dropped"].items())
+                lines.append(f"      hub hid from each other: {pairs} (dropped {dropped})")
+            if cell.ghost is not None:
+                ghost = cell.ghost
+                rosters = ", ".join(f"{n} {s}" for n, s in ghost["on_rosters"].items()) or "none"
+                opened = ", ".join(f"{n} {c}" for n, c in ghost["decrypted"].items())
+                before = ghost["before_join"]
+                lines.append(
+                    f"      ghost shown to {', '.join(ghost['shown_to'])}; on the rosters of: "
+                    f"{rosters}; frames it decrypted: {opened}; its keys open "
+                    f"{before['decrypted']} of the {before['frames']} recorded before it joined"
                 )
             codes = {name: m.security_code for name, m in cell.members.items() if m.completed}
             if codes:
@@ -687,6 +707,7 @@ def _measure(
         heard=calls[BOB].received.samples,
         hub_recovered=hub_recovered,
         mitm=mitm,
+        heard_by={name: call.received.samples for name, call in calls.items()},
     )
     if cell.sas_differs:
         cell.detected = sorted({*cell.detected, "sas-mismatch"})
@@ -763,32 +784,81 @@ def _file_stem(index: int, cell: Cell) -> str:
 
 
 def write_outputs(report: Report, directory: Path) -> list[Path]:
-    """report.json, the hub's recovered WAV and PNG files, and the figure as PNG and SVG;
-    returns the paths."""
+    """report.json, the figure as PNG and SVG, and index.html with, per cell, WAV files of what
+    each peer heard and of what the hub recovered, and PNG files of the hub's last picture of
+    each stream it decoded; returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
+
+    def wav(name: str, samples: array[int], sample_rate: int = SAMPLE_RATE) -> str | None:
+        if not samples:
+            return None
+        written.append(directory / name)
+        write_wav(written[-1], RecoveredAudio(samples, sample_rate, 0, 0))
+        return name
+
+    def png(name: str, video: RecoveredVideo | None) -> str | None:
+        if video is None or video.last_frame is None:
+            return None
+        written.append(directory / name)
+        video.last_frame.to_image().save(written[-1])
+        return name
+
+    sections = []
     for index, cell in enumerate(report.cells, 1):
+        stem = _file_stem(index, cell)
+        section = _section(str(index), cell.scenario.name, cell)
+        for name, other in ((ALICE, BOB), (BOB, ALICE)):
+            heard = wav(f"{stem}-{name}-heard.wav", cell.heard_by.get(name, array("h")))
+            if heard is not None:
+                section.audio.append(Media(f"{name} heard {other} ({TONES[other]:g} Hz)", heard))
         for direction, (audio, video) in cell.hub_recovered.items():
-            stem = f"{_file_stem(index, cell)}-hub-{direction.value}"
-            if audio.samples:
-                written.append(directory / f"{stem}.wav")
-                write_wav(written[-1], audio)
-            if video.last_frame is not None:
-                written.append(directory / f"{stem}.png")
-                video.last_frame.to_image().save(written[-1])
+            speaker = ALICE if direction is Direction.OFFERER_TO_ANSWERER else BOB
+            stem_direction = f"{stem}-hub-{direction.value}"
+            recovered = wav(f"{stem_direction}.wav", audio.samples, audio.sample_rate)
+            if recovered is not None:
+                section.audio.append(Media(f"the hub recovered {speaker}", recovered))
+            picture = png(f"{stem_direction}.png", video)
+            if picture is not None:
+                section.pictures.append(Media(f"the hub's last picture of {speaker}", picture))
+        if not cell.hub_recovered:
+            section.no_picture = "the hub was not in the media path"
+        sections.append(section)
     for index, routed_cell in enumerate(report.routed, 1):
-        stem = f"R{index}-{routed_cell.scenario.layers.value}-{routed_cell.scenario.attack_name}"
-        for name, stream in routed_cell.hub.items():
-            if stream.audio.samples:
-                written.append(directory / f"{stem}-hub-{name}.wav")
-                write_wav(written[-1], stream.audio)
-            if stream.video.last_frame is not None:
-                written.append(directory / f"{stem}-hub-{name}.png")
-                stream.video.last_frame.to_image().save(written[-1])
+        scenario = routed_cell.scenario
+        stem = f"R{index}-{scenario.layers.value}-{scenario.attack_name}"
+        section = _section(f"R{index}", scenario.name, routed_cell)
+        for listener, member in routed_cell.members.items():
+            for speaker, samples in member.samples.items():
+                heard = wav(f"{stem}-{listener}-heard-{speaker}.wav", samples)
+                if heard is not None and speaker in GROUP_TONES:
+                    tone = f"{GROUP_TONES[speaker]:g} Hz"
+                    section.audio.append(Media(f"{listener} heard {speaker} ({tone})", heard))
+        for name, stream in sorted(
+            routed_cell.hub.items(), key=lambda item: MEMBERS.index(item[0])
+        ):
+            recovered = wav(f"{stem}-hub-{name}.wav", stream.audio.samples)
+            if recovered is not None:
+                section.audio.append(
+                    Media(f"the hub recovered {name} from its recording", recovered)
+                )
+            picture = png(f"{stem}-hub-{name}.png", stream.video)
+            if picture is not None:
+                section.pictures.append(Media(f"the hub's last picture of {name}", picture))
+        sections.append(section)
     report_path = directory / "report.json"
     report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     figure = draw_figure(figure_rows(report), report.valid)
-    return [report_path, *written, *write_figure(figure, directory)]
+    figures = write_figure(figure, directory)
+    rows = [table_row(str(i), c) for i, c in enumerate(report.cells, 1)]
+    rows += [table_row(f"R{i}", c) for i, c in enumerate(report.routed, 1)]
+    page = render(report.valid, TABLE_HEADER, rows, sections, figures[0].name)
+    return [report_path, *written, *figures, write_page(directory, page)]
+
+
+def _section(number: str, title: str, cell: Cell | RoutedCell) -> CellSection:
+    expected, verdict = cell.judge()
+    return CellSection(number, title, verdict, expected)
 
 
 def figure_rows(report: Report) -> list[FigureRow]:
@@ -830,15 +900,30 @@ def figure_rows(report: Report) -> list[FigureRow]:
 
 
 def _routed_row(index: int, cell: RoutedCell) -> FigureRow:
-    """A routed cell's row: alice's tone as sent, as bob heard it, as the hub recovered it from
-    its recording, and the hub's last picture of her pattern."""
+    """A routed cell's row: per member, its tone as sent, as another member heard it, as the hub
+    recovered it from its recording, and the hub's last picture of its pattern."""
     expected, verdict = cell.judge()
-    alice = cell.hub.get(MEMBERS[0])
-    bob = cell.members.get(MEMBERS[1])
-    video = alice.video if alice is not None else None
+    senders = []
+    for name in MEMBERS:
+        stream = cell.hub.get(name)
+        listener = _listener(cell, name)
+        video = stream.video if stream is not None else None
+        senders.append(
+            SenderPanels(
+                name=name,
+                sent=tone_samples(GROUP_TONES[name], 0, SAMPLE_RATE),
+                listener=listener,
+                heard=cell.members[listener].samples[name] if listener else array("h"),
+                recovered=stream.audio.samples if stream is not None else array("h"),
+                picture=None
+                if video is None or video.last_frame is None
+                else video.last_frame.to_image(),
+            )
+        )
     return FigureRow(
-        title=f"R{index}. {cell.scenario.name} (3 members, routed)",
+        title=f"R{index}. {cell.scenario.name}",
         measured=(
+            "3 members, through a routing hub",
             f"tone correlation: members {cell.peer_audio_correlation:.2f}, "
             f"hub {cell.hub_audio_correlation:.2f}",
             f"video frames the hub decoded: {cell.hub_decoded_video_frames}",
@@ -846,11 +931,21 @@ def _routed_row(index: int, cell: RoutedCell) -> FigureRow:
         ),
         verdict=verdict,
         as_expected=expected,
-        sent=tone_samples(GROUP_TONES[MEMBERS[0]], 0, SAMPLE_RATE),
-        heard=bob.samples.get(MEMBERS[0], array("h")) if bob is not None else array("h"),
-        recovered=alice.audio.samples if alice is not None else array("h"),
-        picture=None if video is None or video.last_frame is None else video.last_frame.to_image(),
-        picture_caption="the hub decoded no video"
-        if video is None or video.last_frame is None
-        else f"the last of {video.frames_decoded} frames it decoded from its recording",
+        sent=senders[0].sent,
+        heard=senders[0].heard,
+        recovered=senders[0].recovered,
+        picture=senders[0].picture,
+        picture_caption="the hub's last picture of each member",
+        senders=senders,
     )
+
+
+def _listener(cell: RoutedCell, sender: str) -> str | None:
+    """The member after ``sender`` (in the order they joined, round) that heard it, if any."""
+    start = MEMBERS.index(sender)
+    for step in range(1, len(MEMBERS)):
+        name = MEMBERS[(start + step) % len(MEMBERS)]
+        member = cell.members.get(name)
+        if member is not None and len(member.samples.get(sender, ())) > 0:
+            return name
+    return None
