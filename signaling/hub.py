@@ -206,6 +206,10 @@ class Hub:
         """How many peers are in ``room`` now; 0 for a room that does not exist."""
         return len(self._rooms.get(room, ()))
 
+    def rooms(self) -> dict[str, tuple[PeerId, ...]]:
+        """Every room with its members, oldest first."""
+        return {room: tuple(members) for room, members in self._rooms.items()}
+
     def join_deadline(self, peer: PeerId) -> float | None:
         """When ``peer``, in no room, must be closed (``join-timeout``); None while in a room.
 
@@ -254,6 +258,18 @@ class Hub:
             log = state.bucket.worth_logging(error.code)
             count_error(self.metrics, self._logger, error.code, peer=peer, log=log)
             return [Delivery(peer, ErrorMessage(error.code, error.message), state.room)]
+
+    def refuse(self, peer: PeerId, error: ErrorMessage, now: float) -> list[Delivery]:
+        """Answer a frame of ``peer`` that the edge refused before this core saw it (a join
+        placed on another process of a cluster): it costs a token as any frame does."""
+        state = self._peers[peer]
+        try:
+            state.bucket.spend(self.limits, now)
+        except CodedError as limited:
+            error = ErrorMessage(limited.code, limited.message)
+        log = state.bucket.worth_logging(error.code)
+        count_error(self.metrics, self._logger, error.code, peer=peer, log=log)
+        return [Delivery(peer, error, state.room)]
 
     def _join(self, peer: PeerId, state: _Peer, room: str, now: float) -> list[Delivery]:
         if state.room is not None:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     # Only a hub started with a cluster loads the Redis client, and only a hub that routes
     # media loads aiortc.
     from signaling.cluster_redis import ClusterLink
+    from signaling.media_placement import RoomPlacement
     from signaling.media_server import MediaServer
 
 CLOSE_SLOW_READER: Final = "slow-reader"
@@ -166,7 +167,9 @@ class HubServer:
     the cluster operations they require, one at a time, so they keep their order.
 
     With ``media``, the hub routes media (``blindhub hub --route-media``): its routing core is
-    ``media.hub`` (``hub`` and ``cluster`` must be None).
+    ``media.hub`` (``hub`` and ``cluster`` must be None). With ``placement`` too, it is one of
+    several routing hubs that place their rooms through Redis: a join first waits for its room's
+    placement, and one whose room lives elsewhere is answered ``room-elsewhere``.
     """
 
     def __init__(
@@ -180,11 +183,15 @@ class HubServer:
         metadata: MetadataRecorder | None = None,
         logger: logging.Logger | None = None,
         media: "MediaServer | None" = None,
+        placement: "RoomPlacement | None" = None,
     ) -> None:
         if sum(x is not None for x in (hub, cluster, media)) > 1:
             raise ValueError("a cluster or a media server brings its own routing core")
+        if placement is not None and placement.media is not media:
+            raise ValueError("a placement places the rooms of the media server it was made for")
         self.cluster = cluster
         self.media = media
+        self.placement = placement
         self.hub: RoutingCore
         if cluster is not None:
             self.hub = cluster.core
@@ -244,6 +251,8 @@ class HubServer:
             logger=self._logger.getChild("websockets"),
         )
         self._keepalive_task = asyncio.create_task(self._keepalive())
+        if self.placement is not None:
+            await self.placement.start(self.url, self._close_peer)
 
     async def close(self) -> None:
         """Stop accepting, close every connection with 1001 and wait for them."""
@@ -253,6 +262,8 @@ class HubServer:
         await self.server.wait_closed()
         if self.cluster is not None:
             await self.cluster.close()
+        if self.placement is not None:
+            await self.placement.close()
         if self.media is not None:
             await self.media.close()
 
@@ -359,6 +370,8 @@ class HubServer:
             extra = None if self.cluster is None else self.cluster.metric_lines()
             if self.media is not None:
                 extra = self.media.metric_lines()
+            if self.placement is not None:
+                extra = [*(extra or []), *self.placement.metric_lines()]
             return connection.respond(
                 HTTPStatus.OK, render_metrics(self.hub, self.buffered_bytes(), extra)
             )
@@ -397,6 +410,11 @@ class HubServer:
                 if isinstance(frame, bytes):
                     await connection.close(CloseCode.UNSUPPORTED_DATA, CLOSE_BINARY_FRAME)
                     break
+                if self.placement is not None:
+                    refused = await self.placement.screen(peer, frame, loop.time())
+                    if refused is not None:
+                        self.deliver(refused)
+                        continue
                 self.deliver(self.hub.handle(peer, frame, loop.time()))
                 if self.cluster is not None:
                     self.deliver(await self.cluster.run(peer))
