@@ -259,6 +259,11 @@ class Hub:
             count_error(self.metrics, self._logger, error.code, peer=peer, log=log)
             return [Delivery(peer, ErrorMessage(error.code, error.message), state.room)]
 
+    def served_elsewhere(self, peer: PeerId, now: float) -> None:
+        """``peer`` was a member of a room of another process until now (its frames were
+        passed there): it is in no room here, with a join timeout from now."""
+        self._peers[peer].roomless_since = now
+
     def refuse(self, peer: PeerId, error: ErrorMessage, now: float) -> list[Delivery]:
         """Answer a frame of ``peer`` that the edge refused before this core saw it (a join
         placed on another process of a cluster): it costs a token as any frame does."""

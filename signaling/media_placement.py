@@ -4,16 +4,19 @@
 A routed room's media flows through the one process that holds its members' WebRTC
 connections, so the room lives on one process, its *home*, as LiveKit places a room on one
 node. The home is chosen in Redis, atomically, by the room's first join: one script reads the
-room's home key and, if no live process holds it, writes this process there (so two processes
-never both take a room). The home key expires with the home's presence (3 heartbeats, refreshed
-at each heartbeat for every room the process holds), so the rooms of a process that dies are
-free again within that bound, and one that is merely slow to beat keeps them.
+room's home key and, if no live process holds it, writes this process there, so two processes
+never both take a room, and the room goes to the process its first member reached (no
+extra hop for a room whose members come through one process, as a balancer hashing the room
+name sends them). The home key expires with the home's presence (3 heartbeats, refreshed at
+each heartbeat for every room the process holds), so the rooms of a process that dies are free
+again within that bound, and one that is merely slow to beat keeps them.
 
-A join that reaches a process other than the room's home is answered with ``room-elsewhere``
-and the URL of the home (``--advertise``), where the client connects and joins again: every
-member of a routed room is a connection of its home, so the room's limits, its order and its
-media are those of one process. Forwarding the member's signalling from the process it reached
-instead (LiveKit's signal relay) is not built; see docs/howto/run-a-hub-cluster.md.
+A member whose join reaches another process is served by the home all the same: that process
+opens a websocket of its own to the home (its ``--advertise`` URL) for that member, sends the
+join on it, and from then on passes every frame both ways unchanged (``HubServer``). To the
+home it is a member like any other, so the room's messages, error codes, limits and order are
+exactly one process's; its media goes to the home directly (the home's ICE candidates are in
+its offer).
 
 While Redis is unreachable, joins are refused with ``cluster-unavailable`` and every room goes
 on where it is; when Redis returns (empty or not) the next heartbeat writes the homes back. A
@@ -26,6 +29,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from redis.commands.core import AsyncScript
@@ -79,6 +83,13 @@ return lost
 ClosePeer = Callable[[PeerId, CloseCode, str], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Home:
+    """The URL of the process a joined room lives on, when it is not this one."""
+
+    url: str
+
+
 class RoomPlacement:
     """Places the routed rooms of ``media`` (one process's routing hub) in a cluster.
 
@@ -99,7 +110,9 @@ class RoomPlacement:
         self.node = node or new_node_id()
         self.url = advertise
         self.available = False
-        self.redirects_total = 0
+        self.forwarded_total = 0
+        self.forwarding = 0
+        self.home_unreachable_total = 0
         self.redis_errors_total = 0
         self.rooms_lost_total = 0
         self._logger = logger or logging.getLogger("blindhub.hub")
@@ -139,9 +152,10 @@ class RoomPlacement:
             await self._redis.delete(self._node_key(self.node))
         await self._redis.aclose()
 
-    async def screen(self, peer: PeerId, text: str, now: float) -> list[Delivery] | None:
-        """The answer to a join that this process cannot serve, or None: hand ``text`` to the
-        routing core (call it at once, with no await between, so the room is held)."""
+    async def screen(self, peer: PeerId, text: str, now: float) -> list[Delivery] | Home | None:
+        """For a join: the refusal when Redis is unreachable, or the room's `Home` when it lives
+        on another process; else None: hand ``text`` to the routing core (at once, with no
+        await between, so that the room is held)."""
         hub = self.media.hub
         if hub.room_of(peer) is not None:
             return None
@@ -167,12 +181,14 @@ class RoomPlacement:
             self._placing[room] -= 1
             if not self._placing[room]:
                 del self._placing[room]
-        if home is None:
-            return None
-        self.redirects_total += 1
-        self._log("room-elsewhere", peer=peer, room=room, home=home)
-        message_text = "the room lives on another hub process: join it there"
-        return hub.refuse(peer, ErrorMessage(ErrorCode.ROOM_ELSEWHERE, message_text, home), now)
+        return None if home is None else Home(home)
+
+    def unreachable(self, peer: PeerId, home: Home, now: float) -> list[Delivery]:
+        """The answer to a join whose home this process cannot reach (it died, and its
+        presence has not expired yet: the next join after that is placed again)."""
+        self.home_unreachable_total += 1
+        self._log("home-unreachable", peer=peer, home=home.url)
+        return self.media.hub.refuse(peer, _UNAVAILABLE, now)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -219,9 +235,16 @@ class RoomPlacement:
             "# HELP blindhub_redis_errors_total Redis commands that failed.",
             "# TYPE blindhub_redis_errors_total counter",
             f"blindhub_redis_errors_total {self.redis_errors_total}",
-            "# HELP blindhub_rooms_redirected_total Joins answered room-elsewhere.",
-            "# TYPE blindhub_rooms_redirected_total counter",
-            f"blindhub_rooms_redirected_total {self.redirects_total}",
+            "# HELP blindhub_forwarded_members Members served here for a room of another process.",
+            "# TYPE blindhub_forwarded_members gauge",
+            f"blindhub_forwarded_members {self.forwarding}",
+            "# HELP blindhub_forwarded_members_total Joins sent to the room's home process.",
+            "# TYPE blindhub_forwarded_members_total counter",
+            f"blindhub_forwarded_members_total {self.forwarded_total}",
+            "# HELP blindhub_home_unreachable_total Joins refused: the room's home process "
+            "did not answer.",
+            "# TYPE blindhub_home_unreachable_total counter",
+            f"blindhub_home_unreachable_total {self.home_unreachable_total}",
             "# HELP blindhub_rooms_lost_total Rooms closed here because another process "
             "holds them.",
             "# TYPE blindhub_rooms_lost_total counter",

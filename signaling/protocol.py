@@ -49,7 +49,6 @@ class ErrorCode(StrEnum):
     CLUSTER_UNAVAILABLE = "cluster-unavailable"
     INVALID_SDP = "invalid-sdp"
     UNEXPECTED_MEDIA = "unexpected-media"
-    ROOM_ELSEWHERE = "room-elsewhere"
 
 
 class SignalingError(Exception):
@@ -385,14 +384,11 @@ class ErrorMessage:
     TYPE: ClassVar[str] = "error"
     code: ErrorCode
     message: str
-    # With ``room-elsewhere`` only: the URL of the hub process the room lives on.
-    home: str | None = None
 
     def encode(self) -> str:
-        fields = {"type": "error", "code": self.code, "message": self.message}
-        if self.home is not None:
-            fields["home"] = self.home
-        return json.dumps(fields, separators=(",", ":"))
+        return json.dumps(
+            {"type": "error", "code": self.code, "message": self.message}, separators=(",", ":")
+        )
 
 
 MEDIA_KINDS: Final = ("audio", "video")
@@ -444,7 +440,6 @@ _MID_PATTERN: Final = re.compile(r"[A-Za-z0-9]{1,16}")
 _PEER_FIELDS: Final = frozenset({"type", "peer_id"})
 _RELAY_FROM_FIELDS: Final = frozenset({"type", "from", "payload"})
 _ERROR_FIELDS: Final = frozenset({"type", "code", "message"})
-_REDIRECT_FIELDS: Final = _ERROR_FIELDS | {"home"}
 
 
 def _welcome(fields: dict[str, Field]) -> Welcome:
@@ -497,13 +492,7 @@ def _error(fields: dict[str, Field]) -> ErrorMessage:
         code = ErrorCode(_string(fields, "code"))
     except ValueError:
         raise MalformedHubMessage(ErrorCode.INVALID_FIELD, "unknown error code") from None
-    redirect = code is ErrorCode.ROOM_ELSEWHERE
-    if redirect != ("home" in fields):
-        raise MalformedHubMessage(
-            ErrorCode.INVALID_FIELD, "field 'home' goes with room-elsewhere, and only with it"
-        )
-    home = _string(fields, "home") if redirect else None
-    return ErrorMessage(code, _string(fields, "message"), home)
+    return ErrorMessage(code, _string(fields, "message"))
 
 
 def parse_hub_message(text: str) -> HubMessage:
@@ -521,9 +510,7 @@ def parse_hub_message(text: str) -> HubMessage:
         _check_members(fields, message_type, _RELAY_FROM_FIELDS)
         return RelayFrom(_peer_id(fields["from"].value, "from"), fields["payload"].text)
     if message_type == "error":
-        _check_members(
-            fields, message_type, _REDIRECT_FIELDS if "home" in fields else _ERROR_FIELDS
-        )
+        _check_members(fields, message_type, _ERROR_FIELDS)
         return _error(fields)
     if message_type == "media-offer":
         _check_members(fields, message_type, _SDP_FIELDS)

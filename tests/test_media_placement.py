@@ -25,8 +25,8 @@ from signaling.cluster_redis import ClusterConfig
 from signaling.hub import Limits
 from signaling.media_placement import CLOSE_ROOM_MOVED, RoomPlacement
 from signaling.media_server import MediaServer
-from signaling.protocol import ErrorCode, ErrorMessage, parse_hub_message
-from signaling.server import HubServer
+from signaling.protocol import ErrorCode, PeerLeft
+from signaling.server import CLOSE_HOME_LOST, HubServer
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
 from tests.test_media_server import Peer
@@ -58,14 +58,15 @@ async def until(websocket: ClientConnection, kind: str) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def routed_hubs(redis_server: RedisServer, count: int) -> AsyncIterator[list[HubServer]]:
+async def routed_hubs(
+    redis_server: RedisServer, count: int, limits: Limits | None = None
+) -> AsyncIterator[list[HubServer]]:
     async with AsyncExitStack() as stack:
         servers = []
         for _ in range(count):
-            media = MediaServer(Limits(max_peers_per_room=4))
+            media = MediaServer(limits or Limits(max_peers_per_room=4))
             config = ClusterConfig(redis_server.url, heartbeat_interval=HEARTBEAT)
-            placement = RoomPlacement(media, config)
-            server = HubServer(media=media, placement=placement)
+            server = HubServer(media=media, placement=RoomPlacement(media, config))
             servers.append(await stack.enter_async_context(server))
         yield servers
 
@@ -75,55 +76,78 @@ def placement(server: HubServer) -> RoomPlacement:
     return server.placement
 
 
-async def test_a_room_lives_where_it_was_first_joined_and_joins_elsewhere_are_sent_there(
+def rooms(server: HubServer) -> dict[str, tuple[str, ...]]:
+    assert server.media is not None
+    return {room: tuple(members) for room, members in server.media.hub.rooms().items()}
+
+
+async def test_a_member_on_another_process_is_served_by_the_rooms_home(
     redis_server: RedisServer,
 ):
-    async with routed_hubs(redis_server, 2) as [first, second]:
-        alice = Peer(first.url, 440)
-        await alice.join("call")
-        # A join through the other process is told where the room lives, and nothing else.
-        elsewhere, answer = await join(second.url, "call")
-        assert answer["code"] == ErrorCode.ROOM_ELSEWHERE
-        redirect = parse_hub_message(json.dumps(answer))
-        assert isinstance(redirect, ErrorMessage) and redirect.home == first.url
-        assert second.media is not None and second.media.hub.rooms() == {}
-        # The refused connection is in no room: it may join a room that lives on its process.
-        await elsewhere.send(json.dumps({"type": "join", "room": "other"}))
-        assert (await recv(elsewhere))["type"] == "welcome"
-        await elsewhere.close()
-
-        bob = Peer(redirect.home, 550)
+    async with routed_hubs(redis_server, 2) as [home, other]:
+        alice = Peer(home.url, 440)
+        bob = Peer(other.url, 550)  # a balancer sent it to the other process
         try:
+            await alice.join("call")
             await bob.join("call")
             a, b = alice.welcome().peer_id, bob.welcome().peer_id
+            assert bob.welcome().peers == (a,)
+            # The room lives on its first member's process alone; the other passes frames.
+            assert rooms(home) == {"call": (a, b)} and rooms(other) == {}
+            assert (placement(other).forwarded_total, placement(other).forwarding) == (1, 1)
 
             def heard() -> bool:
                 return len(alice.audio_from(b)) >= 30000 and len(bob.audio_from(a)) >= 30000
 
-            await wait_for(heard, timeout=30)
+            await wait_for(heard, timeout=30)  # the media flows to the home directly
             assert abs(dominant_frequency(alice.audio_from(b), 48000) - 550) < 5
             assert abs(dominant_frequency(bob.audio_from(a), 48000) - 440) < 5
+
+            # Leaving ends the forwarding: the connection is in no room on its own process,
+            # and its next room is placed anew (here, on that process).
+            await bob.ws.send(json.dumps({"type": "leave"}))
+            await wait_for(lambda: any(isinstance(m, PeerLeft) for m in alice.messages))
+            await wait_for(lambda: placement(other).forwarding == 0)
+            await bob.ws.send(json.dumps({"type": "join", "room": "next"}))
+            await wait_for(lambda: "next" in rooms(other))
         finally:
             await alice.close()
             await bob.close()
-        assert placement(second).redirects_total == 1
 
 
 async def test_first_joins_at_once_on_two_processes_agree_on_one_home(redis_server: RedisServer):
     async with routed_hubs(redis_server, 2) as servers:
-        rooms = [f"race{i}" for i in range(8)]
+        names = [f"race{i}" for i in range(8)]
         answers = await asyncio.gather(
-            *(join(server.url, room) for room in rooms for server in servers)
+            *(join(server.url, room) for room in names for server in servers)
         )
-        for index, room in enumerate(rooms):
-            pair = answers[2 * index : 2 * index + 2]
-            kinds = sorted(answer["type"] for _, answer in pair)
-            assert kinds == ["error", "welcome"], (room, pair)
-            home = next(servers[i].url for i, (_, a) in enumerate(pair) if a["type"] == "welcome")
-            refused = next(a for _, a in pair if a["type"] == "error")
-            assert refused["code"] == ErrorCode.ROOM_ELSEWHERE and refused["home"] == home
+        assert all(answer["type"] == "welcome" for _, answer in answers)
+        for room in names:
+            homes = [server for server in servers if room in rooms(server)]
+            assert len(homes) == 1 and len(rooms(homes[0])[room]) == 2, room
         for websocket, _ in answers:
             await websocket.close()
+
+
+async def test_the_homes_answers_and_closes_reach_a_forwarded_member_unchanged(
+    redis_server: RedisServer,
+):
+    limits = Limits(max_peers_per_room=4, join_timeout=1.0)
+    async with routed_hubs(redis_server, 2, limits) as [home, other]:
+        alice, _ = await join(home.url, "call")
+        bob, welcome = await join(other.url, "call")
+        assert welcome["type"] == "welcome"
+        await bob.send("{")
+        assert (await until(bob, "error"))["code"] == ErrorCode.INVALID_JSON
+        await bob.send(json.dumps({"type": "relay", "to": "nobody", "payload": 1}))
+        assert (await until(bob, "error"))["code"] == ErrorCode.UNKNOWN_PEER
+        # It never answers its media-offer: the home closes it as one that never joins.
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await recv(bob)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "join-timeout")
+        await alice.close()
 
 
 @asynccontextmanager
@@ -153,23 +177,30 @@ async def test_a_dead_home_ends_its_rooms_which_another_process_then_takes(
     ):
         member, welcome = await join(url, "call")
         assert welcome["type"] == "welcome" and welcome["media"] == "routed"
-        assert (await recv(member))["type"] == "media-offer"
-        _, answer = await join(survivor.url, "call")
-        assert answer["code"] == ErrorCode.ROOM_ELSEWHERE and answer["home"] == url
+        forwarded, welcome = await join(survivor.url, "call")
+        assert welcome["type"] == "welcome" and len(welcome["peers"]) == 1
 
         doomed.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         with pytest.raises(ConnectionClosed):
-            await recv(member)  # every member was a connection of the home: the room ended
+            while True:
+                await recv(member)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await recv(forwarded)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, CLOSE_HOME_LOST)
         while True:
             websocket, answer = await join(survivor.url, "call")
             await websocket.close()
             if answer["type"] == "welcome":
                 break
-            # Until the dead home's presence expires, joins are still sent to it.
-            assert answer["code"] == ErrorCode.ROOM_ELSEWHERE and answer["home"] == url
+            # Until the dead home's presence expires, the room is still placed there.
+            assert answer["code"] == ErrorCode.CLUSTER_UNAVAILABLE
             await asyncio.sleep(HEARTBEAT / 2)
+        assert answer["peers"] == []
         assert time.monotonic() - killed_at < CONFIG.presence_ttl + 1.0
+        assert placement(survivor).home_unreachable_total >= 1
 
 
 async def test_without_redis_joins_are_refused_rooms_go_on_and_it_recovers(
@@ -191,8 +222,9 @@ async def test_without_redis_joins_are_refused_rooms_go_on_and_it_recovers(
         await wait_for(lambda: placement(first).available and placement(second).available)
         new, welcome = await join(first.url, "new")
         assert welcome["type"] == "welcome"
-        _, answer = await join(second.url, "call")
-        assert answer["code"] == ErrorCode.ROOM_ELSEWHERE and answer["home"] == first.url
+        _, answer = await join(second.url, "call")  # the room's home is written back
+        assert answer["type"] == "welcome" and len(answer["peers"]) == 2
+        assert len(rooms(first)["call"]) == 3
         for websocket in (alice, bob, new):
             await websocket.close()
 
