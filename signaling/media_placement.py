@@ -193,7 +193,12 @@ class RoomPlacement:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
-            await self._beat_once()
+            try:
+                await self._beat_once()
+            except Exception as error:  # a bug: logged, and the next heartbeat tries again
+                self.available = False
+                fields = {"node": self.node, "error": str(error)}
+                self._logger.exception("placement-beat-failed", extra={"fields": fields})
 
     async def _beat_once(self) -> None:
         assert self.url is not None, "started"
