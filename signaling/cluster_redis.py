@@ -641,7 +641,14 @@ class ClusterLink:
                     self._failed(error)  # the next heartbeat's sweep reads them again
 
     async def _read(self, peers: list[PeerId]) -> None:
-        streams = {self._key("inbox", peer): self._positions[peer] for peer in peers}
+        # A peer of a later chunk may have left while an earlier chunk was being read.
+        streams = {
+            self._key("inbox", peer): position
+            for peer in peers
+            if (position := self._positions.get(peer)) is not None
+        }
+        if not streams:
+            return
         async with self._reader.pipeline(transaction=False) as pipe:
             # What was delivered leaves the stream, so its length is what is still unread.
             for key, position in streams.items():
