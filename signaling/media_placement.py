@@ -163,8 +163,8 @@ class RoomPlacement:
             message = parse_client_message(text)
         except CodedError:
             return None  # the routing core answers it
-        if not isinstance(message, Join):
-            return None
+        if not isinstance(message, Join) or not hub.may_send(peer, now):
+            return None  # the routing core answers it (a join past the rate: rate-limited)
         if not self.available:
             return hub.refuse(peer, _UNAVAILABLE, now)
         room = message.room
@@ -181,7 +181,10 @@ class RoomPlacement:
             self._placing[room] -= 1
             if not self._placing[room]:
                 del self._placing[room]
-        return None if home is None else Home(home)
+        if home is None:
+            return None
+        # Passed to the home, the join costs this connection a token, as every join does.
+        return hub.charge(peer, now) or Home(home)
 
     def unreachable(self, peer: PeerId, home: Home, now: float) -> list[Delivery]:
         """The answer to a join whose home this process cannot reach (it died, and its

@@ -170,6 +170,16 @@ def test_a_frame_the_edge_refuses_costs_a_token_and_is_counted():
     }
 
 
+def test_a_frame_the_edge_carries_out_costs_a_token_once_asked_for():
+    hub = make_hub(rate_per_second=1.0, rate_burst=1)
+    peer = hub.connect(now=0.0)
+    assert hub.may_send(peer, now=0.0) and hub.may_send(peer, now=0.0)  # asking spends nothing
+    assert hub.charge(peer, now=0.0) == []
+    assert not hub.may_send(peer, now=0.5)
+    assert error_code(hub.charge(peer, now=0.5)) is ErrorCode.RATE_LIMITED
+    assert hub.may_send(peer, now=1.5)
+
+
 def test_a_peer_that_left_can_join_again():
     hub = make_hub()
     [alice] = joined(hub, "r", 1)
