@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from client.cli import main
 from client.experiment.analysis import dominant_frequency
+from client.group_call import GroupCall
 from signaling.cluster_redis import ClusterConfig
 from signaling.hub import Limits
 from signaling.media_placement import CLOSE_ROOM_MOVED, RoomPlacement
@@ -29,6 +30,7 @@ from signaling.protocol import ErrorCode, PeerLeft
 from signaling.server import CLOSE_HOME_LOST, HubServer
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
+from tests.test_group_call import TONES, heard_everyone, member
 from tests.test_media_server import Peer, metric, metrics
 
 pytestmark = pytest.mark.slow
@@ -116,6 +118,32 @@ async def test_a_member_on_another_process_is_served_by_the_rooms_home(
         finally:
             await alice.close()
             await bob.close()
+
+
+async def test_an_encrypted_group_call_with_members_on_two_processes(redis_server: RedisServer):
+    async with routed_hubs(redis_server, 2, Limits(max_peers_per_room=8)) as [home, other]:
+        calls = [GroupCall(member(home, "alice"))]
+        tasks = [asyncio.create_task(calls[0].run())]
+        try:
+            await wait_for(lambda: "group" in rooms(home), timeout=20)
+            # The room lives where its first member is; the others reach the other process.
+            calls += [GroupCall(member(other, name)) for name in ("bob", "carol")]
+            tasks += [asyncio.create_task(call.run()) for call in calls[1:]]
+            await wait_for(lambda: all(heard_everyone(call, 2) for call in calls), timeout=60)
+            codes = {call.stats.security_code for call in calls}
+        finally:
+            for call in calls:
+                call.hangup("done")
+        stats = await asyncio.gather(*tasks)
+        assert len(codes) == 1 and None not in codes
+        for call, summary in zip(calls, stats, strict=True):
+            assert len(summary.members) == 2
+            for peer, media in call.received.items():
+                name = summary.members[peer].name
+                assert name is not None
+                heard = dominant_frequency(media.samples, media.sample_rate)
+                assert abs(heard - TONES[name]) < 5, (call.config.name, name, heard)
+        assert placement(other).forwarded_total == 2
 
 
 async def test_first_joins_at_once_on_two_processes_agree_on_one_home(redis_server: RedisServer):
@@ -251,3 +279,8 @@ async def test_a_room_another_process_took_is_closed_here(redis_server: RedisSer
 def test_advertise_needs_route_media_and_redis(capsys):
     assert main(["hub", "--advertise", "ws://hub1.internal:8765"]) == 2
     assert "--advertise needs --route-media and --redis" in capsys.readouterr().err
+
+
+def test_a_routing_hub_with_a_bad_redis_url_is_a_usage_error(capsys):
+    assert main(["hub", "--route-media", "--redis", "nope://redis.internal"]) == 2
+    assert "blindhub hub: --redis: " in capsys.readouterr().err
