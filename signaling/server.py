@@ -181,7 +181,8 @@ class HubServer:
     With ``media``, the hub routes media (``blindhub hub --route-media``): its routing core is
     ``media.hub`` (``hub`` and ``cluster`` must be None). With ``placement`` too, it is one of
     several routing hubs that place their rooms through Redis: a join first waits for its room's
-    placement, and one whose room lives elsewhere is answered ``room-elsewhere``.
+    placement, and one whose room lives on another process is served there: every frame of the
+    member is passed to that process and back (``_forward``).
     """
 
     def __init__(
