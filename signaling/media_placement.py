@@ -219,11 +219,15 @@ class RoomPlacement:
             self._log("redis-available")
         self.available = True
         assert self._close_peer is not None
+        now_held = self.media.hub.rooms()
         for room in lost:
+            # A room only being placed when the beat was sent is another's: nothing was lost.
+            if room not in rooms:
+                continue
             self.rooms_lost_total += 1
             self._log("room-lost", room=room)
             # Its members since this beat's snapshot are closed too: the room is not ours.
-            for member in self.media.hub.rooms().get(room, ()):
+            for member in now_held.get(room, ()):
                 self._close_peer(member, CloseCode.SERVICE_RESTART, CLOSE_ROOM_MOVED)
 
     def _redis_failed(self, error: RedisError) -> None:
