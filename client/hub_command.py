@@ -22,6 +22,7 @@ from signaling.server import HubServer, JsonLinesFormatter, MetadataRecorder, ne
 
 if TYPE_CHECKING:
     from signaling.cluster_redis import ClusterLink
+    from signaling.media_placement import RoomPlacement
     from signaling.media_server import MediaServer
 
 _LIMIT_HELP = {
@@ -84,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-prefix", default="blindhub", help="key prefix of this cluster in Redis"
     )
     parser.add_argument(
+        "--advertise",
+        metavar="URL",
+        help="with --route-media and --redis: the URL at which clients reach this process "
+        "itself (not the load balancer), sent to a join that reaches another process "
+        "(default: the URL it listens on)",
+    )
+    parser.add_argument(
         "--heartbeat",
         type=float,
         default=1.0,
@@ -112,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if args.record_media is not None and not args.route_media:
         print("blindhub hub: --record-media needs --route-media", file=sys.stderr)
         return ExitCode.USAGE
-    if args.route_media and args.redis is not None:
-        print("blindhub hub: --route-media works in one process, without --redis", file=sys.stderr)
+    if args.advertise is not None and not (args.route_media and args.redis is not None):
+        print("blindhub hub: --advertise needs --route-media and --redis", file=sys.stderr)
         return ExitCode.USAGE
     if args.max_peers_per_room is None:
         routed = ROUTED_MAX_PEERS_PER_ROOM if args.route_media else Limits().max_peers_per_room
@@ -149,8 +157,17 @@ def run(args: argparse.Namespace) -> int:
                 media = _media_server(limits, args.record_media)
             except (OSError, ValueError) as error:
                 return _local_problem(f"--record-media {args.record_media}: {_reason(error)}")
+            placement = None
+            if args.redis is not None:
+                try:
+                    placement = _placement(args, media)
+                except ValueError as error:
+                    print(f"blindhub hub: --redis: {error}", file=sys.stderr)
+                    return ExitCode.USAGE
+                _configure_logging(quiet=args.quiet, node=placement.node)
             server = HubServer(
                 media=media,
+                placement=placement,
                 host=args.host,
                 port=args.port,
                 ssl_context=ssl_context,
@@ -193,6 +210,14 @@ def _cluster(args: argparse.Namespace, limits: Limits) -> "ClusterLink":
 
     config = ClusterConfig(args.redis, prefix=args.redis_prefix, heartbeat_interval=args.heartbeat)
     return ClusterLink(ClusterCore(new_node_id(), limits), config)
+
+
+def _placement(args: argparse.Namespace, media: "MediaServer") -> "RoomPlacement":
+    from signaling.cluster_redis import ClusterConfig
+    from signaling.media_placement import RoomPlacement
+
+    config = ClusterConfig(args.redis, prefix=args.redis_prefix, heartbeat_interval=args.heartbeat)
+    return RoomPlacement(media, config, advertise=args.advertise)
 
 
 def _media_server(limits: Limits, record_media: str | None) -> "MediaServer":

@@ -253,7 +253,7 @@ class ClusterConfig:
         return self.reap_after + self.heartbeat_interval
 
 
-def _client(config: ClusterConfig, max_connections: int) -> redis.Redis:
+def redis_client(config: ClusterConfig, max_connections: int) -> redis.Redis:
     # Operations wait for one of a bounded set of Redis connections, as long as it takes:
     # a busy pool is backpressure (a waiting connection reads no more frames, so TCP slows
     # its sender), not an outage. A Redis that stops answering fails each command after
@@ -290,9 +290,9 @@ class ClusterLink:
         # the heartbeat past the presence TTL (the others would reap a live process), and
         # sends cannot starve reads: the connections' operations, the stream reader, and the
         # control traffic (heartbeat, reaper, hints).
-        self._redis = _client(config, config.max_redis_connections)
-        self._reader = _client(config, 1)
-        self._control = _client(config, 4)
+        self._redis = redis_client(config, config.max_redis_connections)
+        self._reader = redis_client(config, 1)
+        self._control = redis_client(config, 4)
         self._join = self._redis.register_script(_JOIN)
         self._relay = self._redis.register_script(_RELAY)
         self._leave = self._redis.register_script(_LEAVE)
@@ -641,7 +641,14 @@ class ClusterLink:
                     self._failed(error)  # the next heartbeat's sweep reads them again
 
     async def _read(self, peers: list[PeerId]) -> None:
-        streams = {self._key("inbox", peer): self._positions[peer] for peer in peers}
+        # A peer of a later chunk may have left while an earlier chunk was being read.
+        streams = {
+            self._key("inbox", peer): position
+            for peer in peers
+            if (position := self._positions.get(peer)) is not None
+        }
+        if not streams:
+            return
         async with self._reader.pipeline(transaction=False) as pipe:
             # What was delivered leaves the stream, so its length is what is still unread.
             for key, position in streams.items():

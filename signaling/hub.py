@@ -109,6 +109,11 @@ class TokenBucket:
         self.tokens -= 1.0
         self.throttled = False
 
+    def ready(self, limits: Limits, now: float) -> bool:
+        """Whether a token is there to spend now (none is spent)."""
+        elapsed = max(0.0, now - self.refilled_at)
+        return self.tokens + elapsed * limits.rate_per_second >= 1.0
+
     def worth_logging(self, code: ErrorCode) -> bool:
         """Whether an error with ``code`` should be logged (a continuing flood is not)."""
         flood_continues = code is ErrorCode.RATE_LIMITED and self.throttled
@@ -206,6 +211,10 @@ class Hub:
         """How many peers are in ``room`` now; 0 for a room that does not exist."""
         return len(self._rooms.get(room, ()))
 
+    def rooms(self) -> dict[str, tuple[PeerId, ...]]:
+        """Every room with its members, oldest first."""
+        return {room: tuple(members) for room, members in self._rooms.items()}
+
     def join_deadline(self, peer: PeerId) -> float | None:
         """When ``peer``, in no room, must be closed (``join-timeout``); None while in a room.
 
@@ -254,6 +263,36 @@ class Hub:
             log = state.bucket.worth_logging(error.code)
             count_error(self.metrics, self._logger, error.code, peer=peer, log=log)
             return [Delivery(peer, ErrorMessage(error.code, error.message), state.room)]
+
+    def served_elsewhere(self, peer: PeerId, now: float) -> None:
+        """``peer`` was a member of a room of another process until now (its frames were
+        passed there): it is in no room here, with a join timeout from now."""
+        self._peers[peer].roomless_since = now
+
+    def may_send(self, peer: PeerId, now: float) -> bool:
+        """Whether ``peer``'s next frame is within its rate (nothing is spent): the edge asks
+        before it does work of its own for the frame, and leaves one that is not to `handle`."""
+        return self._peers[peer].bucket.ready(self.limits, now)
+
+    def charge(self, peer: PeerId, now: float) -> list[Delivery]:
+        """Spend a token for a frame the edge carries out without this core (a join passed to
+        the room's process in a cluster); the ``rate-limited`` error if none is left."""
+        try:
+            self._peers[peer].bucket.spend(self.limits, now)
+        except CodedError as limited:
+            return self._refused(peer, ErrorMessage(limited.code, limited.message))
+        return []
+
+    def refuse(self, peer: PeerId, error: ErrorMessage, now: float) -> list[Delivery]:
+        """Answer a frame of ``peer`` that the edge refused before this core saw it (a join
+        while the cluster's store is unreachable): it costs a token as any frame does."""
+        return self.charge(peer, now) or self._refused(peer, error)
+
+    def _refused(self, peer: PeerId, error: ErrorMessage) -> list[Delivery]:
+        state = self._peers[peer]
+        log = state.bucket.worth_logging(error.code)
+        count_error(self.metrics, self._logger, error.code, peer=peer, log=log)
+        return [Delivery(peer, error, state.room)]
 
     def _join(self, peer: PeerId, state: _Peer, room: str, now: float) -> list[Delivery]:
         if state.room is not None:

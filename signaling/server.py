@@ -24,24 +24,37 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol, Self, TextIO
 
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from signaling.hub import Delivery, Hub, Limits, Metrics
-from signaling.protocol import ErrorCode, PeerId, Refused, RelayFrom
+from signaling.protocol import (
+    CodedError,
+    ErrorCode,
+    Leave,
+    PeerId,
+    Refused,
+    RelayFrom,
+    Welcome,
+    parse_client_message,
+    parse_hub_message,
+)
 
 if TYPE_CHECKING:
     # Only a hub started with a cluster loads the Redis client, and only a hub that routes
     # media loads aiortc.
     from signaling.cluster_redis import ClusterLink
+    from signaling.media_placement import Home, RoomPlacement
     from signaling.media_server import MediaServer
 
 CLOSE_SLOW_READER: Final = "slow-reader"
 CLOSE_BINARY_FRAME: Final = "binary-frame"
 CLOSE_JOIN_TIMEOUT: Final = "join-timeout"
+CLOSE_HOME_LOST: Final = "home-lost"
 CLOSE_PING_TIMEOUT: Final = "keepalive ping timeout"  # the reason websockets itself gives
 _PINGS_PER_TURN: Final = 100
 
@@ -166,7 +179,10 @@ class HubServer:
     the cluster operations they require, one at a time, so they keep their order.
 
     With ``media``, the hub routes media (``blindhub hub --route-media``): its routing core is
-    ``media.hub`` (``hub`` and ``cluster`` must be None).
+    ``media.hub`` (``hub`` and ``cluster`` must be None). With ``placement`` too, it is one of
+    several routing hubs that place their rooms through Redis: a join first waits for its room's
+    placement, and one whose room lives on another process is served there: every frame of the
+    member is passed to that process and back (``_forward``).
     """
 
     def __init__(
@@ -180,11 +196,15 @@ class HubServer:
         metadata: MetadataRecorder | None = None,
         logger: logging.Logger | None = None,
         media: "MediaServer | None" = None,
+        placement: "RoomPlacement | None" = None,
     ) -> None:
         if sum(x is not None for x in (hub, cluster, media)) > 1:
             raise ValueError("a cluster or a media server brings its own routing core")
+        if placement is not None and placement.media is not media:
+            raise ValueError("a placement places the rooms of the media server it was made for")
         self.cluster = cluster
         self.media = media
+        self.placement = placement
         self.hub: RoutingCore
         if cluster is not None:
             self.hub = cluster.core
@@ -244,6 +264,8 @@ class HubServer:
             logger=self._logger.getChild("websockets"),
         )
         self._keepalive_task = asyncio.create_task(self._keepalive())
+        if self.placement is not None:
+            await self.placement.start(self.url, self._close_peer)
 
     async def close(self) -> None:
         """Stop accepting, close every connection with 1001 and wait for them."""
@@ -253,6 +275,8 @@ class HubServer:
         await self.server.wait_closed()
         if self.cluster is not None:
             await self.cluster.close()
+        if self.placement is not None:
+            await self.placement.close()
         if self.media is not None:
             await self.media.close()
 
@@ -275,21 +299,26 @@ class HubServer:
             if connection is None or connection.protocol.state is not State.OPEN:
                 continue  # it disconnected or is closing; its disconnect tells the room
             frame = delivery.message.encode()
-            data = frame.encode()
-            unflushed = self._unflushed.get(connection, 0)
-            buffered = connection.transport.get_write_buffer_size() + unflushed
-            if buffered + len(data) > self.hub.limits.max_buffered_bytes:
-                self._close_soon(connection, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
-                continue
-            if self._metadata is not None:
+            if self._write(connection, frame) and self._metadata is not None:
                 self._metadata.record(delivery, frame)
-            if not self._unflushed:
-                asyncio.get_running_loop().call_soon(self._flush)
-            # The sans-I/O protocol frames it now; the bytes wait in its output until _flush
-            # or until websockets itself writes (a pong, a close), whichever comes first, so
-            # the order of everything sent to one client is kept.
-            connection.protocol.send_text(data)
-            self._unflushed[connection] = unflushed + len(data)
+
+    def _write(self, connection: ServerConnection, frame: str) -> bool:
+        """Write ``frame`` to an open connection without waiting; False if it is closed instead
+        for not reading."""
+        data = frame.encode()
+        unflushed = self._unflushed.get(connection, 0)
+        buffered = connection.transport.get_write_buffer_size() + unflushed
+        if buffered + len(data) > self.hub.limits.max_buffered_bytes:
+            self._close_soon(connection, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
+            return False
+        if not self._unflushed:
+            asyncio.get_running_loop().call_soon(self._flush)
+        # The sans-I/O protocol frames it now; the bytes wait in its output until _flush
+        # or until websockets itself writes (a pong, a close), whichever comes first, so
+        # the order of everything sent to one client is kept.
+        connection.protocol.send_text(data)
+        self._unflushed[connection] = unflushed + len(data)
+        return True
 
     def _flush(self) -> None:
         unflushed, self._unflushed = self._unflushed, {}
@@ -307,16 +336,14 @@ class HubServer:
         if connection is not None:
             self._close_soon(connection, code, reason)
 
-    def _close_soon(self, connection: ServerConnection, code: CloseCode, reason: str) -> None:
+    def _close_soon(self, connection: ServerConnection, code: int, reason: str) -> None:
         if connection.protocol.close_sent is not None:
             return
         task = asyncio.create_task(self._close_or_abort(connection, code, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close_or_abort(
-        self, connection: ServerConnection, code: CloseCode, reason: str
-    ) -> None:
+    async def _close_or_abort(self, connection: ServerConnection, code: int, reason: str) -> None:
         # A slow reader's write buffer is full and a silent peer reads nothing, so close()
         # could wait for a drain that never comes: give the closing handshake
         # close_timeout, then cut the connection.
@@ -359,6 +386,8 @@ class HubServer:
             extra = None if self.cluster is None else self.cluster.metric_lines()
             if self.media is not None:
                 extra = self.media.metric_lines()
+            if self.placement is not None:
+                extra = [*(extra or []), *self.placement.metric_lines()]
             return connection.respond(
                 HTTPStatus.OK, render_metrics(self.hub, self.buffered_bytes(), extra)
             )
@@ -397,6 +426,15 @@ class HubServer:
                 if isinstance(frame, bytes):
                     await connection.close(CloseCode.UNSUPPORTED_DATA, CLOSE_BINARY_FRAME)
                     break
+                if self.placement is not None:
+                    screened = await self.placement.screen(peer, frame, loop.time())
+                    if isinstance(screened, list):
+                        self.deliver(screened)
+                        continue
+                    if screened is not None:
+                        if await self._forward(connection, peer, screened, frame):
+                            break
+                        continue
                 self.deliver(self.hub.handle(peer, frame, loop.time()))
                 if self.cluster is not None:
                     self.deliver(await self.cluster.run(peer))
@@ -410,6 +448,93 @@ class HubServer:
             self.hub.metrics.closes_total[code] += 1
             self._log("disconnect", peer=peer, code=int(code))
 
+    async def _forward(
+        self, connection: ServerConnection, peer: PeerId, home: "Home", join: str
+    ) -> bool:
+        """Serve ``peer``'s ``join`` from the room's home process, on a websocket of its own:
+        every frame passes both ways unchanged until the peer leaves (False: it is in no room
+        here again) or either side closes (True). The home closing it closes the client with
+        the same code and reason."""
+        assert self.placement is not None
+        placement, limits = self.placement, self.hub.limits
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(limits.close_timeout):
+                upstream = await connect(
+                    home.url,
+                    compression=None,
+                    max_size=None,  # the home is one of the cluster's processes, trusted
+                    ping_interval=limits.ping_interval,
+                    ping_timeout=limits.ping_timeout,
+                    close_timeout=limits.close_timeout,
+                )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI):
+            self.deliver(placement.unreachable(peer, home, loop.time()))
+            return False
+        placement.forwarded_total += 1
+        placement.forwarding += 1
+        self._log("forward", peer=peer, home=home.url)
+        try:
+            return await self._forward_member(connection, upstream, join)
+        finally:
+            placement.forwarding -= 1
+            await upstream.close()
+            placement.media.hub.served_elsewhere(peer, loop.time())
+
+    async def _forward_member(
+        self, connection: ServerConnection, upstream: ClientConnection, join: str
+    ) -> bool:
+        try:
+            await upstream.send(join)
+            answer = await upstream.recv()
+        except ConnectionClosed:
+            self._close_as_home_did(connection, upstream)
+            return True
+        if isinstance(answer, str):
+            self._write(connection, answer)
+        if not _is_welcome(answer):
+            return False  # the home refused the join (room-full, ...): in no room, here
+        left = asyncio.Event()
+        pump = asyncio.create_task(self._forward_frames(connection, upstream, left))
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in upstream:
+                if isinstance(frame, str):
+                    self._write(connection, frame)
+        if left.is_set():
+            await pump
+            return False
+        self._close_as_home_did(connection, upstream)
+        await pump
+        return True
+
+    def _close_as_home_did(self, connection: ServerConnection, upstream: ClientConnection) -> None:
+        received = upstream.protocol.close_rcvd
+        if received is None:  # the home went away without a word
+            self._close_soon(connection, CloseCode.SERVICE_RESTART, CLOSE_HOME_LOST)
+        else:
+            self._close_soon(connection, received.code, received.reason)
+
+    @staticmethod
+    async def _forward_frames(
+        client: ServerConnection, upstream: ClientConnection, left: asyncio.Event
+    ) -> None:
+        """Pass the client's frames to the home until it leaves its room (``left`` is set)
+        or either side closes; then close the websocket to the home."""
+        try:
+            while True:
+                frame = await client.recv()
+                if isinstance(frame, bytes):
+                    await client.close(CloseCode.UNSUPPORTED_DATA, CLOSE_BINARY_FRAME)
+                    return
+                await upstream.send(frame)
+                if _is_leave(frame):
+                    left.set()
+                    return
+        except ConnectionClosed:
+            return
+        finally:
+            await upstream.close()
+
     @staticmethod
     async def _receive(connection: ServerConnection, deadline: float | None) -> str | bytes:
         # A peer in a room has no deadline: its frames skip the timeout's set-up and
@@ -421,6 +546,20 @@ class HubServer:
 
     def _log(self, event: str, **fields: object) -> None:
         self._logger.info(event, extra={"fields": fields})
+
+
+def _is_welcome(frame: str | bytes) -> bool:
+    try:
+        return isinstance(frame, str) and isinstance(parse_hub_message(frame), Welcome)
+    except CodedError:
+        return False
+
+
+def _is_leave(frame: str) -> bool:
+    try:
+        return isinstance(parse_client_message(frame), Leave)
+    except CodedError:
+        return False
 
 
 def _address(connection: ServerConnection) -> str:

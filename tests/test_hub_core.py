@@ -150,6 +150,36 @@ def test_a_peer_in_no_room_has_a_join_deadline():
     assert hub.join_deadline(peer) == 40.0
 
 
+def test_a_peer_served_in_a_room_elsewhere_gets_a_fresh_join_deadline():
+    hub = make_hub(join_timeout=10.0)
+    peer = hub.connect(now=5.0)
+    hub.served_elsewhere(peer, now=100.0)
+    assert hub.join_deadline(peer) == 110.0
+
+
+def test_a_frame_the_edge_refuses_costs_a_token_and_is_counted():
+    hub = make_hub(rate_per_second=1.0, rate_burst=1)
+    peer = hub.connect(now=0.0)
+    unavailable = ErrorMessage(ErrorCode.CLUSTER_UNAVAILABLE, "retry later")
+    assert hub.refuse(peer, unavailable, now=0.0) == [Delivery(peer, unavailable, None)]
+    # The bucket is empty now: the next refusal is the rate limit's.
+    assert error_code(hub.refuse(peer, unavailable, now=0.0)) is ErrorCode.RATE_LIMITED
+    assert hub.metrics.errors_total == {
+        ErrorCode.CLUSTER_UNAVAILABLE: 1,
+        ErrorCode.RATE_LIMITED: 1,
+    }
+
+
+def test_a_frame_the_edge_carries_out_costs_a_token_once_asked_for():
+    hub = make_hub(rate_per_second=1.0, rate_burst=1)
+    peer = hub.connect(now=0.0)
+    assert hub.may_send(peer, now=0.0) and hub.may_send(peer, now=0.0)  # asking spends nothing
+    assert hub.charge(peer, now=0.0) == []
+    assert not hub.may_send(peer, now=0.5)
+    assert error_code(hub.charge(peer, now=0.5)) is ErrorCode.RATE_LIMITED
+    assert hub.may_send(peer, now=1.5)
+
+
 def test_a_peer_that_left_can_join_again():
     hub = make_hub()
     [alice] = joined(hub, "r", 1)
