@@ -36,12 +36,22 @@ async def hears(page, name: str, expected: float, timeout: float = 30.0) -> floa
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     heard = ""
+    history = []
     while loop.time() < deadline:
         heard = await cell.get_attribute("data-hearing") or ""
-        if heard and abs(float(heard) - expected) <= TOLERANCE:
+        history.append(heard)
+        # Three readings in a row (0.75 s): noise peaks anywhere, so one reading could hit.
+        if all(h and abs(float(h) - expected) <= TOLERANCE for h in history[-3:]) and (
+            len(history) >= 3
+        ):
             return float(heard)
         await asyncio.sleep(0.25)
-    raise AssertionError(f"the page heard {heard or 'nothing'} Hz from {name}, not {expected}")
+    counted = await page.locator("#roster").get_attribute("data-counters")
+    log = await page.locator("#log").inner_text()
+    raise AssertionError(
+        f"the page heard {heard or 'nothing'} Hz from {name}, not {expected}: {history}\n"
+        f"{counted}\n{log}"
+    )
 
 
 async def confirm_every_sas(page, count: int) -> None:
@@ -57,6 +67,12 @@ async def confirm_every_sas(page, count: int) -> None:
         )
 
 
+@pytest.mark.xfail(
+    reason="open: Chromium hands the slots' frames to the decoder without passing them through "
+    "their RTCRtpScriptTransform (the page decodes ciphertext as noise and counts no frame) and "
+    "sends no video; see docs/howto/browser-peer.md (Group calls)",
+    strict=False,
+)
 async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path):  # noqa: F811
     executable = require_chromium()
     hub = await start_routed_hub()
@@ -107,9 +123,15 @@ async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path
                     for kind in ("audio", "video"):
                         # Both kinds decrypt, and none fails.
                         cell = await row.locator("td.decrypted").element_handle()
-                        await page.wait_for_function(
-                            "([cell, kind]) => Number(cell.dataset[kind]) > 0", arg=[cell, kind]
-                        )
+                        try:
+                            await page.wait_for_function(
+                                "([cell, kind]) => Number(cell.dataset[kind]) > 0", arg=[cell, kind]
+                            )
+                        except Exception:
+                            raise AssertionError(
+                                (await page.locator("#roster").get_attribute("data-counters") or "")
+                                + await page.locator("#log").inner_text()
+                            ) from None
                         failed = await row.locator("td.failed").get_attribute(f"data-{kind}")
                         assert failed == "0", (name, kind, failed)
                 await page.locator("#leave").click()

@@ -341,6 +341,7 @@ function onGroupUpdate(update) {
     slotOwners.clear();
     for (const [mid, peerId] of Object.entries(update.slots)) slotOwners.set(mid, peerId);
     for (const video of $("group-videos").children) video.title = memberName(slotOwners.get(video.dataset.mid));
+    log(`slots: ${Object.entries(update.slots).map(([mid, peerId]) => `${mid} ${memberName(peerId)}`).join(", ")}`);
   }
   if (update.slotTrack) showSlot(update.slotTrack);
   if (update.memberLeft) removeRow(update.memberLeft);
@@ -392,6 +393,7 @@ function onPairUpdate(update) {
 }
 
 function showGroupCounters(counters) {
+  $("roster").dataset.counters = JSON.stringify(counters);
   for (const [peerId, kinds] of Object.entries(counters.members)) {
     if (!rows.has(peerId)) continue;
     const { cells } = row(peerId);

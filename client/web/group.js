@@ -46,8 +46,12 @@ export class GroupCall {
     this.code = null;
     this.pc = null;
     this.worker = new Worker("worker.js", { type: "module", name: "sframe" });
+    this.workerReady = new Promise((resolve) => {
+      this.onWorkerReady = resolve;
+    });
     this.worker.onmessage = ({ data }) => {
-      if (data.type === "group-counters") this.ui({ counters: data });
+      if (data.type === "ready") this.onWorkerReady();
+      else if (data.type === "group-counters") this.ui({ counters: data });
       else if (data.type === "log") this.ui({ log: data.text });
     };
   }
@@ -264,6 +268,7 @@ export class GroupCall {
   mediaOffer(sdp) {
     return this.serialize(async () => {
       if (this.pc !== null) return this.ui({ log: "ignored a second media offer from the hub" });
+      await this.workerReady;
       const pc = (this.pc = new RTCPeerConnection({ iceServers: [] }));
       pc.ontrack = ({ transceiver, track }) => this.ui({ slotTrack: { mid: transceiver.mid, kind: track.kind, track } });
       pc.onconnectionstatechange = () => {

@@ -200,3 +200,7 @@ onrtctransform = ({ transformer }) => {
   const transform = side === "send" ? protecting(kind) : mid !== undefined ? unprotectingSlot(kind, mid) : unprotecting(kind);
   transformer.readable.pipeThrough(new TransformStream({ transform })).pipeTo(transformer.writable);
 };
+
+// A transform made before this module has run would find no handler here (the event is not
+// queued): the group call makes its transforms only after this message.
+postMessage({ type: "ready" });
