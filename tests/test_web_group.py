@@ -14,6 +14,7 @@ import pytest
 
 from client.experiment.analysis import dominant_frequency
 from client.group_call import GroupCall
+from signaling.protocol import PeerId
 from tests.browser import chromium, fake_media_args, require_chromium, web_server, write_tone
 from tests.conftest import wait_for
 from tests.test_group_call import AUDIO_SAMPLES, TONES, member, start_routed_hub  # noqa: F401
@@ -142,7 +143,8 @@ async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path
         summaries = await asyncio.gather(*tasks)
     for call, summary in zip((alice, bob), summaries, strict=True):
         [(peer, stats)] = [(p, m) for p, m in summary.members.items() if m.name == "browser"]
-        heard = dominant_frequency(call.received[peer].samples, call.received[peer].sample_rate)
+        media = call.received[PeerId(peer)]
+        heard = dominant_frequency(media.samples, media.sample_rate)
         assert abs(heard - BROWSER_TONE) <= TOLERANCE, (call.config.name, heard)
         assert stats.audio["frames"] > 0 and stats.audio["failed"] == 0, stats.audio
         assert stats.video.get("failed", 0) == 0, stats.video
