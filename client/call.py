@@ -285,13 +285,17 @@ class _FromHub:
 
 
 @dataclass(frozen=True)
-class _HubFailed:
+class HubFailed:
+    """The hub connection closed (``closed``) or sent a message this peer refused."""
+
     detail: str
     closed: bool
 
 
 @dataclass(frozen=True)
-class _Hangup:
+class Hangup:
+    """The user (or ``--duration``, or the connection failing) ends the call."""
+
     reason: str
 
 
@@ -305,7 +309,7 @@ class _KeyUsed:
     kid: int
 
 
-_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered | _KeyUsed
+_Event = _FromHub | HubFailed | Hangup | _SasAnswered | _KeyUsed
 
 
 class Call:
@@ -338,7 +342,7 @@ class Call:
 
     def hangup(self, reason: str = "hangup") -> None:
         """End the call; during setup, abandon it (``run`` raises ``CallFailed``)."""
-        self._events.put_nowait(_Hangup(reason))
+        self._events.put_nowait(Hangup(reason))
 
     async def run(self) -> CallStats:
         try:
@@ -388,10 +392,10 @@ class Call:
         if isinstance(event, PeerJoined | PeerLeft | Relayed):
             self._events.put_nowait(_FromHub(event))
         else:
-            self._events.put_nowait(_HubFailed(f"{event.TYPE} in a peer-to-peer room", False))
+            self._events.put_nowait(HubFailed(f"{event.TYPE} in a peer-to-peer room", False))
 
     def _hub_failed(self, detail: str, closed: bool) -> None:
-        self._events.put_nowait(_HubFailed(detail, closed))
+        self._events.put_nowait(HubFailed(detail, closed))
 
     # -- feeding the session
 
@@ -429,7 +433,7 @@ class Call:
                 return session.receive(payload, now)
             case _FromHub():
                 return []  # someone else joining or talking is not our call
-            case _HubFailed(detail, closed):
+            case HubFailed(detail, closed):
                 if closed and not self.stats.hub_lost:
                     # Media is peer to peer: the call goes on without the hub, in its epoch.
                     self.stats.hub_lost = True
@@ -438,7 +442,7 @@ class Call:
                 else:
                     logger.warning("ignored a bad message from the hub: %s", detail)
                 return session.hub_failed(detail, now, closed=closed)
-            case _Hangup(reason):
+            case Hangup(reason):
                 return session.hangup(reason, now)
             case _SasAnswered(accepted):
                 return session.sas_answer(accepted, now)
@@ -453,9 +457,9 @@ class Call:
                 initiator = self._offer is not None
                 self.session = self.parts.session(self.config.session_config(), initiator, now)
                 return self.session.start(now)
-            case _HubFailed(detail):
+            case HubFailed(detail):
                 raise CallFailed(f"the hub failed during setup: {detail}")
-            case _Hangup():
+            case Hangup():
                 raise CallFailed("hung up before the call was set up")
         return []
 

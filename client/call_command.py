@@ -287,6 +287,10 @@ def show_member_left(peer: str, name: str | None, reason: str) -> None:
     print(f"left: {name or 'a member not yet authenticated'} ({reason})", flush=True)
 
 
+def show_member_failed(peer: str, error: CallError) -> None:
+    print(f"not admitted: a peer got no key: {error}", flush=True)
+
+
 def show_roster(roster: tuple[RosterEntry, ...]) -> None:
     """The members we share keys with: the hub decides who is in the room, not who gets keys."""
     print(f"roster: {len(roster)} other member(s) hold our key", flush=True)
@@ -306,6 +310,7 @@ def show_security_code(code: str) -> None:
 GROUP_CALLBACKS = GroupCallbacks(
     on_member_joined=show_member_joined,
     on_member_left=show_member_left,
+    on_member_failed=show_member_failed,
     on_roster=show_roster,
     on_security_code=show_security_code,
 )

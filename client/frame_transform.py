@@ -40,11 +40,12 @@ from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs.opus import SAMPLES_PER_FRAME as OPUS_SAMPLES_PER_FRAME
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.codecs.vpx import PACKET_MAX as VP8_PACKET_MAX
-from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpsender import RTCEncodedFrame
 from aiortc.rtp import RtpPacket
+
+from signaling.media_adapter import SDP_ERRORS as HUB_SDP_ERRORS
 
 FrameTransform = Callable[[bytes], bytes | None]
 """Takes one encoded frame; returns the bytes to pass on, or None to pass nothing on."""
@@ -71,19 +72,9 @@ RECEIVER_DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"
 RECEIVER_DECODER_THREAD = "_RTCRtpReceiver__decoder_thread"
 RECEIVER_TIMESTAMP_MAPPER = "_RTCRtpReceiver__timestamp_mapper"
 
-# What aiortc raises for SDP it cannot apply. Its parser validates with `assert`, indexing and
-# `next()`, so malformed text also surfaces as AssertionError, IndexError, KeyError, and as
-# RuntimeError (a StopIteration escaping a coroutine, PEP 479).
-SDP_ERRORS = (
-    AssertionError,
-    IndexError,
-    KeyError,
-    RuntimeError,
-    ValueError,
-    InternalError,
-    InvalidStateError,
-    OperationError,
-)
+# What aiortc raises for SDP it cannot apply: the hub's adapter reads it from aiortc too, and
+# the hub cannot import the client, so the one definition is there.
+SDP_ERRORS = HUB_SDP_ERRORS
 
 
 class UnsupportedCodecError(ValueError):

@@ -36,11 +36,14 @@ from aiortc import (
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
+from aiortc.mediastreams import MediaStreamError
 
 from client.call import (
     KINDS,
     CallConfig,
     CallPhase,
+    Hangup,
+    HubFailed,
     HubNotTrusted,
     JoinedHub,
     ask_sas,
@@ -85,7 +88,7 @@ from crypto.sender_keys import (
     SenderKeyCounters,
     SenderKeyReceiver,
 )
-from crypto.sframe import SFrameError
+from crypto.sframe import CipherSuite, SFrameError
 from signaling.protocol import (
     MediaMode,
     MediaOffer,
@@ -163,23 +166,22 @@ class _FromHub:
 
 
 @dataclass(frozen=True)
-class _HubFailed:
-    detail: str
-    closed: bool
-
-
-@dataclass(frozen=True)
-class _Hangup:
-    reason: str
-
-
-@dataclass(frozen=True)
 class _SasAnswered:
     peer: PeerId
     accepted: bool
 
 
-_Event = _FromHub | _HubFailed | _Hangup | _SasAnswered
+_Event = _FromHub | HubFailed | Hangup | _SasAnswered
+
+
+@dataclass(frozen=True)
+class GroupParts:
+    """How a group call protects its frames: the product's SFrame sender and sender-key
+    receivers. A seam for the experiment alone (client/experiment/ composes weaker peers from
+    it); the product never builds anything else."""
+
+    sender: Callable[[CipherSuite], SFrameSender] = SFrameSender
+    receiver: Callable[[CipherSuite], SenderKeyReceiver] = SenderKeyReceiver
 
 
 @dataclass
@@ -217,7 +219,8 @@ class _MemberFrames:
 
 
 class _Slot:
-    """One receiving transceiver: its mid, kind, and the frames it holds for a key."""
+    """One receiving transceiver: its mid, its kind, and what passes the frames its members'
+    receivers held for a key on to its decoder."""
 
     def __init__(self, transceiver: RTCRtpTransceiver) -> None:
         self.mid: str = transceiver.mid or ""
@@ -235,8 +238,10 @@ class GroupCall:
         callbacks: GroupCallbacks | None = None,
         *,
         joined: JoinedHub | None = None,
+        parts: GroupParts | None = None,
     ) -> None:
         self.config = config
+        self._parts = parts or GroupParts()
         self.callbacks = callbacks or GroupCallbacks()
         self.stats = GroupStats()
         # What was decoded from each member, by peer id.
@@ -256,9 +261,10 @@ class GroupCall:
         self._timers: list[asyncio.TimerHandle] = []
         self._join_time = 0.0
         self._media_started = 0.0
+        self._media_phase_shown = False
 
     def hangup(self, reason: str = "hangup") -> None:
-        self._events.put_nowait(_Hangup(reason))
+        self._events.put_nowait(Hangup(reason))
 
     @property
     def receivers(self) -> Mapping[PeerId, SenderKeyReceiver]:
@@ -301,7 +307,7 @@ class GroupCall:
         self._events.put_nowait(_FromHub(event))
 
     def _hub_failed(self, detail: str, closed: bool) -> None:
-        self._events.put_nowait(_HubFailed(detail, closed))
+        self._events.put_nowait(HubFailed(detail, closed))
 
     # -- feeding the session
 
@@ -337,13 +343,13 @@ class GroupCall:
                 await self._answer(sdp)
             case _FromHub(MediaTracks(tracks)):
                 self._map_slots({track.mid: track.peer_id for track in tracks})
-            case _HubFailed(detail, closed):
+            case HubFailed(detail, closed):
                 # The hub carries the media too: without it there is no call.
                 self.stats.hub_lost = self.stats.hub_lost or closed
                 if not closed:
                     logger.warning("ignored a bad message from the hub: %s", detail)
                 return session.hub_failed(detail, now, closed=closed)
-            case _Hangup(reason):
+            case Hangup(reason):
                 return session.hangup(reason, now)
             case _SasAnswered(peer, accepted):
                 return session.sas_answer(peer, accepted, now)
@@ -368,7 +374,7 @@ class GroupCall:
                 self._tasks.append(asyncio.create_task(self._ask_sas(peer, protection)))
             case UseSendKey(key):
                 if self._sender is None:
-                    self._sender = SFrameSender(key.suite)
+                    self._sender = self._parts.sender(key.suite)
                     self._protect = {kind: self._sender.transform(kind) for kind in KINDS}
                 self._sender.use_key(key.media_key())
                 self.stats.key_changes.append(
@@ -384,7 +390,9 @@ class GroupCall:
                 joined = self.stats.members.setdefault(peer, MemberStats(peer_id=peer))
                 joined.name, joined.fingerprint = protection.peer_name, protection.peer_fingerprint
                 joined.status, joined.left = protection.pin, False
-                self._phase(CallPhase.MEDIA)
+                if not self._media_phase_shown:
+                    self._media_phase_shown = True
+                    self._phase(CallPhase.MEDIA)
                 if self.callbacks.on_member_joined is not None:
                     self.callbacks.on_member_joined(peer, protection)
             case MemberLeft(peer, reason):
@@ -446,7 +454,7 @@ class GroupCall:
         member = self._members.get(peer)
         if member is None:
             assert self.session is not None
-            member = self._members[peer] = _MemberFrames(SenderKeyReceiver(self.session.suite))
+            member = self._members[peer] = _MemberFrames(self._parts.receiver(self.session.suite))
         return member
 
     def _member_left(self, peer: PeerId) -> str | None:
@@ -566,7 +574,6 @@ class GroupCall:
                 slot.late = install_holding_receiver_transform(
                     transceiver.receiver, self._slot_transform(slot)
                 )
-            # Neither a publishing sender nor a slot: also closed.
 
     def _start_media(self, pc: RTCPeerConnection) -> None:
         loop = asyncio.get_running_loop()
@@ -586,8 +593,6 @@ class GroupCall:
 
     async def _collect(self, slot: _Slot, track: MediaStreamTrack) -> None:
         """Keep what each slot decodes, under the member the slot belongs to now."""
-        from aiortc.mediastreams import MediaStreamError
-
         while True:
             try:
                 frame = await track.recv()
@@ -605,7 +610,11 @@ class GroupCall:
         generations: set[int] = set()
         for kind in KINDS:
             counters = receiver.counters.get(kind) or SenderKeyCounters()
-            setattr(stats, kind, counters.as_dict())
+            # Every frame that came: decrypted at once, held (then released, expired or pushed
+            # out), failed, or sent before we joined.
+            received = counters.frames - counters.released + counters.held
+            received += counters.failed + counters.before_join
+            setattr(stats, kind, counters.as_dict() | {"received": received})
             generations |= counters.generations
         stats.generations = sorted(generations)
         return stats

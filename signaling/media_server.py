@@ -112,6 +112,7 @@ class MediaServer:
 
     def metric_lines(self) -> list[str]:
         counters = self.router.counters
+        recording_errors = 0 if self._recorder is None else self._recorder.errors
         lines = [
             "# HELP blindhub_media_subscribers Members of routed rooms whose media is connected.",
             "# TYPE blindhub_media_subscribers gauge",
@@ -140,6 +141,10 @@ class MediaServer:
             "throttle (one per publisher per 200 ms).",
             "# TYPE blindhub_media_plis_throttled_total counter",
             f"blindhub_media_plis_throttled_total {counters.plis_throttled}",
+            "# HELP blindhub_media_recording_errors_total Streams --record-media stopped "
+            "recording because their file could not be written.",
+            "# TYPE blindhub_media_recording_errors_total counter",
+            f"blindhub_media_recording_errors_total {recording_errors}",
         ]
 
     # Carrying out the router's commands.

@@ -19,6 +19,7 @@ cannot read them from frames it cannot decrypt.
 
 import fractions
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,8 @@ import av
 from signaling.media_adapter import CLOCK_RATES
 from signaling.protocol import PeerId
 
+logger = logging.getLogger("blindhub.hub")
+
 # PyAV's names for a stream that only carries packets of each codec.
 _CODEC_NAMES: Final = {"audio": "libopus", "video": "libvpx"}
 
@@ -38,21 +41,34 @@ class _StreamFile:
         self._container = av.open(str(path), "w", format="matroska")
         self._stream = self._container.add_stream(_CODEC_NAMES[kind], rate=CLOCK_RATES[kind])
         self._time_base = fractions.Fraction(1, CLOCK_RATES[kind])
-        self._first: int | None = None
+        # Matroska counts milliseconds: a frame is at least that much later than the last.
+        self._tick = CLOCK_RATES[kind] // 1000
+        self._last_rtp: int | None = None
+        self._last_pts = -1
         # Open as long as the stream is; closed in close().
         self._sidecar: TextIO = open(path.with_suffix(".jsonl"), "w", buffering=1)  # noqa: SIM115
 
     def write(self, frame: bytes, rtp_timestamp: int, arrival: float) -> None:
-        if self._first is None:
-            self._first = rtp_timestamp
         packet = av.Packet(frame)
-        # RTP timestamps start anywhere and wrap at 2**32: the file counts from the first.
-        packet.pts = packet.dts = (rtp_timestamp - self._first) % 2**32
+        packet.pts = packet.dts = self._file_time(rtp_timestamp)
         packet.time_base = self._time_base
         packet.stream = self._stream
         self._container.mux(packet)
         line = {"arrival": round(arrival, 6), "rtp_timestamp": rtp_timestamp, "size": len(frame)}
         self._sidecar.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def _file_time(self, rtp_timestamp: int) -> int:
+        """The frame's time in the file: RTP time from the first frame, unwrapped (RTP
+        timestamps wrap at 2**32), and at least 1 ms later than the frame before, since
+        Matroska refuses time that goes back and a publisher may send any timestamp at all.
+        The sidecar keeps the RTP timestamp as it came."""
+        if self._last_rtp is None:
+            pts = 0
+        else:
+            step = (rtp_timestamp - self._last_rtp + 2**31) % 2**32 - 2**31
+            pts = max(self._last_pts + step, self._last_pts + self._tick)
+        self._last_rtp, self._last_pts = rtp_timestamp, pts
+        return pts
 
     def close(self) -> None:
         self._container.close()
@@ -67,13 +83,25 @@ class MediaRecorder:
         self._clock = clock
         self._files: dict[tuple[str, PeerId, str], _StreamFile] = {}
         self._used: set[str] = set()
+        self._failed: set[tuple[str, PeerId, str]] = set()  # streams no longer recorded
+        self.errors = 0
 
     def write(self, room: str, publisher: PeerId, kind: str, frame: bytes, timestamp: int) -> None:
+        """Record one forwarded frame. Never raises: it runs in the forwarding path, and a
+        recording that cannot be written (a full disk, a directory gone) must not stop the
+        call; that stream is logged, counted and not recorded any further."""
         key = (room, publisher, kind)
-        stream = self._files.get(key)
-        if stream is None:
-            stream = self._files[key] = _StreamFile(self._path(room, publisher, kind), kind)
-        stream.write(frame, timestamp, self._clock())
+        if key in self._failed:
+            return
+        try:
+            stream = self._files.get(key)
+            if stream is None:
+                stream = self._files[key] = _StreamFile(self._path(room, publisher, kind), kind)
+            stream.write(frame, timestamp, self._clock())
+        except (OSError, av.FFmpegError) as error:
+            self.errors += 1
+            self._failed.add(key)
+            logger.error("no longer recording %s of %s in %s: %s", kind, publisher, room, error)
 
     def end(self, room: str, publisher: PeerId) -> None:
         """``publisher`` left ``room``: close its files."""

@@ -27,8 +27,10 @@ from client import frame_transform
 from client.frame_transform import (
     SENDER_ENCODER,
     EncoderAlreadyChosenError,
+    LateDelivery,
     TransformAlreadyInstalledError,
     install_constant_bitrate_opus,
+    install_holding_receiver_transform,
     install_receiver_transform,
     install_sender_transform,
     request_keyframe,
@@ -183,6 +185,16 @@ async def test_private_attributes_exist_on_live_instances(loopback):
         assert hasattr(decoder_error, "set"), (
             f"{frame_transform.RECEIVER_DECODER_ERROR} is gone: {REREAD}"
         )
+        # What LateDelivery uses to queue a held frame as the receiver itself would.
+        for name, has in (
+            (frame_transform.RECEIVER_CODECS, "get"),
+            (frame_transform.RECEIVER_DECODER_QUEUE, "put"),
+            (frame_transform.RECEIVER_TIMESTAMP_MAPPER, "map"),
+        ):
+            assert hasattr(getattr(receiver, name, None), has), f"{name} is gone: {REREAD}"
+        assert hasattr(receiver, frame_transform.RECEIVER_DECODER_THREAD), (
+            f"{frame_transform.RECEIVER_DECODER_THREAD} is gone: {REREAD}"
+        )
 
     await loopback.connect([PatternTrack()], [], prepare=check)
 
@@ -246,6 +258,35 @@ async def test_transforms_see_whole_frames_at_the_right_boundaries(loopback):
         and vpx.VpxPayloadDescriptor.parse(packet.payload)[0].partition_start
     ]
     assert video_starts and all(p.startswith(MAGIC) for p in video_starts)
+
+
+@pytest.mark.slow
+async def test_held_frames_reach_the_decoder_when_delivered_late(loopback):
+    # A receiver holds the first 25 audio frames (their key "has not come"), then passes them
+    # on through LateDelivery: the decoder gets every one of them, late, and then the rest.
+    held: list[tuple[bytes, int]] = []
+    deliveries: list[LateDelivery] = []
+
+    def holding(frame: bytes, timestamp: int) -> bytes | None:
+        if len(held) < 25:
+            held.append((frame, timestamp))
+            return None
+        return frame
+
+    def prepare(side):
+        if side.senders["audio"].track is None:
+            deliveries.append(install_holding_receiver_transform(side.receivers["audio"], holding))
+
+    _, answerer = await loopback.connect([ToneTrack(440)], [], prepare=prepare)
+    await wait_for(lambda: len(held) == 25)
+    assert answerer.received.audio_frames == 0
+    [late] = deliveries
+    assert all(late(frame, timestamp) for frame, timestamp in held)
+    await wait_for(lambda: answerer.received.audio_frames >= 25 + 10)
+    # Nothing is queued for a receiver that has not decoded a frame yet.
+    assert not LateDelivery(RTCRtpReceiver("audio", answerer.receivers["audio"].transport))(
+        held[0][0], held[0][1]
+    )
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from client.cli import main
+from client.experiment.command import cell_selection
+from client.experiment.routed import ROUTED_SCENARIOS, RoutedCell
 from client.experiment.runner import (
     SCENARIOS,
     Cell,
@@ -29,6 +31,11 @@ slow = pytest.mark.slow
 @pytest.fixture(scope="module")
 def report() -> Report:
     return asyncio.run(run_experiment(SECONDS))
+
+
+def routed(report: Report, attack: str) -> RoutedCell:
+    [found] = [c for c in report.routed if c.scenario.attack_name == f"routed-{attack}"]
+    return found
 
 
 def cell(report: Report, layers: str, attack: str) -> Cell:
@@ -53,6 +60,17 @@ def test_the_matrix_has_every_cell_and_the_control_first(report):
         ("sframe", "dtls-mitm+tamper"),
     ]
     assert len(SCENARIOS) == len(report.cells)
+    assert [(c.scenario.layers.value, c.scenario.attack_name) for c in report.routed] == [
+        ("plain", "routed-record"),
+        ("verified", "routed-record"),
+        ("verified", "routed-inject"),
+        ("verified", "routed-splice"),
+        ("verified", "routed-replay+reorder"),
+        ("verified", "routed-leave-collusion"),
+    ]
+    assert len(ROUTED_SCENARIOS) == len(report.routed)
+    # The default run, every cell, stays within what `make demo` promises on this machine.
+    assert report.seconds < 90
 
 
 @slow
@@ -166,6 +184,96 @@ def test_sframe_under_dtls_mitm_and_media_tamper_every_replayed_or_altered_frame
 
 
 @slow
+def test_routed_control_the_hubs_recording_plays_back_every_members_tone_and_picture(report):
+    control = report.routed[0]
+    assert control.scenario.is_control and control.scenario.attack_name == "routed-record"
+    assert control.peer_audio_correlation >= 0.9
+    assert sorted(control.hub) == ["alice", "bob", "carol"]
+    for stream in control.hub.values():
+        assert stream.correlation >= 0.9
+        assert stream.video.frames_decoded > 0 and stream.pattern_number is not None
+        # A player (PyAV's default demuxer and decoders) plays the files too.
+        assert stream.player["audio"]["audio_seconds"] >= 1
+        assert stream.player["video"]["decoded"] > 0
+
+
+@slow
+def test_routed_as_shipped_the_hub_records_everything_and_recovers_nothing(report):
+    result = report.routed[1]
+    assert (result.scenario.layers.value, result.scenario.attack_name) == (
+        "verified",
+        "routed-record",
+    )
+    assert result.all_completed and result.peer_audio_correlation >= 0.9
+    assert sorted(result.hub) == ["alice", "bob", "carol"]
+    for stream in result.hub.values():
+        assert stream.frames["audio"] > 50 and stream.frames["video"] > 20
+        assert stream.correlation < 0.1 and stream.video.frames_decoded == 0
+        assert stream.pattern_number is None
+        # A player decodes Opus noise from ciphertext (Opus decodes almost anything), and no
+        # picture at all.
+        assert stream.player["video"]["decoded"] == 0
+    codes = {member.security_code for member in result.members.values()}
+    assert len(codes) == 1 and None not in codes
+    assert all(set(member.roster.values()) == {"PINNED"} for member in result.members.values())
+
+
+@slow
+def test_routed_injection_every_frame_the_hub_made_is_rejected_never_decoded(report):
+    result = routed(report, "inject")
+    assert result.peer_audio_correlation >= 0.9
+    assert result.hub_audio_correlation < 0.1 and result.hub_decoded_video_frames == 0
+    made = result.attack["counts"]
+    assert all(made[what] > 0 for what in ("silence", "keyframe", "bit-flip"))
+    for name in ("bob", "carol"):
+        for kind in ("audio", "video"):
+            rejected = result.members[name].rejected("alice", kind)
+            # At most what the hub made toward it (a packet may be lost on the way), and
+            # nothing else of alice's: every one is a frame the hub made.
+            assert 0 < rejected <= result.attack["toward"][name][kind]
+            assert rejected >= result.attack["toward"][name][kind] - 2
+
+
+@slow
+def test_routed_splice_frames_moved_to_another_members_slot_fail_and_are_counted(report):
+    result = routed(report, "splice")
+    assert (result.attack["source"], result.attack["target"]) == ("bob", "alice")
+    assert result.attack["victim"] == "carol"
+    spliced = result.attack["toward"]["carol"]
+    assert spliced["audio"] > 20 and spliced["video"] > 10
+    for kind in ("audio", "video"):
+        assert result.members["carol"].rejected("alice", kind) == spliced[kind]
+    # Carol never heard bob's tone on alice's track.
+    assert result.attack["victim_heard_source_as_target"] < 0.1
+    # Bob heard alice all along (the hub spliced only toward carol).
+    assert result.members["bob"].heard["alice"] >= 0.9
+
+
+@slow
+def test_routed_replay_and_reorder_replays_rejected_reorders_tolerated_counts_exact(report):
+    result = routed(report, "replay+reorder")
+    assert result.peer_audio_correlation >= 0.9
+    counts = result.attack["counts"]
+    assert counts["replayed"] > 10 and counts["reordered"] > 10
+    for name, kinds in result.attack["replayed_toward"].items():
+        for kind, replayed in kinds.items():
+            received = result.members[name].received["alice"][kind]
+            assert received["replayed"] == replayed
+            # Nothing else of alice's failed: every reordered frame decrypted.
+            assert result.members[name].rejected("alice", kind) == replayed
+
+
+@slow
+def test_routed_leave_collusion_the_leavers_keys_open_nothing_sent_after_the_leave(report):
+    result = routed(report, "leave-collusion")
+    leave = result.after_leave
+    assert leave is not None and leave["members"] == ["alice", "carol"]
+    assert leave["frames"] > 50
+    assert leave["decrypted"] == 0 and leave["correlation"] < 0.1
+    assert result.hub_audio_correlation < 0.1
+
+
+@slow
 def test_every_cell_as_expected_and_the_json_report(report):
     document = report.as_dict()
     assert document["valid"] is True and document["all_as_expected"] is True
@@ -179,6 +287,9 @@ def test_every_cell_as_expected_and_the_json_report(report):
         "verdict",
     }
     assert all(required <= set(entry) for entry in document["cells"])
+    assert [entry["number"] for entry in document["cells"] if entry["routed"]] == [
+        f"R{n}" for n in range(1, len(ROUTED_SCENARIOS) + 1)
+    ]
     assert json.loads(json.dumps(document)) == document
 
 
@@ -188,6 +299,12 @@ def test_a_failed_control_makes_the_experiment_invalid(report):
     failed = dataclasses.replace(control, hub_audio_correlation=0.0)
     assert not Report([failed, *others], 0.0).valid
     assert not Report(others, 0.0).valid  # no control, no proof
+    # The routed cells have their own control: it must recover the audio, or nothing holds.
+    routed_control, *routed_others = report.routed
+    broken = dataclasses.replace(routed_control, hub={})
+    assert not Report(report.cells, 0.0, [broken, *routed_others]).valid
+    assert not Report(report.cells, 0.0, routed_others).valid
+    assert Report([], 0.0, report.routed).valid
     assert "INVALID" in Report([failed, *others], 0.0).table()
 
 
@@ -206,6 +323,13 @@ def test_outputs_are_written_and_readable(report, tmp_path):
         assert figure.width > 1000 and figure.height > 7 * 80
     assert "no frame" in (tmp_path / "figure.svg").read_text()
     assert {tmp_path / "figure.png", tmp_path / "figure.svg"} <= set(paths)
+    # The routed control's recovered tone and picture of every member, and none in R2.
+    for name in ("alice", "bob", "carol"):
+        with wave.open(str(tmp_path / f"R1-plain-routed-record-hub-{name}.wav")) as wav:
+            assert wav.getnframes() >= 48000
+        with av.open(str(tmp_path / f"R1-plain-routed-record-hub-{name}.png")) as png:
+            assert read_pattern_number(next(png.decode(video=0))) is not None
+    assert not list(tmp_path.glob("R2-*.png"))
 
 
 def test_metadata_check_finds_unsealed_sdp_candidates_and_addresses():
@@ -226,6 +350,16 @@ def test_metadata_check_finds_unsealed_sdp_candidates_and_addresses():
     leaks = check_metadata(leaky)["leaks"]
     assert {"sdp", "candidate", "ip-address"} <= set(leaks)
     assert "an unsealed 'offer' payload" in leaks
+
+
+def test_cells_choose_cells_and_always_add_each_familys_control():
+    assert cell_selection("all") == (list(range(8)), list(range(6)))
+    assert cell_selection("R3,5") == ([0, 4], [0, 2])
+    assert cell_selection("routed") == ([], list(range(6)))
+    assert cell_selection("two-party") == (list(range(8)), [])
+    for bad in ("9", "R7", "x", "R"):
+        with pytest.raises(Exception, match="is not a cell"):
+            cell_selection(bad)
 
 
 @pytest.mark.parametrize("seconds", ["0", "61", "nan", "three"])

@@ -10,23 +10,28 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import av
 import pytest
+from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from client.call import CallConfig
-from client.experiment.analysis import dominant_frequency
-from client.group_call import GroupCall, GroupStats
-from client.media import PatternTrack, ToneTrack
-from client.session import Verify
+from client.exit_codes import ExitCode
+from client.experiment.analysis import dominant_frequency, tone_correlation
+from client.group_call import GroupCall, GroupCallbacks, GroupStats
+from client.hub_connection import HubConnection
+from client.media import PatternTrack, ToneTrack, read_pattern_number
+from client.session import CallError, VerificationRefused, Verify
 from crypto.identity import IdentityKey, KnownPeers
 from signaling.hub import Limits
 from signaling.media_server import MediaServer
-from signaling.protocol import PeerId
+from signaling.protocol import MediaOffer, PeerId
 from signaling.recording import MediaRecorder
 from signaling.server import HubServer
-from tests.conftest import wait_for
+from tests.conftest import VP8, decode_all, decoded_audio, plaintext_runs_on_the_wire, wait_for
+from tests.test_call import blindhub
 
 pytestmark = pytest.mark.slow
 
@@ -69,20 +74,21 @@ def member(hub: HubServer, name: str, **options: Any) -> CallConfig:
     return CallConfig(**(defaults | options))
 
 
-def heard_everyone(call: GroupCall, others: int) -> bool:
+def heard_everyone(call: GroupCall, others: int, samples: int = AUDIO_SAMPLES) -> bool:
     return len(call.received) == others and all(
-        len(media.samples) >= AUDIO_SAMPLES and media.pattern_numbers
-        for media in call.received.values()
+        len(media.samples) >= samples and media.pattern_numbers for media in call.received.values()
     )
 
 
-async def run_group(calls: Sequence[GroupCall]) -> tuple[list[GroupStats], set[str | None]]:
+async def run_group(
+    calls: Sequence[GroupCall], samples: int = AUDIO_SAMPLES
+) -> tuple[list[GroupStats], set[str | None]]:
     """Run every call until each heard every other, then hang all up; return the statistics
     and the security codes shown at that moment (hanging up changes them: members leave)."""
     tasks = [asyncio.create_task(call.run()) for call in calls]
     try:
         await wait_for(
-            lambda: all(heard_everyone(call, len(calls) - 1) for call in calls), timeout=60
+            lambda: all(heard_everyone(call, len(calls) - 1, samples) for call in calls), timeout=60
         )
         codes = {call.stats.security_code for call in calls}
     finally:
@@ -211,3 +217,204 @@ async def test_churn_a_joiner_reads_nothing_from_before_and_a_leaver_nothing_aft
         assert len(after) > 50
         unprotect = bob_holds[name].transform("audio")
         assert [unprotect(frame) for frame in after] == [None] * len(after)
+
+
+def tracks_of(path: Path) -> dict[str, list[bytes]]:
+    """Every track of a member's ``--record`` file, by title ("bob audio"), as its frames."""
+    with av.open(str(path), options=EXACT_FRAMES) as container:
+        titles = {stream.index: stream.metadata.get("title", "") for stream in container.streams}
+        frames: dict[str, list[bytes]] = {title: [] for title in titles.values()}
+        for packet in container.demux():
+            if packet.size:
+                frames[titles[packet.stream.index]].append(bytes(packet))
+    return frames
+
+
+async def test_the_hubs_recording_holds_nothing_a_decoder_can_use(start_routed_hub, tmp_path):
+    hub_files, alice_file = tmp_path / "hub", tmp_path / "alice.mkv"
+    hub_files.mkdir()
+    hub = await start_routed_hub(record=hub_files)
+    calls = [
+        GroupCall(member(hub, "alice", record_path=str(alice_file))),
+        *(GroupCall(member(hub, name)) for name in ("bob", "carol")),
+    ]
+    await run_group(calls, samples=2 * 48_000)
+    await hub.close()
+    # What alice decrypted, kept by --record with a titled track per member: the plaintext.
+    plaintext = tracks_of(alice_file)
+    assert sorted(plaintext) == ["bob audio", "bob video", "carol audio", "carol video"]
+    for name in ("bob", "carol"):
+        peer = peer_named(calls[0], name)
+        sent_audio, sent_video = plaintext[f"{name} audio"], plaintext[f"{name} video"]
+        assert len(sent_audio) >= 50 and len(sent_video) >= 20
+        # The control: decoders given the plaintext hear the tone and read the pattern ...
+        assert tone_correlation(decoded_audio(sent_audio), 48000, TONES[name]) > 0.8
+        assert any(read_pattern_number(f) is not None for f in decode_all(VP8, sent_video))
+        # ... while the hub's recording of the same streams holds no 16-byte run of them, and
+        # gives an Opus decoder no tone and a VP8 decoder no pattern.
+        hub_audio = [frame for _, frame in recorded(hub_files, peer, "audio")]
+        hub_video = [frame for _, frame in recorded(hub_files, peer, "video")]
+        assert len(hub_audio) >= len(sent_audio) and len(hub_video) >= len(sent_video)
+        as_packets = [SimpleNamespace(payload=frame) for frame in hub_audio + hub_video]
+        assert plaintext_runs_on_the_wire(sent_audio + sent_video, as_packets) == []
+        heard = decoded_audio(hub_audio)
+        assert tone_correlation(heard or [0.0], 48000, TONES[name]) < 0.1
+        numbers = map(read_pattern_number, decode_all(VP8, hub_video))
+        assert [number for number in numbers if number is not None] == []
+
+
+class GarbageMember:
+    """A participant of the routed room that speaks the hub's protocol but not blindhub's: it
+    publishes plain Opus and VP8 (no SFrame) and never answers a key agreement."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pc = RTCPeerConnection(RTCConfiguration(bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+
+    async def join(self) -> None:
+        self.hub = await HubConnection.connect(self.url)
+        await self.hub.join("group")
+        while not isinstance(event := await self.hub.next_event(), MediaOffer):
+            pass
+        await self.pc.setRemoteDescription(RTCSessionDescription(event.sdp, "offer"))
+        for transceiver, track in zip(
+            self.pc.getTransceivers(), (ToneTrack(300), PatternTrack()), strict=False
+        ):
+            transceiver.sender.replaceTrack(track)
+            transceiver.direction = "sendonly"
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        await self.hub.send_media_answer(self.pc.localDescription.sdp)
+
+    async def close(self) -> None:
+        await self.pc.close()
+        await self.hub.close()
+
+
+async def test_a_garbage_member_and_one_that_leaves_mid_handshake_disturb_nobody(
+    start_routed_hub,
+):
+    hub = await start_routed_hub()
+    garbage = GarbageMember(hub.url)
+    await garbage.join()
+    # One more member hangs up while its key agreements run.
+    quitter = GroupCall(member(hub, "dave"))
+    quitter_task = asyncio.create_task(quitter.run())
+    calls = [GroupCall(member(hub, name)) for name in ("alice", "bob", "carol")]
+    tasks = [asyncio.create_task(call.run()) for call in calls]
+    await wait_for(lambda: any(call.stats.members for call in calls) or quitter.session is not None)
+    quitter.hangup("gone")
+    await asyncio.gather(quitter_task, return_exceptions=True)
+    try:
+        await wait_for(lambda: all(heard_everyone(call, 2) for call in calls), timeout=60)
+        codes = {call.stats.security_code for call in calls}
+    finally:
+        for call in calls:
+            call.hangup("done")
+        stats = await asyncio.gather(*tasks)
+        await garbage.close()
+    assert len(codes) == 1
+    for summary in stats:
+        # Only the three that agreed keys are members; none of their frames failed.
+        named = {m.name: m for m in summary.members.values() if m.name}
+        assert len(named) == 2 and "dave" not in named
+        for m in named.values():
+            assert (m.audio["failed"], m.video["failed"]) == (0, 0)
+        # The garbage member's frames were never decoded: never decrypted, all refused.
+        unnamed = [m for m in summary.members.values() if not m.name]
+        assert all(m.audio.get("frames", 0) == 0 and m.video.get("frames", 0) == 0 for m in unnamed)
+
+
+async def test_the_call_command_in_a_routed_room_shows_roster_code_and_members(
+    start_routed_hub, tmp_path
+):
+    hub = await start_routed_hub()
+    shown_by: dict[str, list[str]] = {"bob": [], "carol": []}
+    bob, carol = (
+        GroupCall(
+            member(hub, name, duration=duration), GroupCallbacks(on_security_code=codes.append)
+        )
+        for (name, codes), duration in zip(shown_by.items(), (None, 8), strict=True)
+    )
+    calls = [bob, carol]
+
+    async def bob_leaves_after_a_second_of_alice() -> None:
+        # While alice (4 s) and carol go on.
+        await wait_for(lambda: any(m.name == "alice" for m in bob.stats.members.values()), 30)
+        await wait_for(lambda: samples_from(bob, "alice") >= 48_000, 30)
+        bob.hangup("leaving")
+
+    leaving = asyncio.create_task(bob_leaves_after_a_second_of_alice())
+    tasks = [asyncio.create_task(call.run()) for call in calls]
+    code, out, err = await blindhub(
+        "call", "group", "--hub", hub.url, "--name", "alice", "--send", "tone:440,pattern",
+        "--verify", "tofu", "--duration", "4", "--home", str(tmp_path / "alice"),
+        "--stats-json", str(tmp_path / "alice.json"), "--record", str(tmp_path / "alice.mkv"),
+    )  # fmt: skip
+    stats = await asyncio.gather(*tasks)
+    await leaving
+    assert code == 0, err
+    # A line for each member that joined, the roster with statuses, and the code, which is the
+    # one bob and carol showed.
+    assert out.count("joined: end-to-end encrypted") == 2
+    assert "NEW bob SHA256:" in out and "NEW carol SHA256:" in out
+    shown = [line.split(": ", 1)[1].split(" (")[0] for line in out.splitlines() if "code:" in line]
+    assert set(shown) & set(shown_by["bob"]) & set(shown_by["carol"])
+    assert [s.ended_by for s in stats] == ["leaving", "duration"]
+    assert "left: bob (" in out
+    summary = json.loads((tmp_path / "alice.json").read_text())
+    members = {m["name"]: m for m in summary["members"].values()}
+    assert sorted(members) == ["bob", "carol"]
+    for name, m in members.items():
+        assert m["status"] == "NEW" and m["fingerprint"].startswith("SHA256:")
+        assert m["audio"]["frames"] > 20 and m["audio"]["failed"] == 0, name
+    assert members["bob"]["left"] and not members["carol"]["left"]
+    assert sorted(tracks_of(tmp_path / "alice.mkv")) == [
+        "bob audio", "bob video", "carol audio", "carol video"
+    ]  # fmt: skip
+
+
+async def test_a_group_call_records_only_to_matroska(start_routed_hub, tmp_path):
+    hub = await start_routed_hub()
+    code, _, err = await blindhub(
+        "call", "group", "--hub", hub.url, "--name", "alice", "--verify", "tofu",
+        "--home", str(tmp_path / "alice"), "--record", str(tmp_path / "alice.wav"),
+    )  # fmt: skip
+    assert code == ExitCode.LOCAL_PROBLEM and "records to .mkv" in err
+
+
+async def test_verify_pinned_keeps_an_unpinned_member_out_and_the_call_goes_on(
+    start_routed_hub,
+):
+    hub = await start_routed_hub()
+    bob_identity = IdentityKey.generate(os.urandom)
+    alice_pins = KnownPeers()
+    alice_pins.check("bob", bob_identity.public_key)
+    failed: list[CallError] = []
+    alice = GroupCall(
+        member(hub, "alice", known_peers=alice_pins, verify=Verify.PINNED),
+        GroupCallbacks(on_member_failed=lambda _peer, error: failed.append(error)),
+    )
+    bob = GroupCall(member(hub, "bob", identity=bob_identity))
+    mallory = GroupCall(member(hub, "carol"))  # a stranger to alice
+    tasks = [asyncio.create_task(call.run()) for call in (alice, bob, mallory)]
+    try:
+        await wait_for(
+            lambda: (
+                heard_everyone(alice, 1)
+                and heard_everyone(bob, 2)
+                and heard_everyone(mallory, 1)
+                and bool(failed)
+            ),
+            timeout=60,
+        )
+    finally:
+        for call in (alice, bob, mallory):
+            call.hangup("done")
+        stats = await asyncio.gather(*tasks)
+    assert [type(error) for error in failed] == [VerificationRefused]
+    alice_sees = {m.name for m in stats[0].members.values() if m.name}
+    assert alice_sees == {"bob"}
+    # Mallory got no key from alice, so nothing of alice's ever decrypted at mallory.
+    at_mallory = {m.name: m for m in stats[2].members.values() if m.name}
+    assert set(at_mallory) == {"bob"}
+    assert all(m.audio.get("frames", 0) == 0 for m in stats[2].members.values() if not m.name)

@@ -128,6 +128,35 @@ async def test_a_forward_track_gives_the_frames_as_packets():
         await asyncio.wait_for(track.recv(), 1)
 
 
+# FFmpeg's parsers drop what does not parse as the codec; the recordings are read without them.
+EXACT_FRAMES = {"fflags": "+noparse+nofillin"}
+
+
+def test_a_stream_whose_timestamps_go_back_is_recorded_whole_and_in_order(tmp_path):
+    # A publisher chooses its RTP timestamps: backwards, repeated or jumping across the wrap.
+    recorder = MediaRecorder(tmp_path, clock=lambda: 0.0)
+    stamps = [5000, 4000, 4000, 2**32 - 10, 20, 6000]
+    frames = [bytes([0xFC, n]) * 10 for n in range(len(stamps))]
+    for frame, stamp in zip(frames, stamps, strict=True):
+        recorder.write("r", PeerId("p"), "audio", frame, stamp)
+    recorder.close()
+    with av.open(str(tmp_path / "r.p.audio.mkv"), options=EXACT_FRAMES) as container:
+        packets = [p for p in container.demux() if p.size]
+    assert [bytes(p) for p in packets] == frames
+    times = [p.pts or 0 for p in packets]
+    assert times == sorted(set(times))  # always later
+    sidecar = [json.loads(line) for line in (tmp_path / "r.p.audio.jsonl").open()]
+    assert [line["rtp_timestamp"] for line in sidecar] == stamps
+
+
+def test_a_recording_that_cannot_be_written_never_raises_into_the_forwarding(tmp_path):
+    recorder = MediaRecorder(tmp_path / "gone")  # no such directory
+    recorder.write("r", PeerId("p"), "audio", b"frame", 0)
+    recorder.write("r", PeerId("p"), "audio", b"frame", 960)
+    recorder.close()
+    assert recorder.errors == 1  # logged once; the stream is not tried again
+
+
 def test_recordings_hold_the_frames_byte_for_byte(tmp_path):
     times = iter(float(n) for n in range(100))
     recorder = MediaRecorder(tmp_path, clock=lambda: next(times))
@@ -149,7 +178,7 @@ def test_recordings_hold_the_frames_byte_for_byte(tmp_path):
         "r.p.video.mkv",
     ]
     for name, frames in (("r.p.audio", audio), ("r.p.video", video)):
-        with av.open(str(tmp_path / f"{name}.mkv")) as container:
+        with av.open(str(tmp_path / f"{name}.mkv"), options=EXACT_FRAMES) as container:
             assert [bytes(p) for p in container.demux() if p.size] == frames
         sidecar = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").open()]
         assert [line["size"] for line in sidecar] == [len(frame) for frame in frames]

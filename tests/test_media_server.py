@@ -18,7 +18,13 @@ import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcconfiguration import RTCBundlePolicy
-from aiortc.rtp import RTCP_PSFB_PLI, AnyRtcpPacket, RtcpPsfbPacket
+from aiortc.rtp import (
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    AnyRtcpPacket,
+    RtcpPsfbPacket,
+    RtcpRtpfbPacket,
+)
 
 from client.experiment.analysis import dominant_frequency
 from client.frame_transform import request_keyframe
@@ -45,6 +51,7 @@ from tests.conftest import wait_for
 pytestmark = pytest.mark.slow
 
 TONES = (440, 550, 660)
+VP8_PAYLOAD_TYPE, RTX_PAYLOAD_TYPE = 97, 98  # in the hub's offer
 # Enough audio for a dominant-frequency estimate (16,384 samples) with margin.
 AUDIO_SAMPLES = 30000
 
@@ -298,3 +305,59 @@ async def test_subscriber_plis_reach_the_publisher_throttled(routed):
     assert 2 <= forwarded <= allowed, (forwarded, throttled)
     assert publisher.plis_received - plis_before <= allowed
     await wait_for(lambda: publisher.plis_received - plis_before >= 2)
+
+
+async def test_loss_on_one_subscribers_leg_is_answered_on_that_leg_alone(routed):
+    start, peer = routed
+    server = await start(Limits(max_peers_per_room=8))
+    publisher, lossy, clean = peer(server, 440), peer(server, 550), peer(server, 660)
+    nacks_at_publisher = 0
+
+    await publisher.join()
+    video_sender = publisher.pc.getTransceivers()[1].sender
+    handle = video_sender._handle_rtcp_packet
+
+    async def count_nacks(packet: AnyRtcpPacket) -> None:
+        nonlocal nacks_at_publisher
+        nacks_at_publisher += isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK
+        await handle(packet)
+
+    video_sender._handle_rtcp_packet = count_nacks
+    await lossy.join()
+    await clean.join()
+    # The lossy subscriber's downlink loses every 50th VP8 packet (not the retransmissions,
+    # which travel on the RTX payload type): loss on the hub's leg to it alone.
+    transport = lossy.pc.getTransceivers()[0].receiver.transport
+    handle_rtp_data = transport._handle_rtp_data
+    seen = 0
+
+    async def lose(data: bytes, arrival_time_ms: int) -> None:
+        nonlocal seen
+        if data[1] & 0x7F == VP8_PAYLOAD_TYPE:
+            seen += 1
+            if seen % 50 == 0:
+                return
+        await handle_rtp_data(data, arrival_time_ms)
+
+    transport._handle_rtp_data = lose
+    retransmitted = 0
+    handle_lossy = transport._handle_rtp_data
+
+    async def count_retransmissions(data: bytes, arrival_time_ms: int) -> None:
+        nonlocal retransmitted
+        retransmitted += data[1] & 0x7F == RTX_PAYLOAD_TYPE
+        await handle_lossy(data, arrival_time_ms)
+
+    transport._handle_rtp_data = count_retransmissions
+    source = publisher.welcome().peer_id
+    start_lossy, start_clean = lossy.video_from(source), clean.video_from(source)
+    await wait_for(lambda: clean.video_from(source) - start_clean >= 90, timeout=30)
+    # The hub answered the lossy leg's NACKs itself, from its own history for that leg
+    # (retransmissions on the RTX payload type), and never passed them to the publisher; the
+    # clean subscriber got its 90 frames meanwhile, and the lossy one kept decoding too.
+    lost = seen // 50
+    assert lost >= 2 and retransmitted >= lost // 2, (lost, retransmitted)
+    assert nacks_at_publisher == 0
+    assert lossy.video_from(source) - start_lossy >= 10
+    # (aiortc's own receiver drops a frame whose lost packet comes back after the next frame
+    # began, and waits for a keyframe: an aiortc subscriber still stutters on its lossy leg.)

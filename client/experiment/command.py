@@ -16,7 +16,8 @@ from pathlib import Path
 
 from client.cli import seconds_argument
 from client.exit_codes import ExitCode
-from client.experiment.runner import DEFAULT_SECONDS, run_experiment, write_outputs
+from client.experiment.routed import ROUTED_SCENARIOS
+from client.experiment.runner import DEFAULT_SECONDS, SCENARIOS, run_experiment, write_outputs
 
 MIN_SECONDS = 1.0
 MAX_SECONDS = 60.0
@@ -44,6 +45,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"(default {DEFAULT_SECONDS:g})"
         ),
     )
+    parser.add_argument(
+        "--cells",
+        type=cell_selection,
+        default=cell_selection("all"),
+        help=(
+            "the cells to run, comma-separated: 1 to 8 (two peers), R1 to R6 (a group call "
+            "through a routing hub), two-party, routed or all (default); each family's control "
+            "always runs"
+        ),
+    )
+
+
+def cell_selection(text: str) -> tuple[list[int], list[int]]:
+    """``--cells``: comma-separated cell numbers (``1``..``8``, ``R1``..``R6``), ``two-party``,
+    ``routed`` or ``all``; the indexes of the two-party and routed cells chosen, each family's
+    control added (without it a family proves nothing)."""
+    classic: set[int] = set()
+    routed: set[int] = set()
+    for token in (part.strip() for part in text.split(",")):
+        if token in ("all", "two-party"):
+            classic |= set(range(len(SCENARIOS)))
+        if token in ("all", "routed"):
+            routed |= set(range(len(ROUTED_SCENARIOS)))
+        if token in ("all", "two-party", "routed"):
+            continue
+        family, limit, number = (
+            (routed, len(ROUTED_SCENARIOS), token[1:])
+            if token[:1] in ("R", "r")
+            else (classic, len(SCENARIOS), token)
+        )
+        if not number.isdigit() or not 1 <= int(number) <= limit:
+            raise argparse.ArgumentTypeError(
+                f"{token!r} is not a cell: give 1 to {len(SCENARIOS)}, R1 to "
+                f"R{len(ROUTED_SCENARIOS)}, two-party, routed or all"
+            )
+        family.add(int(number) - 1)
+    return sorted(classic | ({0} if classic else set())), sorted(
+        routed | ({0} if routed else set())
+    )
 
 
 def _cannot_write(directory: Path, error: OSError) -> int:
@@ -69,7 +109,16 @@ def run(args: argparse.Namespace) -> int:
             return _cannot_write(args.out, error)
     # aiortc logs each frame a peer drops; the report counts them instead.
     logging.basicConfig(level=logging.ERROR)
-    report = asyncio.run(run_experiment(args.seconds, progress=_progress))
+    classic, routed = args.cells
+    report = asyncio.run(
+        run_experiment(
+            args.seconds,
+            [SCENARIOS[index] for index in classic],
+            progress=_progress,
+            routed=[ROUTED_SCENARIOS[index] for index in routed],
+            recordings=None if args.out is None else args.out / "hub-recordings",
+        )
+    )
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

@@ -13,6 +13,10 @@ contracts in pyproject.toml forbid product modules to import this package):
 - ``SEALED``: plus the signed key agreement with the real identities and sealed signalling, but
   no pin check and nobody compares the SAS.
 - ``VERIFIED``: plus pinned identities and the SAS: the product itself.
+
+A group call (``client.group_call.GroupCall``) has two of these: ``VERIFIED``, the product's
+``GroupParts()``, and ``PLAIN``, whose members still run the key agreements and hand each other
+sender keys but send and accept every frame in the clear (the routed cells' control).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from client.call import CallParts
 from client.frame_transform import FrameTransform
+from client.group_call import GroupParts
 from client.session import (
     Action,
     CallFailed,
@@ -32,11 +37,12 @@ from client.session import (
     SessionConfig,
     SessionState,
 )
-from crypto.frame_crypto import FrameCounters, KeyUpdate
+from crypto.frame_crypto import FrameCounters, KeyUpdate, MediaKey, SFrameSender
 from crypto.handshake import HandshakeResult
 from crypto.identity import IdentityKey, IdentityPublicKey
 from crypto.sealed import SealedChannel
-from crypto.sframe import CipherSuite
+from crypto.sender_keys import HoldingFrameTransform, ReleasedFrame, SenderKey, SenderKeyReceiver
+from crypto.sframe import CipherSuite, SFrameError
 
 
 class Layers(enum.Enum):
@@ -63,6 +69,14 @@ class Layers(enum.Enum):
             return CallParts(session=_PlainSession.make, frames=NoFrameProtection)
         session = _UnsealedSession if self is Layers.SFRAME else _UncheckedSession
         return CallParts(session=session.make)
+
+    def group_parts(self) -> GroupParts:
+        """The group call's frame protection for these layers: ``PLAIN`` or the product's."""
+        if self is Layers.PLAIN:
+            return GroupParts(sender=PlainGroupSender, receiver=PlainGroupReceiver)
+        if self is Layers.VERIFIED:
+            return GroupParts()
+        raise ValueError(f"a group call has no {self.value} layers")
 
 
 class _WeakerSession(CallSession):
@@ -168,3 +182,43 @@ class NoFrameProtection:
 
     def counters(self, kind: str) -> tuple[FrameCounters, FrameCounters]:
         return FrameCounters(), FrameCounters()
+
+
+class PlainGroupSender(SFrameSender):
+    """``PLAIN`` in a group call: every frame leaves as the encoder made it, once a sender key
+    exists (as in the product, nothing is sent before the first member is keyed)."""
+
+    def use_key(self, key: MediaKey) -> None:
+        pass  # the key is never used
+
+    def transform(self, kind: str) -> FrameTransform:
+        counters = self.counters.setdefault(kind, FrameCounters())
+
+        def clear(frame: bytes) -> bytes:
+            counters.frames += 1
+            counters.plaintext_bytes += len(frame)
+            counters.ciphertext_bytes += len(frame)
+            return frame
+
+        return clear
+
+
+class PlainGroupReceiver(SenderKeyReceiver):
+    """``PLAIN`` in a group call: every frame goes to the decoder as it came, whoever made it."""
+
+    def add_key(self, key: SenderKey) -> list[ReleasedFrame]:
+        return []  # nothing is ever held for a key
+
+    def transform(
+        self, kind: str, on_failure: Callable[[SFrameError], None] | None = None
+    ) -> HoldingFrameTransform:
+        super().transform(kind, on_failure)  # makes the kind's counters
+        counters = self.counters[kind]
+
+        def clear(frame: bytes, tag: object = None) -> bytes:
+            counters.frames += 1
+            counters.plaintext_bytes += len(frame)
+            counters.ciphertext_bytes += len(frame)
+            return frame
+
+        return clear

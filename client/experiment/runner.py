@@ -17,10 +17,12 @@ experiment is invalid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import re
+import tempfile
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -42,6 +44,14 @@ from client.experiment.media_mitm import (
     RecoveredAudio,
     RecoveredVideo,
     write_wav,
+)
+from client.experiment.routed import (
+    GROUP_TONES,
+    MEMBERS,
+    ROUTED_SCENARIOS,
+    RoutedCell,
+    RoutedScenario,
+    run_routed_cell,
 )
 from client.media import (
     SAMPLE_RATE,
@@ -280,6 +290,7 @@ class Cell:
             "layers": self.scenario.layers.value,
             "attack": self.scenario.attack_name,
             "control": self.scenario.is_control,
+            "routed": False,
             "peer_audio_correlation": round(self.peer_audio_correlation, 4),
             "hub_audio_correlation": round(self.hub_audio_correlation, 4),
             "hub_audio_seconds": round(self.hub_audio_seconds, 2),
@@ -302,23 +313,42 @@ class Cell:
 class Report:
     cells: list[Cell]
     seconds: float
+    # The routed cells (a group call through a hub that routes every packet), after the
+    # two-party ones; numbered R1, R2, ...
+    routed: list[RoutedCell] = field(default_factory=list)
 
     @property
     def valid(self) -> bool:
-        """The experiment is valid only if its control shows the attack working."""
-        controls = [cell for cell in self.cells if cell.scenario.is_control]
-        return bool(controls) and all(cell.judge()[0] for cell in controls)
+        """The experiment is valid only if the control of every family of cells that ran shows
+        the attack working: the two-party cells' (plain WebRTC under the DTLS man in the
+        middle) and the routed cells' (the routing hub's recording of frames in the clear)."""
+        if not self.cells and not self.routed:
+            return False
+        families = [
+            [(cell.scenario.is_control, cell.judge()[0]) for cell in self.cells],
+            [(cell.scenario.is_control, cell.judge()[0]) for cell in self.routed],
+        ]
+        return all(
+            any(control for control, _ in family) and all(ok for control, ok in family if control)
+            for family in families
+            if family
+        )
 
     @property
     def all_as_expected(self) -> bool:
-        return all(cell.judge()[0] for cell in self.cells)
+        cells: list[Cell | RoutedCell] = [*self.cells, *self.routed]
+        return all(cell.judge()[0] for cell in cells)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "valid": self.valid,
             "all_as_expected": self.all_as_expected,
             "seconds": round(self.seconds, 2),
-            "cells": [cell.as_dict() for cell in self.cells],
+            "cells": [cell.as_dict() for cell in self.cells]
+            + [
+                {"number": f"R{index}"} | cell.as_dict()
+                for index, cell in enumerate(self.routed, 1)
+            ],
         }
 
     def table(self) -> str:
@@ -371,6 +401,8 @@ class Report:
                     f"      metadata log: {cell.metadata['lines']} lines; payloads: {types}"
                 )
                 lines.append(f"      leaks found in it: {', '.join(cell.leaks) or 'none'}")
+        if self.routed:
+            lines += ["", *self._routed_table()]
         lines.append("")
         lines.append(
             "VALID: the control shows the attack works."
@@ -378,6 +410,66 @@ class Report:
             else "INVALID: the control failed, so nothing above proves protection."
         )
         return "\n".join(lines)
+
+    def _routed_table(self) -> list[str]:
+        header = ("#", "layers", "attack", "peers", "hub audio", "hub s", "hub video", "detected")
+        rows = [header]
+        for index, cell in enumerate(self.routed, 1):
+            rows.append(
+                (
+                    f"R{index}",
+                    cell.scenario.layers.value,
+                    cell.scenario.attack_name,
+                    f"{cell.peer_audio_correlation:.2f}",
+                    f"{cell.hub_audio_correlation:.2f}",
+                    f"{cell.hub_audio_seconds:.1f}",
+                    str(cell.hub_decoded_video_frames),
+                    ", ".join(cell.detected) or "-",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
+            for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        lines.append("")
+        for index, cell in enumerate(self.routed, 1):
+            expected, verdict = cell.judge()
+            lines.append(f"{'ok ' if expected else '!! '}R{index}. {cell.scenario.name}: {verdict}")
+            for name, stream in cell.hub.items():
+                player = stream.player
+                lines.append(
+                    f"      hub's recording of {name}: {stream.frames['audio']} audio and "
+                    f"{stream.frames['video']} video frames; tone {stream.correlation:.2f}, "
+                    f"{stream.video.frames_decoded} pictures; a player decodes "
+                    f"{player['audio']['audio_seconds']:.1f} s of audio and "
+                    f"{player['video']['decoded']:.0f} pictures"
+                )
+            if cell.attack.get("counts"):
+                counts = ", ".join(f"{what} x{n}" for what, n in cell.attack["counts"].items())
+                lines.append(f"      hub did to {cell.attack['target']}'s frames: {counts}")
+                for name, member in cell.members.items():
+                    target = cell.attack["target"]
+                    if name == target:
+                        continue
+                    rejected = {kind: member.rejected(target, kind) for kind in MEDIA_KINDS}
+                    lines.append(
+                        f"      {name} rejected of {target}'s: audio {rejected['audio']}, "
+                        f"video {rejected['video']}"
+                    )
+            if cell.after_leave is not None:
+                leave = cell.after_leave
+                lines.append(
+                    f"      the leaver's keys open {leave['decrypted']} of {leave['frames']} "
+                    f"frames sent more than 1 s after the leave"
+                )
+            codes = {name: m.security_code for name, m in cell.members.items() if m.completed}
+            if codes:
+                lines.append(
+                    "      security codes: " + ", ".join(f"{n} {c}" for n, c in codes.items())
+                )
+        return lines
 
 
 # -- measuring
@@ -620,8 +712,12 @@ async def run_experiment(
     seconds: float = DEFAULT_SECONDS,
     scenarios: Sequence[Scenario] = SCENARIOS,
     progress: Progress | None = None,
+    routed: Sequence[RoutedScenario] = ROUTED_SCENARIOS,
+    recordings: Path | None = None,
 ) -> Report:
-    """Run every cell in turn (one hub and two peers at a time) and build the report."""
+    """Run every cell in turn (one hub and two peers at a time, then one routing hub and three
+    members at a time) and build the report. The routing hubs record into ``recordings``
+    (one directory per routed cell; a temporary directory without it)."""
     started = time.monotonic()
     cells = []
     for index, scenario in enumerate(scenarios, 1):
@@ -636,7 +732,27 @@ async def run_experiment(
                 f"peers {cell.peer_audio_correlation:.2f}, hub {cell.hub_audio_correlation:.2f}, "
                 f"detected {', '.join(cell.detected) or '-'} ({cell.seconds:.1f} s) {outcome}"
             )
-    return Report(cells, time.monotonic() - started)
+    with contextlib.ExitStack() as stack:
+        if recordings is None and routed:
+            recordings = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        routed_cells = []
+        for index, routed_scenario in enumerate(routed, 1):
+            label = f"[R{index}/{len(routed)}] {routed_scenario.name}"
+            if progress is not None:
+                progress(f"{label} ...")
+            assert recordings is not None
+            directory = recordings / f"R{index}-{routed_scenario.attack.value}"
+            routed_cell = await run_routed_cell(routed_scenario, seconds, directory)
+            routed_cells.append(routed_cell)
+            if progress is not None:
+                outcome = "ok" if routed_cell.judge()[0] else "NOT AS EXPECTED"
+                progress(
+                    f"{label}: peers {routed_cell.peer_audio_correlation:.2f}, "
+                    f"hub {routed_cell.hub_audio_correlation:.2f}, "
+                    f"detected {', '.join(routed_cell.detected) or '-'} "
+                    f"({routed_cell.seconds:.1f} s) {outcome}"
+                )
+    return Report(cells, time.monotonic() - started, routed_cells)
 
 
 # -- writing
@@ -660,6 +776,15 @@ def write_outputs(report: Report, directory: Path) -> list[Path]:
             if video.last_frame is not None:
                 written.append(directory / f"{stem}.png")
                 video.last_frame.to_image().save(written[-1])
+    for index, routed_cell in enumerate(report.routed, 1):
+        stem = f"R{index}-{routed_cell.scenario.layers.value}-{routed_cell.scenario.attack_name}"
+        for name, stream in routed_cell.hub.items():
+            if stream.audio.samples:
+                written.append(directory / f"{stem}-hub-{name}.wav")
+                write_wav(written[-1], stream.audio)
+            if stream.video.last_frame is not None:
+                written.append(directory / f"{stem}-hub-{name}.png")
+                stream.video.last_frame.to_image().save(written[-1])
     report_path = directory / "report.json"
     report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     figure = draw_figure(figure_rows(report), report.valid)
@@ -699,4 +824,33 @@ def figure_rows(report: Report) -> list[FigureRow]:
                 picture_caption=caption,
             )
         )
+    for index, routed_cell in enumerate(report.routed, 1):
+        rows.append(_routed_row(index, routed_cell))
     return rows
+
+
+def _routed_row(index: int, cell: RoutedCell) -> FigureRow:
+    """A routed cell's row: alice's tone as sent, as bob heard it, as the hub recovered it from
+    its recording, and the hub's last picture of her pattern."""
+    expected, verdict = cell.judge()
+    alice = cell.hub.get(MEMBERS[0])
+    bob = cell.members.get(MEMBERS[1])
+    video = alice.video if alice is not None else None
+    return FigureRow(
+        title=f"R{index}. {cell.scenario.name} (3 members, routed)",
+        measured=(
+            f"tone correlation: members {cell.peer_audio_correlation:.2f}, "
+            f"hub {cell.hub_audio_correlation:.2f}",
+            f"video frames the hub decoded: {cell.hub_decoded_video_frames}",
+            f"detected: {', '.join(cell.detected) or 'nothing'}",
+        ),
+        verdict=verdict,
+        as_expected=expected,
+        sent=tone_samples(GROUP_TONES[MEMBERS[0]], 0, SAMPLE_RATE),
+        heard=bob.samples.get(MEMBERS[0], array("h")) if bob is not None else array("h"),
+        recovered=alice.audio.samples if alice is not None else array("h"),
+        picture=None if video is None or video.last_frame is None else video.last_frame.to_image(),
+        picture_caption="the hub decoded no video"
+        if video is None or video.last_frame is None
+        else f"the last of {video.frames_decoded} frames it decoded from its recording",
+    )
