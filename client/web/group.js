@@ -275,23 +275,29 @@ export class GroupCall {
         if (["failed", "closed"].includes(pc.connectionState)) this.serialize(() => this.end({ error: { kind: "CallFailed", message: `the media connection to the hub is ${pc.connectionState}` } }));
       };
       await pc.setRemoteDescription({ type: "offer", sdp: mediaPolicy(sdp) });
-      // Our tracks on the first transceiver of each kind, where the hub receives what we
-      // publish; every other one is a slot that only receives.
-      const tracks = new Map(this.localStream.getTracks().map((track) => [track.kind, track]));
-      const seen = new Set();
+      // Every transform now, before any await: Chromium short-circuits the encoded transform of
+      // every sender and receiver still without one once the task that created it ends (W3C
+      // Encoded Transform, stream creation), and a transform set later is attached to the worker
+      // yet never given a frame, so ciphertext would reach the decoder and our camera would
+      // leave unencrypted. Our tracks go on the first transceiver of each kind, where the hub
+      // receives what we publish; every other one is a slot that only receives.
+      const sending = new Map();
       for (const transceiver of pc.getTransceivers()) {
         const kind = transceiver.receiver.track.kind;
+        if (sending.has(kind)) {
+          transceiver.receiver.transform = new RTCRtpScriptTransform(this.worker, { side: "receive", kind, mid: transceiver.mid });
+          transceiver.direction = "recvonly";
+        } else {
+          // Fail closed before any media can flow: no frame leaves without our sender key.
+          transceiver.sender.transform = new RTCRtpScriptTransform(this.worker, { side: "send", kind });
+          sending.set(kind, transceiver);
+        }
         const { codecs } = RTCRtpReceiver.getCapabilities(kind);
         // Opus, and VP8 without RTX (see call.js preferCodecs).
         transceiver.setCodecPreferences(codecs.filter((codec) => codec.mimeType === (kind === "audio" ? "audio/opus" : "video/VP8")));
-        if (seen.has(kind)) {
-          transceiver.direction = "recvonly";
-          transceiver.receiver.transform = new RTCRtpScriptTransform(this.worker, { side: "receive", kind, mid: transceiver.mid });
-          continue;
-        }
-        seen.add(kind);
-        // Fail closed before any media can flow: no frame leaves without our sender key.
-        transceiver.sender.transform = new RTCRtpScriptTransform(this.worker, { side: "send", kind });
+      }
+      const tracks = new Map(this.localStream.getTracks().map((track) => [track.kind, track]));
+      for (const [kind, transceiver] of sending) {
         const track = tracks.get(kind);
         if (track) {
           await transceiver.sender.replaceTrack(track);
