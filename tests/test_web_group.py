@@ -5,10 +5,14 @@ frame; alice (Python) is in the room first, then the browser joins (it answers a
 agreement), then bob (Python; the browser starts that one). The browser's fake microphone plays
 660 Hz, alice and bob their own tones. Everyone must hear everyone within 5 Hz (the page with
 its WebAudio analyser on each member's slot, as the two-party tests read it), the page and both
-Python members must show the same group security code, and no frame may fail anywhere.
+Python members must show the same group security code, and no frame may fail anywhere. Every
+frame the page decodes must have gone through its worker: per slot, Chromium's decoded count
+never exceeds what the worker decrypted and passed on.
 """
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 
@@ -23,6 +27,8 @@ pytestmark = pytest.mark.slow
 
 BROWSER_TONE = 660.0
 TOLERANCE = 5.0
+# The Python members send 20 ms Opus frames at 48 kHz.
+OPUS_FRAME_SAMPLES = 960
 
 
 async def member_row(page, name: str):
@@ -55,6 +61,23 @@ async def hears(page, name: str, expected: float, timeout: float = 30.0) -> floa
     )
 
 
+async def audit_once_decoded(page) -> dict[str, Any]:
+    """The page's last audit (Chromium's counts against its worker's) once every slot that
+    receives media decoded something: ``sent`` by kind (``left``: audio packets or video frames
+    Chromium sent, ``encrypted``: frames the worker encrypted) and ``slots`` by mid (kind,
+    packets, frames the worker was given and passed on, frames or audio samples decoded)."""
+    audit: dict[str, Any] = {}
+    for _ in range(120):
+        audit = json.loads(await page.locator("#roster").get_attribute("data-audit") or "{}")
+        audit["slots"] = {
+            mid: slot for mid, slot in audit.get("slots", {}).items() if slot["packets"]
+        }
+        if len(audit["slots"]) == 4 and all(s["decoded"] > 0 for s in audit["slots"].values()):
+            return audit
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"not every slot decoded: {audit}")
+
+
 async def confirm_every_sas(page, count: int) -> None:
     """Answer the page's SAS question for each new member: it asks one at a time."""
     for _ in range(count):
@@ -68,12 +91,6 @@ async def confirm_every_sas(page, count: int) -> None:
         )
 
 
-@pytest.mark.xfail(
-    reason="open: Chromium hands the slots' frames to the decoder without passing them through "
-    "their RTCRtpScriptTransform (the page decodes ciphertext as noise and counts no frame) and "
-    "sends no video; see docs/howto/browser-peer.md (Group calls)",
-    strict=False,
-)
 async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path):  # noqa: F811
     executable = require_chromium()
     hub = await start_routed_hub()
@@ -135,6 +152,23 @@ async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path
                             ) from None
                         failed = await row.locator("td.failed").get_attribute(f"data-{kind}")
                         assert failed == "0", (name, kind, failed)
+                audit = await audit_once_decoded(page)
+                slots = audit["slots"]
+                assert sorted(slot["kind"] for slot in slots.values()) == [
+                    "audio",
+                    "audio",
+                    "video",
+                    "video",
+                ], slots
+                for mid, slot in slots.items():
+                    # Every frame a decoder got went through the worker, which decrypted it.
+                    assert slot["given"] >= slot["passed"] > 0, (mid, slot)
+                    per_frame = 1 if slot["kind"] == "video" else OPUS_FRAME_SAMPLES
+                    assert slot["decoded"] <= slot["passed"] * per_frame, (mid, slot)
+                for kind in ("audio", "video"):
+                    # And nothing left that the worker did not encrypt.
+                    sent = audit["sent"][kind]
+                    assert sent["encrypted"] >= sent["left"] > 0, (kind, audit["sent"])
                 await page.locator("#leave").click()
                 await page.locator("#state", has_text="Group call ended").wait_for()
     finally:
@@ -147,6 +181,6 @@ async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path
         heard = dominant_frequency(media.samples, media.sample_rate)
         assert abs(heard - BROWSER_TONE) <= TOLERANCE, (call.config.name, heard)
         assert stats.audio["frames"] > 0 and stats.audio["failed"] == 0, stats.audio
-        assert stats.video.get("failed", 0) == 0, stats.video
+        assert stats.video.get("frames", 0) > 0 and stats.video.get("failed", 0) == 0, stats.video
         others = [m for m in summary.members.values() if m.name not in ("browser", None)]
         assert all(m.audio["failed"] == 0 for m in others), others

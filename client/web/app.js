@@ -337,6 +337,7 @@ function onGroupUpdate(update) {
     log(`group security code of ${update.members}: ${update.code}`);
   }
   if (update.counters) showGroupCounters(update.counters);
+  if (update.audit) $("roster").dataset.audit = JSON.stringify(update.audit);
   if (update.slots) {
     slotOwners.clear();
     for (const [mid, peerId] of Object.entries(update.slots)) slotOwners.set(mid, peerId);

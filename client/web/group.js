@@ -19,7 +19,13 @@
 //
 // `ui` receives the pairs' updates ({peerId, state, ...}, as call.js's) and the group's:
 // {roster: [{peerId, name, fingerprint, status}]}, {code}, {counters}, {slotTrack: {mid,
-// kind, track}}, {slots: {mid: peerId}}, {memberLeft: peerId}, {log}, {ended}, {error}.
+// kind, track}}, {slots: {mid: peerId}}, {audit: {sent: {kind: {left, encrypted}}, slots: {mid:
+// {kind, packets, given, passed, decoded}}}}, {memberLeft: peerId}, {log}, {ended}, {error}.
+//
+// The audit, every AUDIT_INTERVAL: what Chromium sent and decoded (getStats) against what the
+// worker encrypted and passed on to each slot's decoder. Media that went around the worker
+// (sent in clear, or ciphertext and unauthenticated frames decoded) shows as more, and the call
+// ends at once: fail closed even if a browser stops running a transform it was given.
 
 import { Call, mediaPolicy } from "./call.js";
 import { SUITES, SUITE_NAMES, randomBytes } from "./protocol.js";
@@ -28,6 +34,10 @@ import { SenderKey, groupSecurityCode } from "./senderkeys.js";
 const SWITCH_BOUND = 500;
 const REKEY_TIMEOUT = 10_000;
 const GRACE = 2_000;
+const AUDIT_INTERVAL = 1_000;
+// Audio is counted in samples: a frame passed on yields at most two of Opus's longest frames
+// (120 ms at 48 kHz), its own and, by in-band FEC, the one lost before it.
+const MAX_SAMPLES_PER_FRAME = 2 * 5_760;
 
 
 export class GroupCall {
@@ -53,6 +63,7 @@ export class GroupCall {
       if (data.type === "ready") this.onWorkerReady();
       else if (data.type === "group-counters") this.ui({ counters: data });
       else if (data.type === "log") this.ui({ log: data.text });
+      else if (data.type === "group-audit" && this.auditAnswer) this.auditAnswer(data);
     };
   }
 
@@ -313,7 +324,55 @@ export class GroupCall {
       });
       this.hub.sendMediaAnswer(pc.localDescription.sdp);
       this.ui({ log: "answered the hub's media offer" });
+      this.auditSoon();
     });
+  }
+
+  auditSoon() {
+    const timer = setTimeout(async () => {
+      this.timers.delete(timer);
+      await this.audit();
+      if (!this.ended) this.auditSoon();
+    }, AUDIT_INTERVAL);
+    this.timers.add(timer);
+  }
+
+  async audit() {
+    let reports;
+    try {
+      reports = await this.pc.getStats();
+    } catch {
+      return; // the connection closed meanwhile: the call is ending
+    }
+    // Asked after the statistics were taken: the counts cover every frame sent or decoded by then.
+    const counted = await new Promise((resolve) => {
+      this.auditAnswer = resolve;
+      this.worker.postMessage({ type: "group-audit" });
+    });
+    if (this.ended) return;
+    const slots = {};
+    const sent = {};
+    for (const report of reports.values()) {
+      const video = report.kind === "video";
+      let bypassed = null;
+      if (report.type === "outbound-rtp") {
+        // Every audio frame is one packet; a video frame is counted once all its packets left.
+        const left = (video ? report.framesSent : report.packetsSent) || 0;
+        sent[report.kind] = { left, encrypted: counted.sent[report.kind] };
+        if (left > counted.sent[report.kind]) bypassed = `sent ${left} ${report.kind} ${video ? "frames" : "packets"} from ${counted.sent[report.kind]} frames our worker encrypted: media left unencrypted`;
+      } else if (report.type === "inbound-rtp") {
+        const { given, passed } = counted.slots[report.mid] || { given: 0, passed: 0 };
+        const decoded = (video ? report.framesDecoded : report.jitterBufferEmittedCount) || 0;
+        slots[report.mid] = { kind: report.kind, packets: report.packetsReceived, given, passed, decoded };
+        if (decoded > (video ? passed : passed * MAX_SAMPLES_PER_FRAME)) bypassed = `decoded ${decoded} ${report.kind} ${video ? "frames" : "samples"} on slot ${report.mid} from ${passed} frames our worker decrypted: media reached a decoder without being decrypted`;
+      }
+      if (bypassed !== null) {
+        this.pc.close();
+        this.serialize(() => this.end({ error: { kind: "CallFailed", message: `the browser ${bypassed}` } }));
+        return;
+      }
+    }
+    this.ui({ audit: { sent, slots } });
   }
 
   mediaTracks(tracks) {

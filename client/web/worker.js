@@ -14,7 +14,9 @@
 // peerId, below}, {type: "group-left", peerId} (its frames are refused from now on) and
 // {type: "slots", owners: {mid: peerId}} (the hub's slot map); each receiving slot's transform
 // decrypts under the key of the member the slot is mapped to, holding a frame whose key has not
-// come for at most HOLD_MS; the worker answers {type: "group-counters", ...} twice a second.
+// come for at most HOLD_MS; the worker answers {type: "group-counters", ...} twice a second, and
+// {type: "group-audit"} with {type: "group-audit", sent: {audio, video}, slots: {mid: {kind,
+// given, passed}}}.
 
 import { ReceiveContext, SendContext } from "./sframe.js";
 import { SenderKey, SenderKeyReceiver } from "./senderkeys.js";
@@ -35,6 +37,10 @@ const count = (kind, name) => {
 
 // The group call's state: a receiver per member, the slot map, the members gone.
 const group = { receivers: new Map(), owners: new Map(), departed: new Set(), holding: new Map(), firstAudio: {}, unmapped: 0, suite: null };
+// Each receiving slot's frames, by mid: every one its transform was given and every one it
+// passed on to the decoder. The page compares them with what Chromium says it decoded
+// (group.js audit): a decoder that got more than this passed on was fed around the worker.
+const slotFrames = new Map();
 
 function memberReceiver(peerId) {
   let receiver = group.receivers.get(peerId);
@@ -72,6 +78,7 @@ async function onGroupMessage(data) {
       clearTimeout(group.holding.get(`${data.peerId} ${kind}`));
       group.holding.delete(`${data.peerId} ${kind}`);
       decrypted(data.peerId, kind);
+      tag.counted.passed++;
       tag.frame.data = plaintext.buffer;
       tag.controller.enqueue(tag.frame);
     }
@@ -83,6 +90,8 @@ async function onGroupMessage(data) {
     group.receivers.delete(data.peerId);
   } else if (data.type === "slots") {
     group.owners = new Map(Object.entries(data.owners));
+  } else if (data.type === "group-audit") {
+    postMessage({ type: "group-audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, slots: Object.fromEntries([...slotFrames].map(([mid, counted]) => [mid, { ...counted }])) });
   }
 }
 
@@ -165,7 +174,10 @@ function unprotecting(kind) {
 // A receiving slot of a group call: whose frames it carries is the hub's word, so a frame is
 // decrypted under that member's sender keys only, and one under any other key fails.
 function unprotectingSlot(kind, mid) {
+  const counted = { kind, given: 0, passed: 0 };
+  slotFrames.set(mid, counted);
   return async (frame, controller) => {
+    counted.given++;
     if (frame.data.byteLength === 0) {
       counters.empty++;
       return;
@@ -176,10 +188,11 @@ function unprotectingSlot(kind, mid) {
       return;
     }
     const receiver = memberReceiver(owner);
-    const plaintext = await receiver.unprotect(kind, new Uint8Array(frame.data), { frame, controller });
+    const plaintext = await receiver.unprotect(kind, new Uint8Array(frame.data), { frame, controller, counted });
     if (plaintext !== null) {
       frame.data = plaintext.buffer;
       decrypted(owner, kind);
+      counted.passed++;
       controller.enqueue(frame);
       return;
     }
