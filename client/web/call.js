@@ -323,6 +323,8 @@ export class Call {
   }
 
   // SFrame on every sender and receiver before any media can flow.
+  // Called in the task that created the transceivers, before any await: Chromium short-circuits
+  // for good the encoded transform of a sender or receiver still without one when it ends.
   installTransforms(pc) {
     for (const transceiver of pc.getTransceivers()) {
       const kind = transceiver.receiver.track.kind;
