@@ -15,6 +15,7 @@ from tests.vectors.make_handshake_vectors import seeded_random
 
 VECTORS = Path(__file__).parent / "vectors"
 CHECK = Path(__file__).parent / "web" / "vectors.js"
+GROUP_CHECK = Path(__file__).parent / "web" / "group_vectors.js"
 
 
 def random_stream(label: str, blocks: int) -> list[str]:
@@ -54,3 +55,19 @@ async def test_the_javascript_runs_every_published_vector():
     assert result["mismatches"] == []
     # Every case was compared: 289 headers twice, 3 + 5 SFrame cases, the key agreement.
     assert result["checked"] > 2 * 289 + 2 * 3 + 5 * 5 + 40, result["checked"]
+
+
+async def test_the_javascript_runs_the_group_vectors():
+    """tests/vectors/group/ through client/web/senderkeys.js: every ratchet step, KID, key and
+    salt, the frame under a ratcheted key (followed, held and released, refused as before the
+    join), the sealed sender-key plaintexts and the group security code."""
+    executable = require_chromium()
+    group = json.loads((VECTORS / "group" / "group.json").read_text())
+    with web_server("ws://127.0.0.1:9") as url:
+        async with chromium(executable) as browser:
+            page = await browser.new_page()
+            await page.goto(url)
+            result = await page.evaluate(GROUP_CHECK.read_text(), group)
+    assert result["mismatches"] == []
+    # 8 KIDs, 5 suites x 4 steps x 5 values, the frame, the messages and the code.
+    assert result["checked"] > 8 + 5 * 4 * 5 + 10, result["checked"]

@@ -1,8 +1,12 @@
 // The page: room and name, join and leave, the roster with each peer's status, fingerprint,
 // SAS and frame counters, and one state line that says whether the call is end-to-end
 // encrypted and with whom, or why not. ?room=R&name=N&autojoin=1 joins without a click.
+// A hub that routes media (its welcome says "routed") makes the room a group call (group.js):
+// the roster of the members we share keys with, one SAS question per new member, the group
+// security code, and each member's counters and received tone on its row.
 
 import { Call } from "./call.js";
+import { GroupCall } from "./group.js";
 import { HubConnection } from "./hub.js";
 import { fingerprint, normalizeName } from "./protocol.js";
 import { loadIdentity } from "./store.js";
@@ -12,7 +16,12 @@ const hubUrl = document.querySelector('meta[name="blindhub-hub"]').content;
 let identity = null;
 let hub = null;
 let call = null;
+let group = null;
 let localStream = null;
+let roster = [];
+let groupCode = null;
+const sasQueue = []; // {peerId, name, sas, pin}: the group's SAS questions, one at a time
+const slotOwners = new Map(); // mid -> peer id, as the hub says
 const rows = new Map();
 const analysers = new Map();
 let audioContext = null;
@@ -66,7 +75,12 @@ function listen(peerId, stream) {
     $("remote-video").srcObject = stream;
     $("remote-video").hidden = false;
   }
-  if (analysers.has(peerId) || stream.getAudioTracks().length === 0) return;
+  analyse(peerId, stream, () => row(peerId).cells.decrypted);
+}
+
+// `key`'s analyser writes what it hears on the cell `cellOf()` names (none: nobody's).
+function analyse(key, stream, cellOf) {
+  if (analysers.has(key) || stream.getAudioTracks().length === 0) return;
   const element = new Audio();
   element.srcObject = stream;
   element.play().catch(() => log("the browser did not let the audio play: click the page"));
@@ -84,11 +98,12 @@ function listen(peerId, stream) {
     const denominator = left - 2 * centre + right;
     const offset = denominator === 0 ? 0 : (0.5 * (left - right)) / denominator;
     const hertz = ((peak + offset) * audioContext.sampleRate) / analyser.fftSize;
-    const cell = row(peerId).cells.decrypted;
+    const cell = cellOf();
+    if (!cell) return;
     cell.dataset.hearing = centre > -90 ? hertz.toFixed(1) : "";
     cell.title = centre > -90 ? `hearing about ${hertz.toFixed(0)} Hz` : "silence";
   }, 250);
-  analysers.set(peerId, { analyser, timer, element });
+  analysers.set(key, { analyser, timer, element });
 }
 
 function onCallUpdate(update) {
@@ -155,6 +170,10 @@ function onCallUpdate(update) {
 
 function finishCall() {
   $("sas-box").hidden = true;
+  sasQueue.length = 0;
+  slotOwners.clear();
+  $("group-videos").replaceChildren();
+  group = null;
   for (const peerId of [...analysers.keys()]) {
     clearInterval(analysers.get(peerId).timer);
     analysers.delete(peerId);
@@ -201,17 +220,19 @@ async function join() {
   $("leave").disabled = false;
   for (const peerId of [...rows.keys()]) removeRow(peerId);
   call = null;
+  $("group-code-box").hidden = true;
   setState("progress", `Connecting to the hub ${hubUrl}…`);
   try {
     localStream = await camera();
     hub = new HubConnection(hubUrl, onHubEvent);
     const welcome = await hub.join(room);
-    log(`joined room ${room} as ${welcome.peerId}`);
+    log(`joined room ${room} as ${welcome.peerId} (media ${welcome.media})`);
+    hub.joinTime = joinTime;
+    if (welcome.media === "routed") return startGroup(room, welcome.peers, joinTime);
     if (welcome.peers.length > 1) throw new Error(`room '${room}' already has a call`);
     // The peer that was in the room first initiates; both sides see the same order.
     if (welcome.peers.length === 1) startCall(welcome.peers[0], false, joinTime);
     else setState("progress", `Waiting for a peer in room ${room}… no media is sent.`);
-    hub.joinTime = joinTime;
   } catch (error) {
     setState("failed", `NOT in a call: ${error.message}. No media is sent.`);
     finishCall();
@@ -219,6 +240,7 @@ async function join() {
 }
 
 function onHubEvent(event) {
+  if (group) return onGroupHubEvent(event);
   switch (event.type) {
     case "peer-joined":
       if (call === null) return startCall(event.peerId, true, hub.joinTime);
@@ -238,11 +260,184 @@ function onHubEvent(event) {
 }
 
 function leave() {
-  if (call) call.hangup("hangup");
+  if (group) group.hangup("hangup");
+  else if (call) call.hangup("hangup");
   else {
     finishCall();
     setState("idle", "Not in a call: no media is sent.");
   }
+}
+
+function sasAnswer(accepted) {
+  if (!group) return call && call.sasAnswer(accepted);
+  const asked = sasQueue.shift();
+  if (asked) group.sasAnswer(asked.peerId, accepted);
+  showNextSas();
+}
+
+// -- a group call (the hub routes the media)
+
+function startGroup(room, peers, joinTime) {
+  roster = [];
+  groupCode = null;
+  $("group-code").textContent = "…";
+  $("group-code-box").hidden = false;
+  group = new GroupCall({ hub, identity, name: $("name").value, localStream, ui: onGroupUpdate, joinTime });
+  group.start(peers);
+  groupState(room);
+}
+
+function onGroupHubEvent(event) {
+  switch (event.type) {
+    case "peer-joined":
+      row(event.peerId);
+      return group.peerJoined(event.peerId);
+    case "peer-left":
+      return group.peerLeft(event.peerId);
+    case "relay":
+      return group.relay(event.from, event.payload);
+    case "media-offer":
+      return group.mediaOffer(event.sdp);
+    case "media-tracks":
+      return group.mediaTracks(event.tracks);
+    case "error":
+      return log(event.message);
+    case "closed":
+      log(`the hub connection closed (${event.code})`);
+      return group.hubClosed();
+  }
+}
+
+function showNextSas() {
+  const next = sasQueue[0];
+  $("sas-box").hidden = !next;
+  if (!next) return;
+  $("sas-peer").textContent = `${next.name} (${next.pin})`;
+  $("sas").textContent = next.sas;
+  $("sas-yes").focus();
+}
+
+function onGroupUpdate(update) {
+  if (!group && !update.ended && !update.error) return;
+  if (update.log) log(update.log);
+  if (update.peerId !== undefined) return onPairUpdate(update);
+  if (update.roster) {
+    roster = update.roster;
+    for (const member of roster) {
+      const { cells } = row(member.peerId);
+      cells.peer.textContent = member.name;
+      cells.status.textContent = member.status;
+      cells.status.className = `status pin-${member.status}`;
+    }
+    log(`members: ${roster.map((member) => `${member.name} (${member.status})`).join(", ") || "none"}`);
+  }
+  if (update.code) {
+    groupCode = update.code;
+    $("group-code").textContent = update.code;
+    log(`group security code of ${update.members}: ${update.code}`);
+  }
+  if (update.counters) showGroupCounters(update.counters);
+  if (update.audit) $("roster").dataset.audit = JSON.stringify(update.audit);
+  if (update.slots) {
+    slotOwners.clear();
+    for (const [mid, peerId] of Object.entries(update.slots)) slotOwners.set(mid, peerId);
+    for (const video of $("group-videos").children) video.title = memberName(slotOwners.get(video.dataset.mid));
+    log(`slots: ${Object.entries(update.slots).map(([mid, peerId]) => `${mid} ${memberName(peerId)}`).join(", ")}`);
+  }
+  if (update.slotTrack) showSlot(update.slotTrack);
+  if (update.memberLeft) removeRow(update.memberLeft);
+  if (update.error) {
+    setState("failed", `NOT end-to-end encrypted: the group call failed (${update.error.kind}): ${update.error.message}. No media is sent.`);
+    log(`group call failed: ${update.error.kind}: ${update.error.message}`);
+    return finishCall();
+  }
+  if (update.ended) {
+    setState("idle", `Group call ended (${update.ended}). No media is sent.`);
+    log(`group call ended: ${update.ended}`);
+    return finishCall();
+  }
+  groupState(hub && hub.room);
+}
+
+function memberName(peerId) {
+  const member = roster.find((entry) => entry.peerId === peerId);
+  return member ? member.name : peerId ? `(unauthenticated ${peerId})` : "nobody";
+}
+
+// One member's pair: its name, fingerprint, status and SAS on its row; the SAS question.
+function onPairUpdate(update) {
+  const { peerId } = update;
+  if (!rows.has(peerId) && (update.error || update.ended)) return;
+  const { cells } = row(peerId);
+  if (update.peerName) {
+    const code = document.createElement("code");
+    code.textContent = update.fingerprint;
+    cells.fingerprint.replaceChildren(code);
+    cells.sas.textContent = update.sas || "";
+  }
+  if (update.pin && update.state !== "in-call") {
+    cells.status.textContent = `${update.pin} (setting up)`;
+    cells.status.className = `status pin-${update.pin}`;
+  }
+  if (update.askSas) {
+    sasQueue.push({ peerId, name: update.peerName, sas: update.sas, pin: update.pin });
+    if (sasQueue.length === 1) showNextSas();
+  }
+  if (update.error || update.ended) {
+    const index = sasQueue.findIndex((asked) => asked.peerId === peerId);
+    if (index >= 0) {
+      sasQueue.splice(index, 1);
+      if (index === 0) showNextSas();
+    }
+    if (update.error) log(`${update.peerName || cells.peer.textContent}: ${update.error.kind}: ${update.error.message}`);
+  }
+}
+
+function showGroupCounters(counters) {
+  $("roster").dataset.counters = JSON.stringify(counters);
+  for (const [peerId, kinds] of Object.entries(counters.members)) {
+    if (!rows.has(peerId)) continue;
+    const { cells } = row(peerId);
+    const audio = kinds.audio || {};
+    const video = kinds.video || {};
+    cells.sent.textContent = counters.sent.total;
+    for (const counter of ["decrypted", "failed"]) {
+      cells[counter].textContent = (audio[counter] || 0) + (video[counter] || 0);
+      Object.assign(cells[counter].dataset, { audio: audio[counter] || 0, video: video[counter] || 0 });
+    }
+    const waits = (kind, counted) => `${kind}: held ${counted.held || 0}, released ${counted.released || 0}, expired ${counted.expired || 0}, before join ${counted.beforeJoin || 0}, generations ${(counted.generations || []).join(" ")}`;
+    cells.decrypted.title = `${waits("audio", audio)}; ${waits("video", video)}`;
+    const reasons = Object.entries({ ...audio.reasons, ...video.reasons }).map(([reason, times]) => `${reason} ${times}`);
+    cells.failed.title = reasons.join(", ");
+    if (kinds.firstAudio !== null && !cells.decrypted.dataset.setupMs) {
+      cells.decrypted.dataset.setupMs = (kinds.firstAudio - hub.joinTime).toFixed(0);
+      log(`first decrypted audio of ${memberName(peerId)} ${((kinds.firstAudio - hub.joinTime) / 1000).toFixed(2)} s after joining`);
+    }
+  }
+}
+
+// A slot's track: its audio analysed under the member the hub maps it to now, its video shown.
+function showSlot({ mid, kind, track }) {
+  const stream = new MediaStream([track]);
+  if (kind === "audio") {
+    analyse(`slot ${mid}`, stream, () => {
+      const owner = slotOwners.get(mid);
+      return owner && rows.has(owner) ? rows.get(owner).cells.decrypted : null;
+    });
+    return;
+  }
+  const video = document.createElement("video");
+  Object.assign(video, { autoplay: true, playsInline: true, muted: true, srcObject: stream, title: memberName(slotOwners.get(mid)) });
+  video.dataset.mid = mid;
+  $("group-videos").append(video);
+}
+
+function groupState(room) {
+  if (roster.length === 0) {
+    return setState("progress", `Group call in room ${room}: no member authenticated yet, so nobody can read what this page sends.`);
+  }
+  const names = roster.map((member) => `${member.name} (${member.status})`).join(", ");
+  setState("secure", `End-to-end encrypted (${group.suiteName}) with ${names}. Group security code ${groupCode || "…"}: the same on every screen, or someone else is in the call.`);
 }
 
 async function main() {
@@ -255,8 +450,8 @@ async function main() {
     join();
   });
   $("leave").addEventListener("click", leave);
-  $("sas-yes").addEventListener("click", () => call && call.sasAnswer(true));
-  $("sas-no").addEventListener("click", () => call && call.sasAnswer(false));
+  $("sas-yes").addEventListener("click", () => sasAnswer(true));
+  $("sas-no").addEventListener("click", () => sasAnswer(false));
   try {
     identity = await loadIdentity();
   } catch (error) {

@@ -6,6 +6,13 @@
 // `rekeyInterval` seconds (the side that started the last one waits half as long again) and
 // the sealed bye. Every failure ends the call and says why; a key the user never confirmed
 // stays unpinned. `ui` receives {state, ...} updates for the page (app.js).
+//
+// Routed (a group call through a hub that routes the media, client/session.py's routed mode):
+// the same key agreement, pin check, SAS and sealed decisions, then straight to "in-call"
+// ({keyed: true}): no pairwise media keys, no SDP, no pairwise rekeys (refused from the peer).
+// The sealed channel then carries the group's sender keys ({senderKey}, {senderKeyAck} updates;
+// `sendSenderKey`, `ackSenderKey`), and a failure in the call sends the bye, so that the peer
+// drops this pair and the rest of the group goes on (group.js).
 
 import { Initiator, Responder, SUITES, SUITE_NAMES, fingerprint, randomBytes } from "./protocol.js";
 import { pins } from "./store.js";
@@ -69,8 +76,8 @@ export class CallEnded extends Error {
 }
 
 export class Call {
-  constructor({ hub, peerId, initiator, identity, name, localStream, ui, joinTime }) {
-    Object.assign(this, { hub, peerId, initiator, identity, name, localStream, ui, joinTime });
+  constructor({ hub, peerId, initiator, identity, name, localStream, ui, joinTime, routed = false }) {
+    Object.assign(this, { hub, peerId, initiator, identity, name, localStream, ui, joinTime, routed });
     this.state = "key-agreement";
     this.handshake = null;
     this.result = null;
@@ -80,8 +87,9 @@ export class Call {
     this.requestedRekey = false;
     this.timers = new Set();
     this.queue = Promise.resolve();
-    this.worker = new Worker("worker.js", { type: "module", name: "sframe" });
-    this.worker.onmessage = ({ data }) => this.onWorker(data);
+    // A routed call's frames go through the group's worker, under sender keys.
+    this.worker = routed ? null : new Worker("worker.js", { type: "module", name: "sframe" });
+    if (this.worker) this.worker.onmessage = ({ data }) => this.onWorker(data);
     this.counters = { sent: 0, decrypted: 0, failed: 0 };
     this.setupTimer = this.after(SETUP_TIMEOUT, () => this.fail("CallFailed", "the call was not set up in time"));
   }
@@ -218,7 +226,7 @@ export class Call {
 
   // We accept the peer: key the call, tell the peer, negotiate once it accepted us too.
   async accept() {
-    this.install(this.result.initialKeys);
+    if (!this.routed) this.install(this.result.initialKeys);
     this.send(await this.result.channel.seal({ type: "confirmed" }));
     this.state = "await-peer";
     this.update({ ...this.protection, pin: this.pin, askSas: false });
@@ -242,6 +250,13 @@ export class Call {
   // -- the media negotiation
 
   async negotiate() {
+    if (this.routed) {
+      // No media of ours flows through this pair: the call starts now.
+      this.state = "in-call";
+      this.cancel(this.setupTimer);
+      this.setupTimer = null;
+      return this.update({ ...this.protection, pin: this.pin, keyed: true });
+    }
     this.state = "negotiating";
     this.cancel(this.setupTimer);
     this.setupTimer = this.after(SETUP_TIMEOUT, () => this.fail("CallFailed", "the media was not set up in time"));
@@ -308,6 +323,8 @@ export class Call {
   }
 
   // SFrame on every sender and receiver before any media can flow.
+  // Called in the task that created the transceivers, before any await: Chromium short-circuits
+  // for good the encoded transform of a sender or receiver still without one when it ends.
   installTransforms(pc) {
     for (const transceiver of pc.getTransceivers()) {
       const kind = transceiver.receiver.track.kind;
@@ -393,6 +410,12 @@ export class Call {
       this.update({ log: `dropped a sealed message that did not open: ${error.kind}` });
       return;
     }
+    const pairwiseRekey = received.replies.length > 0 || Boolean(received.keys.installReceive || received.keys.switchSend);
+    const groupKeys = received.senderKey !== undefined || received.senderKeyAck !== undefined;
+    if (this.routed && pairwiseRekey) return this.fail("CallFailed", "the peer started a pairwise rekey in a routed call");
+    if (!this.routed && groupKeys) return this.fail("CallFailed", "the peer sent a group sender key in a two-party call");
+    if (received.senderKey !== undefined) this.update({ senderKey: received.senderKey });
+    if (received.senderKeyAck !== undefined) this.update({ senderKeyAck: received.senderKeyAck });
     for (const reply of received.replies) this.send(reply);
     if (received.keys.installReceive || received.keys.switchSend) this.install(received.keys);
     if (received.keys.switchSend) this.update({ log: `rekeyed: now epoch ${this.epoch}` });
@@ -408,10 +431,38 @@ export class Call {
     if (received.content && received.content.type === "bye") return this.end("peer-bye");
   }
 
+  // -- group sender keys (routed calls only)
+
+  sendSenderKey(key) {
+    return this.serialize(async () => {
+      if (this.state === "in-call") this.send(await this.result.channel.sealSenderKey(key));
+    });
+  }
+
+  ackSenderKey(kid) {
+    return this.serialize(async () => {
+      if (this.state === "in-call") this.send(await this.result.channel.sealSenderKeyAck(kid));
+    });
+  }
+
+  // Ends this pair from outside (the group refuses it), as a failure.
+  abort(kind, message) {
+    return this.serialize(() => this.fail(kind, message));
+  }
+
   // -- the end
 
   async fail(kind, message) {
     if (this.state === "ended") return;
+    if (this.routed && this.state === "in-call") {
+      // Only this pair ends: the bye makes the peer drop us too (and move to a sender key we
+      // never get) instead of handing keys to a member that no longer takes them.
+      try {
+        this.send(await this.result.channel.seal({ type: "bye" }));
+      } catch {
+        // the hub is gone: the group call is over anyway
+      }
+    }
     if (this.newPin !== null && this.state !== "in-call") {
       // Never accepted: a key the user did not confirm stays unpinned.
       await pins.remove(this.newPin);
@@ -432,6 +483,6 @@ export class Call {
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
     if (this.pc) this.pc.close();
-    this.worker.terminate();
+    if (this.worker) this.worker.terminate();
   }
 }

@@ -9,7 +9,9 @@ const NAME = /^[A-Za-z0-9_-]{1,64}$/;
 
 export class HubConnection {
   // `onEvent({type: "peer-joined" | "peer-left", peerId} | {type: "relay", from, payload}
-  // | {type: "error", message} | {type: "closed", code, reason})`.
+  // | {type: "media-offer", sdp} | {type: "media-tracks", tracks: [{mid, kind, peerId}]}
+  // | {type: "error", message} | {type: "closed", code, reason})`. The media messages come
+  // only in a room whose welcome said "routed" (the hub routes the media of a group call).
   constructor(url, onEvent) {
     this.url = url;
     this.onEvent = onEvent;
@@ -60,10 +62,12 @@ export class HubConnection {
       if (!Array.isArray(peers) || !peers.every((id) => NAME.test(id)) || new Set(peers).size !== peers.length || peers.includes(message.peer_id)) {
         return pending.reject(new Error("the welcome lists this peer or one peer twice"));
       }
+      if (message.media !== "peer-to-peer" && message.media !== "routed") return pending.reject(new Error("the welcome does not say how media flows"));
       this.peerId = message.peer_id;
       this.room = pending.room;
       this.peers = new Set(peers);
-      return pending.resolve({ peerId: message.peer_id, peers });
+      this.routed = message.media === "routed";
+      return pending.resolve({ peerId: message.peer_id, peers, media: message.media });
     }
     switch (message.type) {
       case "peer-joined":
@@ -76,11 +80,22 @@ export class HubConnection {
       case "relay":
         if (!this.peers.has(message.from)) throw new Error("a relay from a peer that is not here");
         return this.onEvent({ type: "relay", from: message.from, payload: message.payload });
+      case "media-offer":
+        if (!this.routed || typeof message.sdp !== "string" || Object.keys(message).length !== 2) throw new Error("an unexpected media offer");
+        return this.onEvent({ type: "media-offer", sdp: message.sdp });
+      case "media-tracks":
+        if (!this.routed) throw new Error("media tracks in a room whose media is not routed");
+        return this.onEvent({ type: "media-tracks", tracks: parseTracks(message.tracks) });
       case "error":
         return this.onEvent({ type: "error", message: `the hub answered: ${message.code}: ${message.message}` });
       default:
         throw new Error(`unexpected '${message.type}'`);
     }
+  }
+
+  sendMediaAnswer(sdp) {
+    if (!this.socket || this.socket.readyState !== WebSocket.OPEN) throw new Error("the hub connection is closed");
+    this.socket.send(JSON.stringify({ type: "media-answer", sdp }));
   }
 
   relay(to, payload) {
@@ -98,4 +113,19 @@ export class HubConnection {
       this.socket.close(1000);
     }
   }
+}
+
+// The hub's slot map, as signaling/protocol.py reads it: a hint (whose key decrypts a frame
+// decides whose it is), but well formed.
+const MID = /^[A-Za-z0-9]{1,16}$/;
+
+function parseTracks(tracks) {
+  if (!Array.isArray(tracks)) throw new Error("media tracks are a list");
+  const parsed = tracks.map((track) => {
+    if (track === null || typeof track !== "object" || Object.keys(track).sort().join() !== "kind,mid,peer_id") throw new Error("a track has exactly mid, kind and peer_id");
+    if (typeof track.mid !== "string" || !MID.test(track.mid) || !["audio", "video"].includes(track.kind) || !NAME.test(track.peer_id)) throw new Error("a malformed track");
+    return { mid: track.mid, kind: track.kind, peerId: track.peer_id };
+  });
+  if (new Set(parsed.map((track) => track.mid)).size !== parsed.length) throw new Error("a mid appears twice in tracks");
+  return parsed;
 }

@@ -763,7 +763,45 @@ const INNER_PARSERS = {
     if (!Number.isInteger(epoch)) malformed("the epoch of a 'rekey-done' message is an integer");
     return { epoch };
   },
+  "sender-key": (obj) => {
+    const fields = innerFields(obj, "sender-key", ["suite", "generation", "step", "base_key"]);
+    const parsers = { suite: suiteField, generation: intField(0, MAX_SENDER_KEY_GENERATION), step: intField(0, MAX_SENDER_KEY_STEP), base_key: b64decode };
+    const parsed = {};
+    for (const [name, parse] of Object.entries(parsers)) {
+      try {
+        parsed[name] = parse(fields[name]);
+      } catch (error) {
+        malformed(`field '${name}' of a 'sender-key' message: ${error.message}`);
+      }
+    }
+    const nh = SENDER_KEY_SIZES[parsed.suite];
+    if (parsed.base_key.length !== nh) malformed(`field 'base_key' of a 'sender-key' message: is ${nh} bytes for its suite`);
+    return { suite: parsed.suite, generation: parsed.generation, step: parsed.step, baseKey: parsed.base_key };
+  },
+  "sender-key-ack": (obj) => {
+    const { kid } = innerFields(obj, "sender-key-ack", ["kid"]);
+    if (!Number.isInteger(kid) || kid < 0 || kid > MAX_SENDER_KEY_KID) malformed(`field 'kid' of a 'sender-key-ack' message: is an integer from 0 to ${MAX_SENDER_KEY_KID}`);
+    return { kid };
+  },
 };
+
+// Group sender keys (crypto/sender_keys.py): generations and steps below 2^31, KID =
+// generation << 8 | step % 256, a base key of the suite's Nh bytes.
+const MAX_SENDER_KEY_GENERATION = 2 ** 31;
+const MAX_SENDER_KEY_STEP = 2 ** 31;
+const MAX_SENDER_KEY_KID = MAX_SENDER_KEY_GENERATION * 256 + 255;
+const SENDER_KEY_SIZES = { 1: 32, 2: 32, 3: 32, 4: 32, 5: 64 };
+
+// The sealed plaintexts of a sender key and of its acknowledgement, before canonical JSON.
+export const senderKeyInner = (key) => ({ kind: "sender-key", suite: key.suite, generation: key.generation, step: key.step, base_key: b64encode(key.baseKey) });
+export const senderKeyAckInner = (kid) => ({ kind: "sender-key-ack", kid });
+
+// A sealed plaintext object parsed as the channel parses it (tests read the vectors with it).
+export function parseInner(inner) {
+  const kind = inner && typeof inner.kind === "string" ? inner.kind : null;
+  if (kind === null || !Object.prototype.hasOwnProperty.call(INNER_PARSERS, kind)) malformed("unknown sealed message kind");
+  return INNER_PARSERS[kind](inner);
+}
 
 // Sealed signalling in both directions and the epochs of the call's keys; `open` returns
 // {content, replies, keys: {installReceive, switchSend}}, as crypto.sealed.Received.
@@ -803,6 +841,15 @@ export class SealedChannel {
   async seal(content) {
     if (content === null || typeof content !== "object" || Array.isArray(content)) localError("sealed content is a JSON object");
     return this.sealInner({ kind: "app", content });
+  }
+
+  // A group call's sender key for the peer, and the acknowledgement of the peer's.
+  sealSenderKey(key) {
+    return this.sealInner(senderKeyInner(key));
+  }
+
+  sealSenderKeyAck(kid) {
+    return this.sealInner(senderKeyAckInner(kid));
   }
 
   async startRekey() {
@@ -894,6 +941,14 @@ export class SealedChannel {
     return { content: message.content, replies: [], keys: {} };
   }
 
+  onSenderKey(senderKey) {
+    return { content: null, replies: [], keys: {}, senderKey };
+  }
+
+  onSenderKeyAck({ kid }) {
+    return { content: null, replies: [], keys: {}, senderKeyAck: kid };
+  }
+
   async onRekey(message) {
     if (message.epoch !== this.epoch + 1) unexpected(`a rekey to epoch ${message.epoch} is not expected now`);
     await this.verify("rekey", message.signature, message.epoch, message.ephemeral);
@@ -949,7 +1004,15 @@ export class SealedChannel {
   }
 }
 
+// The application's and the group sender keys' messages are accepted in every rekey state:
+// they do not touch the pairwise epochs.
 const INNER_HANDLERS = {
+  ...Object.fromEntries(
+    ["idle", "requested", "awaiting-done"].flatMap((state) => [
+      [`${state}:sender-key`, SealedChannel.prototype.onSenderKey],
+      [`${state}:sender-key-ack`, SealedChannel.prototype.onSenderKeyAck],
+    ]),
+  ),
   "idle:app": SealedChannel.prototype.onApp,
   "idle:rekey": SealedChannel.prototype.onRekey,
   "requested:app": SealedChannel.prototype.onApp,

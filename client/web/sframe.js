@@ -147,6 +147,16 @@ export async function deriveKeySalt(code, kid, baseKey) {
   return { key, salt };
 }
 
+// -- sender keys (section 5.1) ---------------------------------------------------------------
+
+// The next base key of a sender's ratchet: HKDF-Expand(HKDF-Extract("", base_key),
+// "SFrame 1.0 Ratchet", Nh), as crypto/sframe.py's ratchet_base_key.
+export async function ratchetBaseKey(code, baseKey) {
+  const suite = suiteOf(code);
+  const secret = await hmac(suite.hash, new Uint8Array(suite.nh), baseKey);
+  return hkdfExpand(suite.hash, secret, encoder.encode("SFrame 1.0 Ratchet"), suite.nh);
+}
+
 // -- the AEADs (section 4.5) -------------------------------------------------------------------
 
 // The suite's AEAD under `key`: {encrypt(nonce, plaintext, aad), decrypt(nonce, ciphertext,

@@ -7,8 +7,22 @@
 // {kid, baseKey}} (epoch 0 and every rekey) and {type: "retire", kids}; the worker answers
 // {type: "first-use", kid} when the first frame under a receive key authenticates, and
 // {type: "counters", ...} twice a second.
+//
+// In a group call (group.js) the page sends instead {type: "group-send", suite, kid, baseKey}
+// (our sender key: every frame from now on under it), {type: "group-key", peerId, key}
+// (a member's sender key: its receiver releases the frames it held), {type: "group-retire",
+// peerId, below}, {type: "group-left", peerId} (its frames are refused from now on) and
+// {type: "slots", owners: {mid: peerId}} (the hub's slot map); each receiving slot's transform
+// decrypts under the key of the member the slot is mapped to, holding a frame whose key has not
+// come for at most HOLD_MS; the worker answers {type: "group-counters", ...} twice a second, and
+// {type: "group-audit"} with {type: "group-audit", sent: {audio, video}, slots: {mid: {kind,
+// given, passed}}}.
 
 import { ReceiveContext, SendContext } from "./sframe.js";
+import { SenderKey, SenderKeyReceiver } from "./senderkeys.js";
+
+// A held frame whose key has not come by then is dropped and counted, as client/group_call.py.
+const HOLD_MS = 1000;
 
 let sender = null;
 let receiver = null;
@@ -21,8 +35,77 @@ const count = (kind, name) => {
   byKind[kind][name]++;
 };
 
+// The group call's state: a receiver per member, the slot map, the members gone.
+const group = { receivers: new Map(), owners: new Map(), departed: new Set(), holding: new Map(), firstAudio: {}, unmapped: 0, suite: null };
+// Each receiving slot's frames, by mid: every one its transform was given and every one it
+// passed on to the decoder. The page compares them with what Chromium says it decoded
+// (group.js audit): a decoder that got more than this passed on was fed around the worker.
+const slotFrames = new Map();
+
+function memberReceiver(peerId) {
+  let receiver = group.receivers.get(peerId);
+  if (!receiver) {
+    receiver = new SenderKeyReceiver(group.suite);
+    group.receivers.set(peerId, receiver);
+  }
+  return receiver;
+}
+
+function decrypted(peerId, kind) {
+  if (kind === "audio" && !(peerId in group.firstAudio)) group.firstAudio[peerId] = performance.timeOrigin + performance.now();
+}
+
+async function onGroupMessage(data) {
+  if (data.type === "group-send") {
+    group.suite = data.suite;
+    if (!sender) sender = new SendContext(data.suite);
+    const kid = BigInt(data.kid);
+    // A KID comes back after 256 ratchet steps: only the key in use stays.
+    for (const old of [...sender.keys.keys()]) if (old !== kid) sender.removeKey(old);
+    if (!sender.keys.has(kid)) await sender.addKey(kid, new Uint8Array(data.baseKey));
+    sendKid = kid;
+  } else if (data.type === "group-key") {
+    if (group.departed.has(data.peerId)) return;
+    const { suite, generation, step, baseKey } = data.key;
+    let released;
+    try {
+      released = await memberReceiver(data.peerId).addKey(new SenderKey(suite, generation, step, new Uint8Array(baseKey)));
+    } catch (error) {
+      postMessage({ type: "log", text: `refused a sender key of ${data.peerId}: ${error.message}` });
+      return;
+    }
+    for (const { kind, plaintext, tag } of released) {
+      clearTimeout(group.holding.get(`${data.peerId} ${kind}`));
+      group.holding.delete(`${data.peerId} ${kind}`);
+      decrypted(data.peerId, kind);
+      tag.counted.passed++;
+      tag.frame.data = plaintext.buffer;
+      tag.controller.enqueue(tag.frame);
+    }
+  } else if (data.type === "group-retire") {
+    const receiver = group.receivers.get(data.peerId);
+    if (receiver) await receiver.retireGenerationsBelow(data.below);
+  } else if (data.type === "group-left") {
+    group.departed.add(data.peerId);
+    group.receivers.delete(data.peerId);
+  } else if (data.type === "slots") {
+    group.owners = new Map(Object.entries(data.owners));
+  } else if (data.type === "group-audit") {
+    postMessage({ type: "group-audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, slots: Object.fromEntries([...slotFrames].map(([mid, counted]) => [mid, { ...counted }])) });
+  }
+}
+
+setInterval(() => {
+  if (group.suite === null) return;
+  const members = {};
+  for (const [peerId, receiver] of group.receivers) members[peerId] = { ...receiver.counters(), firstAudio: group.firstAudio[peerId] ?? null };
+  postMessage({ type: "group-counters", sent: { audio: byKind.audio.sent, video: byKind.video.sent, total: counters.sent }, dropped: counters.dropped, empty: counters.empty, unmapped: group.unmapped, members });
+}, 500);
+
 onmessage = async ({ data }) => {
-  if (data.type === "install") {
+  if (data.type.startsWith("group-") || data.type === "slots") {
+    await onGroupMessage(data);
+  } else if (data.type === "install") {
     if (!sender) {
       sender = new SendContext(data.suite);
       receiver = new ReceiveContext(data.suite);
@@ -88,8 +171,49 @@ function unprotecting(kind) {
   };
 }
 
+// A receiving slot of a group call: whose frames it carries is the hub's word, so a frame is
+// decrypted under that member's sender keys only, and one under any other key fails.
+function unprotectingSlot(kind, mid) {
+  const counted = { kind, given: 0, passed: 0 };
+  slotFrames.set(mid, counted);
+  return async (frame, controller) => {
+    counted.given++;
+    if (frame.data.byteLength === 0) {
+      counters.empty++;
+      return;
+    }
+    const owner = group.owners.get(mid);
+    if (owner === undefined || group.departed.has(owner) || group.suite === null) {
+      group.unmapped++;
+      return;
+    }
+    const receiver = memberReceiver(owner);
+    const plaintext = await receiver.unprotect(kind, new Uint8Array(frame.data), { frame, controller, counted });
+    if (plaintext !== null) {
+      frame.data = plaintext.buffer;
+      decrypted(owner, kind);
+      counted.passed++;
+      controller.enqueue(frame);
+      return;
+    }
+    const state = receiver.kinds.get(kind);
+    const key = `${owner} ${kind}`;
+    if (state.held.length > 0 && !group.holding.has(key)) {
+      // The first frame held for a key: the rest of the wait starts with it.
+      group.holding.set(key, setTimeout(() => {
+        group.holding.delete(key);
+        receiver.expireHeld(kind);
+      }, HOLD_MS));
+    }
+  };
+}
+
 onrtctransform = ({ transformer }) => {
-  const { side, kind } = transformer.options;
-  const transform = side === "send" ? protecting(kind) : unprotecting(kind);
+  const { side, kind, mid } = transformer.options;
+  const transform = side === "send" ? protecting(kind) : mid !== undefined ? unprotectingSlot(kind, mid) : unprotecting(kind);
   transformer.readable.pipeThrough(new TransformStream({ transform })).pipeTo(transformer.writable);
 };
+
+// A transform made before this module has run would find no handler here (the event is not
+// queued): the group call makes its transforms only after this message.
+postMessage({ type: "ready" });
