@@ -46,8 +46,7 @@ from signaling.cluster import (
     parse_event,
 )
 from signaling.hub import Delivery
-from signaling.protocol import ErrorCode, PeerId
-from signaling.server import CLOSE_SLOW_READER
+from signaling.protocol import CLOSE_SLOW_READER, ErrorCode, PeerId
 
 OVERFLOW: Final = "o"
 CLOSE_NODE_REAPED: Final = "node-reaped"

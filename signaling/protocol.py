@@ -31,6 +31,14 @@ NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 
 
+# The reasons the hub gives with the close codes it closes a connection with
+# (docs/reference/hub-protocol.md, close codes).
+CLOSE_SLOW_READER: Final = "slow-reader"
+CLOSE_BINARY_FRAME: Final = "binary-frame"
+CLOSE_JOIN_TIMEOUT: Final = "join-timeout"
+CLOSE_HOME_LOST: Final = "home-lost"
+
+
 class ErrorCode(StrEnum):
     """The ``code`` of an ``error`` message (and the reason of some hub closes)."""
 

@@ -33,6 +33,10 @@ from websockets.protocol import State
 
 from signaling.hub import Delivery, Hub, Limits, Metrics
 from signaling.protocol import (
+    CLOSE_BINARY_FRAME,
+    CLOSE_HOME_LOST,
+    CLOSE_JOIN_TIMEOUT,
+    CLOSE_SLOW_READER,
     CodedError,
     ErrorCode,
     Leave,
@@ -51,10 +55,6 @@ if TYPE_CHECKING:
     from signaling.media_placement import Home, RoomPlacement
     from signaling.media_server import MediaServer
 
-CLOSE_SLOW_READER: Final = "slow-reader"
-CLOSE_BINARY_FRAME: Final = "binary-frame"
-CLOSE_JOIN_TIMEOUT: Final = "join-timeout"
-CLOSE_HOME_LOST: Final = "home-lost"
 CLOSE_PING_TIMEOUT: Final = "keepalive ping timeout"  # the reason websockets itself gives
 _PINGS_PER_TURN: Final = 100
 

@@ -26,8 +26,8 @@ from signaling.cluster_redis import ClusterConfig
 from signaling.hub import Limits
 from signaling.media_placement import CLOSE_ROOM_MOVED, RoomPlacement
 from signaling.media_server import MediaServer
-from signaling.protocol import ErrorCode, PeerLeft
-from signaling.server import CLOSE_HOME_LOST, HubServer
+from signaling.protocol import CLOSE_HOME_LOST, ErrorCode, PeerLeft
+from signaling.server import HubServer
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
 from tests.test_group_call import TONES, heard_everyone, member
