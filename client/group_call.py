@@ -153,6 +153,9 @@ class GroupStats:
     # Frames on a slot just given to another member that decrypted under the previous one's
     # key: its last frames, still in the slot's buffer; dropped, counted against no one.
     stale_frames: int = 0
+    # Frames the hub put on one member's slot that another member's key decrypted (a splice),
+    # by slot member, then by true sender (peer ids).
+    spliced: dict[str, dict[str, int]] = field(default_factory=dict)
     key_changes: list[KeyChange] = field(default_factory=list)
     # When the hub announced each leave (seconds after our join), by peer id.
     leaves_announced: dict[str, float] = field(default_factory=dict)
@@ -537,10 +540,12 @@ class GroupCall:
                 return None
             member = self._member_frames(owner)
             transform, counters = member.kind(kind, on_failure)
-            held = counters.held
+            held, failed = counters.held, counters.failed
             plaintext = transform(frame, (slot, timestamp))
             if plaintext is not None:
                 self._decrypted(owner, kind, plaintext, timestamp)
+            elif counters.failed > failed:
+                self._attribute(owner, kind, frame)
             elif counters.held > held and kind not in member.holding:
                 # The first frame held for a key: the rest of its wait starts with it.
                 started = member.holding[kind] = loop.time()
@@ -549,16 +554,26 @@ class GroupCall:
 
         return unprotect
 
+    def _attribute(self, owner: PeerId, kind: str, frame: bytes) -> None:
+        """A frame on ``owner``'s slot failed under its key: if another member's key
+        authenticates it, the hub moved that member's frame there (a splice). It stays
+        dropped (never played as ``owner``) and is counted under its true sender."""
+        for peer, member in self._members.items():
+            if peer != owner and member.receiver.authenticates(kind, frame):
+                spliced = self.stats.spliced.setdefault(owner, {})
+                spliced[peer] = spliced.get(peer, 0) + 1
+                return
+
     def _from_previous_owner(self, slot: _Slot, frame: bytes, now: float) -> bool:
         """Whether ``frame`` is one of the last frames of the member ``slot`` carried before:
-        it decrypts under that member's key (which stays, for this, after it left). Such a
+        that member's key authenticates it (the key stays, for this, after it left). Such a
         frame is dropped, never decoded into the new member's stream nor counted against it."""
         if now > slot.previous_until:
             slot.previous = None
             return False
         assert slot.previous is not None
         member = self._members.get(slot.previous) or self._former.get(slot.previous)
-        return member is not None and member.receiver.try_unprotect(slot.kind, frame) is not None
+        return member is not None and member.receiver.authenticates(slot.kind, frame)
 
     def _expire_held(self, peer: PeerId, kind: str, started: float) -> None:
         """The hold window of ``peer``'s ``kind`` frames that started at ``started`` is over."""

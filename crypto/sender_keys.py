@@ -402,19 +402,14 @@ class SenderKeyReceiver:
 
         return unprotect
 
-    def try_unprotect(self, kind: str, frame: bytes) -> bytes | None:
-        """``frame`` decrypted under a key this receiver already uses for ``kind``, or None,
-        with nothing else done: no hold, no ratchet, no failure counted. For a frame whose
-        sender is in doubt (a slot the hub just gave another member may still deliver the
-        previous one's last frames): it belongs to whoever's key decrypts it."""
+    def authenticates(self, kind: str, frame: bytes) -> bool:
+        """Whether a key this receiver already uses for ``kind`` authenticates ``frame``, with
+        nothing done: no replay window moves, nothing is held, followed or counted. For a frame
+        whose sender is in doubt (the hub may put one member's frames on another's slot, and a
+        slot it just gave another member may still deliver the previous one's last frames):
+        it belongs to whoever's key authenticates it."""
         state = self._kinds.get(kind)
-        if state is None:
-            return None
-        try:
-            plaintext = state.context.unprotect(frame, state.metadata)
-        except SFrameError:
-            return None
-        return _decrypted(state.counters, frame, plaintext)
+        return state is not None and state.context.authenticates(frame, state.metadata)
 
     def _without_key(
         self, state: _Kind, frame: bytes, arrival: int | None, tag: object

@@ -578,6 +578,25 @@ class ReceiveContext:
         if self._keys.pop(kid, None) is None:
             raise SFrameUsageError(f"no receiving key for KID {kid}")
 
+    def authenticates(self, sframe_ciphertext: bytes, metadata: bytes = b"") -> bool:
+        """Whether a key held authenticates this ciphertext, with nothing changed: no replay
+        window moves and no first use is reported (a frame whose sender is in doubt is checked
+        against several senders' keys; only its true sender's ``unprotect`` may take it)."""
+        try:
+            kid, ctr, header_length = _parse_header(sframe_ciphertext)
+        except SFrameError:
+            return False
+        state = self._keys.get(kid)
+        if state is None:
+            return False
+        nonce = (state.salt ^ ctr).to_bytes(12, "big")
+        header = sframe_ciphertext[:header_length]
+        try:
+            state.decrypt(nonce, sframe_ciphertext[header_length:], header + metadata)
+        except InvalidTag:
+            return False
+        return True
+
     def unprotect(self, sframe_ciphertext: bytes, metadata: bytes = b"") -> bytes:
         """Authenticate and decrypt one SFrame ciphertext; return the plaintext."""
         # The header of nearly every frame in a call: a KID under 8, inline in the config

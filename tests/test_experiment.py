@@ -252,6 +252,10 @@ def test_routed_splice_frames_moved_to_another_members_slot_fail_and_are_counted
     assert spliced["audio"] > 20 and spliced["video"] > 10
     for kind in ("audio", "video"):
         assert result.members["carol"].rejected("alice", kind) == spliced[kind]
+    # ... and carol told whose they were: bob's key authenticates them.
+    attributed = result.members["carol"].spliced["alice"]
+    assert set(attributed) == {"bob"}
+    assert attributed["bob"] == spliced["audio"] + spliced["video"]
     # Carol never heard bob's tone on alice's track.
     assert result.attack["victim_heard_source_as_target"] < 0.1
     # Bob heard alice all along (the hub spliced only toward carol).

@@ -501,6 +501,8 @@ class MemberOutcome:
     received: dict[str, dict[str, dict[str, Any]]]  # from -> kind -> receiver counters
     samples: dict[str, array[int]] = field(repr=False, default_factory=dict)
     detections: dict[str, int] = field(default_factory=dict)  # of its pairwise sessions
+    # Frames on one member's slot that another's key authenticated: slot's name -> sender's.
+    spliced: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def rejected(self, name: str, kind: str) -> int:
         """Frames of ``name``'s ``kind`` this member never decoded: failed to decrypt, or held
@@ -518,6 +520,7 @@ class MemberOutcome:
             "roster": self.roster,
             "received": self.received,
             "detections": self.detections,
+            "spliced": self.spliced,
         }
 
 
@@ -650,10 +653,15 @@ class RoutedCell:
             spliced = self.attack["counts"].get("spliced", 0) > 0
             # How much of the source's tone the victim heard on the target's track: none.
             wrong = self.attack["victim_heard_source_as_target"]
+            # The victim told whose frames they really were, by the key that authenticates them.
+            attributed = self.members[CAROL].spliced.get(ALICE, {}).get(BOB, 0)
+            made = self.attack["counts"].get("spliced", 0)
             ok = spliced and self.attacked_all_rejected() and wrong < NOTHING and nothing
+            ok = ok and 0 < attributed <= made
             return ok, (
                 "PROTECTED: every frame the hub moved to another member's slot failed under "
-                "that member's key, was counted, and was never played as that member"
+                "that member's key, was counted, never played as that member, and attributed "
+                "to its true sender by its key"
             )
         if attack is RoutedAttack.REPLAY:
             counts = self.attack["counts"]
@@ -818,6 +826,12 @@ def _member_outcome(
         },
         samples=samples,
         detections=dict(call.session.detections) if call.session is not None else {},
+        spliced={
+            names.get(PeerId(slot), slot): {
+                names.get(PeerId(sender), sender): count for sender, count in by.items()
+            }
+            for slot, by in stats.spliced.items()
+        },
     )
 
 
