@@ -659,9 +659,8 @@ class RoutedCell:
             ok = spliced and self.attacked_all_rejected() and wrong < NOTHING and nothing
             ok = ok and 0 < attributed <= made
             return ok, (
-                "PROTECTED: every frame the hub moved to another member's slot failed under "
-                "that member's key, was counted, never played as that member, and attributed "
-                "to its true sender by its key"
+                "PROTECTED: every frame the hub moved onto another member's slot was refused "
+                "there, never played, and attributed to its true sender by its key"
             )
         if attack is RoutedAttack.REPLAY:
             counts = self.attack["counts"]
