@@ -111,8 +111,10 @@ def draw_figure(rows: Sequence[FigureRow], valid: bool) -> Figure:
         va="center",
     )
     columns = (
-        ("sent by alice (20 ms of 440 Hz), or each", WAVE_WIDTH),
-        ("heard by bob", WAVE_WIDTH),
+        # Two-party rows: alice's tone as sent and as bob heard it; a routed row draws a strip
+        # per member instead, each titled with its name.
+        ("sent (20 ms of the tone)", WAVE_WIDTH),
+        ("heard by the other peer", WAVE_WIDTH),
         ("recovered by the hub", WAVE_WIDTH),
         ("video the hub decoded", PICTURE_WIDTH),
     )
