@@ -369,7 +369,8 @@ class GroupCall:
             case _FromHub(PeerJoined(peer_id)):
                 return session.peer_joined(peer_id, now)
             case _FromHub(PeerLeft(peer_id)):
-                self.stats.leaves_announced[peer_id] = time.monotonic() - self._join_time
+                if session.present(peer_id):
+                    self.stats.leaves_announced[peer_id] = time.monotonic() - self._join_time
                 return session.peer_left(peer_id, now)
             case _FromHub(Relayed(sender, payload)):
                 return session.receive(sender, payload, now)
@@ -525,6 +526,8 @@ class GroupCall:
     def _slot_transform(self, slot: _Slot) -> Callable[[bytes, int], bytes | None]:
         kind, mid = slot.kind, slot.mid
         stats = self.stats
+        session = self.session
+        assert session is not None
         loop = asyncio.get_running_loop()
 
         def on_failure(_error: SFrameError) -> None:
@@ -535,7 +538,8 @@ class GroupCall:
             if slot.previous is not None and self._from_previous_owner(slot, frame, loop.time()):
                 stats.stale_frames += 1
                 return None
-            if owner is None or owner in self._departed:
+            # A peer the hub names but that is not in the room gets no receiver (nor held frames).
+            if owner is None or owner in self._departed or not session.present(owner):
                 stats.unmapped_frames += 1
                 return None
             member = self._member_frames(owner)

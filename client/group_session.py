@@ -325,6 +325,11 @@ class GroupSession:
 
     # -- events
 
+    def present(self, peer: PeerId) -> bool:
+        """Whether ``peer`` is in the room as far as this session knows (member or in its key
+        agreement): the hub's slot map and leaves name anyone, and only these are kept."""
+        return self._live(peer) is not None
+
     def welcome(self, peers: Sequence[PeerId], now: float) -> list[Action]:
         """We joined the room, where ``peers`` already are: each of them starts the key
         agreement with us."""
