@@ -375,7 +375,7 @@ class GroupCall:
             case _FromHub(Relayed(sender, payload)):
                 return session.receive(sender, payload, now)
             case _FromHub(MediaOffer(sdp)):
-                await self._answer(sdp)
+                return await self._answer(sdp)
             case _FromHub(MediaTracks(tracks)):
                 self._map_slots({track.mid: track.peer_id for track in tracks})
             case HubFailed(detail, closed):
@@ -451,12 +451,17 @@ class GroupCall:
         assert self._joined is not None and self.session is not None
         try:
             await self._joined.hub.relay(peer, payload)
-        except SignalingError as error:  # includes HubClosed
-            closed = isinstance(error, HubClosed)
-            self.stats.hub_lost = self.stats.hub_lost or closed
-            now = asyncio.get_running_loop().time()
-            return self.session.hub_failed(str(error), now, closed=closed)
+        except SignalingError as error:
+            return self._hub_send_failed(error)
         return []
+
+    def _hub_send_failed(self, error: SignalingError) -> list[Action]:
+        """Sending to the hub failed (``HubClosed`` included)."""
+        assert self.session is not None
+        closed = isinstance(error, HubClosed)
+        self.stats.hub_lost = self.stats.hub_lost or closed
+        now = asyncio.get_running_loop().time()
+        return self.session.hub_failed(str(error), now, closed=closed)
 
     async def _ask_sas(self, peer: PeerId, protection: ProtectionState) -> None:
         accepted = await ask_sas(self.config, protection)
@@ -597,11 +602,11 @@ class GroupCall:
 
     # -- the connection to the hub
 
-    async def _answer(self, offer: str) -> None:
+    async def _answer(self, offer: str) -> list[Action]:
         if self._pc is not None:
             logger.warning("ignored a second media offer from the hub")
-            return
-        assert self._joined is not None
+            return []
+        assert self._joined is not None and self.session is not None
         pc = self._pc = RTCPeerConnection(
             # One transport for every m-line: aiortc's default (balanced) leaves a second m-line
             # of a kind on a transport the hub's BUNDLE discards, so its media never arrives.
@@ -615,8 +620,12 @@ class GroupCall:
             prefer_supported_codecs(pc)
             self._install_transforms(pc)
             await pc.setLocalDescription(await pc.createAnswer())
-        await self._joined.hub.send_media_answer(pc.localDescription.sdp)
+        try:
+            await self._joined.hub.send_media_answer(pc.localDescription.sdp)
+        except SignalingError as error:  # the hub may close at any time
+            return self._hub_send_failed(error)
         self._start_media(pc)
+        return []
 
     def _install_transforms(self, pc: RTCPeerConnection) -> None:
         for transceiver in pc.getTransceivers():

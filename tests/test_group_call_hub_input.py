@@ -7,12 +7,15 @@ import asyncio
 import os
 from types import SimpleNamespace
 
+from aiortc import RTCPeerConnection
+
 from client.call import CallConfig
 from client.group_call import GroupCall, _FromHub, _Slot
-from client.group_session import GroupSession
+from client.group_session import Ended, GroupSession
+from client.hub_connection import HubClosed
 from client.session import Verify
 from crypto.identity import IdentityKey, KnownPeers
-from signaling.protocol import MediaTrack, MediaTracks, PeerId, PeerLeft
+from signaling.protocol import MediaOffer, MediaTrack, MediaTracks, PeerId, PeerLeft
 
 
 def started_call() -> GroupCall:
@@ -49,3 +52,28 @@ async def test_peer_left_for_peers_not_in_the_room_is_not_kept():
     for index in range(100):
         await call._handle(_FromHub(PeerLeft(PeerId(f"ghost{index}"))), 0.0)
     assert call.stats.leaves_announced == {}
+
+
+class ClosingHub:
+    """A hub that offers media and closes the connection before the answer arrives."""
+
+    async def send_media_answer(self, _sdp: str) -> None:
+        raise HubClosed(1006, "")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_hub_that_closes_before_the_media_answer_ends_the_call_as_hub_lost():
+    call = started_call()
+    call._joined = SimpleNamespace(hub=ClosingHub())  # type: ignore[assignment]
+    offerer = RTCPeerConnection()
+    offerer.addTransceiver("audio")
+    await offerer.setLocalDescription(await offerer.createOffer())
+    try:
+        actions = await call._handle(_FromHub(MediaOffer(offerer.localDescription.sdp)), 0.0)
+    finally:
+        await offerer.close()
+        await call._close()
+    ended = [action for action in actions if isinstance(action, Ended)]
+    assert ended and ended[0].reason == "hub-lost" and call.stats.hub_lost
