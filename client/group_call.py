@@ -369,7 +369,9 @@ class GroupCall:
             case _FromHub(PeerJoined(peer_id)):
                 return session.peer_joined(peer_id, now)
             case _FromHub(PeerLeft(peer_id)):
-                if session.present(peer_id):
+                # Only for a peer in the room or a member that was (its sealed bye may come
+                # before the hub's word): the hub can name any id.
+                if session.present(peer_id) or peer_id in self.stats.members:
                     self.stats.leaves_announced[peer_id] = time.monotonic() - self._join_time
                 return session.peer_left(peer_id, now)
             case _FromHub(Relayed(sender, payload)):
