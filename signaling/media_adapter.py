@@ -1,7 +1,7 @@
 """The hub's only module that uses aiortc internals (``blindhub hub --route-media``).
 
 The hub terminates each member's WebRTC connection and forwards encoded frames without decoding
-or encoding anything. aiortc 1.16 has no API for that, so the functions below use four seams,
+or encoding anything. aiortc 1.16 has no API for that, so the functions below use five seams,
 each per instance and never by patching a class:
 
 - **taking frames** (``take_frames``): a receiver's jitter buffer ``add``
@@ -21,6 +21,10 @@ each per instance and never by patching a class:
 - **asking for a keyframe** (``request_keyframe``): the receiver's decoder-error event
   (``RTCRtpReceiver.__decoder_error``) makes it send a PLI with the next packet it gets,
   addressed to that packet's SSRC. The hub never decodes, so only this module sets it.
+- **bounding SSRCs** (``bound_ssrcs``): a connection's RTP router (``RtpRouter.route_rtp`` of
+  its one bundled DTLS transport) learns every new SSRC on a known payload type, and the
+  receiver then keeps statistics for it, forever; past ``MAX_SSRCS`` packets of a new SSRC are
+  dropped, so a member spraying SSRCs cannot grow the hub's memory.
 
 tests/test_media_adapter.py fails with a message naming the seam if any of them moves, and
 pyproject.toml pins aiortc to the minor version they were read from.
@@ -45,6 +49,7 @@ from aiortc.exceptions import InternalError, InvalidStateError, OperationError
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcconfiguration import RTCBundlePolicy
+from aiortc.rtcdtlstransport import RtpRouter
 from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, AnyRtcpPacket, RtcpPsfbPacket, RtpPacket
 
 # Name-mangled private attributes of aiortc 1.16 that the seams rely on.
@@ -57,6 +62,11 @@ CODECS: Final = {"audio": ("audio/opus",), "video": ("video/VP8", "video/rtx")}
 FORWARD_QUEUE_FRAMES: Final = 32
 """Frames waiting for one subscriber's sender before the oldest is dropped: about half a
 second of audio or one of video. A sender that falls that far behind is not keeping up."""
+
+MAX_SSRCS: Final = 8
+"""SSRCs the hub learns on one member's connection: a publisher sends three (audio, video and
+its retransmissions) and a restarted stream a few more. aiortc keeps state for every SSRC it
+has seen and never forgets one, so past this bound packets of a new SSRC are dropped."""
 
 # What aiortc raises for SDP it cannot apply. Its parser validates with `assert`, indexing and
 # `next()`, so malformed text also surfaces as AssertionError, IndexError, KeyError, and as
@@ -171,3 +181,17 @@ def request_keyframe(receiver: RTCRtpReceiver) -> None:
     """Ask the publisher of ``receiver``'s (video) stream for a keyframe: a PLI goes out with
     the next packet received, addressed to its SSRC."""
     getattr(receiver, RECEIVER_DECODER_ERROR).set()
+
+
+def bound_ssrcs(receiver: RTCRtpReceiver) -> None:
+    """Drop the packets of any new SSRC once ``receiver``'s transport (with max-bundle, the
+    connection's only one) knows ``MAX_SSRCS``."""
+    router: RtpRouter = receiver.transport._rtp_router
+    route_rtp = router.route_rtp
+
+    def route_known(packet: RtpPacket) -> RTCRtpReceiver | None:
+        if packet.ssrc not in router.ssrc_table and len(router.ssrc_table) >= MAX_SSRCS:
+            return None
+        return route_rtp(packet)  # type: ignore[return-value]
+
+    router.route_rtp = route_known  # type: ignore[method-assign]

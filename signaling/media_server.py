@@ -25,6 +25,7 @@ from signaling.media_adapter import (
     SDP_ERRORS,
     ForwardTrack,
     add_transceiver,
+    bound_ssrcs,
     hub_peer_connection,
     on_keyframe_wanted,
     request_keyframe,
@@ -178,6 +179,7 @@ class MediaServer:
             receiver = add_transceiver(pc, kind, "recvonly").receiver
             take_frames(receiver, self._frame_sink(peer, command.room, kind))
             connection.receivers[kind] = receiver
+        bound_ssrcs(connection.receivers["audio"])
         for slot in range(self.router.slots):
             tracks = {}
             for kind in MEDIA_KINDS:

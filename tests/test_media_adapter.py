@@ -15,6 +15,7 @@ from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtcdtlstransport import RTCDtlsTransport, RtpRouter
 
 from signaling.media_adapter import (
     RECEIVER_DECODER_ERROR,
@@ -71,6 +72,15 @@ def test_forwarding_seam_a_sender_packs_packets_without_encoding():
         assert "convert_timebase(packet.pts, packet.time_base" in source_of(encoder.pack), (
             f"{encoder.__name__}.pack no longer takes the timestamp from the packet: {REREAD}"
         )
+
+
+def test_bounding_ssrcs_seam_the_router_learns_ssrcs_in_its_table():
+    assert "self._rtp_router.route_rtp(packet)" in source_of(RTCDtlsTransport._handle_rtp_data), (
+        f"RTCDtlsTransport no longer routes RTP through _rtp_router.route_rtp: {REREAD}"
+    )
+    assert "self.ssrc_table[packet.ssrc] = pt_receiver" in source_of(RtpRouter.route_rtp), (
+        f"RtpRouter no longer learns SSRCs in ssrc_table: {REREAD}"
+    )
 
 
 def test_keyframe_wanted_seam_plis_reach_handle_rtcp_packet():

@@ -24,12 +24,14 @@ from aiortc.rtp import (
     AnyRtcpPacket,
     RtcpPsfbPacket,
     RtcpRtpfbPacket,
+    RtpPacket,
 )
 
 from client.experiment.analysis import dominant_frequency
 from client.frame_transform import request_keyframe
 from client.media import PatternTrack, ToneTrack, left_channel
 from signaling.hub import Limits
+from signaling.media_adapter import MAX_SSRCS
 from signaling.media_server import MediaServer
 from signaling.protocol import (
     ErrorCode,
@@ -51,7 +53,7 @@ from tests.conftest import wait_for
 pytestmark = pytest.mark.slow
 
 TONES = (440, 550, 660)
-VP8_PAYLOAD_TYPE, RTX_PAYLOAD_TYPE = 97, 98  # in the hub's offer
+OPUS_PAYLOAD_TYPE, VP8_PAYLOAD_TYPE, RTX_PAYLOAD_TYPE = 96, 97, 98  # in the hub's offer
 # Enough audio for a dominant-frequency estimate (16,384 samples) with margin.
 AUDIO_SAMPLES = 30000
 
@@ -361,3 +363,40 @@ async def test_loss_on_one_subscribers_leg_is_answered_on_that_leg_alone(routed)
     assert lossy.video_from(source) - start_lossy >= 10
     # (aiortc's own receiver drops a frame whose lost packet comes back after the next frame
     # began, and waits for a keyframe: an aiortc subscriber still stutters on its lossy leg.)
+
+
+async def test_a_publisher_spraying_ssrcs_keeps_the_hub_bounded(routed):
+    start, peer = routed
+    server = await start(Limits(max_peers_per_room=8))
+    sprayer, listener = peer(server, 440), peer(server, 550)
+    await sprayer.join()
+    await listener.join()
+    source = sprayer.welcome().peer_id
+    await wait_for(lambda: len(listener.audio_from(source)) > 0)
+    connection = server.media._connections[source]
+    hub_transport = connection.receivers["audio"].transport
+    arrived = 0
+    handle_rtp_data = hub_transport._handle_rtp_data
+
+    async def count(data: bytes, arrival_time_ms: int) -> None:
+        nonlocal arrived
+        arrived += 1
+        await handle_rtp_data(data, arrival_time_ms)
+
+    hub_transport._handle_rtp_data = count
+    # Every packet a fresh SSRC on the Opus payload type: aiortc learns each one (its routing
+    # table, and per SSRC statistics in the receiver) and never forgets it.
+    client_transport = sprayer.pc.getTransceivers()[0].sender.transport
+    for ssrc in range(1, 3001):
+        packet = RtpPacket(payload_type=OPUS_PAYLOAD_TYPE, ssrc=ssrc, sequence_number=ssrc)
+        packet.payload = b"\xfc\x00"
+        await client_transport._send_rtp(packet.serialize())
+        if ssrc % 50 == 0:
+            await asyncio.sleep(0.001)  # not decisive: keeps the socket buffers from overflowing
+    await wait_for(lambda: arrived >= 2000, timeout=20)
+    assert len(hub_transport._rtp_router.ssrc_table) <= MAX_SSRCS
+    remote_streams = connection.receivers["audio"]._RTCRtpReceiver__remote_streams
+    assert len(remote_streams) <= MAX_SSRCS
+    # The publisher's own stream goes on.
+    before = len(listener.audio_from(source))
+    await wait_for(lambda: len(listener.audio_from(source)) > before + 48000 // 2)
