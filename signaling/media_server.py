@@ -210,7 +210,12 @@ class MediaServer:
         try:
             answer = RTCSessionDescription(sdp=command.sdp, type="answer")
             await connection.pc.setRemoteDescription(answer)
-        except SDP_ERRORS as error:
+        except Exception as error:
+            # A member's SDP is input, and aiortc's parser fails on bad text with many types
+            # (SDP_ERRORS, and any other it may raise for text nobody tried): each is this
+            # member's invalid-sdp, never a task that dies silently with the member stuck.
+            if not isinstance(error, SDP_ERRORS):
+                self._logger.warning("media-answer of %s failed unexpectedly", peer, exc_info=error)
             if self._connections.get(peer) is not connection:
                 return  # it left meanwhile: nobody to tell
             self.router.answer_failed(peer, session)

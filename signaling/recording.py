@@ -87,9 +87,10 @@ class MediaRecorder:
         self.errors = 0
 
     def write(self, room: str, publisher: PeerId, kind: str, frame: bytes, timestamp: int) -> None:
-        """Record one forwarded frame. Never raises: it runs in the forwarding path, and a
-        recording that cannot be written (a full disk, a directory gone) must not stop the
-        call; that stream is logged, counted and not recorded any further."""
+        """Record one forwarded frame. Never raises for what a file or PyAV can fail with: it
+        runs in the forwarding path, and a recording that cannot be written (a full disk, a
+        directory gone, a frame the muxer refuses) must not stop the call; that stream is
+        logged, counted and not recorded any further."""
         key = (room, publisher, kind)
         if key in self._failed:
             return
@@ -98,7 +99,7 @@ class MediaRecorder:
             if stream is None:
                 stream = self._files[key] = _StreamFile(self._path(room, publisher, kind), kind)
             stream.write(frame, timestamp, self._clock())
-        except (OSError, av.FFmpegError) as error:
+        except (OSError, ValueError, av.FFmpegError) as error:
             self.errors += 1
             self._failed.add(key)
             logger.error("no longer recording %s of %s in %s: %s", kind, publisher, room, error)

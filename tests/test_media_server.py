@@ -275,6 +275,34 @@ async def test_garbage_answer_is_invalid_sdp_and_disturbs_nobody(routed):
     )
 
 
+async def test_an_answer_aiortc_fails_on_in_an_unforeseen_way_is_invalid_sdp_too(
+    routed, monkeypatch
+):
+    # aiortc's parser may fail on text nobody tried with an error outside SDP_ERRORS: the
+    # member still gets invalid-sdp (and may answer again), never a hub task dead in silence.
+    apply_description = RTCPeerConnection.setRemoteDescription
+
+    async def failing_on_marked_answers(pc, description):
+        if description.type == "answer" and "a=x-unforeseen" in description.sdp:
+            raise TypeError("an error aiortc was never seen to raise")
+        return await apply_description(pc, description)
+
+    monkeypatch.setattr(RTCPeerConnection, "setRemoteDescription", failing_on_marked_answers)
+    start, peer = routed
+    server = await start(Limits(max_peers_per_room=8))
+    member = peer(server, 440)
+    await member.join(answer=False)
+    await member.ws.send(MediaAnswer("v=0\r\na=x-unforeseen\r\n").encode())
+    await wait_for(lambda: member.first(ErrorMessage) is not None)
+    error = member.first(ErrorMessage)
+    assert isinstance(error, ErrorMessage) and error.code is ErrorCode.INVALID_SDP
+    await member.answer()  # a good answer after it is applied
+    listener = peer(server, 550)
+    await listener.join()
+    source = member.welcome().peer_id
+    await wait_for(lambda: len(listener.audio_from(source)) > 48000 // 2)
+
+
 async def test_subscriber_plis_reach_the_publisher_throttled(routed):
     start, peer = routed
     server = await start(Limits(max_peers_per_room=8))
