@@ -8,10 +8,9 @@ is needed."""
 import asyncio
 import json
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -31,6 +30,7 @@ from signaling.server import HubServer
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
 from tests.test_group_call import TONES, heard_everyone, member
+from tests.test_hub_cluster import hub_process
 from tests.test_media_server import Peer, metric, metrics
 
 pytestmark = pytest.mark.slow
@@ -181,22 +181,9 @@ async def test_the_homes_answers_and_closes_reach_a_forwarded_member_unchanged(
         await alice.close()
 
 
-@asynccontextmanager
-async def routed_process(redis_server: RedisServer) -> AsyncIterator[tuple[str, Any]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "client.cli", "hub", "--port", "0", "--quiet", "--route-media",
-        "--redis", redis_server.url, "--heartbeat", str(HEARTBEAT),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        assert line.startswith("listening on "), line
-        yield line.removeprefix("listening on ").strip(), process
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        await process.wait()
+def routed_process(redis_server: RedisServer) -> AbstractAsyncContextManager[tuple[str, Any]]:
+    """A real ``blindhub hub --route-media --redis`` process (the cluster tests' helper)."""
+    return hub_process(redis_server, "--route-media")
 
 
 async def test_a_dead_home_ends_its_rooms_which_another_process_then_takes(

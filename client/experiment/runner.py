@@ -324,6 +324,19 @@ TABLE_HEADER: tuple[str, ...] = (
 )
 
 
+def aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """``rows`` under the table header, each column as wide as its widest value, a rule under
+    the header and an empty line after."""
+    rows = [TABLE_HEADER, *rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
+    lines = [
+        "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return [*lines, ""]
+
+
 def table_row(number: str, cell: Cell | RoutedCell) -> tuple[str, ...]:
     """A cell's row of the table (text and HTML alike)."""
     return (
@@ -381,16 +394,7 @@ class Report:
         }
 
     def table(self) -> str:
-        rows = [TABLE_HEADER]
-        for index, cell in enumerate(self.cells, 1):
-            rows.append(table_row(str(index), cell))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
-        lines = [
-            "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
-            for row in rows
-        ]
-        lines.insert(1, "  ".join("-" * width for width in widths))
-        lines.append("")
+        lines = aligned([table_row(str(index), cell) for index, cell in enumerate(self.cells, 1)])
         for index, cell in enumerate(self.cells, 1):
             expected, verdict = cell.judge()
             mark = "ok " if expected else "!! "
@@ -429,16 +433,7 @@ class Report:
         return "\n".join(lines)
 
     def _routed_table(self) -> list[str]:
-        rows = [TABLE_HEADER]
-        for index, cell in enumerate(self.routed, 1):
-            rows.append(table_row(f"R{index}", cell))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
-        lines = [
-            "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
-            for row in rows
-        ]
-        lines.insert(1, "  ".join("-" * width for width in widths))
-        lines.append("")
+        lines = aligned([table_row(f"R{index}", cell) for index, cell in enumerate(self.routed, 1)])
         for index, cell in enumerate(self.routed, 1):
             expected, verdict = cell.judge()
             lines.append(f"{'ok ' if expected else '!! '}R{index}. {cell.scenario.name}: {verdict}")
