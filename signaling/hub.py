@@ -13,6 +13,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from signaling.protocol import (
     CodedError,
     ErrorCode,
@@ -67,9 +69,11 @@ class Limits:
             raise ValueError("max_buffered_bytes must be at least twice max_message_bytes")
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One message for one peer; ``room`` is the recipient's room, if any."""
+class Delivery(msgspec.Struct, frozen=True, gc=False):
+    """One message for one peer; ``room`` is the recipient's room, if any.
+
+    A msgspec struct, like the messages (signaling.protocol says why): one is made for every
+    relayed message."""
 
     recipient: PeerId
     message: HubMessage

@@ -1,13 +1,12 @@
-"""The asyncio websockets server around the routing core.
+"""The hub server: the routing core behind websocket connections.
 
-The layer is thin: it admits connections, feeds each text frame to
-``Hub.handle`` and writes the resulting deliveries. Writes never wait: a
-recipient whose unsent bytes would exceed ``Limits.max_buffered_bytes`` is
-closed (1008, ``slow-reader``) instead, so one client that stops reading can
-neither grow the hub's memory nor stall the peer that sends to it.
+The layer is thin: it admits connections, feeds each text message to ``Hub.handle`` and
+writes the resulting deliveries, through `signaling.connections`, which runs websockets'
+sans-I/O protocol and bounds what each client may cost: writes never wait, and a recipient
+whose unsent bytes would exceed ``Limits.max_buffered_bytes`` is closed (1008,
+``slow-reader``) instead, so one client that stops reading can neither grow the hub's memory
+nor stall the peer that sends to it.
 
-Frames for one recipient are framed at once and written together at the end of
-the event loop's turn: under load, one system call carries many relays.
 ``blindhub hub`` runs on uvloop's event loop (``new_event_loop``) where uvloop exists.
 """
 
@@ -15,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import ssl
 import sys
 import time
@@ -25,18 +23,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol, Self, TextIO
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.frames import CloseCode
-from websockets.http11 import Request, Response
-from websockets.protocol import State
 
+from signaling.connections import Connection, WebSocketServer
 from signaling.hub import Delivery, Hub, Limits, Metrics
 from signaling.protocol import (
-    CLOSE_BINARY_FRAME,
     CLOSE_HOME_LOST,
     CLOSE_JOIN_TIMEOUT,
-    CLOSE_SLOW_READER,
     CodedError,
     ErrorCode,
     Leave,
@@ -55,8 +49,8 @@ if TYPE_CHECKING:
     from signaling.media_placement import Home, RoomPlacement
     from signaling.media_server import MediaServer
 
-CLOSE_PING_TIMEOUT: Final = "keepalive ping timeout"  # the reason websockets itself gives
-_PINGS_PER_TURN: Final = 100
+# A connection's queued messages in a cluster: past this many, the hub stops reading it.
+_MAX_QUEUED_MESSAGES: Final = 16
 
 # uvloop cuts the hub's CPU per relayed message by about a sixth and raises its throughput
 # (docs/benchmarks/hub.md); it is a dependency everywhere but on Windows, where it does
@@ -174,15 +168,19 @@ def render_metrics(hub: RoutingCore, buffered_bytes: int, extra: list[str] | Non
 class HubServer:
     """A running hub: ``async with HubServer(hub) as server: ... server.url``.
 
+    Each text message is handled as it arrives (`received`), in the event loop's read
+    callback of its connection (`signaling.connections`).
+
     With ``cluster``, the hub is one process of a cluster: its routing core is
-    ``cluster.core`` (``hub`` must be None), and each connection's frames wait for
-    the cluster operations they require, one at a time, so they keep their order.
+    ``cluster.core`` (``hub`` must be None), and each connection's messages wait in a queue
+    of its own for the cluster operations they require, one at a time, so they keep their
+    order (`_serve`).
 
     With ``media``, the hub routes media (``blindhub hub --route-media``): its routing core is
     ``media.hub`` (``hub`` and ``cluster`` must be None). With ``placement`` too, it is one of
     several routing hubs that place their rooms through Redis: a join first waits for its room's
-    placement, and one whose room lives on another process is served there: every frame of the
-    member is passed to that process and back (``_forward``).
+    placement, and one whose room lives on another process is served there: every message of
+    the member is passed to that process and back (``_forward``).
     """
 
     def __init__(
@@ -217,62 +215,48 @@ class HubServer:
         self._ssl_context = ssl_context
         self._metadata = metadata
         self._logger = logger or logging.getLogger("blindhub.hub")
-        self._connections: dict[PeerId, ServerConnection] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-        self._server: Server | None = None
-        # Bytes framed for each recipient and not yet handed to its transport; written by
-        # _flush, scheduled once per turn of the event loop.
-        self._unflushed: dict[ServerConnection, int] = {}
-        self._keepalive_task: asyncio.Task[None] | None = None
+        self._websockets = WebSocketServer(
+            self, self.hub.limits, self._logger.getChild("websockets")
+        )
+        self._connections: dict[PeerId, Connection] = {}
+        self._peers: dict[Connection, PeerId] = {}
+        # A cluster or a placement makes a connection's messages wait for Redis or for
+        # another process: they are queued, and served by a task per connection.
+        self._queued = cluster is not None or placement is not None
+        self._queues: dict[Connection, asyncio.Queue[str | None]] = {}
+        self._serving: set[asyncio.Task[None]] = set()
+        self._now: Callable[[], float] = time.monotonic  # the event loop's clock, once started
 
     @property
-    def server(self) -> Server:
-        """The underlying websockets server (once started)."""
-        if self._server is None:
-            raise RuntimeError("the hub is not started")
-        return self._server
+    def address(self) -> tuple[str, int]:
+        """The host and port it listens on."""
+        return self._websockets.address
 
     @property
     def url(self) -> str:
-        host, port = self.server.sockets[0].getsockname()[:2]
+        host, port = self.address
         scheme = "wss" if self._ssl_context else "ws"
         return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     def buffered_bytes(self) -> int:
         """Bytes written to clients that the kernel has not accepted yet, in total."""
-        written = sum(c.transport.get_write_buffer_size() for c in self._connections.values())
-        return written + sum(self._unflushed.values())
+        return self._websockets.buffered_bytes()
 
     async def start(self) -> None:
-        limits = self.hub.limits
         if self.cluster is not None:
             await self.cluster.start(self.deliver, self._close_peer)
         if self.media is not None:
             self.media.start(self.deliver)
-        self._server = await serve(
-            self._handle_connection,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            compression=None,
-            process_request=self._process_request,
-            max_size=limits.max_message_bytes,
-            # One keepalive task for the hub (_keepalive) instead of websockets' one per
-            # connection, which is a tenth of an idle connection's memory.
-            ping_interval=None,
-            close_timeout=limits.close_timeout,
-            logger=self._logger.getChild("websockets"),
-        )
-        self._keepalive_task = asyncio.create_task(self._keepalive())
+        self._now = asyncio.get_running_loop().time
+        await self._websockets.start(self._host, self._port, self._ssl_context)
         if self.placement is not None:
             await self.placement.start(self.url, self._close_peer)
 
     async def close(self) -> None:
         """Stop accepting, close every connection with 1001 and wait for them."""
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-        self.server.close(code=CloseCode.GOING_AWAY)
-        await self.server.wait_closed()
+        await self._websockets.close()
+        if self._serving:
+            await asyncio.wait(self._serving)
         if self.cluster is not None:
             await self.cluster.close()
         if self.placement is not None:
@@ -296,165 +280,136 @@ class HubServer:
         """Write deliveries without waiting; close recipients that stopped reading."""
         for delivery in deliveries:
             connection = self._connections.get(delivery.recipient)
-            if connection is None or connection.protocol.state is not State.OPEN:
-                continue  # it disconnected or is closing; its disconnect tells the room
+            if connection is None:
+                continue  # it disconnected; its disconnect tells the room
             frame = delivery.message.encode()
-            if self._write(connection, frame) and self._metadata is not None:
+            if connection.send(frame) and self._metadata is not None:
                 self._metadata.record(delivery, frame)
-
-    def _write(self, connection: ServerConnection, frame: str) -> bool:
-        """Write ``frame`` to an open connection without waiting; False if it is closed instead
-        for not reading."""
-        data = frame.encode()
-        unflushed = self._unflushed.get(connection, 0)
-        buffered = connection.transport.get_write_buffer_size() + unflushed
-        if buffered + len(data) > self.hub.limits.max_buffered_bytes:
-            self._close_soon(connection, CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
-            return False
-        if not self._unflushed:
-            asyncio.get_running_loop().call_soon(self._flush)
-        # The sans-I/O protocol frames it now; the bytes wait in its output until _flush
-        # or until websockets itself writes (a pong, a close), whichever comes first, so
-        # the order of everything sent to one client is kept.
-        connection.protocol.send_text(data)
-        self._unflushed[connection] = unflushed + len(data)
-        return True
-
-    def _flush(self) -> None:
-        unflushed, self._unflushed = self._unflushed, {}
-        for connection in unflushed:
-            # A connection that left OPEN is written by websockets as it closes; its output
-            # may then end with the half-close marker, which only websockets handles.
-            if connection.protocol.state is State.OPEN:
-                data = b"".join(connection.protocol.data_to_send())
-                if data:
-                    connection.transport.write(data)
 
     def _close_peer(self, peer: PeerId, code: CloseCode, reason: str) -> None:
         """The cluster's word to close ``peer`` (its stream overflowed: ``slow-reader``)."""
         connection = self._connections.get(peer)
         if connection is not None:
-            self._close_soon(connection, code, reason)
+            connection.close(code, reason)
 
-    def _close_soon(self, connection: ServerConnection, code: int, reason: str) -> None:
-        if connection.protocol.close_sent is not None:
-            return
-        task = asyncio.create_task(self._close_or_abort(connection, code, reason))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    # What the connections tell the hub (signaling.connections.Handler)
 
-    async def _close_or_abort(self, connection: ServerConnection, code: int, reason: str) -> None:
-        # A slow reader's write buffer is full and a silent peer reads nothing, so close()
-        # could wait for a drain that never comes: give the closing handshake
-        # close_timeout, then cut the connection.
-        try:
-            async with asyncio.timeout(self.hub.limits.close_timeout):
-                await connection.close(code, reason)
-        except TimeoutError:
-            connection.transport.abort()
-
-    async def _keepalive(self) -> None:
-        """Every ``ping_interval``, ping every connection; ``ping_timeout`` later, close
-        those that have not answered (1011, as websockets' own keepalive does)."""
-        limits = self.hub.limits
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(limits.ping_interval)
-            pongs: dict[ServerConnection, asyncio.Future[float]] = {}
-            for count, connection in enumerate(list(self._connections.values()), 1):
-                # A ping is a system call: let relays run between batches, so that 10,000
-                # pings are not one long stall of the event loop.
-                if count % _PINGS_PER_TURN == 0:
-                    await asyncio.sleep(0)
-                # On an open connection ping() waits for nothing (on a closing one it would
-                # wait for the close). It returns the future of the pong, which
-                # ensure_future gives back as it is.
-                if connection.protocol.state is State.OPEN:
-                    with contextlib.suppress(ConnectionClosed):
-                        pongs[connection] = asyncio.ensure_future(await connection.ping())
-            loop.call_later(limits.ping_timeout, self._close_silent, pongs)
-
-    def _close_silent(self, pongs: dict[ServerConnection, asyncio.Future[float]]) -> None:
-        for connection, pong in pongs.items():
-            if not pong.done() and connection.protocol.state is State.OPEN:
-                self._close_soon(connection, CloseCode.INTERNAL_ERROR, CLOSE_PING_TIMEOUT)
-
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if request.path == "/healthz":
-            return connection.respond(HTTPStatus.OK, "ok\n")
-        if request.path == "/metrics":
+    def respond(self, path: str) -> tuple[HTTPStatus, str] | None:
+        if path == "/healthz":
+            return HTTPStatus.OK, "ok\n"
+        if path == "/metrics":
             extra = None if self.cluster is None else self.cluster.metric_lines()
             if self.media is not None:
                 extra = self.media.metric_lines()
             if self.placement is not None:
                 extra = [*(extra or []), *self.placement.metric_lines()]
-            return connection.respond(
-                HTTPStatus.OK, render_metrics(self.hub, self.buffered_bytes(), extra)
-            )
+            return HTTPStatus.OK, render_metrics(self.hub, self.buffered_bytes(), extra)
         return None
 
-    async def _handle_connection(self, connection: ServerConnection) -> None:
-        loop = asyncio.get_running_loop()
+    def opened(self, connection: Connection) -> None:
         try:
-            peer = self.hub.connect(loop.time())
+            peer = self.hub.connect(self._now())
         except Refused as refusal:
             self.hub.metrics.closes_total[CloseCode.TRY_AGAIN_LATER] += 1
-            await connection.close(CloseCode.TRY_AGAIN_LATER, refusal.code)
+            connection.close(CloseCode.TRY_AGAIN_LATER, refusal.code)
             return
         self._connections[peer] = connection
-        self._log("connect", peer=peer, remote=_address(connection))
-        # asyncio's own loop sets TCP_NODELAY on every TCP connection; uvloop does not on
-        # accepted ones, and Nagle's algorithm then holds small relays back for milliseconds.
-        sock = connection.transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # The opening handshake's headers are a fifth of an idle connection's memory and
-        # nothing reads them once it is open. (websockets reads request being None as
-        # "handshake not done", so the request stays, emptied.)
-        assert connection.request is not None
-        connection.request.headers.clear()
-        connection.response = None
+        self._peers[connection] = peer
+        self._log("connect", peer=peer, remote=connection.remote)
+        if self._queued:
+            queue = self._queues[connection] = asyncio.Queue()
+            task = asyncio.create_task(self._serve(connection, peer, queue))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+        else:
+            self._expect_join(connection, peer)
+
+    def received(self, connection: Connection, text: str) -> None:
+        peer = self._peers.get(connection)
+        if peer is None:
+            return  # refused (hub-full) and closing
+        if self._queued:
+            queue = self._queues[connection]
+            queue.put_nowait(text)
+            if queue.qsize() >= _MAX_QUEUED_MESSAGES:
+                connection.hold()
+            return
+        self.deliver(self.hub.handle(peer, text, self._now()))
+        self._expect_join(connection, peer)
+
+    def closed(self, connection: Connection) -> None:
+        if self._queued:
+            queue = self._queues.pop(connection, None)
+            if queue is not None:
+                queue.put_nowait(None)  # _serve ends and disconnects it
+            return
+        peer = self._peers.get(connection)
+        if peer is not None:
+            self._disconnect(connection, peer)
+
+    def _expect_join(self, connection: Connection, peer: PeerId) -> None:
+        """Close ``connection`` at its join deadline, if it has one now."""
+        deadline = self.hub.join_deadline(peer)
+        connection.close_at(deadline, CloseCode.POLICY_VIOLATION, CLOSE_JOIN_TIMEOUT)
+
+    def _disconnect(self, connection: Connection, peer: PeerId) -> None:
+        del self._peers[connection]
+        del self._connections[peer]
+        self.deliver(self.hub.disconnect(peer))
+        code = connection.close_code
+        self.hub.metrics.closes_total[CloseCode.ABNORMAL_CLOSURE if code is None else code] += 1
+        self._log("disconnect", peer=peer, code=int(code or CloseCode.ABNORMAL_CLOSURE))
+
+    async def _serve(
+        self, connection: Connection, peer: PeerId, queue: "asyncio.Queue[str | None]"
+    ) -> None:
+        """Handle ``peer``'s messages in order, each once the cluster operations of the one
+        before are done, until its connection is gone."""
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                try:
-                    frame = await self._receive(connection, self.hub.join_deadline(peer))
-                except ConnectionClosed:
-                    break
-                except TimeoutError:
-                    await connection.close(CloseCode.POLICY_VIOLATION, CLOSE_JOIN_TIMEOUT)
-                    break
-                if isinstance(frame, bytes):
-                    await connection.close(CloseCode.UNSUPPORTED_DATA, CLOSE_BINARY_FRAME)
-                    break
+            while (frame := await self._next_message(connection, peer, queue)) is not None:
                 if self.placement is not None:
                     screened = await self.placement.screen(peer, frame, loop.time())
                     if isinstance(screened, list):
                         self.deliver(screened)
                         continue
                     if screened is not None:
-                        if await self._forward(connection, peer, screened, frame):
+                        if await self._forward(connection, peer, screened, frame, queue):
                             break
                         continue
                 self.deliver(self.hub.handle(peer, frame, loop.time()))
                 if self.cluster is not None:
                     self.deliver(await self.cluster.run(peer))
         finally:
-            del self._connections[peer]
-            self.deliver(self.hub.disconnect(peer))
+            self._queues.pop(connection, None)
+            self._disconnect(connection, peer)
             if self.cluster is not None:
                 await self.cluster.run(peer)
-            sent = connection.protocol.close_sent
-            code = CloseCode.ABNORMAL_CLOSURE if sent is None else sent.code
-            self.hub.metrics.closes_total[code] += 1
-            self._log("disconnect", peer=peer, code=int(code))
+
+    async def _next_message(
+        self, connection: Connection, peer: PeerId, queue: "asyncio.Queue[str | None]"
+    ) -> str | None:
+        """The next message of ``peer``; None once its connection is gone. Only while it waits
+        for one does its join deadline run."""
+        if not queue.empty():
+            return await _take(connection, queue)
+        self._expect_join(connection, peer)
+        message = await _take(connection, queue)
+        connection.close_at(None, CloseCode.POLICY_VIOLATION, CLOSE_JOIN_TIMEOUT)
+        return message
 
     async def _forward(
-        self, connection: ServerConnection, peer: PeerId, home: "Home", join: str
+        self,
+        connection: Connection,
+        peer: PeerId,
+        home: "Home",
+        join: str,
+        queue: "asyncio.Queue[str | None]",
     ) -> bool:
         """Serve ``peer``'s ``join`` from the room's home process, on a websocket of its own:
-        every frame passes both ways unchanged until the peer leaves (False: it is in no room
-        here again) or either side closes (True). The home closing it closes the client with
-        the same code and reason."""
+        every message passes both ways unchanged until the peer leaves (False: it is in no
+        room here again) or either side closes (True). The home closing it closes the client
+        with the same code and reason."""
         assert self.placement is not None
         placement, limits = self.placement, self.hub.limits
         loop = asyncio.get_running_loop()
@@ -475,14 +430,18 @@ class HubServer:
         placement.forwarding += 1
         self._log("forward", peer=peer, home=home.url)
         try:
-            return await self._forward_member(connection, upstream, join)
+            return await self._forward_member(connection, upstream, join, queue)
         finally:
             placement.forwarding -= 1
             await upstream.close()
             placement.media.hub.served_elsewhere(peer, loop.time())
 
     async def _forward_member(
-        self, connection: ServerConnection, upstream: ClientConnection, join: str
+        self,
+        connection: Connection,
+        upstream: ClientConnection,
+        join: str,
+        queue: "asyncio.Queue[str | None]",
     ) -> bool:
         try:
             await upstream.send(join)
@@ -491,15 +450,15 @@ class HubServer:
             self._close_as_home_did(connection, upstream)
             return True
         if isinstance(answer, str):
-            self._write(connection, answer)
+            connection.send(answer)
         if not _is_welcome(answer):
             return False  # the home refused the join (room-full, ...): in no room, here
         left = asyncio.Event()
-        pump = asyncio.create_task(self._forward_frames(connection, upstream, left))
+        pump = asyncio.create_task(self._forward_messages(connection, queue, upstream, left))
         with contextlib.suppress(ConnectionClosed):
             async for frame in upstream:
                 if isinstance(frame, str):
-                    self._write(connection, frame)
+                    connection.send(frame)
         if left.is_set():
             await pump
             return False
@@ -507,27 +466,27 @@ class HubServer:
         await pump
         return True
 
-    def _close_as_home_did(self, connection: ServerConnection, upstream: ClientConnection) -> None:
+    @staticmethod
+    def _close_as_home_did(connection: Connection, upstream: ClientConnection) -> None:
         received = upstream.protocol.close_rcvd
         if received is None:  # the home went away without a word
-            self._close_soon(connection, CloseCode.SERVICE_RESTART, CLOSE_HOME_LOST)
+            connection.close(CloseCode.SERVICE_RESTART, CLOSE_HOME_LOST)
         else:
-            self._close_soon(connection, received.code, received.reason)
+            connection.close(received.code, received.reason)
 
     @staticmethod
-    async def _forward_frames(
-        client: ServerConnection, upstream: ClientConnection, left: asyncio.Event
+    async def _forward_messages(
+        connection: Connection,
+        queue: "asyncio.Queue[str | None]",
+        upstream: ClientConnection,
+        left: asyncio.Event,
     ) -> None:
-        """Pass the client's frames to the home until it leaves its room (``left`` is set)
+        """Pass the client's messages to the home until it leaves its room (``left`` is set)
         or either side closes; then close the websocket to the home."""
         try:
-            while True:
-                frame = await client.recv()
-                if isinstance(frame, bytes):
-                    await client.close(CloseCode.UNSUPPORTED_DATA, CLOSE_BINARY_FRAME)
-                    return
-                await upstream.send(frame)
-                if _is_leave(frame):
+            while (message := await _take(connection, queue)) is not None:
+                await upstream.send(message)
+                if _is_leave(message):
                     left.set()
                     return
         except ConnectionClosed:
@@ -535,17 +494,16 @@ class HubServer:
         finally:
             await upstream.close()
 
-    @staticmethod
-    async def _receive(connection: ServerConnection, deadline: float | None) -> str | bytes:
-        # A peer in a room has no deadline: its frames skip the timeout's set-up and
-        # tear-down, which cost as much as routing the frame.
-        if deadline is None:
-            return await connection.recv()
-        async with asyncio.timeout_at(deadline):
-            return await connection.recv()
-
     def _log(self, event: str, **fields: object) -> None:
         self._logger.info(event, extra={"fields": fields})
+
+
+async def _take(connection: Connection, queue: "asyncio.Queue[str | None]") -> str | None:
+    """The next queued message of ``connection``; reading resumes once the queue is short."""
+    message = await queue.get()
+    if queue.qsize() <= _MAX_QUEUED_MESSAGES // 4:
+        connection.release()
+    return message
 
 
 def _is_welcome(frame: str | bytes) -> bool:
@@ -560,8 +518,3 @@ def _is_leave(frame: str) -> bool:
         return isinstance(parse_client_message(frame), Leave)
     except CodedError:
         return False
-
-
-def _address(connection: ServerConnection) -> str:
-    address = connection.remote_address
-    return f"{address[0]}:{address[1]}" if address else "unknown"

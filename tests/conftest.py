@@ -240,7 +240,7 @@ async def start_hub() -> AsyncIterator[StartHub]:
 
 @pytest.fixture
 async def hub(start_hub: StartHub) -> HubServer:
-    """A real hub with the default limits: ``hub.url`` (ws://127.0.0.1:PORT), ``hub.server``."""
+    """A real hub with the default limits: ``hub.url`` (ws://127.0.0.1:PORT)."""
     return await start_hub()
 
 

@@ -583,7 +583,7 @@ async def test_a_reader_that_stops_on_one_process_is_closed_there_and_others_go_
         c, d = welcome_c["peer_id"], welcome_d["peer_id"]
         # The reader, on process two, pushes back at once (a small buffer, a one-frame queue)
         # and never reads; its sender floods it from process one.
-        sock = socket.create_connection(("127.0.0.1", two.server.sockets[0].getsockname()[1]))
+        sock = socket.create_connection(two.address)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader = await connect(two.url, sock=sock, max_queue=1, max_size=None, close_timeout=0.2)
         await reader.send('{"type":"join","room":"slow"}')

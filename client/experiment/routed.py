@@ -30,11 +30,12 @@ import time
 from array import array
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import av
+import msgspec
 
 from client.call import CallConfig
 from client.experiment.analysis import middle_second, tone_correlation
@@ -236,10 +237,12 @@ class HidingHubServer(HubServer):
             self.joined.append(recipient)
             peers = tuple(peer for peer in message.peers if not self.hidden(recipient, peer))
             self.dropped["welcome-peers"] += len(message.peers) - len(peers)
-            return replace(delivery, message=replace(message, peers=peers))
+            return msgspec.structs.replace(
+                delivery, message=msgspec.structs.replace(message, peers=peers)
+            )
         if isinstance(message, MediaTracks):
             tracks = tuple(t for t in message.tracks if not self.hidden(recipient, t.peer_id))
-            return replace(delivery, message=MediaTracks(tracks))
+            return msgspec.structs.replace(delivery, message=MediaTracks(tracks))
         subject = (
             message.peer_id
             if isinstance(message, PeerJoined | PeerLeft)

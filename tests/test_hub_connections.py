@@ -1,0 +1,170 @@
+"""The hub's connection layer (signaling.connections) against clients that write raw frames:
+every way a client may cut, fragment, interleave or break its frames gets what websockets'
+own server gave it, and a burst is served in order across turns of the event loop."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.uri import parse_uri
+
+from signaling.connections import MESSAGES_PER_TURN, text_frame_header
+from signaling.hub import KIB, Limits
+from signaling.protocol import ErrorCode
+
+TIMEOUT = 10.0
+
+
+def client_frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+    """A frame as a client writes it (masked), by websockets' own serializer."""
+    return Frame(opcode, data, fin).serialize(mask=True, extensions=[])
+
+
+def relay(to: str, payload: object) -> bytes:
+    return json.dumps({"type": "relay", "to": to, "payload": payload}).encode()
+
+
+async def recv_json(websocket: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(websocket.recv(), TIMEOUT))
+    return message
+
+
+@asynccontextmanager
+async def pair(url: str) -> AsyncIterator[tuple[ClientConnection, ClientConnection, str]]:
+    """A sender and a receiver in one room, and the receiver's id."""
+    async with AsyncExitStack() as stack:
+        receiver = await stack.enter_async_context(await connect(url, max_size=None))
+        await receiver.send('{"type":"join","room":"r"}')
+        receiver_id = (await recv_json(receiver))["peer_id"]
+        sender = await stack.enter_async_context(await connect(url, max_size=None))
+        await sender.send('{"type":"join","room":"r"}')
+        await recv_json(sender)
+        assert (await recv_json(receiver))["type"] == "peer-joined"
+        yield sender, receiver, receiver_id
+
+
+async def closed(websocket: ClientConnection) -> tuple[int | None, str | None]:
+    await asyncio.wait_for(websocket.wait_closed(), TIMEOUT)
+    return websocket.close_code, websocket.close_reason
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 0xFFFF, 0x10000, 70_000])
+def test_the_hub_frames_text_exactly_as_websockets_does(length):
+    data = b"x" * length
+    expected = Frame(Opcode.TEXT, data).serialize(mask=False, extensions=[])
+    assert text_frame_header(length) + data == expected
+
+
+async def test_frames_cut_anywhere_across_reads_arrive_whole_and_in_order(hub):
+    async with pair(hub.url) as (sender, receiver, receiver_id):
+        frames = b"".join(client_frame(Opcode.TEXT, relay(receiver_id, n)) for n in range(20))
+        # One byte per write, with a turn of the event loop between: the hub reads each
+        # frame in pieces, headers included.
+        for offset in range(len(frames)):
+            sender.transport.write(frames[offset : offset + 1])
+            await asyncio.sleep(0)
+        assert [(await recv_json(receiver))["payload"] for _ in range(20)] == list(range(20))
+
+
+async def test_every_length_encoding_is_read(start_hub):
+    hub = await start_hub(Limits(max_message_bytes=128 * KIB, max_buffered_bytes=512 * KIB))
+    async with pair(hub.url) as (sender, receiver, receiver_id):
+        # 7-bit, 16-bit and 64-bit lengths, from the envelope's size up.
+        for size in (10, 200, 70_000):
+            payload = "y" * size
+            await sender.send(relay(receiver_id, payload).decode())
+            assert (await recv_json(receiver))["payload"] == payload
+
+
+async def test_a_fragmented_message_with_a_ping_inside_is_one_message(hub):
+    async with pair(hub.url) as (sender, receiver, receiver_id):
+        message = relay(receiver_id, "in three parts")
+        sender.transport.write(
+            client_frame(Opcode.TEXT, message[:10], fin=False)
+            + client_frame(Opcode.PING, b"inside")
+            + client_frame(Opcode.CONT, message[10:20], fin=False)
+            + client_frame(Opcode.CONT, message[20:])
+            + client_frame(Opcode.TEXT, relay(receiver_id, "after"))
+        )
+        assert (await recv_json(receiver))["payload"] == "in three parts"
+        assert (await recv_json(receiver))["payload"] == "after"
+
+
+NO_MASK = b"\x00\x00\x00\x00"
+BROKEN_FRAMES = {
+    "invalid-utf8": (
+        client_frame(Opcode.TEXT, b'{"type":"leave"\xff}'),
+        (1007, "invalid start byte at position 15"),
+    ),
+    "unmasked": (
+        Frame(Opcode.TEXT, b"{}").serialize(mask=False, extensions=[]),
+        (1002, "incorrect masking"),
+    ),
+    "unexpected-continuation": (
+        client_frame(Opcode.CONT, b"{}"),
+        (1002, "unexpected continuation frame"),
+    ),
+    # Written by hand: websockets refuses to write either.
+    "long-ping": (
+        b"\x89\xfe" + (126).to_bytes(2) + NO_MASK + b"p" * 126,
+        (1002, "control frame too long"),
+    ),
+    "huge-length": (
+        b"\x81\xff" + (2**40).to_bytes(8) + NO_MASK,
+        (1009, "frame with 1099511627776 bytes exceeds limit of 65536 bytes"),
+    ),
+    "binary-fragment": (client_frame(Opcode.BINARY, b"\x00", fin=False), (1003, "binary-frame")),
+}
+
+
+@pytest.mark.parametrize(("frame", "close"), BROKEN_FRAMES.values(), ids=BROKEN_FRAMES.keys())
+async def test_broken_frames_close_with_the_code_websockets_gives(hub, frame, close):
+    async with pair(hub.url) as (sender, receiver, _):
+        sender.transport.write(frame)
+        assert await closed(sender) == close
+        # The room hears that it left, and the hub still serves the rest.
+        assert (await recv_json(receiver))["type"] == "peer-left"
+        await receiver.send('{"type":"leave"}')
+        await receiver.send('{"type":"leave"}')
+        assert (await recv_json(receiver))["code"] == ErrorCode.NOT_JOINED
+    assert hub.hub.metrics.closes_total[close[0]] == 1
+
+
+async def test_data_sent_before_the_handshake_response_closes_with_1002(hub):
+    host, port = hub.address
+    reader, writer = await asyncio.open_connection(host, port)
+    protocol = ClientProtocol(parse_uri(hub.url))
+    protocol.send_request(protocol.connect())
+    [request] = protocol.data_to_send()
+    # RFC 6455 section 4.1: a client waits for the response before it sends anything.
+    writer.write(request + client_frame(Opcode.TEXT, b'{"type":"join","room":"early"}'))
+    events: list[Request | Response | Frame] = []
+    while not any(isinstance(event, Frame) and event.opcode is Opcode.CLOSE for event in events):
+        protocol.receive_data(await asyncio.wait_for(reader.read(4096), TIMEOUT))
+        events += protocol.events_received()
+    response, close_frame = events
+    assert isinstance(response, Response) and response.status_code == 101
+    assert isinstance(close_frame, Frame)
+    assert Close.parse(close_frame.data) == Close(1002, "data before the opening handshake ended")
+    writer.close()
+    assert hub.hub.room_size("early") == 0
+
+
+async def test_a_burst_in_one_write_is_served_in_order_over_several_turns(start_hub):
+    hub = await start_hub(Limits(rate_burst=10_000, max_buffered_bytes=4096 * KIB))
+    count = 10 * MESSAGES_PER_TURN + 3
+    async with pair(hub.url) as (sender, receiver, receiver_id):
+        sender.transport.write(
+            b"".join(client_frame(Opcode.TEXT, relay(receiver_id, n)) for n in range(count))
+        )
+        assert [(await recv_json(receiver))["payload"] for _ in range(count)] == list(range(count))
+        # Reading resumed after the burst: the sender is still served.
+        await sender.send(relay(receiver_id, "after").decode())
+        assert (await recv_json(receiver))["payload"] == "after"
