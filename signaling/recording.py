@@ -17,6 +17,7 @@ letters, digits, ``-`` and ``_``); a peer that joins the same room again records
 cannot read them from frames it cannot decrypt.
 """
 
+import contextlib
 import fractions
 import json
 import logging
@@ -38,15 +39,21 @@ _CODEC_NAMES: Final = {"audio": "libopus", "video": "libvpx"}
 
 class _StreamFile:
     def __init__(self, path: Path, kind: str) -> None:
-        self._container = av.open(str(path), "w", format="matroska")
-        self._stream = self._container.add_stream(_CODEC_NAMES[kind], rate=CLOCK_RATES[kind])
+        # All or nothing: what is open when a later step fails (the sidecar's name taken by a
+        # directory, a permission refused) is closed, not left to the garbage collector.
+        with contextlib.ExitStack() as opening:
+            self._container = opening.enter_context(av.open(str(path), "w", format="matroska"))
+            self._stream = self._container.add_stream(_CODEC_NAMES[kind], rate=CLOCK_RATES[kind])
+            # Open as long as the stream is; closed in close().
+            self._sidecar: TextIO = opening.enter_context(
+                open(path.with_suffix(".jsonl"), "w", buffering=1)
+            )
+            opening.pop_all()
         self._time_base = fractions.Fraction(1, CLOCK_RATES[kind])
         # Matroska counts milliseconds: a frame is at least that much later than the last.
         self._tick = CLOCK_RATES[kind] // 1000
         self._last_rtp: int | None = None
         self._last_pts = -1
-        # Open as long as the stream is; closed in close().
-        self._sidecar: TextIO = open(path.with_suffix(".jsonl"), "w", buffering=1)  # noqa: SIM115
 
     def write(self, frame: bytes, rtp_timestamp: int, arrival: float) -> None:
         packet = av.Packet(frame)
@@ -71,8 +78,10 @@ class _StreamFile:
         return pts
 
     def close(self) -> None:
-        self._container.close()
-        self._sidecar.close()
+        try:
+            self._container.close()  # writes the trailer: a full disk fails here
+        finally:
+            self._sidecar.close()
 
 
 class MediaRecorder:

@@ -167,6 +167,46 @@ def test_a_recording_that_cannot_be_written_never_raises_into_the_forwarding(tmp
     assert recorder.errors == 1  # logged once; the stream is not tried again
 
 
+def test_a_stream_whose_sidecar_cannot_be_opened_keeps_no_container_open(tmp_path, monkeypatch):
+    # PyAV opens the file itself at the first frame, but the container (FFmpeg's muxer state)
+    # exists from av.open on: a failed stream must close it, not leave it to the collector.
+    opened: list[ClosingSpy] = []
+    open_container = av.open
+
+    def open_spied(*args, **kwargs):
+        opened.append(ClosingSpy(open_container(*args, **kwargs)))
+        return opened[-1]
+
+    monkeypatch.setattr(av, "open", open_spied)
+    (tmp_path / "r.p.audio.jsonl").mkdir()  # the sidecar's name is taken by a directory
+    recorder = MediaRecorder(tmp_path)
+    recorder.write("r", PeerId("p"), "audio", b"frame", 0)
+    recorder.close()
+    assert recorder.errors == 1
+    assert [spy.closed for spy in opened] == [True]
+
+
+class ClosingSpy:
+    """A container that remembers whether it was closed."""
+
+    def __init__(self, container) -> None:
+        self._container = container
+        self.closed = False
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self._container.close()
+
+
 def test_recordings_hold_the_frames_byte_for_byte(tmp_path):
     times = iter(float(n) for n in range(100))
     recorder = MediaRecorder(tmp_path, clock=lambda: next(times))
