@@ -33,6 +33,9 @@ from signaling.protocol import PeerId
 
 logger = logging.getLogger("blindhub.hub")
 
+# What writing a file can fail with: the file system, or PyAV refusing a frame or the trailer.
+_FILE_ERRORS: Final = (OSError, ValueError, av.FFmpegError)
+
 # PyAV's names for a stream that only carries packets of each codec.
 _CODEC_NAMES: Final = {"audio": "libopus", "video": "libvpx"}
 
@@ -108,7 +111,7 @@ class MediaRecorder:
             if stream is None:
                 stream = self._files[key] = _StreamFile(self._path(room, publisher, kind), kind)
             stream.write(frame, timestamp, self._clock())
-        except (OSError, ValueError, av.FFmpegError) as error:
+        except _FILE_ERRORS as error:
             self.errors += 1
             self._failed.add(key)
             logger.error("no longer recording %s of %s in %s: %s", kind, publisher, room, error)
@@ -116,14 +119,29 @@ class MediaRecorder:
     def end(self, room: str, publisher: PeerId) -> None:
         """``publisher`` left ``room``: close its files."""
         for kind in CLOCK_RATES:
-            stream = self._files.pop((room, publisher, kind), None)
+            key = (room, publisher, kind)
+            stream = self._files.pop(key, None)
             if stream is not None:
-                stream.close()
+                self._close(key, stream)
 
     def close(self) -> None:
-        for stream in self._files.values():
-            stream.close()
+        for key, stream in self._files.items():
+            self._close(key, stream)
         self._files.clear()
+
+    def _close(self, key: tuple[str, PeerId, str], stream: _StreamFile) -> None:
+        """Close a stream's files; like ``write``, never raises (closing writes the trailer,
+        which a full disk refuses, and runs when a member leaves): logged and counted, once
+        per stream."""
+        try:
+            stream.close()
+        except _FILE_ERRORS as error:
+            if key not in self._failed:  # else counted when it stopped recording
+                self.errors += 1
+            room, publisher, kind = key
+            logger.error(
+                "could not finish recording %s of %s in %s: %s", kind, publisher, room, error
+            )
 
     def _path(self, room: str, publisher: PeerId, kind: str) -> Path:
         stem = f"{room}.{publisher}.{kind}"

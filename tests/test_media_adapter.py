@@ -7,6 +7,7 @@ import asyncio
 import fractions
 import inspect
 import json
+from pathlib import Path
 
 import aiortc
 import av
@@ -186,6 +187,21 @@ def test_a_stream_whose_sidecar_cannot_be_opened_keeps_no_container_open(tmp_pat
     assert [spy.closed for spy in opened] == [True]
 
 
+def test_a_stream_whose_trailer_cannot_be_written_still_closes_and_never_raises(
+    tmp_path, monkeypatch
+):
+    open_container = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: FailingClose(open_container(*a, **k)))
+    recorder = MediaRecorder(tmp_path)
+    recorder.write("r", PeerId("p"), "audio", b"frame", 0)
+    recorder.write("r", PeerId("q"), "audio", b"frame", 0)
+    recorder.end("r", PeerId("p"))  # a member leaves
+    recorder.close()  # the hub stops
+    assert recorder.errors == 2
+    open_files = [path.resolve() for path in Path("/proc/self/fd").iterdir()]
+    assert not [path for path in open_files if path.parent == tmp_path.resolve()]
+
+
 class ClosingSpy:
     """A container that remembers whether it was closed."""
 
@@ -205,6 +221,14 @@ class ClosingSpy:
     def close(self) -> None:
         self.closed = True
         self._container.close()
+
+
+class FailingClose(ClosingSpy):
+    """A container whose trailer cannot be written (a full disk)."""
+
+    def close(self) -> None:
+        super().close()
+        raise OSError(28, "No space left on device")
 
 
 def test_recordings_hold_the_frames_byte_for_byte(tmp_path):
