@@ -110,6 +110,37 @@ HOLD_SECONDS = 1.0
 STALE_SECONDS = 2.0
 
 
+class RecentDepartures:
+    """The members that left in the last ``seconds``, whose frames are refused.
+
+    Bounded in time, not kept for the whole call, where it would grow by one id per leave:
+    a departed member's frames stop coming once what it sent before leaving is through the
+    hub and the slot's buffer, the same while as ``STALE_SECONDS`` bounds for a slot's previous
+    member. (After its leave the session no longer counts it present, which refuses its frames
+    too; this also covers the hub announcing the same id again within the window.) Times are
+    the call's clock, which never goes back, so the oldest departures come first and are
+    pruned whenever one is added: it holds only those of the last window."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._until: dict[PeerId, float] = {}  # in order of departure
+
+    def add(self, peer: PeerId, now: float) -> None:
+        for gone, until in list(self._until.items()):
+            if until >= now:
+                break
+            del self._until[gone]
+        self._until.pop(peer, None)  # a later departure: to the end, with a new window
+        self._until[peer] = now + self._seconds
+
+    def refuses(self, peer: PeerId, now: float) -> bool:
+        until = self._until.get(peer)
+        return until is not None and now <= until
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
 class RecordingRefused(CallError):
     """``--record`` names a file a group call cannot record to (it needs .mkv)."""
 
@@ -284,7 +315,7 @@ class GroupCall:
         self._events: asyncio.Queue[_Event] = asyncio.Queue()
         self._sender: SFrameSender | None = None
         self._members: dict[PeerId, _MemberFrames] = {}
-        self._departed: set[PeerId] = set()  # members whose frames are refused from now on
+        self._departed = RecentDepartures(STALE_SECONDS)  # members whose frames are refused
         self._former: dict[PeerId, _MemberFrames] = {}
         self._protect: dict[str, FrameTransform] = {}
         self._slot_owner: dict[str, PeerId] = {}  # mid -> member, as the hub says
@@ -501,7 +532,7 @@ class GroupCall:
 
     def _member_left(self, peer: PeerId) -> str | None:
         """Drop ``peer``'s receiver (its frames are refused from now on); its name, if any."""
-        self._departed.add(peer)
+        self._departed.add(peer, asyncio.get_running_loop().time())
         member = self._members.pop(peer, None)
         if member is None:
             return None
@@ -541,12 +572,12 @@ class GroupCall:
             request_keyframe(slot.receiver)
 
         def unprotect(frame: bytes, timestamp: int) -> bytes | None:
-            owner = self._slot_owner.get(mid)
-            if slot.previous is not None and self._from_previous_owner(slot, frame, loop.time()):
+            owner, now = self._slot_owner.get(mid), loop.time()
+            if slot.previous is not None and self._from_previous_owner(slot, frame, now):
                 stats.stale_frames += 1
                 return None
             # A peer the hub names but that is not in the room gets no receiver (nor held frames).
-            if owner is None or owner in self._departed or not session.present(owner):
+            if owner is None or self._departed.refuses(owner, now) or not session.present(owner):
                 stats.unmapped_frames += 1
                 return None
             member = self._member_frames(owner)

@@ -82,6 +82,7 @@ class MediaServer:
         self._logger = logger or logging.getLogger("blindhub.hub")
         self._connections: dict[PeerId, _Connection] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._task_failures = 0
         self._deliver: Deliver | None = None
         self._metrics: Metrics = self.hub.metrics
 
@@ -146,6 +147,10 @@ class MediaServer:
             "recording because their file could not be written.",
             "# TYPE blindhub_media_recording_errors_total counter",
             f"blindhub_media_recording_errors_total {recording_errors}",
+            "# HELP blindhub_media_task_failures_total Media tasks (applying an answer, closing "
+            "a connection) that ended with an unexpected fault.",
+            "# TYPE blindhub_media_task_failures_total counter",
+            f"blindhub_media_task_failures_total {self._task_failures}",
         ]
 
     # Carrying out the router's commands.
@@ -155,7 +160,7 @@ class MediaServer:
             if isinstance(command, SendOffer):
                 self._connect(command)
             elif isinstance(command, ApplyAnswer):
-                self._spawn(self._apply(command))
+                self._spawn("apply-answer", command.peer, self._apply(command))
             elif isinstance(command, SendTracks):
                 self._send([Delivery(command.peer, command.tracks, command.room)])
             elif isinstance(command, SlotChanged):
@@ -189,7 +194,7 @@ class MediaServer:
                 on_keyframe_wanted(sender, self._keyframe_reporter(peer, slot))
             connection.slots.append(tracks)
         self._connections[peer] = connection
-        self._spawn(self._offer(peer, connection))
+        self._spawn("offer", peer, self._offer(peer, connection))
 
     async def _offer(self, peer: PeerId, connection: _Connection) -> None:
         pc = connection.pc
@@ -233,7 +238,7 @@ class MediaServer:
         del self._connections[command.peer]
         if self._recorder is not None:
             self._recorder.end(connection.room, command.peer)
-        self._spawn(connection.pc.close())
+        self._spawn("close", command.peer, connection.pc.close())
 
     def _frame_sink(self, publisher: PeerId, room: str, kind: str) -> Callable[[bytes, int], None]:
         router, connections, recorder = self.router, self._connections, self._recorder
@@ -262,7 +267,22 @@ class MediaServer:
             raise RuntimeError("the media server is not started")
         self._deliver(deliveries)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, name: str, peer: PeerId, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine``, the task ``name`` for ``peer``'s connection."""
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda task: self._task_done(name, peer, task))
+
+    def _task_done(self, name: str, peer: PeerId, task: asyncio.Task[None]) -> None:
+        """A task's fault is logged (with its traceback) and counted when it ends, not left
+        for asyncio to report at garbage collection, or never: nothing else awaits these
+        tasks while the hub runs."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            return
+        self._task_failures += 1
+        fields = {"task": name, "peer": peer, "error": f"{type(error).__name__}: {error}"}
+        self._logger.error("media-task-failed", exc_info=error, extra={"fields": fields})

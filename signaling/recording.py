@@ -17,6 +17,7 @@ letters, digits, ``-`` and ``_``); a peer that joins the same room again records
 cannot read them from frames it cannot decrypt.
 """
 
+import contextlib
 import fractions
 import json
 import logging
@@ -32,21 +33,30 @@ from signaling.protocol import PeerId
 
 logger = logging.getLogger("blindhub.hub")
 
+# What writing a file can fail with: the file system, or PyAV refusing a frame or the trailer.
+_FILE_ERRORS: Final = (OSError, ValueError, av.FFmpegError)
+
 # PyAV's names for a stream that only carries packets of each codec.
 _CODEC_NAMES: Final = {"audio": "libopus", "video": "libvpx"}
 
 
 class _StreamFile:
     def __init__(self, path: Path, kind: str) -> None:
-        self._container = av.open(str(path), "w", format="matroska")
-        self._stream = self._container.add_stream(_CODEC_NAMES[kind], rate=CLOCK_RATES[kind])
+        # All or nothing: what is open when a later step fails (the sidecar's name taken by a
+        # directory, a permission refused) is closed, not left to the garbage collector.
+        with contextlib.ExitStack() as opening:
+            self._container = opening.enter_context(av.open(str(path), "w", format="matroska"))
+            self._stream = self._container.add_stream(_CODEC_NAMES[kind], rate=CLOCK_RATES[kind])
+            # Open as long as the stream is; closed in close().
+            self._sidecar: TextIO = opening.enter_context(
+                open(path.with_suffix(".jsonl"), "w", buffering=1)
+            )
+            opening.pop_all()
         self._time_base = fractions.Fraction(1, CLOCK_RATES[kind])
         # Matroska counts milliseconds: a frame is at least that much later than the last.
         self._tick = CLOCK_RATES[kind] // 1000
         self._last_rtp: int | None = None
         self._last_pts = -1
-        # Open as long as the stream is; closed in close().
-        self._sidecar: TextIO = open(path.with_suffix(".jsonl"), "w", buffering=1)  # noqa: SIM115
 
     def write(self, frame: bytes, rtp_timestamp: int, arrival: float) -> None:
         packet = av.Packet(frame)
@@ -71,8 +81,10 @@ class _StreamFile:
         return pts
 
     def close(self) -> None:
-        self._container.close()
-        self._sidecar.close()
+        try:
+            self._container.close()  # writes the trailer: a full disk fails here
+        finally:
+            self._sidecar.close()
 
 
 class MediaRecorder:
@@ -99,7 +111,7 @@ class MediaRecorder:
             if stream is None:
                 stream = self._files[key] = _StreamFile(self._path(room, publisher, kind), kind)
             stream.write(frame, timestamp, self._clock())
-        except (OSError, ValueError, av.FFmpegError) as error:
+        except _FILE_ERRORS as error:
             self.errors += 1
             self._failed.add(key)
             logger.error("no longer recording %s of %s in %s: %s", kind, publisher, room, error)
@@ -107,14 +119,29 @@ class MediaRecorder:
     def end(self, room: str, publisher: PeerId) -> None:
         """``publisher`` left ``room``: close its files."""
         for kind in CLOCK_RATES:
-            stream = self._files.pop((room, publisher, kind), None)
+            key = (room, publisher, kind)
+            stream = self._files.pop(key, None)
             if stream is not None:
-                stream.close()
+                self._close(key, stream)
 
     def close(self) -> None:
-        for stream in self._files.values():
-            stream.close()
+        for key, stream in self._files.items():
+            self._close(key, stream)
         self._files.clear()
+
+    def _close(self, key: tuple[str, PeerId, str], stream: _StreamFile) -> None:
+        """Close a stream's files; like ``write``, never raises (closing writes the trailer,
+        which a full disk refuses, and runs when a member leaves): logged and counted, once
+        per stream."""
+        try:
+            stream.close()
+        except _FILE_ERRORS as error:
+            if key not in self._failed:  # else counted when it stopped recording
+                self.errors += 1
+            room, publisher, kind = key
+            logger.error(
+                "could not finish recording %s of %s in %s: %s", kind, publisher, room, error
+            )
 
     def _path(self, room: str, publisher: PeerId, kind: str) -> Path:
         stem = f"{room}.{publisher}.{kind}"

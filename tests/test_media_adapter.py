@@ -7,6 +7,7 @@ import asyncio
 import fractions
 import inspect
 import json
+from pathlib import Path
 
 import aiortc
 import av
@@ -165,6 +166,69 @@ def test_a_recording_that_cannot_be_written_never_raises_into_the_forwarding(tmp
     recorder.write("r", PeerId("p"), "audio", b"frame", 960)
     recorder.close()
     assert recorder.errors == 1  # logged once; the stream is not tried again
+
+
+def test_a_stream_whose_sidecar_cannot_be_opened_keeps_no_container_open(tmp_path, monkeypatch):
+    # PyAV opens the file itself at the first frame, but the container (FFmpeg's muxer state)
+    # exists from av.open on: a failed stream must close it, not leave it to the collector.
+    opened: list[ClosingSpy] = []
+    open_container = av.open
+
+    def open_spied(*args, **kwargs):
+        opened.append(ClosingSpy(open_container(*args, **kwargs)))
+        return opened[-1]
+
+    monkeypatch.setattr(av, "open", open_spied)
+    (tmp_path / "r.p.audio.jsonl").mkdir()  # the sidecar's name is taken by a directory
+    recorder = MediaRecorder(tmp_path)
+    recorder.write("r", PeerId("p"), "audio", b"frame", 0)
+    recorder.close()
+    assert recorder.errors == 1
+    assert [spy.closed for spy in opened] == [True]
+
+
+def test_a_stream_whose_trailer_cannot_be_written_still_closes_and_never_raises(
+    tmp_path, monkeypatch
+):
+    open_container = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: FailingClose(open_container(*a, **k)))
+    recorder = MediaRecorder(tmp_path)
+    recorder.write("r", PeerId("p"), "audio", b"frame", 0)
+    recorder.write("r", PeerId("q"), "audio", b"frame", 0)
+    recorder.end("r", PeerId("p"))  # a member leaves
+    recorder.close()  # the hub stops
+    assert recorder.errors == 2
+    open_files = [path.resolve() for path in Path("/proc/self/fd").iterdir()]
+    assert not [path for path in open_files if path.parent == tmp_path.resolve()]
+
+
+class ClosingSpy:
+    """A container that remembers whether it was closed."""
+
+    def __init__(self, container) -> None:
+        self._container = container
+        self.closed = False
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self._container.close()
+
+
+class FailingClose(ClosingSpy):
+    """A container whose trailer cannot be written (a full disk)."""
+
+    def close(self) -> None:
+        super().close()
+        raise OSError(28, "No space left on device")
 
 
 def test_recordings_hold_the_frames_byte_for_byte(tmp_path):
