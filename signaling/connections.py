@@ -249,6 +249,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent; the protocol is CLOSED from here
+        # What was read and not unframed yet (held, or left for the next turn) is dropped:
+        # the protocol takes no more data after EOF.
+        self._unframing = False
+        self._buffer.clear()
         for timer in (self._cut_timer, self._deadline_timer):
             if timer is not None:
                 timer.cancel()

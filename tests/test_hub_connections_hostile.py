@@ -1,0 +1,102 @@
+"""The hub's connection layer (signaling.connections) against hostile clients and peer
+processes: what they send cannot crash a callback, end another message's stream, grow the
+hub's memory past its bounds, or leave a connection open without a peer."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
+
+from signaling.connections import Connection, WebSocketServer
+from signaling.hub import Limits
+
+TIMEOUT = 10.0
+
+
+def client_frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+    return Frame(opcode, data, fin).serialize(mask=True, extensions=[])
+
+
+class Recorder:
+    """A handler that records what the connections tell it; ``hold``: hold a connection on
+    each message, as the cluster's queue does when it is full."""
+
+    def __init__(self, hold: bool = False, greeting: str | None = None) -> None:
+        self.hold = hold
+        self.greeting = greeting
+        self.opened_connections: asyncio.Queue[Connection] = asyncio.Queue()
+        self.texts: list[str] = []
+        self.closed_connections: list[Connection] = []
+
+    def respond(self, path: str) -> tuple[HTTPStatus, str] | None:
+        return None
+
+    def opened(self, connection: Connection) -> None:
+        if self.greeting is not None:
+            connection.send(self.greeting)
+        self.opened_connections.put_nowait(connection)
+
+    def received(self, connection: Connection, text: str) -> None:
+        assert connection not in self.closed_connections
+        self.texts.append(text)
+        if self.hold:
+            connection.hold()
+        else:
+            connection.send(text)
+
+    def closed(self, connection: Connection) -> None:
+        self.closed_connections.append(connection)
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """What the event loop's callbacks raised during the test."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    yield errors
+    loop.set_exception_handler(previous)
+
+
+async def serve(handler: Recorder, limits: Limits | None = None) -> WebSocketServer:
+    server = WebSocketServer(handler, limits or Limits(), logging.getLogger("test"))
+    await server.start("127.0.0.1", 0, None)
+    return server
+
+
+def url(server: WebSocketServer) -> str:
+    host, port = server.address
+    return f"ws://{host}:{port}"
+
+
+async def until(condition: Any) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_messages_left_unread_when_a_held_connection_is_lost_are_dropped_quietly(
+    loop_errors,
+):
+    handler = Recorder(hold=True)
+    server = await serve(handler)
+    async with await connect(url(server)) as client:
+        connection = await handler.opened_connections.get()
+        # One write: the hub holds the connection at the first message, the rest waits.
+        client.transport.write(b"".join(client_frame(Opcode.TEXT, b"%d" % n) for n in range(3)))
+        await until(lambda: handler.texts)
+        connection.transport.abort()  # lost (a write failed, or cut) while held
+        await until(lambda: handler.closed_connections)
+        connection.release()  # the handler works off its queue, then releases
+        for _ in range(5):
+            await asyncio.sleep(0)
+    await server.close()
+    assert handler.texts == ["0"]
+    assert handler.closed_connections == [connection]
+    assert loop_errors == []
