@@ -146,7 +146,8 @@ class Connection(asyncio.Protocol):
             return False
         if not self._unflushed:
             self._server.flush_soon(self)
-        self._outgoing += (header, data)
+        # An empty message adds no data: an empty write in the list is the protocol's EOF.
+        self._outgoing += (header, data) if data else (header,)
         self._unflushed += size
         return True
 

@@ -100,3 +100,16 @@ async def test_messages_left_unread_when_a_held_connection_is_lost_are_dropped_q
     assert handler.texts == ["0"]
     assert handler.closed_connections == [connection]
     assert loop_errors == []
+
+
+async def test_an_empty_text_message_does_not_end_the_stream(loop_errors):
+    # The hub never writes one itself, but a forwarded member hears what its room's home
+    # process writes, unchanged.
+    handler = Recorder(greeting="")
+    server = await serve(handler)
+    async with await connect(url(server)) as client:
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == ""
+        await client.send("after")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == "after"
+    await server.close()
+    assert loop_errors == []
