@@ -151,9 +151,10 @@ class Connection(asyncio.Protocol):
         self._unflushed += size
         return True
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake; the connection is cut if it has not ended
-        ``close_timeout`` later (a reader that stopped reads no close frame either)."""
+    def close(self, code: int | None, reason: str = "") -> None:
+        """Start the closing handshake (``code`` None: a close frame without a code); the
+        connection is cut if it has not ended ``close_timeout`` later (a reader that stopped
+        reads no close frame either)."""
         if self.protocol.state is not State.OPEN:
             return
         self._closed_by_hub = True

@@ -6,14 +6,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from http import HTTPStatus
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.frames import Frame, Opcode
+from websockets.frames import Close, Frame, Opcode
 
 from signaling.connections import Connection, WebSocketServer
 from signaling.hub import Limits
+from signaling.server import HubServer
 
 TIMEOUT = 10.0
 
@@ -113,3 +115,16 @@ async def test_an_empty_text_message_does_not_end_the_stream(loop_errors):
         assert await asyncio.wait_for(client.recv(), TIMEOUT) == "after"
     await server.close()
     assert loop_errors == []
+
+
+async def test_a_home_that_closes_without_a_code_closes_its_forwarded_member_alike(start_hub):
+    hub = await start_hub()
+    async with await connect(hub.url) as client:
+        await until(lambda: hub._websockets.connections)
+        [connection] = hub._websockets.connections
+        # An empty close frame from the home: websockets reads it as 1005, a code no close
+        # frame may carry (RFC 6455 section 7.4.1).
+        upstream: Any = SimpleNamespace(protocol=SimpleNamespace(close_rcvd=Close(1005, "")))
+        HubServer._close_as_home_did(connection, upstream)
+        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        assert (client.close_code, client.close_reason) == (1005, "")
