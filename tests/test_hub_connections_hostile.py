@@ -4,6 +4,7 @@ hub's memory past its bounds, or leave a connection open without a peer."""
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from types import SimpleNamespace
@@ -11,10 +12,12 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode
+from websockets.uri import parse_uri
 
-from signaling.connections import Connection, WebSocketServer
-from signaling.hub import Limits
+from signaling.connections import MESSAGES_PER_TURN, Connection, WebSocketServer
+from signaling.hub import KIB, Limits
 from signaling.server import HubServer
 
 TIMEOUT = 10.0
@@ -128,3 +131,34 @@ async def test_a_home_that_closes_without_a_code_closes_its_forwarded_member_ali
         HubServer._close_as_home_did(connection, upstream)
         await asyncio.wait_for(client.wait_closed(), TIMEOUT)
         assert (client.close_code, client.close_reason) == (1005, "")
+
+
+async def test_a_client_that_pings_and_never_reads_cannot_grow_the_hubs_buffer():
+    limits = Limits(max_buffered_bytes=128 * KIB)
+    handler = Recorder()
+    server = await serve(handler, limits)
+    host, port = server.address
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    _, writer = await asyncio.open_connection(sock=sock)
+    protocol = ClientProtocol(parse_uri(url(server)))
+    protocol.send_request(protocol.connect())
+    writer.write(b"".join(protocol.data_to_send()))
+    connection = await asyncio.wait_for(handler.opened_connections.get(), TIMEOUT)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3
+    # From here on the client reads nothing: each ping makes the hub write a pong.
+    pings = client_frame(Opcode.PING, b"p" * 125) * 500
+    peak, written = 0, 0
+    while written < 16_000_000:  # pings, as fast as the hub reads them, for a while
+        if writer.transport.get_write_buffer_size() < 1_000_000:
+            writer.write(pings)
+            written += len(pings)
+        await asyncio.sleep(0.001)
+        peak = max(peak, connection.buffered_bytes())
+        if loop.time() > deadline:
+            break
+    # A turn's worth of pongs may pass the bound, no more.
+    assert peak <= limits.max_buffered_bytes + MESSAGES_PER_TURN * 127
+    writer.transport.abort()
+    await server.close()
