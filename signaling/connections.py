@@ -112,6 +112,7 @@ class Connection(asyncio.Protocol):
         self._turn_pending = False  # `_continue` is scheduled
         self._ping: bytes | None = None  # the payload of the ping not answered yet
         self._held = False  # reading paused by the handler (`hold`)
+        self._writing_paused = False  # reading paused: the client does not read what it asks
         # Cuts the connection: one that never completes its opening handshake, or whose
         # closing handshake does not end.
         self._cut_timer: asyncio.TimerHandle | None = None
@@ -146,13 +147,15 @@ class Connection(asyncio.Protocol):
             return False
         if not self._unflushed:
             self._server.flush_soon(self)
-        self._outgoing += (header, data)
+        # An empty message adds no data: an empty write in the list is the protocol's EOF.
+        self._outgoing += (header, data) if data else (header,)
         self._unflushed += size
         return True
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake; the connection is cut if it has not ended
-        ``close_timeout`` later (a reader that stopped reads no close frame either)."""
+    def close(self, code: int | None, reason: str = "") -> None:
+        """Start the closing handshake (``code`` None: a close frame without a code); the
+        connection is cut if it has not ended ``close_timeout`` later (a reader that stopped
+        reads no close frame either)."""
         if self.protocol.state is not State.OPEN:
             return
         self._closed_by_hub = True
@@ -230,6 +233,9 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # What the protocol answers by itself (pongs, the close) is written whatever the
+        # client left unread: past ``max_buffered_bytes``, its reading stops instead.
+        self.transport.set_write_buffer_limits(high=self._server.limits.max_buffered_bytes)
         self._server.connections.add(self)
         self._cut_after(self._server.limits.join_timeout)
 
@@ -241,6 +247,14 @@ class Connection(asyncio.Protocol):
             self._feed(data)
         self.flush()
 
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._next_turn()  # what the buffer holds first, then reading again
+
     def eof_received(self) -> None:
         self.protocol.receive_eof()
         self.flush()
@@ -249,6 +263,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent; the protocol is CLOSED from here
+        # What was read and not unframed yet (held, or left for the next turn) is dropped:
+        # the protocol takes no more data after EOF.
+        self._unframing = False
+        self._buffer.clear()
         for timer in (self._cut_timer, self._deadline_timer):
             if timer is not None:
                 timer.cancel()
@@ -326,10 +344,10 @@ class Connection(asyncio.Protocol):
     def _unframe(self) -> None:
         """Cut the bytes read into frames: each text message goes to the handler, any other
         frame whole to the protocol; at most ``MESSAGES_PER_TURN`` per turn of the event loop,
-        none while the handler holds the connection."""
+        none while the handler holds the connection or the client leaves its answers unread."""
         buffer, max_size = self._buffer, self._server.limits.max_message_bytes
         start, available, handled = 0, len(buffer), 0
-        while available - start >= 2 and not self._held:
+        while available - start >= 2 and not (self._held or self._writing_paused):
             if handled == MESSAGES_PER_TURN:
                 self._next_turn()
                 break
@@ -377,7 +395,9 @@ class Connection(asyncio.Protocol):
         if self._unframing:
             self._unframe()
             self.flush()
-        if not self._turn_pending and not self._held and not self.transport.is_closing():
+        if not (
+            self._turn_pending or self._held or self._writing_paused or self.transport.is_closing()
+        ):
             self.transport.resume_reading()
 
     def _end_stream(self) -> None:

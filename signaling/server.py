@@ -471,6 +471,9 @@ class HubServer:
         received = upstream.protocol.close_rcvd
         if received is None:  # the home went away without a word
             connection.close(CloseCode.SERVICE_RESTART, CLOSE_HOME_LOST)
+        elif received.code == CloseCode.NO_STATUS_RCVD:
+            # An empty close frame, which no frame may spell as 1005: one alike.
+            connection.close(None)
         else:
             connection.close(received.code, received.reason)
 
