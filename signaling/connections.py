@@ -319,7 +319,13 @@ class Connection(asyncio.Protocol):
             self.protocol.fail(CloseCode.INVALID_DATA, f"{error.reason} at position {error.start}")
             self.flush()
             return
-        self._server.handler.received(self, text)
+        try:
+            self._server.handler.received(self, text)
+        except Exception:
+            # A fault of the hub's own: logged, and the connection closed as websockets
+            # closes one whose handler failed; the others are served on.
+            self._server.logger.exception("handler failed")
+            self.close(CloseCode.INTERNAL_ERROR)
 
     def _feed(self, data: bytes) -> None:
         """Pass ``data`` to the protocol and act on what it parsed."""

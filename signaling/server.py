@@ -380,6 +380,11 @@ class HubServer:
                 self.deliver(self.hub.handle(peer, frame, loop.time()))
                 if self.cluster is not None:
                     self.deliver(await self.cluster.run(peer))
+        except Exception:
+            # A fault of the hub's own: logged, and the member closed as websockets closes a
+            # connection whose handler failed, not left open without a peer.
+            self._logger.exception("connection-failed", extra={"fields": {"peer": peer}})
+            connection.close(CloseCode.INTERNAL_ERROR)
         finally:
             self._queues.pop(connection, None)
             self._disconnect(connection, peer)

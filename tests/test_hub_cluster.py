@@ -28,7 +28,7 @@ from client.cli import main
 from signaling.cluster import ClusterCore, JoinOp, RelayOp
 from signaling.cluster_redis import ClusterConfig, ClusterLink, new_node_id, read_plan
 from signaling.hub import Delivery, Limits
-from signaling.protocol import ErrorCode, ErrorMessage, PeerId
+from signaling.protocol import ErrorCode, ErrorMessage, PeerId, Welcome
 from signaling.server import HubServer, JsonLinesFormatter
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
@@ -462,6 +462,38 @@ class DeliveryFailsOnce(HubServer):
                 self.failed = True
                 raise RuntimeError("injected delivery fault")
         super().deliver(deliveries)
+
+
+class WelcomeFails(HubServer):
+    """A hub whose delivery of a welcome to room "faulty" raises: a fault of the hub's own
+    while it serves one connection's messages in order (``_serve``)."""
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            if isinstance(delivery.message, Welcome) and delivery.message.room == "faulty":
+                raise RuntimeError("injected delivery fault")
+        super().deliver(deliveries)
+
+
+async def test_a_fault_while_serving_a_member_closes_it_with_1011_and_is_logged(
+    redis_server: RedisServer,
+):
+    async with (
+        asyncio.timeout(TIMEOUT),
+        logged_link(redis_server, "serve") as (link, records),
+        WelcomeFails(cluster=link, logger=logging.getLogger("blindhub.test.serve")) as server,
+    ):
+        websocket = await connect(server.url, compression=None)
+        await websocket.send(json.dumps({"type": "join", "room": "faulty"}))
+        await asyncio.wait_for(websocket.wait_closed(), TIMEOUT)
+        assert (websocket.close_code, websocket.close_reason) == (1011, "")
+        [record] = [r for r in records.records if r.getMessage() == "connection-failed"]
+        assert record.exc_info is not None
+        assert str(record.exc_info[1]) == "injected delivery fault"
+        # The others are served on.
+        alice, welcome = await join(server.url, "calm")
+        assert welcome["type"] == "welcome"
+        await alice.close()
 
 
 @asynccontextmanager

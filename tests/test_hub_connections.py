@@ -4,6 +4,7 @@ own server gave it, and a burst is served in order across turns of the event loo
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -16,8 +17,9 @@ from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 
 from signaling.connections import MESSAGES_PER_TURN, text_frame_header
-from signaling.hub import KIB, Limits
-from signaling.protocol import ErrorCode
+from signaling.hub import KIB, Delivery, Hub, Limits
+from signaling.protocol import ErrorCode, PeerId
+from signaling.server import HubServer
 
 TIMEOUT = 10.0
 
@@ -168,3 +170,30 @@ async def test_a_burst_in_one_write_is_served_in_order_over_several_turns(start_
         # Reading resumed after the burst: the sender is still served.
         await sender.send(relay(receiver_id, "after").decode())
         assert (await recv_json(receiver))["payload"] == "after"
+
+
+class FaultyHub(Hub):
+    """A routing core with a fault of its own: a relay whose payload is "boom" raises."""
+
+    def handle(self, peer: PeerId, text: str, now: float) -> list[Delivery]:
+        if '"boom"' in text:
+            raise RuntimeError("injected routing fault")
+        return super().handle(peer, text, now)
+
+
+async def test_a_fault_of_the_hub_closes_that_connection_with_1011_and_is_logged(caplog):
+    async with (
+        HubServer(FaultyHub(Limits(max_peers_per_room=3))) as hub,
+        pair(hub.url) as (sender, receiver, receiver_id),
+    ):
+        with caplog.at_level(logging.ERROR, logger="blindhub.hub.websockets"):
+            await sender.send(relay(receiver_id, "boom").decode())
+            assert await closed(sender) == (1011, "")
+        [record] = [r for r in caplog.records if r.getMessage() == "handler failed"]
+        assert record.exc_info is not None
+        assert str(record.exc_info[1]) == "injected routing fault"
+        # The room hears it left; the hub serves the others on.
+        assert (await recv_json(receiver))["type"] == "peer-left"
+        async with await connect(hub.url) as third:
+            await third.send('{"type":"join","room":"r"}')
+            assert (await recv_json(third))["peers"] == [receiver_id]
