@@ -243,9 +243,13 @@ class Connection(asyncio.Protocol):
         if self._unframing:
             self._buffer += data
             self._unframe()
+            # What the protocol wrote meanwhile (a pong) is in _outgoing already: _feed and
+            # every other call that makes it write take its output at once.
+            if self._outgoing:
+                self.flush()
         else:
             self._feed(data)
-        self.flush()
+            self.flush()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -357,7 +361,7 @@ class Connection(asyncio.Protocol):
             if handled == MESSAGES_PER_TURN:
                 self._next_turn()
                 break
-            if self.protocol.state is not State.OPEN:
+            if self._closed_by_hub:
                 # Closing: the protocol reads the rest (the client's close) and discards it.
                 self._unframing = False
                 self._feed(bytes(buffer[start:]))
@@ -385,6 +389,13 @@ class Connection(asyncio.Protocol):
                 self._text(apply_mask(buffer[end - length : end], mask))
             else:
                 self._feed(bytes(buffer[start:end]))
+                if self.protocol.state is not State.OPEN:
+                    # The client's close, or a frame the protocol refused: it reads the rest.
+                    self._unframing = False
+                    if end < available:
+                        self._feed(bytes(buffer[end:]))
+                    start = available
+                    break
             handled += 1
             start = end
         del buffer[:start]
