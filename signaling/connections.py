@@ -62,10 +62,15 @@ def text_frame_header(length: int) -> bytes:
     it sends itself; websockets' ``Frame.serialize`` costs as much as routing the message.
     """
     if length < 126:
-        return bytes((0x81, length))
+        return _SHORT_HEADERS[length]
     if length < 0x10000:
-        return struct.pack("!BBH", 0x81, 126, length)
-    return struct.pack("!BBQ", 0x81, 127, length)
+        return _PACK_16_BIT_HEADER(0x81, 126, length)
+    return _PACK_64_BIT_HEADER(0x81, 127, length)
+
+
+_SHORT_HEADERS: Final = tuple(bytes((0x81, length)) for length in range(126))
+_PACK_16_BIT_HEADER: Final = struct.Struct("!BBH").pack
+_PACK_64_BIT_HEADER: Final = struct.Struct("!BBQ").pack
 
 
 class Handler(Protocol):
@@ -99,6 +104,8 @@ class Connection(asyncio.Protocol):
             max_size=server.limits.max_message_bytes, logger=server.logger
         )
         self.remote = "unknown"
+        self._max_buffered_bytes = server.limits.max_buffered_bytes
+        self._received = server.handler.received  # for every message
         self._opened = False  # the handler was told; it is told of the close too
         self._closed_by_hub = False  # what the client sends from then on is discarded
         # What is written to the client and not handed to the transport yet, in order: the
@@ -116,7 +123,7 @@ class Connection(asyncio.Protocol):
         # Cuts the connection: one that never completes its opening handshake, or whose
         # closing handshake does not end.
         self._cut_timer: asyncio.TimerHandle | None = None
-        self._deadline: float | None = None
+        self.deadline: float | None = None  # of `close_at`
         self._deadline_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -142,7 +149,7 @@ class Connection(asyncio.Protocol):
         header = text_frame_header(len(data))
         size = len(header) + len(data)
         unsent = self.transport.get_write_buffer_size() + self._unflushed
-        if unsent + size > self._server.limits.max_buffered_bytes:
+        if unsent + size > self._max_buffered_bytes:
             self.close(CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
             return False
         if not self._unflushed:
@@ -165,12 +172,12 @@ class Connection(asyncio.Protocol):
     def close_at(self, deadline: float | None, code: int, reason: str) -> None:
         """Close the connection with ``code`` and ``reason`` at ``deadline`` (event loop
         time) unless this is called again before with another deadline; None: never."""
-        if deadline == self._deadline:
+        if deadline == self.deadline:
             return
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
-        self._deadline = deadline
+        self.deadline = deadline
         if deadline is not None:
             self._deadline_timer = self._server.loop.call_at(
                 deadline, self._deadline_passed, code, reason
@@ -324,7 +331,7 @@ class Connection(asyncio.Protocol):
             self.flush()
             return
         try:
-            self._server.handler.received(self, text)
+            self._received(self, text)
         except Exception:
             # A fault of the hub's own: logged, and the connection closed as websockets
             # closes one whose handler failed; the others are served on.
@@ -432,7 +439,7 @@ class Connection(asyncio.Protocol):
         self._cut_timer = self._server.loop.call_later(delay, self.transport.abort)
 
     def _deadline_passed(self, code: int, reason: str) -> None:
-        self._deadline = self._deadline_timer = None
+        self.deadline = self._deadline_timer = None
         self.close(code, reason)
 
 

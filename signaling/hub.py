@@ -105,8 +105,10 @@ class TokenBucket:
 
     def spend(self, limits: Limits, now: float) -> None:
         """Take one token, or raise ``Refused`` (``rate-limited``)."""
-        elapsed = max(0.0, now - self.refilled_at)
-        self.tokens = min(float(limits.rate_burst), self.tokens + elapsed * limits.rate_per_second)
+        elapsed = now - self.refilled_at
+        if elapsed > 0.0:  # (a clock that went back refills nothing)
+            tokens = self.tokens + elapsed * limits.rate_per_second
+            self.tokens = tokens if tokens < limits.rate_burst else float(limits.rate_burst)
         self.refilled_at = now
         if self.tokens < 1.0:
             raise Refused(ErrorCode.RATE_LIMITED, "too many messages; slow down")
@@ -252,10 +254,10 @@ class Hub:
         try:
             state.bucket.spend(self.limits, now)
             message = parse_client_message(text)
+            if isinstance(message, RelayTo):  # nearly every message
+                return self._relay(peer, state, message.to, message.payload)
             if isinstance(message, Join):
                 return self._join(peer, state, message.room, now)
-            if isinstance(message, RelayTo):
-                return self._relay(peer, state, message.to, message.payload)
             if isinstance(message, MediaAnswer):
                 return self._media_answer(peer, state, message.sdp)
             assert isinstance(message, Leave)

@@ -261,13 +261,14 @@ _LEAVE_FIELDS: Final = frozenset({"type"})
 _SDP_FIELDS: Final = frozenset({"type", "sdp"})
 
 
-# The relay envelope as RelayTo.encode writes it (JSON whitespace allowed between tokens), up
-# to the payload. The "to" string has no escape and no control character, so its text is its
-# value.
+# A relay as RelayTo.encode writes it (JSON whitespace allowed between tokens): the "to"
+# string, with no escape and no control character, so that its text is its value, and the
+# payload's text, everything up to the last "}" (what follows it may only be whitespace).
 _WS = r"[ \t\n\r]*"
-_RELAY_ENVELOPE: Final = re.compile(
+_RELAY: Final = re.compile(
     rf'{_WS}\{{{_WS}"type"{_WS}:{_WS}"relay"{_WS},{_WS}"to"{_WS}:{_WS}"([^"\\\x00-\x1f]*)"'
-    rf'{_WS},{_WS}"payload"{_WS}:{_WS}'
+    rf'{_WS},{_WS}"payload"{_WS}:{_WS}(.*)\}}{_WS}\Z',
+    re.DOTALL,
 )
 _JSON_WHITESPACE: Final = " \t\n\r"
 _PAYLOAD_DECODER: Final = msgspec.json.Decoder()
@@ -290,14 +291,10 @@ def _fast_relay(text: str) -> RelayTo | None:
     escapes, control characters and trailing data, and also lone surrogates, which the
     strict scanner accepts: those take the strict path).
     """
-    envelope = _RELAY_ENVELOPE.match(text)
-    if envelope is None:
+    relay = _RELAY.match(text)
+    if relay is None:
         return None
-    # Relays as clients write them end with "}" and their payload with no space: no copy.
-    end = len(text) - 1 if text[-1] == "}" else len(text.rstrip(_JSON_WHITESPACE)) - 1
-    if end < envelope.end() or text[end] != "}":
-        return None
-    payload = text[envelope.end() : end]
+    to, payload = relay.groups()
     if payload and payload[-1] in _JSON_WHITESPACE:
         payload = payload.rstrip(_JSON_WHITESPACE)
     if payload.count("[") + payload.count("{") > _FAST_MAX_OPENINGS:
@@ -308,7 +305,7 @@ def _fast_relay(text: str) -> RelayTo | None:
         _PAYLOAD_DECODER.decode(payload)
     except (ValueError, RecursionError):  # msgspec.DecodeError, UnicodeEncodeError
         return None
-    return RelayTo(envelope[1], JsonText(payload))
+    return RelayTo(to, JsonText(payload))
 
 
 def parse_client_message(text: str) -> ClientMessage:

@@ -350,7 +350,8 @@ class HubServer:
     def _expect_join(self, connection: Connection, peer: PeerId) -> None:
         """Close ``connection`` at its join deadline, if it has one now."""
         deadline = self.hub.join_deadline(peer)
-        connection.close_at(deadline, CloseCode.POLICY_VIOLATION, CLOSE_JOIN_TIMEOUT)
+        if deadline is not None or connection.deadline is not None:  # (a member: neither)
+            connection.close_at(deadline, CloseCode.POLICY_VIOLATION, CLOSE_JOIN_TIMEOUT)
 
     def _disconnect(self, connection: Connection, peer: PeerId) -> None:
         del self._peers[connection]
