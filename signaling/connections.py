@@ -167,6 +167,7 @@ class Connection(asyncio.Protocol):
             return
         self._closed_by_hub = True
         self.protocol.send_close(code, reason)
+        self._take_protocol_output()
         self.flush()
 
     def close_at(self, deadline: float | None, code: int, reason: str) -> None:
@@ -203,6 +204,7 @@ class Connection(asyncio.Protocol):
         if self._ping is None:
             self._ping = os.urandom(4)
             self.protocol.send_ping(self._ping)
+            self._take_protocol_output()
             self.flush()
         return self._ping
 
@@ -212,7 +214,6 @@ class Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         """Hand everything written to this connection so far to the transport."""
-        self._outgoing += self.protocol.data_to_send()
         if not self._outgoing:
             return
         writes, self._outgoing = self._outgoing, []
@@ -224,6 +225,12 @@ class Connection(asyncio.Protocol):
             self.transport.write(data)
         if writes[-1] == SEND_EOF:  # nothing is written after it
             self._end_stream()
+
+    def _take_protocol_output(self) -> None:
+        """Move what the protocol wrote (handshake, pongs, close, EOF) to the outgoing list,
+        after every call that may make it write, so that everything leaves in order; and
+        once it expects the connection to end, cut it if it has not ``close_timeout`` later."""
+        self._outgoing += self.protocol.data_to_send()
         if self.protocol.close_expected() and self._cut_timer is None:
             self._cut_after(self._server.limits.close_timeout)
 
@@ -250,13 +257,9 @@ class Connection(asyncio.Protocol):
         if self._unframing:
             self._buffer += data
             self._unframe()
-            # What the protocol wrote meanwhile (a pong) is in _outgoing already: _feed and
-            # every other call that makes it write take its output at once.
-            if self._outgoing:
-                self.flush()
         else:
             self._feed(data)
-            self.flush()
+        self.flush()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -268,6 +271,7 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> None:
         self.protocol.receive_eof()
+        self._take_protocol_output()
         self.flush()
         # Returning None closes the transport: after EOF a websocket writes nothing more,
         # and a TLS transport cannot stay half-open anyway.
@@ -294,6 +298,7 @@ class Connection(asyncio.Protocol):
         else:
             response = self.protocol.reject(*answer)
         self.protocol.send_response(response)
+        self._take_protocol_output()
         self.flush()
         if self.protocol.state is State.OPEN:
             if self._cut_timer is not None:
@@ -328,6 +333,7 @@ class Connection(asyncio.Protocol):
         except UnicodeDecodeError as error:
             self._closed_by_hub = True
             self.protocol.fail(CloseCode.INVALID_DATA, f"{error.reason} at position {error.start}")
+            self._take_protocol_output()
             self.flush()
             return
         try:
@@ -341,7 +347,7 @@ class Connection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         """Pass ``data`` to the protocol and act on what it parsed."""
         self.protocol.receive_data(data)
-        self._outgoing += self.protocol.data_to_send()  # before any reply to what it read
+        self._take_protocol_output()  # before any reply to what it read
         events = self.protocol.events_received()
         for event in events:
             if isinstance(event, Frame):
