@@ -104,6 +104,9 @@ class Connection(asyncio.Protocol):
             max_size=server.limits.max_message_bytes, logger=server.logger
         )
         self.remote = "unknown"
+        # The protocol's state is OPEN. Its state changes only in calls to it, each followed
+        # by `_take_protocol_output`, which updates this.
+        self.open = False
         self._max_buffered_bytes = server.limits.max_buffered_bytes
         self._received = server.handler.received  # for every message
         self._opened = False  # the handler was told; it is told of the close too
@@ -112,6 +115,7 @@ class Connection(asyncio.Protocol):
         # protocol's output (handshake, pongs, close) and the text frames of `send`.
         self._outgoing: list[bytes] = []
         self._unflushed = 0  # bytes of text frames in it
+        self._transport_buffered = 0  # the transport's buffer when the first of them came
         self._fragments: list[BytesLike] | None = None  # a fragmented text message so far
         # Once open, the hub cuts frames itself (`_unframe`): the bytes read and not yet cut.
         self._unframing = False
@@ -127,10 +131,6 @@ class Connection(asyncio.Protocol):
         self._deadline_timer: asyncio.TimerHandle | None = None
 
     @property
-    def open(self) -> bool:
-        return self.protocol.state is State.OPEN
-
-    @property
     def close_code(self) -> int | None:
         """The code of the close frame the hub sent, None if it sent none."""
         sent = self.protocol.close_sent
@@ -143,13 +143,16 @@ class Connection(asyncio.Protocol):
     def send(self, text: str) -> bool:
         """Send a text message without waiting: True if it is on its way, False if the
         connection is not open or is closed instead because it stopped reading."""
-        if self.protocol.state is not State.OPEN:
+        if not self.open:
             return False
         data = text.encode()
         header = text_frame_header(len(data))
         size = len(header) + len(data)
-        unsent = self.transport.get_write_buffer_size() + self._unflushed
-        if unsent + size > self._max_buffered_bytes:
+        if not self._unflushed:
+            # Within a turn the transport's buffer only drains: its size at the first send
+            # bounds it for the rest.
+            self._transport_buffered = self.transport.get_write_buffer_size()
+        if self._transport_buffered + self._unflushed + size > self._max_buffered_bytes:
             self.close(CloseCode.POLICY_VIOLATION, CLOSE_SLOW_READER)
             return False
         if not self._unflushed:
@@ -163,7 +166,7 @@ class Connection(asyncio.Protocol):
         """Start the closing handshake (``code`` None: a close frame without a code); the
         connection is cut if it has not ended ``close_timeout`` later (a reader that stopped
         reads no close frame either)."""
-        if self.protocol.state is not State.OPEN:
+        if not self.open:
             return
         self._closed_by_hub = True
         self.protocol.send_close(code, reason)
@@ -199,7 +202,7 @@ class Connection(asyncio.Protocol):
     def ping(self) -> bytes | None:
         """Send a ping unless one is unanswered; the payload of the one outstanding, None
         if the connection is not open."""
-        if self.protocol.state is not State.OPEN:
+        if not self.open:
             return None
         if self._ping is None:
             self._ping = os.urandom(4)
@@ -231,6 +234,7 @@ class Connection(asyncio.Protocol):
         after every call that may make it write, so that everything leaves in order; and
         once it expects the connection to end, cut it if it has not ``close_timeout`` later."""
         self._outgoing += self.protocol.data_to_send()
+        self.open = self.protocol.state is State.OPEN
         if self.protocol.close_expected() and self._cut_timer is None:
             self._cut_after(self._server.limits.close_timeout)
 
@@ -278,6 +282,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent; the protocol is CLOSED from here
+        self.open = False
         # What was read and not unframed yet (held, or left for the next turn) is dropped:
         # the protocol takes no more data after EOF.
         self._unframing = False
@@ -300,7 +305,7 @@ class Connection(asyncio.Protocol):
         self.protocol.send_response(response)
         self._take_protocol_output()
         self.flush()
-        if self.protocol.state is State.OPEN:
+        if self.open:
             if self._cut_timer is not None:
                 self._cut_timer.cancel()
                 self._cut_timer = None
@@ -361,7 +366,7 @@ class Connection(asyncio.Protocol):
                 # its request can only garble its own connection.)
                 if len(events) > 1 or not data.endswith(b"\r\n\r\n"):
                     self.close(CloseCode.PROTOCOL_ERROR, CLOSE_EARLY_DATA)
-                elif self.protocol.state is State.OPEN:
+                elif self.open:
                     self._unframing = True
 
     def _unframe(self) -> None:
@@ -402,7 +407,7 @@ class Connection(asyncio.Protocol):
                 self._text(apply_mask(buffer[end - length : end], mask))
             else:
                 self._feed(bytes(buffer[start:end]))
-                if self.protocol.state is not State.OPEN:
+                if not self.open:
                     # The client's close, or a frame the protocol refused: it reads the rest.
                     self._unframing = False
                     if end < available:
