@@ -104,8 +104,9 @@ class Connection(asyncio.Protocol):
             max_size=server.limits.max_message_bytes, logger=server.logger
         )
         self.remote = "unknown"
-        # The protocol's state is OPEN. Its state changes only in calls to it, each followed
-        # by `_take_protocol_output`, which updates this.
+        # Whether the protocol's state is OPEN, read for every message sent. That state
+        # changes only in calls to the protocol, each followed by `_take_protocol_output`,
+        # which updates this (and in connection_lost).
         self.open = False
         self._max_buffered_bytes = server.limits.max_buffered_bytes
         self._received = server.handler.received  # for every message
