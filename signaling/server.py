@@ -223,7 +223,7 @@ class HubServer:
         # A cluster or a placement makes a connection's messages wait for Redis or for
         # another process: they are queued, and served by a task per connection.
         self._queued = cluster is not None or placement is not None
-        self._queues: dict[Connection, asyncio.Queue[str | None]] = {}
+        self._inboxes: dict[Connection, _Inbox] = {}
         self._serving: set[asyncio.Task[None]] = set()
         self._now: Callable[[], float] = time.monotonic  # the event loop's clock, once started
 
@@ -317,8 +317,8 @@ class HubServer:
         self._peers[connection] = peer
         self._log("connect", peer=peer, remote=connection.remote)
         if self._queued:
-            queue = self._queues[connection] = asyncio.Queue()
-            task = asyncio.create_task(self._serve(connection, peer, queue))
+            inbox = self._inboxes[connection] = _Inbox(connection)
+            task = asyncio.create_task(self._serve(connection, peer, inbox))
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
         else:
@@ -329,19 +329,16 @@ class HubServer:
         if peer is None:
             return  # refused (hub-full) and closing
         if self._queued:
-            queue = self._queues[connection]
-            queue.put_nowait(text)
-            if queue.qsize() >= _MAX_QUEUED_MESSAGES:
-                connection.hold()
+            self._inboxes[connection].put(text)
             return
         self.deliver(self.hub.handle(peer, text, self._now()))
         self._expect_join(connection, peer)
 
     def closed(self, connection: Connection) -> None:
         if self._queued:
-            queue = self._queues.pop(connection, None)
-            if queue is not None:
-                queue.put_nowait(None)  # _serve ends and disconnects it
+            inbox = self._inboxes.pop(connection, None)
+            if inbox is not None:
+                inbox.put(None)  # _serve ends and disconnects it
             return
         peer = self._peers.get(connection)
         if peer is not None:
@@ -361,21 +358,19 @@ class HubServer:
         self.hub.metrics.closes_total[CloseCode.ABNORMAL_CLOSURE if code is None else code] += 1
         self._log("disconnect", peer=peer, code=int(code or CloseCode.ABNORMAL_CLOSURE))
 
-    async def _serve(
-        self, connection: Connection, peer: PeerId, queue: "asyncio.Queue[str | None]"
-    ) -> None:
+    async def _serve(self, connection: Connection, peer: PeerId, inbox: "_Inbox") -> None:
         """Handle ``peer``'s messages in order, each once the cluster operations of the one
         before are done, until its connection is gone."""
         loop = asyncio.get_running_loop()
         try:
-            while (frame := await self._next_message(connection, peer, queue)) is not None:
+            while (frame := await self._next_message(connection, peer, inbox)) is not None:
                 if self.placement is not None:
                     screened = await self.placement.screen(peer, frame, loop.time())
                     if isinstance(screened, list):
                         self.deliver(screened)
                         continue
                     if screened is not None:
-                        if await self._forward(connection, peer, screened, frame, queue):
+                        if await self._forward(connection, peer, screened, frame, inbox):
                             break
                         continue
                 self.deliver(self.hub.handle(peer, frame, loop.time()))
@@ -387,20 +382,20 @@ class HubServer:
             self._logger.exception("connection-failed", extra={"fields": {"peer": peer}})
             connection.close(CloseCode.INTERNAL_ERROR)
         finally:
-            self._queues.pop(connection, None)
+            self._inboxes.pop(connection, None)
             self._disconnect(connection, peer)
             if self.cluster is not None:
                 await self.cluster.run(peer)
 
     async def _next_message(
-        self, connection: Connection, peer: PeerId, queue: "asyncio.Queue[str | None]"
+        self, connection: Connection, peer: PeerId, inbox: "_Inbox"
     ) -> str | None:
         """The next message of ``peer``; None once its connection is gone. Only while it waits
         for one does its join deadline run."""
-        if not queue.empty():
-            return await _take(connection, queue)
+        if inbox:
+            return await inbox.take()
         self._expect_join(connection, peer)
-        message = await _take(connection, queue)
+        message = await inbox.take()
         connection.close_at(None, CloseCode.POLICY_VIOLATION, CLOSE_JOIN_TIMEOUT)
         return message
 
@@ -410,7 +405,7 @@ class HubServer:
         peer: PeerId,
         home: "Home",
         join: str,
-        queue: "asyncio.Queue[str | None]",
+        inbox: "_Inbox",
     ) -> bool:
         """Serve ``peer``'s ``join`` from the room's home process, on a websocket of its own:
         every message passes both ways unchanged until the peer leaves (False: it is in no
@@ -436,7 +431,7 @@ class HubServer:
         placement.forwarding += 1
         self._log("forward", peer=peer, home=home.url)
         try:
-            return await self._forward_member(connection, upstream, join, queue)
+            return await self._forward_member(connection, upstream, join, inbox)
         finally:
             placement.forwarding -= 1
             await upstream.close()
@@ -447,7 +442,7 @@ class HubServer:
         connection: Connection,
         upstream: ClientConnection,
         join: str,
-        queue: "asyncio.Queue[str | None]",
+        inbox: "_Inbox",
     ) -> bool:
         try:
             await upstream.send(join)
@@ -460,7 +455,7 @@ class HubServer:
         if not _is_welcome(answer):
             return False  # the home refused the join (room-full, ...): in no room, here
         left = asyncio.Event()
-        pump = asyncio.create_task(self._forward_messages(connection, queue, upstream, left))
+        pump = asyncio.create_task(self._forward_messages(inbox, upstream, left))
         with contextlib.suppress(ConnectionClosed):
             async for frame in upstream:
                 if isinstance(frame, str):
@@ -485,15 +480,14 @@ class HubServer:
 
     @staticmethod
     async def _forward_messages(
-        connection: Connection,
-        queue: "asyncio.Queue[str | None]",
+        inbox: "_Inbox",
         upstream: ClientConnection,
         left: asyncio.Event,
     ) -> None:
         """Pass the client's messages to the home until it leaves its room (``left`` is set)
         or either side closes; then close the websocket to the home."""
         try:
-            while (message := await _take(connection, queue)) is not None:
+            while (message := await inbox.take()) is not None:
                 await upstream.send(message)
                 if _is_leave(message):
                     left.set()
@@ -507,12 +501,40 @@ class HubServer:
         self._logger.info(event, extra={"fields": fields})
 
 
-async def _take(connection: Connection, queue: "asyncio.Queue[str | None]") -> str | None:
-    """The next queued message of ``connection``; reading resumes once the queue is short."""
-    message = await queue.get()
-    if queue.qsize() <= _MAX_QUEUED_MESSAGES // 4:
-        connection.release()
-    return message
+class _Inbox:
+    """One connection's messages waiting for `HubServer._serve`, in order; None: the
+    connection is gone. Past ``_MAX_QUEUED_MESSAGES`` the connection is held (not read) until
+    a quarter are left. (Lighter than an asyncio.Queue, which costs an idle connection in a
+    cluster 2.5 KiB.)"""
+
+    __slots__ = ("_connection", "_messages", "_waiter")
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._messages: list[str | None] = []  # short: held at _MAX_QUEUED_MESSAGES
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def put(self, message: str | None) -> None:
+        self._messages.append(message)
+        if len(self._messages) >= _MAX_QUEUED_MESSAGES:
+            self._connection.hold()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> str | None:
+        while not self._messages:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        message = self._messages.pop(0)
+        if len(self._messages) <= _MAX_QUEUED_MESSAGES // 4:
+            self._connection.release()
+        return message
 
 
 def _is_welcome(frame: str | bytes) -> bool:
