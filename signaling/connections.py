@@ -259,9 +259,14 @@ class Connection(asyncio.Protocol):
         self._cut_after(self._server.limits.join_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self._unframing:
+        if self._unframing and not self._buffer:
+            # Most reads end on a frame's end: cut them where they are, keep only the rest.
+            cut = self._unframe(data)
+            if cut < len(data):
+                self._buffer += data[cut:]
+        elif self._unframing:
             self._buffer += data
-            self._unframe()
+            del self._buffer[: self._unframe(self._buffer)]
         else:
             self._feed(data)
         self.flush()
@@ -370,11 +375,12 @@ class Connection(asyncio.Protocol):
                 elif self.open:
                     self._unframing = True
 
-    def _unframe(self) -> None:
-        """Cut the bytes read into frames: each text message goes to the handler, any other
-        frame whole to the protocol; at most ``MESSAGES_PER_TURN`` per turn of the event loop,
-        none while the handler holds the connection or the client leaves its answers unread."""
-        buffer, max_size = self._buffer, self._server.limits.max_message_bytes
+    def _unframe(self, buffer: bytes | bytearray) -> int:
+        """Cut ``buffer`` into frames: each text message goes to the handler, any other frame
+        whole to the protocol; at most ``MESSAGES_PER_TURN`` per turn of the event loop, none
+        while the handler holds the connection or the client leaves its answers unread. How
+        many bytes it cut (the rest waits for more, or for the next turn)."""
+        max_size = self._server.limits.max_message_bytes
         start, available, handled = 0, len(buffer), 0
         while available - start >= 2 and not (self._held or self._writing_paused):
             if handled == MESSAGES_PER_TURN:
@@ -417,7 +423,7 @@ class Connection(asyncio.Protocol):
                     break
             handled += 1
             start = end
-        del buffer[:start]
+        return start
 
     def _next_turn(self) -> None:
         """Stop reading and unframe the rest of the buffer in the next turn of the loop."""
@@ -429,7 +435,7 @@ class Connection(asyncio.Protocol):
     def _continue(self) -> None:
         self._turn_pending = False
         if self._unframing:
-            self._unframe()
+            del self._buffer[: self._unframe(self._buffer)]
             self.flush()
         if not (
             self._turn_pending or self._held or self._writing_paused or self.transport.is_closing()
