@@ -90,9 +90,19 @@ class Metrics:
     closes_total: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
+class Rate(Protocol):
+    """A token bucket's refill rate and size (``Limits`` is one)."""
+
+    @property
+    def rate_per_second(self) -> float: ...
+    @property
+    def rate_burst(self) -> int: ...
+
+
 @dataclass(slots=True)
 class TokenBucket:
-    """One connection's message rate: refills at ``rate_per_second`` up to ``rate_burst``."""
+    """A budget that refills at ``rate_per_second`` up to ``rate_burst`` tokens: one
+    connection's message rate, or one subscriber's retransmissions."""
 
     tokens: float
     refilled_at: float
@@ -100,25 +110,30 @@ class TokenBucket:
     throttled: bool = False
 
     @classmethod
-    def full(cls, limits: Limits, now: float) -> "TokenBucket":
-        return cls(tokens=limits.rate_burst, refilled_at=now)
+    def full(cls, rate: Rate, now: float) -> "TokenBucket":
+        return cls(tokens=rate.rate_burst, refilled_at=now)
+
+    def take(self, rate: Rate, now: float, wanted: int = 1) -> int:
+        """Take up to ``wanted`` whole tokens; returns how many were taken."""
+        elapsed = now - self.refilled_at
+        if elapsed > 0.0:  # (a clock that went back refills nothing)
+            tokens = self.tokens + elapsed * rate.rate_per_second
+            self.tokens = tokens if tokens < rate.rate_burst else float(rate.rate_burst)
+        self.refilled_at = now
+        taken = min(wanted, int(self.tokens))
+        self.tokens -= taken
+        return taken
 
     def spend(self, limits: Limits, now: float) -> None:
         """Take one token, or raise ``Refused`` (``rate-limited``)."""
-        elapsed = now - self.refilled_at
-        if elapsed > 0.0:  # (a clock that went back refills nothing)
-            tokens = self.tokens + elapsed * limits.rate_per_second
-            self.tokens = tokens if tokens < limits.rate_burst else float(limits.rate_burst)
-        self.refilled_at = now
-        if self.tokens < 1.0:
+        if not self.take(limits, now):
             raise Refused(ErrorCode.RATE_LIMITED, "too many messages; slow down")
-        self.tokens -= 1.0
         self.throttled = False
 
-    def ready(self, limits: Limits, now: float) -> bool:
+    def ready(self, rate: Rate, now: float) -> bool:
         """Whether a token is there to spend now (none is spent)."""
         elapsed = max(0.0, now - self.refilled_at)
-        return self.tokens + elapsed * limits.rate_per_second >= 1.0
+        return self.tokens + elapsed * rate.rate_per_second >= 1.0
 
     def worth_logging(self, code: ErrorCode) -> bool:
         """Whether an error with ``code`` should be logged (a continuing flood is not)."""

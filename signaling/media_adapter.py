@@ -17,7 +17,11 @@ each per instance and never by patching a class:
   publisher itself (video). So loss on one leg is repaired on that leg alone.
 - **keyframe wanted** (``on_keyframe_wanted``): a subscriber's PLI or FIR reaches the sender's
   ``_handle_rtcp_packet``; the wrapper reports it to the hub instead of asking the (non-existent)
-  encoder for a keyframe, and passes every other RTCP packet on (NACKs, receiver reports).
+  encoder for a keyframe, and passes every other RTCP packet on (receiver reports, REMB).
+- **budgeting retransmissions** (``on_nack``): a subscriber's generic NACK reaches the same
+  ``_handle_rtcp_packet``, which would call ``_retransmit`` (resend from the sender's history
+  of 128 packets) for every sequence number listed, however many and however often. The
+  wrapper asks the hub how many it grants, and retransmits only those (each one once).
 - **asking for a keyframe** (``request_keyframe``): the receiver's decoder-error event
   (``RTCRtpReceiver.__decoder_error``) makes it send a PLI with the next packet it gets,
   addressed to that packet's SSRC. The hub never decodes, so only this module sets it.
@@ -50,7 +54,15 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcconfiguration import RTCBundlePolicy
 from aiortc.rtcdtlstransport import RtpRouter
-from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, AnyRtcpPacket, RtcpPsfbPacket, RtpPacket
+from aiortc.rtp import (
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    AnyRtcpPacket,
+    RtcpPsfbPacket,
+    RtcpRtpfbPacket,
+    RtpPacket,
+)
 
 # Name-mangled private attributes of aiortc 1.16 that the seams rely on.
 RECEIVER_JITTER_BUFFER: Final = "_RTCRtpReceiver__jitter_buffer"
@@ -175,6 +187,25 @@ def on_keyframe_wanted(sender: RTCRtpSender, wanted: Callable[[], None]) -> None
         await handle_rtcp_packet(packet)
 
     sender._handle_rtcp_packet = handle_or_report  # type: ignore[method-assign]
+
+
+def on_nack(sender: RTCRtpSender, granted: Callable[[int], int]) -> None:
+    """Retransmit, for each NACK the subscriber sends about ``sender``'s stream, only as many of
+    the packets it lists as ``granted(count)`` returns, the first ones listed."""
+    handle_rtcp_packet: Callable[[AnyRtcpPacket], Awaitable[None]]
+    handle_rtcp_packet = sender._handle_rtcp_packet
+    retransmit: Callable[[int], Awaitable[None]] = sender._retransmit
+
+    async def handle_within_budget(packet: AnyRtcpPacket) -> None:
+        if not (isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK):
+            await handle_rtcp_packet(packet)
+            return
+        # A sequence number listed twice (one NACK may list each many times) is sent once.
+        lost = list(dict.fromkeys(packet.lost))
+        for sequence_number in lost[: granted(len(lost))]:
+            await retransmit(sequence_number)
+
+    sender._handle_rtcp_packet = handle_within_budget  # type: ignore[method-assign]
 
 
 def request_keyframe(receiver: RTCRtpReceiver) -> None:

@@ -28,6 +28,7 @@ from signaling.media_adapter import (
     bound_ssrcs,
     hub_peer_connection,
     on_keyframe_wanted,
+    on_nack,
     request_keyframe,
     take_frames,
 )
@@ -37,6 +38,7 @@ from signaling.media_routing import (
     MediaCommand,
     MediaRouter,
     RequestKeyframe,
+    RetransmitBudget,
     SendOffer,
     SendTracks,
     SlotChanged,
@@ -74,9 +76,14 @@ class MediaServer:
         *,
         recorder: MediaRecorder | None = None,
         logger: logging.Logger | None = None,
+        retransmit_budget: RetransmitBudget | None = None,
     ) -> None:
         limits = limits or Limits()
-        self.router = MediaRouter(limits.max_peers_per_room, limits.join_timeout)
+        self.router = MediaRouter(
+            limits.max_peers_per_room,
+            limits.join_timeout,
+            retransmit_budget=retransmit_budget or RetransmitBudget(),
+        )
         self.hub = Hub(limits, media=self, logger=logger)
         self._recorder = recorder
         self._logger = logger or logging.getLogger("blindhub.hub")
@@ -143,6 +150,14 @@ class MediaServer:
             "throttle (one per publisher per 200 ms).",
             "# TYPE blindhub_media_plis_throttled_total counter",
             f"blindhub_media_plis_throttled_total {counters.plis_throttled}",
+            "# HELP blindhub_media_retransmissions_total Packets subscribers asked for again "
+            "(NACKs) that the hub retransmitted from its history.",
+            "# TYPE blindhub_media_retransmissions_total counter",
+            f"blindhub_media_retransmissions_total {counters.retransmissions_granted}",
+            "# HELP blindhub_media_retransmissions_refused_total Packets subscribers asked for "
+            "again (NACKs) beyond their connection's retransmission budget, not sent.",
+            "# TYPE blindhub_media_retransmissions_refused_total counter",
+            f"blindhub_media_retransmissions_refused_total {counters.retransmissions_refused}",
             "# HELP blindhub_media_recording_errors_total Streams --record-media stopped "
             "recording because their file could not be written.",
             "# TYPE blindhub_media_recording_errors_total counter",
@@ -185,6 +200,7 @@ class MediaServer:
             take_frames(receiver, self._frame_sink(peer, command.room, kind))
             connection.receivers[kind] = receiver
         bound_ssrcs(connection.receivers["audio"])
+        budget = self._retransmissions_granter(peer)
         for slot in range(self.router.slots):
             tracks = {}
             for kind in MEDIA_KINDS:
@@ -192,6 +208,7 @@ class MediaServer:
                 tracks[kind] = ForwardTrack(kind)
                 sender.replaceTrack(tracks[kind])
                 on_keyframe_wanted(sender, self._keyframe_reporter(peer, slot))
+                on_nack(sender, budget)
             connection.slots.append(tracks)
         self._connections[peer] = connection
         self._spawn("offer", peer, self._offer(peer, connection))
@@ -261,6 +278,13 @@ class MediaServer:
             self._carry_out(self.router.keyframe_wanted(subscriber, slot, now))
 
         return report
+
+    def _retransmissions_granter(self, subscriber: PeerId) -> Callable[[int], int]:
+        def grant(wanted: int) -> int:
+            now = asyncio.get_running_loop().time()
+            return self.router.retransmissions_wanted(subscriber, wanted, now)
+
+        return grant
 
     def _send(self, deliveries: list[Delivery]) -> None:
         if self._deliver is None:

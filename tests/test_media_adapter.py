@@ -25,6 +25,7 @@ from signaling.media_adapter import (
     add_transceiver,
     hub_peer_connection,
     on_keyframe_wanted,
+    on_nack,
     take_frames,
 )
 from signaling.protocol import PeerId
@@ -92,6 +93,65 @@ def test_keyframe_wanted_seam_plis_reach_handle_rtcp_packet():
     assert "await self._retransmit(seq)" in handle, (
         f"RTCRtpSender no longer answers NACKs in _handle_rtcp_packet: {REREAD}"
     )
+
+
+def test_budgeting_retransmissions_seam_every_nack_goes_through_handle_rtcp_packet():
+    assert "await recipient._handle_rtcp_packet(packet)" in source_of(
+        RTCDtlsTransport._handle_rtcp_data
+    ), f"RTCDtlsTransport no longer hands RTCP to _handle_rtcp_packet: {REREAD}"
+    assert "RtcpRtpfbPacket" in source_of(RtpRouter.route_rtcp), (
+        f"RtpRouter no longer routes NACKs to the sender of their media SSRC: {REREAD}"
+    )
+    handle = source_of(RTCRtpSender._handle_rtcp_packet)
+    assert "for seq in packet.lost:\n                await self._retransmit(seq)" in handle, (
+        f"RTCRtpSender no longer answers NACKs by calling _retransmit per packet: {REREAD}"
+    )
+    # Nothing else in the sender resends from its history.
+    sender_source = inspect.getsource(aiortc.rtcrtpsender)
+    assert sender_source.count("self._retransmit(") == 1, (
+        f"RTCRtpSender calls _retransmit from somewhere else too: {REREAD}"
+    )
+    assert list(inspect.signature(RTCRtpSender._retransmit).parameters) == [
+        "self",
+        "sequence_number",
+    ], f"RTCRtpSender._retransmit takes other arguments: {REREAD}"
+
+
+async def test_a_nack_retransmits_only_the_granted_packets_each_once():
+    pc = hub_peer_connection()
+    try:
+        sender = add_transceiver(pc, "video", "sendonly").sender
+        other = add_transceiver(pc, "video", "sendonly").sender
+        retransmitted: list[int] = []
+
+        async def retransmit(sequence_number: int) -> None:
+            retransmitted.append(sequence_number)
+
+        sender._retransmit = retransmit  # type: ignore[method-assign]
+        wanted: list[int] = []
+        grants = iter([2, 0, 5])
+
+        def granted(count: int) -> int:
+            wanted.append(count)
+            return next(grants)
+
+        on_nack(sender, granted)
+        assert "_handle_rtcp_packet" in vars(sender)
+        assert "_handle_rtcp_packet" not in vars(other)
+        nack = aiortc.rtp.RtcpRtpfbPacket(fmt=aiortc.rtp.RTCP_RTPFB_NACK, ssrc=1, media_ssrc=2)
+        nack.lost = [7, 7, 9, 8, 9, 10]
+        await sender._handle_rtcp_packet(nack)
+        assert (wanted, retransmitted) == ([4], [7, 9])
+        await sender._handle_rtcp_packet(nack)
+        assert (wanted, retransmitted) == ([4, 4], [7, 9])
+        await sender._handle_rtcp_packet(nack)
+        assert (wanted, retransmitted) == ([4, 4, 4], [7, 9, 7, 9, 8, 10])
+        # Other feedback is the sender's own, as before (a receiver report asks for nothing).
+        report = aiortc.rtp.RtcpRrPacket(ssrc=1)
+        await sender._handle_rtcp_packet(report)
+        assert wanted == [4, 4, 4]
+    finally:
+        await pc.close()
 
 
 async def test_seams_are_installed_per_instance_and_the_decoder_gets_nothing():

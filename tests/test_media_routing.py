@@ -1,4 +1,5 @@
-"""The media-routing core without I/O: slots, routes, media-tracks, the PLI throttle."""
+"""The media-routing core without I/O: slots, routes, media-tracks, the PLI throttle, the
+retransmission budget."""
 
 import pytest
 
@@ -8,6 +9,7 @@ from signaling.media_routing import (
     MediaCommand,
     MediaRouter,
     RequestKeyframe,
+    RetransmitBudget,
     SendOffer,
     SendTracks,
     SlotChanged,
@@ -131,6 +133,45 @@ def test_plis_are_throttled_per_publisher():
     assert router.keyframe_wanted(A, 5, 1.25) == []
     assert counters.plis_forwarded - forwarded == 3
     assert counters.plis_throttled - throttled == 2
+
+
+def test_retransmissions_are_granted_within_each_subscribers_budget():
+    budget = RetransmitBudget(rate_per_second=100.0, rate_burst=50)
+    router = MediaRouter(3, answer_timeout=10, retransmit_budget=budget)
+    for peer in (A, B, C):
+        connect(router, peer, 0.0)
+    # A flood: a NACK for a whole history gets the burst, then nothing until it refills.
+    assert router.retransmissions_wanted(B, 128, 1.0) == 50
+    assert router.retransmissions_wanted(B, 128, 1.0) == 0
+    assert router.retransmissions_wanted(B, 128, 1.1) == 10  # 100/s for 0.1 s
+    assert router.retransmissions_wanted(B, 3, 1.1) == 0
+    # Another subscriber's budget is its own, untouched by B's flood.
+    assert router.retransmissions_wanted(C, 2, 1.1) == 2
+    # A bucket never holds more than its burst, however long it rested.
+    assert router.retransmissions_wanted(B, 128, 100.0) == 50
+    # A clock that goes back refills nothing; a peer that is no member is granted nothing.
+    assert router.retransmissions_wanted(C, 48, 0.5) == 48
+    assert router.retransmissions_wanted(C, 1, 0.4) == 0
+    assert router.retransmissions_wanted(D, 5, 100.0) == 0
+    counters = router.counters
+    assert counters.retransmissions_granted == 50 + 10 + 2 + 50 + 48
+    assert counters.retransmissions_refused == 78 + 128 + 118 + 3 + 78 + 1 + 5
+
+
+def test_a_member_that_leaves_and_joins_again_starts_with_a_full_budget():
+    router = MediaRouter(3, answer_timeout=10, retransmit_budget=RetransmitBudget(10.0, 20))
+    connect(router, A, 0.0)
+    assert router.retransmissions_wanted(A, 25, 0.0) == 20
+    router.leave(A)
+    assert router.retransmissions_wanted(A, 1, 0.5) == 0
+    connect(router, A, 0.5)
+    assert router.retransmissions_wanted(A, 25, 0.5) == 20
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0.0, 10), (-1.0, 10), (10.0, 0)])
+def test_a_retransmission_budget_must_be_positive(rate: float, burst: int):
+    with pytest.raises(ValueError):
+        RetransmitBudget(rate, burst)
 
 
 def test_forwarded_frames_are_counted_per_copy():

@@ -32,6 +32,7 @@ from client.frame_transform import request_keyframe
 from client.media import PatternTrack, ToneTrack, left_channel
 from signaling.hub import Limits
 from signaling.media_adapter import MAX_SSRCS
+from signaling.media_routing import RTX_BURST, RTX_RATE
 from signaling.media_server import MediaServer
 from signaling.protocol import (
     ErrorCode,
@@ -391,6 +392,85 @@ async def test_loss_on_one_subscribers_leg_is_answered_on_that_leg_alone(routed)
     assert lossy.video_from(source) - start_lossy >= 10
     # (aiortc's own receiver drops a frame whose lost packet comes back after the next frame
     # began, and waits for a keyframe: an aiortc subscriber still stutters on its lossy leg.)
+
+
+async def test_a_subscriber_flooding_nacks_gets_retransmissions_within_its_budget(routed):
+    start, peer = routed
+    server = await start(Limits(max_peers_per_room=8))
+    publisher, flooder, quiet = peer(server, 440), peer(server, 550), peer(server, 660)
+    for p in (publisher, flooder, quiet):
+        await p.join()
+    source = publisher.welcome().peer_id
+    await wait_for(lambda: flooder.video_from(source) >= 5 and quiet.video_from(source) >= 5)
+    # The sequence numbers of the hub's latest VP8 packets to the flooder, as it sees them.
+    client_transport = flooder.pc.getTransceivers()[0].receiver.transport
+    handle_rtp_data = client_transport._handle_rtp_data
+    latest: dict[int, list[int]] = defaultdict(list)
+
+    async def note(data: bytes, arrival_time_ms: int) -> None:
+        if data[1] & 0x7F == VP8_PAYLOAD_TYPE:
+            seqs = latest[int.from_bytes(data[8:12])]
+            seqs.append(int.from_bytes(data[2:4]))
+            del seqs[:-128]  # the hub's history of a sender: 128 packets
+        await handle_rtp_data(data, arrival_time_ms)
+
+    client_transport._handle_rtp_data = note
+    # What the hub retransmits to the flooder, on the wire (RTX payload type).
+    hub_transport = server.media._connections[flooder.welcome().peer_id].receivers["video"]
+    hub_transport = hub_transport.transport
+    send_rtp = hub_transport._send_rtp
+    retransmitted = 0
+
+    async def count(data: bytes) -> None:
+        nonlocal retransmitted
+        retransmitted += data[1] & 0x7F == RTX_PAYLOAD_TYPE
+        await send_rtp(data)
+
+    hub_transport._send_rtp = count
+    await wait_for(lambda: any(len(seqs) >= 100 for seqs in latest.values()), timeout=30)
+    loop = asyncio.get_running_loop()
+    started = loop.time()  # (the hub runs on this loop: one clock for both)
+    text = await metrics(server)
+    granted_before = metric(text, "blindhub_media_retransmissions_total")
+    refused_before = metric(text, "blindhub_media_retransmissions_refused_total")
+    retransmitted_before = retransmitted
+    quiet_before = quiet.video_from(source)
+    requested = 0
+    flooding = True
+
+    async def flood() -> None:
+        # Every 10 ms, a NACK for every packet of the hub's history of that leg.
+        nonlocal requested
+        while flooding:
+            for ssrc, seqs in list(latest.items()):
+                # (sorted: aiortc packs a NACK's list in ascending order only)
+                lost = sorted(seqs)
+                nack = RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1, media_ssrc=ssrc, lost=lost)
+                await client_transport._send_rtp(bytes(nack))
+                requested += len(seqs)
+            await asyncio.sleep(0.01)  # pacing only
+
+    flood_task = asyncio.create_task(flood())
+    try:
+        # The other subscriber gets 60 frames of the publisher's video meanwhile.
+        await wait_for(lambda: quiet.video_from(source) - quiet_before >= 60, timeout=30)
+        await wait_for(lambda: requested >= 20 * RTX_BURST)
+    finally:
+        flooding = False
+        await flood_task
+    text = await metrics(server)
+    elapsed = loop.time() - started
+    granted = metric(text, "blindhub_media_retransmissions_total") - granted_before
+    refused = metric(text, "blindhub_media_retransmissions_refused_total") - refused_before
+    # The flooder's connection had at most a full bucket when the flood began.
+    allowed = RTX_BURST + RTX_RATE * elapsed
+    assert granted <= allowed, (granted, allowed, elapsed)
+    assert retransmitted - retransmitted_before <= granted, (retransmitted, granted)
+    assert retransmitted - retransmitted_before >= RTX_BURST // 2, retransmitted
+    assert refused >= requested // 2, (refused, requested)
+    # The flooded hub answers the others as before.
+    before = quiet.video_from(source)
+    await wait_for(lambda: quiet.video_from(source) >= before + 10)
 
 
 async def test_a_publisher_spraying_ssrcs_keeps_the_hub_bounded(routed):
