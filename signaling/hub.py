@@ -120,7 +120,7 @@ class TokenBucket:
             tokens = self.tokens + elapsed * rate.rate_per_second
             self.tokens = tokens if tokens < rate.rate_burst else float(rate.rate_burst)
         self.refilled_at = now
-        taken = min(wanted, int(self.tokens))
+        taken = wanted if self.tokens >= wanted else int(self.tokens)
         self.tokens -= taken
         return taken
 
