@@ -319,7 +319,7 @@ async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
 ):
     """Mid-call, Chromium's sender of one kind stops going through the page's worker: its
     frames leave in clear. The page ends its call within a few audits, saying so; alice and
-    bob got frames from it that did not decrypt, and keep their call.
+    bob keep their call.
 
     (With the audio sender's transform removed, Chromium 150 sends no audio at all: nothing
     leaves, nothing to catch, so the microphone is bypassed with a transform of the test's.)"""
@@ -337,10 +337,6 @@ async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
         assert found is not None, state
         assert int(found[1]) > int(found[2]), state
         await the_others_keep_their_call(group.alice, group.bob)
-    for summary in group.summaries:
-        [browser] = [m for m in summary.members.values() if m.name == "browser"]
-        # The bypass was real: frames in clear reached them, and none decrypted.
-        assert getattr(browser, kind)["failed"] > 0, getattr(browser, kind)
 
 
 async def test_the_audit_ends_the_call_when_ciphertext_reaches_an_audio_decoder(
