@@ -11,14 +11,20 @@ never exceeds what the worker decrypted and passed on.
 """
 
 import asyncio
+import contextlib
 import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from client.experiment.analysis import dominant_frequency
-from client.group_call import GroupCall
+from client.group_call import GroupCall, GroupStats
 from signaling.protocol import PeerId
+from signaling.server import HubServer
 from tests.browser import chromium, fake_media_args, require_chromium, web_server, write_tone
 from tests.conftest import wait_for
 from tests.test_group_call import AUDIO_SAMPLES, TONES, member, start_routed_hub  # noqa: F401
@@ -91,91 +97,122 @@ async def confirm_every_sas(page, count: int) -> None:
         )
 
 
-async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path):  # noqa: F811
+@dataclass
+class BrowserInGroup:
+    """The page between two Python members, alice and bob; ``summaries`` (alice's, bob's) once
+    both hung up."""
+
+    page: Any
+    alice: GroupCall
+    bob: GroupCall
+    tasks: list[asyncio.Task[GroupStats]]
+    summaries: list[GroupStats] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def browser_between_alice_and_bob(
+    hub: HubServer, tmp_path: Path, init_script: str | None = None, bypass_csp: bool = False
+) -> AsyncIterator[BrowserInGroup]:
+    """alice (Python) in the room first, then the page (it answers alice's key agreement), then
+    bob (Python; the page starts that one), every SAS confirmed on the page; ``init_script``
+    runs in the page before its own scripts."""
     executable = require_chromium()
-    hub = await start_routed_hub()
     tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
     alice = GroupCall(member(hub, "alice"))
     bob = GroupCall(member(hub, "bob"))
     tasks = [asyncio.create_task(alice.run())]
+    group: BrowserInGroup | None = None
     try:
         with web_server(hub.url) as url:
             async with chromium(executable, fake_media_args(tone)) as browser:
                 await wait_for(lambda: alice.session is not None)
-                page = await (await browser.new_context()).new_page()
+                context = await browser.new_context(bypass_csp=bypass_csp)
+                if init_script is not None:
+                    await context.add_init_script(init_script)
+                page = await context.new_page()
                 await page.goto(f"{url}?room=group&name=browser&autojoin=1")
                 await page.locator("#log", has_text="joined room group").wait_for()
                 tasks.append(asyncio.create_task(bob.run()))
                 await confirm_every_sas(page, 2)
-
-                # The same code on the three screens, over the three members.
-                def python_codes() -> set[str | None]:
-                    return {alice.stats.security_code, bob.stats.security_code}
-
-                code = ""
-                for _ in range(120):
-                    code = await page.locator("#group-code").text_content() or ""
-                    rows = await page.locator("#roster tbody tr").count()
-                    if rows == 2 and python_codes() == {code}:
-                        break
-                    await asyncio.sleep(0.25)
-                assert python_codes() == {code}, (code, python_codes())
-                state = await page.locator("#state.state-secure").text_content() or ""
-                assert "End-to-end encrypted (AES_128_GCM_SHA256_128) with alice" in state
-                assert "bob" in state and code in state
-
-                await hears(page, "alice", TONES["alice"])
-                await hears(page, "bob", TONES["bob"])
-
-                def heard_browser(call: GroupCall) -> bool:
-                    return any(
-                        call.stats.members.get(peer) is not None
-                        and call.stats.members[peer].name == "browser"
-                        and len(media.samples) >= AUDIO_SAMPLES
-                        for peer, media in call.received.items()
-                    )
-
-                await wait_for(lambda: heard_browser(alice) and heard_browser(bob), timeout=30)
-                for name in ("alice", "bob"):
-                    row = await member_row(page, name)
-                    for kind in ("audio", "video"):
-                        # Both kinds decrypt, and none fails.
-                        cell = await row.locator("td.decrypted").element_handle()
-                        try:
-                            await page.wait_for_function(
-                                "([cell, kind]) => Number(cell.dataset[kind]) > 0", arg=[cell, kind]
-                            )
-                        except Exception:
-                            raise AssertionError(
-                                (await page.locator("#roster").get_attribute("data-counters") or "")
-                                + await page.locator("#log").inner_text()
-                            ) from None
-                        failed = await row.locator("td.failed").get_attribute(f"data-{kind}")
-                        assert failed == "0", (name, kind, failed)
-                audit = await audit_once_decoded(page)
-                slots = audit["slots"]
-                assert sorted(slot["kind"] for slot in slots.values()) == [
-                    "audio",
-                    "audio",
-                    "video",
-                    "video",
-                ], slots
-                for mid, slot in slots.items():
-                    # Every frame a decoder got went through the worker, which decrypted it.
-                    assert slot["given"] >= slot["passed"] > 0, (mid, slot)
-                    per_frame = 1 if slot["kind"] == "video" else OPUS_FRAME_SAMPLES
-                    assert slot["decoded"] <= slot["passed"] * per_frame, (mid, slot)
-                for kind in ("audio", "video"):
-                    # And nothing left that the worker did not encrypt.
-                    sent = audit["sent"][kind]
-                    assert sent["encrypted"] >= sent["left"] > 0, (kind, audit["sent"])
-                await page.locator("#leave").click()
-                await page.locator("#state", has_text="Group call ended").wait_for()
+                group = BrowserInGroup(page, alice, bob, tasks)
+                yield group
     finally:
         for call in (alice, bob):
             call.hangup("done")
         summaries = await asyncio.gather(*tasks)
-    for call, summary in zip((alice, bob), summaries, strict=True):
+    if group is not None:
+        group.summaries = summaries
+
+
+async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path):  # noqa: F811
+    hub = await start_routed_hub()
+    async with browser_between_alice_and_bob(hub, tmp_path) as group:
+        page, alice, bob = group.page, group.alice, group.bob
+
+        # The same code on the three screens, over the three members.
+        def python_codes() -> set[str | None]:
+            return {alice.stats.security_code, bob.stats.security_code}
+
+        code = ""
+        for _ in range(120):
+            code = await page.locator("#group-code").text_content() or ""
+            rows = await page.locator("#roster tbody tr").count()
+            if rows == 2 and python_codes() == {code}:
+                break
+            await asyncio.sleep(0.25)
+        assert python_codes() == {code}, (code, python_codes())
+        state = await page.locator("#state.state-secure").text_content() or ""
+        assert "End-to-end encrypted (AES_128_GCM_SHA256_128) with alice" in state
+        assert "bob" in state and code in state
+
+        await hears(page, "alice", TONES["alice"])
+        await hears(page, "bob", TONES["bob"])
+
+        def heard_browser(call: GroupCall) -> bool:
+            return any(
+                call.stats.members.get(peer) is not None
+                and call.stats.members[peer].name == "browser"
+                and len(media.samples) >= AUDIO_SAMPLES
+                for peer, media in call.received.items()
+            )
+
+        await wait_for(lambda: heard_browser(alice) and heard_browser(bob), timeout=30)
+        for name in ("alice", "bob"):
+            row = await member_row(page, name)
+            for kind in ("audio", "video"):
+                # Both kinds decrypt, and none fails.
+                cell = await row.locator("td.decrypted").element_handle()
+                try:
+                    await page.wait_for_function(
+                        "([cell, kind]) => Number(cell.dataset[kind]) > 0", arg=[cell, kind]
+                    )
+                except Exception:
+                    raise AssertionError(
+                        (await page.locator("#roster").get_attribute("data-counters") or "")
+                        + await page.locator("#log").inner_text()
+                    ) from None
+                failed = await row.locator("td.failed").get_attribute(f"data-{kind}")
+                assert failed == "0", (name, kind, failed)
+        audit = await audit_once_decoded(page)
+        slots = audit["slots"]
+        assert sorted(slot["kind"] for slot in slots.values()) == [
+            "audio",
+            "audio",
+            "video",
+            "video",
+        ], slots
+        for mid, slot in slots.items():
+            # Every frame a decoder got went through the worker, which decrypted it.
+            assert slot["given"] >= slot["passed"] > 0, (mid, slot)
+            per_frame = 1 if slot["kind"] == "video" else OPUS_FRAME_SAMPLES
+            assert slot["decoded"] <= slot["passed"] * per_frame, (mid, slot)
+        for kind in ("audio", "video"):
+            # And nothing left that the worker did not encrypt.
+            sent = audit["sent"][kind]
+            assert sent["encrypted"] >= sent["left"] > 0, (kind, audit["sent"])
+        await page.locator("#leave").click()
+        await page.locator("#state", has_text="Group call ended").wait_for()
+    for call, summary in zip((alice, bob), group.summaries, strict=True):
         [(peer, stats)] = [(p, m) for p, m in summary.members.items() if m.name == "browser"]
         media = call.received[PeerId(peer)]
         heard = dominant_frequency(media.samples, media.sample_rate)
@@ -184,3 +221,147 @@ async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path
         assert stats.video.get("frames", 0) > 0 and stats.video.get("failed", 0) == 0, stats.video
         others = [m for m in summary.members.values() if m.name not in ("browser", None)]
         assert all(m.audio["failed"] == 0 for m in others), others
+
+
+# -- the page's audit, tripped: Chromium made to send or decode around the page's worker
+
+# The page audits every second (group.js AUDIT_INTERVAL): a bypass must end its call within
+# five audits.
+AUDIT_BOUND_MS = 5_000
+
+# Every RTCPeerConnection the page makes, recorded before its scripts run: the test reaches the
+# page's connection to the hub without a hook in the page.
+RECORD_CONNECTIONS = """(() => {
+  const Native = window.RTCPeerConnection;
+  window.recordedConnections = [];
+  window.RTCPeerConnection = class extends Native {
+    constructor(...args) {
+      super(...args);
+      window.recordedConnections.push(this);
+    }
+  };
+})();"""
+
+# Takes the page's worker off its sender (side "send") or off every receiving slot ("receive")
+# of one kind: "removed" sets the transform to null, "passed-through" gives the frames to a
+# worker of the test's that hands each on unchanged. Returns the mids.
+BYPASS = """([side, kind, how]) => {
+  const [pc] = window.recordedConnections;
+  const passThrough = () => {
+    const code = "onrtctransform = ({ transformer: t }) => t.readable.pipeTo(t.writable);";
+    const worker = new Worker(URL.createObjectURL(new Blob([code], { type: "text/javascript" })));
+    return new RTCRtpScriptTransform(worker, {});
+  };
+  const bypassed = [];
+  for (const transceiver of pc.getTransceivers()) {
+    const direction = side === "send" ? "sendonly" : "recvonly";
+    if (transceiver.receiver.track.kind !== kind || transceiver.direction !== direction) continue;
+    const end = side === "send" ? transceiver.sender : transceiver.receiver;
+    end.transform = how === "removed" ? null : passThrough();
+    bypassed.push(transceiver.mid);
+  }
+  return bypassed;
+}"""
+
+
+async def bypass_and_time_the_end(page, side: str, kind: str, how: str) -> str:
+    """Bypass the worker once every slot decoded, and return the state line the page shows
+    when it ends the call; fails if that takes longer than AUDIT_BOUND_MS."""
+    await audit_once_decoded(page)
+    assert await page.evaluate(BYPASS, [side, kind, how]), (side, kind)
+    failed = page.locator("#state.state-failed")
+    try:
+        await failed.wait_for(timeout=AUDIT_BOUND_MS)
+    except Exception:
+        audit = await page.locator("#roster").get_attribute("data-audit")
+        raise AssertionError(f"the call went on past {AUDIT_BOUND_MS} ms: {audit}") from None
+    return await failed.text_content() or ""
+
+
+async def the_others_keep_their_call(alice: GroupCall, bob: GroupCall) -> None:
+    """alice and bob see the page leave, and each goes on hearing the other."""
+
+    def browser_left(call: GroupCall) -> bool:
+        return any(m.name == "browser" and m.left for m in call.stats.members.values())
+
+    def heard(call: GroupCall, name: str) -> int:
+        members = call.stats.members
+        return sum(
+            len(media.samples)
+            for peer, media in call.received.items()
+            if peer in members and members[peer].name == name
+        )
+
+    await wait_for(lambda: browser_left(alice) and browser_left(bob), timeout=15)
+    before = heard(alice, "bob"), heard(bob, "alice")
+    # A further second of each other's audio.
+    await wait_for(
+        lambda: (
+            heard(alice, "bob") >= before[0] + 48_000 and heard(bob, "alice") >= before[1] + 48_000
+        ),
+        timeout=10,
+    )
+    assert not any(m.left for m in alice.stats.members.values() if m.name == "bob")
+    assert not any(m.left for m in bob.stats.members.values() if m.name == "alice")
+
+
+@pytest.mark.parametrize(
+    ("kind", "how", "unit"),
+    [("video", "removed", "frames"), ("audio", "passed-through", "packets")],
+    ids=["camera-transform-removed", "microphone-passed-through"],
+)
+async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
+    start_routed_hub,  # noqa: F811
+    tmp_path,
+    kind,
+    how,
+    unit,
+):
+    """Mid-call, Chromium's sender of one kind stops going through the page's worker: its
+    frames leave in clear. The page ends its call within a few audits, saying so; alice and
+    bob keep their call.
+
+    (With the audio sender's transform removed, Chromium 150 sends no audio at all: nothing
+    leaves, nothing to catch, so the microphone is bypassed with a transform of the test's.)"""
+    hub = await start_routed_hub()
+    async with browser_between_alice_and_bob(
+        hub, tmp_path, RECORD_CONNECTIONS, bypass_csp=how == "passed-through"
+    ) as group:
+        state = await bypass_and_time_the_end(group.page, "send", kind, how)
+        found = re.fullmatch(
+            r"NOT end-to-end encrypted: the group call failed \(CallFailed\): the browser sent "
+            rf"(\d+) {kind} {unit} from (\d+) frames our worker encrypted: media left "
+            r"unencrypted\. No media is sent\.",
+            state,
+        )
+        assert found is not None, state
+        assert int(found[1]) > int(found[2]), state
+        await the_others_keep_their_call(group.alice, group.bob)
+
+
+async def test_the_audit_ends_the_call_when_ciphertext_reaches_an_audio_decoder(
+    start_routed_hub,  # noqa: F811
+    tmp_path,
+):
+    """Mid-call, the members' audio slots stop going through the page's worker: Chromium's
+    Opus decoder takes the SFrame ciphertext as audio and makes noise of it. The page ends its
+    call within a few audits, saying so, however long the call had lasted; alice and bob keep
+    theirs.
+
+    Not tested, as nothing there can be caught: a receiver's transform set to null (Chromium
+    150 then gives its decoder nothing at all), and ciphertext passed on to a video slot (no
+    VP8 frame decodes from it, so Chromium counts none decoded)."""
+    hub = await start_routed_hub()
+    async with browser_between_alice_and_bob(
+        hub, tmp_path, RECORD_CONNECTIONS, bypass_csp=True
+    ) as group:
+        state = await bypass_and_time_the_end(group.page, "receive", "audio", "passed-through")
+        found = re.fullmatch(
+            r"NOT end-to-end encrypted: the group call failed \(CallFailed\): the browser decoded "
+            r"(\d+) audio samples on slot (\d+) from (\d+) frames our worker decrypted: media "
+            r"reached a decoder without being decrypted\. No media is sent\.",
+            state,
+        )
+        assert found is not None, state
+        assert int(found[1]) > int(found[3]) * OPUS_FRAME_SAMPLES, state
+        await the_others_keep_their_call(group.alice, group.bob)

@@ -20,7 +20,8 @@
 // `ui` receives the pairs' updates ({peerId, state, ...}, as call.js's) and the group's:
 // {roster: [{peerId, name, fingerprint, status}]}, {code}, {counters}, {slotTrack: {mid,
 // kind, track}}, {slots: {mid: peerId}}, {audit: {sent: {kind: {left, encrypted}}, slots: {mid:
-// {kind, packets, given, passed, decoded}}}}, {memberLeft: peerId}, {log}, {ended}, {error}.
+// {kind, packets, given, passed, decoded, allowed}}}}, {memberLeft: peerId}, {log}, {ended},
+// {error}.
 //
 // The audit, every AUDIT_INTERVAL: what Chromium sent and decoded (getStats) against what the
 // worker encrypted and passed on to each slot's decoder. Media that went around the worker
@@ -35,9 +36,6 @@ const SWITCH_BOUND = 500;
 const REKEY_TIMEOUT = 10_000;
 const GRACE = 2_000;
 const AUDIT_INTERVAL = 1_000;
-// Audio is counted in samples: a frame passed on yields at most two of Opus's longest frames
-// (120 ms at 48 kHz), its own and, by in-band FEC, the one lost before it.
-const MAX_SAMPLES_PER_FRAME = 2 * 5_760;
 
 
 export class GroupCall {
@@ -361,10 +359,17 @@ export class GroupCall {
         sent[report.kind] = { left, encrypted: counted.sent[report.kind] };
         if (left > counted.sent[report.kind]) bypassed = `sent ${left} ${report.kind} ${video ? "frames" : "packets"} from ${counted.sent[report.kind]} frames our worker encrypted: media left unencrypted`;
       } else if (report.type === "inbound-rtp") {
-        const { given, passed } = counted.slots[report.mid] || { given: 0, passed: 0 };
+        const { given, passed, samples, longest } = counted.slots[report.mid] || { given: 0, passed: 0, samples: 0, longest: 0 };
         const decoded = (video ? report.framesDecoded : report.jitterBufferEmittedCount) || 0;
-        slots[report.mid] = { kind: report.kind, packets: report.packetsReceived, given, passed, decoded };
-        if (decoded > (video ? passed : passed * MAX_SAMPLES_PER_FRAME)) bypassed = `decoded ${decoded} ${report.kind} ${video ? "frames" : "samples"} on slot ${report.mid} from ${passed} frames our worker decrypted: media reached a decoder without being decrypted`;
+        // Audio is counted in samples: those of the frames passed on (the worker reads each
+        // one's length), and for every frame that did not come through us (lost on the way, or
+        // not passed on) at most the longest of ours again, which in-band FEC may rebuild from
+        // the frame after it. Ciphertext decoded as noise goes past this within an interval;
+        // a bound per frame passed on would let it run for as long as the call had lasted.
+        const missing = given - passed + Math.max(0, report.packetsLost || 0);
+        const allowed = video ? passed : samples + missing * longest;
+        slots[report.mid] = { kind: report.kind, packets: report.packetsReceived, given, passed, decoded, allowed };
+        if (decoded > allowed) bypassed = `decoded ${decoded} ${report.kind} ${video ? "frames" : "samples"} on slot ${report.mid} from ${passed} frames our worker decrypted: media reached a decoder without being decrypted`;
       }
       if (bypassed !== null) {
         this.pc.close();

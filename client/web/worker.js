@@ -16,7 +16,7 @@
 // decrypts under the key of the member the slot is mapped to, holding a frame whose key has not
 // come for at most HOLD_MS; the worker answers {type: "group-counters", ...} twice a second, and
 // {type: "group-audit"} with {type: "group-audit", sent: {audio, video}, slots: {mid: {kind,
-// given, passed}}}.
+// given, passed, samples, longest}}}.
 
 import { ReceiveContext, SendContext } from "./sframe.js";
 import { SenderKey, SenderKeyReceiver } from "./senderkeys.js";
@@ -38,9 +38,32 @@ const count = (kind, name) => {
 // The group call's state: a receiver per member, the slot map, the members gone.
 const group = { receivers: new Map(), owners: new Map(), departed: new Set(), holding: new Map(), firstAudio: {}, unmapped: 0, suite: null };
 // Each receiving slot's frames, by mid: every one its transform was given and every one it
-// passed on to the decoder. The page compares them with what Chromium says it decoded
-// (group.js audit): a decoder that got more than this passed on was fed around the worker.
+// passed on to the decoder, and for audio the samples those hold and the longest of them. The
+// page compares them with what Chromium says it decoded (group.js audit): a decoder that got
+// more than this passed on was fed around the worker.
 const slotFrames = new Map();
+
+// An Opus packet's length in samples at 48 kHz, from its TOC byte (RFC 6716 section 3.1): the
+// frame size of its configuration times its frame count. One that does not parse counts as the
+// longest packet Opus has (120 ms), so that the audit never takes it for more than it may be.
+const OPUS_MAX_SAMPLES = 5_760;
+function opusSamples(packet) {
+  if (packet.length === 0) return OPUS_MAX_SAMPLES;
+  const config = packet[0] >> 3;
+  const frame = config < 12 ? [480, 960, 1920, 2880][config % 4] : config < 16 ? [480, 960][config % 2] : [120, 240, 480, 960][config % 4];
+  const code = packet[0] & 3;
+  const frames = code === 0 ? 1 : code < 3 ? 2 : packet.length > 1 ? packet[1] & 0x3f : 0;
+  const samples = frame * frames;
+  return samples > 0 && samples <= OPUS_MAX_SAMPLES ? samples : OPUS_MAX_SAMPLES;
+}
+
+function passedOn(counted, plaintext) {
+  counted.passed++;
+  if (counted.kind !== "audio") return;
+  const samples = opusSamples(plaintext);
+  counted.samples += samples;
+  counted.longest = Math.max(counted.longest, samples);
+}
 
 function memberReceiver(peerId) {
   let receiver = group.receivers.get(peerId);
@@ -78,7 +101,7 @@ async function onGroupMessage(data) {
       clearTimeout(group.holding.get(`${data.peerId} ${kind}`));
       group.holding.delete(`${data.peerId} ${kind}`);
       decrypted(data.peerId, kind);
-      tag.counted.passed++;
+      passedOn(tag.counted, plaintext);
       tag.frame.data = plaintext.buffer;
       tag.controller.enqueue(tag.frame);
     }
@@ -174,7 +197,7 @@ function unprotecting(kind) {
 // A receiving slot of a group call: whose frames it carries is the hub's word, so a frame is
 // decrypted under that member's sender keys only, and one under any other key fails.
 function unprotectingSlot(kind, mid) {
-  const counted = { kind, given: 0, passed: 0 };
+  const counted = { kind, given: 0, passed: 0, samples: 0, longest: 0 };
   slotFrames.set(mid, counted);
   return async (frame, controller) => {
     counted.given++;
@@ -192,7 +215,7 @@ function unprotectingSlot(kind, mid) {
     if (plaintext !== null) {
       frame.data = plaintext.buffer;
       decrypted(owner, kind);
-      counted.passed++;
+      passedOn(counted, plaintext);
       controller.enqueue(frame);
       return;
     }
