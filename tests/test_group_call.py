@@ -20,11 +20,14 @@ from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSess
 from client.call import CallConfig
 from client.exit_codes import ExitCode
 from client.experiment.analysis import dominant_frequency, tone_correlation
-from client.group_call import GroupCall, GroupCallbacks, GroupStats
+from client.frame_transform import FrameTransform
+from client.group_call import GroupCall, GroupCallbacks, GroupParts, GroupStats
 from client.hub_connection import HubConnection
 from client.media import PatternTrack, ToneTrack, read_pattern_number
 from client.session import CallError, VerificationRefused, Verify
+from crypto.frame_crypto import FrameCounters, SFrameSender
 from crypto.identity import IdentityKey, KnownPeers
+from crypto.sender_keys import SenderKeyCounters
 from signaling.hub import Limits
 from signaling.media_server import MediaServer
 from signaling.protocol import MediaOffer, PeerId
@@ -333,6 +336,65 @@ async def test_a_garbage_member_and_one_that_leaves_mid_handshake_disturb_nobody
         # The garbage member's frames were never decoded: never decrypted, all refused.
         unnamed = [m for m in summary.members.values() if not m.name]
         assert all(m.audio.get("frames", 0) == 0 and m.video.get("frames", 0) == 0 for m in unnamed)
+
+
+class ClearVideoSender(SFrameSender):
+    """A keyed member's sender whose video leaves in clear, as the encoder made it (audio is
+    encrypted as usual, so its receivers hold its keys): what a broken or hostile client can
+    send, and the case a browser with its camera's transform removed does not produce
+    (Chromium 150 then puts no video packet on the wire at all)."""
+
+    def transform(self, kind: str) -> FrameTransform:
+        if kind != "video":
+            return super().transform(kind)
+        counters = self.counters.setdefault(kind, FrameCounters())
+
+        def clear(frame: bytes) -> bytes:
+            counters.frames += 1
+            return frame
+
+        return clear
+
+
+async def test_a_members_video_in_clear_is_refused_and_never_decoded(start_routed_hub):
+    """bob is keyed and his audio decrypts, but his VP8 frames cross the hub unencrypted. Each
+    one reaches alice's receiver for bob, which refuses it (it parses as an SFrame header with
+    some KID, and no key of bob's authenticates it): alice decodes no picture from bob, and
+    counts every frame of his video as refused, none decrypted."""
+    hub = await start_routed_hub()
+    alice = GroupCall(member(hub, "alice"))
+    bob = GroupCall(member(hub, "bob"), parts=GroupParts(sender=ClearVideoSender))
+    tasks = [asyncio.create_task(call.run()) for call in (alice, bob)]
+
+    def bob_video_at_alice() -> SenderKeyCounters:
+        receiver = alice.receivers.get(peer_named(alice, "bob"))
+        return (receiver.counters.get("video") if receiver else None) or SenderKeyCounters()
+
+    def refused(counters: SenderKeyCounters) -> int:
+        return counters.failed + counters.held + counters.before_join
+
+    try:
+        await wait_for(lambda: any(m.name == "bob" for m in alice.stats.members.values()), 30)
+        # Clear VP8 frames reached alice's transform: about 2 s of bob's video, with the
+        # keyframes alice asks for on each failure among them.
+        await wait_for(lambda: refused(bob_video_at_alice()) >= 40, timeout=30)
+        await wait_for(lambda: samples_from(alice, "bob") >= AUDIO_SAMPLES, timeout=30)
+    finally:
+        for call in (alice, bob):
+            call.hangup("done")
+        summaries = await asyncio.gather(*tasks)
+    from_bob = alice.received[peer_named(alice, "bob")]
+    # bob is a keyed member: his encrypted audio plays ...
+    assert abs(dominant_frequency(from_bob.samples, from_bob.sample_rate) - TONES["bob"]) <= 5
+    # ... but no frame of his clear video reached a decoder, and each one is counted.
+    assert (from_bob.video_frames, from_bob.pattern_numbers) == (0, [])
+    video = summaries[0].members[peer_named(alice, "bob")].video
+    assert video["frames"] == video["released"] == 0, video
+    assert video["received"] == video["failed"] + video["held"] + video["before_join"], video
+    assert video["failed"] > 0, video
+    # The control: the same decoders read alice's encrypted pattern at bob.
+    assert bob.received[peer_named(bob, "alice")].pattern_numbers
+    assert bob.stats.sent["video"]["frames"] >= video["received"]
 
 
 async def test_the_call_command_in_a_routed_room_shows_roster_code_and_members(

@@ -322,7 +322,9 @@ async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
     bob keep their call.
 
     (With the audio sender's transform removed, Chromium 150 sends no audio at all: nothing
-    leaves, nothing to catch, so the microphone is bypassed with a transform of the test's.)"""
+    leaves, nothing to catch, so the microphone is bypassed with a transform of the test's.
+    With the camera's removed, Chromium 150 also sends nothing, but goes on counting the
+    frames as sent: the audit catches that count, and alice and bob get no clear frame.)"""
     hub = await start_routed_hub()
     async with browser_between_alice_and_bob(
         hub, tmp_path, RECORD_CONNECTIONS, bypass_csp=how == "passed-through"
@@ -337,6 +339,17 @@ async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
         assert found is not None, state
         assert int(found[1]) > int(found[2]), state
         await the_others_keep_their_call(group.alice, group.bob)
+    if kind == "video":
+        # Chromium counts the camera's frames as sent (framesSent, which the audit reads) but
+        # puts none of them on the wire once the transform is removed: its packetsSent stops
+        # and the hub receives no further video packet from the page. So no clear VP8 frame
+        # reaches alice or bob, and nothing of the page's video fails there. (A clear VP8
+        # frame that did arrive would parse as an SFrame header, and about half of them under
+        # a KID of the page's generation, which fail: see
+        # tests/test_group_call.py::test_a_members_video_in_clear_is_refused_and_never_decoded.)
+        for summary in group.summaries:
+            [browser] = [m for m in summary.members.values() if m.name == "browser"]
+            assert browser.video["failed"] == 0, browser.video
 
 
 async def test_the_audit_ends_the_call_when_ciphertext_reaches_an_audio_decoder(
