@@ -31,6 +31,7 @@ FILES: Final = {
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/audit.js": ("audit.js", "text/javascript; charset=utf-8"),
     "/call.js": ("call.js", "text/javascript; charset=utf-8"),
     "/group.js": ("group.js", "text/javascript; charset=utf-8"),
     "/hub.js": ("hub.js", "text/javascript; charset=utf-8"),

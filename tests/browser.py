@@ -109,3 +109,58 @@ def fake_media_args(tone_wav: Path) -> list[str]:
         # The page plays what it receives without a click (a person's click on Join allows it).
         "--autoplay-policy=no-user-gesture-required",
     ]
+
+
+# -- the page's audit (client/web/audit.js), tripped: Chromium made to send or decode around the
+# page's worker
+
+# The page audits every second: a bypass must end its call within five audits.
+AUDIT_BOUND_MS = 5_000
+
+# Every RTCPeerConnection the page makes, recorded before its scripts run (a context's init
+# script): the test reaches the page's media connection without a hook in the page.
+RECORD_CONNECTIONS = """(() => {
+  const Native = window.RTCPeerConnection;
+  window.recordedConnections = [];
+  window.RTCPeerConnection = class extends Native {
+    constructor(...args) {
+      super(...args);
+      window.recordedConnections.push(this);
+    }
+  };
+})();"""
+
+# Takes the page's worker off every sender (side "send") or every receiver ("receive") of one
+# kind on its first connection: "removed" sets the transform to null, "passed-through" gives the
+# frames to a worker of the test's that hands each on unchanged (a worker from a blob: URL, so
+# the context must bypass the page's Content-Security-Policy). Returns the mids.
+BYPASS = """([side, kind, how]) => {
+  const [pc] = window.recordedConnections;
+  const passThrough = () => {
+    const code = "onrtctransform = ({ transformer: t }) => t.readable.pipeTo(t.writable);";
+    const worker = new Worker(URL.createObjectURL(new Blob([code], { type: "text/javascript" })));
+    return new RTCRtpScriptTransform(worker, {});
+  };
+  const bypassed = [];
+  for (const transceiver of pc.getTransceivers()) {
+    const way = side === "send" ? "send" : "recv";
+    if (transceiver.receiver.track.kind !== kind || !transceiver.direction.includes(way)) continue;
+    const end = side === "send" ? transceiver.sender : transceiver.receiver;
+    end.transform = how === "removed" ? null : passThrough();
+    bypassed.push(transceiver.mid);
+  }
+  return bypassed;
+}"""
+
+
+async def bypass_and_time_the_end(page: Any, side: str, kind: str, how: str) -> str:
+    """Bypass the page's worker (``BYPASS``) and return the state line the page shows when it
+    ends the call; fails if that takes longer than AUDIT_BOUND_MS."""
+    assert await page.evaluate(BYPASS, [side, kind, how]), (side, kind)
+    failed = page.locator("#state.state-failed")
+    try:
+        await failed.wait_for(timeout=AUDIT_BOUND_MS)
+    except Exception:
+        audit = await page.locator("#roster").get_attribute("data-audit")
+        raise AssertionError(f"the call went on past {AUDIT_BOUND_MS} ms: {audit}") from None
+    return await failed.text_content() or ""

@@ -4,18 +4,23 @@ Python peer (``blindhub call``) in both directions.
 Each Chromium peer is a context of one headless Chromium whose fake microphone plays a tone WAV
 the test wrote; the page shows the strongest frequency it receives (a WebAudio analyser on the
 decrypted remote track), which the test reads; its fake camera sends Chromium's test pattern.
-Both sides must show the same SAS, and every frame, audio and video, must decrypt.
+Both sides must show the same SAS, and every frame, audio and video, must decrypt, and every
+frame Chromium sends or decodes must have gone through the page's worker (the page's audit);
+made to go around it mid-call, the page ends its call.
 """
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
 import sys
 import wave
 from array import array
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiortc import RTCPeerConnection
@@ -27,7 +32,15 @@ from client.session import CallFailed, IdentityMismatch
 from crypto.frame_crypto import DEFAULT_SUITE
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameHeader
-from tests.browser import chromium, fake_media_args, require_chromium, web_server, write_tone
+from tests.browser import (
+    RECORD_CONNECTIONS,
+    bypass_and_time_the_end,
+    chromium,
+    fake_media_args,
+    require_chromium,
+    web_server,
+    write_tone,
+)
 from tests.conftest import VP8, decode_all, decoded_audio, wait_for, wire_frames
 from tests.rtp_wire import RawTap, describe, sframe_body_size
 from tests.test_call import config as call_config
@@ -41,10 +54,17 @@ TOLERANCE = 5.0
 SAS = re.compile(r"SAS to read aloud: (\d{5} \d{5} \d{5})")
 OPUS_FRAME_BYTES = AUDIO_BITRATE // 8 * 20 // 1000
 DECODED_PICTURE = "() => document.getElementById('remote-video').videoWidth > 0"
+# The Python peer sends 20 ms Opus frames at 48 kHz.
+OPUS_FRAME_SAMPLES = 960
 
 
-async def open_peer(browser, url: str, room: str, name: str):
-    context = await browser.new_context()
+async def open_peer(
+    browser, url: str, room: str, name: str, init_script: str | None = None, bypass_csp=False
+):
+    """The page in a context of its own; ``init_script`` runs before the page's scripts."""
+    context = await browser.new_context(bypass_csp=bypass_csp)
+    if init_script is not None:
+        await context.add_init_script(init_script)
     page = await context.new_page()
     await page.goto(f"{url}?room={room}&name={name}&autojoin=1")
     return page
@@ -89,6 +109,36 @@ async def counters(page, kind: str | None = None) -> dict[str, int]:
             break
         await asyncio.sleep(0.25)
     return seen
+
+
+async def audit_once_decoded(page) -> dict[str, Any]:
+    """The page's last audit (Chromium's counts against its worker's, client/web/audit.js) once
+    both receivers, audio and video, decoded something: ``sent`` by kind (``left``: audio
+    packets or video frames Chromium sent, ``encrypted``: frames the worker encrypted) and
+    ``slots`` by mid (kind, packets, frames the worker was given and passed on, frames or audio
+    samples decoded, and the most the audit allows)."""
+    audit: dict[str, Any] = {}
+    for _ in range(120):
+        audit = json.loads(await page.locator("#roster").get_attribute("data-audit") or "{}")
+        slots = audit.get("slots", {}).values()
+        if sorted(s["kind"] for s in slots) == ["audio", "video"] and all(
+            s["decoded"] > 0 for s in slots
+        ):
+            return audit
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"not every receiver decoded: {audit}")
+
+
+def assert_everything_went_through_the_worker(audit: dict[str, Any]) -> None:
+    for mid, slot in audit["slots"].items():
+        # Every frame a decoder got went through the worker, which decrypted it.
+        assert slot["given"] >= slot["passed"] > 0, (mid, slot)
+        per_frame = 1 if slot["kind"] == "video" else OPUS_FRAME_SAMPLES
+        assert slot["decoded"] <= slot["passed"] * per_frame, (mid, slot)
+    for kind in ("audio", "video"):
+        # And nothing left that the worker did not encrypt.
+        sent = audit["sent"][kind]
+        assert sent["encrypted"] >= sent["left"] > 0, (kind, audit["sent"])
 
 
 async def secure_state(page) -> str:
@@ -213,6 +263,7 @@ async def test_browser_and_python_peer(hub, tmp_path, browser_first):
                 await hearing(page, PYTHON_TONE)
                 seen = await counters(page)
                 assert seen["decrypted"] > 0 and seen["failed"] == 0, seen
+                assert_everything_went_through_the_worker(await audit_once_decoded(page))
                 await check_python_side(process, tmp_path)
                 # The Python peer hung up after its six seconds: a sealed bye.
                 await page.locator("#state", has_text="ended (peer-bye)").wait_for(timeout=10_000)
@@ -394,3 +445,80 @@ async def test_the_python_peer_refuses_a_browser_whose_pinned_key_changed(hub, t
     assert kept is None
     kept_in_python = known.get("browser")
     assert kept_in_python is not None and kept_in_python.public_key == pinned
+
+
+# -- the page's audit, tripped: Chromium made to send or decode around the page's worker
+
+
+@contextlib.asynccontextmanager
+async def browser_calls_python(hub, tmp_path: Path, room: str) -> AsyncIterator[tuple[Any, Call]]:
+    """The page (its connections recorded, its Content-Security-Policy off for the test's
+    worker) calls the Python peer; yields both once both receivers of the page decoded, then
+    hangs the Python peer up."""
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    python = Call(call_config(hub, "python", PYTHON_TONE, room=room, duration=60.0))
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            page = await open_peer(browser, url, room, "browser", RECORD_CONNECTIONS, True)
+            await page.locator("#state", has_text="Waiting for a peer").wait_for()
+            running = asyncio.create_task(python.run())
+            try:
+                await confirm_sas(page)
+                await secure_state(page)
+                await audit_once_decoded(page)
+                yield page, python
+            finally:
+                python.hangup()
+                await asyncio.gather(running, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "how", "unit"),
+    [("video", "removed", "frames"), ("audio", "passed-through", "packets")],
+    ids=["camera-transform-removed", "microphone-passed-through"],
+)
+async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
+    hub, tmp_path, kind, how, unit
+):
+    """Mid-call, Chromium's sender of one kind stops going through the page's worker: its
+    frames leave in clear. The page ends its call within a few audits, saying so.
+
+    (As in the group call, tests/test_web_group.py: with the audio sender's transform removed,
+    Chromium sends no audio at all, so the microphone is bypassed with a transform of the
+    test's; with the camera's removed, Chromium sends nothing yet goes on counting the frames as
+    sent, which the audit catches, and no clear frame reaches the Python peer.)"""
+    async with browser_calls_python(hub, tmp_path, f"leak-{kind}") as (page, python):
+        state = await bypass_and_time_the_end(page, "send", kind, how)
+    found = re.fullmatch(
+        r"NOT end-to-end encrypted: the call failed \(CallFailed\): the browser sent "
+        rf"(\d+) {kind} {unit} from (\d+) frames our worker encrypted: media left "
+        r"unencrypted\. No media is sent\.",
+        state,
+    )
+    assert found is not None, state
+    assert int(found[1]) > int(found[2]), state
+    # What reached the Python peer: the microphone's clear frames, each refused and counted as
+    # failed; the camera's, none (Chromium put no clear VP8 frame on the wire).
+    received = python.stats.audio if kind == "audio" else python.stats.video
+    assert (received.failed > 0) if kind == "audio" else (received.failed == 0), received
+
+
+async def test_the_audit_ends_the_call_when_ciphertext_reaches_an_audio_decoder(hub, tmp_path):
+    """Mid-call, the page's audio receiver stops going through its worker: Chromium's Opus
+    decoder takes the Python peer's SFrame ciphertext as audio and makes noise of it. The page
+    ends its call within a few audits, saying so.
+
+    Not tested, as nothing there can be caught (as in the group call): a receiver's transform
+    set to null (Chromium then gives its decoder nothing), and ciphertext passed on to the video
+    receiver (no VP8 frame decodes from it, so Chromium counts none decoded)."""
+    async with browser_calls_python(hub, tmp_path, "noise") as (page, _):
+        state = await bypass_and_time_the_end(page, "receive", "audio", "passed-through")
+    found = re.fullmatch(
+        r"NOT end-to-end encrypted: the call failed \(CallFailed\): the browser decoded "
+        r"(\d+) audio samples on slot (\d+) from (\d+) frames our worker decrypted: media "
+        r"reached a decoder without being decrypted\. No media is sent\.",
+        state,
+    )
+    assert found is not None, state
+    assert int(found[1]) > int(found[3]) * OPUS_FRAME_SAMPLES, state

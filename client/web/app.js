@@ -135,6 +135,7 @@ function onCallUpdate(update) {
       log(`first decrypted audio ${(update.setupMs / 1000).toFixed(2)} s after joining`);
     }
   }
+  if (update.audit) $("roster").dataset.audit = JSON.stringify(update.audit);
   if (update.remoteStream) listen(peerId, update.remoteStream);
   if (update.log) log(update.log);
   $("sas-box").hidden = !(state === "await-sas");

@@ -5,7 +5,9 @@
 // "declined"); the sealed SDP offer and answer; in the call, a sealed rekey every
 // `rekeyInterval` seconds (the side that started the last one waits half as long again) and
 // the sealed bye. Every failure ends the call and says why; a key the user never confirmed
-// stays unpinned. `ui` receives {state, ...} updates for the page (app.js).
+// stays unpinned. Once the media flows, the connection is audited every second (audit.js):
+// media that went around the worker ends the call. `ui` receives {state, ...} updates for the
+// page (app.js), among them each audit's counts ({audit: {sent, slots}}, as group.js's).
 //
 // Routed (a group call through a hub that routes the media, client/session.py's routed mode):
 // the same key agreement, pin check, SAS and sealed decisions, then straight to "in-call"
@@ -14,6 +16,7 @@
 // `sendSenderKey`, `ackSenderKey`), and a failure in the call sends the bye, so that the peer
 // drops this pair and the rest of the group goes on (group.js).
 
+import { MediaAudit } from "./audit.js";
 import { Initiator, Responder, SUITES, SUITE_NAMES, fingerprint, randomBytes } from "./protocol.js";
 import { pins } from "./store.js";
 
@@ -87,6 +90,7 @@ export class Call {
     this.requestedRekey = false;
     this.timers = new Set();
     this.queue = Promise.resolve();
+    this.audit = null;
     // A routed call's frames go through the group's worker, under sender keys.
     this.worker = routed ? null : new Worker("worker.js", { type: "module", name: "sframe" });
     if (this.worker) this.worker.onmessage = ({ data }) => this.onWorker(data);
@@ -349,6 +353,16 @@ export class Call {
     this.setupTimer = null;
     this.requestedRekey = !this.initiator;
     this.scheduleRekey();
+    const pc = this.pc;
+    this.audit = new MediaAudit({
+      pc,
+      worker: this.worker,
+      // The worker labels our receivers by kind: one transceiver of each kind.
+      receivers: (byKind) => Object.fromEntries(pc.getTransceivers().map((transceiver) => [transceiver.mid, byKind[transceiver.receiver.track.kind]]).filter(([, counted]) => counted)),
+      audited: (audit) => this.update({ audit }),
+      bypassed: (message) => this.serialize(() => this.fail("CallFailed", message)),
+    });
+    this.audit.start();
     this.update({ ...this.protection, pin: this.pin });
   }
 
@@ -375,6 +389,8 @@ export class Call {
     if (data.type === "counters") {
       this.counters = data;
       this.update({ counters: data, setupMs: data.firstDecryptedAudio === null ? null : data.firstDecryptedAudio - this.joinTime });
+    } else if (data.type === "audit" && this.audit) {
+      this.audit.answered(data);
     } else if (data.type === "first-use") {
       // The peer switched to its newest key: older ones serve only frames in flight.
       const kids = this.receiveKids;
@@ -482,6 +498,7 @@ export class Call {
     this.state = "ended";
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
+    if (this.audit) this.audit.stop();
     if (this.pc) this.pc.close();
     if (this.worker) this.worker.terminate();
   }

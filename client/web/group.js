@@ -23,11 +23,10 @@
 // {kind, packets, given, passed, decoded, allowed}}}}, {memberLeft: peerId}, {log}, {ended},
 // {error}.
 //
-// The audit, every AUDIT_INTERVAL: what Chromium sent and decoded (getStats) against what the
-// worker encrypted and passed on to each slot's decoder. Media that went around the worker
-// (sent in clear, or ciphertext and unauthenticated frames decoded) shows as more, and the call
-// ends at once: fail closed even if a browser stops running a transform it was given.
+// The media connection is audited every second (audit.js), each slot by its mid: media that
+// went around the worker ends the call.
 
+import { MediaAudit } from "./audit.js";
 import { Call, mediaPolicy } from "./call.js";
 import { SUITES, SUITE_NAMES, randomBytes } from "./protocol.js";
 import { SenderKey, groupSecurityCode } from "./senderkeys.js";
@@ -35,8 +34,6 @@ import { SenderKey, groupSecurityCode } from "./senderkeys.js";
 const SWITCH_BOUND = 500;
 const REKEY_TIMEOUT = 10_000;
 const GRACE = 2_000;
-const AUDIT_INTERVAL = 1_000;
-
 
 export class GroupCall {
   constructor({ hub, identity, name, localStream, ui, joinTime }) {
@@ -53,6 +50,7 @@ export class GroupCall {
     this.shownRoster = "";
     this.code = null;
     this.pc = null;
+    this.audit = null;
     this.worker = new Worker("worker.js", { type: "module", name: "sframe" });
     this.workerReady = new Promise((resolve) => {
       this.onWorkerReady = resolve;
@@ -61,7 +59,7 @@ export class GroupCall {
       if (data.type === "ready") this.onWorkerReady();
       else if (data.type === "group-counters") this.ui({ counters: data });
       else if (data.type === "log") this.ui({ log: data.text });
-      else if (data.type === "group-audit" && this.auditAnswer) this.auditAnswer(data);
+      else if (data.type === "audit" && this.audit) this.audit.answered(data);
     };
   }
 
@@ -322,62 +320,14 @@ export class GroupCall {
       });
       this.hub.sendMediaAnswer(pc.localDescription.sdp);
       this.ui({ log: "answered the hub's media offer" });
-      this.auditSoon();
+      this.audit = new MediaAudit({
+        pc,
+        worker: this.worker,
+        audited: (audit) => this.ui({ audit }),
+        bypassed: (message) => this.serialize(() => this.end({ error: { kind: "CallFailed", message } })),
+      });
+      this.audit.start();
     });
-  }
-
-  auditSoon() {
-    const timer = setTimeout(async () => {
-      this.timers.delete(timer);
-      await this.audit();
-      if (!this.ended) this.auditSoon();
-    }, AUDIT_INTERVAL);
-    this.timers.add(timer);
-  }
-
-  async audit() {
-    let reports;
-    try {
-      reports = await this.pc.getStats();
-    } catch {
-      return; // the connection closed meanwhile: the call is ending
-    }
-    // Asked after the statistics were taken: the counts cover every frame sent or decoded by then.
-    const counted = await new Promise((resolve) => {
-      this.auditAnswer = resolve;
-      this.worker.postMessage({ type: "group-audit" });
-    });
-    if (this.ended) return;
-    const slots = {};
-    const sent = {};
-    for (const report of reports.values()) {
-      const video = report.kind === "video";
-      let bypassed = null;
-      if (report.type === "outbound-rtp") {
-        // Every audio frame is one packet; a video frame is counted once all its packets left.
-        const left = (video ? report.framesSent : report.packetsSent) || 0;
-        sent[report.kind] = { left, encrypted: counted.sent[report.kind] };
-        if (left > counted.sent[report.kind]) bypassed = `sent ${left} ${report.kind} ${video ? "frames" : "packets"} from ${counted.sent[report.kind]} frames our worker encrypted: media left unencrypted`;
-      } else if (report.type === "inbound-rtp") {
-        const { given, passed, samples, longest } = counted.slots[report.mid] || { given: 0, passed: 0, samples: 0, longest: 0 };
-        const decoded = (video ? report.framesDecoded : report.jitterBufferEmittedCount) || 0;
-        // Audio is counted in samples: those of the frames passed on (the worker reads each
-        // one's length), and for every frame that did not come through us (lost on the way, or
-        // not passed on) at most the longest of ours again, which in-band FEC may rebuild from
-        // the frame after it. Ciphertext decoded as noise goes past this within an interval;
-        // a bound per frame passed on would let it run for as long as the call had lasted.
-        const missing = given - passed + Math.max(0, report.packetsLost || 0);
-        const allowed = video ? passed : samples + missing * longest;
-        slots[report.mid] = { kind: report.kind, packets: report.packetsReceived, given, passed, decoded, allowed };
-        if (decoded > allowed) bypassed = `decoded ${decoded} ${report.kind} ${video ? "frames" : "samples"} on slot ${report.mid} from ${passed} frames our worker decrypted: media reached a decoder without being decrypted`;
-      }
-      if (bypassed !== null) {
-        this.pc.close();
-        this.serialize(() => this.end({ error: { kind: "CallFailed", message: `the browser ${bypassed}` } }));
-        return;
-      }
-    }
-    this.ui({ audit: { sent, slots } });
   }
 
   mediaTracks(tracks) {
@@ -395,6 +345,7 @@ export class GroupCall {
     this.timers.clear();
     for (const { call } of this.peers.values()) call.close();
     this.peers.clear();
+    if (this.audit) this.audit.stop();
     if (this.pc) this.pc.close();
     this.worker.terminate();
     this.ui(outcome);

@@ -8,15 +8,19 @@
 // {type: "first-use", kid} when the first frame under a receive key authenticates, and
 // {type: "counters", ...} twice a second.
 //
+// In either call, the page's audit (audit.js) sends {type: "audit"}; the worker answers {type:
+// "audit", sent: {audio, video}, receivers: {label: {kind, given, passed, samples, longest}}}:
+// the frames it encrypted, and each receiver's frames it was given and passed on to the decoder
+// (for audio, the samples those hold and the longest of them), a two-party call's receivers
+// labelled by kind, a group call's slots by mid.
+//
 // In a group call (group.js) the page sends instead {type: "group-send", suite, kid, baseKey}
 // (our sender key: every frame from now on under it), {type: "group-key", peerId, key}
 // (a member's sender key: its receiver releases the frames it held), {type: "group-retire",
 // peerId, below}, {type: "group-left", peerId} (its frames are refused from now on) and
 // {type: "slots", owners: {mid: peerId}} (the hub's slot map); each receiving slot's transform
 // decrypts under the key of the member the slot is mapped to, holding a frame whose key has not
-// come for at most HOLD_MS; the worker answers {type: "group-counters", ...} twice a second, and
-// {type: "group-audit"} with {type: "group-audit", sent: {audio, video}, slots: {mid: {kind,
-// given, passed, samples, longest}}}.
+// come for at most HOLD_MS; the worker answers {type: "group-counters", ...} twice a second.
 
 import { ReceiveContext, SendContext } from "./sframe.js";
 import { SenderKey, SenderKeyReceiver } from "./senderkeys.js";
@@ -37,11 +41,11 @@ const count = (kind, name) => {
 
 // The group call's state: a receiver per member, the slot map, the members gone.
 const group = { receivers: new Map(), owners: new Map(), departed: new Set(), holding: new Map(), firstAudio: {}, unmapped: 0, suite: null };
-// Each receiving slot's frames, by mid: every one its transform was given and every one it
-// passed on to the decoder, and for audio the samples those hold and the longest of them. The
-// page compares them with what Chromium says it decoded (group.js audit): a decoder that got
-// more than this passed on was fed around the worker.
-const slotFrames = new Map();
+// Each receiver's frames, by label (a two-party call's kind, a group slot's mid): every one its
+// transform was given and every one it passed on to the decoder, and for audio the samples
+// those hold and the longest of them. The page compares them with what Chromium says it
+// decoded (audit.js): a decoder that got more than this passed on was fed around the worker.
+const receiverFrames = new Map();
 
 // An Opus packet's length in samples at 48 kHz, from its TOC byte (RFC 6716 section 3.1): the
 // frame size of its configuration times its frame count. One that does not parse counts as the
@@ -57,12 +61,33 @@ function opusSamples(packet) {
   return samples > 0 && samples <= OPUS_MAX_SAMPLES ? samples : OPUS_MAX_SAMPLES;
 }
 
-function passedOn(counted, plaintext) {
+// A decrypted frame, on to the decoder, counted.
+function passOn(counted, frame, controller, plaintext) {
   counted.passed++;
-  if (counted.kind !== "audio") return;
-  const samples = opusSamples(plaintext);
-  counted.samples += samples;
-  counted.longest = Math.max(counted.longest, samples);
+  if (counted.kind === "audio") {
+    const samples = opusSamples(plaintext);
+    counted.samples += samples;
+    counted.longest = Math.max(counted.longest, samples);
+  }
+  frame.data = plaintext.buffer;
+  controller.enqueue(frame);
+}
+
+// A receiver's transform: every frame counted as given; Chromium hands its receiver's padding
+// up as empty frames (nothing to decrypt, nothing to decode, and no failure); any other goes to
+// `open(frame, controller, counted)`, and on to the decoder only if that returns its plaintext.
+function receiving(kind, label, open) {
+  const counted = { kind, given: 0, passed: 0, samples: 0, longest: 0 };
+  receiverFrames.set(label, counted);
+  return async (frame, controller) => {
+    counted.given++;
+    if (frame.data.byteLength === 0) {
+      counters.empty++;
+      return;
+    }
+    const plaintext = await open(frame, controller, counted);
+    if (plaintext !== null) passOn(counted, frame, controller, plaintext);
+  };
 }
 
 function memberReceiver(peerId) {
@@ -101,9 +126,7 @@ async function onGroupMessage(data) {
       clearTimeout(group.holding.get(`${data.peerId} ${kind}`));
       group.holding.delete(`${data.peerId} ${kind}`);
       decrypted(data.peerId, kind);
-      passedOn(tag.counted, plaintext);
-      tag.frame.data = plaintext.buffer;
-      tag.controller.enqueue(tag.frame);
+      passOn(tag.counted, tag.frame, tag.controller, plaintext);
     }
   } else if (data.type === "group-retire") {
     const receiver = group.receivers.get(data.peerId);
@@ -113,8 +136,6 @@ async function onGroupMessage(data) {
     group.receivers.delete(data.peerId);
   } else if (data.type === "slots") {
     group.owners = new Map(Object.entries(data.owners));
-  } else if (data.type === "group-audit") {
-    postMessage({ type: "group-audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, slots: Object.fromEntries([...slotFrames].map(([mid, counted]) => [mid, { ...counted }])) });
   }
 }
 
@@ -144,6 +165,8 @@ onmessage = async ({ data }) => {
     }
   } else if (data.type === "retire") {
     for (const kid of data.kids) if (receiver && receiver.keys.has(BigInt(kid))) receiver.removeKey(BigInt(kid));
+  } else if (data.type === "audit") {
+    postMessage({ type: "audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, receivers: Object.fromEntries([...receiverFrames].map(([label, counted]) => [label, { ...counted }])) });
   }
 };
 
@@ -169,14 +192,9 @@ const protecting = (kind) => async (frame, controller) => {
   controller.enqueue(frame);
 };
 
+// A two-party call's receiver: one per kind.
 function unprotecting(kind) {
-  return async (frame, controller) => {
-    // Chromium hands its receiver's padding up as empty frames: nothing to decrypt, nothing
-    // to decode, and no failure.
-    if (frame.data.byteLength === 0) {
-      counters.empty++;
-      return;
-    }
+  return receiving(kind, kind, async (frame) => {
     let plaintext;
     try {
       if (!receiver) throw Object.assign(new Error("no key yet"), { kind: "UnknownKeyError" });
@@ -185,39 +203,28 @@ function unprotecting(kind) {
       count(kind, "failed");
       const reason = error.kind || "MalformedHeaderError";
       counters.reasons[reason] = (counters.reasons[reason] || 0) + 1;
-      return; // never reaches the decoder
+      return null; // never reaches the decoder
     }
-    frame.data = plaintext.buffer;
     count(kind, "decrypted");
     if (kind === "audio" && counters.firstDecryptedAudio === null) counters.firstDecryptedAudio = performance.timeOrigin + performance.now();
-    controller.enqueue(frame);
-  };
+    return plaintext;
+  });
 }
 
 // A receiving slot of a group call: whose frames it carries is the hub's word, so a frame is
 // decrypted under that member's sender keys only, and one under any other key fails.
 function unprotectingSlot(kind, mid) {
-  const counted = { kind, given: 0, passed: 0, samples: 0, longest: 0 };
-  slotFrames.set(mid, counted);
-  return async (frame, controller) => {
-    counted.given++;
-    if (frame.data.byteLength === 0) {
-      counters.empty++;
-      return;
-    }
+  return receiving(kind, mid, async (frame, controller, counted) => {
     const owner = group.owners.get(mid);
     if (owner === undefined || group.departed.has(owner) || group.suite === null) {
       group.unmapped++;
-      return;
+      return null;
     }
     const receiver = memberReceiver(owner);
     const plaintext = await receiver.unprotect(kind, new Uint8Array(frame.data), { frame, controller, counted });
     if (plaintext !== null) {
-      frame.data = plaintext.buffer;
       decrypted(owner, kind);
-      passedOn(counted, plaintext);
-      controller.enqueue(frame);
-      return;
+      return plaintext;
     }
     const state = receiver.kinds.get(kind);
     const key = `${owner} ${kind}`;
@@ -228,7 +235,8 @@ function unprotectingSlot(kind, mid) {
         receiver.expireHeld(kind);
       }, HOLD_MS));
     }
-  };
+    return null; // held for its key, or refused
+  });
 }
 
 onrtctransform = ({ transformer }) => {
