@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 
 from client.exit_codes import ExitCode
 from signaling.hub import Hub, Limits
-from signaling.media_routing import ROUTED_MAX_PEERS_PER_ROOM
+from signaling.media_routing import (
+    ROUTED_MAX_PEERS_PER_ROOM,
+    RTX_BURST,
+    RTX_RATE,
+    RetransmitBudget,
+)
 from signaling.server import HubServer, JsonLinesFormatter, MetadataRecorder, new_event_loop
 
 if TYPE_CHECKING:
@@ -76,6 +81,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "one JSON-lines sidecar per stream)",
     )
     parser.add_argument(
+        "--retransmit-rate",
+        type=float,
+        metavar="PACKETS",
+        help="with --route-media: packets per second the hub resends to one member for its "
+        f"NACKs, after a burst of --retransmit-burst (default {RTX_RATE})",
+    )
+    parser.add_argument(
+        "--retransmit-burst",
+        type=int,
+        metavar="PACKETS",
+        help=f"with --route-media: packets the hub resends to one member at once (default "
+        f"{RTX_BURST})",
+    )
+    parser.add_argument(
         "--redis",
         metavar="URL",
         help="share rooms with every hub process using this Redis or Valkey "
@@ -120,6 +139,18 @@ def run(args: argparse.Namespace) -> int:
     if args.record_media is not None and not args.route_media:
         print("blindhub hub: --record-media needs --route-media", file=sys.stderr)
         return ExitCode.USAGE
+    retransmits = (args.retransmit_rate, args.retransmit_burst)
+    if retransmits != (None, None) and not args.route_media:
+        print("blindhub hub: --retransmit-rate and -burst need --route-media", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        budget = RetransmitBudget(
+            RTX_RATE if args.retransmit_rate is None else args.retransmit_rate,
+            RTX_BURST if args.retransmit_burst is None else args.retransmit_burst,
+        )
+    except ValueError as error:
+        print(f"blindhub hub: {error}", file=sys.stderr)
+        return ExitCode.USAGE
     if args.advertise is not None and not (args.route_media and args.redis is not None):
         print("blindhub hub: --advertise needs --route-media and --redis", file=sys.stderr)
         return ExitCode.USAGE
@@ -154,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             metadata = MetadataRecorder(sink)
         if args.route_media:
             try:
-                media = _media_server(limits, args.record_media)
+                media = media_server(limits, args.record_media, budget)
             except (OSError, ValueError) as error:
                 return _local_problem(f"--record-media {args.record_media}: {_reason(error)}")
             placement = None
@@ -220,7 +251,11 @@ def _placement(args: argparse.Namespace, media: "MediaServer") -> "RoomPlacement
     return RoomPlacement(media, config, advertise=args.advertise)
 
 
-def _media_server(limits: Limits, record_media: str | None) -> "MediaServer":
+def media_server(
+    limits: Limits, record_media: str | None, budget: RetransmitBudget
+) -> "MediaServer":
+    """The media side of ``blindhub hub --route-media``: its recorder (``--record-media``)
+    and each member's retransmission budget; OSError if the directory cannot be written."""
     # aiortc and PyAV are loaded only by a hub that routes media.
     from signaling.media_server import MediaServer
     from signaling.recording import MediaRecorder
@@ -232,7 +267,7 @@ def _media_server(limits: Limits, record_media: str | None) -> "MediaServer":
         if not os.access(directory, os.W_OK):
             raise PermissionError(errno.EACCES, "not writable")
         recorder = MediaRecorder(directory)
-    return MediaServer(limits, recorder=recorder)
+    return MediaServer(limits, recorder=recorder, retransmit_budget=budget)
 
 
 def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:

@@ -5,6 +5,10 @@ import sys
 import pytest
 
 from client.cli import COMMANDS, main
+from client.hub_command import media_server
+from signaling.hub import Limits
+from signaling.media_routing import RetransmitBudget, SendOffer
+from signaling.protocol import PeerId
 
 
 def test_no_command_is_a_usage_error(capsys):
@@ -49,3 +53,28 @@ def test_no_product_command_loads_the_plotting_library():
         check=True,
     )
     assert json.loads(result.stderr) == {**dict.fromkeys(PRODUCT_COMMANDS, False), "demo": True}
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--retransmit-rate", "10"], "--retransmit-rate and -burst need --route-media"),
+        (["--route-media", "--retransmit-burst", "0"], "the retransmission rate and burst must"),
+        (["--route-media", "--retransmit-rate", "-1"], "the retransmission rate and burst must"),
+    ],
+    ids=["without-route-media", "burst-0", "negative-rate"],
+)
+def test_the_hubs_retransmission_budget_is_checked(capsys, flags, error):
+    assert main(["hub", "--port", "0", *flags]) == 2
+    assert f"blindhub hub: {error}" in capsys.readouterr().err
+
+
+def test_the_hubs_retransmission_budget_reaches_its_media_router():
+    media = media_server(Limits(), None, RetransmitBudget(rate_per_second=1.0, rate_burst=3))
+    router = media.router
+    (offer,) = router.join(PeerId("a"), "room", 0.0)
+    assert isinstance(offer, SendOffer)
+    router.answer(PeerId("a"), "sdp")
+    router.answer_applied(PeerId("a"), offer.session, 0.0)
+    assert router.retransmissions_wanted(PeerId("a"), 10, 0.0) == 3
+    assert router.retransmissions_wanted(PeerId("a"), 10, 2.0) == 2
