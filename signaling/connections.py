@@ -282,6 +282,10 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> None:
         self.protocol.receive_eof()
         self._take_protocol_output()
+        # A TLS transport reports the end of the stream in the callback of the read before
+        # it, even when that read paused reading: what the hub left for a later turn is
+        # dropped as on connection_lost.
+        self._drop_unread()
         self.flush()
         # Returning None closes the transport: after EOF a websocket writes nothing more,
         # and a TLS transport cannot stay half-open anyway.
@@ -289,10 +293,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent; the protocol is CLOSED from here
         self.open = False
-        # What was read and not unframed yet (held, or left for the next turn) is dropped:
-        # the protocol takes no more data after EOF.
-        self._unframing = False
-        self._buffer.clear()
+        self._drop_unread()
         for timer in (self._cut_timer, self._deadline_timer):
             if timer is not None:
                 timer.cancel()
@@ -301,6 +302,12 @@ class Connection(asyncio.Protocol):
             self._server.handler.closed(self)
 
     # Internals
+
+    def _drop_unread(self) -> None:
+        """Drop what was read and not unframed yet (held, or left for the next turn): the
+        protocol takes no more data after EOF."""
+        self._unframing = False
+        self._buffer.clear()
 
     def _handshake(self, request: Request) -> None:
         answer = self._server.handler.respond(request.path)

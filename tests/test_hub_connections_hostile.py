@@ -5,6 +5,7 @@ hub's memory past its bounds, or leave a connection open without a peer."""
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from websockets.uri import parse_uri
 from signaling.connections import MESSAGES_PER_TURN, Connection, WebSocketServer
 from signaling.hub import KIB, Limits
 from signaling.server import HubServer
+from tests.tls import self_signed_certificate
 
 TIMEOUT = 10.0
 
@@ -162,3 +164,31 @@ async def test_a_client_that_pings_and_never_reads_cannot_grow_the_hubs_buffer()
     assert peak <= limits.max_buffered_bytes + MESSAGES_PER_TURN * 127
     writer.transport.abort()
     await server.close()
+
+
+async def test_a_tls_client_that_ends_its_stream_right_after_a_burst_breaks_no_callback(
+    tmp_path, loop_errors
+):
+    # Over TLS the transport hands the hub a read and the end of the stream (close_notify)
+    # in one callback, whatever the hub paused: the rest of a burst is still to be unframed
+    # when the protocol has taken EOF.
+    cert_path, key_path = self_signed_certificate(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert_path, key_path)
+    handler = Recorder()
+    server = WebSocketServer(handler, Limits(), logging.getLogger("test"))
+    await server.start("127.0.0.1", 0, server_context)
+    host, port = server.address
+    client_context = ssl.create_default_context(cafile=str(cert_path))
+    _, writer = await asyncio.open_connection(host, port, ssl=client_context)
+    protocol = ClientProtocol(parse_uri(f"wss://{host}:{port}"))
+    protocol.send_request(protocol.connect())
+    writer.write(b"".join(protocol.data_to_send()))
+    connection = await asyncio.wait_for(handler.opened_connections.get(), TIMEOUT)
+    burst = [client_frame(Opcode.TEXT, b"%d" % n) for n in range(MESSAGES_PER_TURN + 1)]
+    writer.write(b"".join([*burst, client_frame(Opcode.PING, b"p")]))
+    writer.close()  # close_notify, in the same read as the burst
+    await until(lambda: handler.closed_connections)
+    await server.close()
+    assert handler.closed_connections == [connection]
+    assert loop_errors == []
