@@ -538,6 +538,7 @@ class GroupCall:
             return None
         # Kept only to recognise its last frames on a slot the hub gives to someone else.
         self._former[peer] = member
+        self._end_holding(member.receiver)
         stats = self._member_stats(peer, member.receiver)
         stats.left = True
         return stats.name
@@ -704,6 +705,13 @@ class GroupCall:
 
     # -- the end
 
+    @staticmethod
+    def _end_holding(receiver: SenderKeyReceiver) -> None:
+        """The wait of the frames ``receiver`` holds for a key ends with their member or the
+        call: they count as expired, so that every frame held is accounted for once."""
+        for kind in KINDS:
+            receiver.expire_held(kind)
+
     def _member_stats(self, peer: PeerId, receiver: SenderKeyReceiver) -> MemberStats:
         stats = self.stats.members.setdefault(peer, MemberStats(peer_id=peer))
         generations: set[int] = set()
@@ -724,6 +732,7 @@ class GroupCall:
         if self._media_started:
             stats.duration_seconds = time.monotonic() - self._media_started
         for peer, member in self._members.items():
+            self._end_holding(member.receiver)
             self._member_stats(peer, member.receiver)
         if self._sender is not None:
             stats.sent = {kind: c.as_dict() for kind, c in self._sender.counters.items()}

@@ -391,6 +391,8 @@ async def test_a_members_video_in_clear_is_refused_and_never_decoded(start_route
     video = summaries[0].members[peer_named(alice, "bob")].video
     assert video["frames"] == video["released"] == 0, video
     assert video["received"] == video["failed"] + video["held"] + video["before_join"], video
+    # Every frame held ended its wait, in the call or with it.
+    assert video["held"] == video["released"] + video["expired"] + video["overflowed"], video
     assert video["failed"] > 0, video
     # The control: the same decoders read alice's encrypted pattern at bob.
     assert bob.received[peer_named(bob, "alice")].pattern_numbers
