@@ -114,7 +114,7 @@ async def counters(page, kind: str | None = None) -> dict[str, int]:
 async def audit_once_decoded(page) -> dict[str, Any]:
     """The page's last audit (Chromium's counts against its worker's, client/web/audit.js) once
     both receivers, audio and video, decoded something: ``sent`` by kind (``left``: audio
-    packets or video frames Chromium sent, ``encrypted``: frames the worker encrypted) and
+    payload bytes or video frames Chromium sent, ``encrypted``: the same the worker encrypted) and
     ``slots`` by mid (kind, packets, frames the worker was given and passed on, frames or audio
     samples decoded, and the most the audit allows)."""
     audit: dict[str, Any] = {}
@@ -476,7 +476,7 @@ async def browser_calls_python(hub, tmp_path: Path, room: str) -> AsyncIterator[
 
 @pytest.mark.parametrize(
     ("kind", "how", "unit"),
-    [("video", "removed", "frames"), ("audio", "passed-through", "packets")],
+    [("video", "removed", "frames"), ("audio", "passed-through", "bytes")],
     ids=["camera-transform-removed", "microphone-passed-through"],
 )
 async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
@@ -493,7 +493,7 @@ async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
         state = await bypass_and_time_the_end(page, "send", kind, how)
     found = re.fullmatch(
         r"NOT end-to-end encrypted: the call failed \(CallFailed\): the browser sent "
-        rf"(\d+) {kind} {unit} from (\d+) frames our worker encrypted: media left "
+        rf"(\d+) {kind} {unit} from (\d+) {unit} our worker encrypted: media left "
         r"unencrypted\. No media is sent\.",
         state,
     )

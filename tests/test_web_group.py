@@ -77,8 +77,8 @@ async def hears(page, name: str, expected: float, timeout: float = 30.0) -> floa
 
 async def audit_once_decoded(page) -> dict[str, Any]:
     """The page's last audit (Chromium's counts against its worker's) once every slot that
-    receives media decoded something: ``sent`` by kind (``left``: audio packets or video frames
-    Chromium sent, ``encrypted``: frames the worker encrypted) and ``slots`` by mid (kind,
+    receives media decoded something: ``sent`` by kind (``left``: audio payload bytes or video
+    frames Chromium sent, ``encrypted``: the same the worker encrypted) and ``slots`` by mid (kind,
     packets, frames the worker was given and passed on, frames or audio samples decoded)."""
     audit: dict[str, Any] = {}
     for _ in range(120):
@@ -270,7 +270,7 @@ async def the_others_keep_their_call(alice: GroupCall, bob: GroupCall) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "how", "unit"),
-    [("video", "removed", "frames"), ("audio", "passed-through", "packets")],
+    [("video", "removed", "frames"), ("audio", "passed-through", "bytes")],
     ids=["camera-transform-removed", "microphone-passed-through"],
 )
 async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
@@ -295,7 +295,7 @@ async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
         state = await bypass_once_decoded(group.page, "send", kind, how)
         found = re.fullmatch(
             r"NOT end-to-end encrypted: the group call failed \(CallFailed\): the browser sent "
-            rf"(\d+) {kind} {unit} from (\d+) frames our worker encrypted: media left "
+            rf"(\d+) {kind} {unit} from (\d+) {unit} our worker encrypted: media left "
             r"unencrypted\. No media is sent\.",
             state,
         )

@@ -34,6 +34,8 @@ let sendKid = null;
 // Totals and the same counts by media kind (the page shows the totals, each kind in a title).
 const counters = { sent: 0, dropped: 0, decrypted: 0, failed: 0, empty: 0, firstDecryptedAudio: null, reasons: {} };
 const byKind = { audio: { sent: 0, decrypted: 0, failed: 0 }, video: { sent: 0, decrypted: 0, failed: 0 } };
+// The bytes of the frames encrypted, by kind: the audit's measure of what may leave (audio).
+const sentBytes = { audio: 0, video: 0 };
 const count = (kind, name) => {
   counters[name]++;
   byKind[kind][name]++;
@@ -166,7 +168,7 @@ onmessage = async ({ data }) => {
   } else if (data.type === "retire") {
     for (const kid of data.kids) if (receiver && receiver.keys.has(BigInt(kid))) receiver.removeKey(BigInt(kid));
   } else if (data.type === "audit") {
-    postMessage({ type: "audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, receivers: Object.fromEntries([...receiverFrames].map(([label, counted]) => [label, { ...counted }])) });
+    postMessage({ type: "audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, sentBytes: { ...sentBytes }, receivers: Object.fromEntries([...receiverFrames].map(([label, counted]) => [label, { ...counted }])) });
   }
 };
 
@@ -189,6 +191,7 @@ const protecting = (kind) => async (frame, controller) => {
     return;
   }
   count(kind, "sent");
+  sentBytes[kind] += frame.data.byteLength;
   controller.enqueue(frame);
 };
 
