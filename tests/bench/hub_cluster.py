@@ -33,6 +33,7 @@ from tests.bench.hub import (
     PAYLOAD,
     Pair,
     close_all,
+    cpu_seconds,
     raise_file_limit,
     rss_kib,
     subprocess_server,
@@ -44,13 +45,6 @@ RATE = 5_000
 LATENCY_SECONDS = 5.0
 THROUGHPUT_MESSAGES = 60_000
 _ROOMS = itertools.count()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def pair(first_url: str, second_url: str) -> Pair:
