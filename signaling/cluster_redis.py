@@ -691,15 +691,7 @@ class ClusterLink:
     def metric_lines(self) -> list[str]:
         metrics = self.core.cluster_metrics
         return [
-            "# HELP blindhub_node_info The id of this hub process in its cluster.",
-            "# TYPE blindhub_node_info gauge",
-            f'blindhub_node_info{{node="{self.node}"}} 1',
-            "# HELP blindhub_redis_available 1 while the shared state (Redis) answers.",
-            "# TYPE blindhub_redis_available gauge",
-            f"blindhub_redis_available {int(self.core.available)}",
-            "# HELP blindhub_redis_errors_total Redis commands that failed.",
-            "# TYPE blindhub_redis_errors_total counter",
-            f"blindhub_redis_errors_total {metrics.redis_errors_total}",
+            *node_metric_lines(self.node, self.core.available, metrics.redis_errors_total),
             "# HELP blindhub_cross_node_relays_sent_total Relays written to another process.",
             "# TYPE blindhub_cross_node_relays_sent_total counter",
             f"blindhub_cross_node_relays_sent_total {metrics.relays_sent_total}",
@@ -732,6 +724,22 @@ class ClusterLink:
 
     def _log(self, event: str, **fields: object) -> None:
         self._logger.info(event, extra={"fields": {"node": self.node, **fields}})
+
+
+def node_metric_lines(node: str, available: bool, redis_errors_total: int) -> list[str]:
+    """What every hub process that uses Redis adds to /metrics, a cluster's or a routing
+    hub's that places its rooms there: its node id, whether Redis answers, Redis errors."""
+    return [
+        "# HELP blindhub_node_info The id of this hub process in its cluster.",
+        "# TYPE blindhub_node_info gauge",
+        f'blindhub_node_info{{node="{node}"}} 1',
+        "# HELP blindhub_redis_available 1 while the shared state (Redis) answers.",
+        "# TYPE blindhub_redis_available gauge",
+        f"blindhub_redis_available {int(available)}",
+        "# HELP blindhub_redis_errors_total Redis commands that failed.",
+        "# TYPE blindhub_redis_errors_total counter",
+        f"blindhub_redis_errors_total {redis_errors_total}",
+    ]
 
 
 def read_plan(dirty: int, max_payload: int) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from websockets.frames import CloseCode
 
-from signaling.cluster_redis import ClusterConfig, new_node_id, redis_client
+from signaling.cluster_redis import ClusterConfig, new_node_id, node_metric_lines, redis_client
 from signaling.hub import Delivery
 from signaling.media_server import MediaServer
 from signaling.protocol import (
@@ -238,15 +238,7 @@ class RoomPlacement:
 
     def metric_lines(self) -> list[str]:
         return [
-            "# HELP blindhub_node_info The id of this hub process in its cluster.",
-            "# TYPE blindhub_node_info gauge",
-            f'blindhub_node_info{{node="{self.node}"}} 1',
-            "# HELP blindhub_redis_available 1 while the shared state (Redis) answers.",
-            "# TYPE blindhub_redis_available gauge",
-            f"blindhub_redis_available {int(self.available)}",
-            "# HELP blindhub_redis_errors_total Redis commands that failed.",
-            "# TYPE blindhub_redis_errors_total counter",
-            f"blindhub_redis_errors_total {self.redis_errors_total}",
+            *node_metric_lines(self.node, self.available, self.redis_errors_total),
             "# HELP blindhub_forwarded_members Members served here for a room of another process.",
             "# TYPE blindhub_forwarded_members gauge",
             f"blindhub_forwarded_members {self.forwarding}",
