@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from client.cli import main
@@ -30,7 +30,7 @@ from signaling.server import HubServer
 from tests.conftest import wait_for
 from tests.redis_server import RedisServer
 from tests.test_group_call import TONES, heard_everyone, member
-from tests.test_hub_cluster import hub_process
+from tests.test_hub_cluster import hub_process, join, recv
 from tests.test_media_server import Peer, metric, metrics
 
 pytestmark = pytest.mark.slow
@@ -38,17 +38,6 @@ pytestmark = pytest.mark.slow
 TIMEOUT = 10.0
 HEARTBEAT = 0.2
 CONFIG = ClusterConfig("redis://", heartbeat_interval=HEARTBEAT)
-
-
-async def recv(websocket: ClientConnection) -> dict[str, Any]:
-    message: dict[str, Any] = json.loads(await asyncio.wait_for(websocket.recv(), TIMEOUT))
-    return message
-
-
-async def join(url: str, room: str) -> tuple[ClientConnection, dict[str, Any]]:
-    websocket = await connect(url, compression=None)
-    await websocket.send(json.dumps({"type": "join", "room": room}))
-    return websocket, await recv(websocket)
 
 
 async def until(websocket: ClientConnection, kind: str) -> dict[str, Any]:
