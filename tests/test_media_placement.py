@@ -35,7 +35,6 @@ from tests.test_media_server import Peer, metric, metrics
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT = 10.0
 HEARTBEAT = 0.2
 CONFIG = ClusterConfig("redis://", heartbeat_interval=HEARTBEAT)
 
