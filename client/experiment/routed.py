@@ -741,27 +741,16 @@ class RoutedCell:
             for kind, count in kinds.items()
         )
 
-    def as_dict(self) -> dict[str, Any]:
-        expected, verdict = self.judge()
+    def details(self) -> dict[str, Any]:
+        """What only a routed cell reports (the runner's ``cell_report`` adds what every cell
+        does)."""
         return {
-            "layers": self.scenario.layers.value,
-            "attack": self.scenario.attack_name,
-            "control": self.scenario.is_control,
-            "routed": True,
-            "peer_audio_correlation": round(self.peer_audio_correlation, 4),
-            "hub_audio_correlation": round(self.hub_audio_correlation, 4),
-            "hub_audio_seconds": round(self.hub_audio_seconds, 2),
-            "hub_decoded_video_frames": self.hub_decoded_video_frames,
-            "detected": self.detected,
-            "verdict": verdict,
-            "as_expected": expected,
             "members": {name: member.as_dict() for name, member in self.members.items()},
             "hub": {name: stream.as_dict() for name, stream in self.hub.items()},
             "hub_attack": self.attack,
             "after_leave": self.after_leave,
             "ghost": self.ghost,
             "security_codes_distinct": self.distinct_codes,
-            "seconds": round(self.seconds, 2),
         }
 
 

@@ -160,7 +160,7 @@ class PeerOutcome:
 
 @dataclass
 class Cell:
-    """What one cell measured. ``as_dict`` is its entry in the JSON report."""
+    """What one cell measured; `cell_report` makes its entry in the JSON report."""
 
     scenario: Scenario
     peers: dict[str, PeerOutcome]
@@ -287,20 +287,9 @@ class Cell:
             "and the call refused to run through it"
         )
 
-    def as_dict(self) -> dict[str, Any]:
-        expected, verdict = self.judge()
+    def details(self) -> dict[str, Any]:
+        """What only a two-party cell reports (`cell_report` adds what every cell does)."""
         return {
-            "layers": self.scenario.layers.value,
-            "attack": self.scenario.attack_name,
-            "control": self.scenario.is_control,
-            "routed": False,
-            "peer_audio_correlation": round(self.peer_audio_correlation, 4),
-            "hub_audio_correlation": round(self.hub_audio_correlation, 4),
-            "hub_audio_seconds": round(self.hub_audio_seconds, 2),
-            "hub_decoded_video_frames": self.hub_decoded_video_frames,
-            "detected": self.detected,
-            "verdict": verdict,
-            "as_expected": expected,
             "rejected": self.rejected,
             "sas": {name: peer.sas for name, peer in self.peers.items()},
             "peers": {name: peer.as_dict() for name, peer in self.peers.items()},
@@ -308,8 +297,27 @@ class Cell:
             "metadata_log": self.metadata,
             "hub_events": self.hub_events,
             "media_tampered": self.media_tampered,
-            "seconds": round(self.seconds, 2),
         }
+
+
+def cell_report(cell: Cell | RoutedCell) -> dict[str, Any]:
+    """A cell's entry in the JSON report: what every cell reports, then its own details."""
+    expected, verdict = cell.judge()
+    return {
+        "layers": cell.scenario.layers.value,
+        "attack": cell.scenario.attack_name,
+        "control": cell.scenario.is_control,
+        "routed": isinstance(cell, RoutedCell),
+        "peer_audio_correlation": round(cell.peer_audio_correlation, 4),
+        "hub_audio_correlation": round(cell.hub_audio_correlation, 4),
+        "hub_audio_seconds": round(cell.hub_audio_seconds, 2),
+        "hub_decoded_video_frames": cell.hub_decoded_video_frames,
+        "detected": cell.detected,
+        "verdict": verdict,
+        "as_expected": expected,
+        **cell.details(),
+        "seconds": round(cell.seconds, 2),
+    }
 
 
 TABLE_HEADER: tuple[str, ...] = (
@@ -386,9 +394,9 @@ class Report:
             "valid": self.valid,
             "all_as_expected": self.all_as_expected,
             "seconds": round(self.seconds, 2),
-            "cells": [cell.as_dict() for cell in self.cells]
+            "cells": [cell_report(cell) for cell in self.cells]
             + [
-                {"number": f"R{index}"} | cell.as_dict()
+                {"number": f"R{index}"} | cell_report(cell)
                 for index, cell in enumerate(self.routed, 1)
             ],
         }
