@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -183,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
                     f"cannot append to --record-metadata {args.record_metadata}: {_reason(error)}"
                 )
             metadata = MetadataRecorder(sink)
+        # Where and how it listens, whatever its routing core.
+        serve = functools.partial(
+            HubServer, host=args.host, port=args.port, ssl_context=ssl_context, metadata=metadata
+        )
         if args.route_media:
             try:
                 media = media_server(limits, args.record_media, budget)
@@ -196,22 +201,9 @@ def run(args: argparse.Namespace) -> int:
                     print(f"blindhub hub: --redis: {error}", file=sys.stderr)
                     return ExitCode.USAGE
                 _configure_logging(quiet=args.quiet, node=placement.node)
-            server = HubServer(
-                media=media,
-                placement=placement,
-                host=args.host,
-                port=args.port,
-                ssl_context=ssl_context,
-                metadata=metadata,
-            )
+            server = serve(media=media, placement=placement)
         elif args.redis is None:
-            server = HubServer(
-                Hub(limits),
-                host=args.host,
-                port=args.port,
-                ssl_context=ssl_context,
-                metadata=metadata,
-            )
+            server = serve(Hub(limits))
         else:
             try:
                 cluster = _cluster(args, limits)
@@ -219,13 +211,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"blindhub hub: --redis: {error}", file=sys.stderr)
                 return ExitCode.USAGE
             _configure_logging(quiet=args.quiet, node=cluster.node)
-            server = HubServer(
-                cluster=cluster,
-                host=args.host,
-                port=args.port,
-                ssl_context=ssl_context,
-                metadata=metadata,
-            )
+            server = serve(cluster=cluster)
         try:
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
                 runner.run(_serve_until_signalled(server))
