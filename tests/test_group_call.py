@@ -89,6 +89,15 @@ async def run_group(
     """Run every call until each heard every other, then hang all up; return the statistics
     and the security codes shown at that moment (hanging up changes them: members leave)."""
     tasks = [asyncio.create_task(call.run()) for call in calls]
+    return await hear_each_other(calls, tasks, samples)
+
+
+async def hear_each_other(
+    calls: Sequence[GroupCall],
+    tasks: Sequence[asyncio.Task[GroupStats]],
+    samples: int = AUDIO_SAMPLES,
+) -> tuple[list[GroupStats], set[str | None]]:
+    """`run_group` for calls already running as ``tasks``."""
     try:
         await wait_for(
             lambda: all(heard_everyone(call, len(calls) - 1, samples) for call in calls), timeout=60
@@ -319,12 +328,8 @@ async def test_a_garbage_member_and_one_that_leaves_mid_handshake_disturb_nobody
     quitter.hangup("gone")
     await asyncio.gather(quitter_task, return_exceptions=True)
     try:
-        await wait_for(lambda: all(heard_everyone(call, 2) for call in calls), timeout=60)
-        codes = {call.stats.security_code for call in calls}
+        stats, codes = await hear_each_other(calls, tasks)
     finally:
-        for call in calls:
-            call.hangup("done")
-        stats = await asyncio.gather(*tasks)
         await garbage.close()
     assert len(codes) == 1
     for summary in stats:
