@@ -82,6 +82,26 @@ class Layers(enum.Enum):
         raise ValueError(f"a group call has no {self.value} layers")
 
 
+class CellScenario:
+    """What the scenario of every cell says, two-party or routed: its layers (``layers``), the
+    name of what the hub does (``attack_name``), and from these its name and whether it is the
+    control."""
+
+    layers: Layers
+
+    @property
+    def attack_name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return f"{self.layers.value} x {self.attack_name}"
+
+    @property
+    def is_control(self) -> bool:
+        return self.layers is Layers.PLAIN
+
+
 class _WeakerSession(CallSession):
     layers: Layers
 

@@ -39,7 +39,7 @@ import msgspec
 
 from client.call import CallConfig
 from client.experiment.analysis import middle_second, tone_correlation
-from client.experiment.layers import Layers
+from client.experiment.layers import CellScenario, Layers
 from client.experiment.media_mitm import (
     RecoveredAudio,
     RecoveredVideo,
@@ -87,7 +87,7 @@ class RoutedAttack(enum.Enum):
 
 
 @dataclass(frozen=True)
-class RoutedScenario:
+class RoutedScenario(CellScenario):
     """One routed cell: the members' frame protection and what the routing hub does."""
 
     layers: Layers
@@ -96,14 +96,6 @@ class RoutedScenario:
     @property
     def attack_name(self) -> str:
         return f"routed-{self.attack.value}"
-
-    @property
-    def name(self) -> str:
-        return f"{self.layers.value} x {self.attack_name}"
-
-    @property
-    def is_control(self) -> bool:
-        return self.layers is Layers.PLAIN
 
 
 ROUTED_SCENARIOS: tuple[RoutedScenario, ...] = (

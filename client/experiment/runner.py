@@ -34,7 +34,7 @@ from client.call import Call, CallConfig, CallStats
 from client.experiment.analysis import middle_second, tone_correlation
 from client.experiment.figure import FigureRow, SenderPanels, draw_figure, write_figure
 from client.experiment.hostile_hub import HANDSHAKE_TYPES, Capability, HostileHub, RoomAttack
-from client.experiment.layers import Layers
+from client.experiment.layers import CellScenario, Layers
 from client.experiment.media_mitm import (
     TAMPER_ACTIONS,
     Direction,
@@ -96,7 +96,7 @@ LEAK_PATTERNS = {
 
 
 @dataclass(frozen=True)
-class Scenario:
+class Scenario(CellScenario):
     """One cell of the matrix: which protections the peers apply, what the hub does."""
 
     layers: Layers
@@ -105,14 +105,6 @@ class Scenario:
     @property
     def attack_name(self) -> str:
         return "+".join(c.value for c in Capability if c in self.attack)
-
-    @property
-    def name(self) -> str:
-        return f"{self.layers.value} x {self.attack_name}"
-
-    @property
-    def is_control(self) -> bool:
-        return self.layers is Layers.PLAIN
 
 
 def _scenario(layers: Layers, *capabilities: Capability) -> Scenario:
