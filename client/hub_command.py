@@ -12,6 +12,7 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -173,9 +174,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except OSError as error:
         return _local_problem(f"cannot read --tls-cert or --tls-key: {_reason(error)}")
-    _configure_logging(quiet=args.quiet)
     with contextlib.ExitStack() as stack:
         metadata = None
+        node = None  # a cluster's or placement's node id, on every log line
         if args.record_metadata is not None:
             try:
                 sink = stack.enter_context(open(args.record_metadata, "a", buffering=1))
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
                 except ValueError as error:
                     print(f"blindhub hub: --redis: {error}", file=sys.stderr)
                     return ExitCode.USAGE
-                _configure_logging(quiet=args.quiet, node=placement.node)
+                node = placement.node
             server = serve(media=media, placement=placement)
         elif args.redis is None:
             server = serve(Hub(limits))
@@ -210,8 +211,11 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as error:
                 print(f"blindhub hub: --redis: {error}", file=sys.stderr)
                 return ExitCode.USAGE
-            _configure_logging(quiet=args.quiet, node=cluster.node)
+            node = cluster.node
             server = serve(cluster=cluster)
+        # Only a hub that serves logs, and only while it serves: an error above leaves the
+        # process's logging as it found it (the command also runs inside the tests' process).
+        stack.enter_context(_logging_to_stderr(quiet=args.quiet, node=node))
         try:
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
                 runner.run(_serve_until_signalled(server))
@@ -284,12 +288,22 @@ async def _serve_until_signalled(server: HubServer) -> None:
         await stop.wait()
 
 
-def _configure_logging(*, quiet: bool, node: str | None = None) -> None:
+@contextlib.contextmanager
+def _logging_to_stderr(*, quiet: bool, node: str | None) -> Iterator[None]:
+    """The hub's log as JSON lines on stderr (with the node id in a cluster), while serving."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLinesFormatter(None if node is None else {"node": node}))
     hub_logger = logging.getLogger("blindhub.hub")
-    hub_logger.handlers.clear()  # a cluster's node id replaces the first handler
+    level = hub_logger.level
     hub_logger.addHandler(handler)
     hub_logger.setLevel(logging.WARNING if quiet else logging.INFO)
     # websockets' own lines (handshake failures, "server listening") are not structured.
-    logging.getLogger("blindhub.hub.websockets").setLevel(logging.WARNING)
+    websockets_logger = logging.getLogger("blindhub.hub.websockets")
+    websockets_level = websockets_logger.level
+    websockets_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        hub_logger.removeHandler(handler)
+        hub_logger.setLevel(level)
+        websockets_logger.setLevel(websockets_level)

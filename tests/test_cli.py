@@ -1,4 +1,6 @@
 import json
+import logging
+import socket
 import subprocess
 import sys
 
@@ -78,3 +80,26 @@ def test_the_hubs_retransmission_budget_reaches_its_media_router():
     router.answer_applied(PeerId("a"), offer.session, 0.0)
     assert router.retransmissions_wanted(PeerId("a"), 10, 0.0) == 3
     assert router.retransmissions_wanted(PeerId("a"), 10, 2.0) == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "code"),
+    [
+        (["--route-media", "--redis", "nope://redis.internal"], 2),
+        (["--record-metadata", "/nonexistent/metadata.jsonl"], 7),
+        (["--port", "{taken}"], 7),
+    ],
+    ids=["bad-redis-url", "unwritable-metadata", "port-taken"],
+)
+def test_a_hub_that_does_not_serve_leaves_logging_as_it_found_it(flags, code):
+    # The command also runs inside other processes (the tests'): a hub that stops on an error
+    # must not leave a handler writing to a stderr that has since been closed.
+    hub_logger = logging.getLogger("blindhub.hub")
+    before = (list(hub_logger.handlers), hub_logger.level)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        argv = [flag.replace("{taken}", port) for flag in flags]
+        assert main(["hub", "--host", "127.0.0.1", "--port", "0", *argv]) == code
+    assert (list(hub_logger.handlers), hub_logger.level) == before
