@@ -176,7 +176,9 @@ async def test_browser_to_browser(hub, tmp_path):
             shot = DOCS / "howto" / "browser-peer-call.png" if kept else tmp_path / "call.png"
             await alice.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
-            assert "End-to-end encrypted" in (await alice.locator("#state").text_content() or "")
+            # Neither page's audit ended the call meanwhile (each page says why it ended).
+            states = [await page.locator("#state").text_content() or "" for page in (alice, bob)]
+            assert all("End-to-end encrypted" in state for state in states), states
 
 
 def read_wav(path: Path) -> tuple[list[float], int]:
