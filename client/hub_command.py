@@ -44,6 +44,7 @@ _LIMIT_HELP = {
     "ping_timeout": "seconds to wait for a pong before closing with 1011",
     "close_timeout": "seconds a closing handshake may take before the TCP connection is cut",
     "join_timeout": "seconds a connection may stay in no room before it is closed with 1008",
+    "batch_window": "seconds a busy hub gathers messages before it polls again; 0: never",
 }
 
 

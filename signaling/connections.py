@@ -22,7 +22,9 @@ connection on shutdown. On top of it:
   those that have not answered ``ping_timeout`` later (1011, as websockets' keepalive);
 - a connection that has not completed its opening handshake after ``join_timeout`` is cut;
 - one connection's burst of messages is handled ``MESSAGES_PER_TURN`` at a time, its reading
-  paused meanwhile, so that it cannot hold the event loop from the others.
+  paused meanwhile, so that it cannot hold the event loop from the others;
+- a busy server waits out the rest of ``batch_window`` after each turn that sent something
+  before it polls again (signaling.pacing), so that it reads and writes many messages at once.
 """
 
 import asyncio
@@ -32,6 +34,7 @@ import os
 import socket
 import ssl
 import struct
+import time
 from http import HTTPStatus
 from typing import Final, Protocol, cast
 
@@ -47,6 +50,7 @@ except ImportError:  # websockets built without its C extension
     from websockets.utils import apply_mask
 
 from signaling.hub import Limits
+from signaling.pacing import PollPacer
 from signaling.protocol import CLOSE_BINARY_FRAME, CLOSE_SLOW_READER
 
 CLOSE_PING_TIMEOUT: Final = "keepalive ping timeout"  # the reason websockets itself gives
@@ -158,6 +162,7 @@ class Connection(asyncio.Protocol):
             return False
         if not self._unflushed:
             self._server.flush_soon(self)
+        self._server.sent_in_turn += 1
         # An empty message adds no data: an empty write in the list is the protocol's EOF.
         self._outgoing += (header, data) if data else (header,)
         self._unflushed += size
@@ -477,6 +482,8 @@ class WebSocketServer:
         self.logger = logger
         self.connections: set[Connection] = set()
         self._unflushed: list[Connection] = []
+        self.pacer = PollPacer(limits.batch_window)
+        self.sent_in_turn = 0  # messages `Connection.send` took in this turn of the loop
         self._server: asyncio.Server | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
         self._all_gone: asyncio.Future[None] | None = None
@@ -539,6 +546,12 @@ class WebSocketServer:
         unflushed, self._unflushed = self._unflushed, []
         for connection in unflushed:
             connection.flush()
+        wait = self.pacer.after_turn(time.monotonic(), self.sent_in_turn)
+        self.sent_in_turn = 0
+        if wait:
+            # Blocks the event loop on purpose, for less than a window: it is busy, and what
+            # arrives meanwhile is read and relayed together once it polls (signaling.pacing).
+            time.sleep(wait)
 
     async def _keepalive(self) -> None:
         """Every ``ping_interval``, ping every connection; ``ping_timeout`` later, close

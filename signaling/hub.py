@@ -11,7 +11,7 @@ import logging
 import secrets
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 import msgspec
 
@@ -38,6 +38,11 @@ from signaling.protocol import (
 KIB = 1024
 
 
+# A busy hub may hold a message back this long at most (signaling.pacing): beyond, the wait
+# would be felt in a call's setup rather than spare the machine.
+MAX_BATCH_WINDOW: Final = 0.01
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Every limit of the hub; each one is a ``blindhub hub`` flag."""
@@ -53,6 +58,7 @@ class Limits:
     ping_timeout: float = 20.0
     close_timeout: float = 5.0
     join_timeout: float = 10.0
+    batch_window: float = 0.0002
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_peers_per_room", "max_rooms", "max_connections"):
@@ -63,6 +69,8 @@ class Limits:
         timeouts = (self.ping_interval, self.ping_timeout, self.close_timeout, self.join_timeout)
         if min(timeouts) <= 0:
             raise ValueError("the ping interval and the close and join timeouts must be positive")
+        if not 0 <= self.batch_window <= MAX_BATCH_WINDOW:
+            raise ValueError(f"the batch window must be from 0 to {MAX_BATCH_WINDOW} seconds")
         # A relayed frame is at most a few bytes longer than the frame that carried it,
         # so this bound lets one full-size message through to a reader that keeps up.
         if self.max_buffered_bytes < 2 * self.max_message_bytes:

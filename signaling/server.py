@@ -298,11 +298,10 @@ class HubServer:
         if path == "/healthz":
             return HTTPStatus.OK, "ok\n"
         if path == "/metrics":
-            extra = None if self.cluster is None else self.cluster.metric_lines()
-            if self.media is not None:
-                extra = self.media.metric_lines()
-            if self.placement is not None:
-                extra = [*(extra or []), *self.placement.metric_lines()]
+            extra = self._websockets.pacer.metric_lines()
+            for part in (self.cluster, self.media, self.placement):
+                if part is not None:
+                    extra += part.metric_lines()
             return HTTPStatus.OK, render_metrics(self.hub, self.buffered_bytes(), extra)
         return None
 

@@ -5,6 +5,7 @@ own server gave it, and a burst is served in order across turns of the event loo
 import asyncio
 import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -170,6 +171,34 @@ async def test_a_burst_in_one_write_is_served_in_order_over_several_turns(start_
         # Reading resumed after the burst: the sender is still served.
         await sender.send(relay(receiver_id, "after").decode())
         assert (await recv_json(receiver))["payload"] == "after"
+
+
+def poll_waits(hub: HubServer) -> tuple[int, float]:
+    """The hub's poll-pacing counters, as its /metrics serves them."""
+    url = hub.url.replace("ws://", "http://") + "/metrics"
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        lines = response.read().decode().splitlines()
+    samples = dict(line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
+    waits = int(samples["blindhub_poll_waits_total"])
+    return waits, float(samples["blindhub_poll_wait_seconds_total"])
+
+
+@pytest.mark.parametrize("window", [0.005, 0.0], ids=["paced", "never"])
+async def test_a_busy_hub_waits_before_polling_again_and_keeps_the_order(start_hub, window):
+    hub = await start_hub(Limits(rate_burst=10_000, batch_window=window))
+    rounds, per_round = 20, 25
+    async with pair(hub.url) as (sender, receiver, receiver_id):
+        # Twenty turns at least that relay 25 messages each: far more than two per window.
+        for first in range(0, rounds * per_round, per_round):
+            for n in range(first, first + per_round):
+                await sender.send(relay(receiver_id, n).decode())
+            got = [(await recv_json(receiver))["payload"] for _ in range(per_round)]
+            assert got == list(range(first, first + per_round))
+    waits, waited = await asyncio.to_thread(poll_waits, hub)
+    if window:
+        assert 0 < waits < rounds * per_round and 0 < waited <= waits * window
+    else:
+        assert (waits, waited) == (0, 0.0)
 
 
 class FaultyHub(Hub):
