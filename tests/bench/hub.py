@@ -4,10 +4,13 @@ tests/bench/hub_cluster.py).
 Starts each server in a subprocess and, from this process (one load generator for all),
 measures memory per idle connection (RSS difference of the server process), one-way relay
 latency for 100 concurrent pairs at about 5,000 messages/s and the server's CPU at that
-rate, relay throughput (20 pairs flat out) with the server's CPU per relayed message, and
+rate, relay throughput (20 pairs flat out) with the server's CPU per relayed message, the
+messages each of its reads brought and the load generator's own CPU per relayed message, and
 10,000 concurrent connections. The servers:
 
 - ``hub``: ``blindhub hub``, limits raised so that the load is not refused;
+- ``unpaced`` (with ``--unpaced``): the same hub with ``--batch-window 0``, which polls its
+  sockets again as soon as it has relayed what it read (signaling.pacing);
 - ``bare``: a bare websockets relay (same library and settings, frames forwarded to the
   paired connection unparsed), the floor of what websockets itself costs;
 - ``peerjs`` (with ``--peerjs``): PeerJS server, npm package ``peer`` 1.0.2, installed from
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
 import resource
 import shutil
@@ -81,6 +85,12 @@ def cpu_seconds(pid: int) -> float:
         # The command name (field 2) may hold spaces; the fields after it are numbers.
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def read_calls(pid: int) -> int:
+    """read(2) system calls of a process so far."""
+    with open(f"/proc/{pid}/io") as io:
+        return int(next(line for line in io if line.startswith("syscr:")).split()[1])
 
 
 @asynccontextmanager
@@ -214,9 +224,12 @@ async def latency(server: Server) -> tuple[float, float, float, float]:
     return quantiles[49], quantiles[98], len(samples) / elapsed, cores
 
 
-async def throughput(server: Server) -> tuple[float, float]:
-    """Relayed messages per second, 20 pairs sending as fast as they can, and the server's
-    CPU per relayed message (microseconds)."""
+async def throughput(server: Server) -> tuple[float, float, float, float]:
+    """Relayed messages per second, 20 pairs sending as fast as they can; the server's CPU
+    per relayed message (microseconds) and the messages each of its reads brought; and this
+    process's CPU per relayed message, the load generator's (which shares the machine's two
+    cores with the server, so that what a server makes its clients do sets its throughput
+    too)."""
     pairs = await open_pairs(server, THROUGHPUT_PAIRS)
     per_pair = THROUGHPUT_MESSAGES // len(pairs)
 
@@ -234,12 +247,17 @@ async def throughput(server: Server) -> tuple[float, float]:
         await asyncio.gather(produce(), consume())
 
     started, cpu_before = time.perf_counter(), cpu_seconds(server.pid)
+    reads_before, own_before = read_calls(server.pid), time.process_time()
     await asyncio.gather(*(run(pair.second, pair.first, pair.first_id) for pair in pairs))
     elapsed = time.perf_counter() - started
     cpu = cpu_seconds(server.pid) - cpu_before
+    reads, own = read_calls(server.pid) - reads_before, time.process_time() - own_before
     await close_all(pairs)
     messages = per_pair * len(pairs)
-    return messages / elapsed, cpu / messages * 1e6
+    # /proc counts read(2), which uvloop and Node use, not the recv(2) of asyncio's own loop
+    # (the bare relay's): nan there.
+    per_read = messages / reads if reads else math.nan
+    return messages / elapsed, cpu / messages * 1e6, per_read, own / messages * 1e6
 
 
 async def measure(server: Server, steps: list[int]) -> dict[str, float]:
@@ -251,7 +269,12 @@ async def measure(server: Server, steps: list[int]) -> dict[str, float]:
         "latency run msg/s": rate,
         "CPU cores at 5k msg/s": cores,
     }
-    figures["throughput msg/s"], figures["CPU us/msg"] = await throughput(server)
+    (
+        figures["throughput msg/s"],
+        figures["CPU us/msg"],
+        figures["msgs per read"],
+        figures["load gen us/msg"],
+    ) = await throughput(server)
     return figures
 
 
@@ -324,7 +347,7 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
         print(line + "".join(f"{hub / statistics.median(columns[n]):>12.2f}" for n in names[1:]))
 
 
-async def main(quick: bool, peerjs: bool, runs: int) -> None:
+async def main(quick: bool, peerjs: bool, unpaced: bool, runs: int) -> None:
     raise_file_limit()
     steps = [1_000, 5_000] if quick else [1_000, 5_000, 10_000]
     hub_command = [sys.executable, "-m", "client.cli", "hub", "--port", "0", "--quiet"]
@@ -333,6 +356,9 @@ async def main(quick: bool, peerjs: bool, runs: int) -> None:
         Contender("hub", hub_command + HUB_FLAGS, None, Server),
         Contender("bare", bare_command, None, Server),
     ]
+    if unpaced:
+        unpaced_command = hub_command + HUB_FLAGS + ["--batch-window", "0"]
+        contenders.insert(1, Contender("unpaced", unpaced_command, None, Server))
     if peerjs:
         installed = install_peerjs()
         if isinstance(installed, str):
@@ -359,6 +385,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--peerjs", action="store_true", help="also PeerJS server (installed with npm)"
     )
+    parser.add_argument("--unpaced", action="store_true", help="also the hub with --batch-window 0")
     parser.add_argument("--runs", type=int, default=1, help="repeat each measurement N times")
     parser.add_argument("--bare-relay", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -374,4 +401,4 @@ if __name__ == "__main__":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(bare_relay(0))
     else:
-        asyncio.run(main(args.quick, args.peerjs, args.runs))
+        asyncio.run(main(args.quick, args.peerjs, args.unpaced, args.runs))
