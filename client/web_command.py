@@ -38,6 +38,7 @@ FILES: Final = {
     "/protocol.js": ("protocol.js", "text/javascript; charset=utf-8"),
     "/senderkeys.js": ("senderkeys.js", "text/javascript; charset=utf-8"),
     "/sframe.js": ("sframe.js", "text/javascript; charset=utf-8"),
+    "/steps.js": ("steps.js", "text/javascript; charset=utf-8"),
     "/store.js": ("store.js", "text/javascript; charset=utf-8"),
     "/worker.js": ("worker.js", "text/javascript; charset=utf-8"),
 }

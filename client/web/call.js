@@ -17,6 +17,7 @@
 // drops this pair and the rest of the group goes on (group.js).
 
 import { MediaAudit } from "./audit.js";
+import { SerialSteps } from "./steps.js";
 import { Initiator, Responder, SUITES, SUITE_NAMES, fingerprint, randomBytes } from "./protocol.js";
 import { pins } from "./store.js";
 
@@ -88,43 +89,16 @@ export class Call {
     this.peerConfirmed = false;
     this.receiveKids = [];
     this.requestedRekey = false;
-    this.timers = new Set();
-    this.queue = Promise.resolve();
+    this.steps = new SerialSteps({
+      stopped: () => this.state === "ended",
+      failed: (error) => this.fail(error.kind || "CallFailed", error.message),
+    });
     this.audit = null;
     // A routed call's frames go through the group's worker, under sender keys.
     this.worker = routed ? null : new Worker("worker.js", { type: "module", name: "sframe" });
     if (this.worker) this.worker.onmessage = ({ data }) => this.onWorker(data);
     this.counters = { sent: 0, decrypted: 0, failed: 0 };
-    this.setupTimer = this.after(SETUP_TIMEOUT, () => this.fail("CallFailed", "the call was not set up in time"));
-  }
-
-  after(ms, action) {
-    const timer = setTimeout(() => {
-      this.timers.delete(timer);
-      this.serialize(action);
-    }, ms);
-    this.timers.add(timer);
-    return timer;
-  }
-
-  cancel(timer) {
-    if (timer !== null && timer !== undefined) {
-      clearTimeout(timer);
-      this.timers.delete(timer);
-    }
-  }
-
-  // Events run one at a time, in arrival order: every step awaits WebCrypto.
-  serialize(step) {
-    this.queue = this.queue.then(async () => {
-      if (this.state === "ended") return;
-      try {
-        await step();
-      } catch (error) {
-        await this.fail(error.kind || "CallFailed", error.message);
-      }
-    });
-    return this.queue;
+    this.setupTimer = this.steps.after(SETUP_TIMEOUT, () => this.fail("CallFailed", "the call was not set up in time"));
   }
 
   send(payload) {
@@ -138,7 +112,7 @@ export class Call {
   // -- events from the page and the hub
 
   start() {
-    return this.serialize(async () => {
+    return this.steps.run(async () => {
       this.update({});
       if (!this.initiator) return;
       const callId = hex(randomBytes(CALL_ID_BYTES));
@@ -148,7 +122,7 @@ export class Call {
   }
 
   receive(payload) {
-    return this.serialize(async () => {
+    return this.steps.run(async () => {
       if (this.state === "key-agreement") return this.onKeyAgreement(payload);
       if (this.state === "await-sas" || this.state === "await-peer") return this.onDecision(payload);
       if (this.state === "negotiating") return this.onNegotiation(payload);
@@ -157,7 +131,7 @@ export class Call {
   }
 
   sasAnswer(accepted) {
-    return this.serialize(async () => {
+    return this.steps.run(async () => {
       if (this.state !== "await-sas") return;
       if (!accepted) {
         this.send(await this.result.channel.seal({ type: "declined" }));
@@ -171,7 +145,7 @@ export class Call {
   }
 
   hangup(reason = "hangup") {
-    return this.serialize(async () => {
+    return this.steps.run(async () => {
       if (this.state !== "in-call") return this.fail("CallFailed", "hung up before the call was set up");
       try {
         this.send(await this.result.channel.seal({ type: "bye" }));
@@ -183,7 +157,7 @@ export class Call {
   }
 
   peerLeft() {
-    return this.serialize(async () => (this.state === "in-call" ? this.end("peer-left") : this.fail("CallFailed", "the peer left during setup")));
+    return this.steps.run(async () => (this.state === "in-call" ? this.end("peer-left") : this.fail("CallFailed", "the peer left during setup")));
   }
 
   // -- the key agreement
@@ -257,13 +231,13 @@ export class Call {
     if (this.routed) {
       // No media of ours flows through this pair: the call starts now.
       this.state = "in-call";
-      this.cancel(this.setupTimer);
+      this.steps.cancel(this.setupTimer);
       this.setupTimer = null;
       return this.update({ ...this.protection, pin: this.pin, keyed: true });
     }
     this.state = "negotiating";
-    this.cancel(this.setupTimer);
-    this.setupTimer = this.after(SETUP_TIMEOUT, () => this.fail("CallFailed", "the media was not set up in time"));
+    this.steps.cancel(this.setupTimer);
+    this.setupTimer = this.steps.after(SETUP_TIMEOUT, () => this.fail("CallFailed", "the media was not set up in time"));
     this.update({ ...this.protection, pin: this.pin });
     if (!this.initiator) return;
     const pc = this.newConnection();
@@ -308,7 +282,7 @@ export class Call {
     this.pc = new RTCPeerConnection({ iceServers: [] });
     this.pc.ontrack = (event) => this.update({ remoteStream: event.streams[0] || new MediaStream([event.track]) });
     this.pc.onconnectionstatechange = () => {
-      if (["failed", "closed"].includes(this.pc.connectionState)) this.serialize(() => this.end(`connection-${this.pc.connectionState}`));
+      if (["failed", "closed"].includes(this.pc.connectionState)) this.steps.run(() => this.end(`connection-${this.pc.connectionState}`));
     };
     return this.pc;
   }
@@ -349,7 +323,7 @@ export class Call {
 
   mediaStarted() {
     this.state = "in-call";
-    this.cancel(this.setupTimer);
+    this.steps.cancel(this.setupTimer);
     this.setupTimer = null;
     this.requestedRekey = !this.initiator;
     this.scheduleRekey();
@@ -360,7 +334,7 @@ export class Call {
       // The worker labels our receivers by kind: one transceiver of each kind.
       receivers: (byKind) => Object.fromEntries(pc.getTransceivers().map((transceiver) => [transceiver.mid, byKind[transceiver.receiver.track.kind]]).filter(([, counted]) => counted)),
       audited: (audit) => this.update({ audit }),
-      bypassed: (message) => this.serialize(() => this.fail("CallFailed", message)),
+      bypassed: (message) => this.steps.run(() => this.fail("CallFailed", message)),
     });
     this.audit.start();
     this.update({ ...this.protection, pin: this.pin });
@@ -402,9 +376,9 @@ export class Call {
   }
 
   scheduleRekey() {
-    this.cancel(this.rekeyTimer);
+    this.steps.cancel(this.rekeyTimer);
     const delay = REKEY_INTERVAL * (this.requestedRekey ? REQUESTER_REKEY_FACTOR : 1);
-    this.rekeyTimer = this.after(delay, () => this.rekey());
+    this.rekeyTimer = this.steps.after(delay, () => this.rekey());
   }
 
   async rekey() {
@@ -412,7 +386,7 @@ export class Call {
     if (this.state !== "in-call" || channel.rekeyInProgress) return;
     this.send(await channel.startRekey());
     this.requestedRekey = true;
-    this.rekeyDeadline = this.after(REKEY_TIMEOUT, () => this.fail("CallFailed", `a rekey did not complete within ${REKEY_TIMEOUT / 1000} s`));
+    this.rekeyDeadline = this.steps.after(REKEY_TIMEOUT, () => this.fail("CallFailed", `a rekey did not complete within ${REKEY_TIMEOUT / 1000} s`));
   }
 
   async onCallMessage(payload) {
@@ -437,10 +411,10 @@ export class Call {
     if (received.keys.switchSend) this.update({ log: `rekeyed: now epoch ${this.epoch}` });
     if (channel.rekeyInProgress && !this.rekeyDeadline) {
       this.requestedRekey = false;
-      this.cancel(this.rekeyTimer);
-      this.rekeyDeadline = this.after(REKEY_TIMEOUT, () => this.fail("CallFailed", "a rekey did not complete in time"));
+      this.steps.cancel(this.rekeyTimer);
+      this.rekeyDeadline = this.steps.after(REKEY_TIMEOUT, () => this.fail("CallFailed", "a rekey did not complete in time"));
     } else if (!channel.rekeyInProgress && this.rekeyDeadline) {
-      this.cancel(this.rekeyDeadline);
+      this.steps.cancel(this.rekeyDeadline);
       this.rekeyDeadline = null;
       this.scheduleRekey();
     }
@@ -450,20 +424,20 @@ export class Call {
   // -- group sender keys (routed calls only)
 
   sendSenderKey(key) {
-    return this.serialize(async () => {
+    return this.steps.run(async () => {
       if (this.state === "in-call") this.send(await this.result.channel.sealSenderKey(key));
     });
   }
 
   ackSenderKey(kid) {
-    return this.serialize(async () => {
+    return this.steps.run(async () => {
       if (this.state === "in-call") this.send(await this.result.channel.sealSenderKeyAck(kid));
     });
   }
 
   // Ends this pair from outside (the group refuses it), as a failure.
   abort(kind, message) {
-    return this.serialize(() => this.fail(kind, message));
+    return this.steps.run(() => this.fail(kind, message));
   }
 
   // -- the end
@@ -496,8 +470,7 @@ export class Call {
 
   close() {
     this.state = "ended";
-    for (const timer of this.timers) clearTimeout(timer);
-    this.timers.clear();
+    this.steps.stop();
     if (this.audit) this.audit.stop();
     if (this.pc) this.pc.close();
     if (this.worker) this.worker.terminate();

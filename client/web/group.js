@@ -30,6 +30,7 @@ import { MediaAudit } from "./audit.js";
 import { Call, mediaPolicy } from "./call.js";
 import { SUITES, SUITE_NAMES, randomBytes } from "./protocol.js";
 import { SenderKey, groupSecurityCode } from "./senderkeys.js";
+import { SerialSteps } from "./steps.js";
 
 const SWITCH_BOUND = 500;
 const REKEY_TIMEOUT = 10_000;
@@ -44,9 +45,11 @@ export class GroupCall {
     this.pending = null;
     this.pendingSince = 0;
     this.awaiting = new Set();
-    this.timers = new Set();
     this.ended = false;
-    this.queue = Promise.resolve();
+    this.steps = new SerialSteps({
+      stopped: () => this.ended,
+      failed: (error) => this.ui({ log: `group call error: ${error.message}` }),
+    });
     this.shownRoster = "";
     this.code = null;
     this.pc = null;
@@ -67,32 +70,10 @@ export class GroupCall {
     return SUITE_NAMES[this.suite];
   }
 
-  // Group events run one at a time: each awaits WebCrypto.
-  serialize(step) {
-    this.queue = this.queue.then(async () => {
-      if (this.ended) return;
-      try {
-        await step();
-      } catch (error) {
-        this.ui({ log: `group call error: ${error.message}` });
-      }
-    });
-    return this.queue;
-  }
-
-  after(ms, action) {
-    const timer = setTimeout(() => {
-      this.timers.delete(timer);
-      this.serialize(action);
-    }, ms);
-    this.timers.add(timer);
-    return timer;
-  }
-
   // -- events from the page and the hub
 
   start(peers) {
-    return this.serialize(async () => {
+    return this.steps.run(async () => {
       this.useSendKey(this.current);
       for (const peerId of peers) this.addPeer(peerId, false);
       await this.refresh();
@@ -100,7 +81,7 @@ export class GroupCall {
   }
 
   peerJoined(peerId) {
-    return this.serialize(() => this.addPeer(peerId, true));
+    return this.steps.run(() => this.addPeer(peerId, true));
   }
 
   peerLeft(peerId) {
@@ -119,14 +100,14 @@ export class GroupCall {
   }
 
   hangup(reason = "hangup") {
-    return this.serialize(async () => {
+    return this.steps.run(async () => {
       await Promise.all([...this.peers.values()].map(({ call }) => call.hangup(reason)));
       this.end({ ended: reason });
     });
   }
 
   hubClosed() {
-    return this.serialize(() => this.end({ error: { kind: "CallFailed", message: "the hub connection was lost: it carries the media of a group call" } }));
+    return this.steps.run(() => this.end({ error: { kind: "CallFailed", message: "the hub connection was lost: it carries the media of a group call" } }));
   }
 
   // -- the pairs
@@ -141,10 +122,10 @@ export class GroupCall {
   onPair(update) {
     const { peerId } = update;
     this.ui(update);
-    if (update.keyed) this.serialize(() => this.joined(peerId));
-    if (update.senderKey) this.serialize(() => this.keyArrived(peerId, update.senderKey));
-    if (update.senderKeyAck !== undefined) this.serialize(() => this.acked(peerId, update.senderKeyAck));
-    if (update.error || update.ended) this.serialize(() => this.gone(peerId, update.ended || update.error.kind));
+    if (update.keyed) this.steps.run(() => this.joined(peerId));
+    if (update.senderKey) this.steps.run(() => this.keyArrived(peerId, update.senderKey));
+    if (update.senderKeyAck !== undefined) this.steps.run(() => this.acked(peerId, update.senderKeyAck));
+    if (update.error || update.ended) this.steps.run(() => this.gone(peerId, update.ended || update.error.kind));
   }
 
   async joined(peerId) {
@@ -172,7 +153,7 @@ export class GroupCall {
   giveKey(peerId, state, key) {
     state.awaitedKid = key.kid;
     if (state.ackTimer === null) {
-      state.ackTimer = this.after(REKEY_TIMEOUT, () => state.call.abort("CallFailed", `our sender key was not acknowledged within ${REKEY_TIMEOUT / 1000} s`));
+      state.ackTimer = this.steps.after(REKEY_TIMEOUT, () => state.call.abort("CallFailed", `our sender key was not acknowledged within ${REKEY_TIMEOUT / 1000} s`));
     }
     state.call.sendSenderKey(key);
   }
@@ -185,7 +166,7 @@ export class GroupCall {
       this.ui({ log: `dropped a sender key from ${state.protection.peerName} that does not fit (generation ${key.generation})` });
       return;
     }
-    if (state.generation !== null) this.after(GRACE, () => this.worker.postMessage({ type: "group-retire", peerId, below: key.generation }));
+    if (state.generation !== null) this.steps.after(GRACE, () => this.worker.postMessage({ type: "group-retire", peerId, below: key.generation }));
     state.generation = key.generation;
     this.worker.postMessage({ type: "group-key", peerId, key: { suite: key.suite, generation: key.generation, step: key.step, baseKey: key.baseKey } });
     state.call.ackSenderKey(new SenderKey(key.suite, key.generation, key.step, key.baseKey).kid);
@@ -196,8 +177,7 @@ export class GroupCall {
     const state = this.peers.get(peerId);
     if (!state || kid !== state.awaitedKid) return; // an older key's ack: the newer one's is due
     state.awaitedKid = null;
-    clearTimeout(state.ackTimer);
-    this.timers.delete(state.ackTimer);
+    this.steps.cancel(state.ackTimer);
     state.ackTimer = null;
     this.awaiting.delete(peerId);
     await this.refresh();
@@ -219,7 +199,7 @@ export class GroupCall {
     // A member that held our key is gone: a fresh generation for everyone else.
     if (this.pending === null) {
       this.pendingSince = performance.now();
-      this.after(SWITCH_BOUND, () => this.refresh());
+      this.steps.after(SWITCH_BOUND, () => this.refresh());
     }
     this.pending = SenderKey.fresh(this.suite, (this.pending || this.current).generation + 1, randomBytes);
     this.awaiting = new Set();
@@ -273,13 +253,13 @@ export class GroupCall {
   // -- the media: one connection to the hub, which offers
 
   mediaOffer(sdp) {
-    return this.serialize(async () => {
+    return this.steps.run(async () => {
       if (this.pc !== null) return this.ui({ log: "ignored a second media offer from the hub" });
       await this.workerReady;
       const pc = (this.pc = new RTCPeerConnection({ iceServers: [] }));
       pc.ontrack = ({ transceiver, track }) => this.ui({ slotTrack: { mid: transceiver.mid, kind: track.kind, track } });
       pc.onconnectionstatechange = () => {
-        if (["failed", "closed"].includes(pc.connectionState)) this.serialize(() => this.end({ error: { kind: "CallFailed", message: `the media connection to the hub is ${pc.connectionState}` } }));
+        if (["failed", "closed"].includes(pc.connectionState)) this.steps.run(() => this.end({ error: { kind: "CallFailed", message: `the media connection to the hub is ${pc.connectionState}` } }));
       };
       await pc.setRemoteDescription({ type: "offer", sdp: mediaPolicy(sdp) });
       // Every transform now, before any await: Chromium short-circuits the encoded transform of
@@ -324,7 +304,7 @@ export class GroupCall {
         pc,
         worker: this.worker,
         audited: (audit) => this.ui({ audit }),
-        bypassed: (message) => this.serialize(() => this.end({ error: { kind: "CallFailed", message } })),
+        bypassed: (message) => this.steps.run(() => this.end({ error: { kind: "CallFailed", message } })),
       });
       this.audit.start();
     });
@@ -341,8 +321,7 @@ export class GroupCall {
   end(outcome) {
     if (this.ended) return;
     this.ended = true;
-    for (const timer of this.timers) clearTimeout(timer);
-    this.timers.clear();
+    this.steps.stop();
     for (const { call } of this.peers.values()) call.close();
     this.peers.clear();
     if (this.audit) this.audit.stop();
