@@ -5,9 +5,11 @@ own server gave it, and a burst is served in order across turns of the event loo
 import asyncio
 import json
 import logging
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 
+from signaling import connections
 from signaling.connections import MESSAGES_PER_TURN, text_frame_header
 from signaling.hub import KIB, Delivery, Hub, Limits
 from signaling.protocol import ErrorCode, PeerId
@@ -184,7 +187,16 @@ def poll_waits(hub: HubServer) -> tuple[int, float]:
 
 
 @pytest.mark.parametrize("window", [0.005, 0.0], ids=["paced", "never"])
-async def test_a_busy_hub_waits_before_polling_again_and_keeps_the_order(start_hub, window):
+async def test_a_busy_hub_waits_before_polling_again_and_keeps_the_order(
+    start_hub, monkeypatch, window
+):
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(connections, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
     hub = await start_hub(Limits(rate_burst=10_000, batch_window=window))
     rounds, per_round = 20, 25
     async with pair(hub.url) as (sender, receiver, receiver_id):
@@ -199,6 +211,8 @@ async def test_a_busy_hub_waits_before_polling_again_and_keeps_the_order(start_h
         assert 0 < waits < rounds * per_round and 0 < waited <= waits * window
     else:
         assert (waits, waited) == (0, 0.0)
+    # What the hub blocked its loop for is what the pacer decided, wait by wait.
+    assert len(slept) == waits and sum(slept) == pytest.approx(waited, abs=1e-5)
 
 
 class FaultyHub(Hub):
