@@ -215,6 +215,24 @@ async def test_a_busy_hub_waits_before_polling_again_and_keeps_the_order(
     assert len(slept) == waits and sum(slept) == pytest.approx(waited, abs=1e-5)
 
 
+async def test_a_busy_hub_waits_a_window_for_each_turn_a_burst_needs(start_hub):
+    # Not one window in all (hub-protocol.md): each turn of MESSAGES_PER_TURN that sent
+    # something is followed by the rest of a window, so the last of five turns' worth left
+    # the hub two windows at least after the burst was sent, however the machine runs.
+    window = 0.005
+    hub = await start_hub(Limits(rate_burst=10_000, batch_window=window))
+    count = 5 * MESSAGES_PER_TURN
+    async with pair(hub.url) as (sender, receiver, receiver_id):
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        sender.transport.write(
+            b"".join(client_frame(Opcode.TEXT, relay(receiver_id, n)) for n in range(count))
+        )
+        got = [(await recv_json(receiver))["payload"] for _ in range(count)]
+        assert got == list(range(count))
+        assert loop.time() - sent_at >= 2 * window
+
+
 class FaultyHub(Hub):
     """A routing core with a fault of its own: a relay whose payload is "boom" raises."""
 
