@@ -3,11 +3,12 @@
 A hub that goes back to the kernel as soon as it has relayed a message polls, reads, writes
 and is woken up once per message, and so is the client it writes to: on this machine that
 was most of the difference between the hub's CPU per relayed message and PeerJS's
-(docs/benchmarks/hub.md). When messages come at least twice per window, the hub instead
+(docs/benchmarks/hub.md). When it sends at least two messages per window, the hub instead
 waits out the rest of a short window (``Limits.batch_window``) after each turn of its event
 loop that sent something, before it polls again: what arrived meanwhile is read in one read
 per connection and written in one write per recipient. A message then waits at most one
-window more; a hub below that rate, and an idle one, answers at once.
+window more for each turn of the loop it needs (one for a relay within one process, more in a
+cluster); a hub below that rate, and an idle one, answers at once.
 
 Sans-I/O: `PollPacer` is told the time and the messages of each turn and says how long to
 wait; the event loop's edge (signaling.connections) waits.

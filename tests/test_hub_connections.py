@@ -5,9 +5,11 @@ own server gave it, and a burst is served in order across turns of the event loo
 import asyncio
 import json
 import logging
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 
+from signaling import connections
 from signaling.connections import MESSAGES_PER_TURN, text_frame_header
 from signaling.hub import KIB, Delivery, Hub, Limits
 from signaling.protocol import ErrorCode, PeerId
@@ -184,7 +187,16 @@ def poll_waits(hub: HubServer) -> tuple[int, float]:
 
 
 @pytest.mark.parametrize("window", [0.005, 0.0], ids=["paced", "never"])
-async def test_a_busy_hub_waits_before_polling_again_and_keeps_the_order(start_hub, window):
+async def test_a_busy_hub_waits_before_polling_again_and_keeps_the_order(
+    start_hub, monkeypatch, window
+):
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(connections, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
     hub = await start_hub(Limits(rate_burst=10_000, batch_window=window))
     rounds, per_round = 20, 25
     async with pair(hub.url) as (sender, receiver, receiver_id):
@@ -199,6 +211,26 @@ async def test_a_busy_hub_waits_before_polling_again_and_keeps_the_order(start_h
         assert 0 < waits < rounds * per_round and 0 < waited <= waits * window
     else:
         assert (waits, waited) == (0, 0.0)
+    # What the hub blocked its loop for is what the pacer decided, wait by wait.
+    assert len(slept) == waits and sum(slept) == pytest.approx(waited, abs=1e-5)
+
+
+async def test_a_busy_hub_waits_a_window_for_each_turn_a_burst_needs(start_hub):
+    # Not one window in all (hub-protocol.md): each turn of MESSAGES_PER_TURN that sent
+    # something is followed by the rest of a window, so the last of five turns' worth left
+    # the hub two windows at least after the burst was sent, however the machine runs.
+    window = 0.005
+    hub = await start_hub(Limits(rate_burst=10_000, batch_window=window))
+    count = 5 * MESSAGES_PER_TURN
+    async with pair(hub.url) as (sender, receiver, receiver_id):
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        sender.transport.write(
+            b"".join(client_frame(Opcode.TEXT, relay(receiver_id, n)) for n in range(count))
+        )
+        got = [(await recv_json(receiver))["payload"] for _ in range(count)]
+        assert got == list(range(count))
+        assert loop.time() - sent_at >= 2 * window
 
 
 class FaultyHub(Hub):
