@@ -11,10 +11,11 @@ import logging
 import secrets
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Protocol
 
 import msgspec
 
+from signaling.pacing import check_window
 from signaling.protocol import (
     CodedError,
     ErrorCode,
@@ -36,11 +37,6 @@ from signaling.protocol import (
 )
 
 KIB = 1024
-
-
-# A busy hub may hold a message back this long at most (signaling.pacing): beyond, the wait
-# would be felt in a call's setup rather than spare the machine.
-MAX_BATCH_WINDOW: Final = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +65,7 @@ class Limits:
         timeouts = (self.ping_interval, self.ping_timeout, self.close_timeout, self.join_timeout)
         if min(timeouts) <= 0:
             raise ValueError("the ping interval and the close and join timeouts must be positive")
-        if not 0 <= self.batch_window <= MAX_BATCH_WINDOW:
-            raise ValueError(f"the batch window must be from 0 to {MAX_BATCH_WINDOW} seconds")
+        check_window(self.batch_window)
         # A relayed frame is at most a few bytes longer than the frame that carried it,
         # so this bound lets one full-size message through to a reader that keeps up.
         if self.max_buffered_bytes < 2 * self.max_message_bytes:

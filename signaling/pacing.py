@@ -21,6 +21,15 @@ from typing import Final
 # cost a wake-up of its own), as a rate averaged over about RATE_SECONDS.
 BUSY_MESSAGES_PER_WINDOW: Final = 2
 RATE_SECONDS: Final = 0.01
+# The longest window: beyond, the wait would be felt in a call's setup rather than spare the
+# machine.
+MAX_WINDOW: Final = 0.01
+
+
+def check_window(window: float) -> None:
+    """Raise ``ValueError`` unless ``window`` (seconds) is one the hub takes."""
+    if not 0 <= window <= MAX_WINDOW:  # NaN is refused too
+        raise ValueError(f"the batch window must be from 0 to {MAX_WINDOW} seconds")
 
 
 class PollPacer:
@@ -28,8 +37,7 @@ class PollPacer:
     (0: never wait)."""
 
     def __init__(self, window: float) -> None:
-        if window < 0:
-            raise ValueError("the batch window must not be negative")
+        check_window(window)
         self.window = window
         # The messages of the last RATE_SECONDS or so, each counted less as it ages.
         self._recent = 0.0
@@ -47,7 +55,8 @@ class PollPacer:
         """A turn that sent ``messages`` ended at ``now`` (monotonic seconds): the seconds to
         wait before polling again, 0 to poll at once."""
         self._recent = self._recent * math.exp((self._polled_at - now) / RATE_SECONDS) + messages
-        wait = self.window - (now - self._polled_at) if self.busy else 0.0
+        # (At most the window even if ``now`` came before the last poll.)
+        wait = min(self.window, self.window - (now - self._polled_at)) if self.busy else 0.0
         if wait <= 0.0:
             wait = 0.0
         else:
