@@ -116,6 +116,8 @@ def fake_media_args(tone_wav: Path) -> list[str]:
 
 # The page audits every second: a bypass must end its call within five audits.
 AUDIT_BOUND_MS = 5_000
+# Samples in one Opus frame of the pages and of the Python peer (20 ms at 48 kHz).
+OPUS_FRAME_SAMPLES = 960
 
 # Every RTCPeerConnection the page makes, recorded before its scripts run (a context's init
 # script): the test reaches the page's media connection without a hook in the page.
@@ -164,3 +166,18 @@ async def bypass_and_time_the_end(page: Any, side: str, kind: str, how: str) -> 
         audit = await page.locator("#roster").get_attribute("data-audit")
         raise AssertionError(f"the call went on past {AUDIT_BOUND_MS} ms: {audit}") from None
     return await failed.text_content() or ""
+
+
+def assert_everything_went_through_the_worker(audit: dict[str, Any]) -> None:
+    """A page's audit (``data-audit``) of an honest call, two-party or group, is within bounds:
+    Chromium decoded and sent only what went through the page's worker."""
+    for mid, slot in audit["slots"].items():
+        # Every frame a decoder got went through the worker, which decrypted it.
+        assert slot["given"] >= slot["passed"] > 0, (mid, slot)
+        per_frame = 1 if slot["kind"] == "video" else OPUS_FRAME_SAMPLES
+        assert slot["decoded"] <= slot["passed"] * per_frame, (mid, slot)
+    for kind in ("audio", "video"):
+        # And nothing left that the worker did not encrypt (Chromium counts a video frame the
+        # worker dropped as sent: it counts frames as they are encoded).
+        sent = audit["sent"][kind]
+        assert sent["encrypted"] + sent["withheld"] >= sent["left"] > 0, (kind, audit["sent"])

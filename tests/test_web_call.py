@@ -33,7 +33,9 @@ from crypto.frame_crypto import DEFAULT_SUITE
 from crypto.identity import IdentityKey, KnownPeers
 from crypto.sframe import SFrameHeader
 from tests.browser import (
+    OPUS_FRAME_SAMPLES,
     RECORD_CONNECTIONS,
+    assert_everything_went_through_the_worker,
     bypass_and_time_the_end,
     chromium,
     fake_media_args,
@@ -54,8 +56,6 @@ TOLERANCE = 5.0
 SAS = re.compile(r"SAS to read aloud: (\d{5} \d{5} \d{5})")
 OPUS_FRAME_BYTES = AUDIO_BITRATE // 8 * 20 // 1000
 DECODED_PICTURE = "() => document.getElementById('remote-video').videoWidth > 0"
-# The Python peer sends 20 ms Opus frames at 48 kHz.
-OPUS_FRAME_SAMPLES = 960
 
 
 async def open_peer(
@@ -129,18 +129,6 @@ async def audit_once_decoded(page) -> dict[str, Any]:
     raise AssertionError(f"not every receiver decoded: {audit}")
 
 
-def assert_everything_went_through_the_worker(audit: dict[str, Any]) -> None:
-    for mid, slot in audit["slots"].items():
-        # Every frame a decoder got went through the worker, which decrypted it.
-        assert slot["given"] >= slot["passed"] > 0, (mid, slot)
-        per_frame = 1 if slot["kind"] == "video" else OPUS_FRAME_SAMPLES
-        assert slot["decoded"] <= slot["passed"] * per_frame, (mid, slot)
-    for kind in ("audio", "video"):
-        # And nothing left that the worker did not encrypt.
-        sent = audit["sent"][kind]
-        assert sent["encrypted"] >= sent["left"] > 0, (kind, audit["sent"])
-
-
 async def secure_state(page) -> str:
     state = page.locator("#state.state-secure")
     await state.wait_for(timeout=20_000)
@@ -177,6 +165,49 @@ async def test_browser_to_browser(hub, tmp_path):
             await alice.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
             # Neither page's audit ended the call meanwhile (each page says why it ended).
+            states = [await page.locator("#state").text_content() or "" for page in (alice, bob)]
+            assert all("End-to-end encrypted" in state for state in states), states
+
+
+# Holds the page's first send key back from its worker for two seconds (the rest of the message
+# goes at once): the worker drops every frame it is given meanwhile, as when the encoder is
+# quicker than WebCrypto at the start of a call.
+LATE_SEND_KEY = """(() => {
+  const post = Worker.prototype.postMessage;
+  let held = false;
+  Worker.prototype.postMessage = function (message, ...rest) {
+    if (message && message.type === "install" && message.switchSend && !held) {
+      held = true;
+      const { switchSend, ...now } = message;
+      post.call(this, now, ...rest);
+      const later = { type: "install", suite: message.suite, switchSend };
+      setTimeout(() => post.call(this, later), 2000);
+      return;
+    }
+    return post.call(this, message, ...rest);
+  };
+})();"""
+
+
+async def test_frames_the_worker_dropped_before_its_key_do_not_trip_the_audit(hub, tmp_path):
+    # Chromium counts a video frame as sent when it is encoded, before the transform: frames
+    # the worker dropped for want of a key were taken for frames sent around it, and ended
+    # honest calls (one test run in twelve, when the key came late on a loaded machine).
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+            alice = await open_peer(browser, url, "late", "alice", LATE_SEND_KEY)
+            await alice.locator("#state", has_text="Waiting for a peer").wait_for()
+            bob = await open_peer(browser, url, "late", "bob")
+            await asyncio.gather(confirm_sas(alice), confirm_sas(bob))
+            await secure_state(alice)
+            audit = await audit_once_decoded(alice)
+            video = audit["sent"]["video"]
+            # Frames were dropped, Chromium counted them as sent, and the call goes on.
+            assert video["withheld"] > 0 and video["left"] > video["encrypted"], video
+            await bob.wait_for_function(DECODED_PICTURE, timeout=10_000)
+            assert_everything_went_through_the_worker(await audit_once_decoded(alice))
             states = [await page.locator("#state").text_content() or "" for page in (alice, bob)]
             assert all("End-to-end encrypted" in state for state in states), states
 
@@ -495,12 +526,13 @@ async def test_the_audit_ends_the_call_when_media_leaves_unencrypted(
         state = await bypass_and_time_the_end(page, "send", kind, how)
     found = re.fullmatch(
         r"NOT end-to-end encrypted: the call failed \(CallFailed\): the browser sent "
-        rf"(\d+) {kind} {unit} from (\d+) {unit} our worker encrypted: media left "
+        rf"(\d+) {kind} {unit} from (\d+) {unit} our worker encrypted \(and (\d+) it "
+        r"dropped\): media left "
         r"unencrypted\. No media is sent\.",
         state,
     )
     assert found is not None, state
-    assert int(found[1]) > int(found[2]), state
+    assert int(found[1]) > int(found[2]) + int(found[3]), state
     # What reached the Python peer: the microphone's clear frames, each refused and counted as
     # failed; the camera's, none (Chromium put no clear VP8 frame on the wire).
     received = python.stats.audio if kind == "audio" else python.stats.video

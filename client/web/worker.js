@@ -9,8 +9,10 @@
 // {type: "counters", ...} twice a second.
 //
 // In either call, the page's audit (audit.js) sends {type: "audit"}; the worker answers {type:
-// "audit", sent: {audio, video}, receivers: {label: {kind, given, passed, samples, longest}}}:
-// the frames it encrypted, and each receiver's frames it was given and passed on to the decoder
+// "audit", sent: {audio, video}, dropped: {audio, video}, sentBytes: {audio, video}, receivers:
+// {label: {kind, given, passed, samples, longest}}}: the frames it encrypted, those it was given
+// and did not pass on (no key yet, or encryption failed), the bytes it encrypted, and each
+// receiver's frames it was given and passed on to the decoder
 // (for audio, the samples those hold and the longest of them), a two-party call's receivers
 // labelled by kind, a group call's slots by mid.
 //
@@ -33,7 +35,7 @@ let receiver = null;
 let sendKid = null;
 // Totals and the same counts by media kind (the page shows the totals, each kind in a title).
 const counters = { sent: 0, dropped: 0, decrypted: 0, failed: 0, empty: 0, firstDecryptedAudio: null, reasons: {} };
-const byKind = { audio: { sent: 0, decrypted: 0, failed: 0 }, video: { sent: 0, decrypted: 0, failed: 0 } };
+const byKind = { audio: { sent: 0, dropped: 0, decrypted: 0, failed: 0 }, video: { sent: 0, dropped: 0, decrypted: 0, failed: 0 } };
 // The bytes of the frames encrypted, by kind: the audit's measure of what may leave (audio).
 const sentBytes = { audio: 0, video: 0 };
 const count = (kind, name) => {
@@ -168,7 +170,7 @@ onmessage = async ({ data }) => {
   } else if (data.type === "retire") {
     for (const kid of data.kids) if (receiver && receiver.keys.has(BigInt(kid))) receiver.removeKey(BigInt(kid));
   } else if (data.type === "audit") {
-    postMessage({ type: "audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, sentBytes: { ...sentBytes }, receivers: Object.fromEntries([...receiverFrames].map(([label, counted]) => [label, { ...counted }])) });
+    postMessage({ type: "audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, dropped: { audio: byKind.audio.dropped, video: byKind.video.dropped }, sentBytes: { ...sentBytes }, receivers: Object.fromEntries([...receiverFrames].map(([label, counted]) => [label, { ...counted }])) });
   }
 };
 
@@ -181,13 +183,13 @@ const METADATA = { audio: new TextEncoder().encode("audio"), video: new TextEnco
 
 const protecting = (kind) => async (frame, controller) => {
   if (sendKid === null) {
-    counters.dropped++;
+    count(kind, "dropped");
     return; // no key, no frame
   }
   try {
     frame.data = (await sender.protect(sendKid, new Uint8Array(frame.data), METADATA[kind])).buffer;
   } catch {
-    counters.dropped++;
+    count(kind, "dropped");
     return;
   }
   count(kind, "sent");
