@@ -113,16 +113,21 @@ async def counters(page, kind: str | None = None) -> dict[str, int]:
 
 async def audit_once_decoded(page) -> dict[str, Any]:
     """The page's last audit (Chromium's counts against its worker's, client/web/audit.js) once
-    both receivers, audio and video, decoded something: ``sent`` by kind (``left``: audio
-    payload bytes or video frames Chromium sent, ``encrypted``: the same the worker encrypted) and
+    both receivers, audio and video, decoded something and the worker encrypted both kinds:
+    ``sent`` by kind (``left``: audio payload bytes or video frames Chromium sent,
+    ``encrypted``: the same the worker encrypted, ``withheld``: video frames it dropped) and
     ``slots`` by mid (kind, packets, frames the worker was given and passed on, frames or audio
     samples decoded, and the most the audit allows)."""
     audit: dict[str, Any] = {}
     for _ in range(120):
         audit = json.loads(await page.locator("#roster").get_attribute("data-audit") or "{}")
         slots = audit.get("slots", {}).values()
-        if sorted(s["kind"] for s in slots) == ["audio", "video"] and all(
-            s["decoded"] > 0 for s in slots
+        sent = audit.get("sent", {}).values()
+        if (
+            sorted(s["kind"] for s in slots) == ["audio", "video"]
+            and all(s["decoded"] > 0 for s in slots)
+            and len(sent) == 2
+            and all(s["encrypted"] > 0 for s in sent)
         ):
             return audit
         await asyncio.sleep(0.25)
@@ -158,6 +163,10 @@ async def test_browser_to_browser(hub, tmp_path):
                 video = await counters(page, "video")
                 assert video["decrypted"] > 0 and video["failed"] == 0, video
                 await page.wait_for_function(DECODED_PICTURE, timeout=10_000)
+                audit = await audit_once_decoded(page)
+                assert_everything_went_through_the_worker(audit)
+                # The worker waited for its first send key: it dropped no frame for want of it.
+                assert audit["sent"]["video"]["withheld"] == 0, audit["sent"]
             # The picture in the how-to is taken again only when asked: a test run leaves the
             # checkout as it found it.
             kept = os.environ.get("BLINDHUB_UPDATE_SCREENSHOT") == "1"
@@ -207,7 +216,7 @@ async def test_frames_the_worker_dropped_before_its_key_do_not_trip_the_audit(hu
             # Frames were dropped, Chromium counted them as sent, and the call goes on.
             assert video["withheld"] > 0 and video["left"] > video["encrypted"], video
             await bob.wait_for_function(DECODED_PICTURE, timeout=10_000)
-            assert_everything_went_through_the_worker(await audit_once_decoded(alice))
+            assert_everything_went_through_the_worker(audit)
             states = [await page.locator("#state").text_content() or "" for page in (alice, bob)]
             assert all("End-to-end encrypted" in state for state in states), states
 

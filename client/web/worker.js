@@ -33,6 +33,22 @@ const HOLD_MS = 1000;
 let sender = null;
 let receiver = null;
 let sendKid = null;
+// The first send key while WebCrypto imports it: a frame given meanwhile waits for it instead of
+// being dropped (Chromium counts a dropped video frame as sent, audit.js).
+let firstSendKey = null;
+
+// Make `kid` the send key once `baseKey` is imported (at once if it already is).
+async function switchSendKey(kid, baseKey) {
+  if (sender.keys.has(kid)) {
+    sendKid = kid;
+    return;
+  }
+  const installed = sender.addKey(kid, baseKey).then(() => {
+    sendKid = kid;
+  });
+  if (sendKid === null) firstSendKey = installed;
+  await installed;
+}
 // Totals and the same counts by media kind (the page shows the totals, each kind in a title).
 const counters = { sent: 0, dropped: 0, decrypted: 0, failed: 0, empty: 0, firstDecryptedAudio: null, reasons: {} };
 const byKind = { audio: { sent: 0, dropped: 0, decrypted: 0, failed: 0 }, video: { sent: 0, dropped: 0, decrypted: 0, failed: 0 } };
@@ -114,8 +130,7 @@ async function onGroupMessage(data) {
     const kid = BigInt(data.kid);
     // A KID comes back after 256 ratchet steps: only the key in use stays.
     for (const old of [...sender.keys.keys()]) if (old !== kid) sender.removeKey(old);
-    if (!sender.keys.has(kid)) await sender.addKey(kid, new Uint8Array(data.baseKey));
-    sendKid = kid;
+    await switchSendKey(kid, new Uint8Array(data.baseKey));
   } else if (data.type === "group-key") {
     if (group.departed.has(data.peerId)) return;
     const { suite, generation, step, baseKey } = data.key;
@@ -164,8 +179,7 @@ onmessage = async ({ data }) => {
     }
     if (data.switchSend) {
       const kid = BigInt(data.switchSend.kid);
-      if (!sender.keys.has(kid)) await sender.addKey(kid, new Uint8Array(data.switchSend.baseKey));
-      sendKid = kid;
+      await switchSendKey(kid, new Uint8Array(data.switchSend.baseKey));
     }
   } else if (data.type === "retire") {
     for (const kid of data.kids) if (receiver && receiver.keys.has(BigInt(kid))) receiver.removeKey(BigInt(kid));
@@ -182,6 +196,7 @@ setInterval(() => postMessage({ type: "counters", ...counters, reasons: { ...cou
 const METADATA = { audio: new TextEncoder().encode("audio"), video: new TextEncoder().encode("video") };
 
 const protecting = (kind) => async (frame, controller) => {
+  if (sendKid === null && firstSendKey !== null) await firstSendKey.catch(() => null);
   if (sendKid === null) {
     count(kind, "dropped");
     return; // no key, no frame
