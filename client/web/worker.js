@@ -33,21 +33,26 @@ const HOLD_MS = 1000;
 let sender = null;
 let receiver = null;
 let sendKid = null;
+// Send-key switches, one after another in the order the page asked for them: an import that
+// WebCrypto finishes late never brings an older key back (in a group call, one a departed
+// member holds).
+let switches = Promise.resolve();
 // The first send key while WebCrypto imports it: a frame given meanwhile waits for it instead of
 // being dropped (Chromium counts a dropped video frame as sent, audit.js).
 let firstSendKey = null;
 
-// Make `kid` the send key once `baseKey` is imported (at once if it already is).
-async function switchSendKey(kid, baseKey) {
-  if (sender.keys.has(kid)) {
+// Make `kid` the send key once `baseKey` is imported (at once if it already is), after every
+// switch asked for before it. `only`: then remove every other send key (a group call's), never
+// before, so that no frame is dropped while the new key is imported.
+function switchSendKey(kid, baseKey, only = false) {
+  const switched = switches.then(async () => {
+    if (!sender.keys.has(kid)) await sender.addKey(kid, baseKey);
     sendKid = kid;
-    return;
-  }
-  const installed = sender.addKey(kid, baseKey).then(() => {
-    sendKid = kid;
+    if (only) for (const old of [...sender.keys.keys()]) if (old !== kid) sender.removeKey(old);
   });
-  if (sendKid === null) firstSendKey = installed;
-  await installed;
+  switches = switched.catch(() => null);
+  if (sendKid === null) firstSendKey = switched;
+  return switched;
 }
 // Totals and the same counts by media kind (the page shows the totals, each kind in a title).
 const counters = { sent: 0, dropped: 0, decrypted: 0, failed: 0, empty: 0, firstDecryptedAudio: null, reasons: {} };
@@ -129,8 +134,7 @@ async function onGroupMessage(data) {
     if (!sender) sender = new SendContext(data.suite);
     const kid = BigInt(data.kid);
     // A KID comes back after 256 ratchet steps: only the key in use stays.
-    for (const old of [...sender.keys.keys()]) if (old !== kid) sender.removeKey(old);
-    await switchSendKey(kid, new Uint8Array(data.baseKey));
+    await switchSendKey(kid, new Uint8Array(data.baseKey), true);
   } else if (data.type === "group-key") {
     if (group.departed.has(data.peerId)) return;
     const { suite, generation, step, baseKey } = data.key;
