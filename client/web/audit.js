@@ -26,7 +26,7 @@ function compare(reports, { sent, dropped, sentBytes }, receivers) {
       // worker encrypted (by one, in a test that failed a third of its runs on packets), never
       // its payload bytes.
       // Chromium counts a video frame as sent once encoded, before the transform: a frame the
-      // worker dropped (before the first key came, when the encoder was quicker) is counted
+      // worker dropped (given before the page gave it a send key) is counted
       // although nothing of it left. A frame that went around the worker was never given to it.
       const left = video ? report.framesSent || 0 : (report.bytesSent || 0) - (report.retransmittedBytesSent || 0);
       const encrypted = video ? sent.video : sentBytes.audio;
