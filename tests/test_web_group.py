@@ -78,16 +78,24 @@ async def hears(page, name: str, expected: float, timeout: float = 30.0) -> floa
 
 async def audit_once_decoded(page) -> dict[str, Any]:
     """The page's last audit (Chromium's counts against its worker's) once every slot that
-    receives media decoded something: ``sent`` by kind (``left``: audio payload bytes or video
-    frames Chromium sent, ``encrypted``: the same the worker encrypted) and ``slots`` by mid (kind,
-    packets, frames the worker was given and passed on, frames or audio samples decoded)."""
+    receives media decoded something and both kinds were sent: ``sent`` by kind (``left``:
+    audio payload bytes Chromium sent, or video frames it had encoded by the audit before,
+    ``encrypted``: the same the worker encrypted, ``withheld``: video frames it dropped) and
+    ``slots`` by mid (kind, packets, frames the worker was given and passed on, frames or audio
+    samples decoded)."""
     audit: dict[str, Any] = {}
     for _ in range(120):
         audit = json.loads(await page.locator("#roster").get_attribute("data-audit") or "{}")
         audit["slots"] = {
             mid: slot for mid, slot in audit.get("slots", {}).items() if slot["packets"]
         }
-        if len(audit["slots"]) == 4 and all(s["decoded"] > 0 for s in audit["slots"].values()):
+        sent = audit.get("sent", {}).values()
+        if (
+            len(audit["slots"]) == 4
+            and all(s["decoded"] > 0 for s in audit["slots"].values())
+            and len(sent) == 2
+            and all(s["left"] > 0 and s["encrypted"] > 0 for s in sent)
+        ):
             return audit
         await asyncio.sleep(0.25)
     raise AssertionError(f"not every slot decoded: {audit}")

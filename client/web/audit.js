@@ -11,24 +11,25 @@ const NOTHING_PASSED = { given: 0, passed: 0, samples: 0, longest: 0 };
 
 // Chromium's reports against the worker's counts: `sent` ({audio, video}: frames encrypted),
 // `dropped` (frames the worker was given and did not pass on), `sentBytes` (the bytes of those
-// encrypted) and `receivers` ({mid: {given, passed, samples, longest}}). Returns what went
-// around the worker (a sentence, or null) and the counts compared, by kind sent and by mid
-// received.
-function compare(reports, { sent, dropped, sentBytes }, receivers) {
+// encrypted) and `receivers` ({mid: {given, passed, samples, longest}}); `encodedBefore`: each
+// video sender's frames as Chromium counted them at the audit before. Returns what went around
+// the worker (a sentence, or null) and the counts compared, by kind sent and by mid received.
+function compare(reports, { sent, dropped, sentBytes }, receivers, encodedBefore) {
   const compared = { sent: {}, slots: {} };
   for (const report of reports.values()) {
     const video = report.kind === "video";
     let bypassed = null;
     if (report.type === "outbound-rtp") {
-      // A video frame is counted once all its packets left. Audio is counted in payload bytes
-      // (an Opus frame is one packet's payload, exactly as the worker encrypted it), not in
-      // packets: between two Chromium peers its packet count runs ahead of the frames the
-      // worker encrypted (by one, in a test that failed a third of its runs on packets), never
-      // its payload bytes.
-      // Chromium counts a video frame as sent once encoded, before the transform: a frame the
-      // worker dropped (given before the page gave it a send key) is counted
-      // although nothing of it left. A frame that went around the worker was never given to it.
-      const left = video ? report.framesSent || 0 : (report.bytesSent || 0) - (report.retransmittedBytesSent || 0);
+      // Chromium counts a video frame as sent once it is encoded, before the transform: what
+      // it counted at the audit before has had an interval to reach the worker (one still
+      // queued for it, or being encrypted, when it answers now is not taken for a bypass), and
+      // a frame the worker dropped (given before the page gave it a send key) counts although
+      // nothing of it left. A frame that went around the worker was never given to it. Audio
+      // is counted in payload bytes on the wire (an Opus frame is one packet's payload,
+      // exactly as the worker encrypted it), not in packets: between two Chromium peers its
+      // packet count runs ahead of the frames the worker encrypted (by one, in a test that
+      // failed a third of its runs on packets), never its payload bytes.
+      const left = video ? encodedBefore.get(report.id) || 0 : (report.bytesSent || 0) - (report.retransmittedBytesSent || 0);
       const encrypted = video ? sent.video : sentBytes.audio;
       const withheld = video ? dropped.video : 0;
       const unit = video ? "frames" : "bytes";
@@ -63,6 +64,7 @@ export class MediaAudit {
     this.timer = null;
     this.answer = null;
     this.stopped = false;
+    this.encoded = new Map(); // each video sender's frames as Chromium counted them last
   }
 
   start() {
@@ -94,7 +96,11 @@ export class MediaAudit {
       this.worker.postMessage({ type: "audit" });
     });
     if (this.stopped) return;
-    const { bypassed, sent, slots } = compare(reports, counted, this.receivers(counted.receivers));
+    const { bypassed, sent, slots } = compare(reports, counted, this.receivers(counted.receivers), this.encoded);
+    this.encoded = new Map();
+    for (const report of reports.values()) {
+      if (report.type === "outbound-rtp" && report.kind === "video") this.encoded.set(report.id, report.framesSent || 0);
+    }
     if (bypassed !== null) {
       this.stop();
       this.pc.close();
