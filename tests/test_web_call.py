@@ -179,6 +179,60 @@ async def test_browser_to_browser(hub, tmp_path):
             assert all("End-to-end encrypted" in state for state in states), states
 
 
+async def contacts(page) -> dict[str, tuple[str, str]]:
+    """The page's pinned contacts: name -> (fingerprint, status)."""
+    rows = await page.locator("#contacts tbody tr").all()
+    shown = {}
+    for tr in rows:
+        name, fingerprint, status = (await tr.locator("td").all_text_contents())[:3]
+        shown[name] = (fingerprint, status)
+    return shown
+
+
+async def test_a_forgotten_contact_is_pinned_anew_after_its_key_changed(hub, tmp_path):
+    executable = require_chromium()
+    tone = write_tone(tmp_path / "tone.wav", BROWSER_TONE)
+    with web_server(hub.url) as url:
+        async with chromium(executable, fake_media_args(tone)) as browser:
+
+            async def bob_on_a_new_browser(room: str):
+                page = await open_peer(browser, url, room, "bob")
+                await page.locator("body[data-ready]").wait_for()
+                return page, await page.locator("#fingerprint").text_content()
+
+            alice = await open_peer(browser, url, "first", "alice")
+            await alice.locator("#state", has_text="Waiting for a peer").wait_for()
+            bob, first_key = await bob_on_a_new_browser("first")
+            await asyncio.gather(confirm_sas(alice), confirm_sas(bob))
+            await secure_state(alice)
+            await bob.locator("#leave").click()
+            await alice.locator("#state", has_text="Call with bob ended").wait_for()
+            assert (await contacts(alice))["bob"] == (first_key, "VERIFIED")
+            # bob again, from a browser of his own with a new key: refused, the pin kept.
+            await bob.context.close()
+            await alice.goto(f"{url}?room=second&name=alice&autojoin=1")
+            await alice.locator("#state", has_text="Waiting for a peer").wait_for()
+            bob, second_key = await bob_on_a_new_browser("second")
+            assert second_key != first_key
+            await alice.locator("#state", has_text="IdentityMismatch").wait_for(timeout=20_000)
+            assert "identity key for peer 'bob' changed" in (
+                await alice.locator("#state").text_content() or ""
+            )
+            assert (await contacts(alice))["bob"] == (first_key, "VERIFIED")
+            # alice forgets bob's pin: his next key is pinned anew, once the SAS is compared.
+            await alice.locator('#contacts tr[data-name="bob"] button.forget').click()
+            await alice.locator('#contacts tr[data-name="bob"]').wait_for(state="detached")
+            await bob.context.close()
+            await alice.goto(f"{url}?room=third&name=alice&autojoin=1")
+            await alice.locator("#state", has_text="Waiting for a peer").wait_for()
+            bob, third_key = await bob_on_a_new_browser("third")
+            await asyncio.gather(confirm_sas(alice), confirm_sas(bob))
+            assert "with bob, VERIFIED" in await secure_state(alice)
+            await bob.locator("#leave").click()
+            await alice.locator("#state", has_text="Call with bob ended").wait_for()
+            assert (await contacts(alice))["bob"] == (third_key, "VERIFIED")
+
+
 # Holds the page's first send key back from its worker for two seconds (the rest of the message
 # goes at once): the worker drops every frame it is given meanwhile, as when the encoder is
 # quicker than WebCrypto at the start of a call.

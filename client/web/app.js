@@ -8,8 +8,8 @@
 import { Call } from "./call.js";
 import { GroupCall } from "./group.js";
 import { HubConnection } from "./hub.js";
-import { fingerprint, normalizeName } from "./protocol.js";
-import { loadIdentity } from "./store.js";
+import { b64decode, fingerprint, normalizeName } from "./protocol.js";
+import { loadIdentity, pins } from "./store.js";
 
 const $ = (id) => document.getElementById(id);
 const hubUrl = document.querySelector('meta[name="blindhub-hub"]').content;
@@ -187,6 +187,45 @@ function finishCall() {
   localStream = null;
   $("join").disabled = false;
   $("leave").disabled = true;
+  showContacts();
+}
+
+// The pinned contacts, each with a button that forgets it (as `blindhub contacts forget`):
+// shown at start and after every call, which may have pinned or verified one.
+async function showContacts() {
+  const body = $("contacts").tBodies[0];
+  const shown = [];
+  for (const pin of await pins.all()) {
+    const tr = document.createElement("tr");
+    tr.dataset.name = pin.name;
+    const forget = document.createElement("button");
+    forget.type = "button";
+    forget.textContent = "Forget";
+    forget.className = "forget";
+    forget.addEventListener("click", () => forgetContact(pin.name, forget));
+    const [name, key, status] = ["td", "td", "td"].map((tag) => document.createElement(tag));
+    const code = document.createElement("code");
+    code.textContent = await fingerprint(b64decode(pin.publicKey));
+    key.append(code);
+    name.textContent = pin.name;
+    status.textContent = pin.verified ? "VERIFIED" : "PINNED";
+    status.className = `pin-${status.textContent}`;
+    tr.append(name, key, status);
+    const action = document.createElement("td");
+    action.append(forget);
+    tr.append(action);
+    shown.push(tr);
+  }
+  body.replaceChildren(...shown);
+}
+
+async function forgetContact(name, button) {
+  // Never in a call: the pin is what the call in progress was checked against.
+  if ((call && call.state !== "ended") || group) return log(`${name}: not forgotten during a call`);
+  button.disabled = true;
+  await pins.remove(name);
+  log(`forgot ${name}: the next key it presents is pinned anew`);
+  await showContacts();
 }
 
 function startCall(peerId, initiator, joinTime) {
@@ -460,6 +499,7 @@ async function main() {
     return;
   }
   $("fingerprint").textContent = await fingerprint(identity.publicKey);
+  await showContacts();
   document.body.dataset.ready = "1";
   if (params.get("autojoin") === "1" && $("room").value && $("name").value) join();
 }
