@@ -192,8 +192,11 @@ function finishCall() {
 
 // The pinned contacts, each with a button that forgets it (as `blindhub contacts forget`):
 // shown at start and after every call, which may have pinned or verified one.
+let contactsShown = 0; // the latest showContacts: an earlier one that ends later shows nothing
+
 async function showContacts() {
   const body = $("contacts").tBodies[0];
+  const run = ++contactsShown;
   const shown = [];
   for (const pin of await pins.all()) {
     const tr = document.createElement("tr");
@@ -216,14 +219,19 @@ async function showContacts() {
     tr.append(action);
     shown.push(tr);
   }
-  body.replaceChildren(...shown);
+  if (run === contactsShown) body.replaceChildren(...shown);
 }
 
 async function forgetContact(name, button) {
   // Never in a call: the pin is what the call in progress was checked against.
   if ((call && call.state !== "ended") || group) return log(`${name}: not forgotten during a call`);
   button.disabled = true;
-  await pins.remove(name);
+  try {
+    await pins.remove(name);
+  } catch (error) {
+    button.disabled = false;
+    return log(`${name}: not forgotten: ${error.message}`);
+  }
   log(`forgot ${name}: the next key it presents is pinned anew`);
   await showContacts();
 }

@@ -8,33 +8,38 @@
 const AUDIT_INTERVAL = 1_000;
 
 const NOTHING_PASSED = { given: 0, passed: 0, samples: 0, longest: 0 };
+// Video frames Chromium may have encoded and handed to the worker's stream that the worker has
+// not taken yet when it answers: the stream holds one while the worker encrypts the one before.
+const IN_FLIGHT = 1;
 
-// Chromium's reports against the worker's counts: `sent` ({audio, video}: frames encrypted),
-// `dropped` (frames the worker was given and did not pass on), `sentBytes` (the bytes of those
-// encrypted) and `receivers` ({mid: {given, passed, samples, longest}}); `encodedBefore`: each
-// video sender's frames as Chromium counted them at the audit before. Returns what went around
-// the worker (a sentence, or null) and the counts compared, by kind sent and by mid received.
-function compare(reports, { sent, dropped, sentBytes }, receivers, encodedBefore) {
+// Chromium's reports against the worker's counts: `given` ({audio, video}: frames the worker
+// took to send), `sent` (those it encrypted), `dropped` (those it did not pass on), `sentBytes`
+// (the bytes it encrypted) and `receivers` ({mid: {given, passed, samples, longest}}). Returns
+// what went around the worker (a sentence, or null) and the counts compared, by kind sent and
+// by mid received.
+function compare(reports, { given: toSend, sent, dropped, sentBytes }, receivers) {
   const compared = { sent: {}, slots: {} };
   for (const report of reports.values()) {
     const video = report.kind === "video";
     let bypassed = null;
     if (report.type === "outbound-rtp") {
-      // Chromium counts a video frame as sent once it is encoded, before the transform: what
-      // it counted at the audit before has had an interval to reach the worker (one still
-      // queued for it, or being encrypted, when it answers now is not taken for a bypass), and
-      // a frame the worker dropped (given before the page gave it a send key) counts although
-      // nothing of it left. A frame that went around the worker was never given to it. Audio
-      // is counted in payload bytes on the wire (an Opus frame is one packet's payload,
+      // Chromium counts a video frame as sent once it is encoded, before the transform (and
+      // the frames the worker drops for want of a key): it is compared with the frames the
+      // worker took, counted as it takes each, before it encrypts or drops it, and at most
+      // IN_FLIGHT more on their way to it. A frame sent around the worker is never given to it.
+      // Audio is counted in payload bytes on the wire (an Opus frame is one packet's payload,
       // exactly as the worker encrypted it), not in packets: between two Chromium peers its
       // packet count runs ahead of the frames the worker encrypted (by one, in a test that
       // failed a third of its runs on packets), never its payload bytes.
-      const left = video ? encodedBefore.get(report.id) || 0 : (report.bytesSent || 0) - (report.retransmittedBytesSent || 0);
-      const encrypted = video ? sent.video : sentBytes.audio;
-      const withheld = video ? dropped.video : 0;
-      const unit = video ? "frames" : "bytes";
-      compared.sent[report.kind] = { left, encrypted, withheld };
-      if (left > encrypted + withheld) bypassed = `sent ${left} ${report.kind} ${unit} from ${encrypted} ${unit} our worker encrypted (and ${withheld} it dropped): media left unencrypted`;
+      const left = video ? report.framesSent || 0 : (report.bytesSent || 0) - (report.retransmittedBytesSent || 0);
+      const allowed = video ? toSend.video + IN_FLIGHT : sentBytes.audio;
+      compared.sent[report.kind] = video
+        ? { left, allowed, given: toSend.video, encrypted: sent.video, dropped: dropped.video }
+        : { left, allowed, encrypted: sentBytes.audio };
+      if (left > allowed) {
+        const [unit, counted, how] = video ? ["frames", toSend.video, "given to"] : ["bytes", sentBytes.audio, "encrypted by"];
+        bypassed = `sent ${left} ${report.kind} ${unit} from ${counted} ${unit} ${how} our worker: media left unencrypted`;
+      }
     } else if (report.type === "inbound-rtp") {
       const { given, passed, samples, longest } = receivers[report.mid] || NOTHING_PASSED;
       const decoded = (video ? report.framesDecoded : report.jitterBufferEmittedCount) || 0;
@@ -64,7 +69,6 @@ export class MediaAudit {
     this.timer = null;
     this.answer = null;
     this.stopped = false;
-    this.encoded = new Map(); // each video sender's frames as Chromium counted them last
   }
 
   start() {
@@ -96,11 +100,7 @@ export class MediaAudit {
       this.worker.postMessage({ type: "audit" });
     });
     if (this.stopped) return;
-    const { bypassed, sent, slots } = compare(reports, counted, this.receivers(counted.receivers), this.encoded);
-    this.encoded = new Map();
-    for (const report of reports.values()) {
-      if (report.type === "outbound-rtp" && report.kind === "video") this.encoded.set(report.id, report.framesSent || 0);
-    }
+    const { bypassed, sent, slots } = compare(reports, counted, this.receivers(counted.receivers));
     if (bypassed !== null) {
       this.stop();
       this.pc.close();

@@ -9,10 +9,11 @@
 // {type: "counters", ...} twice a second.
 //
 // In either call, the page's audit (audit.js) sends {type: "audit"}; the worker answers {type:
-// "audit", sent: {audio, video}, dropped: {audio, video}, sentBytes: {audio, video}, receivers:
-// {label: {kind, given, passed, samples, longest}}}: the frames it encrypted, those it was given
-// and did not pass on (no key yet, or encryption failed), the bytes it encrypted, and each
-// receiver's frames it was given and passed on to the decoder
+// "audit", sent: {audio, video}, given: {audio, video}, dropped: {audio, video}, sentBytes:
+// {audio, video}, receivers: {label: {kind, given, passed, samples, longest}}}: the frames it
+// encrypted, those it was given to send (counted as it takes each), those of them it did not
+// pass on (no key yet, or encryption failed), the bytes it encrypted, and each receiver's
+// frames it was given and passed on to the decoder
 // (for audio, the samples those hold and the longest of them), a two-party call's receivers
 // labelled by kind, a group call's slots by mid.
 //
@@ -55,8 +56,8 @@ function switchSendKey(kid, baseKey, only = false) {
   return switched;
 }
 // Totals and the same counts by media kind (the page shows the totals, each kind in a title).
-const counters = { sent: 0, dropped: 0, decrypted: 0, failed: 0, empty: 0, firstDecryptedAudio: null, reasons: {} };
-const byKind = { audio: { sent: 0, dropped: 0, decrypted: 0, failed: 0 }, video: { sent: 0, dropped: 0, decrypted: 0, failed: 0 } };
+const counters = { given: 0, sent: 0, dropped: 0, decrypted: 0, failed: 0, empty: 0, firstDecryptedAudio: null, reasons: {} };
+const byKind = { audio: { given: 0, sent: 0, dropped: 0, decrypted: 0, failed: 0 }, video: { given: 0, sent: 0, dropped: 0, decrypted: 0, failed: 0 } };
 // The bytes of the frames encrypted, by kind: the audit's measure of what may leave (audio).
 const sentBytes = { audio: 0, video: 0 };
 const count = (kind, name) => {
@@ -188,7 +189,7 @@ onmessage = async ({ data }) => {
   } else if (data.type === "retire") {
     for (const kid of data.kids) if (receiver && receiver.keys.has(BigInt(kid))) receiver.removeKey(BigInt(kid));
   } else if (data.type === "audit") {
-    postMessage({ type: "audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, dropped: { audio: byKind.audio.dropped, video: byKind.video.dropped }, sentBytes: { ...sentBytes }, receivers: Object.fromEntries([...receiverFrames].map(([label, counted]) => [label, { ...counted }])) });
+    postMessage({ type: "audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, given: { audio: byKind.audio.given, video: byKind.video.given }, dropped: { audio: byKind.audio.dropped, video: byKind.video.dropped }, sentBytes: { ...sentBytes }, receivers: Object.fromEntries([...receiverFrames].map(([label, counted]) => [label, { ...counted }])) });
   }
 };
 
@@ -200,6 +201,7 @@ setInterval(() => postMessage({ type: "counters", ...counters, reasons: { ...cou
 const METADATA = { audio: new TextEncoder().encode("audio"), video: new TextEncoder().encode("video") };
 
 const protecting = (kind) => async (frame, controller) => {
+  count(kind, "given"); // before any wait: the audit compares Chromium's count with this
   if (sendKid === null && firstSendKey !== null) await firstSendKey.catch(() => null);
   if (sendKid === null) {
     count(kind, "dropped");
