@@ -5,7 +5,9 @@ is skipped with one line naming the package to install, and with ``CI=true`` tha
 failure, so CI cannot pass without having run them (``.ci/run`` installs the package).
 """
 
+import asyncio
 import contextlib
+import json
 import os
 import shutil
 import threading
@@ -166,6 +168,33 @@ async def bypass_and_time_the_end(page: Any, side: str, kind: str, how: str) -> 
         audit = await page.locator("#roster").get_attribute("data-audit")
         raise AssertionError(f"the call went on past {AUDIT_BOUND_MS} ms: {audit}") from None
     return await failed.text_content() or ""
+
+
+async def audit_once_decoded(page: Any, kinds: list[str]) -> dict[str, Any]:
+    """The page's last audit (``data-audit``: Chromium's counts against its worker's,
+    client/web/audit.js) once its receiving slots that got media are of ``kinds`` (sorted) and
+    each decoded some, and both kinds were sent: ``sent`` by kind (``left``: audio payload
+    bytes Chromium sent, or video frames it encoded; ``allowed``: the most the audit lets pass;
+    ``encrypted``; and for video ``given``, the frames given to the worker, and ``dropped``,
+    those it did not pass on) and ``slots`` by mid, those that got media only (kind, packets,
+    frames the worker was given and passed on, frames or audio samples decoded, and the most
+    the audit allows)."""
+    audit: dict[str, Any] = {}
+    for _ in range(120):
+        audit = json.loads(await page.locator("#roster").get_attribute("data-audit") or "{}")
+        audit["slots"] = {
+            mid: slot for mid, slot in audit.get("slots", {}).items() if slot["packets"]
+        }
+        sent = audit.get("sent", {}).values()
+        if (
+            sorted(slot["kind"] for slot in audit["slots"].values()) == kinds
+            and all(s["decoded"] > 0 for s in audit["slots"].values())
+            and len(sent) == 2
+            and all(s["left"] > 0 and s["encrypted"] > 0 for s in sent)
+        ):
+            return audit
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"not every receiver decoded: {audit}")
 
 
 def assert_everything_went_through_the_worker(audit: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from tests.browser import (
     OPUS_FRAME_SAMPLES,
     RECORD_CONNECTIONS,
     assert_everything_went_through_the_worker,
+    audit_once_decoded,
     bypass_and_time_the_end,
     chromium,
     fake_media_args,
@@ -56,6 +57,7 @@ TOLERANCE = 5.0
 SAS = re.compile(r"SAS to read aloud: (\d{5} \d{5} \d{5})")
 OPUS_FRAME_BYTES = AUDIO_BITRATE // 8 * 20 // 1000
 DECODED_PICTURE = "() => document.getElementById('remote-video').videoWidth > 0"
+TWO_PARTY_RECEIVERS = ["audio", "video"]
 
 
 async def open_peer(
@@ -111,30 +113,6 @@ async def counters(page, kind: str | None = None) -> dict[str, int]:
     return seen
 
 
-async def audit_once_decoded(page) -> dict[str, Any]:
-    """The page's last audit (Chromium's counts against its worker's, client/web/audit.js) once
-    both receivers, audio and video, decoded something and both kinds were sent: ``sent`` by
-    kind (``left``: audio payload bytes Chromium sent, or video frames it encoded; ``allowed``:
-    the most the audit lets pass; ``encrypted``; and for video ``given``, the frames given to
-    the worker, and ``dropped``, those it did not pass on) and ``slots`` by mid (kind,
-    packets, frames the worker was given and passed on, frames or audio samples decoded, and
-    the most the audit allows)."""
-    audit: dict[str, Any] = {}
-    for _ in range(120):
-        audit = json.loads(await page.locator("#roster").get_attribute("data-audit") or "{}")
-        slots = audit.get("slots", {}).values()
-        sent = audit.get("sent", {}).values()
-        if (
-            sorted(s["kind"] for s in slots) == ["audio", "video"]
-            and all(s["decoded"] > 0 for s in slots)
-            and len(sent) == 2
-            and all(s["left"] > 0 and s["encrypted"] > 0 for s in sent)
-        ):
-            return audit
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"not every receiver decoded: {audit}")
-
-
 async def secure_state(page) -> str:
     state = page.locator("#state.state-secure")
     await state.wait_for(timeout=20_000)
@@ -164,7 +142,7 @@ async def test_browser_to_browser(hub, tmp_path):
                 video = await counters(page, "video")
                 assert video["decrypted"] > 0 and video["failed"] == 0, video
                 await page.wait_for_function(DECODED_PICTURE, timeout=10_000)
-                audit = await audit_once_decoded(page)
+                audit = await audit_once_decoded(page, TWO_PARTY_RECEIVERS)
                 assert_everything_went_through_the_worker(audit)
                 # The worker waited for its first send key: it dropped no frame for want of it.
                 assert audit["sent"]["video"]["dropped"] == 0, audit["sent"]
@@ -262,7 +240,7 @@ async def test_frames_the_worker_dropped_before_its_key_do_not_trip_the_audit(hu
             bob = await open_peer(browser, url, "late", "bob")
             await asyncio.gather(confirm_sas(alice), confirm_sas(bob))
             await secure_state(alice)
-            audit = await audit_once_decoded(alice)
+            audit = await audit_once_decoded(alice, TWO_PARTY_RECEIVERS)
             video = audit["sent"]["video"]
             # Frames were dropped, Chromium counted them as sent, and the call goes on.
             assert video["dropped"] > 0 and video["left"] > video["encrypted"], video
@@ -411,7 +389,8 @@ async def test_the_browsers_media_on_the_wire(hub, tmp_path, browser_first):
                 # The decrypted frames reach the decoder: the page's video shows a picture.
                 await page.wait_for_function(DECODED_PICTURE, timeout=10_000)
                 # Only through the worker: the page's audit counts it, and lets the call go on.
-                assert_everything_went_through_the_worker(await audit_once_decoded(page))
+                audit = await audit_once_decoded(page, TWO_PARTY_RECEIVERS)
+                assert_everything_went_through_the_worker(audit)
                 stats = await running
             finally:
                 python.hangup()
@@ -560,7 +539,7 @@ async def browser_calls_python(hub, tmp_path: Path, room: str) -> AsyncIterator[
             try:
                 await confirm_sas(page)
                 await secure_state(page)
-                await audit_once_decoded(page)
+                await audit_once_decoded(page, TWO_PARTY_RECEIVERS)
                 yield page, python
             finally:
                 python.hangup()

@@ -12,7 +12,6 @@ never exceeds what the worker decrypted and passed on.
 
 import asyncio
 import contextlib
-import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from tests.browser import (
     OPUS_FRAME_SAMPLES,
     RECORD_CONNECTIONS,
     assert_everything_went_through_the_worker,
+    audit_once_decoded,
     bypass_and_time_the_end,
     chromium,
     fake_media_args,
@@ -43,7 +43,8 @@ pytestmark = pytest.mark.slow
 
 BROWSER_TONE = 660.0
 TOLERANCE = 5.0
-# The Python members send 20 ms Opus frames at 48 kHz.
+# What the page receives from its two members.
+GROUP_RECEIVERS = ["audio", "audio", "video", "video"]
 
 
 async def member_row(page, name: str):
@@ -74,31 +75,6 @@ async def hears(page, name: str, expected: float, timeout: float = 30.0) -> floa
         f"the page heard {heard or 'nothing'} Hz from {name}, not {expected}: {history}\n"
         f"{counted}\n{log}"
     )
-
-
-async def audit_once_decoded(page) -> dict[str, Any]:
-    """The page's last audit (Chromium's counts against its worker's) once every slot that
-    receives media decoded something and both kinds were sent: ``sent`` by kind (``left``:
-    audio payload bytes Chromium sent, or video frames it encoded; ``allowed``: the most the
-    audit lets pass; ``encrypted``; and for video ``given``, the frames given to the worker,
-    and ``dropped``, those it did not pass on) and ``slots`` by mid (kind, packets, frames the
-    worker was given and passed on, frames or audio samples decoded)."""
-    audit: dict[str, Any] = {}
-    for _ in range(120):
-        audit = json.loads(await page.locator("#roster").get_attribute("data-audit") or "{}")
-        audit["slots"] = {
-            mid: slot for mid, slot in audit.get("slots", {}).items() if slot["packets"]
-        }
-        sent = audit.get("sent", {}).values()
-        if (
-            len(audit["slots"]) == 4
-            and all(s["decoded"] > 0 for s in audit["slots"].values())
-            and len(sent) == 2
-            and all(s["left"] > 0 and s["encrypted"] > 0 for s in sent)
-        ):
-            return audit
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"not every slot decoded: {audit}")
 
 
 async def confirm_every_sas(page, count: int) -> None:
@@ -210,15 +186,7 @@ async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path
                     ) from None
                 failed = await row.locator("td.failed").get_attribute(f"data-{kind}")
                 assert failed == "0", (name, kind, failed)
-        audit = await audit_once_decoded(page)
-        slots = audit["slots"]
-        assert sorted(slot["kind"] for slot in slots.values()) == [
-            "audio",
-            "audio",
-            "video",
-            "video",
-        ], slots
-        assert_everything_went_through_the_worker(audit)
+        assert_everything_went_through_the_worker(await audit_once_decoded(page, GROUP_RECEIVERS))
         await page.locator("#leave").click()
         await page.locator("#state", has_text="Group call ended").wait_for()
     for call, summary in zip((alice, bob), group.summaries, strict=True):
@@ -238,7 +206,7 @@ async def test_a_browser_in_a_three_party_routed_call(start_routed_hub, tmp_path
 async def bypass_once_decoded(page, side: str, kind: str, how: str) -> str:
     """Bypass the worker once every slot decoded, and return the state line the page shows
     when it ends the call (within AUDIT_BOUND_MS)."""
-    await audit_once_decoded(page)
+    await audit_once_decoded(page, GROUP_RECEIVERS)
     return await bypass_and_time_the_end(page, side, kind, how)
 
 
