@@ -64,6 +64,8 @@ const count = (kind, name) => {
   counters[name]++;
   byKind[kind][name]++;
 };
+// One count of both kinds: {audio, video}.
+const perKind = (name) => ({ audio: byKind.audio[name], video: byKind.video[name] });
 
 // The group call's state: a receiver per member, the slot map, the members gone.
 const group = { receivers: new Map(), owners: new Map(), departed: new Set(), holding: new Map(), firstAudio: {}, unmapped: 0, suite: null };
@@ -167,7 +169,7 @@ setInterval(() => {
   if (group.suite === null) return;
   const members = {};
   for (const [peerId, receiver] of group.receivers) members[peerId] = { ...receiver.counters(), firstAudio: group.firstAudio[peerId] ?? null };
-  postMessage({ type: "group-counters", sent: { audio: byKind.audio.sent, video: byKind.video.sent, total: counters.sent }, dropped: counters.dropped, empty: counters.empty, unmapped: group.unmapped, members });
+  postMessage({ type: "group-counters", sent: { ...perKind("sent"), total: counters.sent }, dropped: counters.dropped, empty: counters.empty, unmapped: group.unmapped, members });
 }, 500);
 
 onmessage = async ({ data }) => {
@@ -189,7 +191,7 @@ onmessage = async ({ data }) => {
   } else if (data.type === "retire") {
     for (const kid of data.kids) if (receiver && receiver.keys.has(BigInt(kid))) receiver.removeKey(BigInt(kid));
   } else if (data.type === "audit") {
-    postMessage({ type: "audit", sent: { audio: byKind.audio.sent, video: byKind.video.sent }, given: { audio: byKind.audio.given, video: byKind.video.given }, dropped: { audio: byKind.audio.dropped, video: byKind.video.dropped }, sentBytes: { ...sentBytes }, receivers: Object.fromEntries([...receiverFrames].map(([label, counted]) => [label, { ...counted }])) });
+    postMessage({ type: "audit", sent: perKind("sent"), given: perKind("given"), dropped: perKind("dropped"), sentBytes: { ...sentBytes }, receivers: Object.fromEntries([...receiverFrames].map(([label, counted]) => [label, { ...counted }])) });
   }
 };
 
