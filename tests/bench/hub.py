@@ -4,9 +4,10 @@ tests/bench/hub_cluster.py).
 Starts each server in a subprocess and, from this process (one load generator for all),
 measures memory per idle connection (RSS difference of the server process), one-way relay
 latency for 100 concurrent pairs at about 5,000 messages/s and the server's CPU at that
-rate, relay throughput (20 pairs flat out) with the server's CPU per relayed message, the
-messages each of its reads brought and the load generator's own CPU per relayed message, and
-10,000 concurrent connections. The servers:
+rate, relay throughput (20 pairs flat out, from clients that cost little per message:
+tests/bench/load.py) with the server's CPU per relayed message, the messages each of its
+reads brought and the cores the load generator used meanwhile, and 10,000 concurrent
+connections. The servers:
 
 - ``hub``: ``blindhub hub``, limits raised so that the load is not refused;
 - ``unpaced`` (with ``--unpaced``): the same hub with ``--batch-window 0``, which polls its
@@ -39,19 +40,22 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
+
+from tests.bench.load import LightClient
 
 PAIRS = 100
 RATE = 5_000  # messages per second over all pairs
 LATENCY_SECONDS = 5.0
 THROUGHPUT_PAIRS = 20
-THROUGHPUT_MESSAGES = 100_000
+THROUGHPUT_MESSAGES = 300_000
 PAYLOAD = "x" * 200
 MAX_CONNECTIONS = 20_000
 HUB_FLAGS = [
@@ -109,12 +113,29 @@ async def subprocess_server(
         await process.wait()
 
 
+class Client(Protocol):
+    """What the measurements need of a client: websockets' own, or the throughput runs'
+    LightClient (tests/bench/load.py)."""
+
+    async def send(self, message: str) -> None: ...
+    async def recv(self) -> str | bytes: ...
+    async def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Client)
+OpenClient = Callable[[str], Awaitable[C]]
+
+
+async def websockets_client(url: str) -> ClientConnection:
+    return await connect(url, compression=None, max_size=None)
+
+
 @dataclass(frozen=True)
-class Pair:
+class Pair(Generic[C]):
     """``second`` relays to ``first`` (whose id is ``first_id``) in the measurements."""
 
-    first: ClientConnection
-    second: ClientConnection
+    first: C
+    second: C
     first_id: str
 
 
@@ -125,13 +146,13 @@ class Server:
         self.name, self.url, self.pid = name, url, pid
         self._pairs = itertools.count()
 
-    async def pair(self) -> Pair:
+    async def pair(self, open_client: OpenClient[C]) -> Pair[C]:
         """Two connections joined in a fresh room; returns them and their peer ids."""
         room = f"r{next(self._pairs)}"
-        first = await connect(self.url, compression=None, max_size=None)
+        first = await open_client(self.url)
         await first.send(json.dumps({"type": "join", "room": room}))
         first_id = json.loads(await first.recv())["peer_id"]
-        second = await connect(self.url, compression=None, max_size=None)
+        second = await open_client(self.url)
         await second.send(json.dumps({"type": "join", "room": room}))
         await second.recv()  # welcome
         await first.recv()  # peer-joined
@@ -144,16 +165,16 @@ class Server:
 class PeerJsServer(Server):
     """PeerJS: ids chosen by the client, ``OPEN`` on connect, relays addressed by ``dst``."""
 
-    async def pair(self) -> Pair:
+    async def pair(self, open_client: OpenClient[C]) -> Pair[C]:
         number = next(self._pairs)
         first_id, second_id = f"p{number}a", f"p{number}b"
-        first = await self._open(first_id)
-        second = await self._open(second_id)
+        first = await self._open(open_client, first_id)
+        second = await self._open(open_client, second_id)
         return Pair(first, second, first_id)
 
-    async def _open(self, peer_id: str) -> ClientConnection:
+    async def _open(self, open_client: OpenClient[C], peer_id: str) -> C:
         url = f"{self.url}/peerjs?key=peerjs&id={peer_id}&token=t{peer_id}"
-        connection = await connect(url, compression=None, max_size=None)
+        connection = await open_client(url)
         assert json.loads(await connection.recv())["type"] == "OPEN"
         return connection
 
@@ -161,14 +182,15 @@ class PeerJsServer(Server):
         return json.dumps({"type": "CANDIDATE", "dst": to, "payload": payload})
 
 
-async def open_pairs(server: Server, count: int) -> list[Pair]:
-    pairs: list[Pair] = []
+async def open_pairs(server: Server, count: int, open_client: OpenClient[C]) -> list[Pair[C]]:
+    pairs: list[Pair[C]] = []
     for start in range(0, count, 100):
-        pairs += await asyncio.gather(*(server.pair() for _ in range(min(100, count - start))))
+        batch = range(min(100, count - start))
+        pairs += await asyncio.gather(*(server.pair(open_client) for _ in batch))
     return pairs
 
 
-async def close_all(pairs: list[Pair]) -> None:
+async def close_all(pairs: Sequence[Pair[Any]]) -> None:
     connections = [c for pair in pairs for c in (pair.first, pair.second)]
     for start in range(0, len(connections), 500):
         await asyncio.gather(*(c.close() for c in connections[start : start + 500]))
@@ -180,10 +202,10 @@ async def memory(server: Server, steps: list[int]) -> dict[int, float]:
     # no order or outcome depends on them.
     await asyncio.sleep(0.5)
     baseline = rss_kib(server.pid)
-    pairs: list[Pair] = []
+    pairs: list[Pair[ClientConnection]] = []
     result = {}
     for total in steps:
-        pairs += await open_pairs(server, total // 2 - len(pairs))
+        pairs += await open_pairs(server, total // 2 - len(pairs), websockets_client)
         await asyncio.sleep(1.0)
         result[total] = (rss_kib(server.pid) - baseline) / total
     await close_all(pairs)
@@ -193,7 +215,7 @@ async def memory(server: Server, steps: list[int]) -> dict[int, float]:
 async def latency(server: Server) -> tuple[float, float, float, float]:
     """p50 and p99 one-way relay latency (ms), the achieved rate (messages/s) and the
     server's CPU meanwhile (cores)."""
-    pairs = await open_pairs(server, PAIRS)
+    pairs = await open_pairs(server, PAIRS, websockets_client)
     samples: list[float] = []
     interval = PAIRS / RATE
     deadline = time.perf_counter() + LATENCY_SECONDS
@@ -225,39 +247,30 @@ async def latency(server: Server) -> tuple[float, float, float, float]:
 
 
 async def throughput(server: Server) -> tuple[float, float, float, float]:
-    """Relayed messages per second, 20 pairs sending as fast as they can; the server's CPU
-    per relayed message (microseconds) and the messages each of its reads brought; and this
-    process's CPU per relayed message, the load generator's (which shares the machine's two
-    cores with the server, so that what a server makes its clients do sets its throughput
-    too)."""
-    pairs = await open_pairs(server, THROUGHPUT_PAIRS)
+    """Relayed messages per second, 20 pairs sending as fast as their receivers keep up
+    (tests/bench/load.py, whose clients cost little, so that the server is what saturates);
+    the server's CPU per relayed message (microseconds) and the messages each of its reads
+    brought; and the cores this process, the load generator, used meanwhile (of the
+    machine's two, shared with the server)."""
+    pairs = await open_pairs(server, THROUGHPUT_PAIRS, LightClient.open)
     per_pair = THROUGHPUT_MESSAGES // len(pairs)
-
-    async def run(sender: ClientConnection, receiver: ClientConnection, to: str) -> None:
-        frame = server.relay(to, PAYLOAD)
-
-        async def produce() -> None:
-            for _ in range(per_pair):
-                await sender.send(frame)
-
-        async def consume() -> None:
-            for _ in range(per_pair):
-                await receiver.recv()
-
-        await asyncio.gather(produce(), consume())
-
     started, cpu_before = time.perf_counter(), cpu_seconds(server.pid)
     reads_before, own_before = read_calls(server.pid), time.process_time()
-    await asyncio.gather(*(run(pair.second, pair.first, pair.first_id) for pair in pairs))
+    await asyncio.gather(
+        *(p.second.flow(p.first, server.relay(p.first_id, PAYLOAD), per_pair) for p in pairs)
+    )
     elapsed = time.perf_counter() - started
     cpu = cpu_seconds(server.pid) - cpu_before
     reads, own = read_calls(server.pid) - reads_before, time.process_time() - own_before
+    for pair in pairs:
+        last = pair.first.last_received
+        assert json.loads(last)["payload"] == PAYLOAD, last
     await close_all(pairs)
     messages = per_pair * len(pairs)
     # /proc counts read(2), which uvloop and Node use, not the recv(2) of asyncio's own loop
     # (the bare relay's): nan there.
     per_read = messages / reads if reads else math.nan
-    return messages / elapsed, cpu / messages * 1e6, per_read, own / messages * 1e6
+    return messages / elapsed, cpu / messages * 1e6, per_read, own / elapsed
 
 
 async def measure(server: Server, steps: list[int]) -> dict[str, float]:
@@ -273,7 +286,7 @@ async def measure(server: Server, steps: list[int]) -> dict[str, float]:
         figures["throughput msg/s"],
         figures["CPU us/msg"],
         figures["msgs per read"],
-        figures["load gen us/msg"],
+        figures["load gen cores"],
     ) = await throughput(server)
     return figures
 

@@ -5,7 +5,8 @@ subprocesses, and from this process measures, in one run:
 
 - relay latency p50/p99 at about 5,000 messages/s over 100 pairs, both peers of each pair on
   one process (same-process) against the two on two processes (cross-process);
-- relay throughput of 20 pairs sending as fast as they can, with 1 process, and with 2
+- relay throughput of 20 pairs sending as fast as their receivers keep up (clients that cost
+  little per message: tests/bench/load.py), with 1 process, and with 2
   (pairs kept on one process each, as a load balancer with room affinity would place them,
   and pairs split across the two);
 - memory per idle joined connection of a clustered process (RSS difference);
@@ -26,51 +27,57 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from tests.bench.hub import (
     HUB_FLAGS,
     PAYLOAD,
+    C,
+    OpenClient,
     Pair,
     close_all,
     cpu_seconds,
     raise_file_limit,
     rss_kib,
     subprocess_server,
+    websockets_client,
 )
+from tests.bench.load import LightClient
 from tests.redis_server import RedisServer
 
 PAIRS = 100
 RATE = 5_000
 LATENCY_SECONDS = 5.0
-THROUGHPUT_MESSAGES = 60_000
+THROUGHPUT_MESSAGES = 200_000
 _ROOMS = itertools.count()
 
 
-async def pair(first_url: str, second_url: str) -> Pair:
+async def pair(open_client: OpenClient[C], first_url: str, second_url: str) -> Pair[C]:
     """Two connections in a fresh room, the first on ``first_url``, the second on the other."""
     room = f"c{next(_ROOMS)}"
-    first = await connect(first_url, compression=None, max_size=None)
+    first = await open_client(first_url)
     await first.send(json.dumps({"type": "join", "room": room}))
     welcome = json.loads(await first.recv())
     assert welcome["type"] == "welcome", welcome
     first_id = welcome["peer_id"]
-    second = await connect(second_url, compression=None, max_size=None)
+    second = await open_client(second_url)
     await second.send(json.dumps({"type": "join", "room": room}))
     await second.recv()  # welcome
     await first.recv()  # peer-joined
     return Pair(first, second, first_id)
 
 
-async def open_pairs(count: int, place: Callable[[int], tuple[str, str]]) -> list[Pair]:
-    pairs: list[Pair] = []
+async def open_pairs(
+    count: int, place: Callable[[int], tuple[str, str]], open_client: OpenClient[C]
+) -> list[Pair[C]]:
+    pairs: list[Pair[C]] = []
     for start in range(0, count, 100):
         batch = range(start, min(count, start + 100))
-        pairs += await asyncio.gather(*(pair(*place(i)) for i in batch))
+        pairs += await asyncio.gather(*(pair(open_client, *place(i)) for i in batch))
     return pairs
 
 
-async def latency(pairs: list[Pair]) -> tuple[float, float]:
+async def latency(pairs: list[Pair[ClientConnection]]) -> tuple[float, float]:
     """p50 and p99 one-way relay latency (ms) at RATE messages/s over ``pairs``."""
     samples: list[float] = []
     interval = len(pairs) / RATE
@@ -102,26 +109,19 @@ async def latency(pairs: list[Pair]) -> tuple[float, float]:
     return quantiles[49], quantiles[98]
 
 
-async def throughput(pairs: list[Pair], pids: list[int]) -> tuple[float, dict[int, float]]:
-    """Relayed messages per second over ``pairs``, and the CPU share of each pid meanwhile."""
+async def throughput(
+    pairs: list[Pair[LightClient]], pids: list[int]
+) -> tuple[float, dict[int, float]]:
+    """Relayed messages per second over ``pairs`` (as fast as their receivers keep up), and
+    the CPU share of each pid meanwhile."""
     per_pair = THROUGHPUT_MESSAGES // len(pairs)
 
-    async def run(sender: ClientConnection, receiver: ClientConnection, to: str) -> None:
-        frame = json.dumps({"type": "relay", "to": to, "payload": PAYLOAD})
-
-        async def produce() -> None:
-            for _ in range(per_pair):
-                await sender.send(frame)
-
-        async def consume() -> None:
-            for _ in range(per_pair):
-                await receiver.recv()
-
-        await asyncio.gather(produce(), consume())
+    def relay(to: str) -> str:
+        return json.dumps({"type": "relay", "to": to, "payload": PAYLOAD})
 
     before = {pid: cpu_seconds(pid) for pid in pids}
     started = time.perf_counter()
-    await asyncio.gather(*(run(p.second, p.first, p.first_id) for p in pairs))
+    await asyncio.gather(*(p.second.flow(p.first, relay(p.first_id), per_pair) for p in pairs))
     elapsed = time.perf_counter() - started
     shares = {pid: (cpu_seconds(pid) - before[pid]) / elapsed for pid in pids}
     return per_pair * len(pairs) / elapsed, shares
@@ -167,10 +167,10 @@ async def run_all(redis: RedisServer, me: int, quick: bool) -> None:
     rows: list[tuple[str, float, float]] = []  # figure, value, reference
 
     async with cluster(redis, 2) as [(url1, pid1), (url2, _)]:
-        pairs = await open_pairs(PAIRS, same(url1))
+        pairs = await open_pairs(PAIRS, same(url1), websockets_client)
         same_p50, same_p99 = await latency(pairs)
         await close_all(pairs)
-        pairs = await open_pairs(PAIRS, across([url1, url2]))
+        pairs = await open_pairs(PAIRS, across([url1, url2]), websockets_client)
         cross_p50, cross_p99 = await latency(pairs)
         await close_all(pairs)
         rows += [
@@ -180,9 +180,9 @@ async def run_all(redis: RedisServer, me: int, quick: bool) -> None:
         steps = [1_000] if quick else [1_000, 5_000]
         await asyncio.sleep(0.5)
         baseline = rss_kib(pid1)
-        idle: list[Pair] = []
+        idle: list[Pair[ClientConnection]] = []
         for total in steps:
-            idle += await open_pairs(total // 2 - len(idle), same(url1))
+            idle += await open_pairs(total // 2 - len(idle), same(url1), websockets_client)
             await asyncio.sleep(1.0)
             kib = (rss_kib(pid1) - baseline) / total
             rows.append((f"KiB/idle conn at {total} (limit 20)", kib, 20.0))
@@ -194,15 +194,16 @@ async def run_all(redis: RedisServer, me: int, quick: bool) -> None:
             urls = [url for url, _ in hubs]
             pids = [pid for _, pid in hubs] + [redis.pid, me]
             started = time.perf_counter()
-            idle = await open_pairs(1_000, affine(urls))
+            idle = await open_pairs(1_000, affine(urls), websockets_client)
             connections_per_second = 2_000 / (time.perf_counter() - started)
             await close_all(idle)
-            pairs = await open_pairs(20, affine(urls))
-            local_rate, _ = await throughput(pairs, pids)
-            await close_all(pairs)
-            pairs = await open_pairs(20, across(urls) if count > 1 else same(urls[0]))
-            rate, shares = await throughput(pairs, pids)
-            await close_all(pairs)
+            flows = await open_pairs(20, affine(urls), LightClient.open)
+            local_rate, _ = await throughput(flows, pids)
+            await close_all(flows)
+            place = across(urls) if count > 1 else same(urls[0])
+            flows = await open_pairs(20, place, LightClient.open)
+            rate, shares = await throughput(flows, pids)
+            await close_all(flows)
             growth[count] = {
                 "conn/s": connections_per_second,
                 "relays/s affine": local_rate,
