@@ -1,13 +1,13 @@
-"""Hub benchmark: ``python -m tests.bench.hub [--quick] [--peerjs] [--runs N]`` (``--redis``:
-tests/bench/hub_cluster.py).
+"""Hub benchmark: ``python -m tests.bench.hub [--quick] [--peerjs] [--unpaced] [--runs N]
+[--in-flight N]`` (``--redis``: tests/bench/hub_cluster.py).
 
 Starts each server in a subprocess and, from this process (one load generator for all),
 measures memory per idle connection (RSS difference of the server process), one-way relay
 latency for 100 concurrent pairs at about 5,000 messages/s and the server's CPU at that
 rate, relay throughput (20 pairs flat out, from clients that cost little per message:
 tests/bench/load.py) with the server's CPU per relayed message, the messages each of its
-reads brought and the cores the load generator used meanwhile, and 10,000 concurrent
-connections. The servers:
+reads brought and each of its writes took, and the cores the load generator used meanwhile,
+and 10,000 concurrent connections. The servers:
 
 - ``hub``: ``blindhub hub``, limits raised so that the load is not refused;
 - ``unpaced`` (with ``--unpaced``): the same hub with ``--batch-window 0``, which polls its
@@ -49,7 +49,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from tests.bench.load import LightClient
+from tests.bench.load import IN_FLIGHT, LightClient
 
 PAIRS = 100
 RATE = 5_000  # messages per second over all pairs
@@ -91,10 +91,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def read_calls(pid: int) -> int:
-    """read(2) system calls of a process so far."""
+def io_calls(pid: int) -> tuple[int, int]:
+    """read(2) and write(2) system calls (of each family) of a process so far."""
     with open(f"/proc/{pid}/io") as io:
-        return int(next(line for line in io if line.startswith("syscr:")).split()[1])
+        counts = dict(line.split(":") for line in io)
+    return int(counts["syscr"]), int(counts["syscw"])
 
 
 @asynccontextmanager
@@ -246,34 +247,51 @@ async def latency(server: Server) -> tuple[float, float, float, float]:
     return quantiles[49], quantiles[98], len(samples) / elapsed, cores
 
 
-async def throughput(server: Server) -> tuple[float, float, float, float]:
+async def flat_out(
+    pairs: Sequence[Pair[LightClient]],
+    relay: Callable[[str, object], str],
+    per_pair: int,
+    window: int = IN_FLIGHT,
+) -> None:
+    """Each pair's second relays ``per_pair`` messages to its first as fast as it keeps up
+    (``window`` in flight at most), then one more; check what the first received."""
+
+    async def run(pair: Pair[LightClient]) -> None:
+        text, last = relay(pair.first_id, PAYLOAD), relay(pair.first_id, "last")
+        got = await pair.second.flow(pair.first, text, per_pair, last, window)
+        for relayed, payload in ((pair.first.relay, PAYLOAD), (got, "last")):
+            assert relayed is not None and json.loads(relayed)["payload"] == payload, relayed
+
+    await asyncio.gather(*(run(pair) for pair in pairs))
+
+
+async def throughput(server: Server, window: int) -> tuple[float, float, float, float, float]:
     """Relayed messages per second, 20 pairs sending as fast as their receivers keep up
-    (tests/bench/load.py, whose clients cost little, so that the server is what saturates);
-    the server's CPU per relayed message (microseconds) and the messages each of its reads
-    brought; and the cores this process, the load generator, used meanwhile (of the
-    machine's two, shared with the server)."""
+    (``window`` in flight at most, from clients that cost little per message, so that the
+    server is what saturates: tests/bench/load.py); the server's CPU per relayed message
+    (microseconds), the messages each of its reads brought and each of its writes took; and
+    the cores this process, the load generator, used meanwhile (of the machine's two, shared
+    with the server)."""
     pairs = await open_pairs(server, THROUGHPUT_PAIRS, LightClient.open)
     per_pair = THROUGHPUT_MESSAGES // len(pairs)
     started, cpu_before = time.perf_counter(), cpu_seconds(server.pid)
-    reads_before, own_before = read_calls(server.pid), time.process_time()
-    await asyncio.gather(
-        *(p.second.flow(p.first, server.relay(p.first_id, PAYLOAD), per_pair) for p in pairs)
-    )
+    io_before, own_before = io_calls(server.pid), time.process_time()
+    await flat_out(pairs, server.relay, per_pair, window)
     elapsed = time.perf_counter() - started
     cpu = cpu_seconds(server.pid) - cpu_before
-    reads, own = read_calls(server.pid) - reads_before, time.process_time() - own_before
-    for pair in pairs:
-        last = pair.first.last_received
-        assert json.loads(last)["payload"] == PAYLOAD, last
+    io_after, own = io_calls(server.pid), time.process_time() - own_before
     await close_all(pairs)
     messages = per_pair * len(pairs)
-    # /proc counts read(2), which uvloop and Node use, not the recv(2) of asyncio's own loop
-    # (the bare relay's): nan there.
-    per_read = messages / reads if reads else math.nan
-    return messages / elapsed, cpu / messages * 1e6, per_read, own / elapsed
+    # /proc counts read(2) and write(2), which uvloop and Node use, not the recv(2) and
+    # send(2) of asyncio's own loop (the bare relay's): nan there.
+    per_read, per_write = (
+        messages / (after - before) if after > before else math.nan
+        for before, after in zip(io_before, io_after, strict=True)
+    )
+    return messages / elapsed, cpu / messages * 1e6, per_read, per_write, own / elapsed
 
 
-async def measure(server: Server, steps: list[int]) -> dict[str, float]:
+async def measure(server: Server, steps: list[int], window: int) -> dict[str, float]:
     figures = {f"KiB/conn at {n}": kib for n, kib in (await memory(server, steps)).items()}
     p50, p99, rate, cores = await latency(server)
     figures |= {
@@ -286,8 +304,9 @@ async def measure(server: Server, steps: list[int]) -> dict[str, float]:
         figures["throughput msg/s"],
         figures["CPU us/msg"],
         figures["msgs per read"],
+        figures["msgs per write"],
         figures["load gen cores"],
-    ) = await throughput(server)
+    ) = await throughput(server, window)
     return figures
 
 
@@ -360,7 +379,7 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
         print(line + "".join(f"{hub / statistics.median(columns[n]):>12.2f}" for n in names[1:]))
 
 
-async def main(quick: bool, peerjs: bool, unpaced: bool, runs: int) -> None:
+async def main(quick: bool, peerjs: bool, unpaced: bool, runs: int, window: int) -> None:
     raise_file_limit()
     steps = [1_000, 5_000] if quick else [1_000, 5_000, 10_000]
     hub_command = [sys.executable, "-m", "client.cli", "hub", "--port", "0", "--quiet"]
@@ -386,7 +405,7 @@ async def main(quick: bool, peerjs: bool, unpaced: bool, runs: int) -> None:
         for contender in contenders if run % 2 == 0 else contenders[::-1]:
             async with subprocess_server(contender.command, contender.cwd) as (url, pid):
                 server = contender.server(contender.name, url, pid)
-                results[contender.name].append(await measure(server, steps))
+                results[contender.name].append(await measure(server, steps, window))
             print(f"run {run + 1}/{runs} {contender.name}: done", file=sys.stderr, flush=True)
     report(results)
     print(f"(10,000 connections: {'reached' if 10_000 in steps else 'skipped with --quick'})")
@@ -400,6 +419,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--unpaced", action="store_true", help="also the hub with --batch-window 0")
     parser.add_argument("--runs", type=int, default=1, help="repeat each measurement N times")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=IN_FLIGHT,
+        help=f"messages in flight per pair in the throughput runs (default {IN_FLIGHT})",
+    )
     parser.add_argument("--bare-relay", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--redis", action="store_true", help="the cluster: hub processes sharing a Valkey server"
@@ -414,4 +439,4 @@ if __name__ == "__main__":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(bare_relay(0))
     else:
-        asyncio.run(main(args.quick, args.peerjs, args.unpaced, args.runs))
+        asyncio.run(main(args.quick, args.peerjs, args.unpaced, args.runs, args.in_flight))

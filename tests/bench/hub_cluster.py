@@ -37,6 +37,7 @@ from tests.bench.hub import (
     Pair,
     close_all,
     cpu_seconds,
+    flat_out,
     raise_file_limit,
     rss_kib,
     subprocess_server,
@@ -50,6 +51,10 @@ RATE = 5_000
 LATENCY_SECONDS = 5.0
 THROUGHPUT_MESSAGES = 200_000
 _ROOMS = itertools.count()
+
+
+def relay(to: str, payload: object) -> str:
+    return json.dumps({"type": "relay", "to": to, "payload": payload})
 
 
 async def pair(open_client: OpenClient[C], first_url: str, second_url: str) -> Pair[C]:
@@ -87,11 +92,10 @@ async def latency(pairs: list[Pair[ClientConnection]]) -> tuple[float, float]:
         await asyncio.sleep(offset)
         next_at = time.perf_counter()
         while next_at < deadline:
-            message = {"type": "relay", "to": to, "payload": [time.perf_counter_ns(), PAYLOAD]}
-            await sender.send(json.dumps(message))
+            await sender.send(relay(to, [time.perf_counter_ns(), PAYLOAD]))
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        await sender.send(json.dumps({"type": "relay", "to": to, "payload": None}))
+        await sender.send(relay(to, None))
 
     async def receive(receiver: ClientConnection) -> None:
         while True:
@@ -115,13 +119,9 @@ async def throughput(
     """Relayed messages per second over ``pairs`` (as fast as their receivers keep up), and
     the CPU share of each pid meanwhile."""
     per_pair = THROUGHPUT_MESSAGES // len(pairs)
-
-    def relay(to: str) -> str:
-        return json.dumps({"type": "relay", "to": to, "payload": PAYLOAD})
-
     before = {pid: cpu_seconds(pid) for pid in pids}
     started = time.perf_counter()
-    await asyncio.gather(*(p.second.flow(p.first, relay(p.first_id), per_pair) for p in pairs))
+    await flat_out(pairs, relay, per_pair)
     elapsed = time.perf_counter() - started
     shares = {pid: (cpu_seconds(pid) - before[pid]) / elapsed for pid in pids}
     return per_pair * len(pairs) / elapsed, shares
