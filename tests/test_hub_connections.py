@@ -233,6 +233,28 @@ async def test_a_busy_hub_waits_a_window_for_each_turn_a_burst_needs(start_hub):
         assert loop.time() - sent_at >= 2 * window
 
 
+async def test_a_hub_that_was_busy_answers_at_once_once_the_load_stopped(start_hub, monkeypatch):
+    # The hub's clock is the test's: it stands still through a burst, then a second passes
+    # without a message, and the pacer's rate has decayed to nothing.
+    now = [0.0]
+    clock = SimpleNamespace(monotonic=lambda: now[0], sleep=time.sleep)
+    monkeypatch.setattr(connections, "time", clock)
+    hub = await start_hub(Limits(rate_burst=10_000, batch_window=0.005))
+    async with pair(hub.url) as (sender, receiver, receiver_id):
+        for n in range(25):
+            await sender.send(relay(receiver_id, n).decode())
+        assert [(await recv_json(receiver))["payload"] for _ in range(25)] == list(range(25))
+        waits_when_busy, _ = await asyncio.to_thread(poll_waits, hub)
+        assert waits_when_busy > 0
+        now[0] += 1.0
+        # Two messages now, one per turn at the same instant, are two in the pacer's rate
+        # (below its four per 10 ms at this window), not two more after the burst's.
+        for payload in ("once", "twice"):
+            await sender.send(relay(receiver_id, payload).decode())
+            assert (await recv_json(receiver))["payload"] == payload
+        assert (await asyncio.to_thread(poll_waits, hub))[0] == waits_when_busy
+
+
 class FaultyHub(Hub):
     """A routing core with a fault of its own: a relay whose payload is "boom" raises."""
 
